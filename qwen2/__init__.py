@@ -1,0 +1,1 @@
+"""qwen2: the Qwen2 model family, from scratch on PyTorch."""
