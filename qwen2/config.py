@@ -107,6 +107,14 @@ class Qwen2Config:
     def from_dict(cls, d: dict[str, Any]) -> Qwen2Config:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
+        # transformers >= 5 writes rope_theta and the scaling together as rope_parameters
+        rope = d.get("rope_parameters")
+        if isinstance(rope, dict):
+            if "rope_theta" in rope:
+                kwargs["rope_theta"] = rope["rope_theta"]
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+            if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+                kwargs["rope_scaling"] = scaling
         if "model_type" not in d:
             archs = d.get("architectures") or []
             kwargs["model_type"] = "qwen2_moe" if "Qwen2MoeForCausalLM" in archs else d.get(

@@ -1,0 +1,238 @@
+"""The Qwen2 network, dense and mixture-of-experts, top to bottom.
+
+config -> RMSNorm -> rotary -> Attention (GQA, q/k/v bias, sliding window) -> MLP (SwiGLU)
+/ MoE (router, experts, shared expert) -> Block -> Transformer.
+
+Every token carries its own absolute position, so one forward serves a prompt, a batch of
+prompts of different lengths (right-padded: a pad sits at a later position than any real
+token, so the causal rule already hides it), and one decode step per sequence of a batch.
+The model knows nothing of files, tokenizers or scheduling; it reads and writes a KVCache
+that its caller owns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen2.config import Qwen2Config
+from qwen2.errors import WeightsError
+from qwen2.rope import apply_rotary, rope_parameters, rotary_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32, cast back before the weight, exactly as the reference
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: (layers, slots, n_kv, max_len, head_dim).
+
+    A slot holds one sequence; the token at position p lives at index p. Preallocation
+    keeps decode shapes fixed and makes admission control a simple count of free slots.
+    """
+
+    def __init__(self, config: Qwen2Config, slots: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    def bytes_per_token(self) -> int:
+        layers, _, n_kv, _, hd = self.k.shape
+        return 2 * layers * n_kv * hd * self.k.element_size()
+
+    def update(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor,
+               k: torch.Tensor, v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at `positions` (B, T); return the first kv_len entries."""
+        ck, cv = self.k[layer], self.v[layer]
+        rows = torch.arange(k.shape[0], device=k.device) if slots is None else slots
+        ck[rows[:, None], :, positions] = k.transpose(1, 2)  # (B, T, n_kv, hd)
+        cv[rows[:, None], :, positions] = v.transpose(1, 2)
+        if slots is None:
+            return ck[: k.shape[0], :, :kv_len], cv[: k.shape[0], :, :kv_len]
+        return ck[slots, :, :kv_len], cv[slots, :, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        h, q, kv = config.hidden_size, self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.q_proj = nn.Linear(h, q, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, kv, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, kv, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int, slots: torch.Tensor | None,
+                positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, slots, positions, k, v, kv_len)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Qwen2-MoE block: softmax router over all experts, top-k, plus a sigmoid-gated shared expert."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        h = config.hidden_size
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.gate = nn.Linear(h, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(h, config.moe_intermediate_size) for _ in range(config.num_experts))
+        self.shared_expert = MLP(h, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (N, H)
+        logits = self.gate(x)
+        if router_logits is not None:
+            router_logits.append(logits)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
+        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, config: Qwen2Config, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        sparse = config.layer_is_sparse(layer)
+        self.mlp = MoE(config) if sparse else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, slots: torch.Tensor | None, positions: torch.Tensor, kv_len: int,
+                router_logits: list[torch.Tensor] | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, slots,
+                               positions, kv_len)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, router_logits) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class _Body(nn.Module):
+    """Holds the parameters under the `model.` prefix, so our names equal the HF names."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Bool (B, 1, T, S): a query sees keys at its own or earlier positions (within the window)."""
+    q, k = query_pos[:, :, None], key_pos[:, None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= k > q - window
+    return allowed[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = _Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        inv_freq, self.attention_scaling = rope_parameters(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                logits_index: torch.Tensor | None = None,
+                router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """tokens, positions (B, T) -> logits (B, T, V), or (B, V) at `logits_index` (B,).
+
+        With a cache, keys come from the cache slots (`slots` (B,), default rows 0..B-1);
+        without one, the call attends within `tokens` only.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = rotary_cos_sin(positions, self.inv_freq, self.attention_scaling, x.dtype)
+        if cache is not None:
+            kv_len = int(positions.max()) + 1
+            key_pos = torch.arange(kv_len, device=tokens.device)[None]
+        else:
+            kv_len, key_pos = T, positions
+        masks = {w: attention_mask(positions, key_pos, w) for w in set(map(self.config.layer_window,
+                                                                           range(len(self.model.layers))))}
+        for block in self.model.layers:
+            x = block(x, cos, sin, masks[self.config.layer_window(block.layer)], cache, slots, positions,
+                      kv_len, router_logits)
+        if logits_index is not None:
+            x = x[torch.arange(B, device=x.device), logits_index]  # (B, H)
+        return self.lm_head(self.model.norm(x))
+
+    @classmethod
+    def from_state_dict(cls, config: Qwen2Config, state_dict: dict[str, torch.Tensor],
+                        dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Transformer:
+        """Build on the meta device and adopt the given tensors (no copy when dtype matches)."""
+        with torch.device("meta"):
+            model = cls(config)
+        expected = set(model.state_dict())
+        if config.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+            state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+        if missing or unexpected:
+            raise WeightsError(
+                f"checkpoint does not match the config: missing {sorted(missing)[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
+                f"{'...' if len(unexpected) > 5 else ''}"
+            )
+        state_dict = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, assign=True, strict=False)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        inv_freq, model.attention_scaling = rope_parameters(config)
+        model.inv_freq = inv_freq.to(device)
+        return model.eval()

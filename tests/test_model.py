@@ -1,0 +1,112 @@
+"""Our Transformer equals transformers' Qwen2 / Qwen2-MoE on the same weights (fp32, CPU).
+
+Each tiny random config is built in transformers, saved with save_pretrained, and the
+saved tensors are loaded into our model, so the test also checks the naming contract.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen2.config import Qwen2Config
+from qwen2.model import KVCache, Transformer
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rope_theta=10000.0, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1)
+CONFIGS = {
+    "dense-tied": dict(TINY, tie_word_embeddings=True),
+    "dense-untied": dict(TINY, tie_word_embeddings=False),
+    "sliding-window": dict(TINY, tie_word_embeddings=False, use_sliding_window=True, sliding_window=5,
+                           max_window_layers=1),
+    "moe-shared-expert": dict(TINY, model_type="qwen2_moe", tie_word_embeddings=False, num_experts=8,
+                              num_experts_per_tok=2, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=48, norm_topk_prob=False,
+                              decoder_sparse_step=1, mlp_only_layers=[1]),
+    "moe-normalised-topk": dict(TINY, model_type="qwen2_moe", tie_word_embeddings=False, num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=32, norm_topk_prob=True),
+}
+
+
+def build_pair(name, tmp_path):
+    cfg = dict(CONFIGS[name])
+    torch.manual_seed(0)
+    if cfg.get("model_type") == "qwen2_moe":
+        ref = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(**cfg))
+    else:
+        ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg, attn_implementation="eager"))
+    with torch.no_grad():  # random biases and norms, so a dropped or misplaced one shows up
+        for n, p in ref.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.normal_(0, 0.5 if "bias" in n else 0.1).add_(1.0 if "norm" in n else 0.0)
+    ref.eval().save_pretrained(tmp_path)
+    ours = Transformer.from_state_dict(Qwen2Config.from_hf_json(tmp_path), load_file(tmp_path / "model.safetensors"))
+    return ref, ours
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_full_forward_matches_reference(name, tmp_path):
+    ref, ours = build_pair(name, tmp_path)
+    tokens = torch.randint(0, 256, (2, 17))
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        got = ours(tokens)
+    assert (got - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_decode_matches_full_forward(name, tmp_path):
+    ref, ours = build_pair(name, tmp_path)
+    tokens = torch.randint(0, 256, (1, 20))
+    cache = KVCache(ours.config, slots=1, max_len=32)
+    with torch.no_grad():
+        expected = ref(tokens).logits[0]
+        prefill = ours(tokens[:, :12], torch.arange(12)[None], cache=cache)[0]
+        steps = [ours(tokens[:, t:t + 1], torch.tensor([[t]]), cache=cache)[0, 0] for t in range(12, 20)]
+    got = torch.cat([prefill, torch.stack(steps)])
+    assert (got - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_padded_batch_matches_each_sequence_alone(name, tmp_path):
+    ref, ours = build_pair(name, tmp_path)
+    lengths = [9, 4, 13]
+    seqs = [torch.randint(0, 256, (n,)) for n in lengths]
+    T = max(lengths)
+    # reference: left padding with an attention mask, the way transformers batches
+    left = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    # ours: right padding; a pad sits after every real token, so the causal rule hides it
+    right = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        left[i, T - len(s):], mask[i, T - len(s):], right[i, :len(s)] = s, 1, s
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = KVCache(ours.config, slots=3, max_len=T + 4)
+    with torch.no_grad():
+        expected = ref(left, attention_mask=mask, position_ids=position_ids).logits
+        got_full = ours(right)
+        got_cached = ours(right, torch.arange(T).expand(3, T), cache=cache)
+        for i, n in enumerate(lengths):
+            assert (got_full[i, :n] - expected[i, T - n:]).abs().max() < 1e-4
+            assert (got_cached[i, :n] - expected[i, T - n:]).abs().max() < 1e-4
+        # one batched decode step, each sequence at its own position
+        nxt = torch.randint(0, 256, (3, 1))
+        step = ours(nxt, torch.tensor(lengths)[:, None], cache=cache)[:, 0]
+        for i, s in enumerate(seqs):
+            alone = ref(torch.cat([s, nxt[i]])[None]).logits[0, -1]
+            assert (step[i] - alone).abs().max() < 1e-4
+
+
+def test_moe_router_logits_are_returned_per_sparse_layer(tmp_path):
+    _, ours = build_pair("moe-shared-expert", tmp_path)
+    router_logits = []
+    ours(torch.randint(0, 256, (2, 5)), router_logits=router_logits)
+    assert [r.shape for r in router_logits] == [(10, 8), (10, 8)]  # layer 1 is dense (mlp_only_layers)
+
+
+def test_tied_model_shares_embedding_and_head(tmp_path):
+    _, ours = build_pair("dense-tied", tmp_path)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
