@@ -9,3 +9,35 @@ def default_gguf() -> Path:
     from qwen2.weights.default import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_gguf):
+    """The real tokenizer of the default model (built from its GGUF metadata)."""
+    from qwen2.tokenizer import Tokenizer
+    from qwen2.weights.gguf import read_metadata
+
+    return Tokenizer.from_gguf_metadata(read_metadata(default_gguf))
+
+
+def tiny_config(**overrides):
+    """A small random Qwen2 with the real vocabulary, so the real tokenizer drives it."""
+    from qwen2.config import Qwen2Config
+
+    fields = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rope_theta=10000.0, tie_word_embeddings=True, eos_token_id=151645)
+    return Qwen2Config(**(fields | overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    import torch
+
+    from qwen2.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    with torch.no_grad():  # sharper logits than the default init, so sampling is not uniform noise
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+    return model

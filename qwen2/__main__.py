@@ -1,0 +1,3 @@
+from qwen2.cli import main
+
+main()

@@ -1,0 +1,174 @@
+"""`qwen2 <command>`: a thin dispatcher. Each command parses its options, calls the library,
+prints. User mistakes print one line and exit non-zero; tracebacks are for our bugs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qwen2.errors import Qwen2Error
+
+# Qwen2.5-Instruct's generation_config.json defaults
+DEFAULT_SAMPLING = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+# raw completion takes no repetition penalty, so `--temperature 0` is plain greedy decoding
+GENERATE_SAMPLING = dict(max_tokens=256, repetition_penalty=1.0)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="a .gguf file, an HF checkpoint folder, or a hub id "
+                   "(default: the embedded Qwen2.5-Coder-0.5B-Instruct)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has native bf16, else "
+                   "float32; bf16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--ctx", type=int, default=8192, help="context length to reserve KV cache for")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, **defaults) -> None:
+    d = DEFAULT_SAMPLING | defaults
+    p.add_argument("--max-tokens", "-n", type=int, default=d.get("max_tokens", 512))
+    p.add_argument("--temperature", "-t", type=float, default=d["temperature"], help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=d["top_p"])
+    p.add_argument("--top-k", type=int, default=d["top_k"], help="0 disables")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_from(args: argparse.Namespace) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed, stop=args.stop)
+
+
+def load_llm(args: argparse.Namespace, max_slots: int = 1):
+    from qwen2.engine.llm import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, max_slots=max_slots, max_seq_len=args.ctx)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = load_llm(args)
+    for piece in llm.generate(prompt, stream=True, **sampling_from(args)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    llm = load_llm(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+
+    def answer(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        pieces = []
+        for piece in llm.chat(system + history, stream=True, **sampling_from(args)):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces)})
+
+    if not sys.stdin.isatty():
+        text = sys.stdin.read().strip()
+        if not text:
+            raise Qwen2Error("nothing to answer: stdin was empty")
+        answer(text)
+        return
+    print("qwen2 chat: type a message; /reset clears the history, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            text = input(">>> ").strip()
+        except EOFError:
+            print()
+            return
+        if text == "/exit":
+            return
+        if text == "/reset":
+            history.clear()
+            print("(history cleared)", file=sys.stderr)
+        elif text:
+            answer(text)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from qwen2.config import Qwen2Config
+
+    if args.preset:
+        config, weight_bytes, source = Qwen2Config.from_preset(args.preset), None, f"preset {args.preset}"
+    else:
+        from qwen2.weights.inspect import describe
+
+        config, weight_bytes, source = describe(args.model)
+    counts = config.num_params()
+    print(f"# {source}")
+    print(json.dumps(config.to_hf_dict(), indent=2))
+    print(f"parameters: total {counts['total']:,}, non-embedding {counts['non_embedding']:,}, "
+          f"active per token {counts['active']:,}")
+    if weight_bytes is not None:
+        print(f"weights as stored: {weight_bytes:,} bytes ({weight_bytes / 2**20:.1f} MiB)")
+    for name, bits in (("bf16", 16), ("float32", 32), ("int8", 8), ("int4", 4)):
+        print(f"weights in {name}: {counts['total'] * bits / 8 / 2**30:.2f} GiB")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from qwen2.weights import load_checkpoint
+    from qwen2.weights.export import export_hf
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    config, state_dict, tokenizer = load_checkpoint(args.input, dtype=dtype)
+    export_hf(config, state_dict, tokenizer, Path(args.output))
+    print(f"wrote an HF checkpoint to {args.output}")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="qwen2", description="Run the Qwen2 model family.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("generate", help="raw text completion (no chat template), streamed to stdout")
+    p.add_argument("--prompt", "-p", required=True, help="the text to continue ('-' reads stdin)")
+    add_model_options(p)
+    add_sampling_options(p, **GENERATE_SAMPLING)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat (answers once when stdin is piped)")
+    p.add_argument("--system", "-s", help="system prompt (default: the model template's own)")
+    add_model_options(p)
+    add_sampling_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="config, parameter counts and weight sizes")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", "-m", help="a .gguf file, HF folder or hub id (default: the embedded model)")
+    g.add_argument("--preset", help="a named preset, e.g. Qwen2-7B")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="write an HF checkpoint (safetensors) from a GGUF or HF model")
+    p.add_argument("input", help="a .gguf file, HF folder or hub id")
+    p.add_argument("output", help="folder to write")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except Qwen2Error as e:
+        print(f"qwen2: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,1 @@
+"""Generation: sampling, the continuous-batching engine, and the Python front doors."""

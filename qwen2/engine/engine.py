@@ -1,0 +1,224 @@
+"""The engine: one generation loop for every front door (CLI, Python API, server, evals).
+
+Scheduling, one `step()` at a time:
+- Waiting requests take a free KV slot. A slot keeps the tokens of the last sequence that
+  used it, so a new request takes the free slot sharing its longest prefix and skips that
+  part of its prefill (prefix caching: a chat's second turn does not recompute the first).
+- At most one prefill chunk (`prefill_chunk` tokens) runs per step, so long prompts never
+  stall the requests that are already decoding.
+- Then every decoding request advances one token in a single batched forward.
+Requests join and leave between steps (continuous batching).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen2.engine.sampling import SamplingParams, sample, top_logprobs
+from qwen2.errors import RequestError
+from qwen2.model import KVCache, Transformer
+from qwen2.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Output:
+    """What one step produced for one request."""
+
+    request_id: int
+    token: int | None
+    text: str
+    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: set[int]
+    detok: StreamDecoder
+    generator: torch.Generator | None
+    output: list[int] = field(default_factory=list)
+    slot: int | None = None
+    computed: int = 0  # tokens whose keys/values are in the slot
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    held_text: str = ""  # decoded text withheld because it may start a stop string
+    finish_reason: str | None = None
+
+    @property
+    def prefilled(self) -> bool:
+        return self.computed >= len(self.prompt)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_slots: int = 4,
+                 max_seq_len: int | None = None, prefill_chunk: int = 512):
+        self.model, self.tokenizer = model, tokenizer
+        config = model.config
+        self.max_seq_len = min(max_seq_len or config.max_position_embeddings, config.max_position_embeddings)
+        weight = model.model.embed_tokens.weight
+        self.cache = KVCache(config, max_slots, self.max_seq_len, dtype=weight.dtype, device=weight.device)
+        self.prefill_chunk = prefill_chunk
+        self.slot_tokens: list[list[int]] = [[] for _ in range(max_slots)]
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}
+        self._ids = itertools.count()
+
+    def kv_budget(self) -> str:
+        per_token = self.cache.bytes_per_token()
+        total = per_token * self.cache.max_len * self.cache.slots
+        return (f"KV cache: {per_token / 1024:.1f} KiB/token x {self.cache.max_len} tokens x "
+                f"{self.cache.slots} slots = {total / 2**20:.0f} MiB ({self.cache.k.dtype})")
+
+    # -- requests ----------------------------------------------------------------------
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
+        params = params or SamplingParams()
+        params.validate(self.model.config.vocab_size)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty; give at least one token")
+        if len(ids) >= self.max_seq_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_seq_len}; "
+                "shorten the prompt or raise the context length")
+        stop_ids = set() if params.ignore_eos else set(
+            self.tokenizer.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        request = Request(next(self._ids), ids, params, stop_ids, self.tokenizer.stream_decoder(), generator)
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request now; its slot is free for the next step."""
+        if request.finish_reason is None:
+            request.finish_reason = "cancelled"
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self.running.pop(request.id, None)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget what the free slots hold, so the next prompts are computed cold."""
+        busy = {r.slot for r in self.running.values()}
+        for s in range(self.cache.slots):
+            if s not in busy:
+                self.slot_tokens[s] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stream(self, request: Request) -> Iterator[Output]:
+        """Run steps until `request` finishes, yielding its outputs (others advance too)."""
+        while request.finish_reason is None:
+            for out in self.step():
+                if out.request_id == request.id:
+                    yield out
+
+    # -- scheduling --------------------------------------------------------------------
+    def _admit(self) -> None:
+        busy = {r.slot for r in self.running.values()}
+        while self.waiting and len(busy) < self.cache.slots:
+            request = self.waiting.popleft()
+            free = [s for s in range(self.cache.slots) if s not in busy]
+            slot = max(free, key=lambda s: common_prefix(self.slot_tokens[s], request.prompt))
+            # keep at least one prompt token to compute: its logits give the first new token
+            reused = min(common_prefix(self.slot_tokens[slot], request.prompt), len(request.prompt) - 1)
+            request.slot, request.computed, request.cached_tokens = slot, reused, reused
+            self.slot_tokens[slot] = request.prompt[:reused]
+            self.running[request.id] = request
+            busy.add(slot)
+
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        self._admit()
+        outputs = []
+        prefill = next((r for r in self.running.values() if not r.prefilled), None)
+        if prefill is not None:
+            chunk = prefill.prompt[prefill.computed: prefill.computed + self.prefill_chunk]
+            logits = self._forward([prefill], [chunk], [prefill.computed])
+            prefill.computed += len(chunk)
+            self.slot_tokens[prefill.slot] += chunk
+            if prefill.prefilled:
+                outputs.append(self._accept(prefill, logits[0]))
+        decoding = [r for r in self.running.values() if r.prefilled and r.output and r is not prefill]
+        if decoding:
+            logits = self._forward(decoding, [[r.output[-1]] for r in decoding], [r.computed for r in decoding])
+            for r, row in zip(decoding, logits):
+                self.slot_tokens[r.slot].append(r.output[-1])
+                r.computed += 1
+                outputs.append(self._accept(r, row))
+        return outputs
+
+    def _forward(self, requests: list[Request], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Logits (B, V) at the last token of each request's chunk (right-padded batch)."""
+        device = self.cache.k.device
+        T = max(map(len, chunks))
+        tokens = torch.zeros(len(chunks), T, dtype=torch.long)
+        positions = torch.zeros(len(chunks), T, dtype=torch.long)
+        for i, (chunk, start) in enumerate(zip(chunks, starts)):
+            tokens[i, :len(chunk)] = torch.tensor(chunk)
+            # pads continue the positions; a pad written past a sequence's end is overwritten
+            # before that position is ever attended to
+            positions[i] = torch.arange(start, start + T).clamp(max=self.max_seq_len - 1)
+        last = torch.tensor([len(c) - 1 for c in chunks])
+        slots = torch.tensor([r.slot for r in requests])
+        return self.model(tokens.to(device), positions.to(device), cache=self.cache, slots=slots.to(device),
+                          logits_index=last.to(device)).float().cpu()
+
+    def _accept(self, request: Request, logits: torch.Tensor) -> Output:
+        params = request.params
+        token = sample(logits, params, request.prompt, request.output, request.generator)
+        request.output.append(token)
+        out = Output(request.id, token, "")
+        if params.logprobs is not None:
+            out.logprob, out.top_logprobs = top_logprobs(logits, token, params.logprobs)
+        if token in request.stop_ids:
+            out.text = request.held_text + request.detok.flush()
+            return self._finish(request, out, "stop")
+        out.text = self._release_text(request, request.detok.push(token))
+        if request.finish_reason == "stop":
+            return self._finish(request, out, "stop")
+        full = len(request.prompt) + len(request.output) >= self.max_seq_len
+        if len(request.output) >= params.max_tokens or full:
+            out.text += request.held_text + request.detok.flush()
+            return self._finish(request, out, "length")
+        return out
+
+    def _release_text(self, request: Request, piece: str) -> str:
+        """Text safe to show: cut at a stop string; hold back a tail that may begin one."""
+        stops = request.params.stop
+        text = request.held_text + piece
+        if not stops:
+            request.held_text = ""
+            return text
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            request.held_text, request.finish_reason = "", "stop"
+            return text[: min(hits)]
+        hold = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        request.held_text = text[len(text) - hold:] if hold else ""
+        return text[: len(text) - hold]
+
+    def _finish(self, request: Request, out: Output, reason: str) -> Output:
+        request.finish_reason = out.finish_reason = reason
+        request.held_text = ""
+        self.running.pop(request.id, None)
+        return out

@@ -1,0 +1,105 @@
+"""Turning one row of logits into the next token.
+
+Order, as in HF and vLLM: logit bias -> repetition / presence / frequency penalties ->
+temperature -> top-k -> top-p -> min-p -> draw. Temperature 0 is greedy and ignores the
+filters. Each request owns a torch.Generator, so a seed reproduces its text whatever else
+shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen2.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None  # None: the model's own end ids
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n alternatives to report with each token
+
+    def validate(self, vocab_size: int) -> None:
+        checks = [
+            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 disables it)"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (all(0 <= t < vocab_size for t in self.logit_bias), f"logit_bias ids must be in [0, {vocab_size})"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt: list[int],
+                    output: list[int]) -> torch.Tensor:
+    """Bias and penalties on one row of float32 logits (modified in place, also returned)."""
+    for token, bias in params.logit_bias.items():
+        logits[token] += bias
+    if params.repetition_penalty != 1.0 and (prompt or output):
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        scores = logits[seen]
+        p = params.repetition_penalty
+        logits[seen] = torch.where(scores > 0, scores / p, scores * p)
+    if (params.presence_penalty or params.frequency_penalty) and output:
+        ids, counts = torch.tensor(output).unique(return_counts=True)
+        logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p as -inf masks on one row."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p; the first always stays
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.index_fill(0, order[drop], float("-inf"))
+    if params.min_p > 0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
+           generator: torch.Generator | None) -> int:
+    """Next token from one row of logits (V,)."""
+    logits = apply_penalties(logits.float().clone(), params, prompt, output)
+    if params.greedy:
+        return int(logits.argmax())
+    probs = filter_logits(logits, params).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def top_logprobs(logits: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of `token` under the model's distribution, and the n most likely."""
+    logp = logits.float().log_softmax(-1)
+    values, ids = torch.topk(logp, n) if n else (logp[:0], logp[:0].long())
+    return float(logp[token]), list(zip(ids.tolist(), values.tolist()))

@@ -1,0 +1,134 @@
+"""The engine's scheduling is invisible in the tokens: batched, joined mid-flight, prefix-cached
+or alone, a request gets the same output. Tiny random model, real tokenizer."""
+
+import pytest
+
+from qwen2.engine.engine import Engine
+from qwen2.engine.sampling import SamplingParams
+from qwen2.errors import RequestError
+
+PROMPTS = ["def quicksort(arr):", "The capital of France is", "一二三四五六七八九十 and then some more words here",
+           "x"]
+
+
+def run_alone(model, tok, prompt, **params):
+    engine = Engine(model, tok, max_slots=1, max_seq_len=256)
+    request = engine.submit(prompt, SamplingParams(**params))
+    list(engine.stream(request))
+    return request.output
+
+
+def drain(engine):
+    while engine.has_work:
+        engine.step()
+
+
+def test_batched_greedy_equals_sequential(tiny_model, default_tokenizer):
+    engine = Engine(tiny_model, default_tokenizer, max_slots=4, max_seq_len=256, prefill_chunk=8)
+    requests = [engine.submit(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)) for p in PROMPTS]
+    drain(engine)
+    for p, r in zip(PROMPTS, requests):
+        assert r.output == run_alone(tiny_model, default_tokenizer, p, temperature=0, max_tokens=12,
+                                     ignore_eos=True)
+        assert r.finish_reason == "length"
+
+
+def test_request_joining_mid_flight_gets_same_tokens(tiny_model, default_tokenizer):
+    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=256, prefill_chunk=4)
+    params = dict(temperature=0, max_tokens=10, ignore_eos=True)
+    first = engine.submit(PROMPTS[0], SamplingParams(**params))
+    for _ in range(6):
+        engine.step()
+    late = engine.submit(PROMPTS[2], SamplingParams(**params))
+    drain(engine)
+    assert first.output == run_alone(tiny_model, default_tokenizer, PROMPTS[0], **params)
+    assert late.output == run_alone(tiny_model, default_tokenizer, PROMPTS[2], **params)
+
+
+def test_more_requests_than_slots_wait_their_turn(tiny_model, default_tokenizer):
+    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=256)
+    params = dict(temperature=0, max_tokens=5, ignore_eos=True)
+    requests = [engine.submit(p, SamplingParams(**params)) for p in PROMPTS]
+    drain(engine)
+    assert [r.output for r in requests] == [run_alone(tiny_model, default_tokenizer, p, **params) for p in PROMPTS]
+
+
+def test_prefix_cache_reuses_the_shared_prefix_and_changes_nothing(tiny_model, default_tokenizer):
+    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=256)
+    params = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    turn1 = "<|im_start|>user\nhello there, how are you today?<|im_end|>\n<|im_start|>assistant\n"
+    first = engine.submit(turn1, SamplingParams(**params))
+    list(engine.stream(first))
+    turn2 = turn1 + default_tokenizer.decode(first.output) + "<|im_end|>\n<|im_start|>user\nand now?"
+    second = engine.submit(turn2, SamplingParams(**params))
+    list(engine.stream(second))
+    assert first.cached_tokens == 0
+    assert second.cached_tokens >= len(first.prompt)
+    assert second.output == run_alone(tiny_model, default_tokenizer, turn2, **params)
+
+
+def test_same_seed_same_text_alone_or_in_a_batch(tiny_model, default_tokenizer):
+    params = dict(temperature=1.0, top_p=0.95, max_tokens=10, seed=1234, ignore_eos=True)
+    alone = run_alone(tiny_model, default_tokenizer, PROMPTS[1], **params)
+    engine = Engine(tiny_model, default_tokenizer, max_slots=3, max_seq_len=256)
+    others = [engine.submit(p, SamplingParams(temperature=1.0, max_tokens=10, seed=s))
+              for p, s in ((PROMPTS[0], 1), (PROMPTS[2], 2))]
+    mine = engine.submit(PROMPTS[1], SamplingParams(**params))
+    drain(engine)
+    assert mine.output == alone
+    assert all(o.finish_reason for o in others)
+    assert run_alone(tiny_model, default_tokenizer, PROMPTS[1], **(params | {"seed": 99})) != alone
+
+
+def test_cancel_frees_the_slot_at_once(tiny_model, default_tokenizer):
+    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256)
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    a = engine.submit(PROMPTS[0], params)
+    engine.step()
+    engine.step()
+    b = engine.submit(PROMPTS[1], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.cancel(a)
+    assert a.finish_reason == "cancelled" and not engine.running
+    list(engine.stream(b))
+    assert len(b.output) == 3
+
+
+def test_prompt_longer_than_context_is_refused_and_others_continue(tiny_model, default_tokenizer):
+    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=64)
+    ok = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    with pytest.raises(RequestError, match=r"has \d+ tokens but the context holds 64"):
+        engine.submit("word " * 100, SamplingParams())
+    drain(engine)
+    assert len(ok.output) == 4
+
+
+def test_generation_stops_at_the_end_of_the_context(tiny_model, default_tokenizer):
+    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=16)
+    r = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    list(engine.stream(r))
+    assert r.finish_reason == "length" and len(r.prompt) + len(r.output) == 16
+
+
+def test_stop_id_ends_the_request(tiny_model, default_tokenizer):
+    greedy = run_alone(tiny_model, default_tokenizer, PROMPTS[0], temperature=0, max_tokens=8, ignore_eos=True)
+    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256)
+    r = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[greedy[3]]))
+    list(engine.stream(r))
+    assert r.output == greedy[: greedy.index(greedy[3]) + 1] and r.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("pieces, stop, shown", [
+    (["def f", "(x", "):\n", "    return"], ["x):"], "def f("),  # spans three pieces
+    (["a", "b", "c"], ["bd"], "abc"),  # a partial match is released when it fails
+    (["hello", " wor", "ld"], ["world", "lo w"], "hel"),  # the earliest stop wins
+])
+def test_stop_strings_across_token_boundaries(tiny_model, default_tokenizer, pieces, stop, shown):
+    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=64)
+    request = engine.submit("x", SamplingParams(stop=stop))
+    text = ""
+    for piece in pieces:
+        text += engine._release_text(request, piece)
+        if request.finish_reason:
+            break
+    text += request.held_text if not request.finish_reason else ""
+    assert text == shown

@@ -1,0 +1,63 @@
+"""Each sampling control does what its name says, on hand-made logits."""
+
+import pytest
+import torch
+
+from qwen2.engine.sampling import SamplingParams, apply_penalties, filter_logits, sample, top_logprobs
+from qwen2.errors import RequestError
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+
+
+def kept(logits):
+    return torch.isfinite(logits).nonzero().flatten().tolist()
+
+
+def test_greedy_takes_the_argmax():
+    assert sample(LOGITS, SamplingParams(temperature=0), [], [], None) == 0
+
+
+def test_top_k_keeps_k_best():
+    assert kept(filter_logits(LOGITS, SamplingParams(top_k=2))) == [0, 1]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = LOGITS.softmax(-1)  # 0.53, 0.20, 0.12, 0.07, 0.03 (approx.)
+    assert kept(filter_logits(LOGITS, SamplingParams(top_p=float(probs[0]) - 0.01))) == [0]
+    assert kept(filter_logits(LOGITS, SamplingParams(top_p=float(probs[0] + probs[1]) + 0.01))) == [0, 1, 2]
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    probs = LOGITS.softmax(-1)
+    threshold = float(probs[2] / probs[0]) + 1e-3
+    assert kept(filter_logits(LOGITS, SamplingParams(min_p=threshold))) == [0, 1]
+
+
+def test_penalties_and_bias():
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25,
+                            logit_bias={4: 10.0})
+    out = apply_penalties(LOGITS.clone(), params, prompt=[1], output=[0, 0, 3])
+    assert out[4] == pytest.approx(9.0)  # bias only
+    assert out[0] == pytest.approx(2.0 / 2 - 0.5 - 0.5)  # repetition, presence, 2x frequency
+    assert out[1] == pytest.approx(0.5)  # prompt token: repetition only
+    assert out[3] == pytest.approx(0.0 * 2 - 0.75)
+
+
+def test_seeded_sampling_reproduces():
+    gen_a, gen_b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = [sample(LOGITS, SamplingParams(), [], [], gen_a) for _ in range(20)]
+    b = [sample(LOGITS, SamplingParams(), [], [], gen_b) for _ in range(20)]
+    assert a == b and len(set(a)) > 1
+
+
+def test_logprobs_report_the_chosen_token_and_alternatives():
+    lp, alts = top_logprobs(LOGITS, 2, 2)
+    assert lp == pytest.approx(float(LOGITS.log_softmax(-1)[2]))
+    assert [t for t, _ in alts] == [0, 1]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0),
+                                 dict(min_p=2), dict(logit_bias={10**7: 1.0}), dict(logprobs=50)])
+def test_invalid_values_are_refused_with_a_reason(bad):
+    with pytest.raises(RequestError):
+        SamplingParams(**bad).validate(vocab_size=100)

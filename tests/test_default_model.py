@@ -1,0 +1,73 @@
+"""The embedded default model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF) against transformers
+loading the very same GGUF: last-position logits agree and greedy tokens are identical."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = {
+    "english": "The three primary colors are",
+    "chinese": "北京是中国的首都，它的著名景点包括",
+    "code": "def quicksort(arr):",
+}
+
+
+@pytest.fixture(scope="module")
+def reference(default_gguf):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llm(default_gguf):
+    from qwen2 import load
+
+    return load(default_gguf, dtype="float32", device="cpu", max_slots=1, max_seq_len=1024)
+
+
+def prompts(llm):
+    chat = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Write hello world in C."}])
+    return PROMPTS | {"chat": chat}
+
+
+def test_last_position_logits_agree(reference, llm):
+    for name, text in prompts(llm).items():
+        ids = torch.tensor([llm.tokenizer.encode(text)])
+        with torch.no_grad():
+            expected = reference(ids).logits[0, -1]
+            got = llm.model(ids)[0, -1]
+        diff = (got - expected).abs().max().item()
+        print(f"{name}: max |logit diff| = {diff:.2e}")
+        assert diff < 1e-3, name
+
+
+def test_32_greedy_tokens_identical(reference, llm):
+    for name, text in prompts(llm).items():
+        ids = llm.tokenizer.encode(text)
+        with torch.no_grad():
+            expected = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                          eos_token_id=None)[0, len(ids):].tolist()
+        got = llm.generate(ids, max_tokens=32, temperature=0, ignore_eos=True).tokens
+        assert got == expected, name
+
+
+def test_cli_generate_prints_transformers_greedy_continuation(reference, llm, default_gguf):
+    prompt = "def quicksort(arr):"
+    ids = llm.tokenizer.encode(prompt)
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):]
+    cli = subprocess.run([sys.executable, "-m", "qwen2", "generate", "-p", prompt, "-n", "48", "--temperature",
+                          "0", "--dtype", "float32", "--model", str(default_gguf)],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout == llm.tokenizer.decode(expected.tolist()) + "\n"
+
+
+def test_chat_answers_sensibly(llm):
+    reply = llm.chat([{"role": "user", "content": "What is 2 + 3? Answer with just the number."}],
+                     temperature=0, max_tokens=16)
+    assert "5" in reply.text and reply.finish_reason == "stop"
