@@ -1,6 +1,6 @@
 """Turning one row of logits into the next token.
 
-Order, as in HF and vLLM: logit bias -> repetition / presence / frequency penalties ->
+Order, as in HF and vLLM: logits processors (constrained decoding) -> logit bias -> repetition / presence / frequency penalties ->
 temperature -> top-k -> top-p -> min-p -> draw. Temperature 0 is greedy and ignores the
 filters. Each request owns a torch.Generator, so a seed reproduces its text whatever else
 shares the batch.
@@ -8,6 +8,7 @@ shares the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # None: the model's own end ids
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n alternatives to report with each token
+    # (generated ids so far, float32 logits row) -> logits; e.g. a grammar masking tokens
+    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
     def validate(self, vocab_size: int) -> None:
         checks = [
@@ -91,7 +94,10 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: SamplingParams, prompt: list[int], output: list[int],
            generator: torch.Generator | None) -> int:
     """Next token from one row of logits (V,)."""
-    logits = apply_penalties(logits.float().clone(), params, prompt, output)
+    logits = logits.float().clone()
+    for process in params.logits_processors:
+        logits = process(output, logits)
+    logits = apply_penalties(logits, params, prompt, output)
     if params.greedy:
         return int(logits.argmax())
     probs = filter_logits(logits, params).softmax(-1)

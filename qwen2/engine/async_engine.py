@@ -1,0 +1,176 @@
+"""The asynchronous front door, for the server: submit, stream, cancel.
+
+The Engine is single-threaded by design. One background thread owns it: it takes commands
+(submit, cancel) from a queue between steps and hands each Output to the asyncio loop of the
+request that asked for it. Nothing else touches the engine, so no locks reach the hot loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from qwen2.engine.engine import Engine, Output, Request
+from qwen2.engine.sampling import SamplingParams
+from qwen2.errors import Qwen2Error, RequestError
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RequestError):
+    """More requests are waiting than the engine accepts; retry later."""
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Handle:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    submitted: float
+    request: Request | None = None
+    first_token_at: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_waiting: int = 64):
+        self.engine, self.max_waiting = engine, max_waiting
+        self.stats = Stats()
+        self._commands: queue.Queue = queue.Queue()
+        self._handles: dict[int, _Handle] = {}
+        self._thread = threading.Thread(target=self._run, name="qwen2-engine", daemon=True)
+        self._stopping = False
+        self._thread.start()
+
+    # -- called from asyncio -----------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        return len(self.engine.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    async def submit(self, prompt: str | list[int], params: SamplingParams) -> tuple[Request, asyncio.Queue]:
+        """Queue a request; returns it with the asyncio queue its Outputs will arrive on."""
+        if self.waiting >= self.max_waiting:
+            raise QueueFullError(f"{self.waiting} requests are already waiting; retry shortly")
+        loop = asyncio.get_running_loop()
+        handle = _Handle(loop, asyncio.Queue(), time.perf_counter())
+        accepted: asyncio.Future = loop.create_future()
+        self._commands.put(("submit", prompt, params, handle, accepted))
+        request = await accepted
+        return request, handle.outputs
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Output]:
+        """Stream a request's outputs; closing the iterator early (client gone) cancels it."""
+        request, outputs = await self.submit(prompt, params)
+        try:
+            while True:
+                out = await outputs.get()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            if request.finish_reason is None:
+                self.cancel(request)
+
+    def cancel(self, request: Request) -> None:
+        self._commands.put(("cancel", request))
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._commands.put(("stop",))
+        self._thread.join(timeout=10)
+
+    # -- the engine thread -------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain_commands(block=not self.engine.has_work)
+            if self.engine.has_work:
+                try:
+                    outputs = self.engine.step()
+                except Exception:  # a bug must not leave clients waiting forever
+                    log.exception("engine step failed; failing the requests in flight")
+                    self._fail_all()
+                    continue
+                for out in outputs:
+                    self._deliver(out)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return
+        while True:
+            self._execute(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _execute(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "submit":
+            _, prompt, params, handle, accepted = command
+            try:
+                request = self.engine.submit(prompt, params)
+            except Qwen2Error as e:
+                handle.loop.call_soon_threadsafe(self._settle, accepted, None, e)
+                return
+            handle.request = request
+            self._handles[request.id] = handle
+            self.stats.requests += 1
+            self.stats.prompt_tokens += len(request.prompt)
+            handle.loop.call_soon_threadsafe(self._settle, accepted, request, None)
+        elif kind == "cancel":
+            request = command[1]
+            if request.finish_reason is None:
+                self.engine.cancel(request)
+                self.stats.cancelled += 1
+                self._handles.pop(request.id, None)
+
+    def _deliver(self, out: Output) -> None:
+        handle = self._handles.get(out.request_id)
+        if handle is None:
+            return
+        if handle.first_token_at is None:
+            handle.first_token_at = time.perf_counter()
+            self.stats.time_to_first_token.append(handle.first_token_at - handle.submitted)
+            self.stats.cached_tokens += handle.request.cached_tokens
+        self.stats.generated_tokens += 1
+        if out.finish_reason is not None:
+            self.stats.finished += 1
+            del self._handles[out.request_id]
+        handle.loop.call_soon_threadsafe(handle.outputs.put_nowait, out)
+
+    def _fail_all(self) -> None:
+        for request_id, handle in list(self._handles.items()):
+            self.engine.cancel(handle.request)
+            out = Output(request_id, None, "", finish_reason="error")
+            handle.loop.call_soon_threadsafe(handle.outputs.put_nowait, out)
+        self._handles.clear()
+
+    def _settle(self, future: asyncio.Future, request: Request | None, error: Exception | None) -> None:
+        """Runs on the caller's loop: answer submit(), or cancel if the caller gave up meanwhile."""
+        if future.cancelled():
+            if request is not None:
+                self.cancel(request)
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(request)
