@@ -12,13 +12,16 @@ that its caller owns.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qwen2.config import Qwen2Config
-from qwen2.errors import WeightsError
-from qwen2.rope import apply_rotary, rope_parameters, rotary_cos_sin
+from qwen2.dca import DCAConfig, dca_attention, dca_key_rotation
+from qwen2.errors import ConfigError, WeightsError
+from qwen2.rope import apply_rotary, dynamic_inv_freq, rope_parameters, rope_type, rotary_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -68,9 +71,28 @@ class KVCache:
         return ck[slots, :, :kv_len], cv[slots, :, :kv_len]
 
 
+@dataclass
+class Context:
+    """What every layer of one forward shares."""
+
+    positions: torch.Tensor  # (B, T) absolute position of each token
+    key_positions: torch.Tensor  # (B or 1, S) position of each key attended to
+    cos: torch.Tensor
+    sin: torch.Tensor
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    masks: dict[int | None, torch.Tensor]  # by sliding window (None: full causal)
+    cache: KVCache | None
+    slots: torch.Tensor | None
+    kv_len: int
+    dca: DCAConfig | None
+    router_logits: list[torch.Tensor] | None
+
+
 class Attention(nn.Module):
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: Qwen2Config, layer: int):
         super().__init__()
+        self.layer, self.window = layer, config.layer_window(layer)
         self.n_heads, self.n_kv, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         h, q, kv = config.hidden_size, self.n_heads * self.head_dim, self.n_kv * self.head_dim
@@ -79,17 +101,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, kv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q, h, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, layer: int, slots: torch.Tensor | None,
-                positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, slots, positions, k, v, kv_len)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        if ctx.dca is not None:
+            # keys are stored rotated at their chunk-local position; queries rotate per chunk distance
+            k = dca_key_rotation(k, ctx.positions, ctx.inv_freq, ctx.attention_scaling, ctx.dca)
+        else:
+            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer, ctx.slots, ctx.positions, k, v, ctx.kv_len)
+        if ctx.dca is not None:
+            y = dca_attention(q, k, v, ctx.positions, ctx.key_positions.expand(B, -1), ctx.inv_freq,
+                              ctx.attention_scaling, ctx.dca)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.masks[self.window],
+                                               enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -116,12 +145,12 @@ class MoE(nn.Module):
         self.shared_expert = MLP(h, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(h, 1, bias=False)
 
-    def forward(self, x: torch.Tensor, router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, H)
         logits = self.gate(x)
-        if router_logits is not None:
-            router_logits.append(logits)
+        if ctx is not None and ctx.router_logits is not None:
+            ctx.router_logits.append(logits)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
@@ -138,20 +167,16 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: Qwen2Config, layer: int):
         super().__init__()
-        self.layer = layer
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         sparse = config.layer_is_sparse(layer)
         self.mlp = MoE(config) if sparse else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, slots: torch.Tensor | None, positions: torch.Tensor, kv_len: int,
-                router_logits: list[torch.Tensor] | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer, slots,
-                               positions, kv_len)
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, router_logits) if isinstance(self.mlp, MoE) else self.mlp(h))
+        return x + (self.mlp(h, ctx) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class _Body(nn.Module):
@@ -179,10 +204,20 @@ class Transformer(nn.Module):
         self.config = config
         self.model = _Body(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        inv_freq, self.attention_scaling = rope_parameters(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.set_rope(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_rope(self, config: Qwen2Config) -> None:
+        """(Re)derive rotary frequencies, e.g. after a rope_scaling or DCA override."""
+        self.config = config
+        inv_freq, self.attention_scaling = rope_parameters(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dynamic_ntk = rope_type(config) == "dynamic"
+        dca = config.dual_chunk_attention_config
+        self.dca = DCAConfig.from_dict(dca) if dca else None
+        if self.dca and any(config.layer_window(i) for i in range(config.num_hidden_layers)):
+            raise ConfigError("dual chunk attention cannot be combined with sliding-window layers")
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None,
@@ -191,23 +226,28 @@ class Transformer(nn.Module):
         """tokens, positions (B, T) -> logits (B, T, V), or (B, V) at `logits_index` (B,).
 
         With a cache, keys come from the cache slots (`slots` (B,), default rows 0..B-1);
-        without one, the call attends within `tokens` only.
+        without one, the call attends within `tokens` only. MoE layers append their router
+        logits to `router_logits` when a list is given.
         """
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.model.embed_tokens(tokens)
-        cos, sin = rotary_cos_sin(positions, self.inv_freq, self.attention_scaling, x.dtype)
         if cache is not None:
             kv_len = int(positions.max()) + 1
-            key_pos = torch.arange(kv_len, device=tokens.device)[None]
+            key_positions = torch.arange(kv_len, device=tokens.device)[None]
         else:
-            kv_len, key_pos = T, positions
-        masks = {w: attention_mask(positions, key_pos, w) for w in set(map(self.config.layer_window,
-                                                                           range(len(self.model.layers))))}
+            kv_len, key_positions = T, positions
+        inv_freq = self.inv_freq
+        if self.dynamic_ntk:  # NTK base grows with the sequence; cached keys keep their rotation
+            inv_freq = dynamic_inv_freq(self.config, int(positions.max()) + 1).to(x.device)
+        cos, sin = rotary_cos_sin(positions, inv_freq, self.attention_scaling, x.dtype)
+        windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
+        masks = {} if self.dca else {w: attention_mask(positions, key_positions, w) for w in windows}
+        ctx = Context(positions, key_positions, cos, sin, inv_freq, self.attention_scaling, masks, cache, slots,
+                      kv_len, self.dca, router_logits)
         for block in self.model.layers:
-            x = block(x, cos, sin, masks[self.config.layer_window(block.layer)], cache, slots, positions,
-                      kv_len, router_logits)
+            x = block(x, ctx)
         if logits_index is not None:
             x = x[torch.arange(B, device=x.device), logits_index]  # (B, H)
         return self.lm_head(self.model.norm(x))
@@ -233,6 +273,6 @@ class Transformer(nn.Module):
         model.load_state_dict(state_dict, assign=True, strict=False)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        inv_freq, model.attention_scaling = rope_parameters(config)
-        model.inv_freq = inv_freq.to(device)
+        model.set_rope(config)
+        model.inv_freq = model.inv_freq.to(device)
         return model.eval()

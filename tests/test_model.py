@@ -110,3 +110,47 @@ def test_moe_router_logits_are_returned_per_sparse_layer(tmp_path):
 def test_tied_model_shares_embedding_and_head(tmp_path):
     _, ours = build_pair("dense-tied", tmp_path)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def with_config(model, **changes):
+    """The same weights under a config override (rope scaling, DCA)."""
+    import dataclasses
+
+    other = Transformer.from_state_dict(dataclasses.replace(model.config, **changes),
+                                        dict(model.state_dict()))
+    return other
+
+
+def test_dual_chunk_attention_equals_plain_attention_inside_one_chunk(tmp_path):
+    _, ours = build_pair("dense-untied", tmp_path)
+    dca = with_config(ours, dual_chunk_attention_config={"chunk_size": 32, "local_size": 8})
+    tokens = torch.randint(0, 256, (2, 20))  # < chunk_len = 24
+    with torch.no_grad():
+        assert (dca(tokens) - ours(tokens)).abs().max() < 1e-4
+
+
+def test_dual_chunk_attention_cached_decode_equals_full_forward(tmp_path):
+    _, ours = build_pair("dense-untied", tmp_path)
+    dca = with_config(ours, dual_chunk_attention_config={"chunk_size": 16, "local_size": 4},
+                      max_position_embeddings=16)
+    tokens = torch.randint(0, 256, (1, 50))  # four chunks of 12
+    cache = KVCache(dca.config, slots=1, max_len=64)
+    with torch.no_grad():
+        full = dca(tokens)[0]
+        prefill = dca(tokens[:, :30], torch.arange(30)[None], cache=cache)[0]
+        steps = [dca(tokens[:, t:t + 1], torch.tensor([[t]]), cache=cache)[0, 0] for t in range(30, 50)]
+        plain = ours(tokens)[0]
+    assert (torch.cat([prefill, torch.stack(steps)]) - full).abs().max() < 1e-4
+    assert (full[24:] - plain[24:]).abs().max() > 1e-3  # beyond two chunks DCA really remaps positions
+
+
+def test_dynamic_ntk_matches_reference_beyond_the_trained_length(tmp_path):
+    cfg = dict(CONFIGS["dense-untied"], max_position_embeddings=16, rope_scaling={"rope_type": "dynamic",
+                                                                                   "factor": 2.0})
+    torch.manual_seed(0)
+    ref = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg, attn_implementation="eager")).eval()
+    ref.save_pretrained(tmp_path)
+    ours = Transformer.from_state_dict(Qwen2Config.from_hf_json(tmp_path), load_file(tmp_path / "model.safetensors"))
+    tokens = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        assert (ours(tokens) - ref(tokens).logits).abs().max() < 1e-4
