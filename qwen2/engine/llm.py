@@ -10,6 +10,7 @@ for piece in llm.generate("def fib(n):", max_tokens=64, stream=True): ...
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import torch
 
+from qwen2.config import Qwen2Config
 from qwen2.device import default_device, default_dtype
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import Qwen2Error
 from qwen2.model import Transformer
+from qwen2.rope import parse_rope_scaling
 from qwen2.tokenizer import Tokenizer
 from qwen2.weights import load_checkpoint
 
@@ -61,6 +64,24 @@ class LLM:
         return self.generate(prompt, stream=stream, **sampling)
 
 
+def with_long_context(config: Qwen2Config, rope_scaling: str | None, dca: str | None) -> Qwen2Config:
+    """Apply the CLI/API long-context overrides (the engine's context limit follows them)."""
+    changes: dict = {}
+    if rope_scaling:
+        scaling = parse_rope_scaling(rope_scaling)
+        scaling.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        changes["rope_scaling"] = scaling if scaling.get("rope_type") != "default" else None
+    if dca:
+        try:
+            chunk, _, local = dca.partition(":")
+            chunk_size = int(chunk)
+            local_size = int(local) if local else chunk_size // 8
+        except ValueError:
+            raise Qwen2Error(f"bad --dca {dca!r}: give CHUNK or CHUNK:LOCAL, e.g. 32768:4096") from None
+        changes["dual_chunk_attention_config"] = {"chunk_size": chunk_size, "local_size": local_size}
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name in (None, "auto"):
         return default_dtype(device)
@@ -70,12 +91,19 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def load(model: str | Path | None = None, dtype: str | None = None, device: str | None = None,
-         max_slots: int = 2, max_seq_len: int = 8192, prefill_chunk: int = 512) -> LLM:
-    """Load a checkpoint (see qwen2.weights.load_checkpoint for what `model` may be)."""
+         max_slots: int = 2, max_seq_len: int = 8192, prefill_chunk: int = 512,
+         rope_scaling: str | None = None, dca: str | None = None) -> LLM:
+    """Load a checkpoint (see qwen2.weights.load_checkpoint for what `model` may be).
+
+    rope_scaling: an override such as "yarn:4" (see qwen2.rope.parse_rope_scaling); static
+    YaRN changes outputs on short prompts too, so it is opt-in. dca: "CHUNK" or "CHUNK:LOCAL"
+    turns on Dual Chunk Attention (local defaults to CHUNK/8).
+    """
     start = time.perf_counter()
     dev = torch.device(device) if device else default_device()
     dt = resolve_dtype(dtype, dev)
     config, state_dict, tokenizer = load_checkpoint(model, dtype=dt)
+    config = with_long_context(config, rope_scaling, dca)
     net = Transformer.from_state_dict(config, state_dict, dtype=dt, device=dev)
     engine = Engine(net, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
     return LLM(net, tokenizer, engine, time.perf_counter() - start)

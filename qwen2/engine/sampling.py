@@ -1,9 +1,9 @@
 """Turning one row of logits into the next token.
 
-Order, as in HF and vLLM: logits processors (constrained decoding) -> logit bias -> repetition / presence / frequency penalties ->
-temperature -> top-k -> top-p -> min-p -> draw. Temperature 0 is greedy and ignores the
-filters. Each request owns a torch.Generator, so a seed reproduces its text whatever else
-shares the batch.
+Order, as in HF and vLLM: logits processors (constrained decoding) -> logit bias ->
+repetition / presence / frequency penalties -> temperature -> top-k -> top-p -> min-p ->
+draw. Temperature 0 is greedy and ignores the filters. Each request owns a torch.Generator,
+so a seed reproduces its text whatever else shares the batch.
 """
 
 from __future__ import annotations
