@@ -6,7 +6,8 @@ Scheduling, one `step()` at a time:
   part of its prefill (prefix caching: a chat's second turn does not recompute the first).
 - At most one prefill chunk (`prefill_chunk` tokens) runs per step, so long prompts never
   stall the requests that are already decoding.
-- Then every decoding request advances one token in a single batched forward.
+- Then every decoding request advances one token in a single batched forward; a greedy
+  request decoding alone may instead check a drafted continuation (speculative decoding).
 Requests join and leave between steps (continuous batching).
 """
 
@@ -21,6 +22,7 @@ import torch
 
 from qwen2.config import Qwen2Config
 from qwen2.engine.sampling import SamplingParams, sample, top_logprobs
+from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import RequestError
 from qwen2.model import KVCache, Transformer
 from qwen2.rope import effective_context
@@ -52,6 +54,8 @@ class Request:
     computed: int = 0  # tokens whose keys/values are in the slot
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     held_text: str = ""  # decoded text withheld because it may start a stop string
+    drafted: int = 0  # speculative decoding: tokens proposed / accepted
+    accepted: int = 0
     finish_reason: str | None = None
 
     @property
@@ -79,8 +83,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_slots: int = 4,
-                 max_seq_len: int | None = None, prefill_chunk: int = 512):
-        self.model, self.tokenizer = model, tokenizer
+                 max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 speculator: PromptLookup | DraftModel | None = None):
+        self.model, self.tokenizer, self.speculator = model, tokenizer, speculator
         config = model.config
         self.max_seq_len = min(max_seq_len or context_limit(config), context_limit(config))
         weight = model.model.embed_tokens.weight
@@ -171,7 +176,9 @@ class Engine:
             if prefill.prefilled:
                 outputs.append(self._accept(prefill, logits[0]))
         decoding = [r for r in self.running.values() if r.prefilled and r.output and r is not prefill]
-        if decoding:
+        if len(decoding) == 1 and self.speculator is not None and decoding[0].params.greedy:
+            outputs += self._speculate(decoding[0])
+        elif decoding:
             logits = self._forward(decoding, [[r.output[-1]] for r in decoding], [r.computed for r in decoding])
             for r, row in zip(decoding, logits):
                 self.slot_tokens[r.slot].append(r.output[-1])
@@ -179,8 +186,26 @@ class Engine:
                 outputs.append(self._accept(r, row))
         return outputs
 
-    def _forward(self, requests: list[Request], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Logits (B, V) at the last token of each request's chunk (right-padded batch)."""
+    def _speculate(self, r: Request) -> list[Output]:
+        """One target forward over the last token and a drafted continuation; keep the agreeing prefix."""
+        room = min(self.max_seq_len - r.computed - 1, r.params.max_tokens - len(r.output))
+        draft = self.speculator.propose(r.slot, r.prompt + r.output)[:max(room - 1, 0)]
+        chunk = [r.output[-1]] + draft
+        logits = self._forward([r], [chunk], [r.computed], every_position=True)[0]
+        outputs = []
+        for i, row in enumerate(logits):
+            self.slot_tokens[r.slot].append(chunk[i])
+            r.computed += 1
+            outputs.append(self._accept(r, row))
+            if r.finish_reason or i == len(draft) or r.output[-1] != draft[i]:
+                break
+        r.drafted, r.accepted = r.drafted + len(draft), r.accepted + len(outputs) - 1
+        return outputs
+
+    def _forward(self, requests: list[Request], chunks: list[list[int]], starts: list[int],
+                 every_position: bool = False) -> torch.Tensor:
+        """Logits (B, V) at the last token of each request's chunk (right-padded batch), or
+        (B, T, V) at every position."""
         device = self.cache.k.device
         T = max(map(len, chunks))
         tokens = torch.zeros(len(chunks), T, dtype=torch.long)
@@ -193,7 +218,7 @@ class Engine:
         last = torch.tensor([len(c) - 1 for c in chunks])
         slots = torch.tensor([r.slot for r in requests])
         return self.model(tokens.to(device), positions.to(device), cache=self.cache, slots=slots.to(device),
-                          logits_index=last.to(device)).float().cpu()
+                          logits_index=None if every_position else last.to(device)).float().cpu()
 
     def _accept(self, request: Request, logits: torch.Tensor) -> Output:
         params = request.params

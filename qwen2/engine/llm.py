@@ -22,6 +22,7 @@ from qwen2.config import Qwen2Config
 from qwen2.device import default_device, default_dtype
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
+from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import Qwen2Error
 from qwen2.model import Transformer
 from qwen2.rope import parse_rope_scaling
@@ -92,12 +93,13 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 def load(model: str | Path | None = None, dtype: str | None = None, device: str | None = None,
          max_slots: int = 2, max_seq_len: int = 8192, prefill_chunk: int = 512,
-         rope_scaling: str | None = None, dca: str | None = None) -> LLM:
+         rope_scaling: str | None = None, dca: str | None = None, speculative: str | None = None) -> LLM:
     """Load a checkpoint (see qwen2.weights.load_checkpoint for what `model` may be).
 
     rope_scaling: an override such as "yarn:4" (see qwen2.rope.parse_rope_scaling); static
     YaRN changes outputs on short prompts too, so it is opt-in. dca: "CHUNK" or "CHUNK:LOCAL"
-    turns on Dual Chunk Attention (local defaults to CHUNK/8).
+    turns on Dual Chunk Attention (local defaults to CHUNK/8). speculative: "ngram" (prompt
+    lookup) or a draft model spec (same tokenizer) for greedy batch-1 decoding.
     """
     start = time.perf_counter()
     dev = torch.device(device) if device else default_device()
@@ -105,5 +107,13 @@ def load(model: str | Path | None = None, dtype: str | None = None, device: str 
     config, state_dict, tokenizer = load_checkpoint(model, dtype=dt)
     config = with_long_context(config, rope_scaling, dca)
     net = Transformer.from_state_dict(config, state_dict, dtype=dt, device=dev)
-    engine = Engine(net, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
+    speculator = None
+    if speculative == "ngram":
+        speculator = PromptLookup()
+    elif speculative:
+        draft_config, draft_state, _ = load_checkpoint(speculative, dtype=dt)
+        draft = Transformer.from_state_dict(draft_config, draft_state, dtype=dt, device=dev)
+        speculator = DraftModel(draft, max_slots, max_seq_len)
+    engine = Engine(net, tokenizer, max_slots=max_slots, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+                    speculator=speculator)
     return LLM(net, tokenizer, engine, time.perf_counter() - start)

@@ -2,6 +2,7 @@
 or alone, a request gets the same output. Tiny random model, real tokenizer."""
 
 import pytest
+from conftest import tiny_config
 
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
@@ -132,3 +133,29 @@ def test_stop_strings_across_token_boundaries(tiny_model, default_tokenizer, pie
             break
     text += request.held_text if not request.finish_reason else ""
     assert text == shown
+
+
+@pytest.mark.parametrize("kind", ["prompt-lookup", "draft-model"])
+def test_speculative_greedy_equals_plain_greedy(tiny_model, default_tokenizer, kind):
+    from qwen2.engine.speculative import DraftModel, PromptLookup
+
+    # repetitive text gives the n-gram proposer matches; the draft model is the target itself
+    # with one layer removed, so some drafts are accepted and some rejected
+    prompt = "a b c d a b c d a b c d a b"
+    if kind == "prompt-lookup":
+        speculator = PromptLookup(k=4)
+    else:
+        import copy
+
+        draft = copy.deepcopy(tiny_model)
+        del draft.model.layers[1]
+        draft.config = tiny_config(num_hidden_layers=1)
+        speculator = DraftModel(draft, slots=1, max_len=256, k=3)
+    params = dict(temperature=0, max_tokens=40, ignore_eos=True)
+    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256, speculator=speculator)
+    request = engine.submit(prompt, SamplingParams(**params))
+    list(engine.stream(request))
+    assert request.output == run_alone(tiny_model, default_tokenizer, prompt, **params)
+    assert request.drafted > 0
+    if kind == "prompt-lookup":  # the repetition is found, so forwards were saved
+        assert request.accepted > 0
