@@ -28,6 +28,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    "float32; bf16 on CUDA), float32, bfloat16, float16")
     p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--ctx", type=int, default=8192, help="context length to reserve KV cache for")
+    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization (auto: int8 on CPU, none on CUDA)")
+    p.add_argument("--rope-scaling", help="e.g. yarn:4 (static YaRN: extends the context but changes outputs "
+                   "on short prompts too, so it is off unless asked for)")
+    p.add_argument("--dca", help="dual chunk attention CHUNK[:LOCAL], e.g. 32768:4096")
+    p.add_argument("--speculative", help="'ngram' (prompt lookup) or a draft model, for greedy decoding")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, **defaults) -> None:
@@ -51,7 +57,8 @@ def sampling_from(args: argparse.Namespace) -> dict:
 def load_llm(args: argparse.Namespace, max_slots: int = 1):
     from qwen2.engine.llm import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, max_slots=max_slots, max_seq_len=args.ctx)
+    return load(args.model, dtype=args.dtype, device=args.device, max_slots=max_slots, max_seq_len=args.ctx,
+                quant=args.quant, rope_scaling=args.rope_scaling, dca=args.dca, speculative=args.speculative)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -157,6 +164,20 @@ def build_parser() -> Parser:
     p.add_argument("output", help="folder to write")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_convert)
+
+    from qwen2 import bench
+    from qwen2.eval import cli as eval_cli
+    from qwen2.server import cli as server_cli
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page")
+    server_cli.add_arguments(p)
+    p.set_defaults(func=server_cli.run)
+
+    p = sub.add_parser("bench", help="our speed beside llama.cpp and transformers, in one run")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run)
+
+    eval_cli.add_arguments(sub)
     return parser
 
 

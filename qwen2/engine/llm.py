@@ -25,10 +25,12 @@ from qwen2.engine.sampling import SamplingParams
 from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import Qwen2Error
 from qwen2.model import Transformer
+from qwen2.quant import quantize_model
 from qwen2.rope import parse_rope_scaling
 from qwen2.tokenizer import Tokenizer
 from qwen2.weights import load_checkpoint
 
+QUANT_MODES = ("auto", "none", "int8", "int4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,6 +85,16 @@ def with_long_context(config: Qwen2Config, rope_scaling: str | None, dca: str | 
     return dataclasses.replace(config, **changes) if changes else config
 
 
+def resolve_quant(quant: str, device: torch.device) -> str:
+    """auto: int8 weights on CPU, where decode is bound by the bytes each token reads and the int8
+    kernel keeps logits close to float; none on CUDA (bf16 kernels are fast there)."""
+    if quant not in QUANT_MODES:
+        raise Qwen2Error(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_MODES)}")
+    if quant == "auto":
+        return "int8" if device.type == "cpu" else "none"
+    return quant
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name in (None, "auto"):
         return default_dtype(device)
@@ -93,13 +105,15 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 def load(model: str | Path | None = None, dtype: str | None = None, device: str | None = None,
          max_slots: int = 2, max_seq_len: int = 8192, prefill_chunk: int = 512,
-         rope_scaling: str | None = None, dca: str | None = None, speculative: str | None = None) -> LLM:
+         rope_scaling: str | None = None, dca: str | None = None, speculative: str | None = None,
+         quant: str = "none") -> LLM:
     """Load a checkpoint (see qwen2.weights.load_checkpoint for what `model` may be).
 
     rope_scaling: an override such as "yarn:4" (see qwen2.rope.parse_rope_scaling); static
     YaRN changes outputs on short prompts too, so it is opt-in. dca: "CHUNK" or "CHUNK:LOCAL"
     turns on Dual Chunk Attention (local defaults to CHUNK/8). speculative: "ngram" (prompt
-    lookup) or a draft model spec (same tokenizer) for greedy batch-1 decoding.
+    lookup) or a draft model spec (same tokenizer) for greedy batch-1 decoding. quant: weight-only
+    "int8" / "int4", "none", or "auto" (see resolve_quant).
     """
     start = time.perf_counter()
     dev = torch.device(device) if device else default_device()
@@ -107,6 +121,10 @@ def load(model: str | Path | None = None, dtype: str | None = None, device: str 
     config, state_dict, tokenizer = load_checkpoint(model, dtype=dt)
     config = with_long_context(config, rope_scaling, dca)
     net = Transformer.from_state_dict(config, state_dict, dtype=dt, device=dev)
+    del state_dict
+    mode = resolve_quant(quant, dev)
+    if mode != "none":
+        quantize_model(net, mode)
     speculator = None
     if speculative == "ngram":
         speculator = PromptLookup()
