@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PROMPT ?= Write a Python function that checks whether a number is prime, with a short explanation.
 
-.PHONY: setup run test test-slow lint bench
+.PHONY: setup run test test-slow lint bench browser
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,8 +17,13 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	echo "$(PROMPT)" | $(VENV)/bin/qwen2 chat
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -ra
+
+# the web chat page is tested in headless Chromium (Debian's package; needs root or sudo)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install chromium; the web page tests will be skipped"
 
 test-slow: setup
 	$(PY) -m pytest -q -ra -m slow

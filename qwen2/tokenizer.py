@@ -216,6 +216,10 @@ class Tokenizer:
 
     # ---- saving ----
 
+    def to_json(self) -> str:
+        """The HF tokenizer.json text (for grammar engines that build their own vocabulary)."""
+        return self._tok.to_str()
+
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ class Stats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
-    time_to_first_token: list[float] = field(default_factory=list)
+    time_to_first_token: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))  # latest
 
 
 @dataclass
@@ -54,6 +55,7 @@ class AsyncEngine:
         self._handles: dict[int, _Handle] = {}
         self._thread = threading.Thread(target=self._run, name="qwen2-engine", daemon=True)
         self._stopping = False
+        self._pending = 0  # submits not yet taken by the engine thread (asyncio side only)
         self._thread.start()
 
     # -- called from asyncio -----------------------------------------------------------
@@ -67,13 +69,18 @@ class AsyncEngine:
 
     async def submit(self, prompt: str | list[int], params: SamplingParams) -> tuple[Request, asyncio.Queue]:
         """Queue a request; returns it with the asyncio queue its Outputs will arrive on."""
-        if self.waiting >= self.max_waiting:
-            raise QueueFullError(f"{self.waiting} requests are already waiting; retry shortly")
+        # submits still in the command queue count too, or a burst would slip past the bound
+        if self.waiting + self._pending >= self.max_waiting:
+            raise QueueFullError(f"{self.waiting + self._pending} requests are already waiting; retry shortly")
         loop = asyncio.get_running_loop()
         handle = _Handle(loop, asyncio.Queue(), time.perf_counter())
         accepted: asyncio.Future = loop.create_future()
-        self._commands.put(("submit", prompt, params, handle, accepted))
-        request = await accepted
+        self._pending += 1
+        try:
+            self._commands.put(("submit", prompt, params, handle, accepted))
+            request = await accepted
+        finally:
+            self._pending -= 1
         return request, handle.outputs
 
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[Output]:
@@ -129,7 +136,9 @@ class AsyncEngine:
             _, prompt, params, handle, accepted = command
             try:
                 request = self.engine.submit(prompt, params)
-            except Qwen2Error as e:
+            except Exception as e:  # anything else is our bug: log it, but keep the thread alive
+                if not isinstance(e, Qwen2Error):
+                    log.exception("submit failed")
                 handle.loop.call_soon_threadsafe(self._settle, accepted, None, e)
                 return
             handle.request = request

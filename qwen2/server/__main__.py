@@ -1,0 +1,3 @@
+from qwen2.server.cli import main
+
+main()

@@ -1,0 +1,231 @@
+"""The FastAPI app: one engine shared by every client, the OpenAI routes, health, metrics, the page.
+
+Guards, outermost first: CORS (only with --cors-origin), then one ASGI middleware that counts
+requests for /metrics, checks the API key on /v1 routes (before the body is read, so a client
+without the key learns nothing else) and caps the body size. Every error is answered in OpenAI's
+shape; a client's mistake is never a 500, and a 500 never carries a stack trace (it is logged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from qwen2.engine.async_engine import AsyncEngine, QueueFullError
+from qwen2.engine.llm import LLM
+from qwen2.errors import Qwen2Error, TokenizerError
+from qwen2.server.metrics import Metrics
+from qwen2.server.protocol import APIError, invalid
+from qwen2.server.routes import router
+from qwen2.server.structured import Grammars
+
+log = logging.getLogger(__name__)
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")  # metric labels
+
+
+@dataclass
+class Settings:
+    model_name: str = "qwen2"
+    api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    max_queue: int = 64  # requests waiting for a slot before new ones get 429
+    timeout: float = 600.0  # seconds per request, queueing included
+    max_body: int = 8 * 2**20  # bytes
+
+
+class Server:
+    """What the routes share: the engine, the tokenizer, the grammar compiler and the metrics."""
+
+    def __init__(self, llm: LLM, settings: Settings):
+        self.settings, self.tokenizer = settings, llm.tokenizer
+        self.engine = AsyncEngine(llm.engine, max_waiting=settings.max_queue)
+        self.context, self.vocab_size = llm.engine.max_seq_len, llm.config.vocab_size
+        self.model_name, self.timeout = settings.model_name, settings.timeout
+        self.grammars = Grammars(llm.tokenizer, self.vocab_size)
+        self.metrics = Metrics()
+
+    def render(self, messages: list[dict], tools: list[dict] | None) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+        except TokenizerError as e:
+            raise invalid(str(e), "messages") from None
+
+    def prompt_ids(self, prompt: str | list[int], param: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        if not ids:
+            raise invalid("the prompt is empty", param)
+        if not all(0 <= i < self.vocab_size for i in ids):
+            raise invalid(f"token ids must be in [0, {self.vocab_size})", param)
+        if len(ids) >= self.context:
+            raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds {self.context} (the reply "
+                                "needs at least one more); shorten the prompt or restart the server with a larger "
+                                "--ctx", param, code="context_length_exceeded")
+        return ids
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _param(loc: tuple) -> str | None:
+    """pydantic's location as OpenAI's param ("messages[0].content"), without union-member tags."""
+    parts = [p for p in loc if p != "body" and (isinstance(p, int) or p.replace("_", "").isalpha() and p.islower()
+                                                and p not in ("str", "int", "float", "bool", "list", "dict"))]
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        # of a union's failed branches, the deepest error is the informative one
+        worst = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={"msg": "invalid request body"})
+        param = _param(tuple(worst.get("loc", ())))
+        if param is None:  # the body as a whole: not JSON, or not an object
+            return _error(invalid("the request body must be a JSON object, sent with Content-Type: "
+                                  f"application/json ({worst['msg']})"))
+        return _error(invalid(f"{param}: {worst['msg']}", param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status_code)
+        return _error(APIError(e.status_code, message, code=code, headers=e.headers))
+
+    @app.exception_handler(QueueFullError)
+    async def queue_full(_: Request, e: QueueFullError) -> JSONResponse:
+        return _error(APIError(429, str(e), code="queue_full", type="rate_limit_error", headers={"Retry-After": "1"}))
+
+    @app.exception_handler(Qwen2Error)
+    async def user_error(_: Request, e: Qwen2Error) -> JSONResponse:
+        return _error(invalid(str(e)))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(APIError(500, "internal server error; see the server log", type="server_error"))
+
+
+class Guard:
+    """ASGI middleware: request counts, the API key on /v1 routes, the body size cap."""
+
+    def __init__(self, app: ASGIApp, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status = 500  # if the app fails before it answers
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            error = self._refuse(scope)
+            if error is not None:
+                await JSONResponse(error.body(), error.status, error.headers)(scope, receive, counted)
+            else:
+                await self.app(scope, self._capped(receive), counted)
+        finally:
+            self.server.metrics.observe_http(path if path in ROUTES else "other", status)
+
+    def _refuse(self, scope: Scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        key = self.server.settings.api_key
+        if key and scope["path"].startswith("/v1/"):
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                return APIError(401, "missing or wrong API key; send the header Authorization: Bearer KEY",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.server.settings.max_body:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than the server's limit of {self.server.settings.max_body} "
+                             "bytes", code="body_too_large")
+
+    def _capped(self, receive: Receive) -> Receive:
+        """A body sent without Content-Length (chunked) is counted as it arrives."""
+        seen = 0
+
+        async def capped() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.server.settings.max_body:
+                # FastAPI re-raises an HTTPException met while reading the body, and answers it
+                raise HTTPException(413, self._too_large().message)
+            return message
+
+        return capped
+
+
+def create_app(llm: LLM, settings: Settings) -> FastAPI:
+    server = Server(llm, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.engine.shutdown()
+
+    app = FastAPI(title="qwen2", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.server = server
+    page = resources.files("qwen2.server").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": server.model_name}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> str:
+        return server.metrics.render(server.engine)
+
+    card = {"id": server.model_name, "object": "model", "created": 0, "owned_by": "qwen2",
+            "max_model_len": server.context}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        if model != server.model_name:
+            raise APIError(404, f"no model {model!r}; this server serves {server.model_name!r}", "model",
+                           code="model_not_found")
+        return card
+
+    app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(Guard, server=server)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    return app
+

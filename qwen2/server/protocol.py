@@ -1,0 +1,228 @@
+"""The OpenAI request bodies (pydantic, strict types, unknown fields ignored) and their translation
+into what the engine and the chat template take.
+
+Covered: chat messages (system/developer, user, assistant with tool_calls, tool; content a string
+or a list of text parts), tools and tool_choice, response_format, and the sampling parameters
+OpenAI defines plus vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos). Accepted and
+ignored: user, parallel_tool_calls. Not covered: image/audio parts (400), echo, best_of, suffix.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from qwen2.engine.sampling import SamplingParams
+
+# Without max_tokens a reply may use the rest of the context, but no more than this: a runaway
+# reply from a small model would otherwise hold its slot for minutes. A max_tokens beyond the
+# context's room is cut to that room (the reply then ends with finish_reason "length").
+DEFAULT_MAX_TOKENS = 2048
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param)
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class SamplingFields(Body):
+    """Shared by chat and completions. None means "not given": the engine's default applies."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+
+    def sampling_params(self, prompt_len: int, context: int, index: int = 0, logprobs: int | None = None,
+                        processors: list | None = None) -> SamplingParams:
+        """The engine's parameters for choice `index` (choice i of n is seeded seed + i)."""
+        room = context - prompt_len
+        given = {k: v for k, v in self.model_dump(include=set(_SAMPLING_NAMES)).items() if v is not None}
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=min(self.max_tokens or DEFAULT_MAX_TOKENS, room),
+            **given,
+            top_k=max(self.top_k or 0, 0),
+            stop=[s for s in stops if s],
+            seed=None if self.seed is None else (self.seed + index) % 2**64,  # torch takes seeds below 2**64
+            logit_bias=_logit_bias(self.logit_bias),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            logits_processors=processors or [],
+        )
+
+
+_SAMPLING_NAMES = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty")
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.isdigit():
+            raise invalid(f"logit_bias keys must be token ids as strings, got {key!r}", "logit_bias")
+        if not -100 <= value <= 100:
+            raise invalid(f"logit_bias values must be in [-100, 100], got {value} for token {key}", "logit_bias")
+        out[int(key)] = value
+    return out
+
+
+# -- chat ------------------------------------------------------------------------------------
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(Body):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    def to_template(self) -> dict[str, Any]:
+        """The shape Qwen's chat template reads: text content, tool-call arguments as objects."""
+        text = self.content if not isinstance(self.content, list) else "\n".join(p.text for p in self.content)
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text or ""}
+        if self.tool_calls:
+            out["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
+                                                                    "arguments": _json_or_text(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        return out
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:  # the template then shows the text as a JSON string
+        return arguments
+
+
+class Function(Body):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Body):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedFunction(Body):
+    name: str
+
+
+class NamedToolChoice(Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+
+    def model_post_init(self, _: Any) -> None:
+        self.max_tokens = self.max_completion_tokens or self.max_tokens
+        if self.response_format and self.response_format.type == "json_schema" and (
+                self.response_format.json_schema is None or self.response_format.json_schema.schema_ is None):
+            raise invalid("response_format json_schema needs json_schema.schema", "response_format")
+        names = {t.function.name for t in self.tools or []}
+        if self.forced_tool is not None and not names:
+            raise invalid("tool_choice required or a named function needs tools", "tool_choice")
+        if self.forced_tool and self.forced_tool not in names:
+            raise invalid(f"tool_choice names {self.forced_tool!r}, which is not among the tools", "tool_choice")
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def forced_tool(self) -> str | None:
+        """None: the model decides; "": it must call one of the tools; a name: it must call that one."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return "" if self.tool_choice == "required" else None
+
+    def template_tools(self) -> list[dict] | None:
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+# -- completions -----------------------------------------------------------------------------
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise invalid("prompt is empty", "prompt")
+        return list(p)

@@ -1,0 +1,172 @@
+"""OpenAI's response shapes: chat completions and completions, whole or as stream chunks.
+
+A format turns the engine's outputs into JSON: `head` opens a stream, `piece` turns one output
+into a chunk (or nothing), `tail` closes one choice, `response` builds the non-streamed body.
+Tool calls are parsed here (qwen2.server.tools) when the request rendered tools.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from qwen2.engine.engine import Output
+from qwen2.server.generation import Choice
+from qwen2.server.tools import ToolCall, ToolCallStream, parse_tool_calls
+from qwen2.tokenizer import Tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte as a printable character (how BPE tokens are spelled)."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in visible]
+    return {**{b: chr(b) for b in visible}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    """The bytes a token stands for; special tokens are their own text."""
+    spelled = tokenizer.id_to_token(token) or ""
+    return b"".join(bytes([_BYTE_OF[ch]]) if ch in _BYTE_OF else ch.encode() for ch in spelled)
+
+
+def usage(choices: list[Choice], n: int) -> dict[str, Any]:
+    """Prompt tokens count once per prompt (each prompt has n choices)."""
+    firsts = choices[::n]
+    return {"prompt_tokens": sum(len(c.prompt) for c in firsts),
+            "completion_tokens": sum(c.completion_tokens for c in choices),
+            "total_tokens": sum(len(c.prompt) for c in firsts) + sum(c.completion_tokens for c in choices),
+            "prompt_tokens_details": {"cached_tokens": sum(c.request.cached_tokens for c in firsts if c.request)}}
+
+
+class Format:
+    object = ""
+
+    def __init__(self, tokenizer: Tokenizer, model: str, prefix: str):
+        self.tokenizer, self.model = tokenizer, model
+        self.id, self.created = f"{prefix}-{secrets.token_hex(12)}", int(time.time())
+
+    def envelope(self, choices: list[dict], object: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": object or self.object, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def head(self, choices: list[Choice]) -> list[dict]:
+        return []
+
+    def piece(self, choice: Choice, out: Output) -> dict | None:
+        raise NotImplementedError
+
+    def tail(self, choice: Choice) -> list[dict]:
+        raise NotImplementedError
+
+    def response(self, choices: list[Choice], usage: dict) -> dict:
+        raise NotImplementedError
+
+
+class ChatFormat(Format):
+    object = "chat.completion.chunk"
+
+    def __init__(self, tokenizer: Tokenizer, model: str, tools: bool, prefill: str, logprobs: bool):
+        super().__init__(tokenizer, model, "chatcmpl")
+        self.tools, self.prefill, self.logprobs = tools, prefill, logprobs
+        self.streams: dict[int, ToolCallStream] = {}
+        self.called: dict[int, int] = {}  # tool calls sent so far, per choice
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        raw = token_bytes(self.tokenizer, token)
+        return {"token": raw.decode(errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    def _logprobs(self, outs: list[Output]) -> dict | None:
+        if not self.logprobs:
+            return None
+        return {"content": [self._entry(o.token, o.logprob) | {"top_logprobs": [self._entry(t, lp) for t, lp in
+                                                                                 o.top_logprobs or []]}
+                            for o in outs]}
+
+    def _calls(self, index: int, calls: list[ToolCall]) -> list[dict]:
+        first = self.called.get(index, 0)
+        self.called[index] = first + len(calls)
+        return [{"index": first + k, "id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}} for k, c in enumerate(calls)]
+
+    def _chunk(self, index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> dict:
+        return self.envelope([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+
+    def head(self, choices: list[Choice]) -> list[dict]:
+        for c in choices:
+            if self.tools:
+                self.streams[c.index] = ToolCallStream()
+                self.streams[c.index].push(self.prefill)
+        return [self._chunk(c.index, {"role": "assistant", "content": ""}) for c in choices]
+
+    def _delta(self, index: int, content: str, calls: list[ToolCall]) -> dict:
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = self._calls(index, calls)
+        return delta
+
+    def piece(self, choice: Choice, out: Output) -> dict | None:
+        content, calls = self.streams[choice.index].push(out.text) if self.tools else (out.text, [])
+        logprobs = self._logprobs([out]) if out.logprob is not None else None
+        delta = self._delta(choice.index, content, calls)
+        return self._chunk(choice.index, delta, logprobs) if delta or logprobs else None
+
+    def _finish_reason(self, choice: Choice) -> str | None:
+        return "tool_calls" if self.called.get(choice.index) else choice.finish_reason
+
+    def tail(self, choice: Choice) -> list[dict]:
+        content, calls = self.streams[choice.index].finish() if self.tools else ("", [])
+        delta = self._delta(choice.index, content, calls)
+        return ([self._chunk(choice.index, delta)] if delta else []) + [
+            self._chunk(choice.index, {}, finish=self._finish_reason(choice))]
+
+    def response(self, choices: list[Choice], usage: dict) -> dict:
+        out = []
+        for c in choices:
+            content, calls = parse_tool_calls(self.prefill + c.text) if self.tools else (c.text, [])
+            message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = self._calls(c.index, calls)
+            out.append({"index": c.index, "message": message, "logprobs": self._logprobs(c.logprobs),
+                        "finish_reason": self._finish_reason(c)})
+        return self.envelope(out, "chat.completion", usage=usage)
+
+
+class CompletionFormat(Format):
+    object = "text_completion"
+
+    def __init__(self, tokenizer: Tokenizer, model: str, logprobs: bool):
+        super().__init__(tokenizer, model, "cmpl")
+        self.logprobs = logprobs
+
+    def _logprobs(self, outs: list[Output], offset: int) -> dict | None:
+        if not self.logprobs:
+            return None
+        tokens, offsets = [], []
+        for o in outs:
+            tokens.append(token_bytes(self.tokenizer, o.token).decode(errors="replace"))
+            offsets.append(offset)
+            offset += len(o.text)
+        top = [{token_bytes(self.tokenizer, t).decode(errors="replace"): lp for t, lp in o.top_logprobs or []}
+               for o in outs]
+        return {"tokens": tokens, "token_logprobs": [o.logprob for o in outs], "top_logprobs": top,
+                "text_offset": offsets}
+
+    def _choice(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def piece(self, choice: Choice, out: Output) -> dict | None:
+        if not out.text and out.logprob is None:
+            return None
+        logprobs = self._logprobs([out], len(choice.text) - len(out.text)) if out.logprob is not None else None
+        return self.envelope([self._choice(choice.index, out.text, logprobs, None)])
+
+    def tail(self, choice: Choice) -> list[dict]:
+        return [self.envelope([self._choice(choice.index, "", None, choice.finish_reason)])]
+
+    def response(self, choices: list[Choice], usage: dict) -> dict:
+        return self.envelope([self._choice(c.index, c.text, self._logprobs(c.logprobs, 0), c.finish_reason)
+                              for c in choices], usage=usage)

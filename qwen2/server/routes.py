@@ -1,0 +1,130 @@
+"""POST /v1/chat/completions and /v1/completions: validate, build the prompt, hand the choices
+to the engine, answer whole or as Server-Sent Events ending in `data: [DONE]`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from qwen2.errors import RequestError
+from qwen2.server import generation
+from qwen2.server.generation import Choice
+from qwen2.server.protocol import APIError, ChatRequest, CompletionRequest, SamplingFields, invalid
+from qwen2.server.responses import ChatFormat, CompletionFormat, Format, usage
+from qwen2.server.structured import tool_call_schema
+from qwen2.server.tools import TOOL_CALL_START
+
+if TYPE_CHECKING:
+    from qwen2.server.app import Server
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, http: Request) -> Any:
+    server: Server = http.app.state.server
+    tools = body.template_tools()
+    forced = body.forced_tool
+    # "required" or a named function: open the call ourselves and constrain the rest to a call's JSON
+    prefill = TOOL_CALL_START + "\n" if forced is not None else ""
+    prompt = server.render([m.to_template() for m in body.messages], tools) + prefill
+    ids = server.prompt_ids(prompt, "messages")
+    schema = None
+    if forced is not None:
+        schema = tool_call_schema(tools, forced or None)
+    elif body.response_format and body.response_format.type == "json_object":
+        schema = {"type": "object"}
+    elif body.response_format and body.response_format.type == "json_schema":
+        schema = body.response_format.json_schema.schema_
+    try:  # each choice gets its own processor: it follows that choice's tokens
+        choices = [Choice(i, ids, body.sampling_params(len(ids), server.context, i, body.engine_logprobs,
+                                                       [server.grammars.json(schema)] if schema is not None else []))
+                   for i in range(body.n)]
+    except RequestError as e:  # a schema llguidance cannot enforce
+        raise invalid(str(e), "tools" if forced is not None else "response_format") from None
+    fmt = ChatFormat(server.tokenizer, server.model_name, tools is not None, prefill, body.logprobs)
+    return await respond(server, http, body, choices, fmt)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, http: Request) -> Any:
+    server: Server = http.app.state.server
+    choices = []
+    for p, prompt in enumerate(body.prompts()):
+        ids = server.prompt_ids(prompt, "prompt")
+        choices += [Choice(p * body.n + j, ids, body.sampling_params(len(ids), server.context, j, body.logprobs))
+                    for j in range(body.n)]
+    fmt = CompletionFormat(server.tokenizer, server.model_name, body.logprobs is not None)
+    return await respond(server, http, body, choices, fmt)
+
+
+async def respond(server: Server, http: Request, body: SamplingFields, choices: list[Choice], fmt: Format) -> Any:
+    loop = asyncio.get_running_loop()
+    arrived = loop.time()
+    await generation.start(server.engine, choices)  # a full queue is a 429 here, before any byte
+    events = generation.stream(server.engine, choices, arrived + server.timeout,
+                               on_first=lambda: server.metrics.observe_ttft(loop.time() - arrived))
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(sse(server, events, fmt, choices, body.n, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    collecting = asyncio.ensure_future(_drain(events))
+    try:
+        while not (await asyncio.wait({collecting}, timeout=1))[0]:
+            if await http.is_disconnected():  # nobody waits for the answer: free the slots now
+                collecting.cancel()
+                return Response(status_code=499)
+        collecting.result()
+    except TimeoutError:
+        raise timed_out(server) from None
+    if any(c.finish_reason == "error" for c in choices):
+        raise engine_failed()
+    return fmt.response(choices, usage(choices, body.n))
+
+
+async def sse(server: Server, events: AsyncIterator, fmt: Format, choices: list[Choice], n: int,
+              include_usage: bool) -> AsyncIterator[str]:
+    """The event stream. When the client disconnects, Starlette cancels this generator at its
+    current await; closing `events` then cancels the engine requests (their slots free at once)."""
+    extra = {"usage": None} if include_usage else {}
+    try:
+        async with contextlib.aclosing(events):
+            for chunk in fmt.head(choices):
+                yield _event(chunk | extra)
+            async for choice, out in events:
+                if out.finish_reason == "error":
+                    yield _event(engine_failed().body())
+                    break
+                piece = fmt.piece(choice, out)
+                for chunk in ([piece] if piece else []) + (fmt.tail(choice) if out.finish_reason else []):
+                    yield _event(chunk | extra)
+        if include_usage:
+            yield _event(fmt.envelope([], usage=usage(choices, n)))
+    except TimeoutError:
+        yield _event(timed_out(server).body())
+    yield "data: [DONE]\n\n"
+
+
+async def _drain(events: AsyncIterator) -> None:
+    async with contextlib.aclosing(events):
+        async for _ in events:
+            pass
+
+
+def engine_failed() -> APIError:
+    return APIError(500, "generation failed on the server; see its log", type="server_error")
+
+
+def timed_out(server: Server) -> APIError:
+    return APIError(408, f"the request took longer than the server's timeout ({server.timeout:g} s) and was "
+                         "cancelled; ask for fewer tokens or raise --timeout", code="timeout")
+
+
+def _event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
