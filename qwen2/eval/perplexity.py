@@ -1,0 +1,76 @@
+"""Strided (sliding-window) perplexity, as in the Hugging Face perplexity guide, in bounded memory.
+
+Windows of `ctx` tokens start every `stride` tokens. Each window scores only the tokens no
+earlier window scored, so every token but the first is scored once, with at least
+ctx - stride tokens of context (all of its preceding tokens in the first window). With
+stride == ctx the windows do not overlap and each window's first token goes unscored, as in
+the guide.
+
+A window runs as a chunked prefill through a one-slot KVCache, `chunk` tokens at a time,
+so memory grows with ctx only through the cache: the (chunk x vocab) logits of one chunk
+are reduced to a sum of negative log-likelihoods before the next chunk runs, and chunks
+that score nothing (the context part of a window) compute the logits of one position only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qwen2.engine.engine import context_limit
+from qwen2.errors import Qwen2Error
+from qwen2.model import KVCache, Transformer
+
+
+def windows(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored token) of each window over n_tokens; it scores [first, end)."""
+    if not 1 <= stride <= ctx:
+        raise ValueError(f"stride must be in [1, ctx={ctx}], got {stride}")
+    spans, scored_to = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + ctx, n_tokens)
+        spans.append((begin, end, max(scored_to, begin + 1)))  # a window's first token has no context
+        scored_to = end
+        if end == n_tokens:
+            break
+    return spans
+
+
+@torch.inference_mode()
+def perplexity(llm_or_model, token_ids: list[int] | torch.Tensor, ctx: int, stride: int | None = None,
+               chunk: int = 512) -> float:
+    """Perplexity of `token_ids` under windows of `ctx` tokens advancing by `stride` (default ctx//2).
+
+    `llm_or_model`: an LLM (from qwen2.load) or a Transformer; its rope scaling / DCA apply.
+    """
+    model = llm_or_model if isinstance(llm_or_model, Transformer) else llm_or_model.model
+    limit = context_limit(model.config)
+    if ctx > limit:
+        raise Qwen2Error(f"ctx {ctx} exceeds the model's context limit {limit} with its rope scaling; "
+                         "extend it with --rope-scaling yarn:F or --dca CHUNK")
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    weight = model.model.embed_tokens.weight
+    cache = KVCache(model.config, 1, min(ctx, len(ids)), dtype=weight.dtype, device=weight.device)
+    slot = torch.zeros(1, dtype=torch.long, device=weight.device)
+    nll, count = 0.0, 0
+    for begin, end, first in windows(len(ids), ctx, stride or max(1, ctx // 2)):
+        window = ids[begin:end].to(weight.device)
+        # logits at window index r predict token r + 1: the scored rows are [first - 1, end - 1) - begin
+        lo, hi = first - 1 - begin, end - 1 - begin
+        for a in range(0, len(window), chunk):
+            b = min(a + chunk, len(window))
+            tokens = window[None, a:b]
+            positions = torch.arange(a, b, device=weight.device)[None]
+            r0, r1 = max(a, lo), min(b, hi)
+            if r0 >= r1:  # context only: fill the cache, skip the (chunk x vocab) logits
+                last = torch.tensor([b - a - 1], device=weight.device)
+                model(tokens, positions, cache=cache, slots=slot, logits_index=last)
+                continue
+            rows = model(tokens, positions, cache=cache, slots=slot)[0, r0 - a: r1 - a].float()  # (n, V)
+            targets = window[r0 + 1: r1 + 1]
+            nll += (torch.logsumexp(rows, -1) - rows.gather(-1, targets[:, None])[:, 0]).sum().item()
+            count += r1 - r0
+    if count == 0:
+        raise Qwen2Error("nothing to score: give at least two tokens")
+    return math.exp(nll / count)

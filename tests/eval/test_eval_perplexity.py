@@ -1,0 +1,62 @@
+"""Strided perplexity through the chunked KV-cache forward equals the Hugging Face guide's loop
+(one full forward per window, cross-entropy over the tokens the window scores)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen2.errors import Qwen2Error
+from qwen2.eval.perplexity import perplexity, windows
+
+
+def guide_perplexity(model, ids: torch.Tensor, ctx: int, stride: int) -> float:
+    """The loop of the HF perplexity guide, with an exact count of the scored tokens."""
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + ctx, len(ids))
+        window = ids[begin:end]
+        labels = window.clone()
+        labels[: len(window) - (end - prev_end)] = -100  # scored by an earlier window: context only
+        with torch.no_grad():
+            logits = model(window[None])[0]
+        nll += F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum").item()
+        count += int((labels[1:] != -100).sum())
+        prev_end = end
+        if end == len(ids):
+            break
+    return math.exp(nll / count)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 151936, (450,), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("ctx, stride, chunk", [
+    (64, 32, 512),    # one chunk per window
+    (64, 64, 512),    # non-overlapping windows
+    (100, 30, 16),    # windows of several chunks, scored part starting mid-chunk
+    (300, None, 64),  # default stride ctx // 2
+    (500, 250, 128),  # ctx longer than the text: one window
+])  # fmt: skip
+def test_equals_full_forward_per_window(tiny_model, ids, ctx, stride, chunk):
+    got = perplexity(tiny_model, ids.tolist(), ctx, stride, chunk=chunk)
+    assert got == pytest.approx(guide_perplexity(tiny_model, ids, ctx, stride or ctx // 2), rel=1e-5)
+
+
+@pytest.mark.parametrize("n, ctx, stride", [(10, 4, 2), (10, 4, 1), (9, 3, 3), (5, 8, 4), (17, 6, 5)])
+def test_windows_score_each_token_once(n, ctx, stride):
+    scored = [t for begin, end, first in windows(n, ctx, stride) for t in range(first, end)]
+    # every token but the first, except (without overlap) each window's first token
+    expected = [t for t in range(1, n) if stride < ctx or t % ctx]
+    assert scored == expected
+    assert all(end - begin <= ctx for begin, end, _ in windows(n, ctx, stride))
+
+
+def test_rejects_ctx_beyond_the_context_limit(tiny_model, ids):
+    with pytest.raises(Qwen2Error, match="limit 512"):
+        perplexity(tiny_model, ids.tolist(), 1024)
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(tiny_model, ids.tolist(), 64, stride=65)

@@ -1,0 +1,61 @@
+"""`qwen2 bench`: the report's shape on a real quick run, and the row-picking and roofline arithmetic."""
+
+import json
+import os
+import subprocess
+import sys
+
+from qwen2.bench import METRICS, pick, roofline
+
+
+def test_quick_bench_writes_the_report_and_names_a_missing_peer(default_gguf, tmp_path):
+    out = tmp_path / "bench.json"
+    # QWEN2_BENCH_HIDE puts None in the children's sys.modules for llama_cpp, so `import llama_cpp`
+    # raises ImportError exactly as when the package is not installed: the real missing-peer path
+    # runs whether or not llama-cpp-python is in this venv, and no engine is faked.
+    env = os.environ | {"QWEN2_BENCH_HIDE": "llama_cpp"}
+    cmd = [sys.executable, "-m", "qwen2.bench", "--quick", "--peers", "qwen2,llama.cpp",
+           "--model", str(default_gguf), "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    report = json.loads(out.read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == report  # stdout ends with the same JSON line
+    assert set(report) == {"machine", "results"}
+    assert set(report["results"]) == {"qwen2", "llama.cpp", "transformers"}
+    assert report["machine"]["bandwidth_gbs"] > 0 and report["machine"]["threads"] >= 1
+
+    ours = report["results"]["qwen2"]
+    for key in ("load_s", "prefill_tps", "decode_tps", "decode_tps_c4", "peak_rss_mb"):
+        assert ours[key] > 0, key
+    assert ours["decode_tps_c16"] is None  # --quick runs c4 only
+    assert 0 < ours["roofline"]["roofline_frac"]
+
+    llama = report["results"]["llama.cpp"]
+    assert "llama_cpp" in llama["missing"]
+    assert all(llama[k] is None for k in METRICS)
+    assert "not requested" in report["results"]["transformers"]["missing"]
+
+
+def row(decode: float) -> dict:
+    return {"load_s": 1.0, "prefill_tps": 100.0, "decode_tps": decode, "decode_tps_c4": 2 * decode,
+            "decode_tps_c16": None, "peak_rss_mb": 500.0}
+
+
+def test_pick_takes_a_peers_faster_decode_and_ours_as_loaded():
+    peer = pick("llama.cpp", {"fa off": row(10.0), "fa on": row(12.0)})
+    assert peer["variant"] == "fa on" and peer["decode_tps"] == 12.0
+    assert peer["variants"]["fa off"]["decode_tps"] == 10.0
+    # ours is judged by the first row (quant=auto) even when an explicit mode is faster
+    ours = pick("qwen2", {"auto": row(5.0), "int4": row(9.0)})
+    assert ours["variant"] == "auto" and ours["decode_tps"] == 5.0
+    failed = pick("transformers", {"fp32": {"missing": "failed (signal 11): boom"}})
+    assert "boom" in failed["missing"] and all(failed[k] is None for k in METRICS)
+
+
+def test_roofline_is_bandwidth_over_bytes_per_token():
+    r = row(5.0) | {"weight_bytes": 900_000_000, "kv_bytes_per_pos": 1000}
+    roof = roofline(r, bandwidth_gbs=10.0, context=100_000)  # 0.9 GB of weights + 0.1 GB of KV
+    assert roof["bytes_per_token"] == 1_000_000_000
+    assert roof["roofline_tps"] == 10.0 and roof["roofline_frac"] == 0.5 and roof["achieved_gbs"] == 5.0
+    assert roofline({"missing": "x"}, 10.0, 100) == {}
