@@ -122,14 +122,13 @@ def cmd_niah(args: argparse.Namespace) -> None:
 
     if args.needles < 1 or args.answer_tokens < 1:
         raise Qwen2Error("--needles and --answer-tokens must be at least 1")
-    need = max(args.lengths) + args.answer_tokens
-    llm = _load(args, max_seq_len=need)
+    llm = _load(args, max_seq_len=max(args.lengths) + args.answer_tokens)
     limit = context_limit(llm.config)
-    if need > limit:  # fail before the shorter cells run; the engine would refuse the long prompt later
-        raise Qwen2Error(f"--lengths up to {max(args.lengths)} plus {args.answer_tokens} answer tokens need a "
-                         f"context of {need}, but the model's limit is {limit} with its rope scaling; "
-                         "extend it with --rope-scaling yarn:F or --dca CHUNK")
-    settings = dict(model=str(args.model or "default"), dtype=str(llm.model.model.embed_tokens.weight.dtype),
+    if max(args.lengths) > limit:  # fail before the shorter cells run; the engine would refuse the long prompt later
+        raise Qwen2Error(f"--lengths up to {max(args.lengths)} exceed the model's context limit {limit} with its "
+                         "rope scaling; extend it with --rope-scaling yarn:F or --dca CHUNK")
+    settings = dict(model=str(args.model or "default"),
+                    dtype=str(llm.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
                     rope_scaling=args.rope_scaling, dca=args.dca, answer_tokens=args.answer_tokens)
     start = time.perf_counter()
     cells = run_grid(llm, args.lengths, args.depths, args.needles, args.out, settings, max_tokens=args.answer_tokens)
