@@ -7,7 +7,7 @@ they do in a real decode step, at most 512 copies); methods are interleaved roun
 noisy neighbour hits all of them alike, and the median round is reported. Then a whole 24-layer
 0.5B decode step (M = 1, all projections + lm_head, using qwen2.quant's modules) is timed.
 
-    .venv/bin/python bench/quant_kernels.py [--rows 1 4 16 64 512] [--rounds 7] [--compile]
+    .venv/bin/python bench/quant_kernels.py [--rows 1 4 16 64 128 512] [--rounds 7] [--compile]
         [--threads 1 --cpu-clock]   # on a busy machine: single-thread CPU time, unaffected by neighbours
 
 Ends with one JSON line. Not covered: attention, norms, the KV cache; numbers are for this CPU.
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qwen2 import quant
 from qwen2.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 SHAPES = {  # name: (out_features N, in_features K)
@@ -77,10 +78,22 @@ def _ao_dynamic(engine: str) -> Callable[[Tensor, int], nn.Module]:
     return prepare
 
 
-def _int4_module(w: Tensor, rows: int) -> Int4Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-    lin.weight.data = w
-    return Int4Linear(lin, 128)
+def _module(cls: type[nn.Module]) -> Callable[[Tensor, int], nn.Module]:
+    def prepare(w: Tensor, rows: int) -> nn.Module:
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        lin.weight.data = w
+        return cls(lin)
+    return prepare
+
+
+def _dequant_path(x: Tensor, layer: nn.Module) -> Tensor:
+    """The layer with its kernel row limit forced to 0: dequantize row blocks + F.linear."""
+    saved = quant.INT8_KERNEL_MAX_ROWS, quant.INT4_KERNEL_MAX_ROWS
+    quant.INT8_KERNEL_MAX_ROWS = quant.INT4_KERNEL_MAX_ROWS = -1
+    try:
+        return layer(x)
+    finally:
+        quant.INT8_KERNEL_MAX_ROWS, quant.INT4_KERNEL_MAX_ROWS = saved
 
 
 def _dyn_quant_4bit(w: Tensor, rows: int) -> tuple:
@@ -102,8 +115,7 @@ def methods(with_compile: bool) -> list[Method]:
                lambda x, s: torch._weight_int8pack_mm(x, s[0], s[1])),
         Method("int8 _weight_int8pack_mm fp32", torch.float32, lambda w, r: quantize_int8(w, torch.float32),
                lambda x, s: torch._weight_int8pack_mm(x, s[0], s[1]), max_rows=4),
-        Method("int8 dequant+bf16 F.linear", bf16, lambda w, r: quantize_int8(w, bf16),
-               lambda x, s: F.linear(x, s[0].to(bf16)) * s[1]),
+        Method("int8 Int8Linear dequant path (bf16)", bf16, _module(Int8Linear), _dequant_path, copy=copy.deepcopy),
         Method("int8 ao dynamic onednn (A8 fp32)", torch.float32, _ao_dynamic("onednn"), lambda x, m: m(x),
                copy=copy.deepcopy),
         Method("int8 ao dynamic fbgemm (A8 fp32)", torch.float32, _ao_dynamic("fbgemm"), lambda x, m: m(x),
@@ -118,8 +130,8 @@ def methods(with_compile: bool) -> list[Method]:
         Method("int4 _weight_int4pack_mm_for_cpu fp32 g128", torch.float32,
                lambda w, r: _int4_state(w, 128, torch.float32),
                lambda x, s: torch._weight_int4pack_mm_for_cpu(x, s[0], 128, s[1]), max_rows=4),
-        Method("int4 dequant+bf16 F.linear g128", bf16, _int4_module,
-               lambda x, m: F.linear(x, m.dequantize(bf16)), copy=copy.deepcopy),
+        Method("int4 Int4Linear dequant path (bf16) g128", bf16, _module(Int4Linear), _dequant_path,
+               copy=copy.deepcopy),
         Method("int4 _dyn_quant_matmul_4bit fp32 g32", torch.float32, _dyn_quant_4bit,
                lambda x, s: torch.ops.aten._dyn_quant_matmul_4bit(x, s[0], 32, x.shape[1], s[1]),
                max_rows=16),
@@ -227,7 +239,7 @@ def decode_step(rounds: int) -> dict[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64, 512])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64, 128, 512])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--compile", action="store_true", help="also torch.compile'd GEMVs (slow to build)")

@@ -2,7 +2,7 @@
 
 `quantize_model(model, "int8" | "int4")` swaps every `nn.Linear` (lm_head included; embeddings are
 `nn.Embedding` and stay float) for `Int8Linear` or `Int4Linear`, keeping the bias in float. Quantize
-after the float weights are loaded and the model sits on its final device.
+after the float weights are loaded.
 
 - int8: per-output-channel symmetric, w ~= q * scale, q in [-127, 127].
   CPU kernel: `torch._weight_int8pack_mm` (needs in_features % 16 == 0 and 32-byte aligned input).
@@ -12,9 +12,10 @@ after the float weights are loaded and the model sits on its final device.
 
 Both CPU kernels are vectorized (AVX2/AVX512) for bf16 activations only; their fp32 paths are
 scalar and 10-100x slower, so the layers run them in bf16 and cast back: they take and return the
-model's compute dtype. They are GEMV-style kernels, right for decode but 3x slower than a oneDNN
-GEMM at prefill, so above a few rows the layers dequantize the weight and call F.linear instead
-(thresholds from bench/quant_kernels.py on a 2-core AVX512-BF16 EPYC).
+model's compute dtype. They are GEMV-style kernels, right for decode but 2-3x slower than a oneDNN
+GEMM at prefill, so above INT8/INT4_KERNEL_MAX_ROWS rows (batch * tokens) the layers dequantize the
+weight, a block of rows at a time, and call F.linear in the model's dtype (crossovers measured with
+bench/quant_kernels.py on a 2-core AVX512-BF16 EPYC: ~12 rows for int8, ~90 for int4).
 
 Not covered: CUDA/MPS kernels (off CPU the layers always dequantize: correct, not fast); activation
 quantization; saving/loading quantized checkpoints (the int4 layout depends on the CPU's vector
@@ -38,9 +39,10 @@ MODES = ("none", "int8", "int4")
 KERNEL_DTYPE = torch.bfloat16  # the only activation dtype both CPU kernels vectorize on x86
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 # Rows (batch * tokens) up to which the CPU kernels beat dequantize + F.linear (bench/quant_kernels.py).
-INT8_KERNEL_MAX_ROWS = 16
-INT4_KERNEL_MAX_ROWS = 16
+INT8_KERNEL_MAX_ROWS = 8
+INT4_KERNEL_MAX_ROWS = 64
 _PACK_ROWS = 4096  # quantize in row chunks to bound fp32/int32 temporaries (int4 packs 64-row blocks)
+_DEQUANT_ELEMS = 1 << 20  # dequantize ~1M weights at a time, so the float tile is still in cache for the GEMM
 
 
 def quantize_int8(w: Tensor, dtype: torch.dtype = KERNEL_DTYPE) -> tuple[Tensor, Tensor]:
@@ -112,6 +114,24 @@ def int4_layout() -> tuple[int, bool] | None:
     return None
 
 
+def _chunked_linear(n: int, k: int, part: Callable[[int, int], Tensor]) -> Tensor:
+    """Concatenate `part(start, stop)` (the outputs of weight rows start:stop) over row blocks."""
+    step = max(64, _DEQUANT_ELEMS // k // 64 * 64)  # a multiple of 64 keeps int4 packing blocks whole
+    if step >= n:
+        return part(0, n)
+    return torch.cat([part(i, min(i + step, n)) for i in range(0, n, step)], dim=-1)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Skips the dispatcher when t already has dtype: eager decode makes ~170 layer calls a token.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _finish(y: Tensor, shape: torch.Size, dtype: torch.dtype, bias: Tensor | None) -> Tensor:
+    y = _as(y, dtype).view(*shape[:-1], y.shape[-1])
+    return y if bias is None else y + _as(bias, dtype)
+
+
 def _float_bias(linear: nn.Linear) -> nn.Parameter | None:
     if linear.bias is None:
         return None
@@ -127,25 +147,24 @@ class Int8Linear(nn.Module):
         parts = [quantize_int8(rows) for rows in torch.split(linear.weight.detach(), _PACK_ROWS)]
         q, scale = torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
         self.register_buffer("weight", q)
-        self.register_buffer("scales", scale)  # bf16: the kernel wants scales in x's dtype (a later
-        # model.to(dtype) casts float buffers; forward casts back, a no-op normally)
+        self.register_buffer("scales", scale)  # bf16, as the kernel wants scales in x's dtype
         self.bias = _float_bias(linear)
         self.kernel_ok = self.in_features % 16 == 0  # the AVX kernels step K by 16 with no tail loop
 
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)
-        if self.weight.is_cpu and self.kernel_ok and x.shape[0] <= INT8_KERNEL_MAX_ROWS:
-            x = x.to(KERNEL_DTYPE)
+        if x.shape[0] <= INT8_KERNEL_MAX_ROWS and self.kernel_ok and self.weight.is_cpu:
+            x = _as(x, KERNEL_DTYPE)
             # The kernel does aligned 32-byte loads of x's rows: a misaligned view would segfault.
             # (Not checked under torch.compile, which can't read pointers; its buffers are fresh.)
             if not torch.compiler.is_compiling() and x.data_ptr() % 32:
                 x = x.clone()
-            y = torch._weight_int8pack_mm(x, self.weight, self.scales.to(KERNEL_DTYPE)).to(dtype)
+            y = torch._weight_int8pack_mm(x, self.weight, _as(self.scales, KERNEL_DTYPE))
         else:
-            y = F.linear(x, self.weight.to(dtype)) * self.scales.to(dtype)
-        y = y.reshape(*shape[:-1], self.out_features)
-        return y + self.bias.to(dtype) if self.bias is not None else y
+            y = _chunked_linear(self.out_features, self.in_features, lambda a, b: (
+                F.linear(x, self.weight[a:b].to(dtype)) * self.scales[a:b].to(dtype)))
+        return _finish(y, shape, dtype, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
@@ -176,11 +195,15 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.cat(sz).transpose(0, 1).contiguous().to(w.device))
         self.bias = _float_bias(linear)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight [N, K] as `dtype` (a transposed view of a [K, N] tensor; F.linear takes it as is)."""
-        n, k, gs = self.out_features, self.in_features, self.group_size
-        q = unpack_int4(self.weight, n, *int4_layout()).to(dtype)  # (K, N)
-        scale, zero = self.scales_and_zeros.to(dtype).unbind(-1)  # (G, N) each
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
+        """Weight rows start:stop (a multiple of 64 or the end) as `dtype`, shape [rows, K].
+
+        A transposed view of a [K, rows] tensor, which F.linear takes as is.
+        """
+        stop = self.out_features if stop is None else stop
+        n, k, gs = stop - start, self.in_features, self.group_size
+        q = unpack_int4(self.weight[start:stop], n, *int4_layout()).to(dtype)  # (K, n)
+        scale, zero = self.scales_and_zeros[:, start:stop].to(dtype).unbind(-1)  # (G, n) each
         scale = scale.contiguous()  # strided operands knock addcmul off its vectorized path (8x)
         # w = q * scale + (zero - 8 * scale)
         w = torch.addcmul((zero - 8 * scale)[:, None], q.view(k // gs, gs, n), scale[:, None])  # (G, gs, N)
@@ -191,12 +214,11 @@ class Int4Linear(nn.Module):
         x = x.reshape(-1, self.in_features)
         if self.weight.is_cpu and (x.shape[0] <= INT4_KERNEL_MAX_ROWS or int4_layout() is None):
             y = torch._weight_int4pack_mm_for_cpu(
-                x.to(KERNEL_DTYPE), self.weight, self.group_size, self.scales_and_zeros.to(KERNEL_DTYPE)
-            ).to(dtype)
+                _as(x, KERNEL_DTYPE), self.weight, self.group_size, _as(self.scales_and_zeros, KERNEL_DTYPE))
         else:
-            y = F.linear(x, self.dequantize(dtype))
-        y = y.reshape(*shape[:-1], self.out_features)
-        return y + self.bias.to(dtype) if self.bias is not None else y
+            y = _chunked_linear(self.out_features, self.in_features, lambda a, b: (
+                F.linear(x, self.dequantize(dtype, a, b))))
+        return _finish(y, shape, dtype, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "

@@ -145,3 +145,18 @@ def test_tied_embedding_survives_lm_head_quantization():
 def test_default_dtype():
     assert default_dtype("cpu") == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
     assert isinstance(cpu_has_native_bf16(), bool)
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_dequantize_path_matches_kernel(cls, monkeypatch):
+    """Above the kernels' row limit the layers dequantize in row blocks; both paths must agree."""
+    monkeypatch.setattr(quant, "_DEQUANT_ELEMS", 64 * 128)  # 64-row blocks: 4 of them, the last partial
+    lin = make_linear(128, 208)
+    layer = cls(lin)
+    x = torch.randn(80, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(quant, "INT8_KERNEL_MAX_ROWS", 10**6)
+    monkeypatch.setattr(quant, "INT4_KERNEL_MAX_ROWS", 10**6)
+    kernel = layer(x)
+    monkeypatch.setattr(quant, "INT8_KERNEL_MAX_ROWS", 0)
+    monkeypatch.setattr(quant, "INT4_KERNEL_MAX_ROWS", 0)
+    assert rel_err(layer(x), kernel) < 0.01
