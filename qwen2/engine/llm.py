@@ -86,13 +86,13 @@ def with_long_context(config: Qwen2Config, rope_scaling: str | None, dca: str | 
 
 
 def resolve_quant(quant: str, device: torch.device) -> str:
-    """auto: int8 weights on CPU, where decode is bound by the bytes each token reads and the int8
-    kernel keeps logits close to float; none on CUDA (bf16 kernels are fast there)."""
+    """auto: float weights (bf16 where the CPU has native bf16). Measured in the engine on a
+    2-core AVX512-BF16 EPYC (bench/RESULTS.md), torch's int8/int4 CPU kernels were not faster
+    than oneDNN's bf16 matmul end to end, and int4 re-quantization of a Q4 GGUF costs too much
+    accuracy; so quantization is opt-in until it wins."""
     if quant not in QUANT_MODES:
         raise Qwen2Error(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_MODES)}")
-    if quant == "auto":
-        return "int8" if device.type == "cpu" else "none"
-    return quant
+    return "none" if quant == "auto" else quant
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
