@@ -10,9 +10,14 @@ greedy decode tokens/s (128 tokens after the first, median of 3), and aggregate 
 16 concurrent requests. The parent measures memory read bandwidth and turns each engine's bytes
 read per decoded token into a decode roofline.
 
-Rows: ours for `quant="auto"` and each explicit mode; llama.cpp with flash attention off and on;
-transformers in float32 and bfloat16. Each JSON result is the row the peer would be judged by
-(ours: auto; peers: their faster decode), the other rows under its "variants".
+Rows: ours for `quant="auto"` and each explicit mode (bar the one auto resolved to); llama.cpp with
+flash attention off and on; transformers in float32 and bfloat16. Each JSON result is the row the
+peer is judged by (ours: auto; a peer: its faster decode), the other rows under its "variants".
+
+Numbers only compare on a quiet machine: each row records how many cores other processes used
+meanwhile ("other"), and torch's thread pool slows down many times over when it shares cores.
+Peers: `pip install 'qwen2[bench]'`; on CPUs with AMX, build llama-cpp-python with AMX off (its AMX
+matmul crashes; CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF").
 
 Not covered: GPUs (the peers' CPU paths only), sampling other than greedy, long contexts, prefix
 caching, speculative decoding, torch.compile. A peer that is not installed or fails is reported as
@@ -95,6 +100,18 @@ def memory_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> fl
         x.sum()
         best = min(best, time.perf_counter() - start)
     return x.numel() * 4 / best / 1e9
+
+
+def cpu_busy_seconds() -> float:
+    """CPU-seconds the whole machine has spent busy since boot (all processes, all cores)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def children_cpu_seconds() -> float:
+    """CPU-seconds this process's finished children have used."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- the workload --------------------------------------------------------------------------
@@ -370,12 +387,17 @@ def run_row(spec: dict, threads: int, timeout: float) -> dict:
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         env = os.environ | {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, "-m", "qwen2.bench", "--child", str(Path(tmp) / "spec.json")]
+        # Other processes' CPU use during the row: the machine's busy time minus the child's own.
+        # On a shared machine it explains a slow row (torch's thread pool suffers most from it).
+        busy, own, wall = cpu_busy_seconds(), children_cpu_seconds(), time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"missing": f"failed: ran past {timeout:.0f} s"}
+        others = (cpu_busy_seconds() - busy) - (children_cpu_seconds() - own)
         if proc.returncode == 0 and Path(spec["result"]).exists():
-            return json.loads(Path(spec["result"]).read_text())
+            result = json.loads(Path(spec["result"]).read_text())
+            return result | {"other_cpu_cores": round(max(others, 0.0) / (time.perf_counter() - wall), 2)}
         said = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
         return {"missing": f"failed ({how}): {said}"}
@@ -423,10 +445,10 @@ def print_report(machine: dict, rows: dict[str, dict[str, dict]], results: dict[
           f"tokens at batch 1 (median of {m['runs']}); c4/c16: {m['concurrent_new_tokens']} tokens each for "
           f"prompts of {m['short_prompt_tokens']} tokens, all tokens / wall time incl. prefill")
     print(f"roofline: bandwidth / (weights read per token + KV at {m['roofline_context']:.0f} positions);"
-          " GB/s: decode tok/s x those bytes\n")
-    print(f"{'':<34}{'':>7}{'tok/s':>9}{'tok/s':>8}{'tok/s':>8}{'tok/s':>8}{'':>8}{'tok/s':>7}")
+          " GB/s: decode tok/s x those bytes; other: cores other processes used during the row\n")
+    print(f"{'':<34}{'':>7}{'tok/s':>9}{'tok/s':>8}{'tok/s':>8}{'tok/s':>8}{'':>8}{'tok/s':>7}{'':>13}{'cores':>6}")
     head = (f"{'engine':<34}{'load s':>7}{'prefill':>9}{'decode':>8}{'c4':>8}{'c16':>8}{'RSS MB':>8}"
-            f"{'roof':>7}{'% roof':>7}{'GB/s':>6}  format")
+            f"{'roof':>7}{'% roof':>7}{'GB/s':>6}{'other':>6}  format")
     print(head + "\n" + "-" * len(head))
     for variants in rows.values():
         for name, r in variants.items():
@@ -437,7 +459,11 @@ def print_report(machine: dict, rows: dict[str, dict[str, dict]], results: dict[
             print(f"{name:<34}{fmt(r['load_s'], 2):>7}{fmt(r['prefill_tps']):>9}{fmt(r['decode_tps']):>8}"
                   f"{fmt(r.get('decode_tps_c4')):>8}{fmt(r.get('decode_tps_c16')):>8}{fmt(r['peak_rss_mb'], 0):>8}"
                   f"{fmt(roof.get('roofline_tps')):>7}{fmt(100 * roof['roofline_frac'] if roof else None, 0):>7}"
-                  f"{fmt(roof.get('achieved_gbs')):>6}  {r.get('format', '')}")
+                  f"{fmt(roof.get('achieved_gbs')):>6}{fmt(r.get('other_cpu_cores'), 2):>6}  {r.get('format', '')}")
+    busiest = max((r.get("other_cpu_cores") or 0 for v in rows.values() for r in v.values()), default=0)
+    if busiest > 0.2:
+        print(f"WARNING: other processes kept up to {busiest:.2f} cores busy during a run (column 'other'); "
+              "engines that ran at different times are not comparable: rerun on a quiet machine")
     # ours / peer on every throughput metric, against the row each peer is judged by
     ours = results["qwen2"]
     print(f"\n{'qwen2 / peer (> 1: ours faster)':<34}{'prefill':>16}{'decode':>8}{'c4':>8}{'c16':>8}  peer row")
@@ -504,8 +530,9 @@ def run(args: argparse.Namespace) -> dict:
         "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "platform": platform.platform(),
         "torch": torch.__version__, "llama_cpp_python": package_version("llama_cpp_python"),
         "transformers": package_version("transformers"), "native_bf16": cpu_has_native_bf16(),
-        "bandwidth_gbs": round(memory_bandwidth_gbs(args.threads, gib, repeats), 2),
-        "bandwidth_method": f"torch sum of {gib} GiB float32, {args.threads} threads, best of {repeats}",
+        "bandwidth_gbs": None,  # the best of the samples, filled in below
+        "bandwidth_method": f"torch sum of {gib} GiB float32, {args.threads} threads, best of {repeats}, "
+                            "before every engine; the best sample counts",
         "model": str(model), "prompt_tokens": len(workload["prompt"]), "prompt_source": workload["prompt_source"],
         "new_tokens": new_tokens, "runs": runs, "concurrency": concurrency, "concurrent_new_tokens": conc_new_tokens,
         "short_prompt_tokens": f"{short_lens[0]}-{short_lens[-1]}" if short_lens else None,
@@ -516,6 +543,8 @@ def run(args: argparse.Namespace) -> dict:
     # `kill` of this process ends the running child too: SystemExit unwinds subprocess.run, which kills it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     rows: dict[str, dict[str, dict]] = {}
+    # Sampled before every row: a busy neighbour lowers a sample, and the ceiling is the best one.
+    samples = [memory_bandwidth_gbs(args.threads, gib, repeats)]
     for peer in peers:
         rows[peer] = {}
         for variant in VARIANTS[peer][:1] if args.quick else VARIANTS[peer]:
@@ -524,14 +553,17 @@ def run(args: argparse.Namespace) -> dict:
             if "quant" in variant and variant["quant"] == auto.get("quant"):
                 continue  # the explicit mode auto resolved to: the auto row already shows it
             print(f"running {name} ...", file=sys.stderr, flush=True)
+            samples.append(memory_bandwidth_gbs(args.threads, gib, repeats))
             start = time.perf_counter()
             r = rows[peer][name] = run_row(base | {"peer": peer, "variant": variant}, args.threads, args.timeout)
             print(f"  {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-            if "missing" not in r:
-                r["roofline"] = roofline(r, machine["bandwidth_gbs"], machine["roofline_context"])
             if "system_info" in r:  # llama.cpp's compiled-in CPU features
                 machine["llama_cpp_build"] = "AMX on" if "AMX" in r["system_info"] else "AMX off"
                 machine["llama_cpp_system_info"] = r["system_info"]
+    machine["bandwidth_gbs"] = round(max(samples), 2)
+    machine["bandwidth_samples_gbs"] = [round(x, 1) for x in samples]
+    for r in (r for variants in rows.values() for r in variants.values() if "missing" not in r):
+        r["roofline"] = roofline(r, machine["bandwidth_gbs"], machine["roofline_context"])
     not_run = dict.fromkeys(METRICS) | {"missing": "not requested (--peers)"}
     results = {peer: pick(peer, rows[peer]) if peer in rows else not_run for peer in PEERS}
     print_report(machine, rows, results)

@@ -29,7 +29,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--ctx", type=int, default=8192, help="context length to reserve KV cache for")
     p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="weight-only quantization (auto: none, see qwen2.engine.llm.resolve_quant)")
+                   help="weight-only quantization (auto: int8 on CPU, none on CUDA)")
     p.add_argument("--rope-scaling", help="e.g. yarn:4 (static YaRN: extends the context but changes outputs "
                    "on short prompts too, so it is off unless asked for)")
     p.add_argument("--dca", help="dual chunk attention CHUNK[:LOCAL], e.g. 32768:4096")

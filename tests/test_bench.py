@@ -30,6 +30,7 @@ def test_quick_bench_writes_the_report_and_names_a_missing_peer(default_gguf, tm
         assert ours[key] > 0, key
     assert ours["decode_tps_c16"] is None  # --quick runs c4 only
     assert 0 < ours["roofline"]["roofline_frac"]
+    assert ours["other_cpu_cores"] >= 0  # how busy the rest of the machine was meanwhile
 
     llama = report["results"]["llama.cpp"]
     assert "llama_cpp" in llama["missing"]

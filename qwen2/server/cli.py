@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(repeatable; '*' for any)")
     p.add_argument("--max-body", type=int, default=8 * 2**20, help="largest request body in bytes")
     p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="weight-only quantization (auto: none, see qwen2.engine.llm.resolve_quant)")
+                   help="weight-only quantization (auto: int8 on CPU, none on CUDA)")
 
 
 def model_name(spec: str | None) -> str:
