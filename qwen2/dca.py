@@ -10,12 +10,16 @@ each key with one of three rotations, chosen by how many chunks separate them:
 * inter (any earlier chunk): the constant min(2 * chunk_len - 1, chunk_size).
 
 No distance exceeds chunk_size, the length the model was trained on. Each key belongs to
-exactly one part, so the paper's and vLLM's three partial attentions merged by their
-log-sum-exp equal one softmax over the union of the parts' scores. That is what we compute,
-one block of queries at a time (at most chunk_len queries, fewer if the scores would pass
-MAX_SCORE_ELEMENTS): torch's SDPA does not return the log-sum-exp, and with the scores at
-hand one softmax is the simpler, identical merge. When every position is below chunk_len only
-the intra part exists and it is ordinary causal attention, so that case goes to SDPA (flash).
+exactly one part, so the three partial attentions merged by their log-sum-exp equal one
+softmax over the union of the parts' scores.
+
+Two ways to compute it. When keys sit at index == position (a KV cache slot, a prompt) and
+each row's query positions increase, the queries of one chunk see a contiguous key range per
+part: intra (causal mask), the previous chunk and everything before it (no mask). Those go to
+the flash-attention kernel, which also returns the log-sum-exp, and are merged: O(keys) memory
+and flash speed, what makes a 64K prompt practical on a CPU. Otherwise (keys in any order)
+one softmax over explicit scores, a block of queries at a time (MAX_SCORE_ELEMENTS). When every
+position is below chunk_len only the intra part exists: ordinary causal attention (SDPA).
 
 Length-dependent temperature (vLLM, when original_max_position_embeddings > 0): logits are
 multiplied by f^2, f = max(1, 0.1 ln(seq_len / original_max_position_embeddings) + 1), seq_len
@@ -112,7 +116,67 @@ def dca_attention(q_raw: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_posit
             q = q * (scale * q_raw.shape[-1] ** 0.5).to(q.dtype)[:, None, None, None]
         mask = (k_positions[:, None, :] <= q_positions[:, :, None])[:, None]  # (B, 1, T, S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    few_rows = q_raw.shape[2] <= 16  # decode: explicit scores are small and beat three flash calls
+    increasing = bool((q_positions[:, 1:] > q_positions[:, :-1]).all())
+    if not few_rows and increasing and _keys_at_their_positions(k_positions):
+        return _dca_by_parts(q_raw, k, v, q_positions, inv_freq, attention_scaling, cfg, scale)
     return _dca_by_scores(q_raw, k, v, q_positions, k_positions, inv_freq, attention_scaling, cfg, scale)
+
+
+def _keys_at_their_positions(k_positions: torch.Tensor) -> bool:
+    expected = torch.arange(k_positions.shape[1], device=k_positions.device)
+    return bool((k_positions == expected).all())
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention (B, H, T, hd) and its log-sum-exp (B, H, T) float32; k, v have H heads too.
+
+    mask: additive (T, S) in q's dtype, or None. On CPU the flash kernel returns both; elsewhere
+    explicit scores (correct, not fast).
+    """
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
+
+
+def _dca_by_parts(q_raw: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
+                  inv_freq: torch.Tensor, attention_scaling: float, cfg: DCAConfig,
+                  scale: torch.Tensor) -> torch.Tensor:
+    B, H, T, hd = q_raw.shape
+    rep, L = H // k.shape[1], cfg.chunk_len
+    out = torch.empty(B, H, T, hd, dtype=q_raw.dtype, device=q_raw.device)
+    for b in range(B):
+        pos = q_positions[b]
+        chunk_of = pos // L
+        for c in torch.unique_consecutive(chunk_of).tolist():
+            cols = torch.nonzero(chunk_of == c).squeeze(1)
+            t0, t1 = int(cols[0]), int(cols[-1]) + 1
+            qp, q = pos[t0:t1], q_raw[b:b + 1, :, t0:t1]
+            start, end = c * L, int(qp[-1]) + 1
+            intra, succ, inter = dca_query_positions(qp, cfg)
+            parts = [(intra, start, end), (succ, max(start - L, 0), start), (inter, 0, max(start - L, 0))]
+            outs, lses = [], []
+            for rot, lo, hi in parts:
+                if hi <= lo:
+                    continue
+                qr = apply_rotary(q, *rotary_cos_sin(rot[None], inv_freq, attention_scaling, q.dtype))
+                kk = k[b:b + 1, :, lo:hi].repeat_interleave(rep, dim=1)
+                vv = v[b:b + 1, :, lo:hi].repeat_interleave(rep, dim=1)
+                mask = None
+                if lo == start:  # intra: causal inside the chunk
+                    hidden = torch.arange(lo, hi, device=pos.device)[None, :] > qp[:, None]
+                    mask = torch.zeros(hidden.shape, dtype=q.dtype, device=pos.device).masked_fill(hidden, -math.inf)
+                o, lse = attention_with_lse(qr, kk, vv, mask, float(scale[b]))
+                outs.append(o.float())
+                lses.append(lse)
+            weights = torch.softmax(torch.stack(lses), dim=0)[..., None]  # (parts, 1, H, t, 1)
+            out[b:b + 1, :, t0:t1] = (weights * torch.stack(outs)).sum(0).to(q_raw.dtype)
+    return out
 
 
 def _dca_by_scores(q_raw: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,

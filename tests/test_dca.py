@@ -141,3 +141,15 @@ def test_query_positions_and_config():
     for bad in [(16, 16), (16, 20), (16, -1)]:
         with pytest.raises(ConfigError, match="local_size"):
             DCAConfig(*bad)
+
+
+@pytest.mark.parametrize("T, offsets", [(40, [70, 55]), (17, [70, 25]), (70, [70, 70])])
+def test_flash_parts_equal_explicit_scores(T, offsets):
+    # keys at index == position take the three-flash-calls path; it must equal one softmax over scores
+    cfg = DCAConfig(chunk_size=16, local_size=4, original_max_position_embeddings=20)
+    q, k, v, q_pos, k_pos = make(2, T, 70, offsets=offsets)
+    scale = q.shape[-1] ** -0.5 * cfg.length_scale(q_pos.max(-1).values + 1) ** 2
+    cached_k = dca_key_rotation(k, k_pos, INV_FREQ, 1.0, cfg)
+    by_parts = dca._dca_by_parts(q, cached_k, v, q_pos, INV_FREQ, 1.0, cfg, scale)
+    by_scores = dca._dca_by_scores(q, cached_k, v, q_pos, k_pos, INV_FREQ, 1.0, cfg, scale)
+    torch.testing.assert_close(by_parts, by_scores, atol=1e-5, rtol=1e-5)
