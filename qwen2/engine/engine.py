@@ -4,8 +4,9 @@ Scheduling, one `step()` at a time:
 - Waiting requests take a free KV slot. A slot keeps the tokens of the last sequence that
   used it, so a new request takes the free slot sharing its longest prefix and skips that
   part of its prefill (prefix caching: a chat's second turn does not recompute the first).
-- At most one prefill chunk (`prefill_chunk` tokens) runs per step, so long prompts never
-  stall the requests that are already decoding.
+- At most `prefill_chunk` prompt tokens run per step, so long prompts never stall the
+  requests that are already decoding; short prompts that arrive together share that
+  forward as a padded batch.
 - Then every decoding request advances one token in a single batched forward; a greedy
   request decoding alone may instead check a drafted continuation (speculative decoding).
 Requests join and leave between steps (continuous batching).
@@ -167,15 +168,17 @@ class Engine:
     def step(self) -> list[Output]:
         self._admit()
         outputs = []
-        prefill = next((r for r in self.running.values() if not r.prefilled), None)
-        if prefill is not None:
-            chunk = prefill.prompt[prefill.computed: prefill.computed + self.prefill_chunk]
-            logits = self._forward([prefill], [chunk], [prefill.computed])
-            prefill.computed += len(chunk)
-            self.slot_tokens[prefill.slot] += chunk
-            if prefill.prefilled:
-                outputs.append(self._accept(prefill, logits[0]))
-        decoding = [r for r in self.running.values() if r.prefilled and r.output and r is not prefill]
+        prefills = self._prefill_batch()
+        if prefills:
+            chunks = [r.prompt[r.computed: r.computed + self.prefill_chunk] for r in prefills]
+            logits = self._forward(prefills, chunks, [r.computed for r in prefills])
+            for r, chunk, row in zip(prefills, chunks, logits):
+                r.computed += len(chunk)
+                self.slot_tokens[r.slot] += chunk
+                if r.prefilled:
+                    outputs.append(self._accept(r, row))
+        prefilling = {r.id for r in prefills}
+        decoding = [r for r in self.running.values() if r.prefilled and r.output and r.id not in prefilling]
         if len(decoding) == 1 and self.speculator is not None and decoding[0].params.greedy:
             outputs += self._speculate(decoding[0])
         elif decoding:
@@ -185,6 +188,24 @@ class Engine:
                 r.computed += 1
                 outputs.append(self._accept(r, row))
         return outputs
+
+    def _prefill_batch(self) -> list[Request]:
+        """The requests whose next prompt chunks go through one forward this step.
+
+        Short prompts arriving together share a forward (one weight read instead of one each);
+        the padded batch (rows x longest chunk) stays within prefill_chunk tokens, so running
+        decodes wait no longer than for one chunk.
+        """
+        batch, width = [], 0
+        for r in self.running.values():
+            if r.prefilled:
+                continue
+            n = min(len(r.prompt) - r.computed, self.prefill_chunk)
+            if batch and (len(batch) + 1) * max(width, n) > self.prefill_chunk:
+                break
+            batch.append(r)
+            width = max(width, n)
+        return batch
 
     def _speculate(self, r: Request) -> list[Output]:
         """One target forward over the last token and a drafted continuation; keep the agreeing prefix."""

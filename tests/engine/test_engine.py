@@ -159,3 +159,13 @@ def test_speculative_greedy_equals_plain_greedy(tiny_model, default_tokenizer, k
     assert request.drafted > 0
     if kind == "prompt-lookup":  # the repetition is found, so forwards were saved
         assert request.accepted > 0
+
+
+def test_short_prompts_prefill_together_and_match_alone(tiny_model, default_tokenizer):
+    engine = Engine(tiny_model, default_tokenizer, max_slots=4, max_seq_len=256, prefill_chunk=64)
+    params = dict(temperature=0, max_tokens=8, ignore_eos=True)
+    requests = [engine.submit(p, SamplingParams(**params)) for p in PROMPTS]
+    assert len(engine.step()) == len(PROMPTS)  # one forward prefilled them all: each has its first token
+    drain(engine)
+    for p, r in zip(PROMPTS, requests):
+        assert r.output == run_alone(tiny_model, default_tokenizer, p, **params)
