@@ -191,7 +191,11 @@ class _Body(nn.Module):
 
     def __init__(self, config: Qwen2Config):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        shape = (config.vocab_size, config.hidden_size)
+        if torch.empty(0).is_meta:  # loading: random init of a meta embedding imports torch._dynamo (1.5 s)
+            self.embed_tokens = nn.Embedding.from_pretrained(torch.empty(shape), freeze=False)
+        else:
+            self.embed_tokens = nn.Embedding(*shape)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -218,8 +222,9 @@ class Transformer(nn.Module):
     def set_rope(self, config: Qwen2Config) -> None:
         """(Re)derive rotary frequencies, e.g. after a rope_scaling or DCA override."""
         self.config = config
-        inv_freq, self.attention_scaling = rope_parameters(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        with torch.device("cpu"):  # never on meta: meta arithmetic imports torch._dynamo (1.5 s)
+            inv_freq, self.attention_scaling = rope_parameters(config)
+        self.register_buffer("inv_freq", inv_freq.to(self.model.embed_tokens.weight.device), persistent=False)
         self.dynamic_ntk = rope_type(config) == "dynamic"
         dca = config.dual_chunk_attention_config
         self.dca = DCAConfig.from_dict(dca) if dca else None
@@ -281,5 +286,4 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.set_rope(config)
-        model.inv_freq = model.inv_freq.to(device)
         return model.eval()

@@ -139,13 +139,22 @@ def _float_bias(linear: nn.Linear) -> nn.Parameter | None:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T + bias, with q int8 per output channel."""
+    """y = x @ (q * scale).T + bias, with q int8 per output channel.
 
-    def __init__(self, linear: nn.Linear):
+    `Int8Linear(linear)` quantizes a Linear; `Int8Linear(linear, empty=True)` only allocates
+    (uninitialised, on the Linear's device) for a saved state dict to be loaded into.
+    """
+
+    def __init__(self, linear: nn.Linear, empty: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        parts = [quantize_int8(rows) for rows in torch.split(linear.weight.detach(), _PACK_ROWS)]
-        q, scale = torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
+        if empty:
+            device = linear.weight.device
+            q = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device)
+            scale = torch.empty(self.out_features, dtype=KERNEL_DTYPE, device=device)
+        else:
+            parts = [quantize_int8(rows) for rows in torch.split(linear.weight.detach(), _PACK_ROWS)]
+            q, scale = torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
         self.register_buffer("weight", q)
         self.register_buffer("scales", scale)  # bf16, as the kernel wants scales in x's dtype
         self.bias = _float_bias(linear)
@@ -177,22 +186,28 @@ class Int4Linear(nn.Module):
     serves); `scales_and_zeros` is bf16 [K/gs, N, 2].
     """
 
-    def __init__(self, linear: nn.Linear, group_size: int = 128):
+    def __init__(self, linear: nn.Linear, group_size: int = 128, empty: bool = False):
         super().__init__()
         n, k = linear.out_features, linear.in_features
         if not int4_kernel_ok(n, k, group_size):
             raise ValueError(f"int4 needs out % 16 == 0 and in % group_size == 0, got {n}x{k}, gs={group_size}")
         w = linear.weight.detach()
-        if w.device.type != "cpu" and int4_layout() is None:
+        if w.device.type not in ("cpu", "meta") and int4_layout() is None:
             raise NotImplementedError("int4 off CPU needs the packed layout, which this torch build hides")
         self.in_features, self.out_features, self.group_size = k, n, group_size
-        packed, sz = [], []
-        for rows in torch.split(w, _PACK_ROWS):  # 4096 is a multiple of the 64-row packing block
-            q, scale, zero = quantize_int4(rows.cpu(), group_size)
-            packed.append(torch._convert_weight_to_int4pack_for_cpu(q, 1))  # innerKTiles: unused on CPU
-            sz.append(torch.stack([scale, zero], dim=-1))  # (rows, G, 2)
-        self.register_buffer("weight", torch.cat(packed).to(w.device))
-        self.register_buffer("scales_and_zeros", torch.cat(sz).transpose(0, 1).contiguous().to(w.device))
+        if empty:  # see Int8Linear
+            weight = torch.empty(n, k // 2, dtype=torch.uint8, device=w.device)
+            scales_and_zeros = torch.empty(k // group_size, n, 2, dtype=KERNEL_DTYPE, device=w.device)
+        else:
+            packed, sz = [], []
+            for rows in torch.split(w, _PACK_ROWS):  # 4096 is a multiple of the 64-row packing block
+                q, scale, zero = quantize_int4(rows.cpu(), group_size)
+                packed.append(torch._convert_weight_to_int4pack_for_cpu(q, 1))  # innerKTiles: unused on CPU
+                sz.append(torch.stack([scale, zero], dim=-1))  # (rows, G, 2)
+            weight = torch.cat(packed).to(w.device)
+            scales_and_zeros = torch.cat(sz).transpose(0, 1).contiguous().to(w.device)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.bias = _float_bias(linear)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
@@ -225,21 +240,25 @@ class Int4Linear(nn.Module):
                 f"group_size={self.group_size}")
 
 
-def quantize_linear(linear: nn.Linear, mode: str, group_size: int = 128) -> nn.Module:
+def quantize_linear(linear: nn.Linear, mode: str, group_size: int = 128, empty: bool = False) -> nn.Module:
     """One Linear -> its quantized replacement (int4 falls back to int8 where the kernel can't run)."""
     if mode == "int4":
         if int4_kernel_ok(linear.out_features, linear.in_features, group_size):
-            return Int4Linear(linear, group_size)
+            return Int4Linear(linear, group_size, empty)
         log.info("int4 can't take %dx%d (group_size %d); using int8",
                  linear.out_features, linear.in_features, group_size)
-    return Int8Linear(linear)
+    return Int8Linear(linear, empty)
 
 
 @torch.no_grad()
 def quantize_model(
-    model: nn.Module, mode: str, group_size: int = 128, skip: Callable[[str], bool] | None = None
+    model: nn.Module, mode: str, group_size: int = 128, skip: Callable[[str], bool] | None = None,
+    empty: bool = False,
 ) -> nn.Module:
-    """Swap every nn.Linear (by qualified name, unless `skip(name)`) for its int8/int4 version, in place."""
+    """Swap every nn.Linear (by qualified name, unless `skip(name)`) for its int8/int4 version, in place.
+
+    empty=True allocates the quantized modules without quantizing, to load a saved state dict into.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; expected one of {MODES}")
     if mode == "none":
@@ -249,5 +268,5 @@ def quantize_model(
             full = f"{parent_name}.{name}" if parent_name else name
             if isinstance(child, nn.Linear) and not (skip is not None and skip(full)):
                 # A new module, not an in-place edit: a Parameter tied to an embedding stays float there.
-                setattr(parent, name, quantize_linear(child, mode, group_size))
+                setattr(parent, name, quantize_linear(child, mode, group_size, empty))
     return model

@@ -28,7 +28,7 @@ from qwen2.model import Transformer
 from qwen2.quant import quantize_model
 from qwen2.rope import parse_rope_scaling
 from qwen2.tokenizer import Tokenizer
-from qwen2.weights import load_checkpoint
+from qwen2.weights import load_checkpoint, quantized, resolve_source
 
 QUANT_MODES = ("auto", "none", "int8", "int4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -105,6 +105,26 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def load_weights(model: str | Path | None, dtype: torch.dtype, device: torch.device,
+                 quant: str) -> tuple[Transformer, Tokenizer]:
+    """The network (quantized as asked) and its tokenizer. Quantized CPU models are cached on
+    disk after their first load (qwen2.weights.quantized), so later starts map them."""
+    entry = None
+    if quant != "none" and device.type == "cpu":
+        entry = quantized.entry_for(resolve_source(model), quant, dtype)
+        cached = quantized.load_entry(entry)
+        if cached is not None:
+            return cached
+    config, state_dict, tokenizer = load_checkpoint(model, dtype=dtype)
+    net = Transformer.from_state_dict(config, state_dict, dtype=dtype, device=device)
+    del state_dict  # each float matrix is freed as its quantized replacement takes its place
+    if quant != "none":
+        quantize_model(net, quant)
+    if entry is not None:
+        quantized.save_entry(entry, net, tokenizer, quant)
+    return net, tokenizer
+
+
 def load(model: str | Path | None = None, dtype: str | None = None, device: str | None = None,
          max_slots: int = 2, max_seq_len: int = 8192, prefill_chunk: int = 512,
          rope_scaling: str | None = None, dca: str | None = None, speculative: str | None = None,
@@ -120,13 +140,9 @@ def load(model: str | Path | None = None, dtype: str | None = None, device: str 
     start = time.perf_counter()
     dev = torch.device(device) if device else default_device()
     dt = resolve_dtype(dtype, dev)
-    config, state_dict, tokenizer = load_checkpoint(model, dtype=dt)
-    config = with_long_context(config, rope_scaling, dca)
-    net = Transformer.from_state_dict(config, state_dict, dtype=dt, device=dev)
-    del state_dict
     mode = resolve_quant(quant, dev)
-    if mode != "none":
-        quantize_model(net, mode)
+    net, tokenizer = load_weights(model, dt, dev, mode)
+    net.set_rope(with_long_context(net.config, rope_scaling, dca))
     speculator = None
     if speculative == "ngram":
         speculator = PromptLookup()

@@ -15,11 +15,9 @@ from qwen2.errors import WeightsError
 from qwen2.tokenizer import Tokenizer
 
 
-def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = None
-                    ) -> tuple[Qwen2Config, dict[str, torch.Tensor], Tokenizer]:
+def resolve_source(spec: str | Path | None = None) -> Path:
+    """The local file or folder a model spec names, fetching it first where needed."""
     from qwen2.weights.default import PACKED_MODELS, default_model_path, packed_model_path
-    from qwen2.weights.gguf import load_gguf
-    from qwen2.weights.hf import load_hf
     from qwen2.weights.hub import resolve_hub
 
     path = default_model_path() if spec is None else Path(spec)
@@ -36,6 +34,15 @@ def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = 
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
             path = ggufs[0]
+    return path
+
+
+def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = None
+                    ) -> tuple[Qwen2Config, dict[str, torch.Tensor], Tokenizer]:
+    from qwen2.weights.gguf import load_gguf
+    from qwen2.weights.hf import load_hf
+
+    path = resolve_source(spec)
     if path.is_file():
         config, state_dict, meta = load_gguf(path, dtype=dtype or torch.float32)
         return config, state_dict, Tokenizer.from_gguf_metadata(meta)
