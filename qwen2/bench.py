@@ -151,6 +151,8 @@ def build_workload(model: Path, prompt_tokens: int, concurrency: list[int]) -> d
 
 
 def summarize(spec: dict, load_s: float, single: list[tuple], concurrent: dict[int, tuple], **extra) -> dict:
+    from qwen2.eval.memory import peak_rss_mib
+
     prompt_len = len(spec["prompt"])
     result: dict[str, Any] = {
         "load_s": round(load_s, 3),
@@ -159,7 +161,9 @@ def summarize(spec: dict, load_s: float, single: list[tuple], concurrent: dict[i
     }
     for c, (s, _, e, n) in concurrent.items():
         result[f"decode_tps_c{c}"] = round(n / (e - s), 2)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    # VmHWM, not getrusage: Linux carries ru_maxrss across fork + exec, so a child would report
+    # at least the parent's peak (here 1.3 GB, from the bandwidth probe)
+    result["peak_rss_mb"] = round(peak_rss_mib(), 1)
     return result | extra
 
 
@@ -561,7 +565,7 @@ def run(args: argparse.Namespace) -> dict:
             if "quant" in variant and variant["quant"] == auto.get("quant"):
                 continue  # the explicit mode auto resolved to: the auto row already shows it
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            if peer == "qwen2":
+            if peer == "qwen2" and variant["quant"] != "none":
                 prime_quantized_cache(model, variant["quant"])
             samples.append(memory_bandwidth_gbs(args.threads, gib, repeats))
             start = time.perf_counter()

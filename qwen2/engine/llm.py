@@ -87,9 +87,10 @@ def with_long_context(config: Qwen2Config, rope_scaling: str | None, dca: str | 
 
 def resolve_quant(quant: str, device: torch.device) -> str:
     """auto: int8 weights on CPU, float on CUDA. Measured with `qwen2 bench` on a quiet 2-core
-    AVX512-BF16 EPYC (bench/RESULTS.md): int8 decodes 1.7x faster than bf16 at a small cost
-    (top-1 agreement with float32 96.3% vs bf16's 97.7%); int4 is faster still but agrees on
-    only 76% of positions after re-quantizing a Q4 GGUF, so it stays opt-in."""
+    AVX512-BF16 EPYC (bench/RESULTS.md): int8 decodes 2x faster than bf16 at a small cost
+    (top-1 agreement with float32 96.3% vs bf16's 97.7%); int4 doubles that again but agrees on
+    only 76% of positions after re-quantizing the default GGUF (mostly 5-bit), so it stays
+    opt-in. For many concurrent requests bf16 is fastest (c16 118 vs 90 tok/s)."""
     if quant not in QUANT_MODES:
         raise Qwen2Error(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_MODES)}")
     if quant == "auto":

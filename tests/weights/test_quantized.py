@@ -6,9 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_config
 
-from qwen2.model import Transformer
 from qwen2.quant import Int4Linear, Int8Linear, quantize_model
 from qwen2.weights import quantized
 from qwen2.weights.default import cache_dir
@@ -58,7 +56,7 @@ def test_an_unwritable_cache_is_not_an_error(tmp_path, tiny_model, default_token
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with caplog.at_level(logging.WARNING):
-        quantized.save_entry(blocker / "entry", Transformer(tiny_config()), default_tokenizer, "int8")
+        quantized.save_entry(blocker / "entry", tiny_model, default_tokenizer, "none")
     assert "could not cache" in caplog.text
 
 
