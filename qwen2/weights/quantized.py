@@ -92,6 +92,7 @@ def save_entry(entry: Path, model: Transformer, tokenizer: Tokenizer, mode: str,
         if header % ALIGN:  # a longer header shifts every tensor by the same number of bytes
             pad = " " * (-header % ALIGN)
             save_file(tensors, tmp / "model.safetensors", metadata=settings | {"pad": pad})
+        shutil.rmtree(entry, ignore_errors=True)  # an entry that failed to load
         tmp.rename(entry)
     except OSError as e:
         log.warning("could not cache the quantized model in %s (%s); the next start quantizes again", entry, e)

@@ -36,6 +36,10 @@ def test_a_truncated_entry_is_ignored_with_a_warning(tmp_path, tiny_model, defau
     with caplog.at_level(logging.WARNING):
         assert quantized.load_entry(entry) is None
     assert "rebuilding" in caplog.text
+    model = quantize_model(copy.deepcopy(tiny_model), "int8")
+    quantized.save_entry(entry, model, default_tokenizer, "int8")  # the rebuilt entry replaces it
+    with torch.inference_mode():
+        assert torch.equal(quantized.load_entry(entry)[0](TOKENS), model(TOKENS))
     assert quantized.load_entry(tmp_path / "missing") is None
 
 
