@@ -88,7 +88,8 @@ def save_entry(entry: Path, model: Transformer, tokenizer: Tokenizer, mode: str,
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
         settings = {"mode": mode, "group_size": str(group_size)}
         save_file(tensors, tmp / "model.safetensors", metadata=settings | {"pad": ""})
-        header = 8 + int.from_bytes((tmp / "model.safetensors").open("rb").read(8), "little")
+        with (tmp / "model.safetensors").open("rb") as f:
+            header = 8 + int.from_bytes(f.read(8), "little")
         if header % ALIGN:  # a longer header shifts every tensor by the same number of bytes
             pad = " " * (-header % ALIGN)
             save_file(tensors, tmp / "model.safetensors", metadata=settings | {"pad": pad})
