@@ -117,15 +117,16 @@ def dca_attention(q_raw: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_posit
         mask = (k_positions[:, None, :] <= q_positions[:, :, None])[:, None]  # (B, 1, T, S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     few_rows = q_raw.shape[2] <= 16  # decode: explicit scores are small and beat three flash calls
-    increasing = bool((q_positions[:, 1:] > q_positions[:, :-1]).all())
-    if not few_rows and increasing and _keys_at_their_positions(k_positions):
+    if not few_rows and _contiguous_layout(q_positions, k_positions):
         return _dca_by_parts(q_raw, k, v, q_positions, inv_freq, attention_scaling, cfg, scale)
     return _dca_by_scores(q_raw, k, v, q_positions, k_positions, inv_freq, attention_scaling, cfg, scale)
 
 
-def _keys_at_their_positions(k_positions: torch.Tensor) -> bool:
-    expected = torch.arange(k_positions.shape[1], device=k_positions.device)
-    return bool((k_positions == expected).all())
+def _contiguous_layout(q_positions: torch.Tensor, k_positions: torch.Tensor) -> bool:
+    """Keys at index == position and each row's queries in increasing order."""
+    if not bool((q_positions[:, 1:] > q_positions[:, :-1]).all()):
+        return False
+    return bool((k_positions == torch.arange(k_positions.shape[1], device=k_positions.device)).all())
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

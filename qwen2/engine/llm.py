@@ -110,13 +110,13 @@ def load_weights(model: str | Path | None, dtype: torch.dtype, device: torch.dev
                  quant: str) -> tuple[Transformer, Tokenizer]:
     """The network (quantized as asked) and its tokenizer. Quantized CPU models are cached on
     disk after their first load (qwen2.weights.quantized), so later starts map them."""
-    entry = None
+    source, entry = resolve_source(model), None
     if quant != "none" and device.type == "cpu":
-        entry = quantized.entry_for(resolve_source(model), quant, dtype)
+        entry = quantized.entry_for(source, quant, dtype)
         cached = quantized.load_entry(entry)
         if cached is not None:
             return cached
-    config, state_dict, tokenizer = load_checkpoint(model, dtype=dtype)
+    config, state_dict, tokenizer = load_checkpoint(source, dtype=dtype)
     net = Transformer.from_state_dict(config, state_dict, dtype=dtype, device=device)
     del state_dict  # each float matrix is freed as its quantized replacement takes its place
     if quant != "none":
