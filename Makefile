@@ -32,4 +32,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) bench/bench_default.py
+	$(VENV)/bin/qwen2 bench

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from qwen2 import load
-from qwen2.eval.cli import depth_list, parse_tokens, token_list
+from qwen2.eval.cli import depth_list, token_list
 from qwen2.eval.data import haystack_text
 from qwen2.eval.memory import peak_rss_mib, reset_peak_rss
 from qwen2.eval.niah import format_table, run_grid, save_heatmap, tokens_label
 from qwen2.eval.perplexity import perplexity
+from qwen2.options import parse_tokens
 
 
 def niah_rows(cells: list[dict]) -> list[dict]:
@@ -95,7 +96,7 @@ def main() -> None:
 
     start = time.perf_counter()
     # the engine's cache serves NIAH (prompt + answer); perplexity allocates its own
-    llm = load(args.model, dtype=args.dtype, max_slots=1, max_seq_len=max(args.lengths) + 32,
+    llm = load(args.model, dtype=args.dtype, max_slots=1, ctx=max(args.lengths) + 32,
                rope_scaling=args.rope_scaling, dca=args.dca)
     dtype = str(llm.model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     print(f"model {args.model or 'default (Qwen2.5-Coder-0.5B-Instruct Q4_K_M)'}; {dtype}; "

@@ -1,14 +1,17 @@
 """`qwen2 <command>`: a thin dispatcher. Each command parses its options, calls the library,
-prints. User mistakes print one line and exit non-zero; tracebacks are for our bugs."""
+prints. Every error prints one line and exits non-zero; `--debug` (or QWEN2_DEBUG=1) shows the
+traceback of an unexpected one."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from qwen2.errors import Qwen2Error
+from qwen2.errors import OptionError, Qwen2Error
+from qwen2.options import add_model_options, model_options
 
 # Qwen2.5-Instruct's generation_config.json defaults
 DEFAULT_SAMPLING = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
@@ -19,21 +22,6 @@ GENERATE_SAMPLING = dict(max_tokens=256, repetition_penalty=1.0)
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="a .gguf file, an HF checkpoint folder, or a hub id "
-                   "(default: the embedded Qwen2.5-Coder-0.5B-Instruct)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU has native bf16, else "
-                   "float32; bf16 on CUDA), float32, bfloat16, float16")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--ctx", type=int, default=8192, help="context length to reserve KV cache for")
-    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="weight-only quantization (auto: int8 on CPU, none on CUDA)")
-    p.add_argument("--rope-scaling", help="e.g. yarn:4 (static YaRN: extends the context but changes outputs "
-                   "on short prompts too, so it is off unless asked for)")
-    p.add_argument("--dca", help="dual chunk attention CHUNK[:LOCAL], e.g. 32768:4096")
-    p.add_argument("--speculative", help="'ngram' (prompt lookup) or a draft model, for greedy decoding")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, **defaults) -> None:
@@ -49,27 +37,33 @@ def add_sampling_options(p: argparse.ArgumentParser, **defaults) -> None:
 
 
 def sampling_from(args: argparse.Namespace) -> dict:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                seed=args.seed, stop=args.stop)
+    """The sampling options, checked before a model is loaded (a bad value fails at once)."""
+    from qwen2.engine.sampling import SamplingParams
+
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                    top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                    seed=args.seed, stop=args.stop)
+    SamplingParams(**sampling).validate(vocab_size=0)
+    return sampling
 
 
 def load_llm(args: argparse.Namespace, max_slots: int = 1):
-    from qwen2.engine.llm import load
+    from qwen2.loading import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, max_slots=max_slots, max_seq_len=args.ctx,
-                quant=args.quant, rope_scaling=args.rope_scaling, dca=args.dca, speculative=args.speculative)
+    return load(**model_options(args), max_slots=max_slots)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = sampling_from(args)
     llm = load_llm(args)
-    for piece in llm.generate(prompt, stream=True, **sampling_from(args)):
+    for piece in llm.generate(prompt, stream=True, **sampling):
         print(piece, end="", flush=True)
     print()
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    sampling = sampling_from(args)
     llm = load_llm(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
@@ -77,7 +71,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     def answer(text: str) -> None:
         history.append({"role": "user", "content": text})
         pieces = []
-        for piece in llm.chat(system + history, stream=True, **sampling_from(args)):
+        for piece in llm.chat(system + history, stream=True, **sampling):
             print(piece, end="", flush=True)
             pieces.append(piece)
         print()
@@ -86,7 +80,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if not sys.stdin.isatty():
         text = sys.stdin.read().strip()
         if not text:
-            raise Qwen2Error("nothing to answer: stdin was empty")
+            raise OptionError("nothing to answer: stdin was empty")
         answer(text)
         return
     print("qwen2 chat: type a message; /reset clears the history, /exit quits.", file=sys.stderr)
@@ -111,7 +105,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.preset:
         config, weight_bytes, source = Qwen2Config.from_preset(args.preset), None, f"preset {args.preset}"
     else:
-        from qwen2.weights.inspect import describe
+        from qwen2.weights import describe
 
         config, weight_bytes, source = describe(args.model)
     counts = config.num_params()
@@ -119,6 +113,10 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(json.dumps(config.to_hf_dict(), indent=2))
     print(f"parameters: total {counts['total']:,}, non-embedding {counts['non_embedding']:,}, "
           f"active per token {counts['active']:,}")
+    if not config.tie_word_embeddings:
+        output = config.vocab_size * config.hidden_size
+        print(f"the output matrix is stored apart from the embedding (untied): {output:,} of those parameters; "
+              f"with them shared, as the model was trained, it has {counts['total'] - output:,}")
     if weight_bytes is not None:
         print(f"weights as stored: {weight_bytes:,} bytes ({weight_bytes / 2**20:.1f} MiB)")
     for name, bits in (("bf16", 16), ("float32", 32), ("int8", 8), ("int4", 4)):
@@ -139,6 +137,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def build_parser() -> Parser:
     parser = Parser(prog="qwen2", description="Run the Qwen2 model family.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error "
+                        "(also QWEN2_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("generate", help="raw text completion (no chat template), streamed to stdout")
@@ -155,12 +155,13 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("info", help="config, parameter counts and weight sizes")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--model", "-m", help="a .gguf file, HF folder or hub id (default: the embedded model)")
+    g.add_argument("--model", "-m", help="as for every command: a .gguf file, an HF "
+                   "folder, a packaged model or a hub id (default: the embedded model)")
     g.add_argument("--preset", help="a named preset, e.g. Qwen2-7B")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="write an HF checkpoint (safetensors) from a GGUF or HF model")
-    p.add_argument("input", help="a .gguf file, HF folder or hub id")
+    p.add_argument("input", help="a .gguf file, an HF folder, a packaged model or a hub id")
     p.add_argument("output", help="folder to write")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_convert)
@@ -183,9 +184,12 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("QWEN2_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
     except Qwen2Error as e:
+        if debug:
+            raise
         print(f"qwen2: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -193,3 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except Exception as e:
+        if debug:
+            raise
+        said = " ".join(str(e).split())[:300]
+        print(f"qwen2: internal error: {type(e).__name__}: {said} (this is a bug; rerun with --debug for the "
+              "traceback and report it)", file=sys.stderr)
+        sys.exit(1)

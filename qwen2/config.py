@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwen2.errors import ConfigError
+from qwen2.errors import ConfigError, OptionError
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
+# DCA bounds every relative distance by its chunk size, so only memory limits the context
+DCA_MAX_CONTEXT = 1_048_576
 
 
 @dataclass
@@ -96,6 +98,20 @@ class Qwen2Config:
         return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
 
     @property
+    def context_limit(self) -> int:
+        """The longest sequence this model runs with its rope scaling or Dual Chunk Attention."""
+        from qwen2.rope import effective_context  # rope.py builds on this module
+
+        return DCA_MAX_CONTEXT if self.dual_chunk_attention_config else effective_context(self)
+
+    def check_context(self, tokens: int, what: str) -> None:
+        """Raise OptionError when `what` ("--ctx 65536", say) needs more than the context limit."""
+        if tokens > self.context_limit:
+            raise OptionError(f"{what} exceeds the model's context limit of {self.context_limit} tokens with its "
+                              "rope scaling; extend it with --rope-scaling yarn:F (static YaRN) or --dca CHUNK "
+                              "(Dual Chunk Attention)")
+
+    @property
     def eos_token_ids(self) -> list[int]:
         ids = self.eos_token_id
         if ids is None:
@@ -105,6 +121,12 @@ class Qwen2Config:
     # -- constructors ------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Qwen2Config:
+        quantization = d.get("quantization_config")
+        if isinstance(quantization, dict):
+            method = quantization.get("quant_method", "unknown")
+            raise ConfigError(f"this checkpoint is quantized with {method} (config.json's quantization_config); "
+                              "quantized checkpoints of this kind are not supported yet: use the float (bf16) "
+                              "checkpoint or a GGUF file")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         # transformers >= 5 writes rope_theta and the scaling together as rope_parameters
@@ -144,55 +166,6 @@ class Qwen2Config:
             raise ConfigError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path} holds {type(d).__name__}, expected a JSON object")
-        return cls.from_dict(d)
-
-    @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any]) -> Qwen2Config:
-        """Build from GGUF key/values (`general.architecture` and `<arch>.*` keys)."""
-        arch = meta.get("general.architecture")
-        if arch not in SUPPORTED_MODEL_TYPES and arch != "qwen2moe":
-            raise ConfigError(
-                f"GGUF architecture {arch!r} is not supported: this package runs qwen2 and "
-                "qwen2moe GGUF files only"
-            )
-
-        def get(key: str, default: Any = None) -> Any:
-            return meta.get(f"{arch}.{key}", default)
-
-        n_heads = get("attention.head_count")
-        d: dict[str, Any] = {
-            "model_type": "qwen2_moe" if arch == "qwen2moe" else "qwen2",
-            "hidden_size": get("embedding_length"),
-            "intermediate_size": get("feed_forward_length", 0),
-            "num_hidden_layers": get("block_count"),
-            "num_attention_heads": n_heads,
-            "num_key_value_heads": get("attention.head_count_kv", n_heads),
-            "max_position_embeddings": get("context_length", 32768),
-            "rope_theta": get("rope.freq_base", 1_000_000.0),
-            "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
-            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-            "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-            "vocab_size": meta.get("vocab_size"),
-        }
-        if get("rope.scaling.type") == "yarn":
-            d["rope_scaling"] = {
-                "rope_type": "yarn",
-                "factor": get("rope.scaling.factor"),
-                "original_max_position_embeddings": get("rope.scaling.original_context_length"),
-            }
-        if arch == "qwen2moe":
-            d |= {
-                "num_experts": get("expert_count"),
-                "num_experts_per_tok": get("expert_used_count"),
-                "moe_intermediate_size": get("expert_feed_forward_length"),
-                "shared_expert_intermediate_size": get("expert_shared_feed_forward_length"),
-            }
-        missing = [k for k, v in d.items() if v is None and k not in ("pad_token_id", "bos_token_id", "eos_token_id")]
-        if missing:
-            raise ConfigError(f"GGUF metadata lacks {', '.join(missing)}; the file is incomplete")
-        if "tie_word_embeddings" in meta:
-            d["tie_word_embeddings"] = meta["tie_word_embeddings"]
         return cls.from_dict(d)
 
     @classmethod

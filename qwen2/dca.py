@@ -79,6 +79,19 @@ class DCAConfig:
         return (0.1 * torch.log(seq_lens / self.original_max_position_embeddings) + 1).clamp(min=1)
 
 
+def parse_dca(spec: str) -> dict:
+    """A dual_chunk_attention_config from a CLI/API override: "CHUNK" or "CHUNK:LOCAL" (local
+    defaults to CHUNK/8), e.g. "32768:4096"."""
+    try:
+        chunk, _, local = spec.strip().partition(":")
+        chunk_size = int(chunk)
+        local_size = int(local) if local else chunk_size // 8
+    except ValueError:
+        raise ConfigError(f"bad --dca {spec!r}: give CHUNK or CHUNK:LOCAL, e.g. 32768:4096") from None
+    DCAConfig(chunk_size, local_size)  # validates the sizes
+    return {"chunk_size": chunk_size, "local_size": local_size}
+
+
 def dca_key_rotation(k_raw: torch.Tensor, k_positions: torch.Tensor, inv_freq: torch.Tensor,
                      attention_scaling: float, cfg: DCAConfig) -> torch.Tensor:
     """Keys (B, n_kv, S, hd) rotated at position % chunk_len: what the KV cache stores under DCA."""

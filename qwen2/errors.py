@@ -1,12 +1,16 @@
 """Errors a user can cause. Each message says what went wrong and what to do about it.
 
-The CLI prints these as one line and exits non-zero; anything else is a bug and keeps
-its traceback.
+The CLI prints these as one line and exits non-zero; anything else is a bug, whose traceback
+the CLI shows with --debug (or QWEN2_DEBUG=1).
 """
 
 
 class Qwen2Error(Exception):
-    """Base class for every error the user can act on."""
+    """Base class for every error the user can act on; raise one of the subclasses."""
+
+
+class OptionError(Qwen2Error):
+    """An option or argument has a value we cannot use (device, dtype, ctx, an input file, ...)."""
 
 
 class ConfigError(Qwen2Error):
@@ -14,11 +18,11 @@ class ConfigError(Qwen2Error):
 
 
 class WeightsError(Qwen2Error):
-    """A checkpoint file is missing, truncated, corrupt, or holds unexpected tensors."""
+    """A checkpoint is missing, truncated, corrupt, or holds tensors its config does not imply."""
 
 
 class DownloadError(Qwen2Error):
-    """A model could not be fetched (offline, unknown id, checksum mismatch)."""
+    """A model or data file could not be fetched (offline, unknown id, checksum mismatch)."""
 
 
 class TokenizerError(Qwen2Error):

@@ -281,6 +281,13 @@ class Transformer(nn.Module):
                 f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
                 f"{'...' if len(unexpected) > 5 else ''}"
             )
+        shapes = model.state_dict()
+        wrong = [f"{k} is {tuple(v.shape)}, the config implies {tuple(shapes[k].shape)}"
+                 for k, v in state_dict.items() if v.shape != shapes[k].shape]
+        if wrong:
+            raise WeightsError(f"checkpoint does not match its config: {'; '.join(wrong[:3])}"
+                               f"{f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''}; the config "
+                               "belongs to another model size, or the file is corrupt")
         state_dict = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state_dict.items()}
         model.load_state_dict(state_dict, assign=True, strict=False)
         if config.tie_word_embeddings:

@@ -18,8 +18,9 @@ weight, a block of rows at a time, and call F.linear in the model's dtype (cross
 bench/quant_kernels.py on a 2-core AVX512-BF16 EPYC: ~12 rows for int8, ~90 for int4).
 
 Not covered: CUDA/MPS kernels (off CPU the layers always dequantize: correct, not fast); activation
-quantization; saving/loading quantized checkpoints (the int4 layout depends on the CPU's vector
-width, so quantize after loading instead). Quantizing packs on CPU; the buffers may then move.
+quantization; GPTQ/AWQ checkpoints. A quantized model's state dict is cached on disk by
+qwen2.loading (qwen2.weights.quantized), keyed by the int4 layout, which depends on the CPU's
+vector width. Quantizing packs on CPU; the buffers may then move.
 Fallbacks: a layer the int4 kernel can't take becomes int8; an int8 layer with in_features % 16 != 0
 always dequantizes. A tied lm_head gets its own quantized copy; the embedding keeps its float weight.
 """

@@ -1,11 +1,15 @@
-"""`qwen2 bench`: the report's shape on a real quick run, and the row-picking and roofline arithmetic."""
+"""`qwen2 bench`: the report's shape on a real quick run, the row-picking and roofline arithmetic, and
+one-line errors for options the bench cannot use."""
 
 import json
 import os
 import subprocess
 import sys
 
-from qwen2.bench import METRICS, pick, roofline
+import pytest
+
+from qwen2.bench.report import METRICS, pick, roofline
+from qwen2.cli import main
 
 
 def test_quick_bench_writes_the_report_and_names_a_missing_peer(default_gguf, tmp_path):
@@ -60,3 +64,35 @@ def test_roofline_is_bandwidth_over_bytes_per_token():
     assert roof["bytes_per_token"] == 1_000_000_000
     assert roof["roofline_tps"] == 10.0 and roof["roofline_frac"] == 0.5 and roof["achieved_gbs"] == 5.0
     assert roofline({"missing": "x"}, 10.0, 100) == {}
+
+
+def error_lines(capsys, *argv: str) -> list[str]:
+    """stderr of `qwen2 bench ARGV`, which must exit 1."""
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", *argv])
+    assert exited.value.code == 1
+    return capsys.readouterr().err.splitlines()
+
+
+def test_a_missing_model_is_one_error_line(capsys):
+    lines = error_lines(capsys, "--model", "nonexistent.gguf")
+    assert len(lines) == 1 and lines[0].startswith("qwen2: error:") and "no such file" in lines[0], lines
+
+
+@pytest.mark.parametrize("kind", ["file", "hf folder", "hub id"])
+def test_a_model_that_is_not_a_gguf_is_refused_before_any_run(capsys, tmp_path, kind):
+    if kind == "file":
+        spec = tmp_path / "model.safetensors"
+        spec.write_bytes(b"")
+    elif kind == "hf folder":
+        spec = tmp_path
+        (spec / "config.json").write_text("{}")
+    else:
+        spec = "Qwen/Qwen2-0.5B-Instruct"  # refused by its kind: nothing is downloaded
+    lines = error_lines(capsys, "--model", str(spec))
+    assert len(lines) == 1 and lines[0].startswith("qwen2: error:") and "one GGUF file" in lines[0], lines
+
+
+def test_an_unknown_peer_is_an_option_error(capsys):
+    lines = error_lines(capsys, "--peers", "qwen2,vllm")
+    assert lines == ["qwen2: error: unknown peer(s) vllm; choose from qwen2, llama.cpp, transformers"]

@@ -26,7 +26,7 @@ def reference(default_gguf):
 def llm(default_gguf):
     from qwen2 import load
 
-    return load(default_gguf, dtype="float32", device="cpu", max_slots=1, max_seq_len=1024)
+    return load(default_gguf, dtype="float32", device="cpu", quant="none", max_slots=1, ctx=1024)
 
 
 def prompts(llm):

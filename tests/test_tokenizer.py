@@ -11,10 +11,10 @@ import unicodedata
 
 import gguf
 import pytest
-from datasets import UDHR_CODES, udhr_texts
 
 from qwen2.errors import TokenizerError
 from qwen2.tokenizer import Tokenizer
+from tests.real_data import UDHR_CODES, udhr_texts
 
 transformers = pytest.importorskip("transformers")
 

@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwen2.config import Qwen2Config
 from qwen2.engine.sampling import SamplingParams, sample, top_logprobs
 from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import RequestError
 from qwen2.model import KVCache, Transformer
-from qwen2.rope import effective_context
 from qwen2.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -64,15 +62,6 @@ class Request:
         return self.computed >= len(self.prompt)
 
 
-# DCA bounds every relative distance by its chunk size, so only memory limits the context
-DCA_MAX_CONTEXT = 1_048_576
-
-
-def context_limit(config: Qwen2Config) -> int:
-    """The longest sequence the model takes with its rope scaling / DCA."""
-    return DCA_MAX_CONTEXT if config.dual_chunk_attention_config else effective_context(config)
-
-
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -84,11 +73,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_slots: int = 4,
-                 max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 max_seq_len: int = 8192, prefill_chunk: int = 512,
                  speculator: PromptLookup | DraftModel | None = None):
         self.model, self.tokenizer, self.speculator = model, tokenizer, speculator
         config = model.config
-        self.max_seq_len = min(max_seq_len or context_limit(config), context_limit(config))
+        if not 0 < max_seq_len <= config.context_limit:
+            raise ValueError(f"max_seq_len {max_seq_len} is outside 1..{config.context_limit}, the model's limit")
+        self.max_seq_len = max_seq_len
         weight = model.model.embed_tokens.weight
         self.cache = KVCache(config, max_slots, self.max_seq_len, dtype=weight.dtype, device=weight.device)
         self.prefill_chunk = prefill_chunk
@@ -113,7 +104,7 @@ class Engine:
         if len(ids) >= self.max_seq_len:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens but the context holds {self.max_seq_len} "
-                f"(model limit {context_limit(self.model.config)} with its rope scaling); shorten the prompt, "
+                f"(model limit {self.model.config.context_limit} with its rope scaling); shorten the prompt, "
                 "raise the context length (--ctx), or extend it with --rope-scaling yarn:F or --dca CHUNK")
         stop_ids = set() if params.ignore_eos else set(
             self.tokenizer.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)

@@ -15,6 +15,9 @@ import torch
 
 from qwen2.errors import RequestError
 
+MIN_TEMPERATURE = 1e-3  # logits / temperature stays finite in float32 above it
+MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 1000
+
 
 @dataclass
 class SamplingParams:
@@ -36,16 +39,25 @@ class SamplingParams:
     logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
     def validate(self, vocab_size: int) -> None:
+        """Every field within a range where sampling stays finite (NaN fails every check):
+        temperature 0 (greedy) or 0.001..100; repetition_penalty 0.01..100; logit_bias at most
+        300 entries, values -100..100; at most 16 stop strings of up to 1000 characters."""
         checks = [
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+            (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100,
+             f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 100"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 disables it)"),
+            (0.01 <= self.repetition_penalty <= 100, "repetition_penalty must be between 0.01 and 100 (1 disables it)"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (len(self.logit_bias) <= 300, "logit_bias takes at most 300 tokens"),
             (all(0 <= t < vocab_size for t in self.logit_bias), f"logit_bias ids must be in [0, {vocab_size})"),
+            (all(-100 <= b <= 100 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+            (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
+            (len(self.stop) <= MAX_STOP_STRINGS and all(0 < len(s) <= MAX_STOP_LENGTH for s in self.stop),
+             f"give at most {MAX_STOP_STRINGS} stop strings, each of 1 to {MAX_STOP_LENGTH} characters"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
         ]
         for ok, message in checks:

@@ -7,19 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from qwen2.errors import Qwen2Error
-
-
-def parse_tokens(text: str) -> int:
-    """A token count: "2k" is 2048, "32K" 32768, "1500" 1500."""
-    text = text.strip().lower()
-    try:
-        value = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 4096 or 4k)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"token counts must be positive, got {text!r}")
-    return value
+from qwen2.errors import OptionError
+from qwen2.options import add_model_options, model_options, parse_tokens
 
 
 def token_list(text: str) -> list[int]:
@@ -36,16 +25,6 @@ def depth_list(text: str) -> list[float]:
     return depths
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="a .gguf file, an HF checkpoint folder, or a hub id "
-                   "(default: the embedded Qwen2.5-Coder-0.5B-Instruct)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--rope-scaling", help="e.g. yarn:4 (static YaRN, x4 the trained context)")
-    p.add_argument("--dca", help="dual chunk attention CHUNK[:LOCAL], e.g. 32768:4096")
-    p.add_argument("--prefill-chunk", type=parse_tokens, default=512, help="tokens per forward (default 512)")
-
-
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Register `eval ppl` and `eval niah` on the `qwen2` command's subparsers."""
     evaluate = subparsers.add_parser("eval", help="long-context evals: strided perplexity, needle in a haystack")
@@ -53,11 +32,14 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("ppl", help="strided perplexity of a text at several context lengths")
     p.add_argument("file", help="a UTF-8 text file, or 'wiki' for the fetched Wikipedia text")
-    p.add_argument("--ctx", type=token_list, default="2k,4k,8k,16k,32k", help="window lengths (default %(default)s)")
+    # --ctx is the context each window gives, as for every command; here a list of them
+    p.add_argument("--ctx", dest="windows", type=token_list, default="2k,4k,8k,16k,32k",
+                   help="window lengths (default %(default)s)")
     p.add_argument("--stride", type=parse_tokens, help="window step (default: ctx/2)")
     p.add_argument("--max-tokens", type=parse_tokens, help="use the first N tokens of FILE (default: the largest "
                    "--ctx, so the largest window scores every token with all of its preceding context)")
-    _model_options(p)
+    p.add_argument("--prefill-chunk", type=parse_tokens, default=512, help="tokens per forward (default 512)")
+    add_model_options(p, ctx=False, speculative=False)
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("niah", help="needle in a haystack over prompt lengths x needle depths")
@@ -68,15 +50,15 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="results JSON, written after every cell; a rerun skips finished cells")
     p.add_argument("--png", type=Path, help="write an accuracy heatmap (needs matplotlib)")
     p.add_argument("--answer-tokens", type=int, default=32, help="greedy tokens to decode (default 32)")
-    _model_options(p)
+    p.add_argument("--prefill-chunk", type=parse_tokens, default=512, help="tokens per forward (default 512)")
+    add_model_options(p, ctx=False, speculative=False)
     p.set_defaults(func=cmd_niah)
 
 
-def _load(args: argparse.Namespace, max_seq_len: int):
-    from qwen2.engine.llm import load
+def _load(args: argparse.Namespace, ctx: int):
+    from qwen2.loading import load
 
-    llm = load(args.model, dtype=args.dtype, device=args.device, max_slots=1, max_seq_len=max_seq_len,
-               prefill_chunk=args.prefill_chunk, rope_scaling=args.rope_scaling, dca=args.dca)
+    llm = load(**model_options(args), ctx=ctx, max_slots=1, prefill_chunk=args.prefill_chunk)
     weight = llm.model.model.embed_tokens.weight
     print(f"# model {args.model or 'default'} ({weight.dtype}, {weight.device}), rope scaling "
           f"{llm.config.rope_scaling}, dca {llm.config.dual_chunk_attention_config}, loaded in "
@@ -94,16 +76,19 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     elif Path(args.file).is_file():
         text = Path(args.file).read_text(encoding="utf-8")
     else:
-        raise Qwen2Error(f"no such file: {args.file} (or give 'wiki' for the Wikipedia text)")
-    llm = _load(args, max_seq_len=16)  # perplexity drives the model with its own cache; keep the engine's tiny
-    ids = llm.tokenizer.encode(text)[: args.max_tokens or max(args.ctx)]
-    if max(args.ctx) > len(ids):
-        raise Qwen2Error(f"--ctx {max(args.ctx)} is longer than the {len(ids)} tokens to score; "
+        raise OptionError(f"no such file: {args.file} (or give 'wiki' for the Wikipedia text)")
+    if args.stride is not None and args.stride > min(args.windows):
+        raise OptionError(f"--stride {args.stride} is longer than the window --ctx {min(args.windows)}; a stride "
+                          "of at most the window scores every token")
+    llm = _load(args, ctx=16)  # perplexity drives the model with its own cache; keep the engine's tiny
+    ids = llm.tokenizer.encode(text)[: args.max_tokens or max(args.windows)]
+    if max(args.windows) > len(ids):
+        raise OptionError(f"--ctx {max(args.windows)} is longer than the {len(ids)} tokens to score; "
                          "give a longer file or a larger --max-tokens")
     print(f"# {args.file}: {len(ids)} tokens\n{'ctx':>7} {'stride':>7} {'scored':>7} {'ppl':>9} {'seconds':>8} "
           f"{'peak MiB':>9}", flush=True)
     rows = []
-    for ctx in args.ctx:
+    for ctx in args.windows:
         stride = args.stride or ctx // 2
         scored = sum(end - first for _, end, first in windows(len(ids), ctx, stride))
         reset_peak_rss()
@@ -117,16 +102,12 @@ def cmd_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_niah(args: argparse.Namespace) -> None:
-    from qwen2.engine.engine import context_limit
     from qwen2.eval.niah import format_table, run_grid, save_heatmap
 
     if args.needles < 1 or args.answer_tokens < 1:
-        raise Qwen2Error("--needles and --answer-tokens must be at least 1")
-    llm = _load(args, max_seq_len=max(args.lengths) + args.answer_tokens)
-    limit = context_limit(llm.config)
-    if max(args.lengths) > limit:  # fail before the shorter cells run; the engine would refuse the long prompt later
-        raise Qwen2Error(f"--lengths up to {max(args.lengths)} exceed the model's context limit {limit} with its "
-                         "rope scaling; extend it with --rope-scaling yarn:F or --dca CHUNK")
+        raise OptionError("--needles and --answer-tokens must be at least 1")
+    # the loader checks the longest cell against the context limit before any cell runs
+    llm = _load(args, ctx=max(args.lengths) + args.answer_tokens)
     settings = dict(model=str(args.model or "default"),
                     dtype=str(llm.model.model.embed_tokens.weight.dtype).removeprefix("torch."),
                     rope_scaling=args.rope_scaling, dca=args.dca, answer_tokens=args.answer_tokens)

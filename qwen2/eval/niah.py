@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qwen2.errors import Qwen2Error
+from qwen2.errors import OptionError
 from qwen2.eval.data import haystack_text
 from qwen2.eval.memory import peak_rss_mib, reset_peak_rss
 from qwen2.tokenizer import Tokenizer
@@ -86,7 +86,7 @@ class Haystack:
             self.ends.append((self.ends[-1] if self.ends else 0) + count)
         n = sum(1 for end in self.ends if end <= n_tokens)
         if n == len(self.sentences) and self.ends[-1] < n_tokens:
-            raise Qwen2Error(f"the haystack holds only {self.ends[-1]} tokens, less than the {n_tokens} asked for")
+            raise OptionError(f"the haystack holds only {self.ends[-1]} tokens, less than the {n_tokens} asked for")
         return self.sentences[:n], self.ends[:n]
 
 
@@ -145,7 +145,7 @@ def load_results(path: Path | None, settings: dict) -> list[dict]:
         return []
     saved = json.loads(path.read_text())
     if saved.get("settings") != settings:
-        raise Qwen2Error(f"{path} holds results for other settings ({saved.get('settings')}, now {settings}); "
+        raise OptionError(f"{path} holds results for other settings ({saved.get('settings')}, now {settings}); "
                          "give another --out or delete it")
     return saved["cells"]
 
@@ -206,7 +206,7 @@ def save_heatmap(cells: list[dict], path: Path, title: str = "Needle in a haysta
     try:
         import matplotlib
     except ImportError:
-        raise Qwen2Error("the heatmap needs matplotlib: pip install 'qwen2[eval]'") from None
+        raise OptionError("the heatmap needs matplotlib: pip install 'qwen2[eval]'") from None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 

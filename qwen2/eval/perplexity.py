@@ -18,15 +18,14 @@ import math
 
 import torch
 
-from qwen2.engine.engine import context_limit
-from qwen2.errors import Qwen2Error
+from qwen2.errors import OptionError
 from qwen2.model import KVCache, Transformer
 
 
 def windows(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored token) of each window over n_tokens; it scores [first, end)."""
     if not 1 <= stride <= ctx:
-        raise ValueError(f"stride must be in [1, ctx={ctx}], got {stride}")
+        raise OptionError(f"the stride must be between 1 and the window length {ctx}, got {stride}")
     spans, scored_to = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + ctx, n_tokens)
@@ -37,18 +36,21 @@ def windows(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
     return spans
 
 
-@torch.inference_mode()
 def perplexity(llm_or_model, token_ids: list[int] | torch.Tensor, ctx: int, stride: int | None = None,
                chunk: int = 512) -> float:
     """Perplexity of `token_ids` under windows of `ctx` tokens advancing by `stride` (default ctx//2).
 
     `llm_or_model`: an LLM (from qwen2.load) or a Transformer; its rope scaling / DCA apply.
     """
+    return math.exp(mean_nll(llm_or_model, token_ids, ctx, stride, chunk))
+
+
+@torch.inference_mode()
+def mean_nll(llm_or_model, token_ids: list[int] | torch.Tensor, ctx: int, stride: int | None = None,
+             chunk: int = 512) -> float:
+    """The mean negative log-likelihood (nats per token) behind `perplexity`."""
     model = llm_or_model if isinstance(llm_or_model, Transformer) else llm_or_model.model
-    limit = context_limit(model.config)
-    if ctx > limit:
-        raise Qwen2Error(f"ctx {ctx} exceeds the model's context limit {limit} with its rope scaling; "
-                         "extend it with --rope-scaling yarn:F or --dca CHUNK")
+    model.config.check_context(ctx, f"a window of {ctx} tokens")
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     weight = model.model.embed_tokens.weight
     cache = KVCache(model.config, 1, min(ctx, len(ids)), dtype=weight.dtype, device=weight.device)
@@ -72,5 +74,5 @@ def perplexity(llm_or_model, token_ids: list[int] | torch.Tensor, ctx: int, stri
             nll += (torch.logsumexp(rows, -1) - rows.gather(-1, targets[:, None])[:, 0]).sum().item()
             count += r1 - r0
     if count == 0:
-        raise Qwen2Error("nothing to score: give at least two tokens")
-    return math.exp(nll / count)
+        raise OptionError("nothing to score: give at least two tokens")
+    return nll / count

@@ -12,46 +12,48 @@ import os
 import sys
 from pathlib import Path
 
-from qwen2.errors import Qwen2Error
+from qwen2.options import add_model_options, model_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="a .gguf file, an HF checkpoint folder, or a hub id "
-                   "(default: the embedded Qwen2.5-Coder-0.5B-Instruct)")
+    add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("QWEN2_API_KEY"),
                    help="require this Bearer key on /v1 routes (default: $QWEN2_API_KEY)")
     p.add_argument("--max-concurrency", type=int, default=4, help="sequences decoded together (KV cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before new requests get 429")
-    p.add_argument("--ctx", type=int, default=8192, help="context length per slot (prompt + reply)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queueing included")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
                    "(repeatable; '*' for any)")
     p.add_argument("--max-body", type=int, default=8 * 2**20, help="largest request body in bytes")
-    p.add_argument("--quant", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="weight-only quantization (auto: int8 on CPU, none on CUDA)")
 
 
 def model_name(spec: str | None) -> str:
-    if spec is None:
-        return "qwen2.5-coder-0.5b-instruct"
-    return spec if "/" in spec and not Path(spec).exists() else Path(spec).stem
+    """The name /v1/models reports: a packaged model's or hub id as given, a local file's stem."""
+    from qwen2.weights import locate
+
+    ref = locate(spec)
+    return ref.name if ref.kind in ("packed", "hub") else Path(ref.name).stem
 
 
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from qwen2.engine.llm import load
+    from qwen2.errors import OptionError
+    from qwen2.loading import load
     from qwen2.server.app import Settings, create_app
 
+    if args.max_concurrency < 1 or args.max_queue < 0 or args.timeout <= 0 or args.max_body < 1:
+        raise OptionError("--max-concurrency and --max-body must be at least 1, --max-queue at least 0, "
+                          "--timeout positive")
+    if not 0 <= args.port <= 65535:
+        raise OptionError(f"--port {args.port} is not a TCP port (0..65535)")
     # the server's own log (errors with their tracebacks, which responses never carry)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = load(args.model, dtype=args.dtype, device=args.device, max_slots=args.max_concurrency,
-               max_seq_len=args.ctx, quant=args.quant)
-    settings = Settings(model_name=model_name(args.model), api_key=args.api_key or None,
+    options = model_options(args)
+    llm = load(**options, max_slots=args.max_concurrency)
+    settings = Settings(model_name=model_name(options.get("model")), api_key=args.api_key or None,
                         cors_origins=args.cors_origin, max_queue=args.max_queue, timeout=args.timeout,
                         max_body=args.max_body)
     app = create_app(llm, settings)
@@ -65,11 +67,6 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="qwen2 serve", description="Serve the OpenAI API and a web chat page.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except Qwen2Error as e:
-        print(f"qwen2 serve: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from qwen2.cli import main as qwen2_main
+
+    qwen2_main(["serve", *(sys.argv[1:] if argv is None else argv)])

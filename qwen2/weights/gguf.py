@@ -28,7 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from tqdm import tqdm
 
 from qwen2.config import Qwen2Config
-from qwen2.errors import WeightsError
+from qwen2.errors import ConfigError, WeightsError
 from qwen2.weights.hf import state_dict_keys
 
 Q = GGMLQuantizationType
@@ -158,6 +158,55 @@ def _add_derived(meta: dict[str, Any], infos: list[_TensorInfo]) -> dict[str, An
     return meta
 
 
+def config_from_gguf(meta: dict[str, Any]) -> Qwen2Config:
+    """A config from GGUF key/values (`general.architecture` and the `<arch>.*` keys)."""
+    arch = meta.get("general.architecture")
+    if arch not in ("qwen2", "qwen2moe"):
+        raise ConfigError(
+            f"GGUF architecture {arch!r} is not supported: this package runs qwen2 and "
+            "qwen2moe GGUF files only"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    n_heads = get("attention.head_count")
+    d: dict[str, Any] = {
+        "model_type": "qwen2_moe" if arch == "qwen2moe" else "qwen2",
+        "hidden_size": get("embedding_length"),
+        "intermediate_size": get("feed_forward_length", 0),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": get("attention.head_count_kv", n_heads),
+        "max_position_embeddings": get("context_length", 32768),
+        "rope_theta": get("rope.freq_base", 1_000_000.0),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "vocab_size": meta.get("vocab_size"),
+    }
+    if get("rope.scaling.type") == "yarn":
+        d["rope_scaling"] = {
+            "rope_type": "yarn",
+            "factor": get("rope.scaling.factor"),
+            "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+        }
+    if arch == "qwen2moe":
+        d |= {
+            "num_experts": get("expert_count"),
+            "num_experts_per_tok": get("expert_used_count"),
+            "moe_intermediate_size": get("expert_feed_forward_length"),
+            "shared_expert_intermediate_size": get("expert_shared_feed_forward_length"),
+        }
+    missing = [k for k, v in d.items() if v is None and k not in ("pad_token_id", "bos_token_id", "eos_token_id")]
+    if missing:
+        raise ConfigError(f"GGUF metadata lacks {', '.join(missing)}; the file is incomplete")
+    if "tie_word_embeddings" in meta:
+        d["tie_word_embeddings"] = meta["tie_word_embeddings"]
+    return Qwen2Config.from_dict(d)
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """All GGUF key/values as plain Python values, plus `vocab_size` (rows of the
     embedding) and `tie_word_embeddings` (no separate output.weight)."""
@@ -244,7 +293,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32
     """Load a qwen2 / qwen2moe GGUF: (config, state dict in HF naming, metadata)."""
     path = Path(path)
     data, meta, infos = _open(path)
-    config = Qwen2Config.from_gguf_metadata(_add_derived(meta, infos))
+    config = config_from_gguf(_add_derived(meta, infos))
     state: dict[str, torch.Tensor] = {}
     jobs = []
     for info in infos:

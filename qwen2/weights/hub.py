@@ -40,7 +40,5 @@ def resolve_hub(repo_id: str, revision: str | None = None) -> Path:
     except RevisionNotFoundError:
         raise DownloadError(f"{repo_id!r} has no revision {revision!r}") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError):
-        raise DownloadError(
-            f"could not reach the Hugging Face hub for {repo_id!r} (offline?). Download the checkpoint "
-            "elsewhere and pass its local folder or .gguf file with --model PATH"
-        ) from None
+        raise DownloadError(f"could not reach the Hugging Face hub for {repo_id!r} (offline, or HF_HUB_OFFLINE "
+                            "is set) and it is not in the local hub cache") from None

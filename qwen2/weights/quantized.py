@@ -3,15 +3,16 @@ instead of dequantizing the checkpoint and quantizing every matrix again.
 
 That second path is what makes a quantized start fast and small: no float copy of the weights
 ever exists (the float model alone is 2.4x the int8 one), and the tensors are memory-mapped
-from the page cache rather than computed.
+from the page cache rather than computed. This module reads and writes the files; qwen2.loading
+builds the network from them.
 
 An entry is a folder under <cache>/quantized/: config.json, the tokenizer files, and
 model.safetensors with the quantized model's whole state dict (int8 or packed int4 weights,
-scales, the float embedding, norms, biases). Its name hashes everything the tensors depend on:
-the source's path, sizes and modification times, the mode, group size and dtype, the torch
-version and the int4 packing this CPU uses. An entry is written to a temporary folder and
-renamed into place, so an interrupted run leaves no half entry; one that fails to load is
-rebuilt.
+scales, the float embedding, norms, biases) and its settings as metadata. Its name hashes
+everything the tensors depend on: the source's path, sizes and modification times, and the
+settings (mode, group size, dtype, torch version, the int4 packing this CPU uses). An entry is
+written to a temporary folder and renamed into place, so an interrupted run leaves no half
+entry; one that fails to load is rebuilt.
 """
 
 from __future__ import annotations
@@ -29,14 +30,12 @@ from safetensors.torch import save_file
 
 from qwen2.config import Qwen2Config
 from qwen2.errors import Qwen2Error
-from qwen2.model import Transformer
-from qwen2.quant import int4_layout, quantize_model
+from qwen2.pypi import cache_dir
 from qwen2.tokenizer import Tokenizer
-from qwen2.weights.default import cache_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when what an entry holds changes
+FORMAT = 2  # bump when what an entry holds changes
 ALIGN = 64  # bytes; tensors whose sizes are multiples of it stay aligned in the file
 
 
@@ -50,15 +49,16 @@ def _fingerprint(source: Path) -> list:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def entry_for(source: Path, mode: str, dtype: torch.dtype, group_size: int = 128) -> Path:
-    """The cache folder for `source` quantized with these settings (it may not exist yet)."""
-    key = json.dumps([FORMAT, str(source.resolve()), _fingerprint(source), mode, group_size, str(dtype),
-                      torch.__version__, int4_layout()])
+def entry_for(source: Path, settings: dict) -> Path:
+    """The cache folder for `source` quantized with `settings` (it may not exist yet)."""
+    key = json.dumps([FORMAT, str(source.resolve()), _fingerprint(source), settings], sort_keys=True, default=str)
+    mode = settings.get("mode", "q")
     return cache_dir() / "quantized" / f"{source.stem}-{mode}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def load_entry(entry: Path) -> tuple[Transformer, Tokenizer] | None:
-    """The cached model and tokenizer, or None when the entry is missing or unreadable."""
+def read_entry(entry: Path) -> tuple[Qwen2Config, Tokenizer, dict[str, torch.Tensor], dict[str, str]] | None:
+    """(config, tokenizer, state dict mapped from the file, settings), or None when the entry
+    is missing or unreadable."""
     weights = entry / "model.safetensors"
     if not weights.exists():
         return None
@@ -66,33 +66,30 @@ def load_entry(entry: Path) -> tuple[Transformer, Tokenizer] | None:
         config = Qwen2Config.from_hf_json(entry / "config.json")
         tokenizer = Tokenizer.from_files(entry)
         with safe_open(weights, framework="pt") as f:
-            settings = f.metadata()
+            settings = f.metadata() or {}
             state = {k: _aligned(f.get_tensor(k)) for k in f.keys()}  # views of the mapped file
-        with torch.device("meta"):  # the module tree only, filled from the file below
-            model = quantize_model(Transformer(config), settings["mode"], int(settings["group_size"]), empty=True)
-        model.load_state_dict(state, assign=True, strict=True)
-    except (OSError, SafetensorError, Qwen2Error, KeyError, ValueError, RuntimeError) as e:
+    except (OSError, SafetensorError, Qwen2Error, ValueError) as e:
         log.warning("ignoring the quantized cache %s (%s); rebuilding it", entry, e)
         return None
-    model.set_rope(config)  # the rotary buffer is not in the file
-    return model.eval(), tokenizer
+    return config, tokenizer, state, settings
 
 
-def save_entry(entry: Path, model: Transformer, tokenizer: Tokenizer, mode: str, group_size: int = 128) -> None:
+def write_entry(entry: Path, config: Qwen2Config, tokenizer: Tokenizer, state_dict: dict[str, torch.Tensor],
+                settings: dict) -> None:
     """Write the entry; a failure (disk full, read-only cache) is logged, never raised."""
     tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    metadata = {k: str(v) for k, v in settings.items()}
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         tokenizer.save(tmp)
-        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-        settings = {"mode": mode, "group_size": str(group_size)}
-        save_file(tensors, tmp / "model.safetensors", metadata=settings | {"pad": ""})
+        tensors = {k: v.contiguous() for k, v in state_dict.items()}
+        save_file(tensors, tmp / "model.safetensors", metadata=metadata | {"pad": ""})
         with (tmp / "model.safetensors").open("rb") as f:
             header = 8 + int.from_bytes(f.read(8), "little")
         if header % ALIGN:  # a longer header shifts every tensor by the same number of bytes
             pad = " " * (-header % ALIGN)
-            save_file(tensors, tmp / "model.safetensors", metadata=settings | {"pad": pad})
+            save_file(tensors, tmp / "model.safetensors", metadata=metadata | {"pad": pad})
         shutil.rmtree(entry, ignore_errors=True)  # an entry that failed to load
         tmp.rename(entry)
     except OSError as e:

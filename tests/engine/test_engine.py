@@ -2,11 +2,11 @@
 or alone, a request gets the same output. Tiny random model, real tokenizer."""
 
 import pytest
-from conftest import tiny_config
 
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import RequestError
+from tests.conftest import tiny_config
 
 PROMPTS = ["def quicksort(arr):", "The capital of France is", "一二三四五六七八九十 and then some more words here",
            "x"]

@@ -23,8 +23,8 @@ def test_token_counts():
 
 def test_ppl_arguments():
     args = parse(["eval", "ppl", "wiki", "--ctx", "2k,4k", "--stride", "1k", "--rope-scaling", "yarn:4"])
-    assert (args.file, args.ctx, args.stride, args.rope_scaling) == ("wiki", [2048, 4096], 1024, "yarn:4")
-    assert parse(["eval", "ppl", "f.txt"]).ctx == [2048, 4096, 8192, 16384, 32768]
+    assert (args.file, args.windows, args.stride, args.rope_scaling) == ("wiki", [2048, 4096], 1024, "yarn:4")
+    assert parse(["eval", "ppl", "f.txt"]).windows == [2048, 4096, 8192, 16384, 32768]
 
 
 def test_niah_arguments(tmp_path):

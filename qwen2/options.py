@@ -1,0 +1,73 @@
+"""The options of every command that runs a model, defined once.
+
+`qwen2.loading.load()` takes them as keyword arguments with the defaults below, and every
+command (generate, chat, serve, eval, bench, and those added later) adds them to its parser
+with `add_model_options` and hands them over with `model_options(args)`. Kept free of torch
+so that `qwen2 --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANT_MODES = ("auto", "none", "int8", "int4")
+DEFAULT_CTX = 8192
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    model: str | None = None  # None: the embedded default
+    dtype: str = "auto"
+    device: str | None = None  # None: cuda if present, else cpu
+    quant: str = "auto"
+    ctx: int | None = None  # KV cache tokens per sequence; None: DEFAULT_CTX, or the model's limit if smaller
+    rope_scaling: str | None = None
+    dca: str | None = None
+    speculative: str | None = None
+
+
+DEFAULTS = ModelOptions()
+
+
+def parse_tokens(text: str) -> int:
+    """A positive token count: "2k" is 2048, "32K" 32768, "1500" 1500."""
+    text = text.strip().lower()
+    try:
+        value = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 4096 or 4k)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"token counts must be positive, got {text!r}")
+    return value
+
+
+def add_model_options(p: argparse.ArgumentParser, ctx: bool = True, speculative: bool = True) -> None:
+    """--model, --dtype, --device, --quant, --rope-scaling, --dca and, where the command takes
+    them, --ctx and --speculative. Defaults are load()'s: an option left out is None here and
+    is not passed on."""
+    keep = dict(default=None)
+    p.add_argument("--model", "-m", **keep, help="a .gguf file, an HF checkpoint folder, a packaged model "
+                   "(qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct) or a hub id such as "
+                   "Qwen/Qwen2-0.5B-Instruct (default: the embedded Qwen2.5-Coder-0.5B-Instruct)")
+    p.add_argument("--dtype", choices=DTYPES, **keep, help=f"compute dtype (default {DEFAULTS.dtype}: bf16 "
+                   "where the CPU multiplies bf16 natively and on CUDA, else float32)")
+    p.add_argument("--device", **keep, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
+    p.add_argument("--quant", choices=QUANT_MODES, **keep, help=f"weight-only quantization (default "
+                   f"{DEFAULTS.quant}: int8 on CPU, none on CUDA)")
+    if ctx:
+        p.add_argument("--ctx", type=parse_tokens, **keep, help=f"KV cache tokens per sequence, prompt and "
+                       f"reply together, e.g. 4096 or 32k (default {DEFAULT_CTX}, or the model's context limit "
+                       "if smaller)")
+    p.add_argument("--rope-scaling", **keep, help="e.g. yarn:4 (static YaRN: extends the context but changes "
+                   "outputs on short prompts too, so it is off unless asked for)")
+    p.add_argument("--dca", **keep, help="dual chunk attention CHUNK[:LOCAL], e.g. 32768:4096")
+    if speculative:
+        p.add_argument("--speculative", **keep, help="'ngram' (prompt lookup) or a draft model (same "
+                       "tokenizer), for greedy decoding")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The model options given on the command line, as load() keyword arguments."""
+    return {k: getattr(args, k) for k in asdict(DEFAULTS) if getattr(args, k, None) is not None}

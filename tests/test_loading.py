@@ -1,0 +1,163 @@
+"""The composition root: one meaning for every model spec and option, checked before any work,
+and the layering it exists for (the engine builds nothing; model.py knows no files)."""
+
+import ast
+import inspect
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import qwen2
+from qwen2.errors import ConfigError, OptionError, WeightsError
+from qwen2.loading import load, load_model, resolve_device
+from qwen2.options import DEFAULT_CTX, DEFAULTS
+from qwen2.weights import locate
+
+PACKAGE = Path(qwen2.__file__).parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every qwen2 module a file imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    return {m for m in found if m.startswith("qwen2")}
+
+
+def imports_of(folder_or_file: str) -> dict[str, set[str]]:
+    target = PACKAGE / folder_or_file
+    files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
+    return {str(f.relative_to(PACKAGE)): imported_modules(f) for f in files}
+
+
+def offending(folder_or_file: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{file} imports {m}" for file, modules in imports_of(folder_or_file).items() for m in sorted(modules)
+            if any(m == f or m.startswith(f + ".") for f in forbidden)]
+
+
+def test_the_engine_receives_a_built_model():
+    assert offending("engine", ("qwen2.weights", "qwen2.quant", "qwen2.loading", "qwen2.options")) == []
+
+
+def test_model_py_imports_nothing_above_it():
+    allowed = {"qwen2.config", "qwen2.rope", "qwen2.dca", "qwen2.errors"}
+    assert {m.rsplit(".", 1)[0] if m not in allowed else m for m in imported_modules(PACKAGE / "model.py")} <= allowed
+
+
+def test_weights_read_files_and_build_no_network():
+    assert offending("weights", ("qwen2.model", "qwen2.quant", "qwen2.engine", "qwen2.loading")) == []
+
+
+def test_front_doors_load_through_the_root():
+    for door in ("cli.py", "server", "eval", "bench"):
+        assert offending(door, ("qwen2.engine.llm.load", "qwen2.weights.quantized")) == [], door
+
+
+def test_load_shows_its_real_signature_with_the_cli_defaults():
+    assert qwen2.load is load
+    params = inspect.signature(qwen2.load).parameters
+    assert {k: params[k].default for k in asdict(DEFAULTS)} == asdict(DEFAULTS)
+    assert params["quant"].default == "auto"  # the same default as every command
+
+
+@pytest.mark.parametrize("spec, kind", [
+    (None, "packed"), ("", "packed"), ("qwen2.5-coder-0.5b-instruct", "packed"),
+    ("Qwen2.5-Coder-1.5B-Instruct", "packed"), ("Qwen/Qwen2-0.5B-Instruct", "hub"), ("org/model.v2", "hub"),
+])  # fmt: skip
+def test_locate_classifies_without_downloading(spec, kind):
+    assert locate(spec).kind == kind
+
+
+def test_locate_local_forms(tiny_hf, tmp_path):
+    assert locate(str(tiny_hf)) == locate(tiny_hf)
+    assert locate(tiny_hf).kind == "hf" and locate(tiny_hf).path == tiny_hf
+    gguf = tmp_path / "only" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    assert locate(gguf).kind == "gguf" and locate(gguf.parent).path == gguf  # a folder holding one GGUF
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("nonexistent.gguf", "no such file or folder: nonexistent.gguf"),
+    ("./models/qwen", "no such file or folder: ./models/qwen"),
+    ("/no/such/dir/model", "no such file or folder"),
+    ("a/b/c", "no such file or folder: a/b/c"),
+    ("nonexistent-model", "unknown model 'nonexistent-model': not a file or folder here, not one of the packaged"),
+])  # fmt: skip
+def test_missing_paths_and_unknown_names_say_so(spec, words):
+    with pytest.raises(WeightsError) as e:
+        locate(spec)
+    assert words in str(e.value) and "offline" not in str(e.value) and "hub" not in str(e.value).split(":")[0]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("tpu", "unknown device 'tpu'"), ("cuda:x", "unknown device"), ("meta", "not supported"),
+])  # fmt: skip
+def test_unusable_devices_are_option_errors(name, words):
+    with pytest.raises(OptionError, match=words):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_says_why():
+    with pytest.raises(OptionError, match="device 'cuda': (this build of torch .* has no CUDA|no such CUDA device)"):
+        resolve_device("cuda")
+
+
+@pytest.mark.parametrize("ctx", [0, -5, 2.5])
+def test_ctx_must_be_positive(tiny_hf, ctx):
+    with pytest.raises(OptionError, match="--ctx must be a positive number of tokens"):
+        load(tiny_hf, ctx=ctx, quant="none")
+
+
+def test_ctx_defaults_to_8192_or_the_model_limit_and_never_beyond(tiny_hf):
+    llm = load(tiny_hf, quant="none")
+    assert llm.engine.max_seq_len == min(DEFAULT_CTX, llm.config.context_limit) == 512
+    assert load(tiny_hf, quant="none", ctx=100).engine.max_seq_len == 100
+    with pytest.raises(OptionError, match="a KV cache of 4096 tokens per sequence \\(--ctx\\) exceeds the model's "
+                                          "context limit of 512 tokens"):
+        load(tiny_hf, quant="none", ctx=4096)
+    assert load(tiny_hf, quant="none", ctx=2048, rope_scaling="yarn:4").engine.max_seq_len == 2048
+
+
+def test_dca_without_ctx_keeps_a_bounded_cache(tiny_hf):
+    llm = load(tiny_hf, quant="none", dca="256:32")
+    assert llm.config.context_limit == 1_048_576 and llm.engine.max_seq_len == DEFAULT_CTX
+
+
+def test_load_model_is_the_network_alone(tiny_hf, tiny_model):
+    model, tokenizer = load_model(tiny_hf, quant="none", dtype="float32", device="cpu")
+    ids = torch.tensor([tokenizer.encode("def fib(n):")])
+    with torch.inference_mode():
+        assert torch.equal(model(ids), tiny_model(ids))
+
+
+def test_shapes_that_disagree_with_the_config_are_a_weights_error(tiny_hf, tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for f in tiny_hf.iterdir():
+        (wrong / f.name).write_bytes(f.read_bytes())
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
+    with pytest.raises(WeightsError, match=r"does not match its config: .*mlp.* is \(128, 64\), the config implies "
+                                           r"\(96, 64\)"):
+        load_model(wrong, quant="none")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantized_checkpoints_of_other_kinds_are_refused_by_name(tiny_hf, tmp_path, method):
+    folder = tmp_path / method
+    folder.mkdir()
+    for f in tiny_hf.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": method}}))
+    with pytest.raises(ConfigError, match=f"quantized with {method} .*not supported yet"):
+        load_model(folder, quant="none")
