@@ -31,3 +31,7 @@ class TokenizerError(Qwen2Error):
 
 class RequestError(Qwen2Error):
     """A generation request is invalid (bad sampling value, prompt too long, ...)."""
+
+
+class DataError(Qwen2Error):
+    """A data file (training or evaluation) is missing, unreadable, or holds records we cannot use."""

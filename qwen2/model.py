@@ -200,12 +200,16 @@ class _Body(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Bool (B, 1, T, S): a query sees keys at its own or earlier positions (within the window)."""
+def attention_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None,
+                   segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool (B, 1, T, S): a query sees keys at its own or earlier positions (within the window)
+    and, when `segments` (B, T) numbers the samples packed into a row, of its own sample only."""
     q, k = query_pos[:, :, None], key_pos[:, None, :]
     allowed = k <= q
     if window is not None:
         allowed &= k > q - window
+    if segments is not None:
+        allowed &= segments[:, :, None] == segments[:, None, :]
     return allowed[:, None]
 
 
@@ -241,6 +245,16 @@ class Transformer(nn.Module):
         without one, the call attends within `tokens` only. MoE layers append their router
         logits to `router_logits` when a list is given.
         """
+        x = self.body(tokens, positions, cache, slots, router_logits)
+        if logits_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_index]  # (B, H)
+        return self.lm_head(self.model.norm(x))
+
+    def body(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+             slots: torch.Tensor | None = None, router_logits: list[torch.Tensor] | None = None,
+             segments: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's output (B, T, H), before the final norm. Training calls it with
+        `segments` (B, T) to keep samples packed into one row from seeing each other (no cache)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -255,14 +269,12 @@ class Transformer(nn.Module):
             inv_freq = dynamic_inv_freq(self.config, int(positions.max()) + 1).to(x.device)
         cos, sin = rotary_cos_sin(positions, inv_freq, self.attention_scaling, x.dtype)
         windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
-        masks = {} if self.dca else {w: attention_mask(positions, key_positions, w) for w in windows}
+        masks = {} if self.dca else {w: attention_mask(positions, key_positions, w, segments) for w in windows}
         ctx = Context(positions, key_positions, cos, sin, inv_freq, self.attention_scaling, masks, cache, slots,
                       kv_len, self.dca, router_logits)
         for block in self.model.layers:
             x = block(x, ctx)
-        if logits_index is not None:
-            x = x[torch.arange(B, device=x.device), logits_index]  # (B, H)
-        return self.lm_head(self.model.norm(x))
+        return x
 
     @classmethod
     def from_state_dict(cls, config: Qwen2Config, state_dict: dict[str, torch.Tensor],

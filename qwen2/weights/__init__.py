@@ -80,6 +80,14 @@ def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = 
     return config, state_dict, Tokenizer.from_files(path)
 
 
+def load_tokenizer(spec: str | Path | None = None) -> Tokenizer:
+    """A checkpoint's tokenizer alone, without reading its tensors."""
+    from qwen2.weights.gguf import read_metadata
+
+    path = resolve_model(spec)
+    return Tokenizer.from_gguf_metadata(read_metadata(path)) if path.is_file() else Tokenizer.from_files(path)
+
+
 def describe(spec: str | Path | None) -> tuple[Qwen2Config, int, Path]:
     """A checkpoint's config and bytes on disk, without reading its tensors."""
     from qwen2.weights.gguf import config_from_gguf, read_metadata

@@ -1,0 +1,109 @@
+"""`qwen2 train sft` and `qwen2 train pretrain` (see trainer.py).
+
+    qwen2 train sft --model M --data FILE --out DIR [--steps N | --epochs E] [--lora-rank R] [--lr X]
+        [--batch-size B] [--grad-accum G] [--max-len L] [--pack] [--seed S] [--resume] [--config FILE.toml]
+    qwen2 train pretrain --preset NAME --data PATH --out DIR ...
+
+A TOML config file sets the same keys (underscored: lora_rank = 8); flags given on the
+command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from qwen2.errors import OptionError
+
+
+def add_arguments(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="fine-tune (full or LoRA) or pretrain; HF checkpoints out")
+    sub = train.add_subparsers(dest="train_command", required=True)
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (JSONL/JSON: messages, alpaca, sharegpt)")
+    p.add_argument("--model", "-m", help="what to fine-tune, as for every command (default: the embedded "
+                   "Qwen2.5-Coder-0.5B-Instruct, dequantized to float)")
+    _common(p)
+    p.add_argument("--lora-rank", type=int, help="train a LoRA adapter of this rank instead of every weight")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-targets", help="comma-separated of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                   "down_proj (default: all)")
+    p.add_argument("--no-merge", dest="merge", action="store_const", const=False,
+                   help="LoRA: write only the adapter, not the merged model")
+    p.add_argument("--on-bad-sample", choices=["error", "skip"], help="a record that cannot be used stops the "
+                   "run (error, the default) or is counted and reported (skip)")
+    p.set_defaults(func=run, task="sft")
+
+    p = sub.add_parser("pretrain", help="train a model from scratch on raw text")
+    p.add_argument("--preset", help="the config to start from (default Qwen2-Tiny; `qwen2 info --preset`)")
+    p.add_argument("--tokenizer", help="whose tokenizer, as --model (default: the embedded model's)")
+    _common(p)
+    p.set_defaults(func=run, task="pretrain")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    # no defaults here: a flag left out falls back to the --config file, then to TrainConfig
+    p.add_argument("--data", help="sft: a .jsonl/.json file; pretrain: a .txt/.jsonl file or a folder")
+    p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, loss.png, the model)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 LoRA, 2e-5 full, 1e-3 pretrain)")
+    p.add_argument("--batch-size", type=int, help="rows per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--max-len", type=int, help="tokens per row (default 1024)")
+    p.add_argument("--pack", action="store_const", const=True, help="pack several samples into each row")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--warmup", type=float, help="warm-up as a fraction of the steps (default 0.05)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--clip", type=float, help="gradient norm clip (default 1.0; 0 disables)")
+    p.add_argument("--grad-checkpointing", action="store_const", const=True,
+                   help="recompute activations in the backward pass (less memory, ~30%% more time)")
+    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 50)")
+    p.add_argument("--keep", type=int, help="checkpoints kept (default 2)")
+    p.add_argument("--resume", action="store_const", const=True, help="continue from the last checkpoint in --out")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where native)")
+    p.add_argument("--config", type=Path, help="a TOML file setting any of these keys")
+
+
+def config_from(args: argparse.Namespace):
+    from qwen2.train.trainer import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict = {}
+    if args.config:
+        values = _read_toml(args.config)
+        if unknown := set(values) - names:
+            raise OptionError(f"{args.config}: unknown key(s) {', '.join(sorted(unknown))}; the keys are the "
+                              f"options' names with underscores: {', '.join(sorted(names))}")
+    values |= {k: v for k, v in vars(args).items() if k in names and v is not None}
+    for key in ("data", "out"):
+        if not values.get(key):
+            raise OptionError(f"--{key} is required (on the command line or in --config)")
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:
+        raise OptionError(f"bad training settings: {e}") from None
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise OptionError("--config needs Python 3.11 or newer (tomllib); pass the options as flags") from None
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise OptionError(f"cannot read --config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise OptionError(f"--config {path} is not valid TOML: {e}") from None
+
+
+def run(args: argparse.Namespace) -> None:
+    from qwen2.train.trainer import Trainer
+
+    config = config_from(args)
+    last = Trainer(config).train()
+    print(json.dumps({"out": config.out, **last}))

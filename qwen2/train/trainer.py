@@ -1,0 +1,392 @@
+"""Supervised fine-tuning (full or LoRA) and pretraining from scratch: one loop for both.
+
+Each optimizer step gathers `grad_accum` micro-batches of `batch_size` rows, counts the target
+tokens over all of them, and backpropagates sum(weight * nll) / that count per micro-batch, so
+the step's gradient equals one big batch's whatever the split. The logits of the 152k
+vocabulary are never held whole: the loss runs over chunks of positions, each recomputed in
+the backward pass. AdamW, linear warm-up then cosine decay to zero, gradient clipping, bf16
+autocast where the CPU or GPU computes bf16 natively, float32 master weights, seeds.
+
+Output folder: the model as an HF checkpoint (LoRA: `adapter/` in the PEFT layout and, unless
+merge=False, the merged model), metrics.jsonl (a line per step), loss.png, train_config.json,
+and checkpoints/step-N (weights or adapter, plus optimizer, scheduler, RNG and data position),
+each written aside and renamed, so a run killed at any point resumes from the last complete
+one with the same losses, step for step.
+
+Not covered here: several processes (qwen2.distributed wraps this loop), MoE load-balancing loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from qwen2.config import Qwen2Config
+from qwen2.device import cpu_has_native_bf16
+from qwen2.errors import DataError, OptionError
+from qwen2.eval.memory import peak_rss_mib
+from qwen2.model import Transformer
+from qwen2.tokenizer import Tokenizer
+from qwen2.train import lora
+from qwen2.train.data import IGNORE, Batch, Row, Sample, collate, load_chat, load_corpus, make_rows
+from qwen2.train.datasets import DEMO, data_path
+from qwen2.weights.export import export_hf
+
+LOSS_CHUNK = 256  # positions whose logits exist at once
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    task: str = "sft"  # "sft" or "pretrain"
+    model: str | None = None  # sft: what to fine-tune (None: the default model)
+    preset: str | None = None  # pretrain: the config to start from
+    tokenizer: str | None = None  # pretrain: whose tokenizer (None: the default model's)
+    steps: int | None = None
+    epochs: float | None = None  # neither: one epoch
+    lr: float | None = None  # None: 2e-4 with LoRA, 2e-5 full, 1e-3 pretraining
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_len: int = 1024
+    pack: bool = False
+    seed: int = 0
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float | None = None  # None: 2 * rank
+    lora_dropout: float = 0.0
+    lora_targets: str = ",".join(lora.TARGETS)
+    merge: bool = True
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    grad_checkpointing: bool = False
+    save_every: int = 50  # steps between checkpoints (0: only the final one)
+    keep: int = 2  # checkpoints kept
+    resume: bool = False
+    on_bad_sample: str = "error"
+    holdout: float = 0.05  # pretrain: the fraction of blocks kept out of training, scored at the end
+    device: str | None = None
+    bf16: bool | None = None  # autocast to bf16; None: where the CPU or GPU computes it natively
+    progress: bool = True
+
+    def check(self) -> None:
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "max_len": self.max_len}
+        for name, value in positive.items():
+            if value < 1:
+                raise OptionError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.steps is not None and self.steps < 1 or self.epochs is not None and not self.epochs > 0:
+            raise OptionError("--steps must be at least 1 and --epochs positive")
+        if self.task not in ("sft", "pretrain"):
+            raise OptionError(f"unknown task {self.task!r}; choose sft or pretrain")
+        if self.on_bad_sample not in ("error", "skip"):
+            raise OptionError(f"--on-bad-sample takes error or skip, not {self.on_bad_sample!r}")
+        if self.lora_rank and self.task == "pretrain":
+            raise OptionError("LoRA needs a trained base: pretraining trains every weight, drop --lora-rank")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise OptionError(f"--lr must be in (0, 1), got {self.lr}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or (1e-3 if self.task == "pretrain" else 2e-4 if self.lora_rank else 2e-5)
+
+
+# -- the loss --------------------------------------------------------------------------------
+def _chunk_loss(hidden: torch.Tensor, model: Transformer, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    logits = model.lm_head(model.model.norm(hidden)).float()
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return (nll * weights.flatten()).sum()
+
+
+def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
+    """sum over targets of weight * negative log-likelihood (divide by the step's target count)."""
+    hidden = model.body(batch.tokens, batch.positions, segments=batch.segments)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for a in range(0, hidden.shape[1], LOSS_CHUNK):
+        b = a + LOSS_CHUNK
+        if (batch.targets[:, a:b] != IGNORE).any():
+            total = total + checkpoint(_chunk_loss, hidden[:, a:b], model, batch.targets[:, a:b],
+                                       batch.weights[:, a:b], use_reentrant=False)
+    return total
+
+
+def initialize(model: Transformer, std: float = 0.02) -> Transformer:
+    """Fresh weights for pretraining, as the Qwen2 configs' initializer_range says: normal(0, std)
+    matrices and embedding, zero biases, unit norms (torch's defaults give the tied 152k-row
+    embedding logits so large that the first losses are in the tens)."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                torch.nn.init.zeros_(module.bias)
+    return model
+
+
+def enable_gradient_checkpointing(model: Transformer) -> None:
+    """Recompute each block in the backward pass instead of keeping its activations."""
+    for block in model.model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def cosine_schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- the run ---------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        config.check()
+        self.config, self.out = config, Path(config.out)
+        self.device = torch.device(config.device) if config.device else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        native = self.device.type == "cuda" or cpu_has_native_bf16()
+        self.autocast = native if config.bf16 is None else config.bf16
+        self.data = data_path(config.data)
+        if not self.data.exists():  # before the model loads, which may take minutes
+            raise DataError(f"no such data file or folder: {config.data} (or name a demo set: {', '.join(DEMO)})")
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.heldout: list[Sample] = []
+        self.model, self.tokenizer = self._build_model()
+        self.samples = self._read_data()
+        self.rows_per_step = config.batch_size * config.grad_accum
+        rows_per_epoch = len(make_rows(self.samples, config.max_len, config.pack, config.seed, 0))
+        self.total_steps = config.steps or max(1, math.ceil((config.epochs or 1) * rows_per_epoch
+                                                            / self.rows_per_step))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = config.weight_decay
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=decay)
+        warmup = max(1, round(config.warmup * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, functools.partial(cosine_schedule, total=self.total_steps, warmup=warmup))
+        self.step, self.epoch, self.row = 0, 0, 0
+        self._rows: list[Row] | None = None
+
+    def _build_model(self) -> tuple[Transformer, Tokenizer]:
+        from qwen2.loading import load_model
+        from qwen2.weights import load_tokenizer
+
+        c = self.config
+        if c.task == "pretrain":
+            tokenizer = load_tokenizer(c.tokenizer)
+            model = initialize(Transformer(Qwen2Config.from_preset(c.preset or "Qwen2-Tiny"))).to(self.device)
+        else:
+            model, tokenizer = load_model(c.model, quant="none", dtype="float32", device=str(self.device))
+        if c.lora_rank:
+            targets = tuple(t.strip() for t in c.lora_targets.split(",") if t.strip())
+            lora.add_lora(model, c.lora_rank, c.lora_alpha or 2 * c.lora_rank, c.lora_dropout, targets)
+        if c.grad_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model.train(), tokenizer
+
+    def _read_data(self) -> list[Sample]:
+        c = self.config
+        if c.task == "pretrain":
+            blocks = load_corpus(self.data, self.tokenizer, c.max_len)
+            cut = len(blocks) - int(len(blocks) * c.holdout) if len(blocks) > 1 else len(blocks)
+            self.heldout = blocks[cut:]
+            return blocks[:cut]
+        samples, report = load_chat(self.data, self.tokenizer, c.max_len, c.on_bad_sample)
+        if report.bad:
+            print(f"data: {report.summary()}", file=sys.stderr)
+        return samples
+
+    def _next_rows(self) -> list[Row]:
+        """The next rows in this run's order, crossing into the next epoch where needed."""
+        c, rows = self.config, []
+        while len(rows) < self.rows_per_step:
+            if self._rows is None:
+                self._rows = make_rows(self.samples, c.max_len, c.pack, c.seed, self.epoch)
+            take = self._rows[self.row: self.row + self.rows_per_step - len(rows)]
+            rows += take
+            self.row += len(take)
+            if self.row >= len(self._rows):
+                self.epoch, self.row, self._rows = self.epoch + 1, 0, None
+        return rows
+
+    def backward(self, rows: list[Row]) -> tuple[float, int]:
+        """Accumulate the gradient of the step's mean loss over `rows`, micro-batch by micro-batch;
+        returns (that loss, its target tokens)."""
+        c = self.config
+        pad = self.tokenizer.pad_token_id or 0
+        batches = [collate(rows[i: i + c.batch_size], pad) for i in range(0, len(rows), c.batch_size)]
+        count = sum(b.target_tokens for b in batches)
+        total = 0.0
+        for batch in batches:
+            batch = Batch(*(t.to(self.device) for t in dataclasses.astuple(batch)))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = loss_sum(self.model, batch) / max(1, count)
+            loss.backward()
+            total += loss.item()
+        return total, count
+
+    def train_step(self) -> dict:
+        rows = self._next_rows()
+        loss, count = self.backward(rows)
+        clip = self.config.clip if self.config.clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(norm), 4),
+                "target_tokens": count, "tokens": sum(len(r) for r in rows)}
+
+    def train(self) -> dict:
+        """Run to the last step (from the last checkpoint with `resume`); returns the final metrics."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+        if self.config.resume:
+            self._resume()
+        metrics_file = self.out / "metrics.jsonl"
+        kept = [line for line in _lines(metrics_file) if json.loads(line)["step"] <= self.step]
+        metrics_file.write_text("".join(kept))
+        start, last = time.perf_counter(), {}
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", disable=not self.config.progress)
+        with metrics_file.open("a") as log:
+            while self.step < self.total_steps:
+                tick = time.perf_counter()
+                last = self.train_step()
+                seconds = time.perf_counter() - tick
+                last |= {"tokens_per_s": round(last["tokens"] / seconds, 1), "seconds": round(seconds, 3),
+                         "elapsed": round(time.perf_counter() - start, 1), "rss_mib": round(peak_rss_mib())}
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                mem=f"{last['rss_mib']}M")
+                bar.update(1)
+                if self.config.save_every and self.step % self.config.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        bar.close()
+        if self.heldout:
+            last["heldout_ppl"] = round(self.heldout_perplexity(), 3)
+        self.save_checkpoint()
+        self.save_final()
+        plot_losses(metrics_file, self.out / "loss.png")
+        return last
+
+    @torch.no_grad()
+    def heldout_perplexity(self) -> float:
+        """exp(mean next-token loss) over the held-out blocks."""
+        self.model.eval()
+        nll, count = 0.0, 0
+        rows = [Row([s]) for s in self.heldout]
+        for i in range(0, len(rows), self.config.batch_size):
+            batch = collate(rows[i: i + self.config.batch_size], self.tokenizer.pad_token_id or 0)
+            batch = Batch(*(t.to(self.device) for t in dataclasses.astuple(batch)))
+            nll += loss_sum(self.model, batch).item()
+            count += batch.target_tokens
+        self.model.train()
+        return math.exp(nll / max(1, count))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        folder = self.out / "checkpoints" / f"step-{self.step}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._save_weights(tmp)
+        state = {"step": self.step, "epoch": self.epoch, "row": self.row,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        torch.save(state, tmp / "trainer_state.pt")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)  # a kill before this line leaves the previous checkpoint the latest
+        for old in sorted(_checkpoints(self.out), key=_step_of)[: -self.config.keep or None]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def _save_weights(self, folder: Path) -> None:
+        if self.config.lora_rank:
+            lora.save_adapter(self.model, folder, self.config.model or "")
+        else:
+            export_hf(self.model.config, self.model.state_dict(), self.tokenizer, folder)
+
+    def _resume(self) -> None:
+        found = sorted(_checkpoints(self.out), key=_step_of)
+        if not found:
+            print(f"resume: no checkpoint in {self.out / 'checkpoints'}, starting at step 0", file=sys.stderr)
+            return
+        folder = found[-1]
+        if self.config.lora_rank:
+            weights = _adapter_state(folder)
+        else:
+            from qwen2.weights.hf import load_hf
+
+            weights = load_hf(folder, dtype=torch.float32)[1]
+        missing = set(self.model.load_state_dict(weights, strict=False).missing_keys)
+        if not self.config.lora_rank and missing - {"lm_head.weight"}:  # a tied head comes with the embedding
+            raise OptionError(f"{folder} does not hold this model's weights (missing {sorted(missing)[:3]}); "
+                              "resume with the same --model and settings")
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.step, self.epoch, self.row = state["step"], state["epoch"], state["row"]
+        print(f"resume: from {folder} (step {self.step} of {self.total_steps})", file=sys.stderr)
+
+    def save_final(self) -> None:
+        """The output folder: an HF checkpoint (merged for LoRA unless merge=False) and the adapter."""
+        if self.config.lora_rank:
+            lora.save_adapter(self.model, self.out / "adapter", self.config.model or "")
+            if not self.config.merge:
+                return
+            lora.merge_lora(self.model)
+        export_hf(self.model.config, self.model.state_dict(), self.tokenizer, self.out)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True) if path.exists() else []
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step-"))
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    return [p for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()] if root.exists() else []
+
+
+def _adapter_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k.removeprefix(lora.PEFT_PREFIX): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+
+
+def plot_losses(metrics: Path, png: Path) -> bool:
+    """The loss curve as a PNG; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in _lines(metrics)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
