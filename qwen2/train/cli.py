@@ -3,6 +3,7 @@
     qwen2 train sft --model M --data FILE --out DIR [--steps N | --epochs E] [--lora-rank R] [--lr X]
         [--batch-size B] [--grad-accum G] [--max-len L] [--pack] [--seed S] [--resume] [--config FILE.toml]
     qwen2 train pretrain --preset NAME --data PATH --out DIR ...
+    torchrun --nproc-per-node 2 -m qwen2 train sft ... [--parallel ddp|fsdp]
 
 A TOML config file sets the same keys (underscored: lora_rank = 8); flags given on the
 command line override it.
@@ -63,7 +64,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, help="steps between checkpoints (default 50)")
     p.add_argument("--keep", type=int, help="checkpoints kept (default 2)")
     p.add_argument("--resume", action="store_const", const=True, help="continue from the last checkpoint in --out")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present; under torchrun each process's own)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: replicas (ddp, the default) or "
+                   "sharded parameters, gradients and optimizer state (fsdp, FSDP2)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where native)")
     p.add_argument("--config", type=Path, help="a TOML file setting any of these keys")
 
@@ -102,8 +105,14 @@ def _read_toml(path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
+    from qwen2 import distributed
     from qwen2.train.trainer import Trainer
 
     config = config_from(args)
-    last = Trainer(config).train()
-    print(json.dumps({"out": config.out, **last}))
+    try:
+        trainer = Trainer(config)
+        last = trainer.train()
+    finally:
+        distributed.shutdown()
+    if trainer.lead:
+        print(json.dumps({"out": config.out, **last}))

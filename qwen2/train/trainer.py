@@ -13,7 +13,12 @@ and checkpoints/step-N (weights or adapter, plus optimizer, scheduler, RNG and d
 each written aside and renamed, so a run killed at any point resumes from the last complete
 one with the same losses, step for step.
 
-Not covered here: several processes (qwen2.distributed wraps this loop), MoE load-balancing loss.
+Under torchrun every process takes its share of each step's rows (DDP or FSDP2, see
+qwen2.distributed.data_parallel); the target tokens are counted over all of them, so a step's
+loss is the one a single process computes on the same global batch. Process 0 writes the files.
+
+Not covered: resuming an FSDP2 run (its checkpoints hold the whole model, not the sharded
+optimizer state), LoRA under FSDP2 (use DDP), the MoE load-balancing loss.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from qwen2 import distributed
 from qwen2.config import Qwen2Config
 from qwen2.device import cpu_has_native_bf16
 from qwen2.errors import DataError, OptionError
@@ -80,6 +86,7 @@ class TrainConfig:
     on_bad_sample: str = "error"
     holdout: float = 0.05  # pretrain: the fraction of blocks kept out of training, scored at the end
     device: str | None = None
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
     bf16: bool | None = None  # autocast to bf16; None: where the CPU or GPU computes it natively
     progress: bool = True
 
@@ -96,6 +103,10 @@ class TrainConfig:
             raise OptionError(f"--on-bad-sample takes error or skip, not {self.on_bad_sample!r}")
         if self.lora_rank and self.task == "pretrain":
             raise OptionError("LoRA needs a trained base: pretraining trains every weight, drop --lora-rank")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise OptionError(f"unknown --parallel {self.parallel!r}; choose ddp or fsdp")
+        if self.parallel == "fsdp" and (self.lora_rank or self.resume):
+            raise OptionError("--parallel fsdp trains every weight from the start: for LoRA or --resume use ddp")
         if self.lr is not None and not 0 < self.lr < 1:
             raise OptionError(f"--lr must be in (0, 1), got {self.lr}")
 
@@ -149,12 +160,24 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 
 
 # -- the run ---------------------------------------------------------------------------------
+class LossModule(torch.nn.Module):
+    """The training loss as a module's forward, so DDP's and FSDP2's hooks run around it."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, segments, targets, weights) -> torch.Tensor:
+        return loss_sum(self.model, Batch(tokens, positions, segments, targets, weights))
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         config.check()
         self.config, self.out = config, Path(config.out)
-        self.device = torch.device(config.device) if config.device else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.rank, self.world = distributed.world()
+        self.lead = self.rank == 0
+        self.device = torch.device(config.device) if config.device else distributed.local_device()
         native = self.device.type == "cuda" or cpu_has_native_bf16()
         self.autocast = native if config.bf16 is None else config.bf16
         self.data = data_path(config.data)
@@ -165,7 +188,12 @@ class Trainer:
         self.heldout: list[Sample] = []
         self.model, self.tokenizer = self._build_model()
         self.samples = self._read_data()
-        self.rows_per_step = config.batch_size * config.grad_accum
+        self.rows_per_step = config.batch_size * config.grad_accum * self.world
+        self.loss = LossModule(self.model)
+        if self.world > 1:
+            from qwen2.distributed.data_parallel import wrap
+
+            self.loss = wrap(self.loss, self.model.model.layers, config.parallel, self.autocast)
         rows_per_epoch = len(make_rows(self.samples, config.max_len, config.pack, config.seed, 0))
         self.total_steps = config.steps or max(1, math.ceil((config.epochs or 1) * rows_per_epoch
                                                             / self.rows_per_step))
@@ -203,7 +231,7 @@ class Trainer:
             self.heldout = blocks[cut:]
             return blocks[:cut]
         samples, report = load_chat(self.data, self.tokenizer, c.max_len, c.on_bad_sample)
-        if report.bad:
+        if report.bad and self.lead:
             print(f"data: {report.summary()}", file=sys.stderr)
         return samples
 
@@ -221,20 +249,21 @@ class Trainer:
         return rows
 
     def backward(self, rows: list[Row]) -> tuple[float, int]:
-        """Accumulate the gradient of the step's mean loss over `rows`, micro-batch by micro-batch;
-        returns (that loss, its target tokens)."""
+        """Accumulate the gradient of the step's mean loss over `rows` (this process's share of
+        them under torchrun), micro-batch by micro-batch; returns (that loss, its target tokens)."""
         c = self.config
         pad = self.tokenizer.pad_token_id or 0
-        batches = [collate(rows[i: i + c.batch_size], pad) for i in range(0, len(rows), c.batch_size)]
-        count = sum(b.target_tokens for b in batches)
+        mine = rows[self.rank:: self.world]
+        batches = [collate(mine[i: i + c.batch_size], pad) for i in range(0, len(mine), c.batch_size)]
+        count = int(distributed.all_sum(sum(b.target_tokens for b in batches)))
         total = 0.0
         for batch in batches:
-            batch = Batch(*(t.to(self.device) for t in dataclasses.astuple(batch)))
+            tensors = (t.to(self.device) for t in dataclasses.astuple(batch))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss = loss_sum(self.model, batch) / max(1, count)
-            loss.backward()
+                loss = self.loss(*tensors) / max(1, count)
+            (loss * self.world).backward()  # DDP and FSDP2 average the gradients; the step needs their sum
             total += loss.item()
-        return total, count
+        return distributed.all_sum(total), count
 
     def train_step(self) -> dict:
         rows = self._next_rows()
@@ -251,16 +280,18 @@ class Trainer:
 
     def train(self) -> dict:
         """Run to the last step (from the last checkpoint with `resume`); returns the final metrics."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
         if self.config.resume:
             self._resume()
         metrics_file = self.out / "metrics.jsonl"
-        kept = [line for line in _lines(metrics_file) if json.loads(line)["step"] <= self.step]
-        metrics_file.write_text("".join(kept))
+        if self.lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+            kept = [line for line in _lines(metrics_file) if json.loads(line)["step"] <= self.step]
+            metrics_file.write_text("".join(kept))
         start, last = time.perf_counter(), {}
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", disable=not self.config.progress)
-        with metrics_file.open("a") as log:
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training",
+                   disable=not (self.config.progress and self.lead))
+        with open(metrics_file if self.lead else os.devnull, "a") as log:
             while self.step < self.total_steps:
                 tick = time.perf_counter()
                 last = self.train_step()
@@ -279,7 +310,8 @@ class Trainer:
             last["heldout_ppl"] = round(self.heldout_perplexity(), 3)
         self.save_checkpoint()
         self.save_final()
-        plot_losses(metrics_file, self.out / "loss.png")
+        if self.lead:
+            plot_losses(metrics_file, self.out / "loss.png")
         return last
 
     @torch.no_grad()
@@ -290,8 +322,7 @@ class Trainer:
         rows = [Row([s]) for s in self.heldout]
         for i in range(0, len(rows), self.config.batch_size):
             batch = collate(rows[i: i + self.config.batch_size], self.tokenizer.pad_token_id or 0)
-            batch = Batch(*(t.to(self.device) for t in dataclasses.astuple(batch)))
-            nll += loss_sum(self.model, batch).item()
+            nll += self.loss(*(t.to(self.device) for t in dataclasses.astuple(batch))).item()
             count += batch.target_tokens
         self.model.train()
         return math.exp(nll / max(1, count))
@@ -300,23 +331,38 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         folder = self.out / "checkpoints" / f"step-{self.step}"
         tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._save_weights(tmp)
-        state = {"step": self.step, "epoch": self.epoch, "row": self.row,
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-        torch.save(state, tmp / "trainer_state.pt")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)  # a kill before this line leaves the previous checkpoint the latest
-        for old in sorted(_checkpoints(self.out), key=_step_of)[: -self.config.keep or None]:
-            shutil.rmtree(old, ignore_errors=True)
+        weights = self._weights()  # every process takes part in gathering sharded weights
+        if self.lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._save_weights(tmp, weights)
+            state = {"step": self.step, "epoch": self.epoch, "row": self.row,
+                     "scheduler": self.scheduler.state_dict(),
+                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+            if self.config.parallel != "fsdp" or self.world == 1:
+                state["optimizer"] = self.optimizer.state_dict()
+            torch.save(state, tmp / "trainer_state.pt")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)  # a kill before this line leaves the previous checkpoint the latest
+            for old in sorted(_checkpoints(self.out), key=_step_of)[: -self.config.keep or None]:
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
         return folder
 
-    def _save_weights(self, folder: Path) -> None:
+    def _weights(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict for a full-weight save (gathered from the shards under FSDP2)."""
+        if self.config.lora_rank:
+            return None
+        if self.world > 1 and self.config.parallel == "fsdp":
+            from qwen2.distributed.data_parallel import full_state_dict
+
+            return full_state_dict(self.model)
+        return self.model.state_dict()
+
+    def _save_weights(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
         if self.config.lora_rank:
             lora.save_adapter(self.model, folder, self.config.model or "")
         else:
-            export_hf(self.model.config, self.model.state_dict(), self.tokenizer, folder)
+            export_hf(self.model.config, weights, self.tokenizer, folder)
 
     def _resume(self) -> None:
         found = sorted(_checkpoints(self.out), key=_step_of)
@@ -334,22 +380,26 @@ class Trainer:
         if not self.config.lora_rank and missing - {"lm_head.weight"}:  # a tied head comes with the embedding
             raise OptionError(f"{folder} does not hold this model's weights (missing {sorted(missing)[:3]}); "
                               "resume with the same --model and settings")
-        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        state = torch.load(folder / "trainer_state.pt", weights_only=False, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.step, self.epoch, self.row = state["step"], state["epoch"], state["row"]
-        print(f"resume: from {folder} (step {self.step} of {self.total_steps})", file=sys.stderr)
+        if self.lead:
+            print(f"resume: from {folder} (step {self.step} of {self.total_steps})", file=sys.stderr)
 
     def save_final(self) -> None:
         """The output folder: an HF checkpoint (merged for LoRA unless merge=False) and the adapter."""
+        weights = self._weights()
+        if not self.lead:
+            return
         if self.config.lora_rank:
             lora.save_adapter(self.model, self.out / "adapter", self.config.model or "")
             if not self.config.merge:
                 return
-            lora.merge_lora(self.model)
-        export_hf(self.model.config, self.model.state_dict(), self.tokenizer, self.out)
+            weights = lora.merge_lora(self.model).state_dict()
+        export_hf(self.model.config, weights, self.tokenizer, self.out)
 
 
 def _lines(path: Path) -> list[str]:

@@ -1,0 +1,51 @@
+"""Several processes on torch.distributed (torchrun): gloo on CPU, NCCL on CUDA. No RPC of our own.
+
+    torchrun --nproc-per-node 2 -m qwen2 train sft ... [--parallel ddp|fsdp]
+
+data_parallel.py wraps a training model for DDP or FSDP2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): under torchrun the process group is started on first call; (0, 1) alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def local_device() -> torch.device:
+    """This process's device: its own GPU under torchrun (LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def all_sum(value: float) -> float:
+    """The sum of `value` over every process (itself when alone)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """End the process group, if this process started one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
