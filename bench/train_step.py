@@ -1,0 +1,148 @@
+"""One training step, ours beside transformers (+ peft for LoRA), on the same config, data and batch.
+
+    python bench/train_step.py [--steps 5] [--batch 4] [--seq 256] [--json out.json]
+
+A Qwen2 of the real vocabulary (151,936 tokens) with a small body (hidden 256, 4 layers), float32
+weights and compute in both, AdamW, full fine-tuning and LoRA rank 8 on every projection. Each
+row runs in its own process so its peak RSS (VmHWM) is its own; two warm-up steps, then the
+median step time of --steps. Prints the configuration, a table with ratios, and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIG = dict(vocab_size=151936, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+              rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def time_steps(step, steps: int) -> float:
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_ours(lora: bool, batch: int, seq: int, steps: int) -> dict:
+    import torch
+
+    from qwen2.config import Qwen2Config
+    from qwen2.model import Transformer
+    from qwen2.train.data import Batch
+    from qwen2.train.lora import add_lora
+    from qwen2.train.trainer import initialize, loss_sum
+
+    torch.manual_seed(0)
+    model = initialize(Transformer(Qwen2Config(**CONFIG))).train()
+    if lora:
+        add_lora(model, 8, 16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    tokens = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    targets = torch.cat([tokens[:, 1:], torch.full((batch, 1), -100)], 1)
+    data = Batch(tokens, torch.arange(seq).expand(batch, seq), torch.zeros_like(tokens), targets,
+                 (targets != -100).float())
+
+    def step():
+        loss = loss_sum(model, data) / (targets != -100).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {"step_s": time_steps(step, steps)}
+
+
+def run_transformers(lora: bool, batch: int, seq: int, steps: int) -> dict:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CONFIG)).train()
+    if lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    tokens = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+
+    def step():
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {"step_s": time_steps(step, steps), "transformers": transformers.__version__}
+
+
+def child(args: argparse.Namespace) -> None:
+    runner = run_ours if args.child == "ours" else run_transformers
+    result = runner(args.lora, args.batch, args.seq, args.steps)
+    result |= {"tokens_per_s": args.batch * args.seq / result["step_s"], "peak_rss_mib": peak_rss_mib()}
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--json")
+    parser.add_argument("--child", choices=["ours", "transformers"])
+    parser.add_argument("--lora", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; batch {args.batch} x "
+          f"{args.seq} tokens, float32, AdamW; config {CONFIG}")
+    rows = {}
+    for mode in ("full", "lora"):
+        for who in ("ours", "transformers"):
+            cmd = [sys.executable, __file__, "--child", who, "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--seq", str(args.seq)] + (["--lora"] if mode == "lora" else [])
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            rows[f"{mode}/{who}"] = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else \
+                {"missing": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    print(f"{'mode':6} {'engine':13} {'tokens/s':>9} {'peak MiB':>9}")
+    for name, r in rows.items():
+        mode, who = name.split("/")
+        speed, memory = r.get("tokens_per_s", float("nan")), r.get("peak_rss_mib", float("nan"))
+        print(f"{mode:6} {who:13} {speed:9.0f} {memory:9.0f}")
+    for mode in ("full", "lora"):
+        ours, theirs = rows[f"{mode}/ours"], rows[f"{mode}/transformers"]
+        if "missing" not in ours and "missing" not in theirs:
+            print(f"{mode}: ours {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x their tokens/s at "
+                  f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x their peak memory")
+    report = {"cpu": cpu, "batch": args.batch, "seq": args.seq, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
