@@ -1,11 +1,16 @@
-"""Load test of an OpenAI-compatible server: throughput, time to first token, inter-token latency.
+"""Load test of OpenAI-compatible servers: throughput, time to first token, inter-token latency,
+lost requests; ours beside llama.cpp's (llama-cpp-python[server]) on the same GGUF.
 
-    python bench/serve_load.py --url http://127.0.0.1:8000 [--concurrency 1 8 32] [--max-tokens 64]
+    python bench/serve_load.py --url http://127.0.0.1:8000                  # a server already running
+    python bench/serve_load.py --launch ours llama --llama-python VENV/bin/python \\
+        --requests 1000 --concurrency 1 8 32                                 # start each, one at a time
 
-Each level runs `--requests-per-client` streamed chat requests per client (bounded), with
-ignore_eos so every reply has exactly --max-tokens tokens; prompts differ at their start so the
-prefix cache cannot skip them. Works against any OpenAI server (ours, llama.cpp's, vLLM) on this
-machine: the URL must be loopback. Prints a table, then one JSON line.
+The highest level sends `--requests` streamed chat requests (default 1000), each lower one
+max(2 x clients, requests / 8), from that many concurrent clients, each asking for a seeded random 16..64 tokens with
+both end tokens banned by logit_bias, so every reply has exactly its tokens on every server.
+Prompts differ at their start, so no prefix cache skips them. A request is lost when it fails
+or returns fewer tokens than asked. Servers run one after the other, never together, and only
+on loopback. Prints a table per server, then one JSON line.
 """
 
 from __future__ import annotations
@@ -14,13 +19,22 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
+import random
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 from urllib.parse import urlparse
 
 from openai import AsyncOpenAI
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+END_TOKENS = {"151643": -100, "151645": -100}  # <|endoftext|>, <|im_end|>: replies run to max_tokens
+HEADER = ("clients", "requests", "lost", "wall_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+          "itl_p99_ms")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -38,66 +52,135 @@ def loopback_only(url: str) -> None:
         raise SystemExit(f"{url} is not a loopback address; this benchmark only loads servers on this machine")
 
 
-async def one_request(client: AsyncOpenAI, model: str, index: int, args: argparse.Namespace) -> dict:
+async def one_request(client: AsyncOpenAI, model: str, index: int, max_tokens: int) -> dict:
     start = time.perf_counter()
     stamps: list[float] = []
-    tokens = 0
-    stream = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": f"[{index}] {PROMPT}"}], max_tokens=args.max_tokens,
-        temperature=0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            stamps.append(time.perf_counter())
-        if chunk.usage:
-            tokens = chunk.usage.completion_tokens
+    tokens, finish = 0, None
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"[{index}] {PROMPT}"}], max_tokens=max_tokens,
+            temperature=0, stream=True, logit_bias=END_TOKENS, stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                stamps.append(time.perf_counter())
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+    except Exception as e:  # counted as lost, the run goes on
+        return {"lost": f"{type(e).__name__}: {e}"[:200], "ttft": None, "gaps": [], "tokens": 0}
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"ttft": stamps[0] - start if stamps else float("nan"), "gaps": gaps, "tokens": tokens or len(stamps)}
+    lost = None if finish == "length" else f"finish_reason {finish!r} after {len(stamps)} chunks"
+    # a streamed chunk may carry more than one token (text held back): usage counts tokens
+    return {"lost": lost, "ttft": stamps[0] - start if stamps else None, "gaps": gaps, "tokens": tokens or len(stamps)}
 
 
-async def run_level(client: AsyncOpenAI, model: str, clients: int, args: argparse.Namespace) -> dict:
-    indices = iter(range(clients * args.requests_per_client))  # shared: each client takes the next one
+async def run_level(client: AsyncOpenAI, model: str, clients: int, requests: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    lengths = [rng.randint(16, 64) for _ in range(requests)]
+    indices = iter(range(requests))  # shared: each client takes the next one
 
     async def worker() -> list[dict]:
-        return [await one_request(client, model, i, args) for i in indices]
+        return [await one_request(client, model, seed * 100_000 + i, lengths[i]) for i in indices]
 
     start = time.perf_counter()
     results = [r for batch in await asyncio.gather(*(worker() for _ in range(clients))) for r in batch]
     wall = time.perf_counter() - start
-    ttft = [r["ttft"] * 1000 for r in results]
+    ttft = [r["ttft"] * 1000 for r in results if r["ttft"] is not None]
     itl = [g * 1000 for r in results for g in r["gaps"]]
+    lost = [r["lost"] for r in results if r["lost"]]
     tokens = sum(r["tokens"] for r in results)
-    return {"clients": clients, "requests": len(results), "wall_s": round(wall, 2), "output_tokens": tokens,
-            "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(len(results) / wall, 3),
-            "ttft_p50_ms": round(percentile(ttft, 50), 1), "ttft_p99_ms": round(percentile(ttft, 99), 1),
+    return {"clients": clients, "requests": len(results), "lost": len(lost), "lost_examples": lost[:3],
+            "wall_s": round(wall, 1), "output_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_ms": round(percentile(ttft, 50)), "ttft_p99_ms": round(percentile(ttft, 99)),
             "itl_p50_ms": round(percentile(itl, 50), 1), "itl_p99_ms": round(percentile(itl, 99), 1)}
 
 
-async def main(args: argparse.Namespace) -> None:
-    loopback_only(args.url)
-    async with AsyncOpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key or "none",
-                           max_retries=0, timeout=600) as client:
+async def load(url: str, args: argparse.Namespace, name: str) -> dict:
+    loopback_only(url)
+    async with AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key=args.api_key or "none", max_retries=0,
+                           timeout=3600) as client:
         model = args.model or (await client.models.list()).data[0].id
-        print(f"# {args.url} model={model} max_tokens={args.max_tokens} "
-              f"requests_per_client={args.requests_per_client} greedy, ignore_eos, streamed chat")
-        await one_request(client, model, -1, args)  # warm-up, not counted
+        await one_request(client, model, -1, 16)  # warm-up, not counted
+        print(f"# {name}: {url} model={model}, {os.getloadavg()[0]:.1f} load average at the start", flush=True)
+        print(" ".join(f"{h:>12}" for h in HEADER), flush=True)
         levels = []
-        header = ("clients", "requests", "wall_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
-                  "itl_p99_ms")
-        print(" ".join(f"{h:>12}" for h in header))
         for clients in args.concurrency:
-            level = await run_level(client, model, clients, args)
+            requests = args.requests if clients == max(args.concurrency) else max(clients * 2, args.requests // 8)
+            level = await run_level(client, model, clients, requests, seed=clients)
+            level["load_average"] = round(os.getloadavg()[0], 1)
             levels.append(level)
-            print(" ".join(f"{level[h]:>12}" for h in header), flush=True)
-    print(json.dumps({"bench": "serve_load", "url": args.url, "model": model, "max_tokens": args.max_tokens,
-                      "requests_per_client": args.requests_per_client, "levels": levels}))
+            print(" ".join(f"{level[h]:>12}" for h in HEADER), f"  (load {level['load_average']})", flush=True)
+    return {"server": name, "url": url, "model": model, "levels": levels}
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode} before it answered")
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise SystemExit(f"{url} did not answer in {timeout} s")
+
+
+def launch(name: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """Start one server on a free loopback port: ours with enough slots for every client, or
+    llama.cpp's (llama-cpp-python[server], which decodes one request at a time)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gguf = args.gguf or str(default_gguf())
+    if name == "ours":
+        cmd = [sys.executable, "-m", "qwen2.server", "--model", gguf, "--port", str(port), "--ctx", str(args.ctx),
+               "--max-concurrency", str(max(args.concurrency)), "--max-queue", "1024"]
+    else:
+        cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port",
+               str(port), "--n_ctx", str(args.ctx), "--n_threads", str(args.llama_threads),
+               "--interrupt_requests", "False"]  # queue concurrent requests instead of cutting the running one
+    log = open(Path(args.logs) / f"serve_load_{name}.log", "w")  # noqa: SIM115 (open while the server runs)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, process)
+    return process, url
+
+
+def default_gguf() -> Path:
+    from qwen2.weights.default import default_model_path
+
+    return default_model_path()
+
+
+async def main(args: argparse.Namespace) -> None:
+    reports = []
+    if args.url:
+        reports.append(await load(args.url, args, "given"))
+    for name in args.launch:
+        process, url = launch(name, args)
+        try:
+            reports.append(await load(url, args, name))
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    print(json.dumps({"bench": "serve_load", "cpu": os.cpu_count(), "requests": args.requests, "reports": reports}))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (loopback only)")
+    parser.add_argument("--url", help="a server already running (loopback only)")
+    parser.add_argument("--launch", nargs="*", default=[], choices=["ours", "llama"],
+                        help="start these servers here, one after the other, and load each")
+    parser.add_argument("--llama-python", default="python", help="a Python with llama-cpp-python[server]")
+    parser.add_argument("--llama-threads", type=int, default=os.cpu_count(), help="llama.cpp's --n_threads")
+    parser.add_argument("--gguf", help="the model both servers load (default: the embedded default model)")
+    parser.add_argument("--ctx", type=int, default=1024, help="context per sequence for launched servers")
+    parser.add_argument("--logs", default=".", help="folder for the launched servers' logs")
     parser.add_argument("--api-key")
     parser.add_argument("--model", help="model id (default: the server's first)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests-per-client", type=int, default=2, help="requests each client sends in turn")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=1000, help="requests at the highest concurrency")
     asyncio.run(main(parser.parse_args()))

@@ -3,6 +3,12 @@
 The Engine is single-threaded by design. One background thread owns it: it takes commands
 (submit, cancel) from a queue between steps and hands each Output to the asyncio loop of the
 request that asked for it. Nothing else touches the engine, so no locks reach the hot loop.
+
+Supervision: the thread never dies silently. A request that fails (in the engine or while its
+output is handed over, e.g. its caller's loop is gone) ends alone; an error outside any one
+request fails the requests in flight, is logged, and the loop goes on. When the thread stops
+(shutdown, or a failure it cannot survive), every open request gets a final output with
+finish_reason "error" and later submits are refused with EngineUnavailableError.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -27,11 +33,16 @@ class QueueFullError(RequestError):
     """More requests are waiting than the engine accepts; retry later."""
 
 
+class EngineUnavailableError(RequestError):
+    """The engine is stopped (shutting down, or its thread has ended); nothing can be served."""
+
+
 @dataclass
 class Stats:
     requests: int = 0
     finished: int = 0
-    cancelled: int = 0
+    cancelled: Counter[str] = field(default_factory=Counter)  # by reason: "caller", "client_gone", "timeout", ...
+    failed: Counter[str] = field(default_factory=Counter)  # by the stage that failed, or "shutdown"
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
@@ -55,8 +66,15 @@ class AsyncEngine:
         self._handles: dict[int, _Handle] = {}
         self._thread = threading.Thread(target=self._run, name="qwen2-engine", daemon=True)
         self._stopping = False
+        self._closed = False  # set once, by the engine thread as it ends; guarded by _lock
+        self._lock = threading.Lock()
         self._pending = 0  # submits not yet taken by the engine thread (asyncio side only)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine takes requests (its thread runs and no shutdown was asked for)."""
+        return self._thread.is_alive() and not self._stopping and not self._closed
 
     # -- called from asyncio -----------------------------------------------------------
     @property
@@ -77,7 +95,10 @@ class AsyncEngine:
         accepted: asyncio.Future = loop.create_future()
         self._pending += 1
         try:
-            self._commands.put(("submit", prompt, params, handle, accepted))
+            with self._lock:
+                if self._closed or self._stopping:
+                    raise EngineUnavailableError("the engine is stopped and takes no requests; restart the server")
+                self._commands.put(("submit", prompt, params, handle, accepted))
             request = await accepted
         finally:
             self._pending -= 1
@@ -96,27 +117,44 @@ class AsyncEngine:
             if request.finish_reason is None:
                 self.cancel(request)
 
-    def cancel(self, request: Request) -> None:
-        self._commands.put(("cancel", request))
+    def cancel(self, request: Request, reason: str = "caller") -> None:
+        """Free the request's slot before the next step; `reason` labels it in the stats."""
+        self._commands.put(("cancel", request, reason))
 
     def shutdown(self) -> None:
+        """Stop the thread; every open request gets a final output first."""
         self._stopping = True
         self._commands.put(("stop",))
         self._thread.join(timeout=10)
 
     # -- the engine thread -------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stopping:
-            self._drain_commands(block=not self.engine.has_work)
-            if self.engine.has_work:
+        try:
+            while not self._stopping:
                 try:
-                    outputs = self.engine.step()
-                except Exception:  # a bug must not leave clients waiting forever
-                    log.exception("engine step failed; failing the requests in flight")
-                    self._fail_all()
-                    continue
-                for out in outputs:
-                    self._deliver(out)
+                    self._drain_commands(block=not self.engine.has_work)
+                    if self.engine.has_work:
+                        for out in self.engine.step():
+                            self._deliver(out)
+                except Exception:  # outside any one request: a bug must not leave clients waiting forever
+                    log.exception("engine loop failed; failing the requests in flight")
+                    self._fail_all("internal", "the engine failed; see the server log")
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """The thread is ending: refuse what is queued and end every open request."""
+        with self._lock:
+            self._closed = True
+        try:
+            while True:
+                command = self._commands.get_nowait()
+                if command[0] == "submit":
+                    stopped = EngineUnavailableError("the engine stopped before this request started")
+                    self._call(command[3].loop, self._settle, command[4], None, stopped)
+        except queue.Empty:
+            pass
+        self._fail_all("shutdown", "the server is shutting down; the request was not finished")
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -139,46 +177,67 @@ class AsyncEngine:
             except Exception as e:  # anything else is our bug: log it, but keep the thread alive
                 if not isinstance(e, Qwen2Error):
                     log.exception("submit failed")
-                handle.loop.call_soon_threadsafe(self._settle, accepted, None, e)
+                self._call(handle.loop, self._settle, accepted, None, e)
+                return
+            if not self._call(handle.loop, self._settle, accepted, request, None):
+                self.engine.cancel(request)  # the caller's loop is gone before it got its request
+                self.stats.cancelled["caller_gone"] += 1
                 return
             handle.request = request
             self._handles[request.id] = handle
             self.stats.requests += 1
             self.stats.prompt_tokens += len(request.prompt)
-            handle.loop.call_soon_threadsafe(self._settle, accepted, request, None)
         elif kind == "cancel":
-            request = command[1]
+            _, request, reason = command
             if request.finish_reason is None:
                 self.engine.cancel(request)
-                self.stats.cancelled += 1
+                self.stats.cancelled[reason] += 1
                 self._handles.pop(request.id, None)
 
     def _deliver(self, out: Output) -> None:
         handle = self._handles.get(out.request_id)
         if handle is None:
             return
-        if handle.first_token_at is None:
-            handle.first_token_at = time.perf_counter()
-            self.stats.time_to_first_token.append(handle.first_token_at - handle.submitted)
-            self.stats.cached_tokens += handle.request.cached_tokens
-        self.stats.generated_tokens += 1
         if out.finish_reason is not None:
-            self.stats.finished += 1
             del self._handles[out.request_id]
-        handle.loop.call_soon_threadsafe(handle.outputs.put_nowait, out)
+            if out.finish_reason == "error":
+                self.stats.failed[handle.request.failed_in or "internal"] += 1
+            else:
+                self.stats.finished += 1
+        if out.token is not None:
+            if handle.first_token_at is None:
+                handle.first_token_at = time.perf_counter()
+                self.stats.time_to_first_token.append(handle.first_token_at - handle.submitted)
+                self.stats.cached_tokens += handle.request.cached_tokens
+            self.stats.generated_tokens += 1
+        if not self._call(handle.loop, handle.outputs.put_nowait, out) and out.finish_reason is None:
+            # nobody can receive it (the caller's event loop is gone): free the slot now
+            self.engine.cancel(handle.request)
+            self.stats.cancelled["caller_gone"] += 1
+            del self._handles[out.request_id]
 
-    def _fail_all(self) -> None:
+    def _fail_all(self, reason: str, message: str) -> None:
         for request_id, handle in list(self._handles.items()):
             self.engine.cancel(handle.request)
-            out = Output(request_id, None, "", finish_reason="error")
-            handle.loop.call_soon_threadsafe(handle.outputs.put_nowait, out)
+            self.stats.failed[reason] += 1
+            self._call(handle.loop, handle.outputs.put_nowait,
+                       Output(request_id, None, "", finish_reason="error", error=message))
         self._handles.clear()
+
+    @staticmethod
+    def _call(loop: asyncio.AbstractEventLoop, callback, *args) -> bool:
+        """Run `callback` on a caller's loop; False when that loop is closed."""
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+            return True
+        except RuntimeError:
+            return False
 
     def _settle(self, future: asyncio.Future, request: Request | None, error: Exception | None) -> None:
         """Runs on the caller's loop: answer submit(), or cancel if the caller gave up meanwhile."""
         if future.cancelled():
             if request is not None:
-                self.cancel(request)
+                self.cancel(request, "caller")
         elif error is not None:
             future.set_exception(error)
         else:

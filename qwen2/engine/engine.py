@@ -10,11 +10,16 @@ Scheduling, one `step()` at a time:
 - Then every decoding request advances one token in a single batched forward; a greedy
   request decoding alone may instead check a drafted continuation (speculative decoding).
 Requests join and leave between steps (continuous batching).
+
+Isolation: whatever goes wrong while serving one request (sampling, a logits processor,
+detokenizing, stop matching) ends that request alone with finish_reason "error" and a message;
+a failed forward ends the requests of that forward. The step goes on for everyone else.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,9 +28,12 @@ import torch
 
 from qwen2.engine.sampling import SamplingParams, sample, top_logprobs
 from qwen2.engine.speculative import DraftModel, PromptLookup
+from qwen2.engine.stops import StopMatcher
 from qwen2.errors import RequestError
 from qwen2.model import KVCache, Transformer
 from qwen2.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,9 +43,10 @@ class Output:
     request_id: int
     token: int | None
     text: str
-    finish_reason: str | None = None  # "stop", "length", "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    error: str | None = None  # with finish_reason "error": what failed
 
 
 @dataclass
@@ -48,6 +57,7 @@ class Request:
     stop_ids: set[int]
     detok: StreamDecoder
     generator: torch.Generator | None
+    stops: StopMatcher
     output: list[int] = field(default_factory=list)
     slot: int | None = None
     computed: int = 0  # tokens whose keys/values are in the slot
@@ -56,6 +66,7 @@ class Request:
     drafted: int = 0  # speculative decoding: tokens proposed / accepted
     accepted: int = 0
     finish_reason: str | None = None
+    failed_in: str | None = None  # with finish_reason "error": the stage that failed
 
     @property
     def prefilled(self) -> bool:
@@ -111,7 +122,8 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
-        request = Request(next(self._ids), ids, params, stop_ids, self.tokenizer.stream_decoder(), generator)
+        request = Request(next(self._ids), ids, params, stop_ids, self.tokenizer.stream_decoder(), generator,
+                          StopMatcher(params.stop))
         self.waiting.append(request)
         return request
 
@@ -162,8 +174,8 @@ class Engine:
         prefills = self._prefill_batch()
         if prefills:
             chunks = [r.prompt[r.computed: r.computed + self.prefill_chunk] for r in prefills]
-            logits = self._forward(prefills, chunks, [r.computed for r in prefills])
-            for r, chunk, row in zip(prefills, chunks, logits):
+            logits = self._guarded_forward(prefills, chunks, [r.computed for r in prefills], outputs)
+            for r, chunk, row in zip(prefills, chunks, logits if logits is not None else []):
                 r.computed += len(chunk)
                 self.slot_tokens[r.slot] += chunk
                 if r.prefilled:
@@ -171,14 +183,27 @@ class Engine:
         prefilling = {r.id for r in prefills}
         decoding = [r for r in self.running.values() if r.prefilled and r.output and r.id not in prefilling]
         if len(decoding) == 1 and self.speculator is not None and decoding[0].params.greedy:
-            outputs += self._speculate(decoding[0])
+            try:
+                outputs += self._speculate(decoding[0])
+            except Exception as e:
+                outputs.append(self._fail(decoding[0], "speculative_decoding", e))
         elif decoding:
-            logits = self._forward(decoding, [[r.output[-1]] for r in decoding], [r.computed for r in decoding])
-            for r, row in zip(decoding, logits):
+            logits = self._guarded_forward(decoding, [[r.output[-1]] for r in decoding],
+                                           [r.computed for r in decoding], outputs)
+            for r, row in zip(decoding, logits if logits is not None else []):
                 self.slot_tokens[r.slot].append(r.output[-1])
                 r.computed += 1
                 outputs.append(self._accept(r, row))
         return outputs
+
+    def _guarded_forward(self, requests: list[Request], chunks: list[list[int]], starts: list[int],
+                         outputs: list[Output]) -> torch.Tensor | None:
+        """The forward's logits, or None after failing its requests (their outputs join `outputs`)."""
+        try:
+            return self._forward(requests, chunks, starts)
+        except Exception as e:
+            outputs.extend(self._fail(r, "forward", e) for r in requests)
+            return None
 
     def _prefill_batch(self) -> list[Request]:
         """The requests whose next prompt chunks go through one forward this step.
@@ -233,38 +258,53 @@ class Engine:
                           logits_index=None if every_position else last.to(device)).float().cpu()
 
     def _accept(self, request: Request, logits: torch.Tensor) -> Output:
-        params = request.params
-        token = sample(logits, params, request.prompt, request.output, request.generator)
-        request.output.append(token)
-        out = Output(request.id, token, "")
-        if params.logprobs is not None:
-            out.logprob, out.top_logprobs = top_logprobs(logits, token, params.logprobs)
-        if token in request.stop_ids:
-            out.text = request.held_text + request.detok.flush()
-            return self._finish(request, out, "stop")
-        out.text = self._release_text(request, request.detok.push(token))
-        if request.finish_reason == "stop":
-            return self._finish(request, out, "stop")
-        full = len(request.prompt) + len(request.output) >= self.max_seq_len
-        if len(request.output) >= params.max_tokens or full:
-            out.text += request.held_text + request.detok.flush()
-            return self._finish(request, out, "length")
-        return out
+        """The request's next token from its logits row, and the text it releases; a failure
+        anywhere here ends this request alone."""
+        params, stage = request.params, "sampling"
+        try:
+            token = sample(logits, params, request.prompt, request.output, request.generator)
+            request.output.append(token)
+            out = Output(request.id, token, "")
+            if params.logprobs is not None:
+                out.logprob, out.top_logprobs = top_logprobs(logits, token, params.logprobs)
+            stage = "detokenizing"
+            if token in request.stop_ids:
+                out.text = request.held_text + request.detok.flush()
+                return self._finish(request, out, "stop")
+            piece = request.detok.push(token)
+            stage = "stop_matching"
+            out.text = self._release_text(request, piece)
+            if request.finish_reason == "stop":
+                return self._finish(request, out, "stop")
+            full = len(request.prompt) + len(request.output) >= self.max_seq_len
+            if len(request.output) >= params.max_tokens or full:
+                stage = "detokenizing"
+                out.text += request.held_text + request.detok.flush()
+                return self._finish(request, out, "length")
+            return out
+        except Exception as e:
+            return self._fail(request, stage, e)
 
     def _release_text(self, request: Request, piece: str) -> str:
         """Text safe to show: cut at a stop string; hold back a tail that may begin one."""
-        stops = request.params.stop
         text = request.held_text + piece
-        if not stops:
-            request.held_text = ""
-            return text
-        hits = [text.find(s) for s in stops if s in text]
-        if hits:
+        start = request.stops.feed(piece)
+        if start is not None:
             request.held_text, request.finish_reason = "", "stop"
-            return text[: min(hits)]
-        hold = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+            return text[: len(text) - len(piece) + start]
+        hold = request.stops.partial
         request.held_text = text[len(text) - hold:] if hold else ""
         return text[: len(text) - hold]
+
+    def _fail(self, request: Request, stage: str, error: Exception) -> Output:
+        """End one request with finish_reason "error"; its slot's cached tokens are forgotten."""
+        log.error("request %d failed in %s", request.id, stage, exc_info=error)
+        request.failed_in = stage
+        if request.slot is not None:
+            self.slot_tokens[request.slot] = []
+        message = f"generation failed in {stage.replace('_', ' ')}: {type(error).__name__}: {error}"
+        out = Output(request.id, None, "", error=message[:500])
+        return self._finish(request, out, "error")
 
     def _finish(self, request: Request, out: Output, reason: str) -> Output:
         request.finish_reason = out.finish_reason = reason

@@ -44,8 +44,12 @@ class LLM:
         """Raw completion of `prompt` (no chat template). `sampling`: SamplingParams fields."""
         request = self.engine.submit(prompt, SamplingParams(**sampling))
         if stream:
-            return self._pieces(request)
-        text = "".join(out.text for out in self.engine.stream(request))
+            return TextStream(self.engine, request)
+        text = ""
+        for out in self.engine.stream(request):
+            if out.finish_reason == "error":
+                raise RuntimeError(out.error)
+            text += out.text
         return Completion(text, request.output, request.finish_reason, len(request.prompt),
                           request.cached_tokens)
 
@@ -54,10 +58,30 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         return self.generate(prompt, stream=stream, **sampling)
 
-    def _pieces(self, request: Request) -> Iterator[str]:
-        try:
-            for out in self.engine.stream(request):
-                if out.text:
-                    yield out.text
-        finally:  # the caller stopped early (break, close, garbage collection): free the slot now
-            self.engine.cancel(request)
+
+class TextStream:
+    """The text pieces of one request as they are generated. Closing it, or dropping it (even
+    before the first piece), cancels the request, so the engine's next step no longer runs it."""
+
+    def __init__(self, engine: Engine, request: Request):
+        self.engine, self.request = engine, request
+        self._outputs = engine.stream(request)
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        for out in self._outputs:
+            if out.finish_reason == "error":
+                self.close()
+                raise RuntimeError(out.error)
+            if out.text:
+                return out.text
+        raise StopIteration
+
+    def close(self) -> None:
+        self._outputs.close()
+        self.engine.cancel(self.request)
+
+    def __del__(self) -> None:
+        self.close()

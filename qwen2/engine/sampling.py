@@ -41,7 +41,9 @@ class SamplingParams:
     def validate(self, vocab_size: int) -> None:
         """Every field within a range where sampling stays finite (NaN fails every check):
         temperature 0 (greedy) or 0.001..100; repetition_penalty 0.01..100; logit_bias at most
-        300 entries, values -100..100; at most 16 stop strings of up to 1000 characters."""
+        300 entries, values -100..100; at most 16 stop strings of up to 1000 characters; at most 64
+        stop_token_ids; top_p in (0, 1], min_p in [0, 1], presence/frequency penalties in [-2, 2],
+        logprobs 0..20, seed in [0, 2**63)."""
         checks = [
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
             (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100,
@@ -59,6 +61,9 @@ class SamplingParams:
             (len(self.stop) <= MAX_STOP_STRINGS and all(0 < len(s) <= MAX_STOP_LENGTH for s in self.stop),
              f"give at most {MAX_STOP_STRINGS} stop strings, each of 1 to {MAX_STOP_LENGTH} characters"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+            (self.stop_token_ids is None or len(self.stop_token_ids) <= 64
+             and all(0 <= t < vocab_size for t in self.stop_token_ids),
+             f"give at most 64 stop_token_ids, each in [0, {vocab_size})"),
         ]
         for ok, message in checks:
             if not ok:

@@ -4,17 +4,20 @@ Guards, outermost first: CORS (only with --cors-origin), then one ASGI middlewar
 requests for /metrics, checks the API key on /v1 routes (before the body is read, so a client
 without the key learns nothing else) and caps the body size. Every error is answered in OpenAI's
 shape; a client's mistake is never a 500, and a 500 never carries a stack trace (it is logged).
+Every 4xx is counted for /metrics by its code; /health answers 503 while the engine is down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from qwen2.engine.async_engine import AsyncEngine, QueueFullError
+from qwen2.engine.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from qwen2.engine.llm import LLM
 from qwen2.errors import Qwen2Error, TokenizerError
 from qwen2.server.metrics import Metrics
@@ -33,6 +36,8 @@ from qwen2.server.structured import Grammars
 
 log = logging.getLogger(__name__)
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")  # metric labels
+PREPARE_THREADS = 2
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,7 +59,26 @@ class Server:
         self.context, self.vocab_size = llm.engine.max_seq_len, llm.config.vocab_size
         self.model_name, self.timeout = settings.model_name, settings.timeout
         self.grammars = Grammars(llm.tokenizer, self.vocab_size)
+        # byte-level BPE spells each token with one character per byte: the longest spelling bounds
+        # how many bytes one token covers, so a text over context x that many bytes cannot fit
+        self.max_token_bytes = max(len(llm.tokenizer.id_to_token(i) or "") for i in range(self.vocab_size))
         self.metrics = Metrics()
+        self.preparing = 0  # requests being prepared or waiting for a preparation thread
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="qwen2-prepare")
+
+    async def prepare(self, work: Callable[..., T], *args: Any) -> T:
+        """Run a request's CPU-heavy preparation off the event loop, at most max_queue at a time."""
+        if self.preparing >= max(self.settings.max_queue, PREPARE_THREADS):
+            raise QueueFullError(f"{self.preparing} requests are already being prepared; retry shortly")
+        self.preparing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, work, *args)
+        finally:
+            self.preparing -= 1
+
+    def close(self) -> None:
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.shutdown()
 
     def render(self, messages: list[dict], tools: list[dict] | None) -> str:
         try:
@@ -63,19 +87,31 @@ class Server:
             raise invalid(str(e), "messages") from None
 
     def prompt_ids(self, prompt: str | list[int], param: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        """The prompt's token ids; runs in a preparation thread (Server.prepare)."""
+        if isinstance(prompt, str):
+            least = -(-len(prompt.encode(errors="replace")) // self.max_token_bytes)
+            if least >= self.context:  # refused without the cost of tokenizing it
+                raise self._too_long(f"at least {least}", param)
+            ids = self.tokenizer.encode(prompt)  # releases the GIL: the loop and the engine run on
+        else:
+            ids = prompt
         if not ids:
             raise invalid("the prompt is empty", param)
         if not all(0 <= i < self.vocab_size for i in ids):
             raise invalid(f"token ids must be in [0, {self.vocab_size})", param)
         if len(ids) >= self.context:
-            raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds {self.context} (the reply "
-                                "needs at least one more); shorten the prompt or restart the server with a larger "
-                                "--ctx", param, code="context_length_exceeded")
+            raise self._too_long(str(len(ids)), param)
         return ids
 
+    def _too_long(self, tokens: str, param: str) -> APIError:
+        return APIError(400, f"the prompt has {tokens} tokens but the context holds {self.context} (the reply needs "
+                             "at least one more); shorten the prompt or restart the server with a larger --ctx", param,
+                        code="context_length_exceeded")
 
-def _error(e: APIError) -> JSONResponse:
+
+def _error(e: APIError, request: Request | None = None) -> JSONResponse:
+    if request is not None and 400 <= e.status < 500:
+        request.app.state.server.metrics.observe_rejected(e.code or e.type)
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
@@ -88,33 +124,43 @@ def _param(loc: tuple) -> str | None:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return _error(e)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return _error(e, request)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         # of a union's failed branches, the deepest error is the informative one
         worst = max(e.errors(), key=lambda err: len(err.get("loc", ())), default={"msg": "invalid request body"})
         param = _param(tuple(worst.get("loc", ())))
         if param is None:  # the body as a whole: not JSON, or not an object
             return _error(invalid("the request body must be a JSON object, sent with Content-Type: "
-                                  f"application/json ({worst['msg']})"))
-        return _error(invalid(f"{param}: {worst['msg']}", param))
+                                  f"application/json ({worst['msg']})"), request)
+        return _error(invalid(f"{param}: {worst['msg']}", param), request)
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, _: RecursionError) -> JSONResponse:
+        # json.loads of a body nested thousands of levels deep
+        return _error(invalid("the request body is nested too deeply"), request)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status_code)
-        return _error(APIError(e.status_code, message, code=code, headers=e.headers))
+        return _error(APIError(e.status_code, message, code=code, headers=e.headers), request)
 
     @app.exception_handler(QueueFullError)
-    async def queue_full(_: Request, e: QueueFullError) -> JSONResponse:
-        return _error(APIError(429, str(e), code="queue_full", type="rate_limit_error", headers={"Retry-After": "1"}))
+    async def queue_full(request: Request, e: QueueFullError) -> JSONResponse:
+        return _error(APIError(429, str(e), code="queue_full", type="rate_limit_error", headers={"Retry-After": "1"}),
+                      request)
+
+    @app.exception_handler(EngineUnavailableError)
+    async def engine_down(_: Request, e: EngineUnavailableError) -> JSONResponse:
+        return _error(APIError(503, str(e), code="engine_unavailable", type="server_error"))
 
     @app.exception_handler(Qwen2Error)
-    async def user_error(_: Request, e: Qwen2Error) -> JSONResponse:
-        return _error(invalid(str(e)))
+    async def user_error(request: Request, e: Qwen2Error) -> JSONResponse:
+        return _error(invalid(str(e)), request)
 
     @app.exception_handler(Exception)
     async def bug(request: Request, e: Exception) -> JSONResponse:
@@ -143,6 +189,7 @@ class Guard:
         try:
             error = self._refuse(scope)
             if error is not None:
+                self.server.metrics.observe_rejected(error.code)
                 await JSONResponse(error.body(), error.status, error.headers)(scope, receive, counted)
             else:
                 await self.app(scope, self._capped(receive), counted)
@@ -188,7 +235,7 @@ def create_app(llm: LLM, settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        server.engine.shutdown()
+        server.close()
 
     app = FastAPI(title="qwen2", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
@@ -199,8 +246,10 @@ def create_app(llm: LLM, settings: Settings) -> FastAPI:
         return page
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": server.model_name}
+    async def health() -> JSONResponse:
+        if not server.engine.alive:
+            return JSONResponse({"status": "engine down", "model": server.model_name}, status_code=503)
+        return JSONResponse({"status": "ok", "model": server.model_name})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> str:

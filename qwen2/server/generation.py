@@ -28,12 +28,13 @@ class Choice:
     text: str = ""
     logprobs: list[Output] = field(default_factory=list)  # outputs that carry a logprob
     finish_reason: str | None = None
+    error: str | None = None  # with finish_reason "error"
 
     def add(self, out: Output) -> None:
         self.text += out.text
         if out.logprob is not None:
             self.logprobs.append(out)
-        self.finish_reason = out.finish_reason
+        self.finish_reason, self.error = out.finish_reason, out.error
 
     @property
     def completion_tokens(self) -> int:
@@ -46,14 +47,14 @@ async def start(engine: AsyncEngine, choices: list[Choice]) -> None:
         for c in choices:
             c.request, c.outputs = await engine.submit(c.prompt, c.params)
     except BaseException:
-        cancel(engine, choices)
+        cancel(engine, choices, "refused")
         raise
 
 
-def cancel(engine: AsyncEngine, choices: list[Choice]) -> None:
+def cancel(engine: AsyncEngine, choices: list[Choice], reason: str) -> None:
     for c in choices:
         if c.request is not None and c.request.finish_reason is None:
-            engine.cancel(c.request)
+            engine.cancel(c.request, reason)
 
 
 async def stream(engine: AsyncEngine, choices: list[Choice], deadline: float,
@@ -75,11 +76,12 @@ async def stream(engine: AsyncEngine, choices: list[Choice], deadline: float,
     # The deadline arrives as an item, not as asyncio.wait_for: Python 3.11's wait_for swallows a
     # cancellation that lands as its awaitable completes, which would keep a gone client's slot busy.
     timer = loop.call_at(deadline, merged.put_nowait, None)
-    first = True
+    first, reason = True, "client_gone"
     try:
         while any(c.finish_reason is None for c in choices):
             item = await merged.get()
             if item is None:
+                reason = "timeout"
                 raise TimeoutError
             c, out = item
             if first:
@@ -91,4 +93,4 @@ async def stream(engine: AsyncEngine, choices: list[Choice], deadline: float,
         timer.cancel()
         for t in tasks:
             t.cancel()
-        cancel(engine, choices)
+        cancel(engine, choices, reason)

@@ -14,11 +14,15 @@ TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 class Metrics:
     def __init__(self) -> None:
         self.http: Counter[tuple[str, int]] = Counter()
+        self.rejected: Counter[str] = Counter()  # 4xx answers, by error code
         self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)  # the last one is +Inf
         self.ttft_sum = 0.0
 
     def observe_http(self, route: str, status: int) -> None:
         self.http[route, status] += 1
+
+    def observe_rejected(self, code: str) -> None:
+        self.rejected[code] += 1
 
     def observe_ttft(self, seconds: float) -> None:
         self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
@@ -34,10 +38,16 @@ class Metrics:
 
         metric("http_requests_total", "counter", "HTTP requests by route and status.",
                [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(self.http.items())])
+        for name, counts, help in [
+            ("requests_rejected_total", self.rejected, "HTTP requests refused with a 4xx, by error code."),
+            ("requests_failed_total", stats.failed, "Sequences ended by a server-side failure, by failed stage."),
+            ("requests_cancelled_total", stats.cancelled, "Sequences cancelled, by reason (client_gone, timeout)."),
+        ]:
+            metric(name, "counter", help, [(f'{{reason="{r}"}}', n) for r, n in sorted(counts.items())])
+        metric("engine_up", "gauge", "1 while the engine thread serves requests.", [("", int(engine.alive))])
         for name, value, help in [
             ("requests_total", stats.requests, "Sequences submitted to the engine (n choices count n)."),
             ("requests_finished_total", stats.finished, "Sequences that ended (stop or length)."),
-            ("requests_cancelled_total", stats.cancelled, "Sequences cancelled (client gone, timeout)."),
             ("prompt_tokens_total", stats.prompt_tokens, "Prompt tokens submitted."),
             ("prompt_tokens_cached_total", stats.cached_tokens, "Prompt tokens reused from the prefix cache."),
             ("generation_tokens_total", stats.generated_tokens, "Tokens generated."),

@@ -5,14 +5,21 @@ Covered: chat messages (system/developer, user, assistant with tool_calls, tool;
 or a list of text parts), tools and tool_choice, response_format, and the sampling parameters
 OpenAI defines plus vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos). Accepted and
 ignored: user, parallel_tool_calls. Not covered: image/audio parts (400), echo, best_of, suffix.
+
+Bounds, so that no one request can cost the server more than its share (each a 400 naming the
+field): numbers finite; at most 16 stop strings of 1..1000 characters; logit_bias at most 300
+entries in [-100, 100]; n at most 16 and at most 64 sequences per request; at most 2048
+messages, 128 tools, and 64 KiB for each JSON schema (tool parameters, response_format). The
+body size is capped by the server (--max-body); the engine checks the sampling ranges
+(SamplingParams.validate).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from qwen2.engine.sampling import SamplingParams
 
@@ -20,6 +27,9 @@ from qwen2.engine.sampling import SamplingParams
 # reply from a small model would otherwise hold its slot for minutes. A max_tokens beyond the
 # context's room is cut to that room (the reply then ends with finish_reason "length").
 DEFAULT_MAX_TOKENS = 2048
+MAX_SEQUENCES = 64  # prompts x n in one request
+MAX_SCHEMA_BYTES = 64 * 1024
+Stop = Annotated[str, StringConstraints(max_length=1000)]
 
 
 class APIError(Exception):
@@ -40,7 +50,7 @@ def invalid(message: str, param: str | None = None) -> APIError:
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(Body):
@@ -57,15 +67,15 @@ class SamplingFields(Body):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: Stop | list[Stop] | None = Field(None, max_length=16)
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)
     user: str | None = None
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     ignore_eos: bool = False
 
     def sampling_params(self, prompt_len: int, context: int, index: int = 0, logprobs: int | None = None,
@@ -79,7 +89,7 @@ class SamplingFields(Body):
             **given,
             top_k=max(self.top_k or 0, 0),
             stop=[s for s in stops if s],
-            seed=None if self.seed is None else (self.seed + index) % 2**64,  # torch takes seeds below 2**64
+            seed=None if self.seed is None else (self.seed + index) % 2**63,
             logit_bias=_logit_bias(self.logit_bias),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
@@ -176,12 +186,17 @@ class ResponseFormat(Body):
     json_schema: JSONSchemaFormat | None = None
 
 
+def check_schema(schema: dict[str, Any] | None, param: str) -> None:
+    if schema is not None and len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise invalid(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes", param)
+
+
 class ChatRequest(SamplingFields):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=2048)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
@@ -191,6 +206,10 @@ class ChatRequest(SamplingFields):
         if self.response_format and self.response_format.type == "json_schema" and (
                 self.response_format.json_schema is None or self.response_format.json_schema.schema_ is None):
             raise invalid("response_format json_schema needs json_schema.schema", "response_format")
+        if self.response_format and self.response_format.json_schema:
+            check_schema(self.response_format.json_schema.schema_, "response_format")
+        for i, tool in enumerate(self.tools or []):
+            check_schema(tool.function.parameters, f"tools[{i}].function.parameters")
         names = {t.function.name for t in self.tools or []}
         if self.forced_tool is not None and not names:
             raise invalid("tool_choice required or a named function needs tools", "tool_choice")
@@ -225,4 +244,7 @@ class CompletionRequest(SamplingFields):
             return [p]
         if not p:
             raise invalid("prompt is empty", "prompt")
+        if len(p) * self.n > MAX_SEQUENCES:
+            raise invalid(f"{len(p)} prompts x n={self.n} is more than {MAX_SEQUENCES} sequences in one request; "
+                          "send fewer prompts per request", "prompt")
         return list(p)

@@ -1,5 +1,9 @@
 """POST /v1/chat/completions and /v1/completions: validate, build the prompt, hand the choices
-to the engine, answer whole or as Server-Sent Events ending in `data: [DONE]`."""
+to the engine, answer whole or as Server-Sent Events ending in `data: [DONE]`.
+
+Building the prompt (chat template, tokenizing, grammar compiling) costs CPU in proportion to
+the request's size, so it runs off the event loop (Server.prepare): one huge request never
+stalls /health or the streams of others."""
 
 from __future__ import annotations
 
@@ -29,6 +33,18 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, http: Request) -> Any:
     server: Server = http.app.state.server
+    choices, fmt = await server.prepare(_prepare_chat, server, body)
+    return await respond(server, http, body, choices, fmt)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, http: Request) -> Any:
+    server: Server = http.app.state.server
+    choices, fmt = await server.prepare(_prepare_completion, server, body)
+    return await respond(server, http, body, choices, fmt)
+
+
+def _prepare_chat(server: Server, body: ChatRequest) -> tuple[list[Choice], Format]:
     tools = body.template_tools()
     forced = body.forced_tool
     # "required" or a named function: open the call ourselves and constrain the rest to a call's JSON
@@ -48,20 +64,16 @@ async def chat_completions(body: ChatRequest, http: Request) -> Any:
                    for i in range(body.n)]
     except RequestError as e:  # a schema llguidance cannot enforce
         raise invalid(str(e), "tools" if forced is not None else "response_format") from None
-    fmt = ChatFormat(server.tokenizer, server.model_name, tools is not None, prefill, body.logprobs)
-    return await respond(server, http, body, choices, fmt)
+    return choices, ChatFormat(server.tokenizer, server.model_name, tools is not None, prefill, body.logprobs)
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, http: Request) -> Any:
-    server: Server = http.app.state.server
+def _prepare_completion(server: Server, body: CompletionRequest) -> tuple[list[Choice], Format]:
     choices = []
     for p, prompt in enumerate(body.prompts()):
         ids = server.prompt_ids(prompt, "prompt")
         choices += [Choice(p * body.n + j, ids, body.sampling_params(len(ids), server.context, j, body.logprobs))
                     for j in range(body.n)]
-    fmt = CompletionFormat(server.tokenizer, server.model_name, body.logprobs is not None)
-    return await respond(server, http, body, choices, fmt)
+    return choices, CompletionFormat(server.tokenizer, server.model_name, body.logprobs is not None)
 
 
 async def respond(server: Server, http: Request, body: SamplingFields, choices: list[Choice], fmt: Format) -> Any:
@@ -83,8 +95,9 @@ async def respond(server: Server, http: Request, body: SamplingFields, choices: 
         collecting.result()
     except TimeoutError:
         raise timed_out(server) from None
-    if any(c.finish_reason == "error" for c in choices):
-        raise engine_failed()
+    failed = [c for c in choices if c.finish_reason == "error"]
+    if failed:
+        raise engine_failed(failed[0].error)
     return fmt.response(choices, usage(choices, body.n))
 
 
@@ -99,7 +112,7 @@ async def sse(server: Server, events: AsyncIterator, fmt: Format, choices: list[
                 yield _event(chunk | extra)
             async for choice, out in events:
                 if out.finish_reason == "error":
-                    yield _event(engine_failed().body())
+                    yield _event(engine_failed(out.error).body())
                     break
                 piece = fmt.piece(choice, out)
                 for chunk in ([piece] if piece else []) + (fmt.tail(choice) if out.finish_reason else []):
@@ -117,8 +130,9 @@ async def _drain(events: AsyncIterator) -> None:
             pass
 
 
-def engine_failed() -> APIError:
-    return APIError(500, "generation failed on the server; see its log", type="server_error")
+def engine_failed(reason: str | None) -> APIError:
+    return APIError(500, f"{reason or 'generation failed'} (see the server log)", type="server_error",
+                    code="generation_failed")
 
 
 def timed_out(server: Server) -> APIError:

@@ -49,7 +49,7 @@ def test_closing_the_stream_cancels_the_request(async_engine):
         return False
 
     assert asyncio.run(main())
-    assert async_engine.stats.cancelled == 1
+    assert async_engine.stats.cancelled == {"caller": 1}
 
 
 def test_invalid_request_raises_in_the_caller(async_engine):

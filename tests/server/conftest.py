@@ -1,7 +1,7 @@
 """Real server processes on loopback (`python -m qwen2.server`), started once per session.
 
 - tiny: a random 2-layer Qwen2 with the real vocabulary, for everything where content does not
-  matter (fast); 8 slots.
+  matter (fast); 8 slots, a 16 MiB body cap.
 - strict: the same tiny model behind every limit: API key, 1 slot, a queue of 1, a 1.5 s
   timeout, a 64 KiB body cap, CORS for one origin.
 - default: the embedded default model, where the content matters (tools, JSON schema, chat).
@@ -85,10 +85,9 @@ class ServerProcess:
             return Response(e.code, dict(e.headers), e.read().decode())
 
     def metrics(self) -> dict[str, float]:
-        """The unlabelled samples of /metrics, by name."""
+        """The samples of /metrics, by name with its labels (`name{reason="x"}`)."""
         lines = self.request("GET", "/metrics").text.splitlines()
-        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if line and line[0] != "#")
-                if "{" not in k}
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines if line and line[0] != "#")}
 
     def client(self, api_key: str = "unused"):
         from openai import OpenAI
@@ -131,7 +130,7 @@ def _servers(tmp_path_factory, default_gguf, default_tokenizer):
     tiny = _tiny_checkpoint(root / "tiny", default_tokenizer)
     small = ["--ctx", "2048", "--dtype", "float32", "--quant", "none"]  # exact twins for the equality tests
     servers = {
-        "tiny": _launch("tiny", tiny, [*small, "--max-concurrency", "8"], root),
+        "tiny": _launch("tiny", tiny, [*small, "--max-concurrency", "8", "--max-body", str(16 * 2**20)], root),
         "strict": _launch("strict", tiny, [*small, "--max-concurrency", "1", "--max-queue", "1",
                                            "--timeout", str(STRICT_TIMEOUT), "--api-key", STRICT_KEY,
                                            "--max-body", "65536", "--cors-origin", STRICT_ORIGIN], root,
