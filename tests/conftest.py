@@ -74,39 +74,10 @@ def tiny_hf(tiny_model, default_tokenizer, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_gguf(tiny_model, default_gguf, tmp_path_factory) -> Path:
+def tiny_gguf(tiny_model, default_tokenizer, tmp_path_factory) -> Path:
     """The tiny random model as a GGUF file (float32 tensors), with the default model's tokenizer."""
-    import gguf
+    from qwen2.weights.gguf_export import export_gguf
 
-    from qwen2.weights.gguf import _GLOBAL, _LAYER, read_metadata
-
-    config, meta = tiny_model.config, read_metadata(default_gguf)
-    names = {ours: theirs for theirs, ours in _GLOBAL.items()}
-    names |= {f"model.layers.{i}.{ours}": f"blk.{i}.{theirs}" for i in range(config.num_hidden_layers)
-              for theirs, ours in _LAYER.items()}
-    w = gguf.GGUFWriter(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf", "qwen2")
-    w.add_block_count(config.num_hidden_layers)
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_attention_heads)
-    w.add_head_count_kv(config.num_key_value_heads)
-    w.add_rope_freq_base(config.rope_theta)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_tokenizer_model(meta["tokenizer.ggml.model"])
-    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
-    w.add_token_list(meta["tokenizer.ggml.tokens"])
-    w.add_token_types(meta["tokenizer.ggml.token_type"])
-    w.add_token_merges(meta["tokenizer.ggml.merges"])
-    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
-    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
-    w.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
-    w.add_chat_template(meta["tokenizer.chat_template"])
-    for name, t in tiny_model.state_dict().items():
-        if name != "lm_head.weight":  # tied: the file has no output.weight
-            w.add_tensor(names[name], t.float().numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return w.path
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
+    export_gguf(tiny_model.config, tiny_model.state_dict(), default_tokenizer, path, "f32")
+    return path
