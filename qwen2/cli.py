@@ -129,10 +129,31 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from qwen2.weights import load_checkpoint
     from qwen2.weights.export import export_hf
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.output.lower().endswith(".gguf"):
+        cmd_convert_gguf(args)
+        return
+    if args.type is not None:
+        raise OptionError("--type is the tensor type of a GGUF file: name the output NAME.gguf, or use --dtype "
+                          "for an HF folder")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype or "bfloat16"]
     config, state_dict, tokenizer = load_checkpoint(args.input, dtype=dtype)
     export_hf(config, state_dict, tokenizer, Path(args.output))
     print(f"wrote an HF checkpoint to {args.output}")
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> None:
+    from qwen2.weights import load_checkpoint
+    from qwen2.weights.gguf_export import check_target, export_gguf
+
+    if args.dtype is not None:
+        raise OptionError("--dtype is for an HF folder; a .gguf output takes --type (f32, f16, bf16, q8_0, q4_k)")
+    kind = args.type or "f16"
+    path = check_target(args.output, kind)  # before the minutes a large model takes to load
+    config, state_dict, tokenizer = load_checkpoint(args.input)
+    name = Path(args.input).expanduser().resolve().name.removesuffix(".gguf")
+    counts = export_gguf(config, state_dict, tokenizer, path, kind, name=name)
+    stored = ", ".join(f"{n} {t}" for t, n in counts.most_common())
+    print(f"wrote {path} ({kind}: {stored} tensors; {path.stat().st_size / 2**20:.1f} MiB)")
 
 
 def build_parser() -> Parser:
@@ -160,15 +181,21 @@ def build_parser() -> Parser:
     g.add_argument("--preset", help="a named preset, e.g. Qwen2-7B")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="write an HF checkpoint (safetensors) from a GGUF or HF model")
+    p = sub.add_parser("convert", help="write a model as an HF checkpoint folder (safetensors) or, for an output "
+                       "ending in .gguf, as a GGUF file for llama.cpp, Ollama and LM Studio")
     p.add_argument("input", help="a .gguf file, an HF folder, a packaged model or a hub id")
-    p.add_argument("output", help="folder to write")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("output", help="folder to write, or a file NAME.gguf")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="an HF folder's tensors "
+                   "(default bfloat16)")
+    p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q4_k"], help="a GGUF's weight matrices "
+                   "(default f16); norms, biases and MoE routers stay f32")
     p.set_defaults(func=cmd_convert)
 
     from qwen2 import bench
+    from qwen2.agent import cli as agent_cli
     from qwen2.eval import cli as eval_cli
     from qwen2.server import cli as server_cli
+    from qwen2.train import cli as train_cli
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page")
     server_cli.add_arguments(p)
@@ -179,6 +206,8 @@ def build_parser() -> Parser:
     p.set_defaults(func=bench.run)
 
     eval_cli.add_arguments(sub)
+    agent_cli.add_arguments(sub)
+    train_cli.add_arguments(sub)
     return parser
 
 

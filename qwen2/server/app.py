@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from qwen2.agent.routes import docqa_router
 from qwen2.engine.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from qwen2.engine.llm import LLM
 from qwen2.errors import Qwen2Error, TokenizerError
@@ -35,7 +36,8 @@ from qwen2.server.routes import router
 from qwen2.server.structured import Grammars
 
 log = logging.getLogger(__name__)
-ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")  # metric labels
+ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+          "/v1/docqa")  # metric labels
 PREPARE_THREADS = 2
 T = TypeVar("T")
 
@@ -270,6 +272,7 @@ def create_app(llm: LLM, settings: Settings) -> FastAPI:
         return card
 
     app.include_router(router)
+    app.include_router(docqa_router())  # questions over an uploaded document (qwen2.agent)
     install_error_handlers(app)
     app.add_middleware(Guard, server=server)
     if settings.cors_origins:

@@ -1,0 +1,59 @@
+"""`qwen2 docqa PATH "question"`: answer a question over a document or a folder of them, with evidence."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from qwen2.errors import OptionError
+from qwen2.options import add_model_options, model_options, parse_tokens
+
+
+def add_arguments(subparsers: argparse._SubParsersAction) -> None:
+    from qwen2.agent.docqa import DEFAULT_BUDGET, DEFAULT_MAX_CALLS, DEFAULT_RETRIES
+
+    p = subparsers.add_parser("docqa", help="answer a question over long documents (text, Markdown, HTML, PDF, a "
+                              "folder), up to ~1M tokens")
+    p.add_argument("path", help="a document or a folder of documents")
+    p.add_argument("question")
+    p.add_argument("--level", type=int, choices=(1, 2, 3), default=2, help="1 retrieval (fast), 2 read every chunk "
+                   "(default), 3 multi-hop: the model asks the level-2 reader step by step")
+    p.add_argument("--budget", type=parse_tokens, default=DEFAULT_BUDGET, help="tokens of document text in the "
+                   "answering prompt (default %(default)s; needs --ctx of budget + ~600)")
+    p.add_argument("--parallel", type=int, default=4, help="chunks read at once in one batch (default %(default)s)")
+    p.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="rounds of re-reading when no chunk helps "
+                   "(default %(default)s)")
+    p.add_argument("--max-calls", type=int, default=DEFAULT_MAX_CALLS, help="level 3: reader calls at most "
+                   "(default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: answer, evidence, timings")
+    add_model_options(p, speculative=False)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from qwen2.agent.documents import read_sources
+
+    if args.parallel < 1 or args.retries < 0 or args.max_calls < 1:
+        raise OptionError("--parallel and --max-calls must be at least 1, --retries at least 0")
+    sources = read_sources(args.path)  # a bad document fails before torch and the model load
+
+    from qwen2.agent.docqa import DocQA
+    from qwen2.loading import load
+
+    llm = load(**model_options(args), max_slots=args.parallel)
+    qa = DocQA(llm, budget=args.budget, retries=args.retries, max_calls=args.max_calls,
+               progress=not args.json and sys.stderr.isatty())
+    document = qa.document(sources)
+    print(f"# {len(document.sources)} document(s), {document.tokens:,} tokens", file=sys.stderr)
+    answer = qa.ask(document, args.question, level=args.level)
+    if args.json:
+        print(json.dumps(answer.to_dict(), ensure_ascii=False))
+        return
+    print(answer.answer)
+    for step in answer.steps:
+        print(f"  step: {step['question']} -> {step['answer']}")
+    for e in answer.evidence:
+        print(f"  [{e.source}, chunk {e.chunk + 1}] {' '.join(e.quote.split())[:300]}")
+    print(f"# level {answer.level}, {answer.seconds:.1f}s" + (f", {answer.chunks_read} chunks read"
+                                                               if answer.chunks_read else ""), file=sys.stderr)

@@ -1,0 +1,77 @@
+"""How the agent reaches the model: many prompts at once, through one continuous-batching engine.
+
+`EngineRunner` drives `llm.engine` itself (the CLI and the Python API): it submits every prompt,
+steps the engine until all have finished and ticks a progress callback per finished prompt.
+`AsyncEngineRunner` is for code running in a worker thread beside a server whose engine thread
+already steps the engine: it hands the prompts to the server's AsyncEngine on its event loop.
+Both render chat messages with the tokenizer's own template (tools included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from qwen2.engine.async_engine import AsyncEngine
+from qwen2.engine.llm import LLM
+from qwen2.engine.sampling import SamplingParams
+from qwen2.tokenizer import Tokenizer
+
+IN_FLIGHT = 16  # prompts handed to a server's engine at a time, well under its waiting-queue bound
+Progress = Callable[[int], None]  # called with the number of prompts just finished
+
+
+class Runner:
+    tokenizer: Tokenizer
+    context: int  # tokens a prompt and its reply may take together
+
+    def complete(self, prompts: list[str], params: list[SamplingParams], progress: Progress | None = None) -> list[str]:
+        raise NotImplementedError
+
+    def chat(self, conversations: list[list[dict]], params: list[SamplingParams], tools: list[dict] | None = None,
+             progress: Progress | None = None) -> list[str]:
+        prompts = [self.tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=True)
+                   for m in conversations]
+        return self.complete(prompts, params, progress)
+
+
+class EngineRunner(Runner):
+    def __init__(self, llm: LLM):
+        self.engine, self.tokenizer, self.context = llm.engine, llm.tokenizer, llm.engine.max_seq_len
+
+    def complete(self, prompts: list[str], params: list[SamplingParams], progress: Progress | None = None) -> list[str]:
+        requests = [self.engine.submit(p, sp) for p, sp in zip(prompts, params)]
+        texts = {r.id: [] for r in requests}
+        try:
+            pending = set(texts)
+            while pending:
+                for out in self.engine.step():
+                    if out.request_id in pending:
+                        texts[out.request_id].append(out.text)
+                        if out.finish_reason is not None:
+                            pending.discard(out.request_id)
+                            if progress:
+                                progress(1)
+        finally:  # an interrupt must not leave our requests holding slots
+            for r in requests:
+                self.engine.cancel(r)
+        return ["".join(texts[r.id]) for r in requests]
+
+
+class AsyncEngineRunner(Runner):
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, context: int, loop: asyncio.AbstractEventLoop):
+        self.engine, self.tokenizer, self.context, self.loop = engine, tokenizer, context, loop
+
+    def complete(self, prompts: list[str], params: list[SamplingParams], progress: Progress | None = None) -> list[str]:
+        async def one(gate: asyncio.Semaphore, prompt: str, sp: SamplingParams) -> str:
+            async with gate:
+                text = "".join([out.text async for out in self.engine.generate(prompt, sp)])
+            if progress:
+                progress(1)
+            return text
+
+        async def every() -> list[str]:
+            gate = asyncio.Semaphore(IN_FLIGHT)
+            return list(await asyncio.gather(*(one(gate, p, sp) for p, sp in zip(prompts, params))))
+
+        return asyncio.run_coroutine_threadsafe(every(), self.loop).result()

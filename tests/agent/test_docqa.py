@@ -1,0 +1,122 @@
+"""The agent's levels on a small random model with the real tokenizer: batched reading, retries, the tool loop."""
+
+import json
+
+import pytest
+
+from qwen2.agent.docqa import READING_CHUNK, DocQA, parse_quote
+from qwen2.agent.documents import Source
+from qwen2.agent.runner import EngineRunner
+from qwen2.engine.engine import Engine
+from qwen2.engine.llm import LLM
+from qwen2.errors import OptionError
+from qwen2.server.tools import TOOL_CALL_END, TOOL_CALL_START
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(default_tokenizer):
+    import torch
+
+    from qwen2.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(max_position_embeddings=4096)).eval()
+    engine = Engine(model, default_tokenizer, max_slots=4, max_seq_len=4096)
+    return LLM(model, default_tokenizer, engine)
+
+
+def small_document() -> list[Source]:
+    from qwen2.eval.data import haystack_text
+
+    return [Source("wiki.txt", haystack_text()[:11000])]
+
+
+class Recording(EngineRunner):
+    """The real engine, with a record of how many requests each step ran together."""
+
+    def __init__(self, llm: LLM):
+        super().__init__(llm)
+        self.batch_sizes: list[int] = []
+        step = self.engine.step
+
+        def counted():
+            self.batch_sizes.append(len(self.engine.running))
+            return step()
+
+        self.engine.step = counted
+
+
+def test_level_2_reads_every_chunk_in_one_batch_and_retries_when_all_say_none(tiny_llm):
+    runner = Recording(tiny_llm)
+    qa = DocQA(runner, budget=2048, retries=2, quote_tokens=12, answer_tokens=16)
+    doc = qa.document(small_document())
+    chunks = doc.chunks(READING_CHUNK, 32)
+    assert len(chunks) >= 3
+    answer = qa.ask(doc, "What is the secret passphrase for the vault?", level=2)
+    # a random model quotes nothing from the passage: every round says none, so both retries run
+    assert answer.rounds == 3 and answer.chunks_read == 3 * len(chunks)
+    assert max(runner.batch_sizes) == 4  # the chunks shared the engine's four slots
+    assert not tiny_llm.engine.has_work
+
+
+def test_level_1_retrieves_within_the_budget(tiny_llm):
+    qa = DocQA(tiny_llm, budget=1024, answer_tokens=16)
+    answer = qa.ask(small_document(), "Summarise the document.", level=1)
+    assert answer.level == 1 and answer.keywords is not None and answer.chunks_read == 0
+
+
+class ScriptedPlanner(EngineRunner):
+    """A random model never writes a tool call, so the planner's turns are scripted here (the one part
+    mocked): with tools offered it always asks the reader again. The reader itself runs on the real engine."""
+
+    def __init__(self, llm: LLM):
+        super().__init__(llm)
+        self.planner_turns = 0
+
+    def chat(self, conversations, params, tools=None, progress=None):
+        if tools is None and conversations[0][0]["content"].startswith("You answer questions about a long"):
+            self.planner_turns += 1
+            return ["The answer is in the tool results."]
+        if tools is not None:
+            self.planner_turns += 1
+            call = json.dumps({"name": "read_document", "arguments": {"question": f"step {self.planner_turns}?"}})
+            return [f"{TOOL_CALL_START}\n{call}\n{TOOL_CALL_END}"]
+        return super().chat(conversations, params, tools, progress)
+
+
+def test_level_3_calls_the_reader_tool_and_stops_at_the_cap(tiny_llm):
+    runner = ScriptedPlanner(tiny_llm)
+    qa = DocQA(runner, budget=1024, retries=0, max_calls=2, quote_tokens=12, answer_tokens=16)
+    answer = qa.ask(small_document(), "Which city was the inventor of the thing born in?", level=3)
+    assert [s["question"] for s in answer.steps] == ["step 1?", "step 2?"]
+    assert runner.planner_turns == 3  # two tool calls, then one final answer without tools
+    assert answer.answer == "The answer is in the tool results."
+    assert answer.chunks_read > 0
+
+
+def test_level_3_renders_tool_calls_with_the_chat_template(default_tokenizer):
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "read_document", "arguments": {"question": "who?"}}}]},
+        {"role": "tool", "content": "Ada."}]
+    from qwen2.agent.docqa import READ_TOOL
+
+    text = default_tokenizer.apply_chat_template(messages, tools=[READ_TOOL])
+    assert '"name": "read_document"' in text and '{"question": "who?"}' in text and "<tool_response>" in text
+
+
+def test_a_quote_must_come_from_its_passage():
+    passage = "The secret passphrase for the vault is falcon-4821. The vault is in Bergen."
+    assert parse_quote('{"res": "ans", "content": "The secret passphrase for the vault is falcon-4821."}',
+                       passage) == "The secret passphrase for the vault is falcon-4821."
+    assert parse_quote('{"res": "none"}', passage) is None
+    assert parse_quote('{"res": "ans", "content": "Penguins live in Antarctica and eat krill."}', passage) is None
+    assert parse_quote("None", passage) is None
+    assert parse_quote("The vault is in Bergen.", passage) == "The vault is in Bergen."  # no JSON: the text
+
+
+def test_a_budget_over_the_context_is_refused(tiny_llm):
+    with pytest.raises(OptionError, match="lower --budget or raise --ctx"):
+        DocQA(tiny_llm, budget=8000)
+    with pytest.raises(OptionError, match="level must be 1"):
+        DocQA(tiny_llm, budget=1024).ask(small_document(), "q?", level=4)
