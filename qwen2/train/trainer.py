@@ -3,9 +3,10 @@
 Each optimizer step gathers `grad_accum` micro-batches of `batch_size` rows, counts the target
 tokens over all of them, and backpropagates sum(weight * nll) / that count per micro-batch, so
 the step's gradient equals one big batch's whatever the split. The logits of the 152k
-vocabulary are never held whole: the loss runs over chunks of positions, each recomputed in
-the backward pass. AdamW, linear warm-up then cosine decay to zero, gradient clipping, bf16
-autocast where the CPU or GPU computes bf16 natively, float32 master weights, seeds.
+vocabulary are never held whole: the loss and its gradients are computed together over chunks
+of the rows that have a target (LinearCrossEntropy). AdamW, linear warm-up then cosine decay to
+zero, gradient clipping, bf16 autocast where the CPU or GPU computes bf16 natively, float32
+master weights, seeds.
 
 Output folder: the model as an HF checkpoint (LoRA: `adapter/` in the PEFT layout and, unless
 merge=False, the merged model), metrics.jsonl (a line per step), loss.png, train_config.json,
@@ -36,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -52,7 +52,7 @@ from qwen2.train.data import IGNORE, Batch, Row, Sample, collate, load_chat, loa
 from qwen2.train.datasets import DEMO, data_path
 from qwen2.weights.export import export_hf
 
-LOSS_CHUNK = 256  # positions whose logits exist at once
+LOSS_CHUNK = 256  # rows whose logits exist at once
 
 
 @dataclass
@@ -116,22 +116,47 @@ class TrainConfig:
 
 
 # -- the loss --------------------------------------------------------------------------------
-def _chunk_loss(hidden: torch.Tensor, model: Transformer, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    logits = model.lm_head(model.model.norm(hidden)).float()
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
-    return (nll * weights.flatten()).sum()
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum(weight_t * nll_t) of logits = hidden @ head^T, in chunks of rows, computing the gradients
+    in the same pass: no (tokens x 152k) logits are kept, none are recomputed, and rows that
+    predict nothing (prompts, padding) are skipped."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+        rows = (targets != IGNORE).nonzero().flatten()
+        grad_hidden = torch.zeros_like(hidden)
+        accumulate = torch.promote_types(head.dtype, torch.float32)
+        grad_head = torch.zeros(head.shape, dtype=accumulate, device=head.device) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        for a in range(0, len(rows), LOSS_CHUNK):
+            index = rows[a: a + LOSS_CHUNK]
+            h, t, w = hidden[index], targets[index], weights[index]
+            logits = (h @ head.to(h.dtype).T).to(torch.promote_types(h.dtype, torch.float32))
+            lse = logits.logsumexp(-1)
+            total += ((lse - logits.gather(1, t[:, None])[:, 0]) * w).sum()
+            # d(sum w * nll)/d logits = w * (softmax - one_hot)
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(len(t), device=t.device), t] -= 1
+            grad *= w[:, None]
+            grad_hidden[index] = (grad.to(h.dtype) @ head.to(h.dtype)).to(hidden.dtype)
+            if grad_head is not None:
+                grad_head += grad.T.to(accumulate) @ h.to(accumulate)
+        ctx.save_for_backward(grad_hidden, grad_head)
+        ctx.head_dtype = head.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_head = ctx.saved_tensors
+        head = None if grad_head is None else (grad_head * grad_output).to(ctx.head_dtype)
+        return grad_hidden * grad_output.to(grad_hidden.dtype), head, None, None
 
 
 def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
     """sum over targets of weight * negative log-likelihood (divide by the step's target count)."""
-    hidden = model.body(batch.tokens, batch.positions, segments=batch.segments)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for a in range(0, hidden.shape[1], LOSS_CHUNK):
-        b = a + LOSS_CHUNK
-        if (batch.targets[:, a:b] != IGNORE).any():
-            total = total + checkpoint(_chunk_loss, hidden[:, a:b], model, batch.targets[:, a:b],
-                                       batch.weights[:, a:b], use_reentrant=False)
-    return total
+    hidden = model.model.norm(model.body(batch.tokens, batch.positions, segments=batch.segments))
+    return LinearCrossEntropy.apply(hidden.flatten(0, 1), model.lm_head.weight, batch.targets.flatten(),
+                                    batch.weights.flatten().float())
 
 
 def initialize(model: Transformer, std: float = 0.02) -> Transformer:

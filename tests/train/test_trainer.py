@@ -113,3 +113,24 @@ def test_pretraining_from_scratch_lowers_the_loss_on_real_text(tmp_path):
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 2.0, curve
     # a tenth of the uniform guess's perplexity (the vocabulary size) on blocks it never trained on
     assert last["heldout_ppl"] < 151936 / 10 and (tmp_path / "config.json").exists()
+
+
+def test_the_fused_loss_and_gradients_equal_autograd_through_full_logits():
+    from qwen2.train.trainer import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(700, 32, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(500, 32, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 500, (700,))
+    targets[::3] = -100  # rows that predict nothing
+    weights = torch.rand(700, dtype=torch.float64)
+    ours = LinearCrossEntropy.apply(hidden, head, targets, weights)
+    ours.backward()
+    grads = hidden.grad.clone(), head.grad.clone()
+    hidden.grad = head.grad = None
+    keep = targets != -100
+    nll = torch.nn.functional.cross_entropy(hidden @ head.T, targets, ignore_index=-100, reduction="none")
+    (nll * weights * keep).sum().backward()
+    assert ours.item() == pytest.approx((nll * weights * keep).sum().item(), rel=1e-6)
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], head.grad)
