@@ -14,7 +14,8 @@ import torch
 
 from qwen2.loading import load_model
 from qwen2.train.data import Row, collate
-from qwen2.train.trainer import TrainConfig, Trainer, loss_sum
+from qwen2.train.loss import loss_sum
+from qwen2.train.trainer import TrainConfig, Trainer
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello in French.", "What is the capital of Italy?",
              "Spell 'cat' backwards.", "Is water wet?", "Count to three.", "Name a planet."]
@@ -116,7 +117,7 @@ def test_pretraining_from_scratch_lowers_the_loss_on_real_text(tmp_path):
 
 
 def test_the_fused_loss_and_gradients_equal_autograd_through_full_logits():
-    from qwen2.train.trainer import LinearCrossEntropy
+    from qwen2.train.loss import LinearCrossEntropy
 
     torch.manual_seed(0)
     hidden = torch.randn(700, 32, dtype=torch.float64, requires_grad=True)

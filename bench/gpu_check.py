@@ -1,0 +1,212 @@
+"""CUDA check in one run: correctness on tiny configs against the CPU, then speed at real sizes on
+random weights (no checkpoint can travel to a lent GPU machine).
+
+    python bench/gpu_check.py [--out results.json] [--small]     # --small: tiny sizes, for a dry run
+
+Correctness: logits CPU vs CUDA (float32), cached decode vs a full forward, the fused training
+loss and its gradients vs autograd through full logits, one training step's loss CPU vs CUDA.
+Speed: one training step of the Qwen2-0.5B config (float32 master weights, bf16 autocast, AdamW;
+full and LoRA rank 8) beside transformers (+ peft when installed); batch-1 greedy decode of the
+Qwen2-7B config in bf16 after a 512-token prompt, ours (the model with its KV cache, no engine)
+beside transformers' generate, with the bandwidth that implies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from qwen2.config import Qwen2Config
+from qwen2.model import KVCache, Transformer
+from qwen2.train.data import Batch
+from qwen2.train.loss import LinearCrossEntropy, loss_sum
+from qwen2.train.lora import add_lora
+
+TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
+
+
+def batch_of(tokens: torch.Tensor) -> Batch:
+    b, t = tokens.shape
+    targets = torch.cat([tokens[:, 1:], torch.full((b, 1), -100, device=tokens.device)], 1)
+    return Batch(tokens, torch.arange(t, device=tokens.device).expand(b, t), torch.zeros_like(tokens), targets,
+                 (targets != -100).float())
+
+
+def correctness() -> dict:
+    torch.manual_seed(0)
+    cpu = Transformer(Qwen2Config(**TINY)).eval()
+    gpu = Transformer(Qwen2Config(**TINY)).cuda().eval()
+    gpu.load_state_dict(cpu.state_dict())
+    ids = torch.randint(0, 1024, (2, 100))
+    out = {}
+    with torch.no_grad():
+        a, b = cpu(ids), gpu(ids.cuda()).cpu()
+        out["logits_max_abs_diff"] = float((a - b).abs().max())
+        cache = KVCache(gpu.config, 1, 128, device="cuda")
+        gpu(ids[:1, :99].cuda(), cache=cache)
+        step = gpu(ids[:1, 99:].cuda(), torch.tensor([[99]], device="cuda"), cache=cache)[0, -1]
+        out["cached_decode_max_abs_diff"] = float((step.cpu() - b[0, -1]).abs().max())
+    hidden = torch.randn(300, 64, device="cuda", requires_grad=True)
+    head = torch.randn(1024, 64, device="cuda", requires_grad=True)
+    targets = torch.randint(0, 1024, (300,), device="cuda")
+    targets[::4] = -100
+    weights = torch.rand(300, device="cuda")
+    ours = LinearCrossEntropy.apply(hidden, head, targets, weights)
+    ours.backward()
+    grads = hidden.grad.clone(), head.grad.clone()
+    hidden.grad = head.grad = None
+    ref = (torch.nn.functional.cross_entropy(hidden @ head.T, targets, ignore_index=-100, reduction="none")
+           * weights).sum()
+    ref.backward()
+    out["fused_loss_rel_diff"] = float(abs(ours - ref) / ref)
+    out["fused_grad_max_abs_diff"] = max(float((grads[0] - hidden.grad).abs().max()),
+                                         float((grads[1] - head.grad).abs().max()))
+    cpu.train()
+    gpu.train()
+    loss_cpu = loss_sum(cpu, batch_of(ids)).item()
+    loss_gpu = loss_sum(gpu, batch_of(ids.cuda())).item()
+    out["train_loss_rel_diff"] = abs(loss_cpu - loss_gpu) / loss_cpu
+    out["ok"] = (out["logits_max_abs_diff"] < 1e-3 and out["cached_decode_max_abs_diff"] < 1e-3
+                 and out["fused_loss_rel_diff"] < 1e-4 and out["train_loss_rel_diff"] < 1e-4)
+    return out
+
+
+def timed(step, steps: int) -> float:
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def train_speed(config: dict, batch: int, seq: int, steps: int) -> dict:
+    rows = {}
+    tokens = torch.randint(0, config["vocab_size"], (batch, seq), device="cuda")
+    for lora in (False, True):
+        mode = "lora" if lora else "full"
+        torch.manual_seed(0)
+        torch.cuda.reset_peak_memory_stats()
+        with torch.device("cuda"):
+            model = Transformer(Qwen2Config(**config)).train()
+        if lora:
+            add_lora(model, 8, 16)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        data = batch_of(tokens)
+
+        def ours_step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_sum(model, data) / data.target_tokens
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds = timed(ours_step, steps)
+        rows[f"{mode}/ours"] = {"tokens_per_s": batch * seq / seconds,
+                                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        del model, optimizer
+        torch.cuda.empty_cache()
+        try:
+            import transformers
+
+            torch.cuda.reset_peak_memory_stats()
+            with torch.device("cuda"):
+                theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).train()
+            if lora:
+                import peft
+
+                theirs = peft.get_peft_model(theirs, peft.LoraConfig(
+                    r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"]))
+            optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-5, fused=True)
+
+            def their_step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = theirs(input_ids=tokens, labels=tokens).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            seconds = timed(their_step, steps)
+            rows[f"{mode}/transformers"] = {"tokens_per_s": batch * seq / seconds,
+                                            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            del theirs, optimizer
+        except ImportError as e:
+            rows[f"{mode}/transformers"] = {"missing": str(e)}
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decode_speed(config: dict, prompt: int, new: int) -> dict:
+    torch.manual_seed(0)
+    out = {}
+    with torch.device("cuda"):
+        model = Transformer(Qwen2Config(**config)).to(torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, config["vocab_size"], (1, prompt), device="cuda")
+    cache = KVCache(model.config, 1, prompt + new + 1, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        model(ids, cache=cache)
+        token = ids[:, -1:]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(new):
+            logits = model(token, torch.tensor([[prompt + i]], device="cuda"), cache=cache)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / new
+    out["ours"] = {"ms_per_token": seconds * 1e3, "tokens_per_s": 1 / seconds,
+                   "weight_gbs": weight_bytes / seconds / 1e9}
+    del model, cache
+    torch.cuda.empty_cache()
+    try:
+        import transformers
+
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).eval()
+        torch.set_default_dtype(torch.float32)
+        with torch.no_grad():
+            theirs.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            theirs.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / new  # prefill included: an upper bound on their per-token time
+        out["transformers"] = {"ms_per_token": seconds * 1e3, "tokens_per_s": 1 / seconds,
+                               "note": "generate() timed whole, prompt included"}
+    except ImportError as e:
+        out["transformers"] = {"missing": str(e)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out")
+    parser.add_argument("--small", action="store_true", help="tiny sizes, to check the script itself")
+    args = parser.parse_args()
+    train_config = TINY if args.small else Qwen2Config.from_preset("Qwen2-0.5B").to_hf_dict()
+    decode_config = TINY if args.small else Qwen2Config.from_preset("Qwen2-7B").to_hf_dict()
+    keep = {f for f in Qwen2Config.__dataclass_fields__}
+    train_config = {k: v for k, v in train_config.items() if k in keep}
+    decode_config = {k: v for k, v in decode_config.items() if k in keep}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report["correctness"] = correctness()
+    print(json.dumps(report), flush=True)
+    report["train_step"] = train_speed(train_config, 4, 128 if args.small else 512, 3 if args.small else 10)
+    print(json.dumps(report["train_step"]), flush=True)
+    report["decode"] = decode_speed(decode_config, 32 if args.small else 512, 16 if args.small else 128)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
