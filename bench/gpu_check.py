@@ -22,8 +22,8 @@ import torch
 from qwen2.config import Qwen2Config
 from qwen2.model import KVCache, Transformer
 from qwen2.train.data import Batch
-from qwen2.train.loss import LinearCrossEntropy, loss_sum
 from qwen2.train.lora import add_lora
+from qwen2.train.loss import LinearCrossEntropy, loss_sum
 
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
@@ -86,57 +86,61 @@ def timed(step, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def ours_train(config: dict, tokens: torch.Tensor, lora: bool, steps: int) -> dict:
+    torch.manual_seed(0)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.device("cuda"):
+        model = Transformer(Qwen2Config(**config)).train()
+    if lora:
+        add_lora(model, 8, 16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    data = batch_of(tokens)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_sum(model, data) / data.target_tokens
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(step, steps)
+    return {"tokens_per_s": tokens.numel() / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def their_train(config: dict, tokens: torch.Tensor, lora: bool, steps: int) -> dict:
+    import transformers
+
+    torch.manual_seed(0)
+    torch.cuda.reset_peak_memory_stats()
+    with torch.device("cuda"):
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).train()
+    if lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(step, steps)
+    return {"tokens_per_s": tokens.numel() / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def train_speed(config: dict, batch: int, seq: int, steps: int) -> dict:
     rows = {}
     tokens = torch.randint(0, config["vocab_size"], (batch, seq), device="cuda")
     for lora in (False, True):
         mode = "lora" if lora else "full"
-        torch.manual_seed(0)
-        torch.cuda.reset_peak_memory_stats()
-        with torch.device("cuda"):
-            model = Transformer(Qwen2Config(**config)).train()
-        if lora:
-            add_lora(model, 8, 16)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-        data = batch_of(tokens)
-
-        def ours_step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = loss_sum(model, data) / data.target_tokens
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        seconds = timed(ours_step, steps)
-        rows[f"{mode}/ours"] = {"tokens_per_s": batch * seq / seconds,
-                                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        del model, optimizer
+        rows[f"{mode}/ours"] = ours_train(config, tokens, lora, steps)
         torch.cuda.empty_cache()
         try:
-            import transformers
-
-            torch.cuda.reset_peak_memory_stats()
-            with torch.device("cuda"):
-                theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).train()
-            if lora:
-                import peft
-
-                theirs = peft.get_peft_model(theirs, peft.LoraConfig(
-                    r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                        "up_proj", "down_proj"]))
-            optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-5, fused=True)
-
-            def their_step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = theirs(input_ids=tokens, labels=tokens).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            seconds = timed(their_step, steps)
-            rows[f"{mode}/transformers"] = {"tokens_per_s": batch * seq / seconds,
-                                            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-            del theirs, optimizer
+            rows[f"{mode}/transformers"] = their_train(config, tokens, lora, steps)
         except ImportError as e:
             rows[f"{mode}/transformers"] = {"missing": str(e)}
         torch.cuda.empty_cache()
