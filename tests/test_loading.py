@@ -161,3 +161,12 @@ def test_quantized_checkpoints_of_other_kinds_are_refused_by_name(tiny_hf, tmp_p
     (folder / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": method}}))
     with pytest.raises(ConfigError, match=f"quantized with {method} .*not supported yet"):
         load_model(folder, quant="none")
+
+
+def test_the_command_line_parser_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from qwen2.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"  # `qwen2 --help` and a mistyped option answer at once

@@ -11,7 +11,7 @@ from qwen2.options import add_model_options, model_options, parse_tokens
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
-    from qwen2.agent.docqa import DEFAULT_BUDGET, DEFAULT_MAX_CALLS, DEFAULT_RETRIES
+    from qwen2.agent import DEFAULT_BUDGET, DEFAULT_MAX_CALLS, DEFAULT_RETRIES
 
     p = subparsers.add_parser("docqa", help="answer a question over long documents (text, Markdown, HTML, PDF, a "
                               "folder), up to ~1M tokens")

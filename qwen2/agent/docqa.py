@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qwen2.agent import DEFAULT_BUDGET, DEFAULT_MAX_CALLS, DEFAULT_RETRIES
 from qwen2.agent.documents import SENTENCE_END, Chunk, Document, Source, read_sources, spans
 from qwen2.agent.retrieval import (
     Index,
@@ -47,9 +48,7 @@ from qwen2.server.tools import parse_tool_calls
 
 RETRIEVAL_CHUNK, READING_CHUNK, EVIDENCE_CHUNK = 500, 1000, 300  # tokens, as Qwen-Agent's defaults
 OVERLAP = 32  # tokens a chunk repeats from the one before, so a sentence cut at a boundary is seen whole
-DEFAULT_BUDGET = 4500  # tokens of document text in the answering prompt (Qwen-Agent's MAX_RAG_TOKEN_SIZE)
 PROMPT_OVERHEAD, ANSWER_TOKENS, QUOTE_TOKENS = 300, 256, 200
-DEFAULT_RETRIES, DEFAULT_MAX_CALLS = 2, 4
 
 ANSWER_SYSTEM = ("You answer questions about a document using only the excerpts given. Answer briefly and exactly; "
                  "if the excerpts do not contain the answer, say that the document does not say.")

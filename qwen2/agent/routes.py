@@ -23,7 +23,8 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from qwen2.agent.docqa import DEFAULT_BUDGET, DocQA
+from qwen2.agent import DEFAULT_BUDGET
+from qwen2.agent.docqa import DocQA
 from qwen2.agent.documents import read_file
 from qwen2.agent.runner import AsyncEngineRunner
 from qwen2.errors import OptionError
