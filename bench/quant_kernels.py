@@ -1,5 +1,9 @@
 """Linear-layer kernels on CPU for the Qwen2.5-0.5B shapes: µs per call and weight GB/s.
 
+Ours: the GGUF block kernels (qwen2.kernels, one row per block type the default file uses, plus
+the dequantize-a-tile-then-GEMM path BlockLinear takes above BLOCK_KERNEL_MAX_ROWS); beside them
+torch's own CPU kernels (F.linear, oneDNN, int8/int4 packed GEMVs, ao dynamic quantization).
+
 Batch-1 decode reads every weight byte once per token, so a kernel's worth is its weight bytes /
 time against the machine's read bandwidth (measured here with a big tensor sum). Each (shape, rows)
 cell cycles every method over a ring of weight copies (>= 64 MB, so small layers come from DRAM as
@@ -27,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qwen2 import blocks as block_layers
 from qwen2 import quant
+from qwen2.kernels import BLOCKS, TYPE_NAMES, gguf_ops
 from qwen2.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 SHAPES = {  # name: (out_features N, in_features K)
@@ -104,8 +110,47 @@ def _dyn_quant_4bit(w: Tensor, rows: int) -> tuple:
     return torch.ops.aten._dyn_quant_pack_4bit_weight(nib, scale, None, 32, k, n), n
 
 
+def gguf_blocks(w: Tensor, qtype: int) -> Tensor:
+    """Timing-grade blocks of `qtype` for w's shape: random bits with sane float16 scales."""
+    n_block, n_bytes = BLOCKS[qtype]
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (w.shape[0], w.shape[1] // n_block, n_bytes), dtype=torch.uint8, generator=gen)
+    scale = torch.full(raw.shape[:2], 0.01, dtype=torch.float16).view(torch.uint8).view(*raw.shape[:2], 2)
+    for offset in {1: (), 30: (), 12: (0, 2), 13: (0, 2), 14: (208,)}.get(qtype, (0,)):
+        raw[:, :, offset : offset + 2] = scale
+    if qtype in (1, 30):  # F16 / BF16: the values themselves
+        raw = w.to(torch.float16 if qtype == 1 else torch.bfloat16).view(torch.uint8).view(w.shape[0], -1, 2)
+    return raw.reshape(w.shape[0], -1)
+
+
+def _block_tile_path(x: Tensor, layer: nn.Module) -> Tensor:
+    saved = block_layers.BLOCK_KERNEL_MAX_ROWS
+    block_layers.BLOCK_KERNEL_MAX_ROWS = -1
+    try:
+        return layer(x)
+    finally:
+        block_layers.BLOCK_KERNEL_MAX_ROWS = saved
+
+
+def gguf_methods() -> list[Method]:
+    if gguf_ops() is None:
+        return []
+    ms = []
+    for qtype in (6, 8, 12, 14, 1):  # Q5_0, Q8_0, Q4_K, Q6_K (the default file's), F16
+        def prepare(w: Tensor, rows: int, qtype: int = qtype) -> tuple:
+            if w.shape[1] % BLOCKS[qtype][0]:
+                raise ValueError(f"{TYPE_NAMES[qtype]} needs in_features % {BLOCKS[qtype][0]} == 0")
+            return gguf_blocks(w, qtype), qtype, w.shape[1]
+        ms.append(Method(f"gguf {TYPE_NAMES[qtype]} block kernel (ours, fp32)", torch.float32, prepare,
+                         lambda x, s: gguf_ops().matmul(x, s[0], s[1], s[2]), max_rows=128))
+    ms.append(Method("gguf Q5_0 BlockLinear tile path (ours, fp32)", torch.float32,
+                     lambda w, r: block_layers.BlockLinear(gguf_blocks(w, 8), 8, w.shape[1]), _block_tile_path,
+                     copy=copy.deepcopy))
+    return ms
+
+
 def methods(with_compile: bool) -> list[Method]:
-    ms = [
+    ms = gguf_methods() + [
         Method("fp32 F.linear", torch.float32, lambda w, r: (w.clone(),), lambda x, s: F.linear(x, s[0])),
         Method("bf16 F.linear", bf16, lambda w, r: (w.to(bf16),), lambda x, s: F.linear(x, s[0])),
         Method("bf16 oneDNN prepacked", bf16,
@@ -208,6 +253,12 @@ def decode_step(rounds: int) -> dict[str, dict]:
         lin = nn.Linear(k, n, bias=False)
         nn.init.normal_(lin.weight, std=0.02)
         float_layers.append(lin)
+    file_types = {(896, 896): 6, (128, 896): 6, (4864, 896): 6, (896, 4864): 12, (VOCAB, 896): 8}  # as the file
+
+    def as_file(lin: nn.Linear) -> nn.Module:
+        qtype = file_types[(lin.out_features, lin.in_features)]
+        return block_layers.BlockLinear(gguf_blocks(lin.weight.detach(), qtype), qtype, lin.in_features)
+
     variants: dict[str, Callable[[nn.Linear], nn.Module]] = {
         "fp32 nn.Linear": lambda lin: lin,
         "bf16 nn.Linear": lambda lin: copy.deepcopy(lin).to(bf16),
@@ -216,11 +267,13 @@ def decode_step(rounds: int) -> dict[str, dict]:
         "Int4Linear g64": lambda lin: Int4Linear(lin, 64),
         "Int4Linear g128": lambda lin: Int4Linear(lin, 128),
     }
+    if gguf_ops() is not None:
+        variants["gguf blocks as the file (ours)"] = as_file
     res = {}
     for name, make in variants.items():
         layers = [make(lin) for lin in float_layers]
         size = sum(b.nbytes for m in layers for b in list(m.parameters()) + list(m.buffers()))
-        dtype = torch.float32 if name.startswith("fp32") else bf16
+        dtype = torch.float32 if name.startswith(("fp32", "gguf")) else bf16
         x = torch.randn(1, 896, dtype=dtype)
         xd = torch.randn(1, 4864, dtype=dtype)
         ts = []

@@ -7,6 +7,11 @@ each group size we report top-1 agreement with the reference and the mean KL(ref
 variant) over the next-token distributions at every position of Wikipedia text (windows of
 --window tokens); and the same against the bf16 model, which isolates what the weight
 quantization adds to bf16 activations.
+
+The default path (`--quant auto` on a GGUF: the file's own blocks through our kernels, float32
+activations) is the "gguf" row; "gguf bf16" is the same with --dtype bfloat16, and "gguf A8"
+simulates llama.cpp's choice of quantizing activations per block of 32 to int8 (symmetric,
+scale max|x|/127) in front of every block layer, to show what that choice would cost.
 """
 
 from __future__ import annotations
@@ -18,10 +23,19 @@ import time
 
 import torch
 
+from qwen2.blocks import BlockLinear
 from qwen2.eval.data import haystack_text
+from qwen2.loading import load_model
 from qwen2.model import Transformer
 from qwen2.quant import quantize_model
-from qwen2.weights import load_checkpoint
+from qwen2.weights import load_checkpoint, resolve_model
+
+
+def int8_per_block(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as llama.cpp's Q8_0 activations: blocks of 32, symmetric int8, scale max|x| / 127."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+    return (torch.round(blocks / scale) * scale).reshape(x.shape).to(x.dtype)
 
 
 def main() -> None:
@@ -35,26 +49,39 @@ def main() -> None:
     config, state_dict, tokenizer = load_checkpoint(args.model, dtype=torch.float32)
     reference = Transformer.from_state_dict(config, state_dict)
     # what `load()` runs on a CPU with native bf16: bf16 activations, float or quantized weights
-    variants = {"bf16": Transformer.from_state_dict(config, state_dict, dtype=torch.bfloat16)}
+    bf16 = Transformer.from_state_dict(config, state_dict, dtype=torch.bfloat16)
     del state_dict
-    variants["int8"] = quantize_model(copy.deepcopy(variants["bf16"]), "int8")
+
+    # Built one at a time (all at once need ~10 GB): each a function of nothing, returning the model.
+    def with_a8(model: torch.nn.Module) -> torch.nn.Module:
+        for layer in model.modules():
+            if isinstance(layer, BlockLinear):
+                layer.register_forward_pre_hook(lambda _, args: (int8_per_block(args[0]),))
+        return model
+
+    variants = {"bf16": lambda: bf16, "int8": lambda: quantize_model(copy.deepcopy(bf16), "int8")}
     for gs in (int(g) for g in args.group_sizes.split(",")):
-        variants[f"int4 g{gs}"] = quantize_model(copy.deepcopy(variants["bf16"]), "int4", group_size=gs)
+        variants[f"int4 g{gs}"] = lambda gs=gs: quantize_model(copy.deepcopy(bf16), "int4", group_size=gs)
+    if resolve_model(args.model).is_file():
+        variants["gguf"] = lambda: load_model(args.model, quant="gguf")[0]
+        variants["gguf bf16"] = lambda: load_model(args.model, quant="gguf", dtype="bfloat16")[0]
+        variants["gguf A8"] = lambda: with_a8(load_model(args.model, quant="gguf")[0])
     ids = tokenizer.encode(haystack_text())[: args.positions + 1]
+    starts = range(0, args.positions, args.window)
+    windows = [torch.tensor([ids[s: min(s + args.window, args.positions)]]) for s in starts]
     stats = {name: {"agree": 0, "kl": 0.0, "agree_bf16": 0, "kl_bf16": 0.0, "seconds": 0.0} for name in variants}
     with torch.inference_mode():
-        for start in range(0, args.positions, args.window):
-            window = torch.tensor([ids[start: min(start + args.window, args.positions)]])
-            ref_logp = reference(window)[0].float().log_softmax(-1)
-            bf16_logp = None
-            for name, model in variants.items():
+        for name, build in variants.items():
+            model = build()
+            for window in windows:
                 t = time.perf_counter()
                 logp = model(window)[0].float().log_softmax(-1)
                 stats[name]["seconds"] += time.perf_counter() - t
-                bf16_logp = logp if bf16_logp is None else bf16_logp  # "bf16" comes first
-                for suffix, ref in (("", ref_logp), ("_bf16", bf16_logp)):
+                for suffix, ref_model in (("", reference), ("_bf16", bf16)):
+                    ref = ref_model(window)[0].float().log_softmax(-1)
                     stats[name]["agree" + suffix] += int((logp.argmax(-1) == ref.argmax(-1)).sum())
                     stats[name]["kl" + suffix] += float((ref.exp() * (ref - logp)).sum())
+            del model
     print(f"{args.positions} positions of Wikipedia text, windows of {args.window}")
     print(f"{'variant':<12}{'vs float32: top-1':>18}{'mean KL':>10}{'vs bf16: top-1':>16}{'mean KL':>10}")
     result = {}

@@ -14,7 +14,7 @@ part it lacks.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -36,7 +36,13 @@ from qwen2.errors import DownloadError
 
 PYPI_JSON = "https://pypi.org/pypi/{name}/json"
 NPM_JSON = "https://registry.npmjs.org/{name}/{version}"
-HAVE_PIP = importlib.util.find_spec("pip") is not None
+# Asked of the installed distributions, not importlib.util.find_spec("pip"): setuptools'
+# distutils shim switches itself off for the whole process when pip is looked up that way,
+# after which torch.utils.cpp_extension (our kernels' build) can no longer import setuptools.
+try:
+    HAVE_PIP = bool(importlib.metadata.version("pip"))
+except importlib.metadata.PackageNotFoundError:
+    HAVE_PIP = False
 _HINT = "check your network or package index settings"
 
 

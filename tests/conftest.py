@@ -7,11 +7,12 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     """Tests write quantized models of throwaway checkpoints: keep them out of the user's cache,
-    while downloaded models and data (models/, data/) stay shared so they are fetched only once."""
+    while downloaded models and data (models/, data/) stay shared so they are fetched only once,
+    and the compiled kernels (kernels/) so they are built only once."""
     from qwen2.pypi import cache_dir
 
     real, private = cache_dir(), tmp_path_factory.mktemp("qwen2-cache")
-    for shared in ("models", "data"):
+    for shared in ("models", "data", "kernels"):
         (real / shared).mkdir(parents=True, exist_ok=True)
         (private / shared).symlink_to(real / shared)
     before = os.environ.get("QWEN2_CACHE")
@@ -81,3 +82,20 @@ def tiny_gguf(tiny_model, default_tokenizer, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf"
     export_gguf(tiny_model.config, tiny_model.state_dict(), default_tokenizer, path, "f32")
     return path
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """Byte-level tokens plus Qwen2's three control tokens (ids 256-258) and one merge ("ĠĠ", id 259, so
+    the GGUF holds a merges list a reader can build a tokenizer from): a 320-row embedding fits it."""
+    from tokenizers import pre_tokenizers
+
+    from qwen2.tokenizer import Tokenizer
+
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "ĠĠ"]
+    return Tokenizer.from_gguf_metadata({
+        "general.architecture": "qwen2", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["Ġ Ġ"],
+        "tokenizer.ggml.token_type": [1] * 256 + [3] * 3 + [1],
+        "tokenizer.ggml.eos_token_id": 258, "tokenizer.ggml.bos_token_id": 256, "tokenizer.ggml.padding_token_id": 256,
+    })

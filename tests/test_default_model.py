@@ -1,5 +1,6 @@
 """The embedded default model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF) against transformers
-loading the very same GGUF: last-position logits agree and greedy tokens are identical."""
+loading the very same GGUF: last-position logits agree and greedy tokens are identical, both in
+float32 and in the default mode (the file's own quantized blocks through our kernels)."""
 
 import subprocess
 import sys
@@ -29,12 +30,21 @@ def llm(default_gguf):
     return load(default_gguf, dtype="float32", device="cpu", quant="none", max_slots=1, ctx=1024)
 
 
+@pytest.fixture(scope="module")
+def default_mode(default_gguf):
+    from qwen2 import load
+
+    return load(default_gguf, max_slots=1, ctx=1024)
+
+
 def prompts(llm):
     chat = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Write hello world in C."}])
     return PROMPTS | {"chat": chat}
 
 
-def test_last_position_logits_agree(reference, llm):
+@pytest.mark.parametrize("mode", ["float32", "default"])
+def test_last_position_logits_agree(reference, llm, default_mode, mode):
+    llm = llm if mode == "float32" else default_mode
     for name, text in prompts(llm).items():
         ids = torch.tensor([llm.tokenizer.encode(text)])
         with torch.no_grad():
@@ -45,7 +55,9 @@ def test_last_position_logits_agree(reference, llm):
         assert diff < 1e-3, name
 
 
-def test_32_greedy_tokens_identical(reference, llm):
+@pytest.mark.parametrize("mode", ["float32", "default"])
+def test_32_greedy_tokens_identical(reference, llm, default_mode, mode):
+    llm = llm if mode == "float32" else default_mode
     for name, text in prompts(llm).items():
         ids = llm.tokenizer.encode(text)
         with torch.no_grad():
@@ -55,13 +67,13 @@ def test_32_greedy_tokens_identical(reference, llm):
         assert got == expected, name
 
 
-def test_cli_generate_prints_transformers_greedy_continuation(reference, llm, default_gguf):
+def test_cli_generate_in_the_default_mode_prints_transformers_float32_greedy(reference, llm, default_gguf):
     prompt = "def quicksort(arr):"
     ids = llm.tokenizer.encode(prompt)
     with torch.no_grad():
         expected = reference.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):]
     cli = subprocess.run([sys.executable, "-m", "qwen2", "generate", "-p", prompt, "-n", "48", "--temperature",
-                          "0", "--dtype", "float32", "--model", str(default_gguf)],
+                          "0", "--model", str(default_gguf)],
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout == llm.tokenizer.decode(expected.tolist()) + "\n"
@@ -71,3 +83,14 @@ def test_chat_answers_sensibly(llm):
     reply = llm.chat([{"role": "user", "content": "What is 2 + 3? Answer with just the number."}],
                      temperature=0, max_tokens=16)
     assert "5" in reply.text and reply.finish_reason == "stop"
+
+
+def test_the_default_mode_runs_the_files_blocks_with_no_float_copy_of_any_matrix(default_mode):
+    from qwen2.blocks import BlockEmbedding, BlockLinear
+
+    net = default_mode.model
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [] and isinstance(net.model.embed_tokens, BlockEmbedding)
+    assert sum(isinstance(m, BlockLinear) for m in net.modules()) == 24 * 7 + 1
+    floats = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()) if t.is_floating_point())
+    assert floats < 4 << 20, f"{floats / 2**20:.1f} MiB of float tensors: only norms, biases and rotary belong here"

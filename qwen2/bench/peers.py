@@ -98,10 +98,14 @@ def run_qwen2(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe_torch_model(model: nn.Module) -> str:
-    """E.g. "bfloat16" or "int4 x168 + int8 x1 linears, bfloat16 activations"."""
+    """E.g. "bfloat16", "int4 x168 + int8 x1 linears, bfloat16 activations" or
+    "GGUF blocks Q5_0 x144 + Q8_0 x13 + ..., float32 activations"."""
     from collections import Counter
 
-    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    dtype = str(model.model.norm.weight.dtype).removeprefix("torch.")
+    blocks = Counter(m.extra_repr().split(", ")[2] for m in model.modules() if type(m).__name__ == "BlockLinear")
+    if blocks:
+        return f"GGUF blocks {' + '.join(f'{k} x{n}' for k, n in sorted(blocks.items()))}, {dtype} activations"
     kinds = Counter(type(m).__name__.removesuffix("Linear").lower() for m in model.modules()
                     if type(m).__name__ in ("Int8Linear", "Int4Linear"))
     if not kinds:
@@ -110,19 +114,23 @@ def describe_torch_model(model: nn.Module) -> str:
 
 
 def quant_mode(model: nn.Module) -> str:
-    """What a quant= request became: "int4", "int8" or "none" (int4 falls back to int8 per layer)."""
+    """What a quant= request became: "gguf" (the file's own blocks), "int4", "int8" or "none"."""
     names = {type(m).__name__ for m in model.modules()}
+    if "BlockLinear" in names:
+        return "gguf"
     return "int4" if "Int4Linear" in names else "int8" if "Int8Linear" in names else "none"
 
 
 def torch_bytes_per_token(model: nn.Module) -> int:
     """Bytes of every weight a decode step reads: all of them, except an embedding table that is
     not also the output head (a step reads only one of its rows)."""
-    embed = model.model.embed_tokens.weight  # the same attribute path in ours and transformers' Qwen2
-    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    if getattr(model.lm_head, "weight", None) is not embed:
-        total -= embed.numel() * embed.element_size()
+    def tensors(module: nn.Module) -> dict[int, Any]:
+        return {id(t): t for t in (*module.parameters(), *module.buffers())}
+
+    embed, head = tensors(model.model.embed_tokens), tensors(model.lm_head)  # same paths in transformers' Qwen2
+    total = sum(t.numel() * t.element_size() for t in tensors(model).values())
+    if not embed.keys() & head.keys():
+        total -= sum(t.numel() * t.element_size() for t in embed.values())
     return total
 
 

@@ -64,6 +64,19 @@ for _w in ("gate", "up", "down"):
 
 
 @dataclass
+class Blocks:
+    """A matrix as the file stores it: each row a run of quantized blocks, not decoded.
+
+    `data` is uint8 [rows, bytes per row], a view of the memory-mapped file (no copy);
+    `shape` is the decoded matrix's (rows, columns); `qtype` the GGML type id.
+    """
+
+    qtype: int
+    data: torch.Tensor
+    shape: tuple[int, int]
+
+
+@dataclass
 class _TensorInfo:
     name: str
     shape: tuple[int, ...]  # torch order (GGUF lists dims innermost first)
@@ -288,9 +301,18 @@ def _check(info: _TensorInfo, path: Path, file_size: int) -> tuple[GGMLQuantizat
     return qtype, n_bytes
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32
-              ) -> tuple[Qwen2Config, dict[str, torch.Tensor], dict[str, Any]]:
-    """Load a qwen2 / qwen2moe GGUF: (config, state dict in HF naming, metadata)."""
+def _keepable(name: str) -> bool:
+    """Weights of linear layers and the embedding; MoE routers stay float (they pick experts)."""
+    return name.endswith(("_proj.weight", "embed_tokens.weight", "lm_head.weight"))
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep: frozenset[int] = frozenset()
+              ) -> tuple[Qwen2Config, dict[str, torch.Tensor | Blocks], dict[str, Any]]:
+    """Load a qwen2 / qwen2moe GGUF: (config, state dict in HF naming, metadata).
+
+    Matrices of a linear layer or the embedding whose GGML type is in `keep` are returned as
+    `Blocks` mapped from the file, not decoded; everything else is dequantized to `dtype`.
+    """
     path = Path(path)
     data, meta, infos = _open(path)
     config = config_from_gguf(_add_derived(meta, infos))
@@ -310,6 +332,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32
         else:
             parts = [(name, raw, info.shape)]
         for key, r, shape in parts:
+            if qtype in keep and len(shape) == 2 and _keepable(key):
+                state[key] = Blocks(int(qtype), torch.from_numpy(r.reshape(shape[0], -1)), tuple(shape))
+                continue
             state[key] = torch.empty(shape, dtype=dtype)
             jobs += _jobs(state[key], r.reshape(-1), qtype)
 

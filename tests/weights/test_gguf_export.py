@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from tokenizers import pre_tokenizers
 
 from qwen2.cli import main
 from qwen2.errors import ConfigError, OptionError, WeightsError
@@ -66,17 +65,6 @@ def assert_round_trip(config, state, tokenizer, path, type):
         want = written_values(gguf_name(key), state[key].reshape(shape), type).reshape(state[key].shape)
         assert torch.equal(back[key], want), key
     return counts, meta
-
-
-@pytest.fixture(scope="module")
-def byte_tokenizer() -> Tokenizer:
-    """Byte-level tokens only plus Qwen2's three control tokens (ids 256-258): a 320-row embedding fits it."""
-    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    return Tokenizer.from_gguf_metadata({
-        "general.architecture": "qwen2", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
-        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": [], "tokenizer.ggml.token_type": [1] * 256 + [3] * 3,
-        "tokenizer.ggml.eos_token_id": 258, "tokenizer.ggml.bos_token_id": 256, "tokenizer.ggml.padding_token_id": 256,
-    })
 
 
 def random_state(config) -> dict[str, torch.Tensor]:

@@ -1,0 +1,102 @@
+"""Our compiled CPU kernels: matrix x activations on GGUF's own quantized blocks.
+
+`gguf_ops()` compiles gguf.cpp on first use with this machine's g++ and Ninja
+(torch.utils.cpp_extension), for the widest vector ISA the CPU has, and returns the op namespace
+(`ops.matmul(x, w, qtype, k)`, `ops.dequantize(w, qtype, k)`); the build lives under
+`~/.cache/qwen2/kernels/`, keyed by the source, the flags, the torch version and the CPU, so a
+changed source or another CPU rebuilds it. Without a compiler (or when the build fails) it
+returns None after one warning, and the caller keeps the pure-torch path.
+
+Block types with a kernel (ggml-common.h; ../shared reference §8.2): F16, BF16, Q4_0, Q5_0,
+Q8_0, Q4_K, Q5_K, Q6_K: every type Qwen2's GGUF files use. Activations stay float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("gguf.cpp")
+# GGUF type id -> (weights per block, bytes per block)
+BLOCKS = {1: (1, 2), 30: (1, 2), 2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
+TYPE_NAMES = {1: "F16", 30: "BF16", 2: "Q4_0", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+# vector ISA -> (cpuinfo flags it needs, compiler flags)
+ISAS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"),
+               ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c")),
+    "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it can't be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def available_isas() -> list[str]:
+    """The ISA builds this CPU can run, widest first."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    return [isa for isa, (needs, _) in ISAS.items() if set(needs) <= cpu_flags()]
+
+
+def _build_dir(isa: str) -> tuple[str, Path]:
+    from qwen2.pypi import cache_dir
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(ISAS[isa][1]).encode(), torch.__version__.encode(),
+                 " ".join(sorted(cpu_flags())).encode()):
+        key.update(part)
+    name = f"qwen2_gguf_{isa}_{key.hexdigest()[:12]}"
+    return name, cache_dir() / "kernels" / name
+
+
+@functools.cache
+def gguf_ops(isa: str | None = None):  # noqa: ANN201 (a torch op namespace)
+    """The compiled kernels for `isa` (default: the widest this CPU runs), or None if unavailable."""
+    isas = available_isas()
+    isa = isa or (isas[0] if isas else None)
+    if os.environ.get("QWEN2_NO_KERNELS", "") not in ("", "0"):
+        return None
+    if isa is None or isa not in isas:
+        _warn(f"this CPU ({platform.machine()}) has no AVX2/FMA/F16C vector unit our kernels are built for")
+        return None
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        _warn("no C++ compiler (g++) was found")
+        return None
+    name, folder = _build_dir(isa)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        from torch.utils import cpp_extension
+
+        log.info("building the GGUF kernels for %s in %s (once)", isa, folder)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
+                           extra_cflags=["-O3", f"-DQWEN2_NS={name}", *ISAS[isa][1]], verbose=False)
+    except Exception as e:  # a missing ninja, a compiler error, a read-only cache: all mean "no kernels"
+        errors = [line for line in str(e).splitlines() if "error" in line] or [str(e)]
+        _warn(f"building them failed ({type(e).__name__}: {' '.join(errors[0].split())[:300]})")
+        return None
+    return getattr(torch.ops, name)
+
+
+def _warn(why: str) -> None:
+    warnings.warn(f"qwen2: the GGUF block kernels are unavailable: {why}. Falling back to dequantized "
+                  "weights (slower decode, more memory); install g++ and ninja to get them.", stacklevel=3)

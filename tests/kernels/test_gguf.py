@@ -1,0 +1,120 @@
+"""The GGUF block kernels: every block type, every vector ISA this CPU runs, odd shapes, 1 and 2 threads.
+
+The oracle is gguf-py's own dequantizer (the code transformers loads GGUF files with) followed by
+a float64 matmul. Blocks come from gguf-py's quantizer where it has one (Q4_0, Q5_0, Q8_0) and
+otherwise from random bytes with sane float16 scales, which exercise every bit of the layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from qwen2.kernels import BLOCKS, available_isas, gguf_ops
+
+ISAS = available_isas()
+pytestmark = pytest.mark.skipif(not ISAS, reason="this CPU has no AVX2/FMA/F16C: the kernels are not built here")
+TYPES = [Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+SCALE_OFFSETS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}  # float16 fields inside a block
+
+
+def make_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((rows, cols)).astype(np.float32)
+    if qtype == Q.F16:
+        return values.astype(np.float16).view(np.uint8).reshape(rows, -1)
+    if qtype == Q.BF16:
+        return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(rows, -1)
+    if qtype in SCALE_OFFSETS:
+        n_block, n_bytes = BLOCKS[int(qtype)]
+        raw = rng.integers(0, 256, size=(rows, cols // n_block, n_bytes), dtype=np.uint8)
+        for offset in SCALE_OFFSETS[qtype]:
+            scale = (rng.random(raw.shape[:2]) * 0.02 + 0.001).astype(np.float16)
+            raw[:, :, offset : offset + 2] = scale.view(np.uint8).reshape(*raw.shape[:2], 2)
+        return raw.reshape(rows, -1)
+    return quants.quantize(values, qtype)
+
+
+def reference(raw: np.ndarray, qtype: Q, cols: int) -> np.ndarray:
+    return quants.dequantize(raw, qtype).reshape(raw.shape[0], cols).astype(np.float64)
+
+
+def columns(qtype: Q) -> list[int]:
+    n_block = BLOCKS[int(qtype)][0]
+    return [77, 896] if n_block == 1 else [n_block, 3 * n_block if n_block == 256 else 896]
+
+
+@pytest.fixture(params=ISAS)
+def ops(request):
+    ops = gguf_ops(request.param)
+    assert ops is not None, f"the {request.param} build failed on a CPU that runs it"
+    return ops
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_equals_gguf_py_exactly(ops, qtype):
+    for cols in columns(qtype):
+        raw = make_blocks(qtype, 37, cols)
+        ours = ops.dequantize(torch.from_numpy(raw), int(qtype), cols)
+        assert torch.equal(ours.double(), torch.from_numpy(reference(raw, qtype, cols)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul_equals_dequantize_then_float64_matmul(ops, qtype, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for cols in columns(qtype):
+            raw = make_blocks(qtype, 37, cols, seed=cols)
+            w = torch.from_numpy(reference(raw, qtype, cols))
+            for rows in (1, 2, 3, 4, 5, 7, 9):
+                x = torch.randn(rows, cols)
+                y = ops.matmul(x, torch.from_numpy(raw), int(qtype), cols).double()
+                # float32 accumulation over `cols` terms: bound the error by the sum of |terms|
+                bound = (x.double().abs() @ w.abs().T) * (cols * 2 ** -24 * 4) + 1e-30
+                assert ((y - x.double() @ w.T).abs() <= bound).all(), (qtype.name, cols, rows)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_view_of_rows_and_empty_inputs_work(ops):
+    raw = torch.from_numpy(make_blocks(Q.Q8_0, 40, 64))
+    x = torch.randn(3, 64)
+    full = ops.matmul(x, raw, int(Q.Q8_0), 64)
+    assert torch.equal(ops.matmul(x, raw[10:20], int(Q.Q8_0), 64), full[:, 10:20])
+    assert ops.matmul(torch.empty(0, 64), raw, int(Q.Q8_0), 64).shape == (0, 40)
+
+
+def test_wrong_shapes_and_types_are_refused(ops):
+    raw = torch.from_numpy(make_blocks(Q.Q8_0, 4, 64))
+    with pytest.raises(RuntimeError, match="bytes"):
+        ops.matmul(torch.randn(1, 96), raw, int(Q.Q8_0), 96)
+    with pytest.raises(RuntimeError, match="no kernel"):
+        ops.matmul(torch.randn(1, 64), raw, int(Q.Q2_K), 64)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.matmul(torch.randn(1, 64, dtype=torch.float64), raw, int(Q.Q8_0), 64)
+
+
+def test_the_build_is_cached_and_keyed_by_source_flags_and_cpu(monkeypatch):
+    from qwen2 import kernels
+
+    name, folder = kernels._build_dir(ISAS[0])
+    assert (folder / f"{name}.so").exists()
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "another_cpu"}))
+    assert kernels._build_dir(ISAS[0])[0] != name
+
+
+def test_without_a_compiler_there_is_one_warning_and_no_kernels(monkeypatch):
+    from qwen2 import kernels
+
+    monkeypatch.setattr(kernels.shutil, "which", lambda _: None)
+    kernels.gguf_ops.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+            assert kernels.gguf_ops() is None
+    finally:
+        kernels.gguf_ops.cache_clear()
