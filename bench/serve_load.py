@@ -6,11 +6,12 @@ lost requests; ours beside llama.cpp's (llama-cpp-python[server]) on the same GG
         --requests 1000 --concurrency 1 8 32                                 # start each, one at a time
 
 The highest level sends `--requests` streamed chat requests (default 1000), each lower one
-max(2 x clients, requests / 8), from that many concurrent clients, each asking for a seeded random 16..64 tokens with
-both end tokens banned by logit_bias, so every reply has exactly its tokens on every server.
-Prompts differ at their start, so no prefix cache skips them. A request is lost when it fails
-or returns fewer tokens than asked. Servers run one after the other, never together, and only
-on loopback. Prints a table per server, then one JSON line.
+max(2 x clients, requests / 8), from that many concurrent clients, each asking for a seeded random 16..64 tokens
+(or `--reply-tokens`) with both end tokens banned by logit_bias, so every reply has exactly its tokens on every
+server. Prompts differ at their start, so no prefix cache skips them, unless `--system-tokens N` puts one shared
+system prompt of about N tokens before them all: then the table also shows the prompt tokens the server reports
+as cached (usage.prompt_tokens_details). A request is lost when it fails or returns fewer tokens than asked.
+Servers run one after the other, never together, and only on loopback. Prints a table per server, then one JSON line.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from openai import AsyncOpenAI
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 END_TOKENS = {"151643": -100, "151645": -100}  # <|endoftext|>, <|im_end|>: replies run to max_tokens
 HEADER = ("clients", "requests", "lost", "wall_s", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
-          "itl_p99_ms")
+          "itl_p99_ms", "prompt_tokens", "cached_tokens")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -52,36 +53,51 @@ def loopback_only(url: str) -> None:
         raise SystemExit(f"{url} is not a loopback address; this benchmark only loads servers on this machine")
 
 
-async def one_request(client: AsyncOpenAI, model: str, index: int, max_tokens: int) -> dict:
+def system_prompt(tokens: int) -> str:
+    """About `tokens` tokens of plain English (about 1.3 tokens a word), the same for every request."""
+    words = ("You are a careful assistant for a lighthouse museum; answer briefly and kindly, cite the log "
+             "books when you can, and never invent dates or names of keepers.").split()
+    return " ".join(words[i % len(words)] for i in range(int(tokens / 1.3)))
+
+
+async def one_request(client: AsyncOpenAI, model: str, index: int, max_tokens: int, system: str = "") -> dict:
     start = time.perf_counter()
     stamps: list[float] = []
-    tokens, finish = 0, None
+    tokens, finish, prompt_tokens, cached = 0, None, 0, 0
+    messages = [{"role": "system", "content": system}] if system else []
     try:
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": f"[{index}] {PROMPT}"}], max_tokens=max_tokens,
-            temperature=0, stream=True, logit_bias=END_TOKENS, stream_options={"include_usage": True})
+            model=model, messages=[*messages, {"role": "user", "content": f"[{index}] {PROMPT}"}],
+            max_tokens=max_tokens, temperature=0, stream=True, logit_bias=END_TOKENS,
+            stream_options={"include_usage": True})
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 stamps.append(time.perf_counter())
             if chunk.choices and chunk.choices[0].finish_reason:
                 finish = chunk.choices[0].finish_reason
             if chunk.usage:
-                tokens = chunk.usage.completion_tokens
+                tokens, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+                details = chunk.usage.prompt_tokens_details
+                cached = (details.cached_tokens or 0) if details else 0
     except Exception as e:  # counted as lost, the run goes on
-        return {"lost": f"{type(e).__name__}: {e}"[:200], "ttft": None, "gaps": [], "tokens": 0}
+        return {"lost": f"{type(e).__name__}: {e}"[:200], "ttft": None, "gaps": [], "tokens": 0, "prompt_tokens": 0,
+                "cached": 0}
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     lost = None if finish == "length" else f"finish_reason {finish!r} after {len(stamps)} chunks"
     # a streamed chunk may carry more than one token (text held back): usage counts tokens
-    return {"lost": lost, "ttft": stamps[0] - start if stamps else None, "gaps": gaps, "tokens": tokens or len(stamps)}
+    return {"lost": lost, "ttft": stamps[0] - start if stamps else None, "gaps": gaps, "tokens": tokens or len(stamps),
+            "prompt_tokens": prompt_tokens, "cached": cached}
 
 
-async def run_level(client: AsyncOpenAI, model: str, clients: int, requests: int, seed: int) -> dict:
+async def run_level(client: AsyncOpenAI, model: str, clients: int, requests: int, seed: int,
+                    args: argparse.Namespace) -> dict:
     rng = random.Random(seed)
-    lengths = [rng.randint(16, 64) for _ in range(requests)]
+    lengths = [args.reply_tokens or rng.randint(16, 64) for _ in range(requests)]
     indices = iter(range(requests))  # shared: each client takes the next one
+    system = system_prompt(args.system_tokens) if args.system_tokens else ""
 
     async def worker() -> list[dict]:
-        return [await one_request(client, model, seed * 100_000 + i, lengths[i]) for i in indices]
+        return [await one_request(client, model, seed * 100_000 + i, lengths[i], system) for i in indices]
 
     start = time.perf_counter()
     results = [r for batch in await asyncio.gather(*(worker() for _ in range(clients))) for r in batch]
@@ -93,7 +109,9 @@ async def run_level(client: AsyncOpenAI, model: str, clients: int, requests: int
     return {"clients": clients, "requests": len(results), "lost": len(lost), "lost_examples": lost[:3],
             "wall_s": round(wall, 1), "output_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
             "ttft_p50_ms": round(percentile(ttft, 50)), "ttft_p99_ms": round(percentile(ttft, 99)),
-            "itl_p50_ms": round(percentile(itl, 50), 1), "itl_p99_ms": round(percentile(itl, 99), 1)}
+            "itl_p50_ms": round(percentile(itl, 50), 1), "itl_p99_ms": round(percentile(itl, 99), 1),
+            "prompt_tokens": sum(r["prompt_tokens"] for r in results),
+            "cached_tokens": sum(r["cached"] for r in results)}
 
 
 async def load(url: str, args: argparse.Namespace, name: str) -> dict:
@@ -107,7 +125,7 @@ async def load(url: str, args: argparse.Namespace, name: str) -> dict:
         levels = []
         for clients in args.concurrency:
             requests = args.requests if clients == max(args.concurrency) else max(clients * 2, args.requests // 8)
-            level = await run_level(client, model, clients, requests, seed=clients)
+            level = await run_level(client, model, clients, requests, seed=clients, args=args)
             level["load_average"] = round(os.getloadavg()[0], 1)
             levels.append(level)
             print(" ".join(f"{level[h]:>12}" for h in HEADER), f"  (load {level['load_average']})", flush=True)
@@ -129,18 +147,18 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> Non
 
 
 def launch(name: str, args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    """Start one server on a free loopback port: ours with enough slots for every client, or
+    """Start one server on a free loopback port: ours with its defaults (and `--ctx` if given), or
     llama.cpp's (llama-cpp-python[server], which decodes one request at a time)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     gguf = args.gguf or str(default_gguf())
     if name == "ours":
-        cmd = [sys.executable, "-m", "qwen2.server", "--model", gguf, "--port", str(port), "--ctx", str(args.ctx),
-               "--max-concurrency", str(max(args.concurrency)), "--max-queue", "1024"]
+        cmd = [sys.executable, "-m", "qwen2.server", "--model", gguf, "--port", str(port), "--max-queue", "1024",
+               *(["--ctx", str(args.ctx)] if args.ctx else [])]
     else:
         cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port",
-               str(port), "--n_ctx", str(args.ctx), "--n_threads", str(args.llama_threads),
+               str(port), "--n_ctx", str(args.ctx or 8192), "--n_threads", str(args.llama_threads),
                "--interrupt_requests", "False"]  # queue concurrent requests instead of cutting the running one
     log = open(Path(args.logs) / f"serve_load_{name}.log", "w")  # noqa: SIM115 (open while the server runs)
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -177,10 +195,14 @@ if __name__ == "__main__":
     parser.add_argument("--llama-python", default="python", help="a Python with llama-cpp-python[server]")
     parser.add_argument("--llama-threads", type=int, default=os.cpu_count(), help="llama.cpp's --n_threads")
     parser.add_argument("--gguf", help="the model both servers load (default: the embedded default model)")
-    parser.add_argument("--ctx", type=int, default=1024, help="context per sequence for launched servers")
+    parser.add_argument("--ctx", type=int, help="context per sequence for launched servers (default: ours its "
+                        "default, llama.cpp 8192)")
     parser.add_argument("--logs", default=".", help="folder for the launched servers' logs")
     parser.add_argument("--api-key")
     parser.add_argument("--model", help="model id (default: the server's first)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=1000, help="requests at the highest concurrency")
+    parser.add_argument("--reply-tokens", type=int, help="tokens per reply (default: seeded random 16..64)")
+    parser.add_argument("--system-tokens", type=int, default=0, help="a shared system prompt of about this many "
+                        "tokens before every request (default: none)")
     asyncio.run(main(parser.parse_args()))

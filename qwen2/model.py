@@ -42,8 +42,8 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Preallocated keys and values of every layer: (layers, slots, n_kv, max_len, head_dim).
 
-    A slot holds one sequence; the token at position p lives at index p. Preallocation
-    keeps decode shapes fixed and makes admission control a simple count of free slots.
+    A slot holds one sequence; the token at position p lives at index p. Used where one or a
+    few sequences run alone (perplexity windows, a draft model); the engine uses PagedKVCache.
     """
 
     def __init__(self, config: Qwen2Config, slots: int, max_len: int,
@@ -61,9 +61,14 @@ class KVCache:
         layers, _, n_kv, _, hd = self.k.shape
         return 2 * layers * n_kv * hd * self.k.element_size()
 
-    def update(self, layer: int, slots: torch.Tensor | None, positions: torch.Tensor,
-               k: torch.Tensor, v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at `positions` (B, T); return the first kv_len entries."""
+    def locate(self, slots: torch.Tensor | None, positions: torch.Tensor, kv_len: int) -> tuple:
+        """Where one forward's tokens go, worked out once for all layers: the slot of each row."""
+        return slots, positions
+
+    def update(self, layer: int, where: tuple, k: torch.Tensor, v: torch.Tensor,
+               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) where `locate` said; return each row's first kv_len entries."""
+        slots, positions = where
         ck, cv = self.k[layer], self.v[layer]
         rows = torch.arange(k.shape[0], device=k.device) if slots is None else slots
         ck[rows[:, None], :, positions] = k.transpose(1, 2)  # (B, T, n_kv, hd)
@@ -71,6 +76,71 @@ class KVCache:
         if slots is None:
             return ck[: k.shape[0], :, :kv_len], cv[: k.shape[0], :, :kv_len]
         return ck[slots, :, :kv_len], cv[slots, :, :kv_len]
+
+
+class PagedKVCache:
+    """Keys and values of every layer in one pool of fixed-size blocks: (layers, blocks, block_size, n_kv, hd).
+
+    Row r of `tables` lists, in position order, the blocks of the sequence in slot r: the token
+    at position p lives in block tables[r, p // block_size] at offset p % block_size. Entries
+    past a sequence's blocks name block 0, which belongs to nobody: padding writes land there,
+    and what it holds sits at positions the causal mask hides. Which block is whose, and which
+    blocks several sequences share, is the engine's business (qwen2.engine.paged).
+    """
+
+    def __init__(self, config: Qwen2Config, blocks: int, block_size: int, slots: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (config.num_hidden_layers, blocks, block_size, config.num_key_value_heads, config.head_dim)
+        # empty, not zeros: the OS maps pages as they are first written, so a large budget costs
+        # memory only as it fills; a block is zeroed when handed out (stale NaNs would leak
+        # through masked attention as 0 * NaN)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.block_size, self.max_len = block_size, max_len
+        self.tables = torch.zeros(slots, -(-max_len // block_size), dtype=torch.long, device=device)
+        self.zero_blocks([0])
+
+    @property
+    def slots(self) -> int:
+        return self.tables.shape[0]
+
+    @property
+    def blocks(self) -> int:
+        return self.k.shape[1]
+
+    def bytes_per_token(self) -> int:
+        layers, _, _, n_kv, hd = self.k.shape
+        return 2 * layers * n_kv * hd * self.k.element_size()
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        index = torch.tensor(blocks, device=self.k.device)
+        self.k[:, index] = 0
+        self.v[:, index] = 0
+
+    def copy_prefix(self, source: int, target: int, tokens: int) -> None:
+        """Copy the first `tokens` entries of block `source` into block `target` (every layer)."""
+        self.k[:, target, :tokens] = self.k[:, source, :tokens]
+        self.v[:, target, :tokens] = self.v[:, source, :tokens]
+
+    def locate(self, slots: torch.Tensor | None, positions: torch.Tensor, kv_len: int) -> tuple:
+        """Where one forward's tokens go and which blocks it reads, worked out once for all layers."""
+        tables = self.tables[: positions.shape[0]] if slots is None else self.tables[slots]
+        flat = tables.gather(1, positions // self.block_size) * self.block_size + positions % self.block_size
+        return flat.reshape(-1), tables[:, : -(-kv_len // self.block_size)]
+
+    def update(self, layer: int, where: tuple, k: torch.Tensor, v: torch.Tensor,
+               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) where `locate` said; return each row's first kv_len entries
+        gathered from its blocks, (B, n_kv, kv_len, hd)."""
+        flat, tables = where
+        B, n_kv, T, hd = k.shape
+        out = []
+        for pool, new in ((self.k[layer], k), (self.v[layer], v)):
+            pool.view(-1, n_kv, hd).index_copy_(0, flat, new.transpose(1, 2).reshape(B * T, n_kv, hd))
+            # index_select, not pool[tables]: advanced indexing ran 1000x slower here on a large pool
+            blocks = pool.index_select(0, tables.reshape(-1)).view(B, -1, n_kv, hd)
+            out.append(blocks[:, :kv_len].transpose(1, 2))  # (B, n_kv, kv_len, hd)
+        return out[0], out[1]
 
 
 @dataclass
@@ -84,8 +154,8 @@ class Context:
     inv_freq: torch.Tensor
     attention_scaling: float
     masks: dict[int | None, torch.Tensor]  # by sliding window (None: full causal)
-    cache: KVCache | None
-    slots: torch.Tensor | None
+    cache: KVCache | PagedKVCache | None
+    where: tuple | None  # the cache's addressing of this forward's tokens (its `locate`)
     kv_len: int
     dca: DCAConfig | None
     router_logits: list[torch.Tensor] | None
@@ -114,7 +184,7 @@ class Attention(nn.Module):
         else:
             q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer, ctx.slots, ctx.positions, k, v, ctx.kv_len)
+            k, v = ctx.cache.update(self.layer, ctx.where, k, v, ctx.kv_len)
         if ctx.dca is not None:
             y = dca_attention(q, k, v, ctx.positions, ctx.key_positions.expand(B, -1), ctx.inv_freq,
                               ctx.attention_scaling, ctx.dca)
@@ -236,12 +306,13 @@ class Transformer(nn.Module):
             raise ConfigError("dual chunk attention cannot be combined with sliding-window layers")
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                cache: KVCache | PagedKVCache | None = None, slots: torch.Tensor | None = None,
                 logits_index: torch.Tensor | None = None,
                 router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
         """tokens, positions (B, T) -> logits (B, T, V), or (B, V) at `logits_index` (B,).
 
-        With a cache, keys come from the cache slots (`slots` (B,), default rows 0..B-1);
+        With a cache, keys come from the cache slots (`slots` (B,), default rows 0..B-1; a
+        PagedKVCache reads the blocks its block table lists for each slot);
         without one, the call attends within `tokens` only. MoE layers append their router
         logits to `router_logits` when a list is given.
         """
@@ -250,7 +321,8 @@ class Transformer(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), logits_index]  # (B, H)
         return self.lm_head(self.model.norm(x))
 
-    def body(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+    def body(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+             cache: KVCache | PagedKVCache | None = None,
              slots: torch.Tensor | None = None, router_logits: list[torch.Tensor] | None = None,
              segments: torch.Tensor | None = None) -> torch.Tensor:
         """The last block's output (B, T, H), before the final norm. Training calls it with
@@ -262,15 +334,16 @@ class Transformer(nn.Module):
         if cache is not None:
             kv_len = int(positions.max()) + 1
             key_positions = torch.arange(kv_len, device=tokens.device)[None]
+            where = cache.locate(slots, positions, kv_len)
         else:
-            kv_len, key_positions = T, positions
+            kv_len, key_positions, where = T, positions, None
         inv_freq = self.inv_freq
         if self.dynamic_ntk:  # NTK base grows with the sequence; cached keys keep their rotation
             inv_freq = dynamic_inv_freq(self.config, int(positions.max()) + 1).to(x.device)
         cos, sin = rotary_cos_sin(positions, inv_freq, self.attention_scaling, x.dtype)
         windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
         masks = {} if self.dca else {w: attention_mask(positions, key_positions, w, segments) for w in windows}
-        ctx = Context(positions, key_positions, cos, sin, inv_freq, self.attention_scaling, masks, cache, slots,
+        ctx = Context(positions, key_positions, cos, sin, inv_freq, self.attention_scaling, masks, cache, where,
                       kv_len, self.dca, router_logits)
         for block in self.model.layers:
             x = block(x, ctx)

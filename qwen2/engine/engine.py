@@ -1,12 +1,22 @@
 """The engine: one generation loop for every front door (CLI, Python API, server, evals).
 
-Scheduling, one `step()` at a time:
-- Waiting requests take a free KV slot. A slot keeps the tokens of the last sequence that
-  used it, so a new request takes the free slot sharing its longest prefix and skips that
-  part of its prefill (prefix caching: a chat's second turn does not recompute the first).
-- At most `prefill_chunk` prompt tokens run per step, so long prompts never stall the
-  requests that are already decoding; short prompts that arrive together share that
-  forward as a padded batch.
+Memory: one paged KV cache (qwen2.model.PagedKVCache) shared by all sequences, sized by a
+byte budget; a sequence holds blocks for the positions it has computed, so any mix of short
+and long sequences up to the context length fits as long as their tokens do. `max_concurrency`
+caps the sequences running at once, not memory. Full blocks are shared through the prefix
+cache (qwen2.engine.paged): a prompt's cached blocks, from live or finished sequences, are
+not computed again (a chat's second turn, a system prompt common to many requests).
+
+Scheduling, one `step()` at a time, with a token budget of `prefill_chunk` per step:
+- Waiting requests are admitted in order while a sequence row is free and the blocks their
+  prompts still need are free too (blocks promised to admitted prompts count as taken).
+- Every decoding request gets a block for its next token; when none is left, the newest
+  running request is preempted: its blocks go back (its full blocks stay in the prefix
+  cache), it returns to the head of the queue and is recomputed on readmission, then goes
+  on exactly where it stopped (nothing sampled twice, nothing lost).
+- Prompt chunks fill what the decodes leave of the budget, as one padded batch, so a long
+  prompt never stalls the streams already running; a prompt waits a step rather than compute
+  a block that an earlier prompt in the same batch is computing (it reuses it instead).
 - Then every decoding request advances one token in a single batched forward; a greedy
   request decoding alone may instead check a drafted continuation (speculative decoding).
 Requests join and leave between steps (continuous batching).
@@ -20,20 +30,27 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from qwen2.engine.paged import BlockManager, Sequence
 from qwen2.engine.sampling import SamplingParams, sample, top_logprobs
 from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.engine.stops import StopMatcher
-from qwen2.errors import RequestError
-from qwen2.model import KVCache, Transformer
+from qwen2.errors import OptionError, RequestError
+from qwen2.model import PagedKVCache, Transformer
 from qwen2.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
+
+# tokens per KV block: the smallest the usual 16..64 range allows, for the least memory lost to
+# partly filled blocks; one gather per layer and step reads a sequence's blocks whatever their size
+BLOCK_SIZE = 16
+KV_SHARE = {"cpu": 0.25, "cuda": 0.5}  # default budget: this share of the memory available at start
 
 
 @dataclass
@@ -59,9 +76,11 @@ class Request:
     generator: torch.Generator | None
     stops: StopMatcher
     output: list[int] = field(default_factory=list)
-    slot: int | None = None
-    computed: int = 0  # tokens whose keys/values are in the slot
+    slot: int | None = None  # the row of the cache's block tables while running
+    seq: Sequence | None = None  # its blocks while running
+    computed: int = 0  # tokens whose keys/values are in its blocks
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    preemptions: int = 0  # times its blocks were taken back and it was recomputed
     held_text: str = ""  # decoded text withheld because it may start a stop string
     drafted: int = 0  # speculative decoding: tokens proposed / accepted
     accepted: int = 0
@@ -69,41 +88,72 @@ class Request:
     failed_in: str | None = None  # with finish_reason "error": the stage that failed
 
     @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def goal(self) -> int:
+        """Tokens to compute before decoding: the prompt, or after a preemption everything but
+        the last sampled token (the next decode step feeds that one)."""
+        return len(self.prompt) + max(len(self.output) - 1, 0)
+
+    @property
     def prefilled(self) -> bool:
-        return self.computed >= len(self.prompt)
+        return self.computed >= self.goal
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def default_kv_memory(device: torch.device) -> int:
+    """KV_SHARE of the memory available now: free device memory on CUDA, MemAvailable on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * KV_SHARE["cuda"])
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return int(available * KV_SHARE["cpu"])
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_slots: int = 4,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_concurrency: int = 64,
                  max_seq_len: int = 8192, prefill_chunk: int = 512,
-                 speculator: PromptLookup | DraftModel | None = None):
+                 speculator: PromptLookup | DraftModel | None = None, kv_memory: int | None = None,
+                 block_size: int = BLOCK_SIZE, max_slots: int | None = None):
+        """max_slots: the former name of max_concurrency. kv_memory: bytes for the KV cache
+        (default: KV_SHARE of what is available, no more than max_concurrency full sequences)."""
         self.model, self.tokenizer, self.speculator = model, tokenizer, speculator
         config = model.config
         if not 0 < max_seq_len <= config.context_limit:
             raise ValueError(f"max_seq_len {max_seq_len} is outside 1..{config.context_limit}, the model's limit")
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, self.prefill_chunk = max_seq_len, prefill_chunk
+        self.max_concurrency = max_slots if max_slots is not None else max_concurrency
         weight = model.model.embed_tokens.weight
-        self.cache = KVCache(config, max_slots, self.max_seq_len, dtype=weight.dtype, device=weight.device)
-        self.prefill_chunk = prefill_chunk
-        self.slot_tokens: list[list[int]] = [[] for _ in range(max_slots)]
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * weight.element_size()
+        blocks_per_seq = -(-max_seq_len // block_size)
+        if kv_memory is None:
+            wanted = default_kv_memory(weight.device) // (per_token * block_size)
+            blocks = max(blocks_per_seq, min(wanted, blocks_per_seq * self.max_concurrency))
+        else:
+            blocks = kv_memory // (per_token * block_size)
+            if blocks < blocks_per_seq:
+                raise OptionError(
+                    f"a KV cache of {kv_memory / 2**20:.1f} MiB (--kv-memory) holds {blocks * block_size} tokens "
+                    f"({per_token / 1024:.1f} KiB each), less than one sequence of {max_seq_len} tokens (--ctx); "
+                    f"give --kv-memory at least {blocks_per_seq * block_size * per_token / 2**20:.1f} MiB "
+                    "or lower --ctx")
+        self.cache = PagedKVCache(config, blocks + 1, block_size, self.max_concurrency, max_seq_len,
+                                  dtype=weight.dtype, device=weight.device)
+        self.blocks = BlockManager(self.cache)
+        self.free_slots = list(range(self.max_concurrency))
         self.waiting: deque[Request] = deque()
-        self.running: dict[int, Request] = {}
+        self.running: dict[int, Request] = {}  # in admission order: the last is preempted first
         self._ids = itertools.count()
 
     def kv_budget(self) -> str:
-        per_token = self.cache.bytes_per_token()
-        total = per_token * self.cache.max_len * self.cache.slots
-        return (f"KV cache: {per_token / 1024:.1f} KiB/token x {self.cache.max_len} tokens x "
-                f"{self.cache.slots} slots = {total / 2**20:.0f} MiB ({self.cache.k.dtype})")
+        per_token, blocks, size = self.cache.bytes_per_token(), self.blocks.usable, self.cache.block_size
+        return (f"KV cache: {per_token / 1024:.1f} KiB/token x {blocks * size} tokens ({blocks} blocks of {size}) "
+                f"= {per_token * blocks * size / 2**20:.0f} MiB ({self.cache.k.dtype}), shared by up to "
+                f"{self.max_concurrency} sequences of up to {self.max_seq_len} tokens")
 
     # -- requests ----------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
@@ -128,19 +178,17 @@ class Engine:
         return request
 
     def cancel(self, request: Request) -> None:
-        """Stop a request now; its slot is free for the next step."""
+        """Stop a request now; its blocks are free for the next step."""
         if request.finish_reason is None:
             request.finish_reason = "cancelled"
         if request in self.waiting:
             self.waiting.remove(request)
-        self.running.pop(request.id, None)
+        if self.running.pop(request.id, None) is not None:
+            self._release(request, keep_tail=True)
 
     def clear_prefix_cache(self) -> None:
-        """Forget what the free slots hold, so the next prompts are computed cold."""
-        busy = {r.slot for r in self.running.values()}
-        for s in range(self.cache.slots):
-            if s not in busy:
-                self.slot_tokens[s] = []
+        """Forget every cached prefix, so the next prompts are computed cold."""
+        self.blocks.clear()
 
     @property
     def has_work(self) -> bool:
@@ -155,33 +203,74 @@ class Engine:
 
     # -- scheduling --------------------------------------------------------------------
     def _admit(self) -> None:
-        busy = {r.slot for r in self.running.values()}
-        while self.waiting and len(busy) < self.cache.slots:
-            request = self.waiting.popleft()
-            free = [s for s in range(self.cache.slots) if s not in busy]
-            slot = max(free, key=lambda s: common_prefix(self.slot_tokens[s], request.prompt))
-            # keep at least one prompt token to compute: its logits give the first new token
-            reused = min(common_prefix(self.slot_tokens[slot], request.prompt), len(request.prompt) - 1)
-            request.slot, request.computed, request.cached_tokens = slot, reused, reused
-            self.slot_tokens[slot] = request.prompt[:reused]
+        promised = sum(self._blocks_to_prefill(r) for r in self.running.values() if not r.prefilled)
+        while self.waiting and self.free_slots and self.blocks.free > promised:
+            request = self.waiting[0]
+            # a fresh prompt keeps one token to compute: its logits give the first new token
+            limit = request.goal if request.output else len(request.prompt) - 1
+            seq, reused = self.blocks.match(request.tokens, limit)
+            request.seq, request.computed = seq, reused
+            need = self._blocks_to_prefill(request)
+            if need + promised > self.blocks.free:
+                self.blocks.release(seq.blocks)
+                request.seq, request.computed = None, 0
+                return
+            self.waiting.popleft()
+            promised += need
+            if not request.output:
+                request.cached_tokens = reused
+            request.slot = self.free_slots.pop()
+            self.blocks.write_table(seq, request.slot)
             self.running[request.id] = request
-            busy.add(slot)
+
+    def _blocks_to_prefill(self, r: Request) -> int:
+        """Blocks r still needs for its prompt and first decoded token."""
+        return max(self.blocks.blocks_for(r.goal + 1) - len(r.seq.blocks), 0)
+
+    def _preempt(self, r: Request) -> None:
+        """Take r's blocks back; it waits at the head of the queue and is recomputed on readmission."""
+        log.info("request %d preempted after %d tokens: the KV cache is full", r.id, r.computed)
+        self.running.pop(r.id)
+        self._release(r, keep_tail=True)
+        r.computed, r.preemptions = 0, r.preemptions + 1
+        self.waiting.appendleft(r)
+
+    def _release(self, r: Request, keep_tail: bool) -> None:
+        if r.seq is None:
+            return
+        if keep_tail:
+            self.blocks.register_tail(r.seq, r.tokens, r.computed)
+        self.blocks.release(r.seq.blocks)
+        self.cache.tables[r.slot].zero_()
+        self.free_slots.append(r.slot)
+        r.seq, r.slot = None, None
+
+    def _reserve(self, r: Request, tokens: int) -> bool:
+        """Blocks for r's first `tokens` positions, preempting the newest requests for them; False
+        when r itself had to go."""
+        while not self.blocks.grow(r.seq, tokens, r.slot):
+            victim = next(reversed(self.running.values()))
+            self._preempt(victim)
+            if victim is r:
+                return False
+        return True
 
     @torch.inference_mode()
     def step(self) -> list[Output]:
         self._admit()
         outputs = []
-        prefills = self._prefill_batch()
+        decoding = [r for r in self.running.values() if r.prefilled and r.output]
+        decoding = [r for r in decoding if r.id in self.running and self._reserve(r, r.computed + 1)]
+        decoding = [r for r in decoding if r.id in self.running]  # a later one's reservation may preempt
+        size = self.cache.block_size  # whole blocks, so prompts sharing a prefix stay block-aligned
+        prefills, chunks = self._prefill_batch(max((self.prefill_chunk - len(decoding)) // size * size, size))
         if prefills:
-            chunks = [r.prompt[r.computed: r.computed + self.prefill_chunk] for r in prefills]
             logits = self._guarded_forward(prefills, chunks, [r.computed for r in prefills], outputs)
             for r, chunk, row in zip(prefills, chunks, logits if logits is not None else []):
                 r.computed += len(chunk)
-                self.slot_tokens[r.slot] += chunk
-                if r.prefilled:
+                self.blocks.register(r.seq, r.tokens, r.computed)
+                if r.prefilled and not r.output:
                     outputs.append(self._accept(r, row))
-        prefilling = {r.id for r in prefills}
-        decoding = [r for r in self.running.values() if r.prefilled and r.output and r.id not in prefilling]
         if len(decoding) == 1 and self.speculator is not None and decoding[0].params.greedy:
             try:
                 outputs += self._speculate(decoding[0])
@@ -191,9 +280,13 @@ class Engine:
             logits = self._guarded_forward(decoding, [[r.output[-1]] for r in decoding],
                                            [r.computed for r in decoding], outputs)
             for r, row in zip(decoding, logits if logits is not None else []):
-                self.slot_tokens[r.slot].append(r.output[-1])
                 r.computed += 1
+                if r.computed % self.cache.block_size == 0:  # a block just filled up
+                    self.blocks.register(r.seq, r.tokens, r.computed)
                 outputs.append(self._accept(r, row))
+        if not (prefills or decoding or outputs) and self.running and not any(
+                r.prefilled for r in self.running.values()):
+            self._preempt(next(reversed(self.running.values())))  # every prompt stalled for blocks: make room
         return outputs
 
     def _guarded_forward(self, requests: list[Request], chunks: list[list[int]], starts: list[int],
@@ -205,37 +298,63 @@ class Engine:
             outputs.extend(self._fail(r, "forward", e) for r in requests)
             return None
 
-    def _prefill_batch(self) -> list[Request]:
-        """The requests whose next prompt chunks go through one forward this step.
+    def _prefill_batch(self, budget: int) -> tuple[list[Request], list[list[int]]]:
+        """The requests whose next prompt chunks go through one forward this step, and the chunks.
 
         Short prompts arriving together share a forward (one weight read instead of one each);
-        the padded batch (rows x longest chunk) stays within prefill_chunk tokens, so running
+        the padded batch (rows x longest chunk) stays within `budget` tokens, so running
         decodes wait no longer than for one chunk.
         """
-        batch, width = [], 0
-        for r in self.running.values():
+        batch, chunks, width = [], [], 0
+        for r in list(self.running.values()):
+            if r.prefilled or r.id not in self.running:
+                continue
+            gained = self.blocks.extend(r.seq, r.tokens, r.goal if r.output else len(r.prompt) - 1, r.computed)
+            if gained:
+                r.computed += gained
+                self.blocks.write_table(r.seq, r.slot)
+            if not r.output:
+                r.cached_tokens = max(r.cached_tokens, r.computed)
             if r.prefilled:
                 continue
-            n = min(len(r.prompt) - r.computed, self.prefill_chunk)
-            if batch and (len(batch) + 1) * max(width, n) > self.prefill_chunk:
+            end = min(r.goal, r.computed + self.prefill_chunk)
+            if any(self._computing(other, chunk, r) for other, chunk in zip(batch, chunks)):
+                continue  # an earlier prompt computes the same block now: reuse it next step
+            n = end - r.computed
+            if batch and (len(batch) + 1) * max(width, n) > budget:
                 break
+            n = min(n, budget)
+            if not self.blocks.grow(r.seq, r.computed + n, r.slot):
+                continue  # its promised blocks went to decodes; it waits for blocks
             batch.append(r)
+            chunks.append(r.tokens[r.computed: r.computed + n])
             width = max(width, n)
-        return batch
+        return batch, chunks
+
+    def _computing(self, other: Request, chunk: list[int], r: Request) -> bool:
+        """Whether `other`'s chunk computes the block r needs next (same tokens up to its end)."""
+        size = self.cache.block_size
+        if r.computed % size or not other.computed <= r.computed < other.computed + len(chunk):
+            return False
+        end = r.computed + size
+        return end <= r.goal and other.tokens[:end] == r.tokens[:end]
 
     def _speculate(self, r: Request) -> list[Output]:
         """One target forward over the last token and a drafted continuation; keep the agreeing prefix."""
         room = min(self.max_seq_len - r.computed - 1, r.params.max_tokens - len(r.output))
-        draft = self.speculator.propose(r.slot, r.prompt + r.output)[:max(room - 1, 0)]
+        draft = self.speculator.propose(r.tokens)[:max(room - 1, 0)]
+        if not self.blocks.grow(r.seq, r.computed + 1 + len(draft), r.slot):
+            draft = []  # no blocks to spare for a guess: a plain decode step (its block is reserved)
         chunk = [r.output[-1]] + draft
         logits = self._forward([r], [chunk], [r.computed], every_position=True)[0]
         outputs = []
         for i, row in enumerate(logits):
-            self.slot_tokens[r.slot].append(chunk[i])
             r.computed += 1
             outputs.append(self._accept(r, row))
             if r.finish_reason or i == len(draft) or r.output[-1] != draft[i]:
                 break
+        if r.seq is not None:
+            self.blocks.register(r.seq, r.tokens, r.computed)
         r.drafted, r.accepted = r.drafted + len(draft), r.accepted + len(outputs) - 1
         return outputs
 
@@ -249,8 +368,8 @@ class Engine:
         positions = torch.zeros(len(chunks), T, dtype=torch.long)
         for i, (chunk, start) in enumerate(zip(chunks, starts)):
             tokens[i, :len(chunk)] = torch.tensor(chunk)
-            # pads continue the positions; a pad written past a sequence's end is overwritten
-            # before that position is ever attended to
+            # pads continue the positions: they land in the sequence's own unwritten positions or, past
+            # its blocks, in the padding block; either is rewritten before it is ever attended to
             positions[i] = torch.arange(start, start + T).clamp(max=self.max_seq_len - 1)
         last = torch.tensor([len(c) - 1 for c in chunks])
         slots = torch.tensor([r.slot for r in requests])
@@ -297,11 +416,11 @@ class Engine:
         return text[: len(text) - hold]
 
     def _fail(self, request: Request, stage: str, error: Exception) -> Output:
-        """End one request with finish_reason "error"; its slot's cached tokens are forgotten."""
+        """End one request with finish_reason "error"; its unfinished last block is not cached."""
         log.error("request %d failed in %s", request.id, stage, exc_info=error)
         request.failed_in = stage
-        if request.slot is not None:
-            self.slot_tokens[request.slot] = []
+        if self.running.pop(request.id, None) is not None:
+            self._release(request, keep_tail=False)
         message = f"generation failed in {stage.replace('_', ' ')}: {type(error).__name__}: {error}"
         out = Output(request.id, None, "", error=message[:500])
         return self._finish(request, out, "error")
@@ -309,5 +428,6 @@ class Engine:
     def _finish(self, request: Request, out: Output, reason: str) -> Output:
         request.finish_reason = out.finish_reason = reason
         request.held_text = ""
-        self.running.pop(request.id, None)
+        if self.running.pop(request.id, None) is not None:
+            self._release(request, keep_tail=True)
         return out

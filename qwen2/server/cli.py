@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from qwen2.options import add_model_options, model_options
+from qwen2.options import add_model_options, model_options, parse_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("QWEN2_API_KEY"),
                    help="require this Bearer key on /v1 routes (default: $QWEN2_API_KEY)")
-    p.add_argument("--max-concurrency", type=int, default=4, help="sequences decoded together (KV cache slots)")
+    p.add_argument("--max-concurrency", type=int, default=64, help="sequences decoded together at most; they share "
+                   "the KV cache, so this caps the batch, not the memory (default 64)")
+    p.add_argument("--kv-memory", type=parse_bytes, default=None, help="memory for the KV cache all sequences share, "
+                   "e.g. 4G (default: a quarter of the available RAM on CPU, half the free GPU memory on CUDA; "
+                   "at least one --ctx sequence, at most --max-concurrency of them)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before new requests get 429")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queueing included")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
@@ -52,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
     # the server's own log (errors with their tracebacks, which responses never carry)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = model_options(args)
-    llm = load(**options, max_slots=args.max_concurrency)
+    llm = load(**options, max_concurrency=args.max_concurrency, kv_memory=args.kv_memory)
     settings = Settings(model_name=model_name(options.get("model")), api_key=args.api_key or None,
                         cors_origins=args.cors_origin, max_queue=args.max_queue, timeout=args.timeout,
                         max_body=args.max_body)

@@ -150,7 +150,7 @@ def test_speculative_greedy_equals_plain_greedy(tiny_model, default_tokenizer, k
         draft = copy.deepcopy(tiny_model)
         del draft.model.layers[1]
         draft.config = tiny_config(num_hidden_layers=1)
-        speculator = DraftModel(draft, slots=1, max_len=256, k=3)
+        speculator = DraftModel(draft, max_len=256, k=3)
     params = dict(temperature=0, max_tokens=40, ignore_eos=True)
     engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256, speculator=speculator)
     request = engine.submit(prompt, SamplingParams(**params))
