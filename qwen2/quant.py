@@ -209,7 +209,26 @@ class Int4Linear(nn.Module):
             scales_and_zeros = torch.cat(sz).transpose(0, 1).contiguous().to(w.device)
         self.register_buffer("weight", weight)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("input_perm", None)  # see from_int4
         self.bias = _float_bias(linear)
+
+    @classmethod
+    def from_int4(cls, q: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Tensor | None = None,
+                  input_perm: Tensor | None = None) -> Int4Linear:
+        """Adopt weights quantized elsewhere (a GPTQ/AWQ checkpoint), on CPU: q [N, K] in 0..15 and
+        scale, zero [N, K / group_size] with W = (q - 8) * scale + zero (rounded to bf16 here).
+
+        input_perm [K]: the layer computes x[..., input_perm] @ W.T, for checkpoints whose groups gather
+        inputs out of order (GPTQ desc_act): W's columns are stored in that gathered order.
+        """
+        n, k = q.shape
+        layer = cls(nn.Linear(k, n, bias=bias is not None, device="meta"), group_size, empty=True)
+        layer.weight = torch.cat([torch._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32).contiguous(), 1)
+                                  for rows in torch.split(q, _PACK_ROWS)])
+        layer.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(KERNEL_DTYPE).contiguous()
+        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        layer.input_perm = input_perm
+        return layer
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> Tensor:
         """Weight rows start:stop (a multiple of 64 or the end) as `dtype`, shape [rows, K].
@@ -226,6 +245,8 @@ class Int4Linear(nn.Module):
         return w.view(k, n).T
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)
         if self.weight.is_cpu and (x.shape[0] <= INT4_KERNEL_MAX_ROWS or int4_layout() is None):

@@ -221,8 +221,8 @@ def test_info_on_a_packaged_name_is_the_default_model(cli, default_gguf):
 def broken_models(tiny_hf, tmp_path):
     """Copies of the tiny HF folder whose config no longer fits its tensors, or names GPTQ."""
     folders = {}
-    for name, change in (("shapes", {"intermediate_size": 96}), ("gptq", {"quantization_config":
-                                                                          {"quant_method": "gptq", "bits": 4}})):
+    gptq = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
+    for name, change in (("shapes", {"intermediate_size": 96}), ("gptq", gptq)):
         folder = tmp_path / name
         folder.mkdir()
         for f in tiny_hf.iterdir():
@@ -251,7 +251,7 @@ BAD_INPUTS = {
                          "bad rope scaling 'yarn:x'", 1),
     "unknown dtype": (["generate", "-p", "hi", "--dtype", "float8"], "invalid choice: 'float8'", 2),
     "shapes disagree with config": (["generate", "-p", "hi", "--model", "SHAPES"], "does not match its config", 1),
-    "gptq checkpoint": (["chat", "--model", "GPTQ"], "quantized checkpoints of this kind are not supported yet", 1),
+    "gptq config over float weights": (["chat", "--model", "GPTQ"], "no Linear layer is stored packed", 1),
     "port out of range": (["serve", "--port", "70000"], "--port 70000 is not a TCP port", 1),
     "empty chat input": (["chat", "--model", "TINY"], "nothing to answer: stdin was empty", 1),
     "unknown preset": (["info", "--preset", "Qwen9-1T"], "Qwen9-1T", 1),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import qwen2
-from qwen2.errors import ConfigError, OptionError, WeightsError
+from qwen2.errors import OptionError, WeightsError
 from qwen2.loading import load, load_model, resolve_device
 from qwen2.options import DEFAULT_CTX, DEFAULTS
 from qwen2.weights import locate
@@ -151,16 +151,21 @@ def test_shapes_that_disagree_with_the_config_are_a_weights_error(tiny_hf, tmp_p
         load_model(wrong, quant="none")
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
-def test_quantized_checkpoints_of_other_kinds_are_refused_by_name(tiny_hf, tmp_path, method):
-    folder = tmp_path / method
+@pytest.mark.parametrize("quantization, phrase", [
+    ({"quant_method": "gptq"}, r"quantization_config \(gptq\) has bits=None"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128}, "AWQ quantization_config but no Linear layer is stored"),
+    ({"quant_method": "bitsandbytes", "bits": 4}, "only GPTQ and AWQ 4-bit checkpoints are supported"),
+])
+def test_quantized_checkpoints_we_cannot_run_are_refused_by_name(tiny_hf, tmp_path, quantization, phrase):
+    folder = tmp_path / "quantized"
     folder.mkdir()
     for f in tiny_hf.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": method}}))
-    with pytest.raises(ConfigError, match=f"quantized with {method} .*not supported yet"):
-        load_model(folder, quant="none")
+    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": quantization}))
+    for quant in ("auto", "none"):
+        with pytest.raises(WeightsError, match=phrase):
+            load_model(folder, quant=quant)
 
 
 def test_the_command_line_parser_does_not_import_torch():

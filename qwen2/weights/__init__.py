@@ -66,17 +66,24 @@ def resolve_model(spec: str | Path | None = None, progress: bool = True) -> Path
     return ref.path
 
 
-def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = None
+def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = None, keep_blocks: bool = False
                     ) -> tuple[Qwen2Config, dict[str, torch.Tensor], Tokenizer]:
-    """Read a checkpoint: its config, its tensors (hub naming, cast to `dtype`) and its tokenizer."""
+    """Read a checkpoint: its config, its tensors (hub naming, cast to `dtype`) and its tokenizer.
+
+    keep_blocks: a GGUF's matrices whose block type our kernels run stay `gguf.Blocks` (mapped,
+    not decoded); see qwen2.blocks."""
     from qwen2.weights.gguf import load_gguf
+    from qwen2.weights.gptq_awq import is_int4_checkpoint, load_dequantized
     from qwen2.weights.hf import load_hf
 
     path = resolve_model(spec)
     if path.is_file():
-        config, state_dict, meta = load_gguf(path, dtype=dtype or torch.float32)
+        from qwen2.kernels import BLOCKS
+
+        keep = frozenset(BLOCKS) if keep_blocks else frozenset()
+        config, state_dict, meta = load_gguf(path, dtype=dtype or torch.float32, keep=keep)
         return config, state_dict, Tokenizer.from_gguf_metadata(meta)
-    config, state_dict = load_hf(path, dtype=dtype)
+    config, state_dict = (load_dequantized if is_int4_checkpoint(path) else load_hf)(path, dtype=dtype)
     return config, state_dict, Tokenizer.from_files(path)
 
 
@@ -91,9 +98,10 @@ def load_tokenizer(spec: str | Path | None = None) -> Tokenizer:
 def describe(spec: str | Path | None) -> tuple[Qwen2Config, int, Path]:
     """A checkpoint's config and bytes on disk, without reading its tensors."""
     from qwen2.weights.gguf import config_from_gguf, read_metadata
+    from qwen2.weights.gptq_awq import read_config
 
     path = resolve_model(spec)
     if path.is_file():
         return config_from_gguf(read_metadata(path)), path.stat().st_size, path
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return Qwen2Config.from_hf_json(path), size, path
+    return read_config(path)[0], size, path
