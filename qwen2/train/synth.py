@@ -1,0 +1,117 @@
+"""Automated alignment data, as the Qwen2 report describes it: sample several answers per
+problem from the model and let an automatic check sort them.
+
+- Rejection sampling (maths): k chain-of-thought solutions per ASDiv word problem, prompted
+  and scored as `qwen2 eval asdiv` does (qwen2.eval.asdiv). A solution is kept when its
+  answer equals the gold answer and it states it ("The answer is N", as asked, or a LaTeX
+  \\boxed{N}); a reply that states nothing and whose last number happens to match (it may
+  have been cut off) is neither kept nor used as a wrong example; a wrong answer is a
+  rejected example. Verdicts are recomputed from the replies whenever the data files are
+  built, so the files always follow this rule.
+- Execution feedback (code): k programs per HumanEval problem, prompted, extracted and run
+  against the problem's tests in the sandbox as `qwen2 eval humaneval` does
+  (qwen2.eval.humaneval); passing programs are kept, failing ones rejected.
+
+The output folder holds:
+- samples.jsonl: every sample with its verdict, appended as each finishes (the first line
+  holds the run's settings). A rerun with the same settings resumes where it stopped, a
+  larger --k or --limit adds only the missing samples, and a file from other settings is
+  refused rather than mixed in.
+- sft.jsonl: `{"messages": [user, assistant]}` for each kept reply (distinct replies per
+  problem), the chat data `qwen2 train sft` reads.
+- pairs.jsonl: `{"messages": [user], "chosen": reply, "rejected": reply}`, the kept and the
+  rejected replies of one problem paired one to one (min(kept, rejected) pairs per problem,
+  no reply used twice), the preference data `qwen2 train dpo` reads.
+sft.jsonl and pairs.jsonl are rebuilt from samples.jsonl at the end of every run.
+Not covered: the report's other sources (data repurposing, constitutional feedback,
+instruction evolution), and model-written tests for execution feedback (HumanEval's own
+tests are used).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from qwen2.engine.sampling import SamplingParams
+from qwen2.eval import asdiv, humaneval
+from qwen2.eval.harness import Results, generate_all
+
+
+def math_prompt(problem: dict) -> str:
+    return asdiv.INSTRUCTION.format(passage=problem["passage"].strip(), question=problem["question"].strip())
+
+
+def math_verdict(reply: str, gold: str) -> bool | None:
+    """True: kept (correct, and the answer stated: "the answer is N" or a LaTeX \\boxed{N});
+    False: wrong; None: correct only by the eval's last-number fallback (a reply that may have
+    been cut off), so neither kept nor rejected."""
+    if not asdiv.is_correct(reply, gold):
+        return False
+    return True if "answer is" in reply.lower() or "\\boxed{" in reply else None
+
+
+def code_prompt(problem: dict) -> str:
+    return humaneval.CHAT_INSTRUCTION.format(prompt=problem["prompt"])
+
+
+def reject_sample(llm, problems: list[dict], results: Results, k: int, temperature: float, max_tokens: int,
+                  seed: int) -> None:
+    """Sample and judge every (problem, sample) not yet in `results`."""
+    by_key, prompts = {}, {}
+    for problem in problems:
+        for s in range(k):
+            key = f"{problem['id']}#{s}"
+            if key not in results:
+                messages = [{"role": "user", "content": math_prompt(problem)}]
+                by_key[key] = problem
+                prompts[key] = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def params(key: str) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + int(key.rsplit("#", 1)[1]))
+
+    def done(key: str, reply: str) -> None:
+        problem = by_key[key]
+        results.add(dict(id=key, problem=problem["id"], sample=int(key.rsplit("#", 1)[1]), answer=problem["answer"],
+                         reply=reply, extracted=asdiv.extract_answer(reply),
+                         verdict=math_verdict(reply, problem["answer"])))
+
+    generate_all(llm, prompts, params, done, desc="reject-sample")
+
+
+def sft_and_pairs(groups: Iterable[tuple[str, list[tuple[str, bool | None]]]]) -> tuple[list[dict], list[dict]]:
+    """From (user prompt, [(reply, verdict)]) per problem: the SFT rows (distinct kept replies)
+    and the preference pairs (kept vs rejected, one to one)."""
+    sft, pairs = [], []
+    for prompt, samples in groups:
+        kept = list(dict.fromkeys(reply for reply, verdict in samples if verdict is True))
+        rejected = list(dict.fromkeys(reply for reply, verdict in samples if verdict is False))
+        user = [{"role": "user", "content": prompt}]
+        sft += [{"messages": [*user, {"role": "assistant", "content": reply}]} for reply in kept]
+        pairs += [{"messages": user, "chosen": good, "rejected": bad} for good, bad in zip(kept, rejected)]
+    return sft, pairs
+
+
+def math_groups(problems: list[dict], records: list[dict]) -> list[tuple[str, list[tuple[str, bool | None]]]]:
+    by_problem: dict[str, list] = {}
+    for r in records:
+        by_problem.setdefault(r["problem"], []).append((r["reply"], math_verdict(r["reply"], r["answer"])))
+    return [(math_prompt(p), by_problem[p["id"]]) for p in problems if p["id"] in by_problem]
+
+
+def code_groups(problems: list[dict], records: list[dict]) -> list[tuple[str, list[tuple[str, bool | None]]]]:
+    by_problem: dict[str, list] = {}
+    for r in records:
+        by_problem.setdefault(r["task_id"], []).append((r["completion"], r["passed"]))
+    return [(code_prompt(p), by_problem[p["task_id"]]) for p in problems if p["task_id"] in by_problem]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Written whole, then renamed into place, so a reader never sees half a file."""
+    partial = path.with_name(path.name + ".part")
+    with partial.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(partial, path)

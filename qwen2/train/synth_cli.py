@@ -1,0 +1,113 @@
+"""`qwen2 data reject-sample` and `qwen2 data exec-feedback`: SFT and preference data from the
+model's own samples (see synth.py for what is kept and what is written).
+
+    qwen2 data reject-sample --out DIR [--k 4] [--limit N] [--temperature 0.8] [--max-tokens 384] [--seed 0]
+        [--model M ...]
+    qwen2 data exec-feedback --out DIR [--k 4] [--limit N] [--temperature 0.8] [--max-tokens 512] [--timeout 10]
+        [--seed 0] [--model M ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from qwen2.errors import OptionError
+from qwen2.options import add_model_options, model_options
+
+
+def add_arguments(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="automated alignment data: rejection sampling (maths), execution "
+                                 "feedback (code)")
+    sub = data.add_subparsers(dest="data_command", required=True)
+    p = sub.add_parser("reject-sample", help="k solutions per ASDiv problem; correct ones become SFT data, correct "
+                       "vs wrong preference pairs")
+    _common(p, max_tokens=384)
+    p.set_defaults(func=run)
+    p = sub.add_parser("exec-feedback", help="k programs per HumanEval problem run against its tests in a sandbox; "
+                       "passing ones become SFT data, passing vs failing preference pairs")
+    _common(p, max_tokens=512)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run (default %(default)s)")
+    p.set_defaults(func=run)
+
+
+def _common(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder for samples.jsonl (resumable), sft.jsonl and "
+                   "pairs.jsonl")
+    p.add_argument("--k", type=int, default=4, help="samples per problem (default %(default)s)")
+    p.add_argument("--limit", type=int, help="only the first N problems (default: all)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens per sample (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sample s of every problem uses seed + s (default 0)")
+    p.add_argument("--slots", type=int, default=8, help="sequences decoded together (default %(default)s)")
+    add_model_options(p, speculative=False)
+
+
+def _check(args: argparse.Namespace) -> None:
+    from qwen2.engine.sampling import SamplingParams
+    from qwen2.errors import RequestError
+
+    for name in ("k", "limit", "slots"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.k > 1 and args.temperature == 0:
+        raise OptionError("--temperature 0 gives every sample the same reply; use a temperature above 0 with --k > 1")
+    if getattr(args, "timeout", 1) <= 0:
+        raise OptionError(f"--timeout must be positive, got {args.timeout}")
+    try:
+        SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed).validate(0)
+    except RequestError as e:
+        raise OptionError(str(e)) from None
+    if args.out.exists() and not args.out.is_dir():
+        raise OptionError(f"--out {args.out} is a file; give a folder")
+
+
+def _results(args: argparse.Namespace, settings: dict):
+    from qwen2.eval.harness import Results
+
+    try:
+        return Results(f"data {args.data_command}", settings, args.out / "samples.json")
+    except OptionError:
+        found = (args.out / "samples.jsonl").read_text(encoding="utf-8").partition("\n")[0]
+        raise OptionError(f"{args.out / 'samples.jsonl'} holds samples of another run ({found}), not of {settings}; "
+                          "give another --out, or delete that file to start afresh") from None
+
+
+def run(args: argparse.Namespace) -> None:
+    from qwen2.eval import asdiv, humaneval
+    from qwen2.eval.sandbox import Limits
+    from qwen2.loading import load
+    from qwen2.train import synth
+
+    _check(args)
+    code = args.data_command == "exec-feedback"
+    settings = dict(model=str(args.model or "default"),
+                    **{k: v for k, v in model_options(args).items() if k != "model"},
+                    temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    if code:
+        settings["timeout"] = args.timeout
+    problems = (humaneval.problems() if code else asdiv.problems())[: args.limit]
+    ids = [f"{p['task_id' if code else 'id']}#{s}" for p in problems for s in range(args.k)]
+    results = _results(args, settings)
+    start = time.perf_counter()
+    todo = sum(key not in results for key in ids)
+    if todo:
+        llm = load(**model_options(args), max_slots=args.slots)
+        if code:
+            limits = Limits(wall_seconds=args.timeout, cpu_seconds=int(args.timeout) + 1)
+            humaneval.run(llm, problems, results, "chat", args.k, args.temperature, args.max_tokens, args.seed, limits)
+        else:
+            synth.reject_sample(llm, problems, results, args.k, args.temperature, args.max_tokens, args.seed)
+    records = results.ordered(ids)
+    groups = synth.code_groups(problems, records) if code else synth.math_groups(problems, records)
+    sft, pairs = synth.sft_and_pairs(groups)
+    synth.write_jsonl(args.out / "sft.jsonl", sft)
+    synth.write_jsonl(args.out / "pairs.jsonl", pairs)
+    verdicts = [r["passed"] if code else synth.math_verdict(r["reply"], r["answer"]) for r in records]
+    kept = sum(v is True for v in verdicts)
+    print(json.dumps(dict(out=str(args.out), problems=len(problems), samples=len(records), sampled_now=todo,
+                          kept=kept, kept_fraction=round(kept / len(records), 4) if records else 0.0,
+                          rejected=sum(v is False for v in verdicts), sft=len(sft), pairs=len(pairs),
+                          seconds=round(time.perf_counter() - start, 1))))
