@@ -3,6 +3,7 @@
     qwen2 train sft --model M --data FILE --out DIR [--steps N | --epochs E] [--lora-rank R] [--lr X]
         [--batch-size B] [--grad-accum G] [--max-len L] [--pack] [--seed S] [--resume] [--config FILE.toml]
     qwen2 train pretrain --preset NAME --data PATH --out DIR ...
+    qwen2 train rm|dpo|online-dpo ...  (preference training, see align_cli.py)
     torchrun --nproc-per-node 2 -m qwen2 train sft ... [--parallel ddp|fsdp]
 
 A TOML config file sets the same keys (underscored: lora_rank = 8); flags given on the
@@ -17,6 +18,7 @@ import json
 from pathlib import Path
 
 from qwen2.errors import OptionError
+from qwen2.train import align_cli
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
@@ -42,6 +44,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="whose tokenizer, as --model (default: the embedded model's)")
     _common(p)
     p.set_defaults(func=run, task="pretrain")
+    align_cli.add_arguments(sub)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

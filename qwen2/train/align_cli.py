@@ -1,0 +1,136 @@
+"""`qwen2 train rm`, `qwen2 train dpo` and `qwen2 train online-dpo` (see align.py).
+
+    qwen2 train rm --data PAIRS --out DIR [--lora-rank R] [--center C] ...
+    qwen2 train dpo --data PAIRS --out DIR [--ref MODEL] [--beta B] [--loss sigmoid|ipo|robust]
+        [--optimizer adamw|ondare|onties] [--reserve-rate P] [--merge-alpha A] [--base MODEL] [--lora-rank R] ...
+    qwen2 train online-dpo --data PROMPTS --reward-model RM_DIR --out DIR [--samples N] ...
+
+PAIRS: JSONL/JSON `{"prompt" or "messages", "chosen", "rejected"}`, or a demo set by name
+(dpo_en_demo, dpo_zh_demo). A TOML --config sets the same keys; flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from qwen2.errors import OptionError
+
+
+def add_arguments(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rm", help="train a reward model (Bradley-Terry) on preference pairs")
+    _common(p)
+    p.add_argument("--center", type=float, help="weight of the centering term mean((r_chosen + r_rejected)^2)")
+    p.set_defaults(func=run, task="rm")
+
+    p = sub.add_parser("dpo", help="direct preference optimization on preference pairs")
+    _common(p)
+    _preference(p)
+    p.add_argument("--no-precompute-ref", dest="precompute_ref", action="store_const", const=False,
+                   help="compute the reference log-probs every step instead of once before training")
+    p.set_defaults(func=run, task="dpo")
+
+    p = sub.add_parser("online-dpo", help="DPO on best-vs-worst pairs the policy samples and a reward model scores")
+    _common(p)
+    _preference(p)
+    p.add_argument("--reward-model", help="the scorer: a folder written by `qwen2 train rm`")
+    p.add_argument("--samples", type=int, help="replies sampled per prompt each step (default 4)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens per sampled reply (default 128)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--no-end-penalty", type=float, help="reward lost by a reply cut off before its end token "
+                   "(default 1.0)")
+    p.set_defaults(func=run, task="online-dpo")
+
+
+def _preference(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ref", help="the reference model (default: the policy's starting weights: LoRA off, or a "
+                   "frozen copy)")
+    p.add_argument("--beta", type=float, help="strength of the pull to the reference (default 0.1)")
+    p.add_argument("--loss", choices=["sigmoid", "ipo", "robust"], help="DPO loss (default sigmoid)")
+    p.add_argument("--label-smoothing", type=float, help="assumed fraction of flipped labels (sigmoid: cDPO; "
+                   "default 0.1 for robust, else 0)")
+    p.add_argument("--optimizer", choices=["adamw", "ondare", "onties"], help="AdamW or an Online Merging "
+                   "Optimizer (default adamw)")
+    p.add_argument("--reserve-rate", type=float, help="ondare/onties: fraction of each update kept (default 0.01)")
+    p.add_argument("--merge-alpha", type=float, help="ondare/onties: weight of the SFT delta (default 1e-7)")
+    p.add_argument("--merge-every", type=int, help="ondare/onties: merge every K steps (default 1)")
+    p.add_argument("--base", help="ondare/onties: the model the policy was fine-tuned from; tau = policy - base")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    # no defaults here: a flag left out falls back to the --config file, then to AlignConfig
+    p.add_argument("--model", "-m", help="the model to train (default: the embedded Qwen2.5-Coder-0.5B-Instruct, "
+                   "dequantized to float)")
+    p.add_argument("--data", help="a .jsonl/.json file or a demo set (dpo_en_demo, dpo_zh_demo)")
+    p.add_argument("--out", help="output folder (metrics.jsonl, metrics.png, the model)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float, help="peak learning rate (default DPO 5e-5 LoRA / 1e-6 full; "
+                   "reward model 1e-4 LoRA / 1e-5 full)")
+    p.add_argument("--batch-size", type=int, help="pairs (online: prompts) per micro-batch (default 2)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--max-len", type=int, help="tokens of prompt + reply (default 512; longer replies are cut, "
+                   "longer prompts are bad samples)")
+    p.add_argument("--heldout", type=float, help="fraction of the data held out for evaluation (default 0.1)")
+    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: first and last)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--warmup", type=float, help="warm-up as a fraction of the steps (default 0.1)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--clip", type=float, help="gradient norm clip (default 1.0; 0 disables)")
+    p.add_argument("--lora-rank", type=int, help="train a LoRA adapter of this rank instead of every weight")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-targets", help="comma-separated of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                   "down_proj (default: all)")
+    p.add_argument("--no-merge", dest="merge", action="store_const", const=False,
+                   help="LoRA: write only the adapter, not the merged model")
+    p.add_argument("--grad-checkpointing", action="store_const", const=True,
+                   help="recompute activations in the backward pass (less memory, more time)")
+    p.add_argument("--on-bad-sample", choices=["error", "skip"], help="a record that cannot be used stops the "
+                   "run (error, the default) or is counted and reported (skip)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where native)")
+    p.add_argument("--config", type=Path, help="a TOML file setting any of these keys")
+
+
+def config_from(args: argparse.Namespace):
+    from qwen2.train.align import AlignConfig
+    from qwen2.train.cli import _read_toml
+
+    names = {f.name for f in dataclasses.fields(AlignConfig)}
+    values: dict = {}
+    if args.config:
+        values = _read_toml(args.config)
+        if unknown := set(values) - names:
+            raise OptionError(f"{args.config}: unknown key(s) {', '.join(sorted(unknown))}; the keys are the "
+                              f"options' names with underscores: {', '.join(sorted(names))}")
+    values |= {k: v for k, v in vars(args).items() if k in names and v is not None}
+    for key in ("data", "out"):
+        if not values.get(key):
+            raise OptionError(f"--{key} is required (on the command line or in --config)")
+    try:
+        return AlignConfig(**values)
+    except TypeError as e:
+        raise OptionError(f"bad training settings: {e}") from None
+
+
+def trainer_for(config):
+    if config.task == "rm":
+        from qwen2.train.reward import RewardTrainer
+
+        return RewardTrainer(config)
+    if config.task == "online-dpo":
+        from qwen2.train.online_dpo import OnlineDPOTrainer
+
+        return OnlineDPOTrainer(config)
+    from qwen2.train.dpo import DPOTrainer
+
+    return DPOTrainer(config)
+
+
+def run(args: argparse.Namespace) -> None:
+    config = config_from(args)
+    last = trainer_for(config).train()
+    print(json.dumps({"out": config.out, **last}))

@@ -1,0 +1,104 @@
+"""Online DPO, as Qwen2's second preference stage: each step the current policy samples N replies
+per prompt, a reward model scores them, and the best and the worst form a DPO pair.
+
+Sampling runs through the engine (qwen2.engine) built once over the training model object
+itself, so every step samples from the live weights (LoRA adapters included) with nothing
+reloaded; its prefix cache is cleared each step, since keys cached under older weights are
+stale. A reply cut by --max-new-tokens without its end token loses --no-end-penalty from its
+reward. A prompt whose replies all score the same gives no pair that step. The reference
+log-probabilities are computed live (the pairs are new each step). Metrics: DPO's, plus
+sample_reward (mean reward of all sampled replies), best_reward, unfinished (fraction cut off);
+held-out: eval_reward, the mean reward of one greedy reply per held-out prompt.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from qwen2.engine.engine import Engine
+from qwen2.engine.sampling import SamplingParams
+from qwen2.errors import OptionError
+from qwen2.train.align import check_tokenizer
+from qwen2.train.dpo import DPOTrainer
+from qwen2.train.preference import Pair, load_prompts, split
+from qwen2.train.reward import load_reward_model, score
+
+
+class OnlineDPOTrainer(DPOTrainer):
+    def __init__(self, config):
+        super().__init__(config)
+        c = config
+        self.reward_model, rm_tokenizer = load_reward_model(c.reward_model, self.device)
+        check_tokenizer(self.tokenizer, rm_tokenizer, "--reward-model", c.reward_model)
+        self.reward_model.requires_grad_(False)
+        longest = max(len(p.prompt) for p in self.train_pairs + self.heldout_pairs)
+        if longest + c.max_new_tokens > self.model.config.context_limit:
+            raise OptionError(f"prompts of {longest} tokens plus --max-new-tokens {c.max_new_tokens} exceed the "
+                              f"model's context of {self.model.config.context_limit}")
+        self.engine = Engine(self.model, self.tokenizer, max_slots=min(16, c.batch_size * c.samples),
+                             max_seq_len=longest + c.max_new_tokens + 1)
+
+    def read_data(self) -> tuple[list[Pair], list[Pair]]:
+        c = self.config
+        prompts, report = load_prompts(self.data, self.tokenizer, c.max_len, c.on_bad_sample)
+        if report.bad:
+            print(f"data: {report.summary()}", file=sys.stderr)
+        return split(prompts, c.heldout, c.seed)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, seed: int
+                 ) -> list[list[tuple[list[int], bool]]]:
+        """n replies to each prompt from the live weights: (tokens, ended with the end token)."""
+        training = self.model.training
+        self.model.eval()
+        self.engine.clear_prefix_cache()
+        requests = [[self.engine.submit(p, SamplingParams(max_tokens=self.config.max_new_tokens,
+                                                          temperature=temperature, seed=seed + 1000 * i + j))
+                     for j in range(n)] for i, p in enumerate(prompts)]
+        while self.engine.has_work:
+            self.engine.step()
+        self.model.train(training)
+        failed = [r.failed_in for rs in requests for r in rs if r.finish_reason == "error"]
+        if failed:
+            raise RuntimeError(f"sampling failed in {failed[0]}")
+        return [[(list(r.output), r.finish_reason == "stop") for r in rs] for rs in requests]
+
+    def rewards(self, prompt: list[int], replies: list[tuple[list[int], bool]]) -> torch.Tensor:
+        with torch.no_grad():
+            r = score(self.reward_model, [prompt + tokens for tokens, _ in replies], self.pad)
+        ended = torch.tensor([done for _, done in replies], device=r.device)
+        return r - self.config.no_end_penalty * (~ended).float()
+
+    def sample_pairs(self, prompts: list[Pair]) -> tuple[list[Pair], dict]:
+        """Best-vs-worst pairs of this step's samples, and what the samples scored."""
+        c = self.config
+        replies = self.generate([p.prompt for p in prompts], c.samples, c.temperature,
+                                seed=c.seed * 1_000_003 + self.step * 10_007)
+        pairs, all_rewards, best, unfinished = [], [], [], 0
+        for prompt, outs in zip(prompts, replies):
+            r = self.rewards(prompt.prompt, outs)
+            all_rewards += r.tolist()
+            best.append(r.max().item())
+            unfinished += sum(not done for _, done in outs)
+            hi, lo = int(r.argmax()), int(r.argmin())
+            if r[hi] > r[lo]:
+                pairs.append(Pair(prompt.prompt, outs[hi][0], outs[lo][0], prompt.where, index=prompt.index))
+        stats = {"sample_reward": sum(all_rewards) / len(all_rewards), "best_reward": sum(best) / len(best),
+                 "unfinished": unfinished / len(all_rewards), "pairs": len(pairs)}
+        return pairs, stats
+
+    def loss(self, prompts: list[Pair]) -> tuple[torch.Tensor, dict]:
+        pairs, stats = self.sample_pairs(prompts)
+        if not pairs:  # every prompt's samples tied: nothing to prefer this step
+            zero = sum(p.sum() for p in self.params) * 0.0
+            return zero, stats
+        loss, metrics = self.preference_loss(self.pair_logps(pairs))
+        return loss, metrics | stats
+
+    def evaluate(self) -> dict:
+        prompts = [p.prompt for p in self.heldout_pairs]
+        replies = self.generate(prompts, 1, 0.0, seed=0)
+        rewards = [self.rewards(p, outs)[0].item() for p, outs in zip(prompts, replies)]
+        return {"reward": sum(rewards) / len(rewards)}

@@ -1,0 +1,175 @@
+"""Preference pairs: a prompt and a chosen and a rejected reply, tokenized exactly as at inference.
+
+Records come as JSONL (one per line) or a JSON array, the prompt given one of three ways:
+`{"prompt": "text", "chosen": ..., "rejected": ...}`, `{"messages": [...], ...}` (the
+conversation before the reply) or llamafactory's sharegpt shape `{"conversations": [...],
+"chosen": {"from": "gpt", "value": ...}, ...}` (its dpo_en_demo / dpo_zh_demo sets, by name).
+A reply is a string or a message (`content` or `value`). An optional numeric `margin` feeds the
+reward model's margin loss.
+
+The prompt is the chat template with the generation prompt, tokenized alone, exactly what the
+engine feeds the model; a reply is the template's assistant turn after that prompt, up to and
+including its `<|im_end|>`, tokenized alone, exactly the tokens generation produces. So the
+prompt's tokens are a prefix of prompt + reply, and a reply that already ends in `<|im_end|>`
+does not get a second one. A reply too long for --max-len is cut (the prompt never is).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen2.errors import DataError, TokenizerError
+from qwen2.tokenizer import Tokenizer
+from qwen2.train.data import DataReport, Row, Sample, collate, read_records, to_messages
+
+
+@dataclass
+class Pair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    where: str  # "file:line", for reports
+    margin: float = 0.0
+    index: int = 0  # position in its file's pairs (keys the cached reference log-probs)
+
+
+def _reply(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content", value.get("value")), str):
+        return value.get("content", value.get("value"))
+    raise ValueError(f"a reply must be a string or a message with 'content', not {type(value).__name__}")
+
+
+def prompt_messages(record: dict) -> list[dict]:
+    """The conversation before the reply, from any of the three record shapes."""
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str):
+            raise ValueError("'prompt' must be a string (or give 'messages')")
+        return [{"role": "user", "content": record["prompt"]}]
+    if "messages" in record or "conversations" in record:
+        messages, _ = to_messages(record)
+        if not messages or messages[-1]["role"] == "assistant":
+            raise ValueError("the conversation must end with the turn the replies answer, not an assistant turn")
+        return messages
+    raise ValueError("no prompt: give 'prompt', 'messages' or 'conversations'")
+
+
+def render_prompt(tokenizer: Tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return text, tokenizer.encode(text)
+
+
+def render_reply(tokenizer: Tokenizer, messages: list[dict], prompt_text: str, reply: str) -> list[int]:
+    """The tokens of `reply` as the assistant turn after `prompt_text`, its end token included."""
+    end = tokenizer.eos_token or "<|im_end|>"
+    reply = reply.removesuffix(end)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": reply}],
+                                         add_generation_prompt=False)
+    if not full.startswith(prompt_text):
+        raise ValueError("the chat template renders the prompt differently once a reply follows")
+    turn = full[len(prompt_text):]
+    stop = turn.rfind(end)
+    return tokenizer.encode(turn[: stop + len(end)] if stop >= 0 else turn)
+
+
+def load_pairs(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str = "error"
+               ) -> tuple[list[Pair], DataReport]:
+    """The usable pairs of a preference file and a report of the rest; on_bad as for SFT data
+    ("error" stops at the first bad record, naming its line; "skip" counts it and goes on)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such preference data file: {path}")
+    pairs, report = [], DataReport()
+    for where, record in read_records(path):
+        try:
+            if isinstance(record, str):
+                raise ValueError(record)
+            missing = [k for k in ("chosen", "rejected") if k not in record]
+            if missing:
+                raise ValueError(f"missing field(s) {', '.join(missing)}")
+            chosen, rejected = _reply(record["chosen"]), _reply(record["rejected"])
+            if chosen.strip() == rejected.strip():
+                raise ValueError("chosen and rejected are identical")
+            messages = prompt_messages(record)
+            text, prompt = render_prompt(tokenizer, messages)
+            if len(prompt) >= max_len:
+                raise ValueError(f"the prompt has {len(prompt)} tokens, not shorter than --max-len {max_len}")
+            room = max_len - len(prompt)
+            pair = Pair(prompt, render_reply(tokenizer, messages, text, chosen)[:room],
+                        render_reply(tokenizer, messages, text, rejected)[:room], where,
+                        float(record.get("margin", 0.0)), len(pairs))
+        except (ValueError, KeyError, TypeError, TokenizerError) as e:
+            reason = f"{where}: {e}"
+            if on_bad == "error":
+                raise DataError(f"bad preference pair at {reason}; fix it or pass --on-bad-sample skip") from None
+            report.bad.append(reason)
+            continue
+        pairs.append(pair)
+    report.kept = len(pairs)
+    if not pairs:
+        raise DataError(f"{path} holds no usable preference pair ({report.summary()})")
+    return pairs, report
+
+
+def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str = "error"
+                 ) -> tuple[list[Pair], DataReport]:
+    """The prompts of a file in any of the shapes above (chosen and rejected not needed), as
+    pairs whose replies are still to be sampled (online DPO)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no such prompt file: {path}")
+    prompts, report = [], DataReport()
+    for where, record in read_records(path):
+        try:
+            if isinstance(record, str):
+                raise ValueError(record)
+            _, ids = render_prompt(tokenizer, prompt_messages(record))
+            if len(ids) >= max_len:
+                raise ValueError(f"the prompt has {len(ids)} tokens, not shorter than --max-len {max_len}")
+        except (ValueError, KeyError, TypeError, TokenizerError) as e:
+            if on_bad == "error":
+                raise DataError(f"bad prompt at {where}: {e}; fix it or pass --on-bad-sample skip") from None
+            report.bad.append(f"{where}: {e}")
+            continue
+        prompts.append(Pair(ids, [], [], where, index=len(prompts)))
+    report.kept = len(prompts)
+    if not prompts:
+        raise DataError(f"{path} holds no usable prompt ({report.summary()})")
+    return prompts, report
+
+
+def split(pairs: list[Pair], heldout: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, held-out): a seeded shuffle, the last `heldout` fraction (at least one pair) held out."""
+    order = list(pairs)
+    random.Random(seed).shuffle(order)
+    n = max(1, round(len(order) * heldout)) if heldout > 0 and len(order) > 1 else 0
+    return order[: len(order) - n], order[len(order) - n:]
+
+
+def sequences(pairs: list[Pair]) -> list[Sample]:
+    """prompt + chosen for every pair, then prompt + rejected; the reply tokens are the targets."""
+    out = []
+    for side in ("chosen", "rejected"):
+        for p in pairs:
+            reply = getattr(p, side)
+            out.append(Sample(p.prompt + reply, [0.0] * len(p.prompt) + [1.0] * len(reply), p.where))
+    return out
+
+
+def pair_batch(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded (tokens, positions, segments, targets, weights) of `sequences(pairs)`:
+    rows 0..n-1 chosen, n..2n-1 rejected."""
+    batch = collate([Row([s]) for s in sequences(pairs)], pad_id)
+    return batch.tokens, batch.positions, batch.segments, batch.targets, batch.weights
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """True when both map every id to the same token and end on the same ids."""
+    if a.vocab_size != b.vocab_size or a.eos_token_ids != b.eos_token_ids:
+        return False
+    return all(a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))

@@ -1,0 +1,70 @@
+"""Online DPO (qwen2.train.online_dpo): samples from the live weights through the engine, best
+vs worst by the reward model, a penalty for replies that never end."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from qwen2.engine.engine import Engine
+from qwen2.engine.sampling import SamplingParams
+from qwen2.train.align import AlignConfig
+from qwen2.train.online_dpo import OnlineDPOTrainer
+from qwen2.train.reward import RewardModel, save_hf, score
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_hf, tiny_model, default_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("online")
+    torch.manual_seed(0)
+    save_hf(RewardModel(copy.deepcopy(tiny_model)), default_tokenizer, folder / "rm")
+    data = folder / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(4)))
+    config = AlignConfig(data=str(data), out=str(folder / "out"), task="online-dpo", model=str(tiny_hf),
+                         reward_model=str(folder / "rm"), samples=2, max_new_tokens=4, lora_rank=4, steps=1,
+                         lr=1e-2, heldout=0.25, max_len=64, device="cpu", bf16=False, progress=False)
+    return OnlineDPOTrainer(config)
+
+
+def _fresh_engine_samples(model, tokenizer, prompts, n, seed):
+    engine = Engine(copy.deepcopy(model).eval(), tokenizer, max_slots=min(16, 2 * n), max_seq_len=128)
+    requests = [[engine.submit(p, SamplingParams(max_tokens=4, temperature=1.0, seed=seed + 1000 * i + j))
+                 for j in range(n)] for i, p in enumerate(prompts)]
+    while engine.has_work:
+        engine.step()
+    return [[(r.output, r.finish_reason == "stop") for r in rs] for rs in requests]
+
+
+def test_samples_come_from_the_live_weights(trainer):
+    prompts = [p.prompt for p in trainer.train_pairs[:2]]
+    before = trainer.generate(prompts, 2, 1.0, seed=7)
+    assert before == _fresh_engine_samples(trainer.model, trainer.tokenizer, prompts, 2, 7)
+    with torch.no_grad():  # an update of the LoRA adapters, as an optimizer step makes
+        for p in trainer.params:
+            p.add_(torch.randn_like(p) * 0.5)
+    after = trainer.generate(prompts, 2, 1.0, seed=7)
+    assert after != before
+    assert after == _fresh_engine_samples(trainer.model, trainer.tokenizer, prompts, 2, 7)
+
+
+def test_pairs_are_the_best_and_worst_reply_and_unfinished_replies_are_penalised(trainer):
+    prompts = trainer.train_pairs[:2]
+    pairs, stats = trainer.sample_pairs(prompts)
+    replies = trainer.generate([p.prompt for p in prompts], 2, 1.0, seed=trainer.config.seed * 1_000_003)
+    for prompt, outs in zip(prompts, replies):
+        with torch.no_grad():
+            raw = score(trainer.reward_model, [prompt.prompt + t for t, _ in outs], trainer.pad)
+        penalised = raw - torch.tensor([0.0 if done else 1.0 for _, done in outs])
+        assert torch.allclose(trainer.rewards(prompt.prompt, outs), penalised)
+        pair = next(p for p in pairs if p.prompt == prompt.prompt)
+        assert pair.chosen == outs[int(penalised.argmax())][0] and pair.rejected == outs[int(penalised.argmin())][0]
+    assert 0 <= stats["unfinished"] <= 1 and stats["pairs"] == len(pairs) == 2
+
+
+def test_a_run_logs_dpo_metrics_and_the_sample_reward(trainer):
+    trainer.train()
+    rows = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_reward" in rows[0] and "eval_reward" in rows[-1]
+    assert {"loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp", "kl",
+            "sample_reward"} <= set(rows[-1])
