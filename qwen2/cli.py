@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from qwen2.errors import OptionError, Qwen2Error
-from qwen2.options import add_model_options, model_options
+from qwen2.options import add_model_options, model_options, parse_bytes, parse_tokens
 
 # Qwen2.5-Instruct's generation_config.json defaults
 DEFAULT_SAMPLING = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
@@ -102,6 +102,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from qwen2.config import Qwen2Config
 
+    if args.plan:
+        cmd_plan(args)
+        return
+    if args.preset == "all":
+        raise OptionError("--preset all goes with --plan; name one preset to see its config")
     if args.preset:
         config, weight_bytes, source = Qwen2Config.from_preset(args.preset), None, f"preset {args.preset}"
     else:
@@ -121,6 +126,28 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"weights as stored: {weight_bytes:,} bytes ({weight_bytes / 2**20:.1f} MiB)")
     for name, bits in (("bf16", 16), ("float32", 32), ("int8", 8), ("int4", 4)):
         print(f"weights in {name}: {counts['total'] * bits / 8 / 2**30:.2f} GiB")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from qwen2.config import PRESETS, Qwen2Config
+    from qwen2.planner import table
+
+    if args.preset == "all":
+        models = [(name, Qwen2Config.from_preset(name)) for name in PRESETS]
+    elif args.preset:
+        models = [(args.preset, Qwen2Config.from_preset(args.preset))]
+    else:
+        from qwen2.weights import describe
+
+        config, _, source = describe(args.model)
+        models = [(str(source), config)]
+    try:
+        devices = [int(n) for n in args.devices.split(",")]
+    except ValueError:
+        raise OptionError(f"--devices takes a count or a list such as 1,2,4,8, got {args.devices!r}") from None
+    for i, (name, config) in enumerate(models):
+        print(("\n" if i else "") + table(config, name, devices, args.device_memory, args.quant, args.dtype,
+                                          args.ctx, args.batch))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -178,7 +205,18 @@ def build_parser() -> Parser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", "-m", help="as for every command: a .gguf file, an HF "
                    "folder, a packaged model or a hub id (default: the embedded model)")
-    g.add_argument("--preset", help="a named preset, e.g. Qwen2-7B")
+    g.add_argument("--preset", help="a named preset, e.g. Qwen2-7B ('all' with --plan: every preset)")
+    p.add_argument("--plan", action="store_true", help="bytes of weights, KV cache and activations per device, "
+                   "whether they fit, and the largest context and batch that do (tensor parallel over --devices)")
+    p.add_argument("--devices", default="1", help="--plan: devices sharing the model, or a list: 1,2,4,8")
+    p.add_argument("--device-memory", type=parse_bytes, default="80GB", help="--plan: memory of one device "
+                   "(default 80GB: binary units, as GPU memory is quoted)")
+    p.add_argument("--quant", default="none", help="--plan: none (float at --dtype), int8, int4 (ours), or a "
+                   "GGUF type kept as blocks: q8_0, q6_k, q5_k, q4_k, q4_0 (default none)")
+    p.add_argument("--dtype", default="bfloat16", help="--plan: float dtype of weights and KV cache (default "
+                   "bfloat16)")
+    p.add_argument("--ctx", type=parse_tokens, default=8192, help="--plan: tokens per sequence (default 8192)")
+    p.add_argument("--batch", type=int, default=1, help="--plan: sequences at once (default 1)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="write a model as an HF checkpoint folder (safetensors) or, for an output "
@@ -196,6 +234,7 @@ def build_parser() -> Parser:
     from qwen2.eval import cli as eval_cli
     from qwen2.server import cli as server_cli
     from qwen2.train import cli as train_cli
+    from qwen2.train import merge_cli, synth_cli
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page")
     server_cli.add_arguments(p)
@@ -208,6 +247,8 @@ def build_parser() -> Parser:
     eval_cli.add_arguments(sub)
     agent_cli.add_arguments(sub)
     train_cli.add_arguments(sub)
+    merge_cli.add_arguments(sub)
+    synth_cli.add_arguments(sub)
     return parser
 
 

@@ -21,23 +21,29 @@ from pathlib import Path
 
 import torch
 
+from qwen2.blocks import Q4_K, Q8_0, attach_blocks, blocks_from_float, kernels_available
 from qwen2.config import Qwen2Config
 from qwen2.dca import parse_dca
 from qwen2.device import default_device, default_dtype
+from qwen2.distributed import tensor_parallel
 from qwen2.engine.engine import Engine
 from qwen2.engine.llm import LLM
 from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import OptionError, Qwen2Error
 from qwen2.model import Transformer
 from qwen2.options import DEFAULT_CTX, DEFAULTS, DTYPES, QUANT_MODES
+from qwen2.prequantized import load_int4_model
 from qwen2.quant import int4_layout, quantize_model
 from qwen2.rope import parse_rope_scaling
 from qwen2.tokenizer import Tokenizer
 from qwen2.weights import load_checkpoint, quantized, resolve_model
+from qwen2.weights.gguf import Blocks
+from qwen2.weights.gptq_awq import is_int4_checkpoint
 
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT4_GROUP = 128
+BLOCK_MODES = {"gguf": None, "q8_0": Q8_0, "q4_k": Q4_K}  # run on qwen2.blocks' kernels
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -69,16 +75,24 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
-def resolve_quant(quant: str, device: torch.device) -> str:
-    """auto: int8 weights on CPU, float on CUDA. Measured with `qwen2 bench` on a quiet 2-core
-    AVX512-BF16 EPYC (bench/RESULTS.md): int8 decodes 2x faster than bf16 at a small cost
-    (top-1 agreement with float32 96.3% vs bf16's 97.7%); int4 doubles that again but agrees on
-    only 76% of positions after re-quantizing the default GGUF (mostly 5-bit), so it stays
-    opt-in. For many concurrent requests bf16 is fastest (c16 118 vs 90 tok/s)."""
+def resolve_quant(quant: str, device: torch.device, source: Path | None = None) -> str:
+    """auto: on CPU, a GGUF runs on its own quantized blocks ("gguf": exactly the file's weights,
+    through our kernels) and an HF checkpoint on Q8_0 blocks made at load; on CUDA, float. Where
+    the kernels cannot be built, auto falls back to torch's int8 kernels (bench/RESULTS.md)."""
     if quant not in QUANT_MODES:
         raise OptionError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_MODES)}")
+    is_gguf = source is not None and source.is_file()
+    if quant == "gguf" and not is_gguf:
+        raise OptionError("--quant gguf runs a GGUF file's own blocks, and this model is not a GGUF; use q8_0 or "
+                          "q4_k to run an HF checkpoint on the same kernels")
+    if quant in BLOCK_MODES and device.type != "cpu":
+        raise OptionError(f"--quant {quant} runs on our CPU kernels; on {device.type} use none")
     if quant == "auto":
-        return "int8" if device.type == "cpu" else "none"
+        if device.type != "cpu":
+            return "none"
+        if not kernels_available():
+            return "int8"
+        return "gguf" if is_gguf else "q8_0"
     return quant
 
 
@@ -108,13 +122,30 @@ def model_from_cache(entry: Path) -> tuple[Transformer, Tokenizer] | None:
     config, tokenizer, state, settings = found
     try:
         with torch.device("meta"):  # the module tree only, filled from the mapped file below
-            model = quantize_model(Transformer(config), settings["mode"], int(settings["group_size"]), empty=True)
+            model = Transformer(config)
+            if settings["mode"] in BLOCK_MODES:
+                blocks_from_float(model, BLOCK_MODES[settings["mode"]], empty=True)
+            else:
+                quantize_model(model, settings["mode"], int(settings["group_size"]), empty=True)
+        if config.tie_word_embeddings and hasattr(model.lm_head, "blocks"):
+            state["lm_head.blocks"] = state["model.embed_tokens.blocks"]  # one copy of the shared table
         model.load_state_dict(state, assign=True, strict=True)
     except (Qwen2Error, KeyError, ValueError, RuntimeError) as e:
         log.warning("ignoring the quantized cache %s (%s); rebuilding it", entry, e)
         return None
     model.set_rope(config)  # the rotary buffer is not in the file
     return model.eval(), tokenizer
+
+
+def model_from_gguf_blocks(source: Path, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
+    """A GGUF's network with every matrix the kernels can run left as the file's mapped blocks."""
+    config, state, tokenizer = load_checkpoint(source, dtype=dtype, keep_blocks=True)
+    blocks = {k: v for k, v in state.items() if isinstance(v, Blocks)}
+    # until attach_blocks replaces their modules, block matrices stand in as zero-stride views (no memory)
+    shells = {k: torch.zeros((), dtype=dtype).expand(v.shape) if k in blocks else v for k, v in state.items()}
+    net = Transformer.from_state_dict(config, shells, dtype=dtype)
+    attach_blocks(net, blocks, dtype)
+    return net, tokenizer
 
 
 def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dtype,
@@ -128,9 +159,18 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
     cached on disk after their first load (qwen2.weights.quantized), so later starts map them.
     """
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    mode = resolve_quant(quant, dev)
     source, entry, net = resolve_model(model), None, None
+    mode = resolve_quant(quant, dev, source)
+    # the kernels compute in float32, exactly the file's weights: auto keeps the rest float32 too
+    dt = torch.float32 if mode in BLOCK_MODES and dtype in (None, "auto") else resolve_dtype(dtype, dev)
+    if quant in ("auto", "int4") and is_int4_checkpoint(source):  # GPTQ / AWQ: its own int4 weights, as they are
+        net, tokenizer = load_int4_model(source, resolve_dtype(dtype, dev), dev)
+        net.set_rope(with_long_context(net.config, rope_scaling, dca))
+        return net, tokenizer
+    if mode == "gguf":
+        net, tokenizer = model_from_gguf_blocks(source, dt)
+        net.set_rope(with_long_context(net.config, rope_scaling, dca))
+        return net, tokenizer
     settings = _quant_settings(mode, dt)
     if mode != "none" and dev.type == "cpu":
         entry = quantized.entry_for(source, settings)
@@ -141,10 +181,15 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
         config, state_dict, tokenizer = load_checkpoint(source, dtype=dt)
         net = Transformer.from_state_dict(config, state_dict, dtype=dt, device=dev)
         del state_dict  # each float matrix is freed as its quantized replacement takes its place
-        if mode != "none":
+        if mode in BLOCK_MODES:
+            blocks_from_float(net, BLOCK_MODES[mode])
+        elif mode != "none":
             quantize_model(net, mode, INT4_GROUP)
         if entry is not None:
-            quantized.write_entry(entry, net.config, tokenizer, net.state_dict(), settings)
+            state = net.state_dict()
+            if net.config.tie_word_embeddings:
+                state.pop("lm_head.blocks", None)  # the embedding's, stored once
+            quantized.write_entry(entry, net.config, tokenizer, state, settings)
     net.set_rope(with_long_context(net.config, rope_scaling, dca))
     return net, tokenizer
 
@@ -152,21 +197,26 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
 def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dtype,
          device: str | None = DEFAULTS.device, quant: str = DEFAULTS.quant, ctx: int | None = DEFAULTS.ctx,
          rope_scaling: str | None = DEFAULTS.rope_scaling, dca: str | None = DEFAULTS.dca,
-         speculative: str | None = DEFAULTS.speculative, max_slots: int = 2, prefill_chunk: int = 512) -> LLM:
+         speculative: str | None = DEFAULTS.speculative, max_concurrency: int = 64, kv_memory: int | None = None,
+         prefill_chunk: int = 512, max_slots: int | None = None) -> LLM:
     """Load a model and an engine over it; the keyword arguments mean what the CLI options do.
 
-    ctx: KV cache tokens per sequence (prompt and reply), default 8192 or the model's context
+    ctx: KV cache tokens per sequence (prompt and reply), default 32768 or the model's context
     limit if smaller. rope_scaling: e.g. "yarn:4" (static YaRN changes outputs on short prompts
     too, so it is opt-in). dca: "CHUNK" or "CHUNK:LOCAL" turns on Dual Chunk Attention.
     speculative: "ngram" (prompt lookup) or a draft model spec (same tokenizer) for greedy
-    decoding. max_slots: sequences decoded together.
+    decoding. max_concurrency: sequences decoded together at most (max_slots is its former
+    name). kv_memory: bytes of the paged KV cache all sequences share (default: a quarter of
+    the available RAM, half the free GPU memory; see qwen2.engine.engine).
     """
     start = time.perf_counter()
     if ctx is not None and (not isinstance(ctx, int) or ctx < 1):
         raise OptionError(f"--ctx must be a positive number of tokens, got {ctx!r}")
-    if max_slots < 1 or prefill_chunk < 1:
-        raise OptionError("max_slots and prefill_chunk must be at least 1")
-    net, tokenizer = load_model(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling, dca=dca)
+    max_concurrency = max_slots if max_slots is not None else max_concurrency
+    if max_concurrency < 1 or prefill_chunk < 1:
+        raise OptionError("max_concurrency and prefill_chunk must be at least 1")
+    build = tensor_parallel.load_model if tensor_parallel.world_size() > 1 else load_model  # under torchrun
+    net, tokenizer = build(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling, dca=dca)
     if ctx is None:
         ctx = min(DEFAULT_CTX, net.config.context_limit)
     net.config.check_context(ctx, f"a KV cache of {ctx} tokens per sequence (--ctx)")
@@ -178,7 +228,7 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
         if draft_tokenizer.vocab_size != tokenizer.vocab_size:
             raise OptionError(f"the draft model {speculative} has a different vocabulary ({draft_tokenizer.vocab_size} "
                               f"tokens, the model {tokenizer.vocab_size}); it must share the model's tokenizer")
-        speculator = DraftModel(draft, max_slots, ctx)
-    engine = Engine(net, tokenizer, max_slots=max_slots, max_seq_len=ctx, prefill_chunk=prefill_chunk,
-                    speculator=speculator)
+        speculator = DraftModel(draft, ctx)
+    engine = Engine(net, tokenizer, max_concurrency=max_concurrency, max_seq_len=ctx, prefill_chunk=prefill_chunk,
+                    speculator=speculator, kv_memory=kv_memory)
     return LLM(net, tokenizer, engine, time.perf_counter() - start)

@@ -12,8 +12,10 @@ import argparse
 from dataclasses import asdict, dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANT_MODES = ("auto", "none", "int8", "int4")
-DEFAULT_CTX = 8192
+QUANT_MODES = ("auto", "none", "gguf", "q8_0", "q4_k", "int8", "int4")
+# A limit, not a reservation: the paged KV cache takes blocks as a sequence grows, so the default
+# is Qwen2's native 32K window (or the model's limit if smaller) and costs nothing until used.
+DEFAULT_CTX = 32768
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,20 @@ def parse_tokens(text: str) -> int:
     return value
 
 
+def parse_bytes(text: str) -> int:
+    """A positive memory size: "4G" or "4GiB" is 4 * 2**30 bytes, "512M" 512 * 2**20, "1.5g" allowed."""
+    units = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = raw[-1:] if raw[-1:] in units else ""
+    try:
+        value = float(raw[: len(raw) - len(unit)]) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 4G or 512M)") from None
+    if not 1 <= value < 2**60:
+        raise argparse.ArgumentTypeError(f"memory sizes must be positive and finite, got {text!r}")
+    return int(value)
+
+
 def add_model_options(p: argparse.ArgumentParser, ctx: bool = True, speculative: bool = True) -> None:
     """--model, --dtype, --device, --quant, --rope-scaling, --dca and, where the command takes
     them, --ctx and --speculative. Defaults are load()'s: an option left out is None here and
@@ -51,11 +67,14 @@ def add_model_options(p: argparse.ArgumentParser, ctx: bool = True, speculative:
     p.add_argument("--model", "-m", **keep, help="a .gguf file, an HF checkpoint folder, a packaged model "
                    "(qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct) or a hub id such as "
                    "Qwen/Qwen2-0.5B-Instruct (default: the embedded Qwen2.5-Coder-0.5B-Instruct)")
-    p.add_argument("--dtype", choices=DTYPES, **keep, help=f"compute dtype (default {DEFAULTS.dtype}: bf16 "
-                   "where the CPU multiplies bf16 natively and on CUDA, else float32)")
+    p.add_argument("--dtype", choices=DTYPES, **keep, help=f"compute dtype (default {DEFAULTS.dtype}: float32 "
+                   "on our GGUF block kernels; otherwise bf16 where the CPU multiplies bf16 natively and on "
+                   "CUDA, else float32)")
     p.add_argument("--device", **keep, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    p.add_argument("--quant", choices=QUANT_MODES, **keep, help=f"weight-only quantization (default "
-                   f"{DEFAULTS.quant}: int8 on CPU, none on CUDA)")
+    p.add_argument("--quant", choices=QUANT_MODES, **keep, help=f"how weights are held (default "
+                   f"{DEFAULTS.quant}: on CPU a GGUF's own blocks (gguf) and Q8_0 blocks for an HF checkpoint, "
+                   "through our kernels; none (float) on CUDA). q4_k: 4-bit blocks made at load; int8/int4: "
+                   "torch's kernels")
     if ctx:
         p.add_argument("--ctx", type=parse_tokens, **keep, help=f"KV cache tokens per sequence, prompt and "
                        f"reply together, e.g. 4096 or 32k (default {DEFAULT_CTX}, or the model's context limit "

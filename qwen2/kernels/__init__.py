@@ -82,6 +82,13 @@ def gguf_ops(isa: str | None = None):  # noqa: ANN201 (a torch op namespace)
     if shutil.which("g++") is None and shutil.which("c++") is None:
         _warn("no C++ compiler (g++) was found")
         return None
+    if shutil.which("ninja") is None:  # the ninja wheel's binary, when its bin folder is not on PATH
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
     name, folder = _build_dir(isa)
     folder.mkdir(parents=True, exist_ok=True)
     try:

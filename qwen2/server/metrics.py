@@ -60,6 +60,9 @@ class Metrics:
             ("kv_slots_used", running, "KV cache slots in use."),
             ("kv_slots_total", slots, "KV cache slots (--max-concurrency)."),
             ("kv_usage_ratio", running / slots, "Fraction of KV cache slots in use."),
+            ("kv_blocks_used", engine.engine.blocks.usable - engine.engine.blocks.free,
+             "KV cache blocks held by running sequences (idle cached prefixes count as free)."),
+            ("kv_blocks_total", engine.engine.blocks.usable, "KV cache blocks (--kv-memory)."),
         ]:
             metric(name, "gauge", help, [("", value)])
         cumulative, samples = 0, []

@@ -140,3 +140,5 @@ def test_metrics(tiny_server):
         assert name in text
     m = tiny_server.metrics()
     assert m["qwen2_generation_tokens_total"] >= 2 and m["qwen2_time_to_first_token_seconds_count"] >= 1
+    # nothing runs now: the finished request's blocks are idle (cached for reuse, yet free to take)
+    assert m["qwen2_kv_blocks_used"] == 0 < m["qwen2_kv_blocks_total"]
