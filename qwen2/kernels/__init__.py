@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("gguf.cpp")
 # GGUF type id -> (weights per block, bytes per block)
 BLOCKS = {1: (1, 2), 30: (1, 2), 2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
@@ -69,13 +68,33 @@ def _build_dir(isa: str) -> tuple[str, Path]:
     return name, cache_dir() / "kernels" / name
 
 
-@functools.cache
+# One build per ISA per process, whatever the cache folder says later: a second library registering
+# the same op namespace would abort the process.
+_LOADED: dict[str, object] = {}
+_FAILED: set[str | None] = set()
+
+
 def gguf_ops(isa: str | None = None):  # noqa: ANN201 (a torch op namespace)
-    """The compiled kernels for `isa` (default: the widest this CPU runs), or None if unavailable."""
+    """The compiled kernels for `isa` (default: the widest this CPU runs), or None if unavailable.
+
+    QWEN2_NO_KERNELS=1 turns them off (the torch fallback runs instead)."""
     isas = available_isas()
     isa = isa or (isas[0] if isas else None)
     if os.environ.get("QWEN2_NO_KERNELS", "") not in ("", "0"):
         return None
+    if isa in _LOADED:
+        return _LOADED[isa]
+    if isa in _FAILED:
+        return None
+    ops = _build(isa, isas)
+    if ops is None:
+        _FAILED.add(isa)
+    else:
+        _LOADED[isa] = ops
+    return ops
+
+
+def _build(isa: str | None, isas: list[str]):  # noqa: ANN202
     if isa is None or isa not in isas:
         _warn(f"this CPU ({platform.machine()}) has no AVX2/FMA/F16C vector unit our kernels are built for")
         return None
@@ -94,7 +113,9 @@ def gguf_ops(isa: str | None = None):  # noqa: ANN201 (a torch op namespace)
     try:
         from torch.utils import cpp_extension
 
-        log.info("building the GGUF kernels for %s in %s (once)", isa, folder)
+        if not (folder / f"{name}.so").exists():  # the first start waits on g++: say why
+            print(f"qwen2: compiling our GGUF kernels for {isa} (once, about 20 s) into {folder}", file=sys.stderr,
+                  flush=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
                            extra_cflags=["-O3", f"-DQWEN2_NS={name}", *ISAS[isa][1]], verbose=False)
     except Exception as e:  # a missing ninja, a compiler error, a read-only cache: all mean "no kernels"

@@ -112,9 +112,16 @@ def test_without_a_compiler_there_is_one_warning_and_no_kernels(monkeypatch):
     from qwen2 import kernels
 
     monkeypatch.setattr(kernels.shutil, "which", lambda _: None)
-    kernels.gguf_ops.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
-            assert kernels.gguf_ops() is None
-    finally:
-        kernels.gguf_ops.cache_clear()
+    monkeypatch.setattr(kernels, "_LOADED", {})  # as in a process that has not built them yet
+    monkeypatch.setattr(kernels, "_FAILED", set())
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        assert kernels.gguf_ops() is None
+    assert kernels.gguf_ops() is None  # remembered: no second attempt, no second warning
+
+
+def test_one_build_per_isa_per_process_whatever_the_cache_folder(monkeypatch, tmp_path):
+    from qwen2 import kernels
+
+    first = gguf_ops(ISAS[0])
+    monkeypatch.setenv("QWEN2_CACHE", str(tmp_path))  # a second library with the same ops would abort
+    assert gguf_ops(ISAS[0]) is first and gguf_ops() is kernels.gguf_ops(ISAS[0])
