@@ -61,7 +61,7 @@ def _build_dir(isa: str) -> tuple[str, Path]:
     from qwen2.pypi import cache_dir
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(ISAS[isa][1]).encode(), torch.__version__.encode(),
+    for part in (SOURCE.read_bytes(), b"-fopenmp", " ".join(ISAS[isa][1]).encode(), torch.__version__.encode(),
                  " ".join(sorted(cpu_flags())).encode()):
         key.update(part)
     name = f"qwen2_gguf_{isa}_{key.hexdigest()[:12]}"
@@ -116,8 +116,10 @@ def _build(isa: str | None, isas: list[str]):  # noqa: ANN202
         if not (folder / f"{name}.so").exists():  # the first start waits on g++: say why
             print(f"qwen2: compiling our GGUF kernels for {isa} (once, about 20 s) into {folder}", file=sys.stderr,
                   flush=True)
+        # -fopenmp: at::parallel_for is inline OpenMP in torch's CPU builds; without it the loop runs on one thread
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
-                           extra_cflags=["-O3", f"-DQWEN2_NS={name}", *ISAS[isa][1]], verbose=False)
+                           extra_cflags=["-O3", "-fopenmp", f"-DQWEN2_NS={name}", *ISAS[isa][1]],
+                           extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing ninja, a compiler error, a read-only cache: all mean "no kernels"
         errors = [line for line in str(e).splitlines() if "error" in line] or [str(e)]
         _warn(f"building them failed ({type(e).__name__}: {' '.join(errors[0].split())[:300]})")
