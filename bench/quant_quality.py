@@ -70,9 +70,9 @@ def main() -> None:
     starts = range(0, args.positions, args.window)
     windows = [torch.tensor([ids[s: min(s + args.window, args.positions)]]) for s in starts]
     stats = {name: {"agree": 0, "kl": 0.0, "agree_bf16": 0, "kl_bf16": 0.0, "seconds": 0.0} for name in variants}
-    with torch.inference_mode():
-        for name, build in variants.items():
-            model = build()
+    for name, build in variants.items():
+        model = build()  # outside inference mode: the loader's worker threads would not be in it
+        with torch.inference_mode():
             for window in windows:
                 t = time.perf_counter()
                 logp = model(window)[0].float().log_softmax(-1)
@@ -81,7 +81,7 @@ def main() -> None:
                     ref = ref_model(window)[0].float().log_softmax(-1)
                     stats[name]["agree" + suffix] += int((logp.argmax(-1) == ref.argmax(-1)).sum())
                     stats[name]["kl" + suffix] += float((ref.exp() * (ref - logp)).sum())
-            del model
+        del model
     print(f"{args.positions} positions of Wikipedia text, windows of {args.window}")
     print(f"{'variant':<12}{'vs float32: top-1':>18}{'mean KL':>10}{'vs bf16: top-1':>16}{'mean KL':>10}")
     result = {}
