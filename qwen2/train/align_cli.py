@@ -12,11 +12,8 @@ PAIRS: JSONL/JSON `{"prompt" or "messages", "chosen", "rejected"}`, or a demo se
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
-
-from qwen2.errors import OptionError
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> None:
@@ -97,23 +94,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace):
     from qwen2.train.align import AlignConfig
-    from qwen2.train.cli import _read_toml
+    from qwen2.train.cli import settings_from
 
-    names = {f.name for f in dataclasses.fields(AlignConfig)}
-    values: dict = {}
-    if args.config:
-        values = _read_toml(args.config)
-        if unknown := set(values) - names:
-            raise OptionError(f"{args.config}: unknown key(s) {', '.join(sorted(unknown))}; the keys are the "
-                              f"options' names with underscores: {', '.join(sorted(names))}")
-    values |= {k: v for k, v in vars(args).items() if k in names and v is not None}
-    for key in ("data", "out"):
-        if not values.get(key):
-            raise OptionError(f"--{key} is required (on the command line or in --config)")
-    try:
-        return AlignConfig(**values)
-    except TypeError as e:
-        raise OptionError(f"bad training settings: {e}") from None
+    return settings_from(args, AlignConfig)
 
 
 def trainer_for(config):

@@ -77,7 +77,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace):
     from qwen2.train.trainer import TrainConfig
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return settings_from(args, TrainConfig)
+
+
+def settings_from(args: argparse.Namespace, cls: type):
+    """A config dataclass from --config (TOML) overlaid with the options given on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
     values: dict = {}
     if args.config:
         values = _read_toml(args.config)
@@ -89,7 +94,7 @@ def config_from(args: argparse.Namespace):
         if not values.get(key):
             raise OptionError(f"--{key} is required (on the command line or in --config)")
     try:
-        return TrainConfig(**values)
+        return cls(**values)
     except TypeError as e:
         raise OptionError(f"bad training settings: {e}") from None
 
