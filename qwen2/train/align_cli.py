@@ -76,13 +76,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, help="warm-up as a fraction of the steps (default 0.1)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--clip", type=float, help="gradient norm clip (default 1.0; 0 disables)")
-    p.add_argument("--lora-rank", type=int, help="train a LoRA adapter of this rank instead of every weight")
-    p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
-    p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--lora-targets", help="comma-separated of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
-                   "down_proj (default: all)")
-    p.add_argument("--no-merge", dest="merge", action="store_const", const=False,
-                   help="LoRA: write only the adapter, not the merged model")
+    from qwen2.train.cli import add_lora_options  # here: train.cli imports this module
+
+    add_lora_options(p)
     p.add_argument("--grad-checkpointing", action="store_const", const=True,
                    help="recompute activations in the backward pass (less memory, more time)")
     p.add_argument("--on-bad-sample", choices=["error", "skip"], help="a record that cannot be used stops the "

@@ -28,13 +28,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "-m", help="what to fine-tune, as for every command (default: the embedded "
                    "Qwen2.5-Coder-0.5B-Instruct, dequantized to float)")
     _common(p)
-    p.add_argument("--lora-rank", type=int, help="train a LoRA adapter of this rank instead of every weight")
-    p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
-    p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--lora-targets", help="comma-separated of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
-                   "down_proj (default: all)")
-    p.add_argument("--no-merge", dest="merge", action="store_const", const=False,
-                   help="LoRA: write only the adapter, not the merged model")
+    add_lora_options(p)
     p.add_argument("--on-bad-sample", choices=["error", "skip"], help="a record that cannot be used stops the "
                    "run (error, the default) or is counted and reported (skip)")
     p.set_defaults(func=run, task="sft")
@@ -72,6 +66,17 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "sharded parameters, gradients and optimizer state (fsdp, FSDP2)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where native)")
     p.add_argument("--config", type=Path, help="a TOML file setting any of these keys")
+
+
+def add_lora_options(p: argparse.ArgumentParser) -> None:
+    """The LoRA options every training task shares."""
+    p.add_argument("--lora-rank", type=int, help="train a LoRA adapter of this rank instead of every weight")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default 2 x rank)")
+    p.add_argument("--lora-dropout", type=float)
+    p.add_argument("--lora-targets", help="comma-separated of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                   "down_proj (default: all)")
+    p.add_argument("--no-merge", dest="merge", action="store_const", const=False,
+                   help="LoRA: write only the adapter, not the merged model")
 
 
 def config_from(args: argparse.Namespace):
