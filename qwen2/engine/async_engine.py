@@ -9,6 +9,11 @@ output is handed over, e.g. its caller's loop is gone) ends alone; an error outs
 request fails the requests in flight, is logged, and the loop goes on. When the thread stops
 (shutdown, or a failure it cannot survive), every open request gets a final output with
 finish_reason "error" and later submits are refused with EngineUnavailableError.
+
+Speed: with libgomp (torch's CPU threads), a thread pool that another long-lived thread
+started (say, the main thread loading the model with several threads) makes the engine
+thread's workers sleep between parallel regions, ~1.4x the time per token on 2 cores. Load on
+a thread that ends, as `qwen2 serve` does (qwen2/server/cli.py), or with one thread.
 """
 
 from __future__ import annotations
