@@ -3,6 +3,7 @@ random weights (no checkpoint can travel to a lent GPU machine).
 
     python bench/gpu_check.py [--out results.json] [--small]     # --small: tiny sizes
     python bench/gpu_check.py --dry                                # no GPU: every step on the CPU, tiny sizes
+    python bench/gpu_check.py --parts correctness,engine          # some parts only
 
 --dry (automatic without CUDA) runs the whole script on the CPU at tiny sizes, so CI checks it
 end to end: the checks that need no second device (cached decode vs a full forward, the fused
@@ -10,11 +11,17 @@ loss and its gradients) must pass, and the speed steps run for shape only (their
 nothing). The exit status is 1 when a correctness check fails.
 
 Correctness: logits CPU vs CUDA (float32), cached decode vs a full forward, the fused training
-loss and its gradients vs autograd through full logits, one training step's loss CPU vs CUDA.
+loss and its gradients vs autograd through full logits, one training step's loss CPU vs CUDA; the
+engine's greedy tokens on the CPU, on CUDA eagerly and on CUDA through CUDA graphs (float32).
 Speed: one training step of the Qwen2-0.5B config (float32 master weights, bf16 autocast, AdamW;
 full and LoRA rank 8) beside transformers (+ peft when installed); batch-1 greedy decode of the
 Qwen2-7B config in bf16 after a 512-token prompt, ours (the model with its KV cache, no engine)
-beside transformers' generate, with the bandwidth that implies.
+beside transformers' generate, with the bandwidth that implies; the engine at the Qwen2-1.5B and
+Qwen2-7B configs in bf16: prefill of 512-token prompts, and greedy decode at batch 1 and 32 after
+them, eager (full logits to the host), fixed-shape eager and CUDA graphs (tokens drawn on the
+device), each as tokens/s and as a share of the HBM roofline (bytes a step must read: the
+weights once and every row's keys and values, over the device's peak bandwidth). Random weights
+and no tokenizer (none travels to the GPU machine): detokenizing is left out of the timings.
 """
 
 from __future__ import annotations
@@ -22,10 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 
 import torch
 
 from qwen2.config import Qwen2Config
+from qwen2.engine.cuda_graphs import StaticDecode
+from qwen2.engine.engine import Engine
+from qwen2.engine.sampling import SamplingParams
 from qwen2.model import KVCache, Transformer
 from qwen2.train.data import Batch
 from qwen2.train.lora import add_lora
@@ -33,6 +44,28 @@ from qwen2.train.loss import LinearCrossEntropy, loss_sum
 
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
+
+
+# peak HBM bandwidth (bytes/s) and dense bf16 tensor throughput (FLOP/s) by device name, from the
+# vendors' data sheets; the first name that appears in torch.cuda.get_device_name() wins
+PEAKS = [("H200", 4.8e12, 989e12), ("H100 NVL", 3.9e12, 835e12), ("H100 PCIe", 2.0e12, 756e12),
+         ("H100", 3.35e12, 989e12), ("A100-SXM4-80GB", 2.039e12, 312e12), ("A100 80GB PCIe", 1.935e12, 312e12),
+         ("A100", 1.555e12, 312e12)]
+
+
+class NoText:
+    """The engine's tokenizer for random weights: token ids in, no text out."""
+
+    eos_token_ids: list[int] = []
+
+    def stream_decoder(self) -> NoText:
+        return self
+
+    def push(self, token: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
 
 
 def batch_of(tokens: torch.Tensor) -> Batch:
@@ -96,9 +129,38 @@ def correctness(device: str) -> dict:
     loss_cpu = loss_sum(cpu, batch_of(ids)).item()
     loss_gpu = loss_sum(gpu, batch_of(ids.to(device))).item()
     out["train_loss_rel_diff"] = abs(loss_cpu - loss_gpu) / loss_cpu
+    out |= engine_tokens(cpu.eval(), gpu.eval(), device)
     out["ok"] = (out["logits_max_abs_diff"] < 1e-3 and out["cached_decode_max_abs_diff"] < 1e-3
-                 and out["fused_loss_rel_diff"] < 1e-4 and out["train_loss_rel_diff"] < 1e-4)
+                 and out["fused_loss_rel_diff"] < 1e-4 and out["train_loss_rel_diff"] < 1e-4
+                 and out["engine_eager_tokens_equal_cpu"] and out["engine_graph_tokens_equal_cpu"]
+                 and (device != "cuda" or out["engine_graphs_captured"] > 0))
     return out
+
+
+def greedy_tokens(model: Transformer, static_decode: bool, capture: bool = True) -> tuple[list[list[int]], Engine]:
+    """Greedy tokens of four prompts decoding together (a batch padded from 3 or 4 rows)."""
+    engine = Engine(model, NoText(), max_concurrency=4, max_seq_len=128, prefill_chunk=32,
+                    static_decode=static_decode and capture)
+    if static_decode and not capture:
+        engine.static_decode = StaticDecode(model, engine.cache, capture=False)
+    generator = torch.Generator().manual_seed(1)
+    requests = [engine.submit(torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist(),
+                              SamplingParams(temperature=0, max_tokens=16 + n // 8, ignore_eos=True))
+                for n in (5, 17, 40, 9)]
+    while engine.has_work:
+        engine.step()
+    return [r.output for r in requests], engine
+
+
+def engine_tokens(cpu: Transformer, gpu: Transformer, device: str) -> dict:
+    """The engine's greedy tokens on the CPU against its eager and its graphed decode on `device`
+    (in a dry run, both on the CPU, the "graphed" one running its fixed shapes eagerly)."""
+    with torch.inference_mode():
+        reference, _ = greedy_tokens(cpu, static_decode=False)
+        eager, _ = greedy_tokens(gpu, static_decode=False)
+        graphed, engine = greedy_tokens(gpu, static_decode=True, capture=device == "cuda")
+    return {"engine_eager_tokens_equal_cpu": eager == reference, "engine_graph_tokens_equal_cpu": graphed == reference,
+            "engine_graphs_captured": len(engine.static_decode.graphs)}
 
 
 def timed(step, steps: int, device: str) -> float:
@@ -218,12 +280,124 @@ def decode_speed(config: dict, prompt: int, new: int, device: str) -> dict:
     return out
 
 
+def device_peaks(device: str) -> dict:
+    """The device's peak bandwidth and bf16 throughput from PEAKS, and a measured device-to-device copy."""
+    if device != "cuda":
+        return {"name": "cpu (dry run)", "hbm_bytes_per_s": None, "bf16_flops": None, "copy_bytes_per_s": None}
+    name = torch.cuda.get_device_name()
+    bandwidth, flops = next(((b, f) for key, b, f in PEAKS if key in name), (None, None))
+    buffers = torch.empty(2, 2**30, dtype=torch.uint8, device=device)
+    seconds = timed(lambda: buffers[1].copy_(buffers[0]), 10, device)
+    copy = 2 * 2**30 / seconds  # a copy reads and writes every byte
+    return {"name": name, "hbm_bytes_per_s": bandwidth or copy, "bandwidth_source": "table" if bandwidth else "copy",
+            "bf16_flops": flops, "copy_bytes_per_s": copy}
+
+
+def random_model(config: dict, device: str, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(Qwen2Config(**config)).to(dtype).eval()
+    model.set_rope(model.config)  # rotary frequencies back in float32
+    return model
+
+
+def weight_bytes_per_step(model: Transformer) -> int:
+    """Bytes of weights one forward reads: every matrix once; of the embedding only a few rows,
+    unless it is also the output head."""
+    embedding = model.model.embed_tokens.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = model.lm_head.weight is embedding
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def submit_random(engine: Engine, rows: int, prompt: int, new: int, generator: torch.Generator) -> list:
+    vocab = engine.model.config.vocab_size
+    return [engine.submit(torch.randint(0, vocab, (prompt,), generator=generator).tolist(),
+                          SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)) for _ in range(rows)]
+
+
+def engine_prefill(model: Transformer, rows: int, prompt: int, kv_memory: int, device: str) -> float:
+    """Seconds to prefill `rows` prompts (and draw each one token), after one warm-up prompt."""
+    engine = Engine(model, NoText(), max_concurrency=rows, max_seq_len=2 * prompt, prefill_chunk=prompt,
+                    kv_memory=kv_memory, static_decode=False)
+    generator = torch.Generator().manual_seed(0)
+    for rounds in (1, rows):
+        sync(device)
+        start = time.perf_counter()
+        submit_random(engine, rounds, prompt, 1, generator)
+        while engine.has_work:
+            engine.step()
+        sync(device)
+    return time.perf_counter() - start
+
+
+def engine_decode(model: Transformer, rows: int, prompt: int, steps: int, kv_memory: int, mode: str,
+                  device: str) -> tuple[float, int]:
+    """Seconds per decode step of `rows` requests after `prompt`-token prompts, and the graphs captured."""
+    engine = Engine(model, NoText(), max_concurrency=rows, max_seq_len=2 * prompt, prefill_chunk=prompt,
+                    kv_memory=kv_memory, static_decode=mode == "graph")
+    if mode == "static":
+        engine.static_decode = StaticDecode(model, engine.cache, capture=False)
+    requests = submit_random(engine, rows, prompt, 4 + steps + 1, torch.Generator().manual_seed(0))
+    while not all(r.output for r in requests):
+        engine.step()
+    for _ in range(4):  # warm-up, captures included
+        engine.step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    assert all(len(r.output) == 5 + steps for r in requests), "a request finished early or lost a step"
+    return seconds, len(engine.static_decode.graphs) if engine.static_decode else 0
+
+
+def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tuple[int, ...], device: str,
+                 peaks: dict) -> dict:
+    """Prefill and decode through the engine at one config in bf16 on random weights."""
+    dtype = torch.bfloat16
+    model = random_model(config, device, dtype)
+    weights = weight_bytes_per_step(model)
+    per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 2
+    bandwidth, flops = peaks["hbm_bytes_per_s"], peaks["bf16_flops"]
+    out = {"config": name, "weight_gb_per_step": weights / 1e9, "kv_kib_per_token": per_token / 1024}
+    kv_memory = (max(batches) + 1) * 2 * prompt * per_token
+    matmul_params = weights // 2  # bf16
+    attention_flop = 2 * model.config.num_hidden_layers * model.config.hidden_size * prompt  # per token, causal
+    for rows in batches:
+        seconds = engine_prefill(model, rows, prompt, kv_memory, device)
+        tokens = rows * prompt
+        flop = (2 * matmul_params + attention_flop) * tokens
+        row = {"tokens_per_s": tokens / seconds, "tflops": flop / seconds / 1e12}
+        if flops:
+            row["mfu_pct"] = 100 * flop / seconds / flops
+        out[f"prefill/{prompt}x{rows}"] = row
+        free_memory(device)
+        context = prompt + 5 + steps // 2  # keys each row reads, on average over the timed steps
+        step_bytes = weights + rows * context * per_token
+        for mode in ("eager", "static", "graph") if device == "cuda" else ("eager", "static"):
+            seconds, graphs = engine_decode(model, rows, prompt, steps, kv_memory, mode, device)
+            row = {"ms_per_step": seconds * 1e3, "tokens_per_s": rows / seconds, "gb_per_s": step_bytes / seconds / 1e9,
+                   "graphs": graphs}
+            if bandwidth:
+                row["hbm_roofline_pct"] = 100 * step_bytes / seconds / bandwidth
+            out[f"decode/batch{rows}/{mode}"] = row
+            free_memory(device)
+    del model
+    free_memory(device)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out")
     parser.add_argument("--small", action="store_true", help="tiny sizes, to check the script itself")
     parser.add_argument("--dry", action="store_true", help="on the CPU at tiny sizes (the default without CUDA)")
+    parser.add_argument("--parts", default="correctness,train,decode,engine",
+                        help="comma-separated parts to run (default: all)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     dry = args.dry or not torch.cuda.is_available()
     device, small = ("cpu", True) if dry else ("cuda", args.small)
     train_config = TINY if small else Qwen2Config.from_preset("Qwen2-0.5B").to_hf_dict()
@@ -232,19 +406,44 @@ def main() -> None:
     train_config = {k: v for k, v in train_config.items() if k in keep}
     decode_config = {k: v for k, v in decode_config.items() if k in keep}
     report = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(), "torch": torch.__version__}
-    report["correctness"] = correctness(device)
-    print(json.dumps(report), flush=True)
+    started = time.perf_counter()
+    if "correctness" in parts:
+        report["correctness"] = correctness(device)
+        print(json.dumps(report), flush=True)
     sizes = (2, 32, 1, 8, 4) if dry else (4, 128, 3, 32, 16) if small else (4, 512, 10, 512, 128)
     batch, seq, steps, prompt, new = sizes
-    report["train_step"] = train_speed(train_config, batch, seq, steps, device)
-    print(json.dumps(report["train_step"]), flush=True)
-    report["decode"] = decode_speed(decode_config, prompt, new, device)
+    if "train" in parts:
+        report["train_step"] = train_speed(train_config, batch, seq, steps, device)
+        print(json.dumps(report["train_step"]), flush=True)
+    if "decode" in parts:
+        report["decode"] = decode_speed(decode_config, prompt, new, device)
+        print(json.dumps(report["decode"]), flush=True)
+    if "engine" in parts:
+        report["peaks"] = device_peaks(device)
+        engine_configs = {"tiny": TINY} if small else {
+            name: {k: v for k, v in Qwen2Config.from_preset(name).to_hf_dict().items() if k in keep}
+            for name in ("Qwen2-1.5B", "Qwen2-7B")}
+        engine_prompt, engine_steps = (16, 4) if dry else (64, 16) if small else (512, 64)
+        report["engine"] = []
+        for name, config in engine_configs.items():
+            try:
+                row = engine_speed(name, config, engine_prompt, engine_steps, (1, 4) if dry else (1, 32), device,
+                                   report["peaks"])
+            except Exception as e:  # keep what the other configs measure
+                traceback.print_exc()
+                row = {"config": name, "error": f"{type(e).__name__}: {e}"}
+                free_memory(device)
+            report["engine"].append(row)
+            print(json.dumps(row), flush=True)
+    report["wall_s"] = time.perf_counter() - started
     print(json.dumps(report, indent=2))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
-    if not report["correctness"]["ok"]:
+    if "correctness" in parts and not report["correctness"]["ok"]:
         raise SystemExit(f"correctness checks failed: {report['correctness']}")
+    if any("error" in row for row in report.get("engine", [])):
+        raise SystemExit("an engine measurement failed (see its error above)")
 
 
 if __name__ == "__main__":

@@ -123,8 +123,12 @@ class PagedKVCache:
         self.v[:, target, :tokens] = self.v[:, source, :tokens]
 
     def locate(self, slots: torch.Tensor | None, positions: torch.Tensor, kv_len: int) -> tuple:
-        """Where one forward's tokens go and which blocks it reads, worked out once for all layers."""
-        tables = self.tables[: positions.shape[0]] if slots is None else self.tables[slots]
+        """Where one forward's tokens go and which blocks it reads, worked out once for all layers.
+        A negative slot reads and writes block 0 only: a row padding a batch to a fixed size."""
+        if slots is None:
+            tables = self.tables[: positions.shape[0]]
+        else:
+            tables = self.tables[slots.clamp(min=0)].masked_fill((slots < 0)[:, None], 0)
         flat = tables.gather(1, positions // self.block_size) * self.block_size + positions % self.block_size
         return flat.reshape(-1), tables[:, : -(-kv_len // self.block_size)]
 
@@ -188,15 +192,20 @@ class Attention(nn.Module):
         if ctx.dca is not None:
             y = dca_attention(q, k, v, ctx.positions, ctx.key_positions.expand(B, -1), ctx.inv_freq,
                               ctx.attention_scaling, ctx.dca)
-        elif x.device.type == "cpu" and T <= DECODE_ROWS and q.dtype != torch.float32:
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        gqa = self.n_kv != self.n_heads
+        if T == 1 and gqa:
+            # one query row: each KV head's query group becomes rows of that head, so keys and values
+            # are read once (with a mask, enable_gqa can fall back to a kernel that copies them per head)
+            q, gqa = q.reshape(B, self.n_kv, -1, self.head_dim), False
+        if x.device.type == "cpu" and T <= DECODE_ROWS and q.dtype != torch.float32:
             # torch's reduced-precision CPU attention kernel costs ~14x the float32 one for a few
             # query rows (819 vs 58 us at 520 keys, bench/RESULTS.md); decode reads little, so upcast
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=ctx.masks[self.window],
-                                               enable_gqa=self.n_kv != self.n_heads).to(q.dtype)
+                                               enable_gqa=gqa).to(q.dtype)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.masks[self.window],
-                                               enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.masks[self.window], enable_gqa=gqa)
+        return self.o_proj(y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -308,15 +317,17 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | PagedKVCache | None = None, slots: torch.Tensor | None = None,
                 logits_index: torch.Tensor | None = None,
-                router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+                router_logits: list[torch.Tensor] | None = None, kv_len: int | None = None) -> torch.Tensor:
         """tokens, positions (B, T) -> logits (B, T, V), or (B, V) at `logits_index` (B,).
 
         With a cache, keys come from the cache slots (`slots` (B,), default rows 0..B-1; a
         PagedKVCache reads the blocks its block table lists for each slot);
         without one, the call attends within `tokens` only. MoE layers append their router
-        logits to `router_logits` when a list is given.
+        logits to `router_logits` when a list is given. `kv_len`, with a cache, fixes how many
+        key positions every row reads (at least the largest position + 1): shapes then depend on
+        no tensor's values, so the call needs no host sync and can be captured in a CUDA graph.
         """
-        x = self.body(tokens, positions, cache, slots, router_logits)
+        x = self.body(tokens, positions, cache, slots, router_logits, kv_len=kv_len)
         if logits_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_index]  # (B, H)
         return self.lm_head(self.model.norm(x))
@@ -324,7 +335,7 @@ class Transformer(nn.Module):
     def body(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
              cache: KVCache | PagedKVCache | None = None,
              slots: torch.Tensor | None = None, router_logits: list[torch.Tensor] | None = None,
-             segments: torch.Tensor | None = None) -> torch.Tensor:
+             segments: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
         """The last block's output (B, T, H), before the final norm. Training calls it with
         `segments` (B, T) to keep samples packed into one row from seeing each other (no cache)."""
         B, T = tokens.shape
@@ -332,7 +343,7 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.model.embed_tokens(tokens)
         if cache is not None:
-            kv_len = int(positions.max()) + 1
+            kv_len = int(positions.max()) + 1 if kv_len is None else kv_len
             key_positions = torch.arange(kv_len, device=tokens.device)[None]
             where = cache.locate(slots, positions, kv_len)
         else:

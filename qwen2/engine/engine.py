@@ -19,6 +19,9 @@ Scheduling, one `step()` at a time, with a token budget of `prefill_chunk` per s
   a block that an earlier prompt in the same batch is computing (it reuses it instead).
 - Then every decoding request advances one token in a single batched forward; a greedy
   request decoding alone may instead check a drafted continuation (speculative decoding).
+  On CUDA that forward has fixed shapes and replays a CUDA graph (qwen2.engine.cuda_graphs),
+  and the tokens of requests that need nothing but the logits are drawn on the device: only
+  their ids reach the host. Prompt chunks run eagerly.
 Requests join and leave between steps (continuous batching).
 
 Isolation: whatever goes wrong while serving one request (sampling, a logits processor,
@@ -37,8 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwen2.engine.cuda_graphs import StaticDecode, unsupported
 from qwen2.engine.paged import BlockManager, Sequence
-from qwen2.engine.sampling import SamplingParams, sample, top_logprobs
+from qwen2.engine.sampling import SamplingParams, sample, sample_rows, samples_on_device, top_logprobs
 from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.engine.stops import StopMatcher
 from qwen2.errors import OptionError, RequestError
@@ -75,6 +79,7 @@ class Request:
     detok: StreamDecoder
     generator: torch.Generator | None
     stops: StopMatcher
+    device_generator: torch.Generator | None = None  # a seeded request's draws on the device
     output: list[int] = field(default_factory=list)
     slot: int | None = None  # the row of the cache's block tables while running
     seq: Sequence | None = None  # its blocks while running
@@ -118,9 +123,11 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_concurrency: int = 64,
                  max_seq_len: int = 8192, prefill_chunk: int = 512,
                  speculator: PromptLookup | DraftModel | None = None, kv_memory: int | None = None,
-                 block_size: int = BLOCK_SIZE, max_slots: int | None = None):
+                 block_size: int = BLOCK_SIZE, max_slots: int | None = None, static_decode: bool | None = None):
         """max_slots: the former name of max_concurrency. kv_memory: bytes for the KV cache
-        (default: KV_SHARE of what is available, no more than max_concurrency full sequences)."""
+        (default: KV_SHARE of what is available, no more than max_concurrency full sequences).
+        static_decode: decode steps of fixed shape with device sampling (default: on CUDA, for
+        the models qwen2.engine.cuda_graphs covers)."""
         self.model, self.tokenizer, self.speculator = model, tokenizer, speculator
         config = model.config
         if not 0 < max_seq_len <= config.context_limit:
@@ -144,6 +151,9 @@ class Engine:
         self.cache = PagedKVCache(config, blocks + 1, block_size, self.max_concurrency, max_seq_len,
                                   dtype=weight.dtype, device=weight.device)
         self.blocks = BlockManager(self.cache)
+        if static_decode is None:
+            static_decode = weight.device.type == "cuda" and unsupported(model) is None
+        self.static_decode = StaticDecode(model, self.cache) if static_decode else None
         self.free_slots = list(range(self.max_concurrency))
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # in admission order: the last is preempted first
@@ -248,6 +258,8 @@ class Engine:
     def _reserve(self, r: Request, tokens: int) -> bool:
         """Blocks for r's first `tokens` positions, preempting the newest requests for them; False
         when r itself had to go."""
+        if self.blocks.blocks_for(tokens) <= len(r.seq.blocks):
+            return True  # its block table is current: rewriting it every decode step costs device copies
         while not self.blocks.grow(r.seq, tokens, r.slot):
             victim = next(reversed(self.running.values()))
             self._preempt(victim)
@@ -277,13 +289,11 @@ class Engine:
             except Exception as e:
                 outputs.append(self._fail(decoding[0], "speculative_decoding", e))
         elif decoding:
-            logits = self._guarded_forward(decoding, [[r.output[-1]] for r in decoding],
-                                           [r.computed for r in decoding], outputs)
-            for r, row in zip(decoding, logits if logits is not None else []):
+            for r, (row, token) in zip(decoding, self._decode(decoding, outputs)):
                 r.computed += 1
                 if r.computed % self.cache.block_size == 0:  # a block just filled up
                     self.blocks.register(r.seq, r.tokens, r.computed)
-                outputs.append(self._accept(r, row))
+                outputs.append(self._accept(r, row, token))
         if not (prefills or decoding or outputs) and self.running and not any(
                 r.prefilled for r in self.running.values()):
             self._preempt(next(reversed(self.running.values())))  # every prompt stalled for blocks: make room
@@ -297,6 +307,37 @@ class Engine:
         except Exception as e:
             outputs.extend(self._fail(r, "forward", e) for r in requests)
             return None
+
+    def _decode(self, requests: list[Request], outputs: list[Output]) -> list[tuple[torch.Tensor | None, int | None]]:
+        """One decode forward: per request, its logits row on the host, or (static decode) the token
+        already drawn on the device. Nothing after failing the forward (its requests join `outputs`)."""
+        chunks, starts = [[r.output[-1]] for r in requests], [r.computed for r in requests]
+        if self.static_decode is None:
+            logits = self._guarded_forward(requests, chunks, starts, outputs)
+            return [] if logits is None else [(row, None) for row in logits]
+        try:
+            logits = self.static_decode([c[0] for c in chunks], starts, [r.slot for r in requests])
+        except Exception as e:
+            outputs.extend(self._fail(r, "forward", e) for r in requests)
+            return []
+        rows = [i for i, r in enumerate(requests) if samples_on_device(r.params)]
+        drawn = {}
+        if rows:
+            try:
+                chosen = [requests[i] for i in rows]
+                tokens = sample_rows(logits[rows] if len(rows) < len(requests) else logits,
+                                     [r.params for r in chosen], [self._device_generator(r) for r in chosen])
+                drawn = dict(zip(rows, tokens.tolist()))
+            except Exception:  # the host path samples these rows again and fails only the request at fault
+                log.warning("sampling on the device failed; sampling on the host", exc_info=True)
+        return [(None, drawn[i]) if i in drawn else (logits[i].cpu(), None) for i in range(len(requests))]
+
+    def _device_generator(self, r: Request) -> torch.Generator | None:
+        if r.generator is None or self.cache.k.device.type == "cpu":
+            return r.generator
+        if r.device_generator is None:
+            r.device_generator = torch.Generator(self.cache.k.device).manual_seed(r.params.seed)
+        return r.device_generator
 
     def _prefill_batch(self, budget: int) -> tuple[list[Request], list[list[int]]]:
         """The requests whose next prompt chunks go through one forward this step, and the chunks.
@@ -376,12 +417,13 @@ class Engine:
         return self.model(tokens.to(device), positions.to(device), cache=self.cache, slots=slots.to(device),
                           logits_index=None if every_position else last.to(device)).float().cpu()
 
-    def _accept(self, request: Request, logits: torch.Tensor) -> Output:
-        """The request's next token from its logits row, and the text it releases; a failure
-        anywhere here ends this request alone."""
+    def _accept(self, request: Request, logits: torch.Tensor | None, token: int | None = None) -> Output:
+        """The request's next token from its logits row (or the token drawn already), and the text
+        it releases; a failure anywhere here ends this request alone."""
         params, stage = request.params, "sampling"
         try:
-            token = sample(logits, params, request.prompt, request.output, request.generator)
+            if token is None:
+                token = sample(logits, params, request.prompt, request.output, request.generator)
             request.output.append(token)
             out = Output(request.id, token, "")
             if params.logprobs is not None:

@@ -4,6 +4,12 @@ Order, as in HF and vLLM: logits processors (constrained decoding) -> logit bias
 repetition / presence / frequency penalties -> temperature -> top-k -> top-p -> min-p ->
 draw. Temperature 0 is greedy and ignores the filters. Each request owns a torch.Generator,
 so a seed reproduces its text whatever else shares the batch.
+
+`sample` works on one row on the host. `sample_rows` draws a batch's tokens where its logits
+are (the GPU), so only token ids cross to the host; it covers requests that need nothing but
+the logits (no penalties, bias, processors or logprobs) and makes the same draws as `sample`
+given the same generator on the same device. A CUDA generator's stream differs from a CPU
+one's: a seed reproduces its text on one kind of device, not across kinds.
 """
 
 from __future__ import annotations
@@ -101,7 +107,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p; the first always stays
         drop = probs.cumsum(-1) - probs >= params.top_p
-        logits = logits.index_fill(0, order[drop], float("-inf"))
+        # a scatter, not indexing by the mask: no host sync when the row is on the GPU
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     if params.min_p > 0:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
@@ -119,6 +126,24 @@ def sample(logits: torch.Tensor, params: SamplingParams, prompt: list[int], outp
         return int(logits.argmax())
     probs = filter_logits(logits, params).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def samples_on_device(params: SamplingParams) -> bool:
+    """Whether `sample_rows` can draw this request's tokens: it needs nothing but the logits."""
+    return not (params.logits_processors or params.logit_bias or params.logprobs is not None
+                or params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Next tokens (B,) on the logits' device from float32 rows (B, V) of requests that
+    `samples_on_device` accepts: greedy rows in one argmax, the others each with its generator."""
+    tokens = logits.argmax(-1)
+    for i, (p, generator) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            probs = filter_logits(logits[i], p).softmax(-1)
+            tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+    return tokens
 
 
 def top_logprobs(logits: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
