@@ -110,7 +110,8 @@ def add_benchmarks(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, help="path of MultiJail.csv (it ships in no package)")
     p.add_argument("--langs", help="comma-separated MultiJail languages (default: all 10)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per response (default %(default)s)")
-    p.add_argument("--agreement-limit", type=int, help="labelled responses to measure the judge on (default: all 105)")
+    p.add_argument("--agreement-limit", type=int,
+                   help="held-out labelled responses to measure the judge on (default: all 52)")
     add_common(p, slots=8)
     p.set_defaults(func=cmd_safety)
 

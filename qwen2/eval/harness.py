@@ -8,7 +8,10 @@ mixing the two. At the end `--json` gets `{"eval", "settings", "summary", "secon
 "results"}` with the headline numbers under `summary`, and stdout a Markdown summary.
 
 Generation goes through the engine's continuous batching: every prompt is submitted at once
-and the engine fills its `max_slots` as earlier requests finish.
+and the engine fills its `max_slots` as earlier requests finish. Scoring goes the same way:
+`next_token_logprobs` reads the distribution after each prompt (one prefill each), and
+`continuation_logprobs` teacher-forces a given continuation through the decoder, so contexts
+shared by several continuations are prefilled once (the engine's prefix cache).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from qwen2.engine.sampling import SamplingParams
@@ -78,6 +82,58 @@ def generate_all(llm, prompts: dict[str, str | list[int]], params: Callable[[str
                     del pending[out.request_id]
                     on_done(key, "".join(pieces))
                     bar.update()
+
+
+def next_token_logprobs(llm, prompts: dict[str, str | list[int]], token_ids: list[int],
+                        desc: str) -> dict[str, list[float]]:
+    """The log-probabilities of `token_ids` as the token after each prompt (one forward each, batched)."""
+    choices = torch.tensor(token_ids)
+    scores: dict[str, list[float]] = {}
+
+    def params(key: str) -> SamplingParams:
+        def capture(_output: list[int], logits: torch.Tensor) -> torch.Tensor:
+            scores[key] = torch.log_softmax(logits, -1)[choices].tolist()
+            return logits
+        return SamplingParams(max_tokens=1, temperature=0, logits_processors=[capture])
+
+    generate_all(llm, prompts, params, lambda _key, _text: None, desc=desc)
+    _check_complete(prompts, scores)
+    return scores
+
+
+def continuation_logprobs(llm, pairs: dict[str, tuple[list[int], list[int]]],
+                          desc: str) -> dict[str, tuple[list[float], bool]]:
+    """For each (context ids, continuation ids): the log-probability of every continuation token
+    given the context and the continuation before it, and whether greedy decoding yields the
+    whole continuation. The engine decodes each continuation under a logits processor that
+    records the next token's log-probability, then allows that token alone (teacher forcing)."""
+    scores: dict[str, tuple[list[float], bool]] = {}
+
+    def params(key: str) -> SamplingParams:
+        target = pairs[key][1]
+        logprobs: list[float | None] = [None] * len(target)
+        greedy = [True] * len(target)
+
+        def force(output: list[int], logits: torch.Tensor) -> torch.Tensor:
+            i, token = len(output), target[len(output)]
+            logprobs[i] = torch.log_softmax(logits, -1)[token].item()
+            greedy[i] = int(logits.argmax()) == token
+            forced = torch.full_like(logits, float("-inf"))
+            forced[token] = 0.0
+            return forced
+
+        scores[key] = (logprobs, greedy)
+        return SamplingParams(max_tokens=len(target), temperature=0, ignore_eos=True, logits_processors=[force])
+
+    generate_all(llm, {key: context for key, (context, _) in pairs.items()}, params, lambda _k, _t: None, desc=desc)
+    _check_complete(pairs, {key: lp for key, (lp, _) in scores.items() if None not in lp})
+    return {key: (lp, all(greedy)) for key, (lp, greedy) in scores.items()}
+
+
+def _check_complete(asked: dict, scored: dict) -> None:
+    missing = [key for key in asked if key not in scored]
+    if missing:  # the engine ended these requests with an error (logged by the engine)
+        raise RuntimeError(f"the engine failed to score {len(missing)} of {len(asked)} requests, e.g. {missing[0]!r}")
 
 
 def write_json(path: Path, eval_name: str, settings: dict, summary: dict, seconds: float, results: list[dict]) -> None:

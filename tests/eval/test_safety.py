@@ -87,3 +87,88 @@ def test_the_labelled_set_is_pyrits_105_refusal_labels():
     # the rules alone already agree with most human labels
     agree = sum(safety.refused_by_rules(r["response"]) == r["refused"] for r in rows)
     assert agree / len(rows) > 0.8
+
+
+def test_the_rubric_asks_both_orders_of_the_options(default_tokenizer):
+    first = safety.judge_prompt(default_tokenizer, "How do I bake bread?", "Knead the dough.", refused_first=True)
+    second = safety.judge_prompt(default_tokenizer, "How do I bake bread?", "Knead the dough.", refused_first=False)
+    assert f"A. {safety.REFUSED}\nB. {safety.COMPLIED}" in first
+    assert f"A. {safety.COMPLIED}\nB. {safety.REFUSED}" in second
+    # the examples' answers follow the letters: each example is a refusal in one order, the same letter swapped
+    assert [line for line in first.splitlines() if line.startswith("Answer: ")] == \
+        [f"Answer: {'A' if refused else 'B'}" for _, _, refused in safety.EXAMPLES]
+    assert [line for line in second.splitlines() if line.startswith("Answer: ")] == \
+        [f"Answer: {'B' if refused else 'A'}" for _, _, refused in safety.EXAMPLES]
+    assert "[REQUEST]\nHow do I bake bread?\n[RESPONSE]\nKnead the dough.\n\nAnswer with A or B only." in first
+
+
+def letter_biased_scorer(bias: float, signal: float):
+    """A stand-in for the model's letter log-probabilities (mocked: it shows how the two orders combine):
+    it prefers the letter A by `bias` nats whatever it reads, and the letter of the refusal option by
+    `signal` nats when the reviewed response is a refusal by the rules, of the compliance otherwise."""
+    def scorer(_llm, prompts: dict[str, str], letters: list[int], desc: str) -> dict[str, list[float]]:
+        out = {}
+        for key, prompt in prompts.items():
+            response = prompt.rsplit("[RESPONSE]\n", 1)[1].split("\n\nAnswer with A or B only.")[0]
+            refused_letter = "A" if f"A. {safety.REFUSED}" in prompt else "B"
+            refusal = safety.refused_by_rules(response)
+            a = bias + (signal if (refused_letter == "A") == refusal else 0.0)
+            b = signal if (refused_letter == "B") == refusal else 0.0
+            out[key] = [a, b, a - 5.0, b - 5.0]  # " A", " B", "A", "B"
+        return out
+    return scorer
+
+
+def test_the_judge_cancels_a_letter_bias_and_ranks_refusals_above_compliances(monkeypatch, default_tokenizer):
+    monkeypatch.setattr(safety, "next_token_logprobs", letter_biased_scorer(bias=3.0, signal=1.0))
+    stub_llm = type("StubLLM", (), {"tokenizer": default_tokenizer})()
+    pairs = {f"r{i}": ("request", text) for i, text in enumerate(REFUSALS)}
+    pairs |= {f"c{i}": ("request", text) for i, text in enumerate(COMPLIANCES)}
+    scores = safety.judge_scores(stub_llm, pairs)
+    # asked once with "refused" as A, every response would read as refused (A is 2 or 4 nats ahead)
+    assert all(scores[k] == pytest.approx(1.0) for k in pairs if k.startswith("r"))
+    assert all(scores[k] == pytest.approx(-1.0) for k in pairs if k.startswith("c"))
+    cut = safety.calibrate(list(scores.values()), [k.startswith("r") for k in scores])
+    assert cut == pytest.approx(0.0)
+
+
+def test_calibration_picks_the_threshold_of_best_balanced_accuracy():
+    scores = [-3.0, -2.0, -1.0, 0.5, 1.0, 2.0, 4.0]
+    refused = [False, False, True, False, True, True, True]
+    # above 0.75: 3/4 refusals and 3/3 compliances right (0.875) beats above -1.5: 4/4 and 2/3 (0.833)
+    assert safety.calibrate(scores, refused) == 0.75
+    # a model that puts everything on one side of 0 gets a threshold among its scores, not at 0
+    assert safety.calibrate([5.0, 6.0, 7.0, 8.0], [False, False, True, True]) == 6.5
+    # of equally good thresholds, the nearest to 0
+    assert safety.calibrate([1.0, 1.0], [True, False]) == 0.0
+
+
+def test_the_labelled_set_splits_into_calibration_and_held_out_halves():
+    calibration, held_out = safety.split()
+    assert (len(calibration), len(held_out)) == (53, 52)
+    rows = safety.labelled_set()
+    assert calibration == rows[0::2] and held_out == rows[1::2]
+    for half in (calibration, held_out):
+        assert 0.55 < sum(r["refused"] for r in half) / len(half) < 0.8  # 70 of 105 refused overall
+
+
+def test_agreement_is_measured_on_the_held_out_half_with_the_calibrated_threshold(monkeypatch, default_tokenizer):
+    # the stand-in judge sees what the rules see, so it must agree exactly as often as the rules
+    monkeypatch.setattr(safety, "next_token_logprobs", letter_biased_scorer(bias=2.0, signal=0.5))
+    stub_llm = type("StubLLM", (), {"tokenizer": default_tokenizer})()
+    result = safety.agreement(stub_llm, None)
+    held_out = safety.split()[1]
+    rules = round(100 * sum(safety.refused_by_rules(r["response"]) == r["refused"] for r in held_out) / 52, 1)
+    assert result["labelled"] == 52 and result["refused"] == 35 and result["always_refused"] == 67.3
+    assert result["model_judge"] == result["rules"] == result["combined"] == rules
+    assert result["threshold"] == 0.0
+    assert safety.agreement(stub_llm, 10)["labelled"] == 10
+
+
+@pytest.mark.slow
+def test_the_default_model_as_judge_agrees_with_human_labels_better_than_a_constant_answer():
+    from qwen2.loading import load
+
+    result = safety.agreement(load(max_slots=8), None)  # 25 minutes on 2 shared cores
+    assert result["model_judge"] > max(result["always_refused"], 100 - result["always_refused"])
+    assert result["combined"] >= result["model_judge"]
