@@ -84,9 +84,10 @@ def generate_all(llm, prompts: dict[str, str | list[int]], params: Callable[[str
                     bar.update()
 
 
-def next_token_logprobs(llm, prompts: dict[str, str | list[int]], token_ids: list[int],
-                        desc: str) -> dict[str, list[float]]:
-    """The log-probabilities of `token_ids` as the token after each prompt (one forward each, batched)."""
+def next_token_logprobs(llm, prompts: dict[str, str | list[int]], token_ids: list[int], desc: str,
+                        each: Callable[[str, list[float]], None] | None = None) -> dict[str, list[float]]:
+    """The log-probabilities of `token_ids` as the token after each prompt (one forward each, batched);
+    `each(key, logprobs)` as each prompt is scored (a resumable eval records it there)."""
     choices = torch.tensor(token_ids)
     scores: dict[str, list[float]] = {}
 
@@ -96,7 +97,11 @@ def next_token_logprobs(llm, prompts: dict[str, str | list[int]], token_ids: lis
             return logits
         return SamplingParams(max_tokens=1, temperature=0, logits_processors=[capture])
 
-    generate_all(llm, prompts, params, lambda _key, _text: None, desc=desc)
+    def done(key: str, _text: str) -> None:
+        if each is not None:
+            each(key, scores[key])
+
+    generate_all(llm, prompts, params, done, desc=desc)
     _check_complete(prompts, scores)
     return scores
 

