@@ -65,6 +65,7 @@ class AlignConfig:
     batch_size: int = 2  # pairs (online: prompts) per micro-batch
     grad_accum: int = 1
     max_len: int = 512
+    max_prompt_len: int | None = None  # longer prompts are bad samples (None: any shorter than max_len)
     heldout: float = 0.1  # fraction of the pairs held out for evaluation
     eval_every: int = 0  # steps between held-out evaluations (0: only before and after)
     seed: int = 0
@@ -83,8 +84,9 @@ class AlignConfig:
     progress: bool = True
 
     def check(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_len", "samples", "max_new_tokens", "merge_every"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "grad_accum", "max_len", "samples", "max_new_tokens", "merge_every",
+                     "max_prompt_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise OptionError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.task not in ("rm", "dpo", "online-dpo"):
             raise OptionError(f"unknown task {self.task!r}; choose rm, dpo or online-dpo")
@@ -179,7 +181,7 @@ class AlignTrainer:
 
     def read_data(self) -> tuple[list[Pair], list[Pair]]:
         c = self.config
-        pairs, report = load_pairs(self.data, self.tokenizer, c.max_len, c.on_bad_sample)
+        pairs, report = load_pairs(self.data, self.tokenizer, c.max_len, c.on_bad_sample, c.max_prompt_len)
         if report.bad:
             print(f"data: {report.summary()}", file=sys.stderr)
         return split(pairs, c.heldout, c.seed)

@@ -70,6 +70,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--max-len", type=int, help="tokens of prompt + reply (default 512; longer replies are cut, "
                    "longer prompts are bad samples)")
+    p.add_argument("--max-prompt-len", type=int, help="prompts longer than this are bad samples (default: any "
+                   "shorter than --max-len; replies are cut to what is left)")
     p.add_argument("--heldout", type=float, help="fraction of the data held out for evaluation (default 0.1)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: first and last)")
     p.add_argument("--seed", type=int)

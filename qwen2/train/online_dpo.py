@@ -42,7 +42,7 @@ class OnlineDPOTrainer(DPOTrainer):
 
     def read_data(self) -> tuple[list[Pair], list[Pair]]:
         c = self.config
-        prompts, report = load_prompts(self.data, self.tokenizer, c.max_len, c.on_bad_sample)
+        prompts, report = load_prompts(self.data, self.tokenizer, c.max_len, c.on_bad_sample, c.max_prompt_len)
         if report.bad:
             print(f"data: {report.summary()}", file=sys.stderr)
         return split(prompts, c.heldout, c.seed)

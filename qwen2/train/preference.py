@@ -77,10 +77,19 @@ def render_reply(tokenizer: Tokenizer, messages: list[dict], prompt_text: str, r
     return tokenizer.encode(turn[: stop + len(end)] if stop >= 0 else turn)
 
 
-def load_pairs(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str = "error"
-               ) -> tuple[list[Pair], DataReport]:
+def check_prompt(prompt: list[int], max_len: int, max_prompt_len: int | None) -> None:
+    if len(prompt) >= max_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, not shorter than --max-len {max_len}")
+    if max_prompt_len is not None and len(prompt) > max_prompt_len:
+        raise ValueError(f"the prompt has {len(prompt)} tokens, more than --max-prompt-len {max_prompt_len}")
+
+
+def load_pairs(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str = "error",
+               max_prompt_len: int | None = None) -> tuple[list[Pair], DataReport]:
     """The usable pairs of a preference file and a report of the rest; on_bad as for SFT data
-    ("error" stops at the first bad record, naming its line; "skip" counts it and goes on)."""
+    ("error" stops at the first bad record, naming its line; "skip" counts it and goes on).
+    A prompt must be shorter than max_len and at most max_prompt_len tokens (a pair whose
+    prompt leaves its replies a few tokens teaches little); replies are cut to fit max_len."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such preference data file: {path}")
@@ -97,8 +106,7 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str
                 raise ValueError("chosen and rejected are identical")
             messages = prompt_messages(record)
             text, prompt = render_prompt(tokenizer, messages)
-            if len(prompt) >= max_len:
-                raise ValueError(f"the prompt has {len(prompt)} tokens, not shorter than --max-len {max_len}")
+            check_prompt(prompt, max_len, max_prompt_len)
             room = max_len - len(prompt)
             pair = Pair(prompt, render_reply(tokenizer, messages, text, chosen)[:room],
                         render_reply(tokenizer, messages, text, rejected)[:room], where,
@@ -116,8 +124,8 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str
     return pairs, report
 
 
-def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str = "error"
-                 ) -> tuple[list[Pair], DataReport]:
+def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str = "error",
+                 max_prompt_len: int | None = None) -> tuple[list[Pair], DataReport]:
     """The prompts of a file in any of the shapes above (chosen and rejected not needed), as
     pairs whose replies are still to be sampled (online DPO)."""
     path = Path(path)
@@ -129,8 +137,7 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: s
             if isinstance(record, str):
                 raise ValueError(record)
             _, ids = render_prompt(tokenizer, prompt_messages(record))
-            if len(ids) >= max_len:
-                raise ValueError(f"the prompt has {len(ids)} tokens, not shorter than --max-len {max_len}")
+            check_prompt(ids, max_len, max_prompt_len)
         except (ValueError, KeyError, TypeError, TokenizerError) as e:
             if on_bad == "error":
                 raise DataError(f"bad prompt at {where}: {e}; fix it or pass --on-bad-sample skip") from None

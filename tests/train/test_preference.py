@@ -61,6 +61,15 @@ def test_bad_pairs_are_reported_with_their_line(tmp_path, default_tokenizer):
     assert report.bad[3].startswith("pairs.jsonl:5: no prompt")
 
 
+def test_max_prompt_len_makes_long_prompts_bad_samples(tmp_path, default_tokenizer):
+    path = _write(tmp_path, [{"prompt": "short", "chosen": "a", "rejected": "b"},
+                             {"prompt": "long " * 40, "chosen": "a", "rejected": "b"}])
+    pairs, report = load_pairs(path, default_tokenizer, 256, on_bad="skip", max_prompt_len=32)
+    assert len(pairs) == 1 and len(pairs[0].prompt) <= 32
+    assert report.bad[0].startswith("pairs.jsonl:2: the prompt has") and "--max-prompt-len 32" in report.bad[0]
+    assert len(load_pairs(path, default_tokenizer, 256)[0]) == 2  # without it, any prompt shorter than max-len
+
+
 def test_long_replies_are_cut_to_max_len(tmp_path, default_tokenizer):
     path = _write(tmp_path, [{"prompt": "a", "chosen": "word " * 200, "rejected": "b"}])
     (pair,), _ = load_pairs(path, default_tokenizer, 64)
