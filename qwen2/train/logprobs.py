@@ -2,9 +2,12 @@
 
 The 152k-vocabulary logits of a whole batch would be the largest tensors of a preference step
 (2 x 2 x 512 tokens x 152k x 4 bytes = 1.2 GB). TokenLogProbs computes them in chunks of rows
-and keeps only the hidden states; its backward recomputes each chunk's logits, since the
-gradient reaching each log-probability is known only then (unlike the SFT loss, whose gradient
-loss.py computes in the forward pass).
+and keeps only the hidden states. With the head frozen (LoRA) the forward pass also keeps, per
+row, d logp / d hidden = W[target] - softmax @ W (one hidden-size vector), and the backward pass
+only scales it by the incoming gradient: no logits are computed twice. With the head trained
+the backward pass recomputes each chunk's logits, since the head's gradient needs the softmax
+weighted by the incoming gradient, known only then (unlike the SFT loss, whose gradient loss.py
+computes in the forward pass).
 """
 
 from __future__ import annotations
@@ -23,14 +26,28 @@ class TokenLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        w = head.to(hidden.dtype)
+        ctx.frozen_head = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        slopes = torch.empty_like(hidden) if ctx.frozen_head else None  # d logp / d hidden, per row
         for a in range(0, len(targets), CHUNK):
-            logits = (hidden[a: a + CHUNK] @ head.to(hidden.dtype).T).float()
-            out[a: a + CHUNK] = logits.gather(1, targets[a: a + CHUNK, None])[:, 0] - logits.logsumexp(-1)
-        ctx.save_for_backward(hidden, head, targets)
+            logits = (hidden[a: a + CHUNK] @ w.T).float()
+            t = targets[a: a + CHUNK]
+            lse = logits.logsumexp(-1)
+            out[a: a + CHUNK] = logits.gather(1, t[:, None])[:, 0] - lse
+            if slopes is not None:
+                softmax = logits.sub_(lse[:, None]).exp_()
+                slopes[a: a + CHUNK] = w[t] - softmax.to(w.dtype) @ w
+        if slopes is not None:
+            ctx.save_for_backward(slopes)
+        else:
+            ctx.save_for_backward(hidden, head, targets)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.frozen_head:
+            (slopes,) = ctx.saved_tensors
+            return (grad_out[:, None] * slopes).to(slopes.dtype), None, None
         hidden, head, targets = ctx.saved_tensors
         grad_hidden = torch.zeros_like(hidden)
         grad_head = torch.zeros(head.shape, dtype=torch.float32, device=head.device) if ctx.needs_input_grad[1] \
