@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_step import CONFIG, TARGETS, peak_rss_mib  # noqa: E402
+from train_step import CONFIG, TARGETS, cpu_name, peak_rss_mib, run_rows  # noqa: E402
 
 WARMUP = 2
 
@@ -166,28 +164,11 @@ def main() -> None:
         return
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name()
     print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.batch} pairs of "
           f"{args.prompt} + {args.reply} tokens, float32, AdamW, live reference; config {CONFIG}")
-    rows = {}
-    for mode in ("full", "lora"):
-        for who in ("ours", "trl"):
-            cmd = [sys.executable, __file__, "--child", who, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--prompt", str(args.prompt), "--reply", str(args.reply)] + (["--lora"] if mode == "lora" else [])
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            rows[f"{mode}/{who}"] = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else \
-                {"missing": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    print(f"{'mode':6} {'engine':6} {'tokens/s':>9} {'peak MiB':>9} {'after setup':>12}")
-    for name, r in rows.items():
-        mode, who = name.split("/")
-        print(f"{mode:6} {who:6} {r.get('tokens_per_s', float('nan')):9.0f} {r.get('peak_rss_mib', float('nan')):9.0f} "
-              f"{r.get('rss_after_setup_mib', float('nan')):12.0f}")
-    for mode in ("full", "lora"):
-        ours, theirs = rows[f"{mode}/ours"], rows[f"{mode}/trl"]
-        if "missing" not in ours and "missing" not in theirs:
-            print(f"{mode}: ours {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x TRL's tokens/s at "
-                  f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x its peak memory")
+    rows = run_rows(__file__, "trl", ["--steps", str(args.steps), "--batch", str(args.batch), "--prompt",
+                                      str(args.prompt), "--reply", str(args.reply)])
     report = {"cpu": cpu, "batch": args.batch, "prompt": args.prompt, "reply": args.reply, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

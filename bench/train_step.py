@@ -95,6 +95,34 @@ def run_transformers(lora: bool, batch: int, seq: int, steps: int) -> dict:
     return {"step_s": time_steps(step, steps), "transformers": transformers.__version__}
 
 
+def cpu_name() -> str:
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                platform.processor())
+
+
+def run_rows(script: str, peer: str, flags: list[str]) -> dict[str, dict]:
+    """Rows full/ours, full/PEER, lora/ours, lora/PEER, each `script --child ENGINE` in its own
+    process (so its peak RSS is its own); prints them and the ratios to the peer."""
+    rows = {}
+    for mode in ("full", "lora"):
+        for who in ("ours", peer):
+            cmd = [sys.executable, script, "--child", who, *flags] + (["--lora"] if mode == "lora" else [])
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            rows[f"{mode}/{who}"] = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else \
+                {"missing": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    print(f"{'mode':6} {'engine':13} {'tokens/s':>9} {'peak MiB':>9}")
+    for name, r in rows.items():
+        mode, who = name.split("/")
+        speed, memory = r.get("tokens_per_s", float("nan")), r.get("peak_rss_mib", float("nan"))
+        print(f"{mode:6} {who:13} {speed:9.0f} {memory:9.0f}")
+    for mode in ("full", "lora"):
+        ours, theirs = rows[f"{mode}/ours"], rows[f"{mode}/{peer}"]
+        if "missing" not in ours and "missing" not in theirs:
+            print(f"{mode}: ours {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x {peer}'s tokens/s at "
+                  f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x its peak memory")
+    return rows
+
+
 def child(args: argparse.Namespace) -> None:
     runner = run_ours if args.child == "ours" else run_transformers
     result = runner(args.lora, args.batch, args.seq, args.steps)
@@ -116,28 +144,11 @@ def main() -> None:
         return
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_name()
     print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; batch {args.batch} x "
           f"{args.seq} tokens, float32, AdamW; config {CONFIG}")
-    rows = {}
-    for mode in ("full", "lora"):
-        for who in ("ours", "transformers"):
-            cmd = [sys.executable, __file__, "--child", who, "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--seq", str(args.seq)] + (["--lora"] if mode == "lora" else [])
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            rows[f"{mode}/{who}"] = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else \
-                {"missing": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    print(f"{'mode':6} {'engine':13} {'tokens/s':>9} {'peak MiB':>9}")
-    for name, r in rows.items():
-        mode, who = name.split("/")
-        speed, memory = r.get("tokens_per_s", float("nan")), r.get("peak_rss_mib", float("nan"))
-        print(f"{mode:6} {who:13} {speed:9.0f} {memory:9.0f}")
-    for mode in ("full", "lora"):
-        ours, theirs = rows[f"{mode}/ours"], rows[f"{mode}/transformers"]
-        if "missing" not in ours and "missing" not in theirs:
-            print(f"{mode}: ours {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x their tokens/s at "
-                  f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x their peak memory")
+    rows = run_rows(__file__, "transformers", ["--steps", str(args.steps), "--batch", str(args.batch),
+                                               "--seq", str(args.seq)])
     report = {"cpu": cpu, "batch": args.batch, "seq": args.seq, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
