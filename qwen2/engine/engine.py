@@ -107,25 +107,29 @@ class Request:
         return self.computed >= self.goal
 
 
-def default_kv_memory(device: torch.device) -> int:
-    """KV_SHARE of the memory available now: free device memory on CUDA, MemAvailable on CPU."""
+def default_kv_memory(device: torch.device, share: float | None = None) -> int:
+    """`share` (default KV_SHARE) of the memory available now: free device memory on CUDA, MemAvailable on CPU."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0] * KV_SHARE["cuda"])
+        return int(torch.cuda.mem_get_info(device)[0] * (share or KV_SHARE["cuda"]))
     try:
         with open("/proc/meminfo") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return int(available * KV_SHARE["cpu"])
+    return int(available * (share or KV_SHARE["cpu"]))
 
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_concurrency: int = 64,
                  max_seq_len: int = 8192, prefill_chunk: int = 512,
                  speculator: PromptLookup | DraftModel | None = None, kv_memory: int | None = None,
-                 block_size: int = BLOCK_SIZE, max_slots: int | None = None, static_decode: bool | None = None):
+                 block_size: int = BLOCK_SIZE, max_slots: int | None = None, static_decode: bool | None = None,
+                 kv_share: float | None = None):
         """max_slots: the former name of max_concurrency. kv_memory: bytes for the KV cache
         (default: KV_SHARE of what is available, no more than max_concurrency full sequences).
+        kv_share: instead, this share of what is available, uncapped: for a prefix cache meant to
+        outlive its requests (a document read again with another question). Memory is taken only
+        as blocks are first written.
         static_decode: decode steps of fixed shape with device sampling (default: on CUDA, for
         the models qwen2.engine.cuda_graphs covers)."""
         self.model, self.tokenizer, self.speculator = model, tokenizer, speculator
@@ -138,8 +142,8 @@ class Engine:
         per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * weight.element_size()
         blocks_per_seq = -(-max_seq_len // block_size)
         if kv_memory is None:
-            wanted = default_kv_memory(weight.device) // (per_token * block_size)
-            blocks = max(blocks_per_seq, min(wanted, blocks_per_seq * self.max_concurrency))
+            wanted = default_kv_memory(weight.device, kv_share) // (per_token * block_size)
+            blocks = max(blocks_per_seq, wanted if kv_share else min(wanted, blocks_per_seq * self.max_concurrency))
         else:
             blocks = kv_memory // (per_token * block_size)
             if blocks < blocks_per_seq:
@@ -351,11 +355,11 @@ class Engine:
             if r.prefilled or r.id not in self.running:
                 continue
             gained = self.blocks.extend(r.seq, r.tokens, r.goal if r.output else len(r.prompt) - 1, r.computed)
-            if gained:
+            if gained:  # blocks another request computed meanwhile
                 r.computed += gained
                 self.blocks.write_table(r.seq, r.slot)
-            if not r.output:
-                r.cached_tokens = max(r.cached_tokens, r.computed)
+                if not r.output:
+                    r.cached_tokens += gained
             if r.prefilled:
                 continue
             end = min(r.goal, r.computed + self.prefill_chunk)
