@@ -198,7 +198,7 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
          device: str | None = DEFAULTS.device, quant: str = DEFAULTS.quant, ctx: int | None = DEFAULTS.ctx,
          rope_scaling: str | None = DEFAULTS.rope_scaling, dca: str | None = DEFAULTS.dca,
          speculative: str | None = DEFAULTS.speculative, max_concurrency: int = 64, kv_memory: int | None = None,
-         prefill_chunk: int = 512, max_slots: int | None = None) -> LLM:
+         prefill_chunk: int = 512, max_slots: int | None = None, kv_share: float | None = None) -> LLM:
     """Load a model and an engine over it; the keyword arguments mean what the CLI options do.
 
     ctx: KV cache tokens per sequence (prompt and reply), default 32768 or the model's context
@@ -207,7 +207,9 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
     speculative: "ngram" (prompt lookup) or a draft model spec (same tokenizer) for greedy
     decoding. max_concurrency: sequences decoded together at most (max_slots is its former
     name). kv_memory: bytes of the paged KV cache all sequences share (default: a quarter of
-    the available RAM, half the free GPU memory; see qwen2.engine.engine).
+    the available RAM, half the free GPU memory; see qwen2.engine.engine). kv_share: when
+    kv_memory is not given, this share of the available memory, not capped at max_concurrency
+    sequences (a prefix cache that keeps a whole document).
     """
     start = time.perf_counter()
     if ctx is not None and (not isinstance(ctx, int) or ctx < 1):
@@ -230,5 +232,5 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
                               f"tokens, the model {tokenizer.vocab_size}); it must share the model's tokenizer")
         speculator = DraftModel(draft, ctx)
     engine = Engine(net, tokenizer, max_concurrency=max_concurrency, max_seq_len=ctx, prefill_chunk=prefill_chunk,
-                    speculator=speculator, kv_memory=kv_memory)
+                    speculator=speculator, kv_memory=kv_memory, kv_share=kv_share)
     return LLM(net, tokenizer, engine, time.perf_counter() - start)

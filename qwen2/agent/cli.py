@@ -1,4 +1,7 @@
-"""`qwen2 docqa PATH "question"`: answer a question over a document or a folder of them, with evidence."""
+"""`qwen2 docqa PATH "question" ["question" ...]`: answer questions over a document or a folder of them,
+with evidence. Several questions share one loaded model and one reading cache: at level 2 and 3 a
+passage read for one question is not computed again for the next (the engine's prefix cache,
+given up to KV_SHARE of the available memory, holds the passages' keys and values)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ import json
 import sys
 
 from qwen2.errors import OptionError
-from qwen2.options import add_model_options, model_options, parse_tokens
+from qwen2.options import add_model_options, model_options, parse_bytes, parse_tokens
+
+KV_SHARE = 0.6  # of the memory available at start, taken only as passages fill it: ~12 KiB a token for 0.5B
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
@@ -16,9 +21,10 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("docqa", help="answer a question over long documents (text, Markdown, HTML, PDF, a "
                               "folder), up to ~1M tokens")
     p.add_argument("path", help="a document or a folder of documents")
-    p.add_argument("question")
-    p.add_argument("--level", type=int, choices=(1, 2, 3), default=2, help="1 retrieval (fast), 2 read every chunk "
-                   "(default), 3 multi-hop: the model asks the level-2 reader step by step")
+    p.add_argument("questions", nargs="+", metavar="question", help="one or more questions, answered in turn")
+    p.add_argument("--level", type=parse_levels, default=[2], help="1 retrieval (fast), 2 read every chunk "
+                   "(default), 3 multi-hop: the model asks the level-2 reader step by step; or one per question, "
+                   "comma-separated (1,2,3)")
     p.add_argument("--budget", type=parse_tokens, default=DEFAULT_BUDGET, help="tokens of document text in the "
                    "answering prompt (default %(default)s; needs --ctx of budget + ~600)")
     p.add_argument("--parallel", type=int, default=4, help="chunks read at once in one batch (default %(default)s)")
@@ -26,7 +32,11 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
                    "(default %(default)s)")
     p.add_argument("--max-calls", type=int, default=DEFAULT_MAX_CALLS, help="level 3: reader calls at most "
                    "(default %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object: answer, evidence, timings")
+    p.add_argument("--kv-memory", type=parse_bytes, default=None, help="memory for the KV cache, which keeps read "
+                   f"passages for the next question (default: {KV_SHARE * 100:.0f}%% of the available memory, "
+                   "taken as used)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per question: the question, answer, "
+                   "evidence, timings")
     add_model_options(p, speculative=False)
     p.set_defaults(func=run)
 
@@ -36,24 +46,39 @@ def run(args: argparse.Namespace) -> None:
 
     if args.parallel < 1 or args.retries < 0 or args.max_calls < 1:
         raise OptionError("--parallel and --max-calls must be at least 1, --retries at least 0")
+    levels = args.level * len(args.questions) if len(args.level) == 1 else args.level
+    if len(levels) != len(args.questions):
+        raise OptionError(f"--level lists {len(args.level)} levels for {len(args.questions)} questions; give one "
+                          "level for all or one per question")
     sources = read_sources(args.path)  # a bad document fails before torch and the model load
 
     from qwen2.agent.docqa import DocQA
     from qwen2.loading import load
 
-    llm = load(**model_options(args), max_slots=args.parallel)
+    llm = load(**model_options(args), max_slots=args.parallel, kv_memory=args.kv_memory,
+               kv_share=None if args.kv_memory else KV_SHARE)
     qa = DocQA(llm, budget=args.budget, retries=args.retries, max_calls=args.max_calls,
                progress=not args.json and sys.stderr.isatty())
     document = qa.document(sources)
     print(f"# {len(document.sources)} document(s), {document.tokens:,} tokens", file=sys.stderr)
-    answer = qa.ask(document, args.question, level=args.level)
-    if args.json:
-        print(json.dumps(answer.to_dict(), ensure_ascii=False))
-        return
-    print(answer.answer)
-    for step in answer.steps:
-        print(f"  step: {step['question']} -> {step['answer']}")
-    for e in answer.evidence:
-        print(f"  [{e.source}, chunk {e.chunk + 1}] {' '.join(e.quote.split())[:300]}")
-    print(f"# level {answer.level}, {answer.seconds:.1f}s" + (f", {answer.chunks_read} chunks read"
-                                                               if answer.chunks_read else ""), file=sys.stderr)
+    for question, level in zip(args.questions, levels):
+        answer = qa.ask(document, question, level=level)
+        if args.json:
+            print(json.dumps({"question": question, **answer.to_dict()}, ensure_ascii=False), flush=True)
+            continue
+        if len(args.questions) > 1:
+            print(f"Q: {question}")
+        print(answer.answer)
+        for step in answer.steps:
+            print(f"  step: {step['question']} -> {step['answer']}")
+        for e in answer.evidence:
+            print(f"  [{e.source}, chunk {e.chunk + 1}] {' '.join(e.quote.split())[:300]}")
+        print(f"# level {answer.level}, {answer.seconds:.1f}s" + (f", {answer.chunks_read} chunks read"
+                                                                   if answer.chunks_read else ""), file=sys.stderr)
+
+
+def parse_levels(text: str) -> list[int]:
+    levels = [x.strip() for x in text.split(",")]
+    if not all(x in ("1", "2", "3") for x in levels):
+        raise argparse.ArgumentTypeError(f"levels are 1, 2 or 3 (or a comma-separated list of them), got {text!r}")
+    return [int(x) for x in levels]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -103,6 +103,7 @@ class DocQA:
             raise OptionError(f"the budget ({budget} tokens) must hold at least one {READING_CHUNK}-token chunk")
         self.budget, self.retries, self.max_calls, self.progress = budget, retries, max_calls, progress
         self.quote_tokens, self.answer_tokens = quote_tokens, answer_tokens  # reply limits: per chunk, per answer
+        self._backwards = False  # the direction of the next chunk-by-chunk reading
 
     def document(self, path_or_sources: str | Path | list[Source]) -> Document:
         sources = path_or_sources if isinstance(path_or_sources, list) else read_sources(path_or_sources)
@@ -142,7 +143,11 @@ class DocQA:
                 # retries sample (seeded, differently each round) so that a greedy all-"none" round is not repeated
                 params = _greedy(self.quote_tokens) if rounds == 0 else SamplingParams(
                     max_tokens=self.quote_tokens, temperature=0.7, top_p=0.9, seed=rounds)
-                prompts = [_read_messages(c.text, question) for c in chunks]
+                # every other reading goes back to front: the engine's prefix cache evicts the least recently
+                # used passages first, so the next reading starts on those still cached
+                order = chunks[::-1] if self._backwards else chunks
+                self._backwards = not self._backwards
+                prompts = [_read_messages(c.text, question) for c in order]
                 if keywords is None:  # the keyword request rides in the same batch as the first round
                     prompts.append(keyword_prompt(question))
                 if rounds:
@@ -150,11 +155,12 @@ class DocQA:
                 replies = self.runner.chat(prompts, [params] * len(prompts), progress=bar.update)
                 if keywords is None:
                     keywords = parse_keywords(replies.pop(), question)
-                quotes = [(c, q) for c, reply in zip(chunks, replies) if (q := parse_quote(reply, c.text))]
+                quotes = [(c, q) for c, reply in zip(order, replies) if (q := parse_quote(reply, c.text))]
                 rounds += 1
         index = Index(doc.chunks(EVIDENCE_CHUNK, OVERLAP // 2))
-        query = keywords.query() + terms(" ".join(q for _, q in quotes))
-        quoted = quotes[: max(1, self.budget // 4 // self.quote_tokens)]
+        wanted = keywords.query() + terms(question)
+        quoted = best_quotes(quotes, wanted, max(1, self.budget // 4 // self.quote_tokens))
+        query = wanted + terms(" ".join(q for _, q in quoted))
         used = sum(len(self.runner.tokenizer.encode(q)) for _, q in quoted)
         retrieved = index.search(query, self.budget - used)
         reply = self._answer(question, quoted + [(c, c.text) for c in retrieved])
@@ -215,8 +221,10 @@ def _sub_question(arguments: str) -> str:
 
 
 def parse_quote(reply: str, passage: str) -> str | None:
-    """The sentences a reader quoted, or None for "none", an empty reply or a quote not drawn from the passage
-    (at least half of its terms must occur there: a small model sometimes answers instead of quoting)."""
+    """The passage's own sentences that a reader quoted, or None for "none", an empty reply or a quote
+    not drawn from the passage. A small model misquotes (drops words, adds a name, answers instead of
+    quoting), so each quoted sentence is replaced by the passage sentence sharing the most terms with
+    it, if that holds at least half of them: evidence is always the document's text."""
     data = parse_json_object(reply)
     if data is not None:
         if str(data.get("res", "")).strip().lower() != "ans":
@@ -226,11 +234,28 @@ def parse_quote(reply: str, passage: str) -> str | None:
     else:
         quote = reply
     quote = quote.strip()
-    words = terms(quote)
-    if not words or quote.lower().strip(' ."<>') in ("none", "no", "n/a", ""):
+    if quote.lower().strip(' ."<>') in ("none", "no", "n/a", ""):
         return None
-    present = set(terms(passage))
-    return quote if sum(w in present for w in words) * 2 >= len(words) else None
+    sentences = [passage[a:b].strip() for a, b in spans(passage, 0, len(passage), SENTENCE_END)]
+    vocab = [set(terms(s)) for s in sentences]
+    found = set()
+    for a, b in spans(quote, 0, len(quote), SENTENCE_END):
+        words = set(terms(quote[a:b]))
+        if words and vocab:
+            i = max(range(len(vocab)), key=lambda k: len(words & vocab[k]))
+            if len(words & vocab[i]) * 2 >= len(words):
+                found.add(i)
+    return " ".join(sentences[i] for i in sorted(found)) or None
+
+
+def best_quotes(quotes: list[tuple[Chunk, str]], query: list[str], limit: int) -> list[tuple[Chunk, str]]:
+    """The `limit` quotes BM25 ranks highest for the query, in document order. A small reader quotes
+    loosely: over a long document the passages it wrongly finds relevant outnumber the one that is."""
+    if len(quotes) <= limit:
+        return sorted(quotes, key=lambda x: (x[0].source, x[0].start))
+    scores = Index([replace(c, text=q) for c, q in quotes]).scores(query)
+    ranked = sorted(range(len(quotes)), key=lambda i: -scores[i])[:limit]
+    return sorted((quotes[i] for i in ranked), key=lambda x: (x[0].source, x[0].start))
 
 
 def locate(reply: str, query: list[str], chunks: list[Chunk], limit: int = 3) -> list[Evidence]:

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from qwen2.agent.docqa import READING_CHUNK, DocQA, parse_quote
-from qwen2.agent.documents import Source
+from qwen2.agent.docqa import READING_CHUNK, DocQA, best_quotes, parse_quote
+from qwen2.agent.documents import Chunk, Source
 from qwen2.agent.runner import EngineRunner
 from qwen2.engine.engine import Engine
 from qwen2.engine.llm import LLM
@@ -58,6 +58,51 @@ def test_level_2_reads_every_chunk_in_one_batch_and_retries_when_all_say_none(ti
     assert answer.rounds == 3 and answer.chunks_read == 3 * len(chunks)
     assert max(runner.batch_sizes) == 4  # the chunks shared the engine's four slots
     assert not tiny_llm.engine.has_work
+
+
+class Submissions(EngineRunner):
+    """The real engine, keeping every request it was given (prompt tokens, tokens found in the prefix cache)."""
+
+    def __init__(self, llm: LLM):
+        super().__init__(llm)
+        self.requests = []
+        submit = self.engine.submit
+
+        def kept(prompt, params):
+            self.requests.append(submit(prompt, params))
+            return self.requests[-1]
+
+        self.engine.submit = kept
+
+
+def test_a_second_question_finds_the_passages_read_for_the_first_in_the_cache(tiny_llm):
+    runner = Submissions(tiny_llm)
+    qa = DocQA(runner, budget=1024, retries=0, quote_tokens=4, answer_tokens=4)
+    doc = qa.document(small_document())
+    chunks = doc.chunks(READING_CHUNK, 32)
+    tiny_llm.engine.clear_prefix_cache()
+    qa.ask(doc, "What is the secret passphrase for the vault?", level=2)
+    first = [r for r in runner.requests if chunks[0].text.strip()[:40] in runner.tokenizer.decode(r.prompt)]
+    runner.requests.clear()
+    qa.ask(doc, "Which city is the capital?", level=2)
+    readings = runner.requests[: len(chunks)]
+    # the second reading goes back to front, starting on the passages the first one read last
+    assert chunks[-1].text.strip()[:40] in runner.tokenizer.decode(readings[0].prompt)
+    assert first[0].cached_tokens < 100  # the shared system prompt at most
+    cached = sum(r.cached_tokens for r in readings) / sum(len(r.prompt) for r in readings)
+    assert cached > 0.8  # each passage's keys and values came from the first reading; only the question is new
+
+
+def test_the_quotes_that_match_the_question_are_kept_when_too_many_chunks_quote(tiny_llm):
+    def chunk(i: int) -> Chunk:
+        return Chunk("doc.txt", i, i * 100, i * 100 + 90, "x", 20)
+
+    quotes = [(chunk(i), f"The river {i} flows past the old mill near the town.") for i in range(12)]
+    quotes.insert(7, (chunk(20), "The special magic number for Lisbon is 2674092."))
+    kept = best_quotes(quotes, ["magic", "number", "lisbon"], 3)
+    assert len(kept) == 3 and kept[-1][1] == "The special magic number for Lisbon is 2674092."
+    assert [c.index for c, _ in kept] == sorted(c.index for c, _ in kept)  # back in document order
+    assert best_quotes(quotes[:2], ["magic"], 3) == quotes[:2]
 
 
 def test_level_1_retrieves_within_the_budget(tiny_llm):
@@ -113,6 +158,17 @@ def test_a_quote_must_come_from_its_passage():
     assert parse_quote('{"res": "ans", "content": "Penguins live in Antarctica and eat krill."}', passage) is None
     assert parse_quote("None", passage) is None
     assert parse_quote("The vault is in Bergen.", passage) == "The vault is in Bergen."  # no JSON: the text
+
+
+def test_a_misquote_becomes_the_sentence_it_was_taken_from():
+    passage = ("The lighthouse was built in 1881. The access code for the teal door of the old lighthouse is 27086. "
+               "Trains stop at the station twice a day.")
+    needle = "The access code for the teal door of the old lighthouse is 27086."
+    made_up = '{"res": "ans", "content": "The teal door of the old lighthouse is located at Shinjuku Station."}'
+    assert parse_quote(made_up, passage) == needle
+    assert parse_quote('{"res": "ans", "content": "27086"}', passage) == needle
+    both = '{"res": "ans", "content": ["Trains stop at the station twice a day.", "The lighthouse was built in 1881."]}'
+    assert parse_quote(both, passage) == "The lighthouse was built in 1881. Trains stop at the station twice a day."
 
 
 def test_a_budget_over_the_context_is_refused(tiny_llm):
