@@ -44,7 +44,7 @@ from qwen2.agent.runner import EngineRunner, Runner
 from qwen2.engine.llm import LLM
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import OptionError
-from qwen2.server.tools import parse_tool_calls
+from qwen2.server.tools import TOOL_CALL_START, ToolCall, parse_tool_calls
 
 RETRIEVAL_CHUNK, READING_CHUNK, EVIDENCE_CHUNK = 500, 1000, 300  # tokens, as Qwen-Agent's defaults
 OVERLAP = 32  # tokens a chunk repeats from the one before, so a sentence cut at a boundary is seen whole
@@ -59,6 +59,7 @@ HOP_SYSTEM = ("You answer questions about a long document you cannot see. The re
               "self-contained question about it. Break a question that needs several facts into steps: ask for one "
               "fact, use the answer to write the next question, and so on. When you know the answer, reply with it "
               "in a sentence, without calling the tool.")
+FIRST_CALL = TOOL_CALL_START + '\n{"name": "read_document", "arguments": {"question": "'
 READ_TOOL = {"type": "function", "function": {
     "name": "read_document",
     "description": "Reads the whole document and answers one simple question about it, quoting its evidence.",
@@ -176,8 +177,15 @@ class DocQA:
             if tools is None:  # the cap: no more reading, answer from what the tool said
                 messages.append({"role": "user", "content": "Answer the original question now from the tool "
                                  f"results above: {question}"})
-            reply = self.runner.chat([messages], [_greedy(self.answer_tokens)], tools=tools)[0]
+            # a small model tends to answer from its own knowledge at once: its first turn starts the call for it
+            start = FIRST_CALL if not steps else ""
+            reply = self.runner.chat([messages], [_greedy(self.answer_tokens)], tools=tools, reply_start=start)[0]
             content, calls = parse_tool_calls(reply)
+            bare = parse_json_object(content) if not calls else None
+            if bare and bare.get("name") == "read_document" and isinstance(bare.get("arguments"), dict):
+                calls = [ToolCall("read_document", json.dumps(bare["arguments"]))]  # a call written without its tags
+            if start and not calls:  # the forced call's arguments did not parse: ask the question itself
+                calls = [ToolCall("read_document", json.dumps({"question": question}))]
             if not calls or tools is None:
                 return Answer(content.strip(), 3, evidence=evidence, chunks_read=chunks_read, steps=steps)
             calls = calls[: self.max_calls - len(steps)]

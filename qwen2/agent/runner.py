@@ -29,10 +29,11 @@ class Runner:
         raise NotImplementedError
 
     def chat(self, conversations: list[list[dict]], params: list[SamplingParams], tools: list[dict] | None = None,
-             progress: Progress | None = None) -> list[str]:
-        prompts = [self.tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=True)
+             progress: Progress | None = None, reply_start: str = "") -> list[str]:
+        """The assistant's replies; `reply_start` is written for it first (and returned as part of each reply)."""
+        prompts = [self.tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=True) + reply_start
                    for m in conversations]
-        return self.complete(prompts, params, progress)
+        return [reply_start + reply for reply in self.complete(prompts, params, progress)]
 
 
 class EngineRunner(Runner):
