@@ -34,12 +34,13 @@ DEFAULTS = ModelOptions()
 
 
 def parse_tokens(text: str) -> int:
-    """A positive token count: "2k" is 2048, "32K" 32768, "1500" 1500."""
+    """A positive token count: "2k" is 2048, "32K" 32768, "1m" 1048576, "1500" 1500."""
     text = text.strip().lower()
+    scale = {"k": 2**10, "m": 2**20}.get(text[-1:], 1)
     try:
-        value = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+        value = int(text[:-1] if scale > 1 else text) * scale
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 4096 or 4k)") from None
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 4096, 4k or 1m)") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"token counts must be positive, got {text!r}")
     return value

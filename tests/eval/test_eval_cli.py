@@ -15,7 +15,7 @@ def parse(argv):
 
 
 def test_token_counts():
-    assert [parse_tokens(t) for t in ("2k", "32K", "1500", " 4k ")] == [2048, 32768, 1500, 4096]
+    assert [parse_tokens(t) for t in ("2k", "32K", "1500", " 4k ", "1M")] == [2048, 32768, 1500, 4096, 2**20]
     for bad in ("2x", "k", "0", "-1k"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_tokens(bad)
