@@ -9,6 +9,11 @@ retrieval over ~300-token chunks, and the answer comes from quotes plus retrieve
 multi-hop: the model gets the Level-2 reader as a tool (Qwen's tool-call format, through the chat
 template) and asks it sub-questions one step at a time, up to a cap on calls.
 
+A reading prompt puts the passage before the question, so a passage read once stays in the
+engine's prefix cache: the next question over the same document (level 3's sub-questions, the
+retries, a user's follow-up) computes only its own question and reply per chunk, as long as the
+cache holds the document (~12 KiB a token for the 0.5B model; `qwen2 docqa` sizes it so).
+
 ```python
 from qwen2 import load
 from qwen2.agent import DocQA
@@ -16,8 +21,7 @@ qa = DocQA(load(max_slots=4))
 print(qa.ask("book.pdf", "Who hid the key?", level=2).answer)
 ```
 
-Not covered: images and tables in PDFs, follow-up questions that reuse earlier reading,
-streaming the answer.
+Not covered: images and tables in PDFs, streaming the answer.
 """
 
 from __future__ import annotations
