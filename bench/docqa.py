@@ -2,6 +2,7 @@
 
     python bench/docqa.py --lengths 32k,128k,1m --out bench/docqa_grid.jsonl
     python bench/docqa.py --plot bench/docqa_grid.jsonl   # the heatmap, bench/docqa_grid.png
+    python bench/docqa.py --table bench/docqa_grid.jsonl  # the Markdown table in RESULTS.md
 
 Per length, one document: English Wikipedia (qwen2.eval.data.haystack_text, ~470K tokens; longer
 lengths go on with the c4 and technical texts, then repeat) with three needles of different kinds
@@ -188,6 +189,20 @@ def plot(path: Path) -> Path:
     return out
 
 
+def table(path: Path) -> str:
+    """The grid as a Markdown table, one row per question asked."""
+    rows = ["| length (tokens) | question | depths | level | found | seconds | chunks read | chunks/s | reply |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for c in map(json.loads, path.open()):
+        kind = "needle" if c["kind"] == "niah" else f"{c['hops']}-hop"
+        reply = " ".join(c["reply"].split())[:70].replace("|", "/")
+        depths = ", ".join(f"{d:.2f}" for d in c["depths"])
+        rows.append(f"| {c['length'] // 1024}K ({c['document_tokens']:,}) | {kind} | {depths} | {c['level']} | "
+                    f"{'yes' if c['correct'] else 'no'} | {c['seconds']:,.0f} | {c['chunks_read'] or '-'} | "
+                    f"{c['chunks_per_s'] or '-'} | {reply} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="32k", help="document lengths in tokens, comma-separated")
@@ -203,9 +218,10 @@ def main() -> None:
     p.add_argument("--kv-memory", help="as `qwen2 docqa --kv-memory` (default: its own)")
     p.add_argument("--out", type=Path)
     p.add_argument("--plot", type=Path, metavar="JSONL", help="draw the heatmap of a finished grid and stop")
+    p.add_argument("--table", type=Path, metavar="JSONL", help="print a finished grid as a Markdown table and stop")
     args = p.parse_args()
-    if args.plot:
-        print(plot(args.plot))
+    if args.plot or args.table:
+        print(plot(args.plot) if args.plot else table(args.table))
         return
     from qwen2.weights import load_tokenizer
 

@@ -187,11 +187,13 @@ class DocQA:
             content, calls = parse_tool_calls(reply)
             bare = parse_json_object(content) if not calls else None
             if bare and bare.get("name") == "read_document" and isinstance(bare.get("arguments"), dict):
-                calls = [ToolCall("read_document", json.dumps(bare["arguments"]))]  # a call written without its tags
+                # a call written without its tags
+                calls, content = [ToolCall("read_document", json.dumps(bare["arguments"]))], ""
             if start and not calls:  # the forced call's arguments did not parse: ask the question itself
                 calls = [ToolCall("read_document", json.dumps({"question": question}))]
-            if not calls or tools is None:
-                return Answer(content.strip(), 3, evidence=evidence, chunks_read=chunks_read, steps=steps)
+            if not calls or tools is None:  # a call past the cap leaves no text: the last reading's answer stands
+                answer = content.strip() or (steps[-1]["answer"] if steps else "")
+                return Answer(answer, 3, evidence=evidence, chunks_read=chunks_read, steps=steps)
             calls = calls[: self.max_calls - len(steps)]
             messages.append({"role": "assistant", "content": content, "tool_calls": [
                 {"type": "function", "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
