@@ -163,6 +163,10 @@ def cpu_name() -> str:
         return os.uname().machine
 
 
+def label(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens < 2**20 else f"{tokens / 2**20:g}M"
+
+
 def plot(path: Path) -> Path:
     import matplotlib
 
@@ -180,7 +184,7 @@ def plot(path: Path) -> Path:
     for i, r in enumerate(grid):
         for j, x in enumerate(r):
             ax.text(j, i, f"{sum(x)}/{len(x)}" if x else "-", ha="center", va="center")
-    ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n < 2**20 else f"{n / 2**20:g}M" for n in lengths])
+    ax.set_xticks(range(len(lengths)), [label(n) for n in lengths])
     ax.set_yticks(range(len(rows)), [f"needles, L{lv}" if k == "niah" else f"{h}-hop, L{lv}" for k, h, lv in rows])
     ax.set_title("docqa: found / asked", fontsize=10)
     fig.tight_layout()
@@ -197,7 +201,7 @@ def table(path: Path) -> str:
         kind = "needle" if c["kind"] == "niah" else f"{c['hops']}-hop"
         reply = " ".join(c["reply"].split())[:70].replace("|", "/")
         depths = ", ".join(f"{d:.2f}" for d in c["depths"])
-        rows.append(f"| {c['length'] // 1024}K ({c['document_tokens']:,}) | {kind} | {depths} | {c['level']} | "
+        rows.append(f"| {label(c['length'])} ({c['document_tokens']:,}) | {kind} | {depths} | {c['level']} | "
                     f"{'yes' if c['correct'] else 'no'} | {c['seconds']:,.0f} | {c['chunks_read'] or '-'} | "
                     f"{c['chunks_per_s'] or '-'} | {reply} |")
     return "\n".join(rows)
