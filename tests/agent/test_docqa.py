@@ -33,22 +33,33 @@ def small_document() -> list[Source]:
 
 
 class Recording(EngineRunner):
-    """The real engine, with a record of how many requests each step ran together."""
+    """The real engine, with a record of the requests it was given and how many ran together each step."""
 
     def __init__(self, llm: LLM):
         super().__init__(llm)
         self.batch_sizes: list[int] = []
-        step = self.engine.step
+        self.requests = []
+        step, submit = self.engine.step, self.engine.submit
 
         def counted():
             self.batch_sizes.append(len(self.engine.running))
             return step()
 
-        self.engine.step = counted
+        def kept(prompt, params):
+            self.requests.append(submit(prompt, params))
+            return self.requests[-1]
+
+        self.engine.step, self.engine.submit = counted, kept
 
 
-def test_level_2_reads_every_chunk_in_one_batch_and_retries_when_all_say_none(tiny_llm):
-    runner = Recording(tiny_llm)
+@pytest.fixture
+def recording(tiny_llm):
+    yield Recording(tiny_llm)
+    del tiny_llm.engine.step, tiny_llm.engine.submit  # the engine's own methods again
+
+
+def test_level_2_reads_every_chunk_in_one_batch_and_retries_when_all_say_none(tiny_llm, recording):
+    runner = recording
     qa = DocQA(runner, budget=2048, retries=2, quote_tokens=12, answer_tokens=16)
     doc = qa.document(small_document())
     chunks = doc.chunks(READING_CHUNK, 32)
@@ -60,23 +71,8 @@ def test_level_2_reads_every_chunk_in_one_batch_and_retries_when_all_say_none(ti
     assert not tiny_llm.engine.has_work
 
 
-class Submissions(EngineRunner):
-    """The real engine, keeping every request it was given (prompt tokens, tokens found in the prefix cache)."""
-
-    def __init__(self, llm: LLM):
-        super().__init__(llm)
-        self.requests = []
-        submit = self.engine.submit
-
-        def kept(prompt, params):
-            self.requests.append(submit(prompt, params))
-            return self.requests[-1]
-
-        self.engine.submit = kept
-
-
-def test_a_second_question_finds_the_passages_read_for_the_first_in_the_cache(tiny_llm):
-    runner = Submissions(tiny_llm)
+def test_a_second_question_finds_the_passages_read_for_the_first_in_the_cache(tiny_llm, recording):
+    runner = recording
     qa = DocQA(runner, budget=1024, retries=0, quote_tokens=4, answer_tokens=4)
     doc = qa.document(small_document())
     chunks = doc.chunks(READING_CHUNK, 32)
