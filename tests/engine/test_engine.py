@@ -54,6 +54,13 @@ def test_more_requests_than_slots_wait_their_turn(tiny_model, default_tokenizer)
     assert [r.output for r in requests] == [run_alone(tiny_model, default_tokenizer, p, **params) for p in PROMPTS]
 
 
+def test_a_kv_share_sizes_the_cache_by_memory_not_by_sequences(tiny_model, default_tokenizer):
+    capped = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256)
+    shared = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256, kv_share=0.01)
+    assert capped.blocks.usable * capped.cache.block_size <= 256 + capped.cache.block_size  # one sequence's worth
+    assert shared.blocks.usable > 100 * capped.blocks.usable  # 1% of the available memory holds far more
+
+
 def test_prefix_cache_reuses_the_shared_prefix_and_changes_nothing(tiny_model, default_tokenizer):
     engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=256)
     params = dict(temperature=0, max_tokens=6, ignore_eos=True)
