@@ -19,12 +19,14 @@ import os
 import platform
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("gguf.cpp")
+STALE_LOCK_SECONDS = 600  # a build takes 20 s to 2 min
 # GGUF type id -> (weights per block, bytes per block)
 BLOCKS = {1: (1, 2), 30: (1, 2), 2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
 TYPE_NAMES = {1: "F16", 30: "BF16", 2: "Q4_0", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
@@ -110,6 +112,7 @@ def _build(isa: str | None, isas: list[str]):  # noqa: ANN202
             pass
     name, folder = _build_dir(isa)
     folder.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(folder)
     try:
         from torch.utils import cpp_extension
 
@@ -125,6 +128,20 @@ def _build(isa: str | None, isas: list[str]):  # noqa: ANN202
         _warn(f"building them failed ({type(e).__name__}: {' '.join(errors[0].split())[:300]})")
         return None
     return getattr(torch.ops, name)
+
+
+def clear_stale_lock(folder: Path, older_than: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove torch's build lock if it is older than any build: a process killed while building leaves it,
+    and every later start would wait on it forever."""
+    lock = folder / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime < older_than:
+            return False
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    print(f"qwen2: removed a stale build lock left by an interrupted kernel build ({lock})", file=sys.stderr)
+    return True
 
 
 def _warn(why: str) -> None:

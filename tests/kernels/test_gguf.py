@@ -125,3 +125,18 @@ def test_one_build_per_isa_per_process_whatever_the_cache_folder(monkeypatch, tm
     first = gguf_ops(ISAS[0])
     monkeypatch.setenv("QWEN2_CACHE", str(tmp_path))  # a second library with the same ops would abort
     assert gguf_ops(ISAS[0]) is first and gguf_ops() is kernels.gguf_ops(ISAS[0])
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    from qwen2.kernels import clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not clear_stale_lock(tmp_path) and lock.exists()  # a build may be running now: wait for it
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert clear_stale_lock(tmp_path) and not lock.exists()
+    assert not clear_stale_lock(tmp_path)  # no lock, nothing to do
