@@ -33,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train_step import cpu_name  # noqa: E402
+
 from qwen2.eval.niah import CITIES, COLOURS, NAMES, NEEDLES, THINGS, WORDS, score  # noqa: E402
 from qwen2.options import parse_tokens  # noqa: E402
 
@@ -154,13 +156,6 @@ def run_length(tokenizer, length: int, args: argparse.Namespace) -> list[dict]:
         if p.returncode:
             raise SystemExit(f"qwen2 docqa exited with {p.returncode} at length {length}")
     return cells
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return os.uname().machine
 
 
 def label(tokens: int) -> str:
