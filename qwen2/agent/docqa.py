@@ -7,7 +7,8 @@ sentences quoted (JSON). A round where every chunk says none is read again, samp
 number of times. The quotes (checked against their chunk) and the keywords drive a second BM25
 retrieval over ~300-token chunks, and the answer comes from quotes plus retrieved text. Level 3,
 multi-hop: the model gets the Level-2 reader as a tool (Qwen's tool-call format, through the chat
-template) and asks it sub-questions one step at a time, up to a cap on calls.
+template) and asks it sub-questions one step at a time, up to a cap on calls; a sub-question asked
+again gets the earlier reading's answer without another pass over the document.
 
 A reading prompt puts the passage before the question, so a passage read once stays in the
 engine's prefix cache: the next question over the same document (level 3's sub-questions, the
@@ -176,6 +177,7 @@ class DocQA:
     def hop(self, doc: Document, question: str) -> Answer:
         messages = [{"role": "system", "content": HOP_SYSTEM}, {"role": "user", "content": question}]
         steps, evidence, chunks_read = [], [], 0
+        answered: dict[str, Answer] = {}  # sub-question's terms -> the reading that answered it
         while True:
             tools = [READ_TOOL] if len(steps) < self.max_calls else None
             if tools is None:  # the cap: no more reading, answer from what the tool said
@@ -200,10 +202,14 @@ class DocQA:
                 for c in calls]})
             for call in calls:
                 sub = _sub_question(call.arguments) or question
-                found = self.read(doc, sub)
+                key = " ".join(terms(sub))
+                # a small planner often asks the same thing again: the earlier reading answers it, for free
+                found = answered.get(key) or self.read(doc, sub)
+                if key not in answered:
+                    answered[key] = found
+                    evidence += found.evidence
+                    chunks_read += found.chunks_read
                 steps.append({"question": sub, "answer": found.answer})
-                evidence += found.evidence
-                chunks_read += found.chunks_read
                 said = "\n".join(f"- {e.quote}" for e in found.evidence[:3])
                 messages.append({"role": "tool", "content": f"{found.answer}\nEvidence:\n{said}" if said
                                  else found.answer})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qwen2.agent.docqa import FIRST_CALL, READING_CHUNK, DocQA, best_quotes, parse_quote
+from qwen2.agent.docqa import FIRST_CALL, OVERLAP, READING_CHUNK, DocQA, best_quotes, parse_quote
 from qwen2.agent.documents import Chunk, Source
 from qwen2.agent.runner import EngineRunner
 from qwen2.engine.engine import Engine
@@ -111,9 +111,9 @@ class ScriptedPlanner(EngineRunner):
     """A random model never writes a tool call, so the planner's turns are scripted here (the one part
     mocked): with tools offered it always asks the reader again. The reader itself runs on the real engine."""
 
-    def __init__(self, llm: LLM):
+    def __init__(self, llm: LLM, ask=lambda turn: f"step {turn}?"):
         super().__init__(llm)
-        self.planner_turns = 0
+        self.planner_turns, self.ask = 0, ask
 
     def chat(self, conversations, params, tools=None, progress=None, reply_start=""):
         if tools is None and conversations[0][0]["content"].startswith("You answer questions about a long"):
@@ -122,7 +122,7 @@ class ScriptedPlanner(EngineRunner):
         if tools is not None:
             self.planner_turns += 1
             assert (reply_start == FIRST_CALL) == (self.planner_turns == 1)  # the first turn is a call, begun for it
-            call = json.dumps({"name": "read_document", "arguments": {"question": f"step {self.planner_turns}?"}})
+            call = json.dumps({"name": "read_document", "arguments": {"question": self.ask(self.planner_turns)}})
             # the second call comes without its tags, as the small model sometimes writes it
             return [f"{TOOL_CALL_START}\n{call}\n{TOOL_CALL_END}" if self.planner_turns == 1 else call]
         return super().chat(conversations, params, tools, progress)
@@ -136,6 +136,15 @@ def test_level_3_calls_the_reader_tool_and_stops_at_the_cap(tiny_llm):
     assert runner.planner_turns == 3  # two tool calls, then one final answer without tools
     assert answer.answer == "The answer is in the tool results."
     assert answer.chunks_read > 0
+
+
+def test_level_3_reads_the_document_once_for_a_question_asked_again(tiny_llm):
+    runner = ScriptedPlanner(tiny_llm, ask=lambda turn: "Who found the key?" if turn < 3 else "who found the KEY")
+    qa = DocQA(runner, budget=1024, retries=0, max_calls=3, quote_tokens=12, answer_tokens=16)
+    doc = qa.document(small_document())
+    answer = qa.ask(doc, "Where was the finder of the key born?", level=3)
+    assert len(answer.steps) == 3 and len({s["answer"] for s in answer.steps}) == 1
+    assert answer.chunks_read == len(doc.chunks(READING_CHUNK, OVERLAP))  # one reading, not three
 
 
 def test_level_3_always_asks_the_reader_at_least_once(tiny_llm):
