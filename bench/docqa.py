@@ -120,7 +120,7 @@ def build(tokenizer, length: int, needles: int, hops: list[int]) -> tuple[str, l
 
 
 def run_length(tokenizer, length: int, args: argparse.Namespace) -> list[dict]:
-    text, cases = build(tokenizer, length, args.needles, [int(h) for h in args.hops.split(",")])
+    text, cases = build(tokenizer, length, args.needles, [int(h) for h in args.hops.split(",") if h])
     levels = [int(x) for x in args.levels.split(",")]
     asked = [(level, case) for level in levels for case in cases if case["kind"] == "hops" or level < 3]
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,7 +207,7 @@ def main() -> None:
     p.add_argument("--lengths", default="32k", help="document lengths in tokens, comma-separated")
     p.add_argument("--levels", default="1,2,3", help="levels asked (needles stop at 2)")
     p.add_argument("--needles", type=int, default=3)
-    p.add_argument("--hops", default="2,3", help="chain lengths, comma-separated")
+    p.add_argument("--hops", default="2,3", help="chain lengths, comma-separated (empty: needles only)")
     p.add_argument("--budget", default="4500")
     p.add_argument("--parallel", default="16", help="chunks read at once (a cached re-read is decode-bound: "
                    "a wide batch costs little more per step)")
