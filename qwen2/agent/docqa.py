@@ -193,8 +193,10 @@ class DocQA:
                 calls, content = [ToolCall("read_document", json.dumps(bare["arguments"]))], ""
             if start and not calls:  # the forced call's arguments did not parse: ask the question itself
                 calls = [ToolCall("read_document", json.dumps({"question": question}))]
-            if not calls or tools is None:  # a call past the cap leaves no text: the last reading's answer stands
-                answer = content.strip() or (steps[-1]["answer"] if steps else "")
+            if not calls or tools is None:
+                # a call past the cap, or one cut off at the reply limit, is no answer: the last reading's stands
+                answer = "" if _is_call(content) else content.strip()
+                answer = answer or (steps[-1]["answer"] if steps else "")
                 return Answer(answer, 3, evidence=evidence, chunks_read=chunks_read, steps=steps)
             calls = calls[: self.max_calls - len(steps)]
             messages.append({"role": "assistant", "content": content, "tool_calls": [
@@ -233,6 +235,10 @@ def _read_messages(passage: str, question: str) -> list[dict]:
     # the system message comes first and is the same for every chunk: the engine's prefix cache reuses it
     return [{"role": "system", "content": READ_SYSTEM},
             {"role": "user", "content": f"Passage:\n{passage.strip()}\n\nQuestion: {question}"}]
+
+
+def _is_call(text: str) -> bool:
+    return text.lstrip().startswith((TOOL_CALL_START, '{"name"'))
 
 
 def _sub_question(arguments: str) -> str:

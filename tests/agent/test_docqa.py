@@ -147,6 +147,23 @@ def test_level_3_reads_the_document_once_for_a_question_asked_again(tiny_llm):
     assert answer.chunks_read == len(doc.chunks(READING_CHUNK, OVERLAP))  # one reading, not three
 
 
+class CutOffPlanner(ScriptedPlanner):
+    """Its second call runs into the reply limit and never closes."""
+
+    def chat(self, conversations, params, tools=None, progress=None, reply_start=""):
+        if tools is not None and self.planner_turns == 1:
+            self.planner_turns += 1
+            return ['{"name": "read_document", "arguments": {"question": "Based on the evidence, the mentor was']
+        return super().chat(conversations, params, tools, progress, reply_start)
+
+
+def test_level_3_never_answers_with_a_cut_off_tool_call(tiny_llm):
+    qa = DocQA(CutOffPlanner(tiny_llm), budget=1024, retries=0, max_calls=3, quote_tokens=12, answer_tokens=16)
+    answer = qa.ask(small_document(), "Where was the finder of the key born?", level=3)
+    assert len(answer.steps) == 1
+    assert answer.answer == answer.steps[0]["answer"]  # the reading's answer, not the broken call's text
+
+
 def test_level_3_always_asks_the_reader_at_least_once(tiny_llm):
     # the random model would never write a tool call; its first turn is begun as one for it
     qa = DocQA(tiny_llm, budget=1024, retries=0, max_calls=1, quote_tokens=4, answer_tokens=12)
