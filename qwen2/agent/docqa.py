@@ -205,12 +205,11 @@ class DocQA:
             for call in calls:
                 sub = _sub_question(call.arguments) or question
                 key = " ".join(terms(sub))
-                # a small planner often asks the same thing again: the earlier reading answers it, for free
-                found = answered.get(key) or self.read(doc, sub)
-                if key not in answered:
-                    answered[key] = found
-                    evidence += found.evidence
-                    chunks_read += found.chunks_read
+                if key not in answered:  # a small planner often asks again: the earlier reading answers, for free
+                    answered[key] = self.read(doc, sub)
+                    evidence += answered[key].evidence
+                    chunks_read += answered[key].chunks_read
+                found = answered[key]
                 steps.append({"question": sub, "answer": found.answer})
                 said = "\n".join(f"- {e.quote}" for e in found.evidence[:3])
                 messages.append({"role": "tool", "content": f"{found.answer}\nEvidence:\n{said}" if said
