@@ -31,7 +31,7 @@ from qwen2.train import lora
 from qwen2.train.datasets import DEMO, data_path
 from qwen2.train.merging_optimizer import METHODS, OnlineMergingAdamW, task_vectors
 from qwen2.train.preference import Pair, load_pairs, same_tokenizer, split
-from qwen2.train.trainer import cosine_schedule, enable_gradient_checkpointing
+from qwen2.train.trainer import apply_gradients, cosine_schedule, enable_gradient_checkpointing
 from qwen2.weights.export import export_hf
 
 LOSSES = ("sigmoid", "ipo", "robust")
@@ -232,15 +232,9 @@ class AlignTrainer:
             (loss / c.grad_accum).backward()
             for key, value in {"loss": loss.item(), **metrics}.items():
                 sums[key] = sums.get(key, 0.0) + value / c.grad_accum
-        clip = c.clip if c.clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm, lr = apply_gradients(self.params, self.optimizer, self.scheduler, c.clip)
         self.step += 1
-        return {"step": self.step, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
-                "grad_norm": round(float(norm), 4)}
+        return {"step": self.step, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr, "grad_norm": round(norm, 4)}
 
     def train(self) -> dict:
         c = self.config

@@ -140,6 +140,18 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def apply_gradients(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, clip: float) -> tuple[float, float]:
+    """Clip the gradients (clip <= 0: measure only), step the optimizer and the schedule, clear the
+    gradients. Returns the gradient norm before clipping and the learning rate the step used."""
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm), lr
+
+
 # -- the run ---------------------------------------------------------------------------------
 class LossModule(torch.nn.Module):
     """The training loss as a module's forward, so DDP's and FSDP2's hooks run around it."""
@@ -248,14 +260,9 @@ class Trainer:
     def train_step(self) -> dict:
         rows = self._next_rows()
         loss, count = self.backward(rows)
-        clip = self.config.clip if self.config.clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm, lr = apply_gradients(self.params, self.optimizer, self.scheduler, self.config.clip)
         self.step += 1
-        return {"step": self.step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(norm), 4),
+        return {"step": self.step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 4),
                 "target_tokens": count, "tokens": sum(len(r) for r in rows)}
 
     def train(self) -> dict:
