@@ -82,6 +82,11 @@ def add_benchmarks(sub: argparse._SubParsersAction) -> None:
                    help="pass@k to report where samples allow (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer (default %(default)s)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run (default %(default)s)")
+    p.add_argument("--problems", type=Path, help="JSONL (or .jsonl.gz) of problems with HumanEval's fields: "
+                   "task_id, prompt, entry_point, test (default: HumanEval's 164)")
+    p.add_argument("--completions", type=Path, help="JSONL of task_id and completion (several per task for "
+                   "pass@k): score these instead of generating; no model is loaded")
+    add_unsafe_exec(p)
     add_common(p, slots=8)
     p.set_defaults(func=cmd_humaneval)
 
@@ -114,6 +119,11 @@ def add_benchmarks(sub: argparse._SubParsersAction) -> None:
                    help="held-out labelled responses to measure the judge on (default: all 52)")
     add_common(p, slots=8)
     p.set_defaults(func=cmd_safety)
+
+
+def add_unsafe_exec(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unsafe-exec", action="store_true", help="run model-written programs even where this machine "
+                   "cannot isolate them (no namespaces): only resource limits then protect the host")
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -157,20 +167,32 @@ def cmd_humaneval(args: argparse.Namespace) -> None:
     fmt = choose("format", args.format, humaneval.FORMATS)
     if args.samples < 1:
         raise OptionError(f"--samples must be at least 1, got {args.samples}")
+    if args.timeout <= 0:
+        raise OptionError(f"--timeout must be positive, got {args.timeout}")
+    items = (humaneval.load_problems(args.problems) if args.problems else humaneval.problems())[: args.limit]
+    completions = humaneval.load_completions(args.completions, items) if args.completions else None
+    sandbox = humaneval.sandbox_level(args.unsafe_exec)
+    print(f"# sandbox: {sandbox}", flush=True)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 0.8)
-    settings = _settings(args, format=fmt, samples=args.samples, temperature=temperature, max_tokens=args.max_tokens,
-                         timeout=args.timeout)
-    items = humaneval.problems()[: args.limit]
+    if completions is None:
+        settings = _settings(args, format=fmt, samples=args.samples, temperature=temperature,
+                             max_tokens=args.max_tokens, timeout=args.timeout)
+        ids = [f"{p['task_id']}#{s}" for p in items for s in range(args.samples)]
+    else:
+        settings = dict(model=f"completions {args.completions}", format=fmt, timeout=args.timeout)
+        ids = list(completions)
+    if args.problems:
+        settings["problems"] = str(args.problems)
     results = Results("humaneval", settings, args.json)
     start = time.perf_counter()
-    todo = sum(f"{p['task_id']}#{s}" not in results for p in items for s in range(args.samples))
-    if todo:
-        llm = _load_for(args)
-        humaneval.run(llm, items, results, fmt, args.samples, temperature, args.max_tokens, args.seed,
-                      Limits(wall_seconds=args.timeout, cpu_seconds=int(args.timeout) + 1))
-    ids = [f"{p['task_id']}#{s}" for p in items for s in range(args.samples)]
+    limits = Limits(wall_seconds=args.timeout, cpu_seconds=int(args.timeout) + 1)
+    if completions is not None:
+        humaneval.score_completions(items, completions, results, fmt, limits, args.unsafe_exec)
+    elif any(key not in results for key in ids):
+        humaneval.run(_load_for(args), items, results, fmt, args.samples, temperature, args.max_tokens, args.seed,
+                      limits, args.unsafe_exec)
     records = results.ordered(ids)
-    summary = humaneval.summarize(records, args.k)
+    summary = dict(humaneval.summarize(records, args.k), sandbox=sandbox)
     table = markdown_table(["metric", "value"], [[k, v] for k, v in summary.items()])
     _finish(args, "humaneval", settings, summary, time.perf_counter() - start, records, table)
 

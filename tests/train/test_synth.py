@@ -8,7 +8,7 @@ import pytest
 
 from qwen2.cli import main
 from qwen2.eval import humaneval
-from qwen2.eval.sandbox import run_program
+from qwen2.eval.sandbox import DEFAULT_LIMITS
 from qwen2.train.synth import code_groups, math_verdict, sft_and_pairs
 
 GOLD = "9 apples"
@@ -46,11 +46,10 @@ def test_exec_feedback_labels_passing_and_failing_programs_through_the_sandbox()
     problem = humaneval.problems()[0]
     passing = f"Here it is:\n```python\n{problem['prompt']}{problem['canonical_solution']}```"
     failing = f"```python\ndef {problem['entry_point']}(numbers, threshold):\n    return False\n```"
-    records = []
-    for s, reply in enumerate([failing, passing]):
-        outcome = run_program(humaneval.program(problem, reply, "chat"))
-        records.append(dict(task_id=problem["task_id"], sample=s, completion=reply, passed=outcome.ok))
-    assert [r["passed"] for r in records] == [False, True]
+    exiting = f"```python\nimport os\ndef {problem['entry_point']}(numbers, threshold):\n    os._exit(0)\n```"
+    records = [humaneval.run_sample(problem, f"{problem['task_id']}#{s}", reply, "chat", DEFAULT_LIMITS, False)
+               for s, reply in enumerate([failing, passing, exiting])]
+    assert [r["passed"] for r in records] == [False, True, False]  # exit status 0 is no proof of a pass
     sft, pairs = sft_and_pairs(code_groups([problem], records))
     assert [row["messages"][1]["content"] for row in sft] == [passing]
     assert pairs == [{"messages": [{"role": "user", "content": humaneval.CHAT_INSTRUCTION.format(
