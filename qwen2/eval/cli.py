@@ -170,6 +170,9 @@ def cmd_humaneval(args: argparse.Namespace) -> None:
     if args.timeout <= 0:
         raise OptionError(f"--timeout must be positive, got {args.timeout}")
     items = (humaneval.load_problems(args.problems) if args.problems else humaneval.problems())[: args.limit]
+    if args.completions and args.json and args.json.with_suffix(".jsonl").resolve() == args.completions.resolve():
+        raise OptionError(f"--json {args.json} would keep its items in {args.completions}, the completions file; "
+                          "give the results another name")
     completions = humaneval.load_completions(args.completions, items) if args.completions else None
     sandbox = humaneval.sandbox_level(args.unsafe_exec)
     print(f"# sandbox: {sandbox}", flush=True)
