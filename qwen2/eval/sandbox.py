@@ -12,7 +12,9 @@ Every program gets namespaces of its own, as bubblewrap sets them up:
   grandchildren included);
 - an IPC namespace (SysV shared memory and semaphores die with it) and a UTS namespace;
 - limits per process: memory (RLIMIT_AS), CPU seconds, file size, open files, no core dumps;
-  processes per sample (RLIMIT_NPROC, counted per user and user namespace); no new privileges.
+  processes per sample (RLIMIT_NPROC, counted per user and user namespace); no new privileges;
+  and where this user may make cgroups (root, or a delegated v2 subtree), a cgroup per sample
+  that caps all its processes' memory together and their number.
 As root (with CAP_SYS_ADMIN) the namespaces are made directly and the program runs as a
 fresh unprivileged uid of its own; otherwise a user namespace makes them, and the program
 runs with no capabilities as the calling user mapped inside it. If neither can be set up
@@ -26,10 +28,10 @@ program a random token on stdin, which a wrapper reads before the program's code
 prints only after that code has returned; `RunResult.passed` needs the token and status 0, so
 `os._exit(0)`, `SystemExit(0)` or an exit hook do not pass.
 
-Not covered: a kernel exploit; CPU, memory bandwidth and disk I/O contention with the host (no
-cgroup is made: memory is bounded per process, times the process limit); code that reads the
-token out of the wrapper's frame on purpose (it defeats a wrong answer's accidental exit, not
-an adversary inside the interpreter).
+Not covered: a kernel exploit; CPU, memory bandwidth and disk I/O contention with the host
+(without a cgroup, memory is bounded per process, times the process limit); code that reads
+the token out of the wrapper's frame on purpose (it defeats a wrong answer's accidental exit,
+not an adversary inside the interpreter).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 ETC_FILES = ("ld.so.cache", "localtime", "passwd", "group", "nsswitch.conf")
 DEVICES = ("null", "zero", "full", "random", "urandom")
 KEEP_ENV = ("LANG", "LC_ALL")
+CGROUP_ROOT = "/sys/fs/cgroup"
 SETUP_FAILED = 125  # the launcher's exit status when it could not isolate (the program never ran)
 MARK = "qwen2-sandbox:"
 LEVELS = {"root": "namespaces (root: net, mount, pid, ipc; a uid of its own)",
@@ -125,7 +128,10 @@ def run_program(source: str, limits: Limits = DEFAULT_LIMITS, prove: bool = Fals
 def isolation(unsafe: bool = False) -> str | None:
     """What protects the host here (a line for summaries), or None if model code must not run."""
     mode = _mode() or ("unsafe" if unsafe else None)
-    return LEVELS[mode] if mode else None
+    if mode is None:
+        return None
+    return LEVELS[mode] + ("; a cgroup per sample caps its memory and processes" if mode != "unsafe" and
+                           _cgroups_work() else "")
 
 
 def unavailable_reason() -> str:
@@ -151,10 +157,78 @@ def _probe() -> tuple[str | None, str]:
     return None, "; ".join(errors)
 
 
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup folder per controller we cap (memory, pids), v2 unified or v1."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return {}
+    found = {}
+    for line in lines:
+        _, names, path = line.split(":", 2)
+        path = path.rstrip("/")
+        if names == "" and os.path.exists(f"{CGROUP_ROOT}/cgroup.controllers"):
+            found = dict.fromkeys(("memory", "pids"), f"{CGROUP_ROOT}{path}")
+        for name in set(names.split(",")) & {"memory", "pids"}:
+            found.setdefault(name, f"{CGROUP_ROOT}/{name}{path}")
+    return found
+
+
+def _make_cgroups(limits: Limits) -> list[str]:
+    """New cgroup folders capping the sample's total memory and processes, where this user may
+    make them (root, or a delegated subtree); [] otherwise, and the rlimits stand alone."""
+    made, name = [], f"qwen2-sandbox-{secrets.token_hex(6)}"
+    memory = limits.memory_mb * 2**20
+    caps = {"memory": {"memory.max": memory, "memory.limit_in_bytes": memory, "memory.swap.max": 0},
+            "pids": {"pids.max": limits.processes + 2}}  # + the launcher and its init
+    try:
+        for controller, parent in _own_cgroups().items():
+            if os.path.exists(f"{parent}/cgroup.subtree_control"):  # v2: children get the controller
+                with open(f"{parent}/cgroup.subtree_control", "w") as f:
+                    f.write(f"+{controller}")
+            folder = f"{parent}/{name}"
+            if folder not in made:
+                os.mkdir(folder)
+                made.append(folder)
+            present = [file for file in caps[controller] if os.path.exists(f"{folder}/{file}")]
+            if not present:
+                raise OSError(f"no {controller} controller in {folder}")
+            for file in present:
+                with open(f"{folder}/{file}", "w") as f:
+                    f.write(str(caps[controller][file]))
+    except OSError:
+        _remove_cgroups(made)
+        return []
+    return made
+
+
+@cache
+def _cgroups_work() -> bool:
+    made = _make_cgroups(DEFAULT_LIMITS)
+    return bool(made) and _remove_cgroups(made)
+
+
+def _remove_cgroups(folders: list[str]) -> bool:
+    """rmdir each folder once its processes are gone (they die with the PID namespace, shortly)."""
+    for folder in folders:
+        for _ in range(100):
+            try:
+                os.rmdir(folder)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)
+        else:
+            return False
+    return True
+
+
 def _run(mode: str, source: str, limits: Limits, token: str) -> RunResult:
     spec = dict(mode=mode, limits=asdict(limits), source=source, token=token, interpreter=_interpreter(),
                 prefix=os.path.realpath(sys.base_prefix), env={k: os.environ[k] for k in KEEP_ENV if k in os.environ},
-                uid=os.getuid(), gid=os.getgid(), sample_uid=200_000 + secrets.randbelow(800_000))
+                uid=os.getuid(), gid=os.getgid(), sample_uid=200_000 + secrets.randbelow(800_000),
+                cgroups=_make_cgroups(limits) if mode != "unsafe" else [])
     # an empty folder: the sandbox's root is mounted over it inside the namespaces (the host's
     # copy stays empty); unsafe mode works in it
     folder = tempfile.mkdtemp(prefix="qwen2-sandbox-")
@@ -173,9 +247,10 @@ def _run(mode: str, source: str, limits: Limits, token: str) -> RunResult:
             _kill_group(proc)
         result = _result(out, returncode, limits, token)
     shutil.rmtree(folder, ignore_errors=True)
-    if os.path.exists(folder):  # what the program left there cannot be removed: it may not count as a pass
+    for leftover in ([] if _remove_cgroups(spec["cgroups"]) else spec["cgroups"]) + [folder] * os.path.exists(folder):
+        # what the program left behind cannot be removed: the sample may not count as a pass
         result.status, result.proven = "error", False
-        result.output += f"\n{MARK} could not remove {folder}"
+        result.output += f"\n{MARK} could not remove {leftover}"
     return result
 
 
@@ -358,6 +433,9 @@ def _launch(root: str, spec: dict) -> int:
             with open(name, "w", encoding="utf-8") as f:
                 f.write(text)
         return _exit_code(os.waitpid(_start_program(spec), 0)[1])
+    for folder in spec["cgroups"]:  # joined before anything forks, so every process of the sample counts
+        with open(f"{folder}/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
     if spec["mode"] == "user":
         _enter_user_namespace(spec)
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS),

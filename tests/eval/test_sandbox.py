@@ -352,6 +352,17 @@ def test_no_sandbox_answers_an_error_and_runs_nothing(monkeypatch, tmp_path):
     assert sandbox_module.isolation() is None
 
 
+def test_a_samples_processes_share_one_memory_cap_where_cgroups_can_be_made():
+    if sandbox_module.isolation() is None or "cgroup" not in sandbox_module.isolation():
+        pytest.skip("this user may make no cgroup here: memory is capped per process only (the docstring says so)")
+    three = ("import os, time\nkids = []\nfor _ in range(3):\n    pid = os.fork()\n    if pid == 0:\n"
+             "        x = b'x' * (300 << 20)\n        time.sleep(2)\n        os._exit(0)\n    kids.append(pid)\n"
+             "codes = [os.waitpid(k, 0)[1] for k in kids]\nprint('all held' if not any(codes) else 'some killed')\n")
+    result = run_program(three, Limits(memory_mb=512, wall_seconds=30))  # 900 MB in all, each under 512
+    assert "some killed" in result.output, result.output
+    assert "all held" in run_program(three, Limits(memory_mb=1536, wall_seconds=30)).output  # the control
+
+
 def test_signals_from_the_program_reach_no_one_outside(tmp_path):
     victim = subprocess.Popen(["sleep", "60"])
     try:
