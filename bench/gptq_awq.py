@@ -1,4 +1,4 @@
-"""GPTQ / AWQ int4 layers (qwen2.prequantized): dequantization error and batch-1 decode speed.
+"""GPTQ / AWQ int4 layers (qwen2.quant.prequantized): dequantization error and batch-1 decode speed.
 
 1. Error: random 4-bit integers at a Qwen2-7B q_proj shape (3584 x 3584, group 128) in each format's
    zero convention, with fp16 scales like a real checkpoint's (0.001-0.03); the int4 layer's weight
@@ -29,8 +29,8 @@ from qwen2.config import Qwen2Config
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.model import Transformer
-from qwen2.prequantized import to_int4_linear
-from qwen2.quant import quantize_model
+from qwen2.quant.int_linear import quantize_model
+from qwen2.quant.prequantized import to_int4_linear
 from qwen2.tokenizer import Tokenizer
 from qwen2.weights.default import default_model_path
 from qwen2.weights.gguf import read_metadata

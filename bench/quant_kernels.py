@@ -1,6 +1,6 @@
 """Linear-layer kernels on CPU for the Qwen2.5-0.5B shapes: µs per call and weight GB/s.
 
-Ours: the GGUF block kernels (qwen2.kernels, one row per block type the default file uses, plus
+Ours: the GGUF block kernels (qwen2.quant.kernels, one row per block type the default file uses, plus
 the dequantize-a-tile-then-GEMM path BlockLinear takes above BLOCK_KERNEL_MAX_ROWS); beside them
 torch's own CPU kernels (F.linear, oneDNN, int8/int4 packed GEMVs, ao dynamic quantization).
 
@@ -9,7 +9,7 @@ time against the machine's read bandwidth (measured here with a big tensor sum).
 cell cycles every method over a ring of weight copies (>= 64 MB, so small layers come from DRAM as
 they do in a real decode step, at most 512 copies); methods are interleaved round by round so a
 noisy neighbour hits all of them alike, and the median round is reported. Then a whole 24-layer
-0.5B decode step (M = 1, all projections + lm_head, using qwen2.quant's modules) is timed.
+0.5B decode step (M = 1, all projections + lm_head, using qwen2.quant.int_linear's modules) is timed.
 
     .venv/bin/python bench/quant_kernels.py [--rows 1 4 16 64 128 512] [--rounds 7] [--compile]
         [--threads 1 --cpu-clock]   # on a busy machine: single-thread CPU time, unaffected by neighbours
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qwen2 import blocks as block_layers
-from qwen2 import quant
-from qwen2.kernels import BLOCKS, TYPE_NAMES, gguf_ops
-from qwen2.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from qwen2.quant import blocks as block_layers
+from qwen2.quant import int_linear as quant
+from qwen2.quant.int_linear import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from qwen2.quant.kernels import BLOCKS, TYPE_NAMES, gguf_ops
 
 SHAPES = {  # name: (out_features N, in_features K)
     "q/o_proj": (896, 896),

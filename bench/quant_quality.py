@@ -23,11 +23,11 @@ import time
 
 import torch
 
-from qwen2.blocks import BlockLinear
 from qwen2.eval.data import haystack_text
 from qwen2.loading import load_model
 from qwen2.model import Transformer
-from qwen2.quant import quantize_model
+from qwen2.quant.blocks import BlockLinear
+from qwen2.quant.int_linear import quantize_model
 from qwen2.weights import load_checkpoint, resolve_model
 
 

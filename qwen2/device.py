@@ -4,7 +4,7 @@
 it is bf16 only where the CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16 on x86, the BF16
 extension on aarch64), else float32: without native support oneDNN emulates bf16 matmul by
 converting to fp32, which costs more than the halved weight traffic saves for the float model.
-The quantized int8/int4 layers (`qwen2.quant`) run their kernels in bf16 whatever this returns.
+The quantized int8/int4 layers (`qwen2.quant.int_linear`) run their kernels in bf16 whatever this returns.
 """
 from __future__ import annotations
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from qwen2.blocks import Q4_K, Q8_0, attach_blocks, blocks_from_float, kernels_available
 from qwen2.config import Qwen2Config
 from qwen2.dca import parse_dca
 from qwen2.device import default_device, default_dtype
@@ -32,8 +31,10 @@ from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import OptionError, Qwen2Error
 from qwen2.model import Transformer
 from qwen2.options import DEFAULT_CTX, DEFAULTS, DTYPES, QUANT_MODES
-from qwen2.prequantized import load_int4_model
-from qwen2.quant import int4_layout, quantize_model
+from qwen2.quant.blocks import Q4_K, Q8_0, attach_blocks, blocks_from_float, kernels_available
+from qwen2.quant.int_linear import int4_layout, quantize_model
+from qwen2.quant.kernels import BLOCKS
+from qwen2.quant.prequantized import load_int4_model
 from qwen2.rope import parse_rope_scaling
 from qwen2.tokenizer import Tokenizer
 from qwen2.weights import load_checkpoint, quantized, resolve_model
@@ -43,7 +44,7 @@ from qwen2.weights.gptq_awq import is_int4_checkpoint
 log = logging.getLogger(__name__)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT4_GROUP = 128
-BLOCK_MODES = {"gguf": None, "q8_0": Q8_0, "q4_k": Q4_K}  # run on qwen2.blocks' kernels
+BLOCK_MODES = {"gguf": None, "q8_0": Q8_0, "q4_k": Q4_K}  # run on qwen2.quant.blocks' kernels
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -139,7 +140,7 @@ def model_from_cache(entry: Path) -> tuple[Transformer, Tokenizer] | None:
 
 def model_from_gguf_blocks(source: Path, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
     """A GGUF's network with every matrix the kernels can run left as the file's mapped blocks."""
-    config, state, tokenizer = load_checkpoint(source, dtype=dtype, keep_blocks=True)
+    config, state, tokenizer = load_checkpoint(source, dtype=dtype, keep_blocks=frozenset(BLOCKS))
     blocks = {k: v for k, v in state.items() if isinstance(v, Blocks)}
     # until attach_blocks replaces their modules, block matrices stand in as zero-stride views (no memory)
     shells = {k: torch.zeros((), dtype=dtype).expand(v.shape) if k in blocks else v for k, v in state.items()}

@@ -102,7 +102,7 @@ def linear_bytes(out: int, inp: int, bias: bool, quant: str, dtype: str) -> int:
     if quant == "none":
         return (out * inp + (out if bias else 0)) * elt
     from qwen2.loading import INT4_GROUP
-    from qwen2.quant import quantize_linear
+    from qwen2.quant.int_linear import quantize_linear
 
     with torch.device("meta"):
         layer = quantize_linear(nn.Linear(inp, out, bias=bias, dtype=getattr(torch, dtype)), quant, INT4_GROUP,

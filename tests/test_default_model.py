@@ -86,7 +86,7 @@ def test_chat_answers_sensibly(llm):
 
 
 def test_the_default_mode_runs_the_files_blocks_with_no_float_copy_of_any_matrix(default_mode):
-    from qwen2.blocks import BlockEmbedding, BlockLinear
+    from qwen2.quant.blocks import BlockEmbedding, BlockLinear
 
     net = default_mode.model
     linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]

@@ -10,7 +10,7 @@ from qwen2.errors import OptionError
 from qwen2.model import KVCache, PagedKVCache, Transformer
 from qwen2.options import parse_bytes
 from qwen2.planner import kv_bytes_per_token, plan, weight_bytes
-from qwen2.quant import quantize_model
+from qwen2.quant.int_linear import quantize_model
 
 SMALL = Qwen2Config.from_preset("Qwen2-0.5B")
 

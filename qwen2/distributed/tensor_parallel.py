@@ -364,7 +364,7 @@ def load_model(model: str | Path | None = None, *, dtype: str = "auto", device: 
     their shard, then follow rank 0's calls and exit when it exits; they never return."""
     from qwen2.distributed.lockstep import Leader, follow, open_channel
     from qwen2.loading import INT4_GROUP, resolve_dtype, with_long_context
-    from qwen2.quant import quantize_model
+    from qwen2.quant.int_linear import quantize_model
     from qwen2.tokenizer import Tokenizer
     from qwen2.weights import describe
     from qwen2.weights.gguf import read_metadata

@@ -66,22 +66,20 @@ def resolve_model(spec: str | Path | None = None, progress: bool = True) -> Path
     return ref.path
 
 
-def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = None, keep_blocks: bool = False
+def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = None,
+                    keep_blocks: frozenset[int] = frozenset(),
                     ) -> tuple[Qwen2Config, dict[str, torch.Tensor], Tokenizer]:
     """Read a checkpoint: its config, its tensors (hub naming, cast to `dtype`) and its tokenizer.
 
-    keep_blocks: a GGUF's matrices whose block type our kernels run stay `gguf.Blocks` (mapped,
-    not decoded); see qwen2.blocks."""
+    keep_blocks: GGUF type ids whose matrices stay `gguf.Blocks` (mapped, not decoded): the types
+    the caller's kernels run (qwen2.quant.kernels.BLOCKS)."""
     from qwen2.weights.gguf import load_gguf
     from qwen2.weights.gptq_awq import is_int4_checkpoint, load_dequantized
     from qwen2.weights.hf import load_hf
 
     path = resolve_model(spec)
     if path.is_file():
-        from qwen2.kernels import BLOCKS
-
-        keep = frozenset(BLOCKS) if keep_blocks else frozenset()
-        config, state_dict, meta = load_gguf(path, dtype=dtype or torch.float32, keep=keep)
+        config, state_dict, meta = load_gguf(path, dtype=dtype or torch.float32, keep=keep_blocks)
         return config, state_dict, Tokenizer.from_gguf_metadata(meta)
     config, state_dict = (load_dequantized if is_int4_checkpoint(path) else load_hf)(path, dtype=dtype)
     return config, state_dict, Tokenizer.from_files(path)

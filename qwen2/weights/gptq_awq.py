@@ -1,6 +1,6 @@
 """Official GPTQ-Int4 and AWQ checkpoints (e.g. Qwen/Qwen2-7B-Instruct-GPTQ-Int4, -AWQ): an HF folder
 whose config.json has a `quantization_config`, and whose Linear layers are stored as packed 4-bit
-integers. This module reads and unpacks them (qwen2.prequantized builds the int4 network from them)
+integers. This module reads and unpacks them (qwen2.quant.prequantized builds the int4 network from them)
 and dequantizes them to float for every other consumer (`load_dequantized`).
 
 Per Linear W [out=N, in=K], with inputs in groups sharing a scale s and a zero z: w = (q - z) * s.

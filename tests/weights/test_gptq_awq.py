@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from qwen2.errors import WeightsError
 from qwen2.loading import load, load_model
 from qwen2.model import Transformer
-from qwen2.prequantized import to_int4_linear
-from qwen2.quant import Int4Linear, Int8Linear
+from qwen2.quant.int_linear import Int4Linear, Int8Linear
+from qwen2.quant.prequantized import to_int4_linear
 from qwen2.weights.export import export_hf
 from qwen2.weights.gptq_awq import dequantize, int4_format, unpack_awq, unpack_gptq
 from tests.conftest import tiny_config

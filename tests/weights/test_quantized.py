@@ -11,7 +11,7 @@ from torch import nn
 
 from qwen2.loading import model_from_cache
 from qwen2.pypi import cache_dir
-from qwen2.quant import Int4Linear, Int8Linear, quantize_model
+from qwen2.quant.int_linear import Int4Linear, Int8Linear, quantize_model
 from qwen2.weights import quantized
 
 TOKENS = torch.tensor([[9707, 11, 1879, 0, 3555, 374]])

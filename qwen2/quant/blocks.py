@@ -2,7 +2,7 @@
 
 A GGUF file stores each matrix as rows of blocks (Q5_0, Q8_0, Q4_K, Q6_K, ...). `BlockLinear`
 keeps those bytes as they are, memory-mapped from the file, and multiplies with our compiled
-kernels (qwen2.kernels): the result equals dequantize-then-matmul in float32, so a model run
+kernels (qwen2.quant.kernels): the result equals dequantize-then-matmul in float32, so a model run
 this way computes with exactly the file's weights, at a fraction of the float model's memory
 traffic. Many rows at once (a prefill) dequantize a tile of weight rows at a time into a GEMM
 instead, which is faster above BLOCK_KERNEL_MAX_ROWS rows.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qwen2.kernels import BLOCKS, TYPE_NAMES, gguf_ops
+from qwen2.quant.kernels import BLOCKS, TYPE_NAMES, gguf_ops
 from qwen2.weights.gguf import Blocks
 
 # Rows (batch x tokens) up to which the block kernel beats dequantize + GEMM (bench/quant_kernels.py,
@@ -36,7 +36,7 @@ Q8_0, Q4_K = 8, 12
 def _ops() -> tuple:
     ops = gguf_ops()
     if ops is None:
-        raise RuntimeError("GGUF block layers need the compiled kernels (qwen2.kernels.gguf_ops)")
+        raise RuntimeError("GGUF block layers need the compiled kernels (qwen2.quant.kernels.gguf_ops)")
     return ops.matmul, ops.dequantize
 
 

@@ -13,7 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from qwen2.kernels import BLOCKS, available_isas, gguf_ops
+from qwen2.quant.kernels import BLOCKS, available_isas, gguf_ops
 
 ISAS = available_isas()
 pytestmark = pytest.mark.skipif(not ISAS, reason="this CPU has no AVX2/FMA/F16C: the kernels are not built here")
@@ -100,7 +100,7 @@ def test_wrong_shapes_and_types_are_refused(ops):
 
 
 def test_the_build_is_cached_and_keyed_by_source_flags_and_cpu(monkeypatch):
-    from qwen2 import kernels
+    from qwen2.quant import kernels
 
     name, folder = kernels._build_dir(ISAS[0])
     assert (folder / f"{name}.so").exists()
@@ -109,7 +109,7 @@ def test_the_build_is_cached_and_keyed_by_source_flags_and_cpu(monkeypatch):
 
 
 def test_without_a_compiler_there_is_one_warning_and_no_kernels(monkeypatch):
-    from qwen2 import kernels
+    from qwen2.quant import kernels
 
     monkeypatch.setattr(kernels.shutil, "which", lambda _: None)
     monkeypatch.setattr(kernels, "_LOADED", {})  # as in a process that has not built them yet
@@ -120,7 +120,7 @@ def test_without_a_compiler_there_is_one_warning_and_no_kernels(monkeypatch):
 
 
 def test_one_build_per_isa_per_process_whatever_the_cache_folder(monkeypatch, tmp_path):
-    from qwen2 import kernels
+    from qwen2.quant import kernels
 
     first = gguf_ops(ISAS[0])
     monkeypatch.setenv("QWEN2_CACHE", str(tmp_path))  # a second library with the same ops would abort
@@ -131,7 +131,7 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
     import os
     import time
 
-    from qwen2.kernels import clear_stale_lock
+    from qwen2.quant.kernels import clear_stale_lock
 
     lock = tmp_path / "lock"
     lock.touch()

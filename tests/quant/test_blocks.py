@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
-from qwen2.blocks import Q4_K, Q8_0, BlockEmbedding, BlockLinear, dequantize, kernels_available, make_blocks
 from qwen2.errors import OptionError
 from qwen2.loading import load_model
+from qwen2.quant.blocks import Q4_K, Q8_0, BlockEmbedding, BlockLinear, dequantize, kernels_available, make_blocks
 from tests.conftest import tiny_config
 from tests.weights.test_gguf_export import MOE, SMALL, random_state
 

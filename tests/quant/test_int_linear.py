@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from qwen2 import quant
 from qwen2.device import cpu_has_native_bf16, default_dtype
-from qwen2.quant import Int4Linear, Int8Linear, quantize_model, unpack_int4
+from qwen2.quant import int_linear as quant
+from qwen2.quant.int_linear import Int4Linear, Int8Linear, quantize_model, unpack_int4
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,7 +1,7 @@
 // Matrix x activations on GGUF's own quantized blocks, for the CPU.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k], where each row of W is a run of the file's blocks
-// (ggml-common.h layouts; ../qwen2/kernels/__init__.py lists them). Decode reads every weight
+// (ggml-common.h layouts; __init__.py beside this file lists them). Decode reads every weight
 // once per token, so the loop is: decode one block into 32..256 floats in L1, then multiply
 // it into the accumulators of up to ROWS activation rows. Activations and accumulation are
 // float32, so the product equals dequantize-then-matmul up to the order of the additions.

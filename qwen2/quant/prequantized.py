@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from qwen2.model import Transformer
-from qwen2.quant import INT4_GROUP_SIZES, Int4Linear
+from qwen2.quant.int_linear import INT4_GROUP_SIZES, Int4Linear
 from qwen2.tokenizer import Tokenizer
 from qwen2.weights.gptq_awq import (
     UnpackedLinear,
