@@ -12,6 +12,8 @@ from pathlib import Path
 
 from qwen2.errors import OptionError, Qwen2Error
 from qwen2.options import add_model_options, model_options, parse_bytes, parse_tokens
+from qwen2.quant import CHOICES as QUANT_CHOICES
+from qwen2.quant import FILE_BLOCK_TYPES
 
 # Qwen2.5-Instruct's generation_config.json defaults
 DEFAULT_SAMPLING = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
@@ -211,8 +213,9 @@ def build_parser() -> Parser:
     p.add_argument("--devices", default="1", help="--plan: devices sharing the model, or a list: 1,2,4,8")
     p.add_argument("--device-memory", type=parse_bytes, default="80GB", help="--plan: memory of one device "
                    "(default 80GB: binary units, as GPU memory is quoted)")
-    p.add_argument("--quant", default="none", help="--plan: none (float at --dtype), int8, int4 (ours), or a "
-                   "GGUF type kept as blocks: q8_0, q6_k, q5_k, q4_k, q4_0 (default none)")
+    p.add_argument("--quant", default="auto", help=f"--plan: a mode of every command's --quant "
+                   f"({', '.join(QUANT_CHOICES)}; auto plans float: devices of --device-memory run float) or a "
+                   f"GGUF file's block type ({', '.join(FILE_BLOCK_TYPES)}) (default auto)")
     p.add_argument("--dtype", default="bfloat16", help="--plan: float dtype of weights and KV cache (default "
                    "bfloat16)")
     p.add_argument("--ctx", type=parse_tokens, default=8192, help="--plan: tokens per sequence (default 8192)")

@@ -23,15 +23,16 @@ import torch
 
 from qwen2.config import Qwen2Config
 from qwen2.dca import parse_dca
-from qwen2.device import default_device, default_dtype
+from qwen2.device import resolve_device, resolve_dtype
 from qwen2.distributed import tensor_parallel
 from qwen2.engine.engine import Engine
 from qwen2.engine.llm import LLM
 from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import OptionError, Qwen2Error
 from qwen2.model import Transformer
-from qwen2.options import DEFAULT_CTX, DEFAULTS, DTYPES, QUANT_MODES
-from qwen2.quant.blocks import Q4_K, Q8_0, attach_blocks, blocks_from_float, kernels_available
+from qwen2.options import DEFAULT_CTX, DEFAULTS
+from qwen2.quant import MODES, resolve_quant
+from qwen2.quant.blocks import attach_blocks, blocks_from_float
 from qwen2.quant.int_linear import int4_layout, quantize_model
 from qwen2.quant.kernels import BLOCKS
 from qwen2.quant.prequantized import load_int4_model
@@ -39,62 +40,9 @@ from qwen2.rope import parse_rope_scaling
 from qwen2.tokenizer import Tokenizer
 from qwen2.weights import load_checkpoint, quantized, resolve_model
 from qwen2.weights.gguf import Blocks
-from qwen2.weights.gptq_awq import is_int4_checkpoint
 
 log = logging.getLogger(__name__)
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT4_GROUP = 128
-BLOCK_MODES = {"gguf": None, "q8_0": Q8_0, "q4_k": Q4_K}  # run on qwen2.quant.blocks' kernels
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """None or "auto": CUDA if present, else CPU. A device this torch cannot use is an OptionError."""
-    if name in (None, "auto"):
-        return default_device()
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise OptionError(f"unknown device {name!r}: choose cpu or cuda (cuda:N for one GPU)") from None
-    if device.type == "cuda":
-        if torch.version.cuda is None:
-            raise OptionError(f"device {name!r}: this build of torch ({torch.__version__}) has no CUDA support; "
-                              "use --device cpu or install a CUDA build of torch")
-        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
-            raise OptionError(f"device {name!r}: no such CUDA device is visible ({torch.cuda.device_count()} "
-                              "found); check the driver and CUDA_VISIBLE_DEVICES, or use --device cpu")
-    elif device.type != "cpu":
-        raise OptionError(f"device {name!r} is not supported: choose cpu or cuda (cuda:N for one GPU)")
-    return device
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA and on CPUs with native bf16 matmul, else float32 (qwen2.device)."""
-    if name in (None, "auto"):
-        return default_dtype(device)
-    if name not in TORCH_DTYPES:
-        raise OptionError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return TORCH_DTYPES[name]
-
-
-def resolve_quant(quant: str, device: torch.device, source: Path | None = None) -> str:
-    """auto: on CPU, a GGUF runs on its own quantized blocks ("gguf": exactly the file's weights,
-    through our kernels) and an HF checkpoint on Q8_0 blocks made at load; on CUDA, float. Where
-    the kernels cannot be built, auto falls back to torch's int8 kernels (bench/RESULTS.md)."""
-    if quant not in QUANT_MODES:
-        raise OptionError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_MODES)}")
-    is_gguf = source is not None and source.is_file()
-    if quant == "gguf" and not is_gguf:
-        raise OptionError("--quant gguf runs a GGUF file's own blocks, and this model is not a GGUF; use q8_0 or "
-                          "q4_k to run an HF checkpoint on the same kernels")
-    if quant in BLOCK_MODES and device.type != "cpu":
-        raise OptionError(f"--quant {quant} runs on our CPU kernels; on {device.type} use none")
-    if quant == "auto":
-        if device.type != "cpu":
-            return "none"
-        if not kernels_available():
-            return "int8"
-        return "gguf" if is_gguf else "q8_0"
-    return quant
 
 
 def with_long_context(config: Qwen2Config, rope_scaling: str | None, dca: str | None) -> Qwen2Config:
@@ -124,8 +72,8 @@ def model_from_cache(entry: Path) -> tuple[Transformer, Tokenizer] | None:
     try:
         with torch.device("meta"):  # the module tree only, filled from the mapped file below
             model = Transformer(config)
-            if settings["mode"] in BLOCK_MODES:
-                blocks_from_float(model, BLOCK_MODES[settings["mode"]], empty=True)
+            if MODES[settings["mode"]].kind == "blocks":
+                blocks_from_float(model, MODES[settings["mode"]].block_type, empty=True)
             else:
                 quantize_model(model, settings["mode"], int(settings["group_size"]), empty=True)
         if config.tie_word_embeddings and hasattr(model.lm_head, "blocks"):
@@ -155,23 +103,32 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
                ) -> tuple[Transformer, Tokenizer]:
     """The network, built and placed, and its tokenizer: no engine, no KV cache.
 
-    model: see qwen2.weights.locate. quant "auto" means int8 on CPU (see resolve_quant); pass
-    "none" for the float network (training, numerical comparisons). Quantized CPU models are
-    cached on disk after their first load (qwen2.weights.quantized), so later starts map them.
+    model: see qwen2.weights.locate. quant: a mode of qwen2.quant's table, "auto" resolved by
+    its resolve_quant; pass "none" for the float network (training, numerical comparisons).
+    Quantized CPU models are cached on disk after their first load (qwen2.weights.quantized),
+    so later starts map them.
     """
+    net, tokenizer, _ = build_model(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling,
+                                    dca=dca)
+    return net, tokenizer
+
+
+def build_model(model: str | Path | None, *, dtype: str, device: str | None, quant: str, rope_scaling: str | None,
+                dca: str | None) -> tuple[Transformer, Tokenizer, str]:
+    """load_model's network and tokenizer, and the quant mode it runs."""
     dev = resolve_device(device)
     source, entry, net = resolve_model(model), None, None
-    mode = resolve_quant(quant, dev, source)
+    mode = resolve_quant(quant, dev.type, source)
     # the kernels compute in float32, exactly the file's weights: auto keeps the rest float32 too
-    dt = torch.float32 if mode in BLOCK_MODES and dtype in (None, "auto") else resolve_dtype(dtype, dev)
-    if quant in ("auto", "int4") and is_int4_checkpoint(source):  # GPTQ / AWQ: its own int4 weights, as they are
-        net, tokenizer = load_int4_model(source, resolve_dtype(dtype, dev), dev)
+    dt = resolve_dtype(dtype, dev, exact=MODES[mode].kind == "blocks")
+    if MODES[mode].kind == "checkpoint":  # GPTQ / AWQ: its own int4 weights, as they are
+        net, tokenizer = load_int4_model(source, dt, dev)
         net.set_rope(with_long_context(net.config, rope_scaling, dca))
-        return net, tokenizer
+        return net, tokenizer, mode
     if mode == "gguf":
         net, tokenizer = model_from_gguf_blocks(source, dt)
         net.set_rope(with_long_context(net.config, rope_scaling, dca))
-        return net, tokenizer
+        return net, tokenizer, mode
     settings = _quant_settings(mode, dt)
     if mode != "none" and dev.type == "cpu":
         entry = quantized.entry_for(source, settings)
@@ -182,8 +139,8 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
         config, state_dict, tokenizer = load_checkpoint(source, dtype=dt)
         net = Transformer.from_state_dict(config, state_dict, dtype=dt, device=dev)
         del state_dict  # each float matrix is freed as its quantized replacement takes its place
-        if mode in BLOCK_MODES:
-            blocks_from_float(net, BLOCK_MODES[mode])
+        if MODES[mode].kind == "blocks":
+            blocks_from_float(net, MODES[mode].block_type)
         elif mode != "none":
             quantize_model(net, mode, INT4_GROUP)
         if entry is not None:
@@ -192,7 +149,7 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
                 state.pop("lm_head.blocks", None)  # the embedding's, stored once
             quantized.write_entry(entry, net.config, tokenizer, state, settings)
     net.set_rope(with_long_context(net.config, rope_scaling, dca))
-    return net, tokenizer
+    return net, tokenizer, mode
 
 
 def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dtype,
@@ -218,8 +175,8 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
     max_concurrency = max_slots if max_slots is not None else max_concurrency
     if max_concurrency < 1 or prefill_chunk < 1:
         raise OptionError("max_concurrency and prefill_chunk must be at least 1")
-    build = tensor_parallel.load_model if tensor_parallel.world_size() > 1 else load_model  # under torchrun
-    net, tokenizer = build(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling, dca=dca)
+    build = tensor_parallel.load_model if tensor_parallel.world_size() > 1 else build_model  # under torchrun
+    net, tokenizer, mode = build(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling, dca=dca)
     if ctx is None:
         ctx = min(DEFAULT_CTX, net.config.context_limit)
     net.config.check_context(ctx, f"a KV cache of {ctx} tokens per sequence (--ctx)")
@@ -234,4 +191,4 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
         speculator = DraftModel(draft, ctx)
     engine = Engine(net, tokenizer, max_concurrency=max_concurrency, max_seq_len=ctx, prefill_chunk=prefill_chunk,
                     speculator=speculator, kv_memory=kv_memory, kv_share=kv_share)
-    return LLM(net, tokenizer, engine, time.perf_counter() - start)
+    return LLM(net, tokenizer, engine, time.perf_counter() - start, quant=mode)

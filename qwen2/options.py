@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
+from qwen2 import quant
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANT_MODES = ("auto", "none", "gguf", "q8_0", "q4_k", "int8", "int4")
 # A limit, not a reservation: the paged KV cache takes blocks as a sequence grows, so the default
 # is Qwen2's native 32K window (or the model's limit if smaller) and costs nothing until used.
 DEFAULT_CTX = 32768
@@ -72,10 +73,10 @@ def add_model_options(p: argparse.ArgumentParser, ctx: bool = True, speculative:
                    "on our GGUF block kernels; otherwise bf16 where the CPU multiplies bf16 natively and on "
                    "CUDA, else float32)")
     p.add_argument("--device", **keep, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    p.add_argument("--quant", choices=QUANT_MODES, **keep, help=f"how weights are held (default "
-                   f"{DEFAULTS.quant}: on CPU a GGUF's own blocks (gguf) and Q8_0 blocks for an HF checkpoint, "
-                   "through our kernels; none (float) on CUDA). q4_k: 4-bit blocks made at load; int8/int4: "
-                   "torch's kernels")
+    p.add_argument("--quant", choices=quant.CHOICES, **keep, help=f"how weights are held (default "
+                   f"{DEFAULTS.quant}: a GPTQ/AWQ folder its own int4; on CPU a GGUF's own blocks (gguf) and "
+                   f"Q8_0 blocks for an HF checkpoint, through our kernels; none (float) on CUDA). "
+                   f"{quant.describe()}")
     if ctx:
         p.add_argument("--ctx", type=parse_tokens, **keep, help=f"KV cache tokens per sequence, prompt and "
                        f"reply together, e.g. 4096 or 32k (default {DEFAULT_CTX}, or the model's context limit "

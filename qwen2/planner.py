@@ -26,13 +26,14 @@ from torch import nn
 
 from qwen2.config import Qwen2Config
 from qwen2.errors import ConfigError, OptionError
+from qwen2.quant import CHOICES, FILE_BLOCK_TYPES, MODES
 
 USABLE = 0.9
 PREFILL_CHUNK = 512  # the engine's default prefill tokens per step
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-OUR_QUANT = ("none", "int8", "int4")
-GGUF_TYPES = ("q8_0", "q6_k", "q5_k", "q4_k", "q4_0")
-QUANTS = OUR_QUANT + GGUF_TYPES
+# the modes of qwen2.quant's table, and GGUF block types a file may hold (sized as blocks)
+GGUF_TYPES = FILE_BLOCK_TYPES
+QUANTS = tuple(dict.fromkeys((*CHOICES, *FILE_BLOCK_TYPES)))
 @dataclass(frozen=True)
 class MemoryPlan:
     devices: int
@@ -146,11 +147,23 @@ def activation_bytes(config: Qwen2Config, devices: int, ctx: int, batch: int, dt
     return t * per_token + scores + logits
 
 
+def sized_as(quant: str) -> str:
+    """What a plan sizes a quant mode as: auto is float (plans are for devices of --device-memory,
+    where auto runs float), GPTQ/AWQ their int4 groups, a GGUF its block type."""
+    if quant not in QUANTS:
+        raise OptionError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    if quant == "gguf":
+        raise OptionError(f"--quant gguf holds a file's own block types: plan it by its type, one of "
+                          f"{', '.join(FILE_BLOCK_TYPES)}")
+    if quant == "auto":
+        return "none"
+    return "int4" if quant in MODES and MODES[quant].kind == "checkpoint" else quant
+
+
 def plan(config: Qwen2Config, devices: int, device_memory: int, quant: str = "none", dtype: str = "bfloat16",
          ctx: int = 8192, batch: int = 1) -> MemoryPlan:
     """The bytes per device at `ctx` and `batch`, and the largest context and batch that fit."""
-    if quant not in QUANTS:
-        raise OptionError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    quant = sized_as(quant)
     if dtype not in FLOAT_BYTES:
         raise OptionError(f"unknown --dtype {dtype!r}; choose one of {', '.join(FLOAT_BYTES)}")
     if devices < 1 or ctx < 1 or batch < 1:
@@ -177,7 +190,8 @@ def gib(n: float) -> str:
 def table(config: Qwen2Config, name: str, device_counts: list[int], device_memory: int, quant: str, dtype: str,
           ctx: int, batch: int) -> str:
     """The plan for each device count, as printed by `qwen2 info --plan`."""
-    kind = {"none": dtype}.get(quant, quant)
+    sized = sized_as(quant)
+    kind = {"none": dtype}.get(sized, sized) + (f" ({quant})" if sized != quant else "")
     beyond = f" (beyond the model's {config.context_limit}-token limit)" if ctx > config.context_limit else ""
     lines = [f"# {name}: weights {kind}, KV cache {dtype}, context {ctx}{beyond}, batch {batch}, "
              f"{gib(device_memory)} per device ({USABLE:.0%} planned for)",

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import qwen2
+from qwen2.device import resolve_device
 from qwen2.errors import OptionError, WeightsError
-from qwen2.loading import load, load_model, resolve_device
+from qwen2.loading import load, load_model
 from qwen2.options import DEFAULT_CTX, DEFAULTS
 from qwen2.weights import locate
 
@@ -53,6 +54,10 @@ def test_model_py_imports_nothing_above_it():
 
 def test_weights_read_files_and_build_no_network():
     assert offending("weights", ("qwen2.model", "qwen2.quant", "qwen2.engine", "qwen2.loading")) == []
+
+
+def test_the_agent_is_beneath_the_server():  # the server mounts the agent's routes, never the reverse
+    assert offending("agent", ("qwen2.server",)) == []
 
 
 def test_front_doors_load_through_the_root():

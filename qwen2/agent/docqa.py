@@ -49,7 +49,7 @@ from qwen2.agent.runner import EngineRunner, Runner
 from qwen2.engine.llm import LLM
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import OptionError
-from qwen2.server.tools import TOOL_CALL_START, ToolCall, parse_tool_calls
+from qwen2.tools import TOOL_CALL_START, ToolCall, parse_tool_calls
 
 RETRIEVAL_CHUNK, READING_CHUNK, EVIDENCE_CHUNK = 500, 1000, 300  # tokens, as Qwen-Agent's defaults
 OVERLAP = 32  # tokens a chunk repeats from the one before, so a sentence cut at a boundary is seen whole

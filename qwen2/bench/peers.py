@@ -93,7 +93,7 @@ def run_qwen2(spec: dict[str, Any]) -> dict[str, Any]:
                 first = time.perf_counter()
         return start, first, time.perf_counter(), sum(len(r.output) for r in requests)
 
-    return measure(spec, load_s, generate, format=describe_torch_model(llm.model), quant=quant_mode(llm.model),
+    return measure(spec, load_s, generate, format=describe_torch_model(llm.model), quant=llm.quant,
                    weight_bytes=torch_bytes_per_token(llm.model), kv_bytes_per_pos=engine.cache.bytes_per_token())
 
 
@@ -111,14 +111,6 @@ def describe_torch_model(model: nn.Module) -> str:
     if not kinds:
         return dtype
     return f"{' + '.join(f'{k} x{n}' for k, n in sorted(kinds.items()))} linears, {dtype} activations"
-
-
-def quant_mode(model: nn.Module) -> str:
-    """What a quant= request became: "gguf" (the file's own blocks), "int4", "int8" or "none"."""
-    names = {type(m).__name__ for m in model.modules()}
-    if "BlockLinear" in names:
-        return "gguf"
-    return "int4" if "Int4Linear" in names else "int8" if "Int8Linear" in names else "none"
 
 
 def torch_bytes_per_token(model: nn.Module) -> int:

@@ -43,7 +43,6 @@ from qwen2.model import MLP, Context, MoE, Transformer
 
 TIMEOUT_ENV = "QWEN2_TP_TIMEOUT"  # seconds a collective waits for a silent rank (default 300)
 DEFAULT_TIMEOUT_S = 300
-QUANT_MODES = ("none", "int8", "int4")  # quantized after sharding, each rank its own shard
 
 
 def world_size() -> int:
@@ -360,10 +359,12 @@ _SHARDED: list[Transformer] = []
 
 def load_model(model: str | Path | None = None, *, dtype: str = "auto", device: str | None = None,
                quant: str = "auto", rope_scaling: str | None = None, dca: str | None = None):
-    """Rank 0: (the sharded model, wrapped to lead the other ranks, tokenizer). Other ranks: build
-    their shard, then follow rank 0's calls and exit when it exits; they never return."""
+    """Rank 0: (the sharded model, wrapped to lead the other ranks, tokenizer, quant mode). Other
+    ranks: build their shard, then follow rank 0's calls and exit when it exits; they never return."""
+    from qwen2.device import resolve_dtype
     from qwen2.distributed.lockstep import Leader, follow, open_channel
-    from qwen2.loading import INT4_GROUP, resolve_dtype, with_long_context
+    from qwen2.loading import INT4_GROUP, with_long_context
+    from qwen2.quant import resolve_quant
     from qwen2.quant.int_linear import quantize_model
     from qwen2.tokenizer import Tokenizer
     from qwen2.weights import describe
@@ -376,10 +377,9 @@ def load_model(model: str | Path | None = None, *, dtype: str = "auto", device: 
         config, _, path = describe(model)
         plan = Plan(config, me, world)
         dev = _device(device)
-        mode = resolve_quant(quant, dev)
+        mode = resolve_quant(quant, dev.type, path, world)
         # auto on CPU: float32, the numbers one process's default (the GGUF block kernels) computes
-        exact = quant in (None, "auto") and dtype in (None, "auto") and dev.type == "cpu"
-        dt = torch.float32 if exact else resolve_dtype(dtype, dev)
+        dt = resolve_dtype(dtype, dev, exact=quant in (None, "auto") and dev.type == "cpu")
         rope_config = with_long_context(plan.rank_config(), rope_scaling, dca)
         timeout = collective_timeout()
     except Qwen2Error:
@@ -400,22 +400,12 @@ def load_model(model: str | Path | None = None, *, dtype: str = "auto", device: 
         dist.destroy_process_group()
         sys.exit(0)
     tokenizer = Tokenizer.from_gguf_metadata(read_metadata(path)) if path.is_file() else Tokenizer.from_files(path)
-    return Leader(net, channel), tokenizer
-
-
-def resolve_quant(quant: str | None, device: torch.device) -> str:
-    """auto: float (float32 on CPU: see the module docstring). The GGUF block modes are not sharded."""
-    if quant in (None, "auto"):
-        return "none"
-    if quant not in QUANT_MODES:
-        raise OptionError(f"--quant {quant} is not available under tensor parallelism (torchrun): choose one of "
-                          f"{', '.join(QUANT_MODES)}, or run one process")
-    return quant
+    return Leader(net, channel), tokenizer, mode
 
 
 def _device(name: str | None) -> torch.device:
     """CPU, or this process's own GPU (LOCAL_RANK) when CUDA is asked for or present."""
-    from qwen2.loading import resolve_device
+    from qwen2.device import resolve_device
 
     dev = resolve_device(name)
     if dev.type == "cuda":

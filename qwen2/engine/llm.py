@@ -32,9 +32,11 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, engine: Engine, load_seconds: float = 0.0):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, engine: Engine, load_seconds: float = 0.0,
+                 quant: str = "none"):
         self.model, self.tokenizer, self.engine = model, tokenizer, engine
         self.load_seconds = load_seconds
+        self.quant = quant  # the mode of qwen2.quant's table the weights run in
 
     @property
     def config(self) -> Qwen2Config:

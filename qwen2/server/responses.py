@@ -2,7 +2,7 @@
 
 A format turns the engine's outputs into JSON: `head` opens a stream, `piece` turns one output
 into a chunk (or nothing), `tail` closes one choice, `response` builds the non-streamed body.
-Tool calls are parsed here (qwen2.server.tools) when the request rendered tools.
+Tool calls are parsed here (qwen2.tools) when the request rendered tools.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from qwen2.engine.engine import Output
 from qwen2.server.generation import Choice
-from qwen2.server.tools import ToolCall, ToolCallStream, parse_tool_calls
 from qwen2.tokenizer import Tokenizer
+from qwen2.tools import ToolCall, ToolCallStream, parse_tool_calls
 
 
 def _bytes_to_unicode() -> dict[int, str]:

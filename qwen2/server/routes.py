@@ -22,7 +22,7 @@ from qwen2.server.generation import Choice
 from qwen2.server.protocol import APIError, ChatRequest, CompletionRequest, SamplingFields, invalid
 from qwen2.server.responses import ChatFormat, CompletionFormat, Format, usage
 from qwen2.server.structured import tool_call_schema
-from qwen2.server.tools import TOOL_CALL_START
+from qwen2.tools import TOOL_CALL_START
 
 if TYPE_CHECKING:
     from qwen2.server.app import Server

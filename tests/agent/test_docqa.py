@@ -10,7 +10,7 @@ from qwen2.agent.runner import EngineRunner
 from qwen2.engine.engine import Engine
 from qwen2.engine.llm import LLM
 from qwen2.errors import OptionError
-from qwen2.server.tools import TOOL_CALL_END, TOOL_CALL_START
+from qwen2.tools import TOOL_CALL_END, TOOL_CALL_START
 from tests.conftest import tiny_config
 
 

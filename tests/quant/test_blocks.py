@@ -119,8 +119,10 @@ def test_gguf_mode_on_an_hf_checkpoint_says_what_to_use(tiny_hf):
 
 
 def test_without_the_kernels_auto_falls_back_to_torchs_int8(monkeypatch, small_q4_k_gguf):
-    from qwen2 import loading
+    from qwen2 import quant
 
-    monkeypatch.setattr(loading, "kernels_available", lambda: False)
-    assert loading.resolve_quant("auto", torch.device("cpu"), small_q4_k_gguf) == "int8"
-    assert loading.resolve_quant("auto", torch.device("cpu"), small_q4_k_gguf.parent) == "int8"
+    monkeypatch.setattr(quant, "_kernels", lambda: False)
+    assert quant.resolve_quant("auto", "cpu", small_q4_k_gguf) == "int8"
+    assert quant.resolve_quant("auto", "cpu", small_q4_k_gguf.parent) == "int8"
+    with pytest.raises(OptionError, match="needs our compiled kernels"):
+        quant.resolve_quant("gguf", "cpu", small_q4_k_gguf)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwen2.server.structured import Grammars, tool_call_schema
-from qwen2.server.tools import ToolCallStream, parse_tool_calls
+from qwen2.tools import ToolCallStream, parse_tool_calls
 
 REPLY = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
          '<tool_call>\n{"name": "get_time"}\n</tool_call>')
