@@ -92,6 +92,33 @@ def test_cached_reference_log_probs_equal_live_ones_before_and_after_training(ti
     assert again.cache == trainer.cache
 
 
+class Payload:
+    """Unpickling this creates `marker`: the stand-in for code a hostile cache file would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("bad", ["would run code", "truncated"])
+def test_a_bad_reference_cache_is_not_run_but_computed_again_and_replaced(tiny_hf, tmp_path, capsys, bad):
+    first = DPOTrainer(_config(tiny_hf, tmp_path))
+    path, marker = tmp_path / "out" / "ref_logps.pt", tmp_path / "payload-ran"
+    if bad == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        torch.save(torch.load(path, weights_only=True) | {"index": Payload(marker)}, path)
+    capsys.readouterr()
+    again = DPOTrainer(_config(tiny_hf, tmp_path))
+    assert "warning:" in capsys.readouterr().err and not marker.exists()
+    assert again.cache == first.cache
+    assert DPOTrainer(_config(tiny_hf, tmp_path)).cache == first.cache
+    assert "warning:" not in capsys.readouterr().err  # the rewritten cache read back cleanly
+    assert sorted(p.name for p in path.parent.iterdir() if "ref_logps" in p.name) == ["ref_logps.pt"]
+
+
 def test_training_raises_held_out_preference_accuracy_and_logs_every_key(tiny_hf, tmp_path):
     trainer = DPOTrainer(_config(tiny_hf, tmp_path, steps=12, lr=3e-3, beta=0.5, eval_every=6))
     trainer.train()
