@@ -8,6 +8,7 @@ import torch
 
 from qwen2 import files
 from qwen2.errors import WeightsError
+from tests.conftest import PickledPayload
 
 
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_one(tmp_path):
@@ -80,19 +81,9 @@ def test_a_folder_is_published_with_every_file_flushed_and_failure_keeps_the_old
     assert {"a", "b"} <= set(flushed) and flushed[-1] == tmp_path.name  # the parent, after the rename
 
 
-class Payload:
-    """Unpickling this creates a file: what a hostile checkpoint would do instead."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def test_load_plain_refuses_a_file_that_would_run_code_and_does_not_run_it(tmp_path):
     marker = tmp_path / "ran"
-    torch.save({"step": 3, "payload": Payload(marker)}, tmp_path / "evil.pt")
+    torch.save({"step": 3, "payload": PickledPayload(marker)}, tmp_path / "evil.pt")
     with pytest.raises(WeightsError, match=r"evil.pt was not loaded: .*open.* could run code.*delete it"):
         files.load_plain(tmp_path / "evil.pt", "delete it")
     assert not marker.exists()

@@ -11,6 +11,7 @@ from qwen2.train import logprobs
 from qwen2.train.align import AlignConfig
 from qwen2.train.dpo import DPOTrainer, dpo_loss
 from qwen2.train.preference import Pair, pair_batch
+from tests.conftest import PickledPayload
 
 DPO_KEYS = {"loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp", "kl"}
 
@@ -92,16 +93,6 @@ def test_cached_reference_log_probs_equal_live_ones_before_and_after_training(ti
     assert again.cache == trainer.cache
 
 
-class Payload:
-    """Unpickling this creates `marker`: the stand-in for code a hostile cache file would run."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 @pytest.mark.parametrize("bad", ["would run code", "truncated"])
 def test_a_bad_reference_cache_is_not_run_but_computed_again_and_replaced(tiny_hf, tmp_path, capsys, bad):
     first = DPOTrainer(_config(tiny_hf, tmp_path))
@@ -109,7 +100,7 @@ def test_a_bad_reference_cache_is_not_run_but_computed_again_and_replaced(tiny_h
     if bad == "truncated":
         path.write_bytes(path.read_bytes()[:200])
     else:
-        torch.save(torch.load(path, weights_only=True) | {"index": Payload(marker)}, path)
+        torch.save(torch.load(path, weights_only=True) | {"index": PickledPayload(marker)}, path)
     capsys.readouterr()
     again = DPOTrainer(_config(tiny_hf, tmp_path))
     assert "warning:" in capsys.readouterr().err and not marker.exists()

@@ -20,6 +20,7 @@ from qwen2.loading import load_model
 from qwen2.train.data import Row, collate
 from qwen2.train.loss import loss_sum
 from qwen2.train.trainer import TrainConfig, Trainer
+from tests.conftest import PickledPayload
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello in French.", "What is the capital of Italy?",
              "Spell 'cat' backwards.", "Is water wet?", "Count to three.", "Name a planet."]
@@ -142,23 +143,13 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(where, step, logge
     assert checkpoint_names(killed) == ["step-4", "step-6"]  # the half-written one's folder is gone
 
 
-class Payload:
-    """Unpickling this creates `marker`: the stand-in for code a hostile checkpoint would run."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def test_a_checkpoint_that_would_run_code_is_refused_with_one_line_and_not_run(tiny_hf, chat_file, tmp_path, capsys):
     from qwen2.cli import main
 
     Trainer(config(tiny_hf, chat_file, tmp_path, lora_rank=4)).train()
     state_file = tmp_path / "checkpoints" / "step-2" / "trainer_state.pt"
     state, marker = torch.load(state_file, weights_only=True), tmp_path / "payload-ran"
-    torch.save(state | {"step": Payload(marker)}, state_file)
+    torch.save(state | {"step": PickledPayload(marker)}, state_file)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main(train_args(tiny_hf, chat_file, tmp_path, "--resume"))
