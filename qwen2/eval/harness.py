@@ -17,7 +17,6 @@ shared by several continuations are prefilled once (the engine's prefix cache).
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import OptionError
+from qwen2.files import write_text_atomically
 
 
 class Results:
@@ -144,10 +144,9 @@ def _check_complete(asked: dict, scored: dict) -> None:
 def write_json(path: Path, eval_name: str, settings: dict, summary: dict, seconds: float, results: list[dict]) -> None:
     """The final report, written whole then renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    partial.write_text(json.dumps(dict(eval=eval_name, settings=settings, summary=summary, seconds=round(seconds, 1),
-                                       results=results), ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(partial, path)
+    write_text_atomically(path, json.dumps(dict(eval=eval_name, settings=settings, summary=summary,
+                                                seconds=round(seconds, 1), results=results),
+                                           ensure_ascii=False, indent=1))
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

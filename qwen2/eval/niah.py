@@ -27,6 +27,7 @@ from tqdm import tqdm
 from qwen2.errors import OptionError
 from qwen2.eval.data import haystack_text
 from qwen2.eval.memory import peak_rss_mib, reset_peak_rss
+from qwen2.files import write_text_atomically
 from qwen2.tokenizer import Tokenizer
 
 # (fact, question phrasings, answer); placeholders are filled per cell in `build_prompt`
@@ -151,9 +152,7 @@ def load_results(path: Path | None, settings: dict) -> list[dict]:
 
 
 def save_results(path: Path, settings: dict, cells: list[dict]) -> None:
-    partial = path.with_name(path.name + ".partial")  # rename, so a crash never leaves half a file
-    partial.write_text(json.dumps({"settings": settings, "cells": cells}, indent=1))
-    partial.replace(path)
+    write_text_atomically(path, json.dumps({"settings": settings, "cells": cells}, indent=1))  # never half a file
 
 
 def run_grid(llm, lengths: list[int], depths: list[float], needles: int = 1, out: Path | None = None,

@@ -103,8 +103,10 @@ _SAMPLING_NAMES = ("temperature", "top_p", "presence_penalty", "frequency_penalt
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     out = {}
     for key, value in (bias or {}).items():
-        if not key.isdigit():
-            raise invalid(f"logit_bias keys must be token ids as strings, got {key!r}", "logit_bias")
+        # str.isdigit alone also takes "²" and other digits int() refuses; more than 9 digits is
+        # no vocabulary's id, and int() refuses keys past 4,300 digits
+        if not (key.isascii() and key.isdigit() and len(key) <= 9):
+            raise invalid(f"logit_bias keys must be token ids as strings of digits, got {key[:20]!r}", "logit_bias")
         if not -100 <= value <= 100:
             raise invalid(f"logit_bias values must be in [-100, 100], got {value} for token {key}", "logit_bias")
         out[int(key)] = value

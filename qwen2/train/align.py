@@ -25,6 +25,7 @@ from tqdm import tqdm
 from qwen2.device import cpu_has_native_bf16
 from qwen2.errors import DataError, OptionError
 from qwen2.eval.memory import peak_rss_mib
+from qwen2.files import write_text_atomically
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import lora
@@ -239,7 +240,7 @@ class AlignTrainer:
     def train(self) -> dict:
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2) + "\n")
+        write_text_atomically(self.out / "train_config.json", json.dumps(dataclasses.asdict(c), indent=2) + "\n")
         metrics_file = self.out / "metrics.jsonl"
         start, last = time.perf_counter(), {}
         with open(metrics_file, "w") as log:

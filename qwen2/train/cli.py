@@ -59,13 +59,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-checkpointing", action="store_const", const=True,
                    help="recompute activations in the backward pass (less memory, ~30%% more time)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints (default 50)")
-    p.add_argument("--keep", type=int, help="checkpoints kept (default 2)")
-    p.add_argument("--resume", action="store_const", const=True, help="continue from the last checkpoint in --out")
+    p.add_argument("--keep", type=at_least_one, help="checkpoints kept, at least 1 (default 2)")
+    p.add_argument("--resume", action="store_const", const=True, help="continue from the last checkpoint in --out "
+                   "(an error if there is none)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if present; under torchrun each process's own)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: replicas (ddp, the default) or "
                    "sharded parameters, gradients and optimizer state (fsdp, FSDP2)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where native)")
     p.add_argument("--config", type=Path, help="a TOML file setting any of these keys")
+
+
+def at_least_one(text: str) -> int:
+    """argparse type for counts that 0 would make destructive (--keep 0 would delete every checkpoint)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_lora_options(p: argparse.ArgumentParser) -> None:

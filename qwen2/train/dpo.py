@@ -22,11 +22,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from qwen2.errors import WeightsError
+from qwen2.files import load_plain, write_atomically
 from qwen2.train import lora
 from qwen2.train.align import AlignTrainer, check_tokenizer, load_float
 from qwen2.train.logprobs import sequence_logps
@@ -104,10 +108,8 @@ class DPOTrainer(AlignTrainer):
         key = hashlib.sha256(json.dumps([c.ref, c.model, bool(c.lora_rank), self.autocast,
                                          [(p.index, p.prompt, p.chosen, p.rejected) for p in pairs]]).encode())
         fingerprint, path = key.hexdigest(), self.out / "ref_logps.pt"
-        if path.exists():
-            saved = torch.load(path, weights_only=True)
-            if saved.get("fingerprint") == fingerprint:
-                return dict(zip(saved["index"], zip(saved["chosen"], saved["rejected"])))
+        if path.exists() and (saved := _read_cache(path)) and saved.get("fingerprint") == fingerprint:
+            return dict(zip(saved["index"], zip(saved["chosen"], saved["rejected"])))
         cache = {}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             for i in range(0, len(pairs), 2 * c.batch_size):
@@ -116,8 +118,9 @@ class DPOTrainer(AlignTrainer):
                 cache |= {p.index: (a, b) for p, a, b in zip(part, chosen.tolist(), rejected.tolist())}
         self.out.mkdir(parents=True, exist_ok=True)
         index = sorted(cache)
-        torch.save({"fingerprint": fingerprint, "index": index, "chosen": [cache[i][0] for i in index],
-                    "rejected": [cache[i][1] for i in index]}, path)
+        saved = {"fingerprint": fingerprint, "index": index, "chosen": [cache[i][0] for i in index],
+                 "rejected": [cache[i][1] for i in index]}
+        write_atomically(path, lambda tmp: torch.save(saved, tmp))  # a kill mid-write leaves no torn cache
         return cache
 
     # -- the loss ---------------------------------------------------------------------------------
@@ -163,3 +166,17 @@ class DPOTrainer(AlignTrainer):
 
     def save(self) -> None:
         self.save_policy()
+
+
+def _read_cache(path: Path) -> dict | None:
+    """ref_logps.pt as precompute wrote it, or None (with a warning) when it is unreadable or holds
+    anything but plain values: it is only a cache, so it is computed again and replaced."""
+    try:
+        saved = load_plain(path, "computing the reference log-probabilities again")
+    except WeightsError as e:
+        print(f"warning: {e}", file=sys.stderr)
+        return None
+    if not (isinstance(saved, dict) and all(isinstance(saved.get(k), list) for k in ("index", "chosen", "rejected"))):
+        print(f"warning: {path} is not a reference log-probability cache; computing them again", file=sys.stderr)
+        return None
+    return saved

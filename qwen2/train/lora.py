@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwen2.errors import OptionError, WeightsError
+from qwen2.files import write_atomically, write_text_atomically
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -97,8 +98,9 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "") -> 
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_text_atomically(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    write_atomically(folder / "adapter_model.safetensors",
+                     lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:

@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 import zlib
 from collections.abc import Iterable
@@ -45,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from qwen2.errors import OptionError, WeightsError
+from qwen2.files import write_folder_atomically
 from qwen2.train.merge_io import Source, copy_side_files, open_source, plan_shards, write_shard
 
 BLOCK_ELEMENTS = 2**24  # a large tensor (an embedding) is merged in blocks of rows of about this many entries
@@ -223,10 +221,9 @@ def merge(method_name: str, models: list[str], out: str | Path, base: str | None
                     result = block.to(out_dtype[name])
             return result
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        try:
-            shards = plan_shards([(n, out_dtype[n], ref.shapes[n]) for n in ref.names], max_shard_bytes)
+        shards = plan_shards([(n, out_dtype[n], ref.shapes[n]) for n in ref.names], max_shard_bytes)
+
+        def write(partial: Path) -> None:
             with tqdm(total=len(ref.names), desc="merge", unit="tensor", disable=not progress) as bar:
                 for filename, entries in shards.items():
                     write_shard(partial / filename, entries, merged, bar.update)
@@ -244,12 +241,9 @@ def merge(method_name: str, models: list[str], out: str | Path, base: str | None
             record = dict(method=method_name, base=base, models=models, weights=weights, density=density,
                           normalize=method.normalize if normalize is None else normalize, seed=seed)
             (partial / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
-            if out.exists():
-                out.rmdir()
-            os.replace(partial, out)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+
+        # out is absent or empty (checked above): it appears whole, flushed to the disk, or not at all
+        write_folder_atomically(out, write)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     return dict(out=str(out), method=method_name, tensors=len(ref.names), shards=len(shards), bytes=size,
                 seconds=round(time.perf_counter() - start, 2))

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2.files import write_text_atomically
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import lora
@@ -98,7 +99,7 @@ def save_hf(model: RewardModel, tokenizer: Tokenizer, folder: str | Path) -> Non
     config |= {"architectures": ["Qwen2ForSequenceClassification"], "num_labels": 1,
                "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "tie_word_embeddings": True,
                "pad_token_id": pad if pad is not None else config.get("eos_token_id")}
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(config, indent=2) + "\n")
 
 
 def load_reward_model(folder: str | Path, device: torch.device | str = "cpu") -> tuple[RewardModel, Tokenizer]:

@@ -31,13 +31,13 @@ tests are used).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from qwen2.engine.sampling import SamplingParams
 from qwen2.eval import asdiv, humaneval
 from qwen2.eval.harness import Results, generate_all
+from qwen2.files import write_text_atomically
 
 
 def math_prompt(problem: dict) -> str:
@@ -110,8 +110,4 @@ def code_groups(problems: list[dict], records: list[dict]) -> list[tuple[str, li
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     """Written whole, then renamed into place, so a reader never sees half a file."""
-    partial = path.with_name(path.name + ".part")
-    with partial.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(partial, path)
+    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -11,8 +11,10 @@ master weights, seeds.
 Output folder: the model as an HF checkpoint (LoRA: `adapter/` in the PEFT layout and, unless
 merge=False, the merged model), metrics.jsonl (a line per step), loss.png, train_config.json,
 and checkpoints/step-N (weights or adapter, plus optimizer, scheduler, RNG and data position),
-each written aside and renamed, so a run killed at any point resumes from the last complete
-one with the same losses, step for step.
+each written aside, flushed to the disk and renamed (qwen2.files), so a run killed at any point,
+even by a power cut, resumes from the last complete one with the same losses, step for step.
+trainer_state.pt holds only tensors and plain values and is read with weights_only=True: a
+checkpoint someone altered to run code when unpickled is refused, not run.
 
 Under torchrun every process takes its share of each step's rows (DDP or FSDP2, see
 qwen2.distributed.data_parallel); the target tokens are counted over all of them, so a step's
@@ -43,8 +45,9 @@ from tqdm import tqdm
 from qwen2 import distributed
 from qwen2.config import Qwen2Config
 from qwen2.device import cpu_has_native_bf16
-from qwen2.errors import DataError, OptionError
+from qwen2.errors import DataError, OptionError, WeightsError
 from qwen2.eval.memory import peak_rss_mib
+from qwen2.files import load_plain, write_folder_atomically, write_text_atomically
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import lora
@@ -80,7 +83,7 @@ class TrainConfig:
     clip: float = 1.0
     grad_checkpointing: bool = False
     save_every: int = 50  # steps between checkpoints (0: only the final one)
-    keep: int = 2  # checkpoints kept
+    keep: int = 2  # checkpoints kept (at least 1: --resume needs one)
     resume: bool = False
     on_bad_sample: str = "error"
     holdout: float = 0.05  # pretrain: the fraction of blocks kept out of training, scored at the end
@@ -108,6 +111,10 @@ class TrainConfig:
             raise OptionError("--parallel fsdp trains every weight from the start: for LoRA or --resume use ddp")
         if self.lr is not None and not 0 < self.lr < 1:
             raise OptionError(f"--lr must be in (0, 1), got {self.lr}")
+        if self.keep < 1:  # 0 would delete every checkpoint, the last one included
+            raise OptionError(f"--keep must be at least 1 (the checkpoint --resume continues from), got {self.keep}")
+        if self.save_every < 0:
+            raise OptionError(f"--save-every must be 0 (only the final checkpoint) or more, got {self.save_every}")
 
     @property
     def learning_rate(self) -> float:
@@ -176,6 +183,9 @@ class Trainer:
         self.data = data_path(config.data)
         if not self.data.exists():  # before the model loads, which may take minutes
             raise DataError(f"no such data file or folder: {config.data} (or name a demo set: {', '.join(DEMO)})")
+        if config.resume and not _checkpoints(self.out):  # as HF's resume_from_checkpoint=True: no silent restart
+            raise OptionError(f"--resume: no checkpoint in {self.out / 'checkpoints'} to continue from; "
+                              "check --out, or drop --resume to start at step 0")
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.heldout: list[Sample] = []
@@ -272,9 +282,10 @@ class Trainer:
         metrics_file = self.out / "metrics.jsonl"
         if self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+            write_text_atomically(self.out / "train_config.json",
+                                  json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
             kept = [line for line in _lines(metrics_file) if json.loads(line)["step"] <= self.step]
-            metrics_file.write_text("".join(kept))
+            write_text_atomically(metrics_file, "".join(kept))
         start, last = time.perf_counter(), {}
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training",
                    disable=not (self.config.progress and self.lead))
@@ -317,23 +328,26 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         folder = self.out / "checkpoints" / f"step-{self.step}"
-        tmp = folder.with_name(folder.name + ".tmp")
         weights = self._weights()  # every process takes part in gathering sharded weights
         if self.lead:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self._save_weights(tmp, weights)
-            state = {"step": self.step, "epoch": self.epoch, "row": self.row,
-                     "scheduler": self.scheduler.state_dict(),
-                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-            if self.config.parallel != "fsdp" or self.world == 1:
-                state["optimizer"] = self.optimizer.state_dict()
-            torch.save(state, tmp / "trainer_state.pt")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)  # a kill before this line leaves the previous checkpoint the latest
-            for old in sorted(_checkpoints(self.out), key=_step_of)[: -self.config.keep or None]:
+            for stale in folder.parent.glob(".step-*.tmp"):  # what a kill mid-save left behind
+                shutil.rmtree(stale, ignore_errors=True)
+            write_folder_atomically(folder, lambda tmp: self._write_checkpoint(tmp, weights))
+            # only now that the new checkpoint is on the disk may older ones go (keep >= 1 spares it)
+            for old in sorted(_checkpoints(self.out), key=_step_of)[: -self.config.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         distributed.barrier()
         return folder
+
+    def _write_checkpoint(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
+        self._save_weights(folder, weights)
+        # tensors and plain values only, so that _resume can load it with weights_only=True
+        state = {"step": self.step, "epoch": self.epoch, "row": self.row,
+                 "scheduler": self.scheduler.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        if self.config.parallel != "fsdp" or self.world == 1:
+            state["optimizer"] = self.optimizer.state_dict()
+        torch.save(state, folder / "trainer_state.pt")
 
     def _weights(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict for a full-weight save (gathered from the shards under FSDP2)."""
@@ -352,11 +366,8 @@ class Trainer:
             export_hf(self.model.config, weights, self.tokenizer, folder)
 
     def _resume(self) -> None:
-        found = sorted(_checkpoints(self.out), key=_step_of)
-        if not found:
-            print(f"resume: no checkpoint in {self.out / 'checkpoints'}, starting at step 0", file=sys.stderr)
-            return
-        folder = found[-1]
+        folder = max(_checkpoints(self.out), key=_step_of)  # __init__ checked there is one
+        state = _read_state(folder)  # before anything changes: a refused file leaves the model as it was
         if self.config.lora_rank:
             weights = _adapter_state(folder)
         else:
@@ -367,7 +378,6 @@ class Trainer:
         if not self.config.lora_rank and missing - {"lm_head.weight"}:  # a tied head comes with the embedding
             raise OptionError(f"{folder} does not hold this model's weights (missing {sorted(missing)[:3]}); "
                               "resume with the same --model and settings")
-        state = torch.load(folder / "trainer_state.pt", weights_only=False, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -401,6 +411,27 @@ def _step_of(folder: Path) -> int:
 def _checkpoints(out: Path) -> list[Path]:
     root = out / "checkpoints"
     return [p for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()] if root.exists() else []
+
+
+def _read_state(folder: Path) -> dict:
+    """trainer_state.pt, loaded with weights_only=True and checked for every value _resume uses."""
+    fix = f"delete {folder} to resume from the checkpoint before it, or drop --resume to start again"
+    state = load_plain(folder / "trainer_state.pt", fix)
+    ints = ("step", "epoch", "row")
+    ok = (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ints)
+          and isinstance(state.get("torch_rng"), torch.Tensor) and isinstance(state.get("scheduler"), dict)
+          and isinstance(state.get("optimizer"), dict) and _is_python_rng(state.get("python_rng")))
+    if not ok:
+        raise WeightsError(f"{folder / 'trainer_state.pt'} lacks the step, data position, optimizer, scheduler or "
+                           f"RNG state a checkpoint holds; {fix}")
+    version, internal, gauss = state["python_rng"]
+    state["python_rng"] = (version, tuple(internal), gauss)  # random.setstate takes tuples only
+    return state
+
+
+def _is_python_rng(value: object) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 3 and isinstance(value[1], (list, tuple))
+            and all(isinstance(x, int) for x in value[1]))
 
 
 def _adapter_state(folder: Path) -> dict[str, torch.Tensor]:

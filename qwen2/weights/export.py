@@ -1,5 +1,6 @@
 """Write a model as an HF checkpoint folder that transformers and `load_hf` read:
-config.json, model.safetensors (one file, hub naming), tokenizer files, generation_config.json.
+config.json, model.safetensors (one file, hub naming), tokenizer files, generation_config.json,
+each written whole or not at all (qwen2.files): a kill mid-export never leaves a truncated file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from qwen2.config import Qwen2Config
+from qwen2.files import write_atomically, write_text_atomically
 
 if TYPE_CHECKING:
     from qwen2.tokenizer import Tokenizer
@@ -35,8 +37,8 @@ def export_hf(config: Qwen2Config, state_dict: dict[str, torch.Tensor], tokenize
     dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     # transformers 5 reads "dtype", 4.x "torch_dtype".
     hf_config = config.to_hf_dict() | {"dtype": dtype, "torch_dtype": dtype}
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    write_text_atomically(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    write_atomically(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     tokenizer.save(out)
     generation = generation_config if generation_config is not None else generation_defaults(config, tokenizer)
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_text_atomically(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")

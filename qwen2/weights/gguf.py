@@ -39,6 +39,9 @@ _SCALARS = {
     GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+# Arrays of arrays: llama.cpp writes none, so a few levels are already generous. The bound keeps a
+# file of arrays nested thousands deep (12 bytes a level) from ending in Python's RecursionError.
+MAX_ARRAY_DEPTH = 8
 
 # GGUF tensor name -> ours. Per layer: blk.{i}.<key> -> model.layers.{i}.<value>.
 _GLOBAL = {
@@ -104,16 +107,18 @@ class _Header:
         self.pos += n
         return s
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
+            if depth == MAX_ARRAY_DEPTH:
+                raise ValueError(f"arrays nested more than {MAX_ARRAY_DEPTH} deep")
             itype, n = self.unpack(_U32), self.unpack(_U64)
             if itype in _SCALARS:  # numeric arrays (token types, scores) in one go
                 arr = np.frombuffer(self.buf, np.dtype(_SCALARS[itype]), count=n, offset=self.pos)
                 self.pos += arr.nbytes
                 return arr.tolist()
-            return [self.value(itype) for _ in range(n)]
+            return [self.value(itype, depth + 1) for _ in range(n)]
         return self.unpack(struct.Struct(_SCALARS[GGUFValueType(vtype)]))
 
     def parse(self) -> tuple[dict[str, Any], list[_TensorInfo]]:

@@ -23,7 +23,6 @@ llama.cpp runs neither for qwen2.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from qwen2.config import Qwen2Config
 from qwen2.errors import ConfigError, OptionError, TokenizerError, WeightsError
+from qwen2.files import write_atomically
 from qwen2.tokenizer import QWEN2_PRETOKENIZE_REGEX
 from qwen2.weights.gguf import _GLOBAL, _LAYER
 from qwen2.weights.hf import state_dict_keys
@@ -254,8 +254,8 @@ def export_gguf(config: Qwen2Config, state_dict: dict[str, torch.Tensor], tokeni
                 path: str | Path, type: str = "f16", name: str = "qwen2") -> Counter[str]:
     """Write the model as one GGUF file; returns how many tensors went into each GGML type.
 
-    The file appears only once complete (written beside it, then renamed), so a failure leaves
-    no half-written file and any earlier file at `path` as it was."""
+    The file appears only once complete (written beside it, flushed, then renamed), so a failure
+    or a crash leaves no half-written file and any earlier file at `path` as it was."""
     path = check_target(path, type)
     check_representable(config)
     w = gguf.GGUFWriter(None, "qwen2moe" if config.is_moe else "qwen2")
@@ -271,14 +271,14 @@ def export_gguf(config: Qwen2Config, state_dict: dict[str, torch.Tensor], tokeni
         qtype = storage_type(gguf_name, tuple(t.shape), type)
         w.add_tensor(gguf_name, encode(gguf_name, t, qtype), raw_dtype=qtype)
         counts[qtype.name] += 1
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        w.write_header_to_file(partial)
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(partial, path)
-    finally:
-        w.close()
-        partial.unlink(missing_ok=True)
+
+    def write(tmp: Path) -> None:
+        try:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+
+    write_atomically(path, write)
     return counts

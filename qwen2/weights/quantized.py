@@ -11,8 +11,8 @@ model.safetensors with the quantized model's whole state dict (int8 or packed in
 scales, the float embedding, norms, biases) and its settings as metadata. Its name hashes
 everything the tensors depend on: the source's path, sizes and modification times, and the
 settings (mode, group size, dtype, torch version, the int4 packing this CPU uses). An entry is
-written to a temporary folder and renamed into place, so an interrupted run leaves no half
-entry; one that fails to load is rebuilt.
+written to a temporary folder, flushed to the disk and renamed into place (qwen2.files), so an
+interrupted run or a crash leaves no half entry; one that fails to load is rebuilt.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from safetensors.torch import save_file
 
 from qwen2.config import Qwen2Config
 from qwen2.errors import Qwen2Error
+from qwen2.files import write_folder_atomically
 from qwen2.pypi import cache_dir
 from qwen2.tokenizer import Tokenizer
 
@@ -76,11 +75,11 @@ def read_entry(entry: Path) -> tuple[Qwen2Config, Tokenizer, dict[str, torch.Ten
 
 def write_entry(entry: Path, config: Qwen2Config, tokenizer: Tokenizer, state_dict: dict[str, torch.Tensor],
                 settings: dict) -> None:
-    """Write the entry; a failure (disk full, read-only cache) is logged, never raised."""
-    tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+    """Write the entry (replacing one that failed to load); a failure (disk full, read-only cache)
+    is logged, never raised."""
     metadata = {k: str(v) for k, v in settings.items()}
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         tokenizer.save(tmp)
         tensors = {k: v.contiguous() for k, v in state_dict.items()}
@@ -90,9 +89,8 @@ def write_entry(entry: Path, config: Qwen2Config, tokenizer: Tokenizer, state_di
         if header % ALIGN:  # a longer header shifts every tensor by the same number of bytes
             pad = " " * (-header % ALIGN)
             save_file(tensors, tmp / "model.safetensors", metadata=metadata | {"pad": pad})
-        shutil.rmtree(entry, ignore_errors=True)  # an entry that failed to load
-        tmp.rename(entry)
+
+    try:
+        write_folder_atomically(entry, write)
     except OSError as e:
         log.warning("could not cache the quantized model in %s (%s); the next start quantizes again", entry, e)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -6,6 +6,7 @@ Tolerance: float32 logits within 1e-4 absolute of one process (the row-parallel 
 partial products, so only the order of additions differs; measured ~2e-5 on logits up to ~22)."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,12 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import qwen2
 from qwen2.weights.export import export_hf
 from tests.conftest import tiny_config
 from tests.distributed import tp_probe
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+# the ranks run the checkout these tests import, wherever it is and whatever its folder's name
+PACKAGE = Path(qwen2.__file__).resolve().parent
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(PACKAGE.parent)}
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 
 
@@ -33,7 +37,7 @@ def free_port() -> int:
 
 def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), *args],
-                          capture_output=True, text=True, env=ENV, timeout=timeout)
+                          capture_output=True, text=True, env=ENV, cwd=PACKAGE.parent, timeout=timeout)
 
 
 def hf_folder(tmp_path_factory, default_tokenizer, name: str, seed: int, **overrides) -> Path:
@@ -127,8 +131,22 @@ def test_a_kv_head_count_the_ranks_do_not_divide_is_one_clear_error(tmp_path_fac
     assert errors == ["qwen2: error: tensor parallelism over 2 processes needs whole KV heads per process, but the "
                       "model has 1 KV heads (num_key_value_heads); run torchrun with --nproc-per-node (times "
                       "--nnodes) one of 1"], run.stderr[-2000:]
-    ours = [line for line in run.stderr.splitlines() if line.strip().startswith("File ") and "/qwen2/" in line]
-    assert not ours, run.stderr[-2000:]  # no traceback from our code (torchrun prints its own on failure)
+    assert not our_frames(run.stderr), run.stderr[-2000:]  # torchrun prints its own traceback; ours must not
+
+
+def our_frames(stderr: str, package: Path = PACKAGE) -> list[str]:
+    """The traceback frames in `stderr` whose file is in our package. Told apart by the package's
+    own folder, not by a "/qwen2/" in the path: a clone named qwen2 has that in torch's paths too."""
+    files = re.findall(r'^\s*File "([^"]+)", line \d+', stderr, re.MULTILINE)
+    return [f for f in files if Path(f).resolve().is_relative_to(package.resolve())]
+
+
+def test_our_frames_are_those_in_the_package_folder_whatever_the_checkout_is_called():
+    clone = Path("/home/user/qwen2")  # `git clone` into its default folder, `make setup` makes .venv there
+    torchrun_frame = f'  File "{clone}/.venv/lib/python3.11/site-packages/torch/distributed/run.py", line 9, in main'
+    our_frame = f'  File "{clone}/qwen2/cli.py", line 12, in main'
+    stderr = f"Traceback (most recent call last):\n{torchrun_frame}\n{our_frame}\nValueError: x\n"
+    assert our_frames(stderr, clone / "qwen2") == [f"{clone}/qwen2/cli.py"]
 
 
 def start_pair(model: Path, logs: Path) -> tuple[list[subprocess.Popen], int]:

@@ -34,6 +34,9 @@ def assert_error(r, status: int, param: str | None = "any", fragment: str = "") 
     ({"messages": HELLO, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"messages": HELLO, "logit_bias": {"5": 500}}, "logit_bias"),
     ({"messages": HELLO, "logit_bias": {"99999999": 1}}, None),
+    ({"messages": HELLO, "logit_bias": {"²": 1}}, "logit_bias"),  # str.isdigit() says yes, int() says no
+    ({"messages": HELLO, "logit_bias": {"１５": 1}}, "logit_bias"),  # fullwidth digits: not a token id either
+    ({"messages": HELLO, "logit_bias": {"9" * 5000: 1}}, "logit_bias"),  # past int()'s 4,300-digit limit
     ({"messages": []}, "messages"),
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),

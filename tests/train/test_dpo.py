@@ -11,6 +11,7 @@ from qwen2.train import logprobs
 from qwen2.train.align import AlignConfig
 from qwen2.train.dpo import DPOTrainer, dpo_loss
 from qwen2.train.preference import Pair, pair_batch
+from tests.conftest import PickledPayload
 
 DPO_KEYS = {"loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp", "kl"}
 
@@ -90,6 +91,23 @@ def test_cached_reference_log_probs_equal_live_ones_before_and_after_training(ti
         assert torch.allclose(a, b, atol=1e-4)
     again = DPOTrainer(_config(tiny_hf, tmp_path, lora_rank=lora_rank))  # read back from out/ref_logps.pt
     assert again.cache == trainer.cache
+
+
+@pytest.mark.parametrize("bad", ["would run code", "truncated"])
+def test_a_bad_reference_cache_is_not_run_but_computed_again_and_replaced(tiny_hf, tmp_path, capsys, bad):
+    first = DPOTrainer(_config(tiny_hf, tmp_path))
+    path, marker = tmp_path / "out" / "ref_logps.pt", tmp_path / "payload-ran"
+    if bad == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        torch.save(torch.load(path, weights_only=True) | {"index": PickledPayload(marker)}, path)
+    capsys.readouterr()
+    again = DPOTrainer(_config(tiny_hf, tmp_path))
+    assert "warning:" in capsys.readouterr().err and not marker.exists()
+    assert again.cache == first.cache
+    assert DPOTrainer(_config(tiny_hf, tmp_path)).cache == first.cache
+    assert "warning:" not in capsys.readouterr().err  # the rewritten cache read back cleanly
+    assert sorted(p.name for p in path.parent.iterdir() if "ref_logps" in p.name) == ["ref_logps.pt"]
 
 
 def test_training_raises_held_out_preference_accuracy_and_logs_every_key(tiny_hf, tmp_path):

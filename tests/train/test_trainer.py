@@ -1,21 +1,26 @@
 """The training loop: packing and gradient accumulation leave the loss unchanged, a run writes a
 checkpoint that we and transformers load with equal logits, a run killed with SIGKILL resumes to
-the same losses step for step, and pretraining from scratch lowers the loss on real text."""
+the same losses step for step, a checkpoint that would run code is refused, --resume with nothing
+to resume and --keep 0 are errors, and pretraining from scratch lowers the loss on real text."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 
+import qwen2
+from qwen2.errors import OptionError, WeightsError
 from qwen2.loading import load_model
 from qwen2.train.data import Row, collate
 from qwen2.train.loss import loss_sum
 from qwen2.train.trainer import TrainConfig, Trainer
+from tests.conftest import PickledPayload
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello in French.", "What is the capital of Italy?",
              "Spell 'cat' backwards.", "Is water wet?", "Count to three.", "Name a planet."]
@@ -74,33 +79,101 @@ def test_lora_run_writes_adapter_merged_model_metrics_and_curve(tiny_hf, chat_fi
         assert not torch.allclose(ours(ids), base(ids), atol=1e-4)  # training changed the merged model
 
 
-def train_cli(tiny_hf, chat_file, out, *extra):
-    return [sys.executable, "-m", "qwen2", "train", "sft", "--model", str(tiny_hf), "--data", str(chat_file),
-            "--out", str(out), "--steps", "6", "--save-every", "2", "--batch-size", "2", "--max-len", "64",
-            "--lr", "1e-3", "--no-bf16", "--lora-dropout", "0.1", "--lora-rank", "4", *extra]
+# the subprocesses run the checkout these tests import, wherever it is and whatever its name
+PACKAGE_ROOT = Path(qwen2.__file__).resolve().parents[1]
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(PACKAGE_ROOT)}
+PROBE = Path(__file__).with_name("pause_probe.py")
+
+
+def train_args(tiny_hf, chat_file, out, *extra):
+    return ["train", "sft", "--model", str(tiny_hf), "--data", str(chat_file), "--out", str(out), "--steps", "6",
+            "--save-every", "2", "--batch-size", "2", "--max-len", "64", "--lr", "1e-3", "--no-bf16",
+            "--lora-dropout", "0.1", "--lora-rank", "4", *extra]
+
+
+def qwen2_cli(*args):
+    return subprocess.run([sys.executable, "-m", "qwen2", *args], env=ENV, cwd=PACKAGE_ROOT, capture_output=True,
+                          text=True)
 
 
 def losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(tiny_hf, chat_file, tmp_path):
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    subprocess.run(train_cli(tiny_hf, chat_file, tmp_path / "whole"), check=True, env=env, capture_output=True)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cli(tiny_hf, chat_file, killed), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoints" / "step-4").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+def checkpoint_names(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_hf, chat_file, tmp_path_factory):
+    """The losses of the run the killed ones must reproduce (LoRA dropout: the RNG state matters)."""
+    out = tmp_path_factory.mktemp("whole")
+    run = qwen2_cli(*train_args(tiny_hf, chat_file, out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    return losses(out)
+
+
+@pytest.mark.parametrize("where, step, logged, left, resumed_from", [
+    # between steps 5 and 6: loss 5 is logged but step 5 is in no checkpoint, so it is done again
+    ("before-step", 5, 5, ["step-2", "step-4"], 4),
+    # while checkpoint 4's trainer_state.pt is half written: step-4 must not exist, step-2 is the latest
+    ("in-checkpoint", 4, 4, ["step-2"], 2),
+])  # fmt: skip
+def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(where, step, logged, left, resumed_from, uninterrupted,
+                                                               tiny_hf, chat_file, tmp_path):
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(PROBE), where, str(step), "--",
+                                 *train_args(tiny_hf, chat_file, killed)],
+                                env=ENV, cwd=PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    guard = threading.Timer(600, proc.kill)  # only a hung run trips it, and the test then fails below
+    guard.start()
+    said = proc.stdout.readline()  # the probe says when the trainer is at the chosen point
+    guard.cancel()
+    assert said == "paused\n", log.read_text()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert len(losses(killed)) < 6
-    done = subprocess.run(train_cli(tiny_hf, chat_file, killed, "--resume"), env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "resume: from" in done.stderr
-    assert losses(killed) == losses(tmp_path / "whole")
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(losses(killed)) == logged and [n for n in checkpoint_names(killed) if n.startswith("step-")] == left
+    done = qwen2_cli(*train_args(tiny_hf, chat_file, killed, "--resume"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resume: from {killed / 'checkpoints' / f'step-{resumed_from}'} " in done.stderr
+    assert losses(killed) == uninterrupted
+    assert checkpoint_names(killed) == ["step-4", "step-6"]  # the half-written one's folder is gone
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_with_one_line_and_not_run(tiny_hf, chat_file, tmp_path, capsys):
+    from qwen2.cli import main
+
+    Trainer(config(tiny_hf, chat_file, tmp_path, lora_rank=4)).train()
+    state_file = tmp_path / "checkpoints" / "step-2" / "trainer_state.pt"
+    state, marker = torch.load(state_file, weights_only=True), tmp_path / "payload-ran"
+    torch.save(state | {"step": PickledPayload(marker)}, state_file)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(train_args(tiny_hf, chat_file, tmp_path, "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1, err
+    assert "trainer_state.pt was not loaded" in err[0] and "could run code" in err[0] and "delete" in err[0]
+    assert not marker.exists()
+    with pytest.raises(WeightsError, match="was not loaded"):  # the same through the Python API
+        Trainer(config(tiny_hf, chat_file, tmp_path, lora_rank=4, steps=4, resume=True)).train()
+    assert not marker.exists()
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(tiny_hf, chat_file, tmp_path):
+    # as HF Trainer's resume_from_checkpoint=True: asked to continue, it never silently starts over
+    with pytest.raises(OptionError, match="--resume: no checkpoint in .*checkpoints.*drop --resume"):
+        Trainer(config(tiny_hf, chat_file, tmp_path, resume=True))
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_keep_1_keeps_only_the_latest_checkpoint_and_keep_0_is_refused(tiny_hf, chat_file, tmp_path):
+    with pytest.raises(OptionError, match="--keep must be at least 1"):
+        Trainer(config(tiny_hf, chat_file, tmp_path, keep=0))
+    Trainer(config(tiny_hf, chat_file, tmp_path, lora_rank=4, steps=3, save_every=1, keep=1)).train()
+    assert checkpoint_names(tmp_path) == ["step-3"]
 
 
 def test_pretraining_from_scratch_lowers_the_loss_on_real_text(tmp_path):

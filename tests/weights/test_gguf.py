@@ -207,6 +207,32 @@ def test_corrupt_header_values(tiny):
         load_gguf(tiny)
 
 
+def nested_arrays(path: Path, depth: int) -> Path:
+    """A GGUF v3 header of one key whose value is `depth` arrays, each holding the next, the
+    innermost an empty array of uint8; no tensors."""
+    import struct
+
+    key = b"test.nested"
+    body = struct.pack("<QQ", 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)  # 9: ARRAY
+    body += struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack("<IQ", 0, 0)  # 0: UINT8
+    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + body)
+    return path
+
+
+def test_arrays_nested_past_the_bound_are_our_error_not_a_recursion_error(tmp_path):
+    # 100,000 levels is 1.2 MB of header: unbounded, the parser's recursion ends in RecursionError
+    for depth in (qgguf.MAX_ARRAY_DEPTH + 1, 100_000):
+        with pytest.raises(WeightsError, match="nested more than 8 deep.*re-download"):
+            read_metadata(nested_arrays(tmp_path / f"deep{depth}.gguf", depth))
+
+
+def test_arrays_nested_within_the_bound_are_read(tmp_path):
+    expected: list = []
+    for _ in range(qgguf.MAX_ARRAY_DEPTH - 1):
+        expected = [expected]
+    assert read_metadata(nested_arrays(tmp_path / "ok.gguf", qgguf.MAX_ARRAY_DEPTH))["test.nested"] == expected
+
+
 def test_split_gguf_is_refused(tmp_path):
     path = write_gguf(tmp_path / "x-00001-of-00002.gguf", random_tensors(),
                       extra={"split.count": (2, gguf.GGUFValueType.UINT16)})
