@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from qwen2.quant.kernels import BLOCKS
 from qwen2.quant.prequantized import load_int4_model
 from qwen2.rope import parse_rope_scaling
 from qwen2.tokenizer import Tokenizer
-from qwen2.weights import load_checkpoint, quantized, resolve_model
+from qwen2.weights import describe, load_checkpoint, quantized
 from qwen2.weights.gguf import Blocks
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,6 @@ def model_from_cache(entry: Path) -> tuple[Transformer, Tokenizer] | None:
     return model.eval(), tokenizer
 
 
-def model_from_gguf_blocks(source: Path, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
-    """A GGUF's network with every matrix the kernels can run left as the file's mapped blocks."""
-    config, state, tokenizer = load_checkpoint(source, dtype=dtype, keep_blocks=frozenset(BLOCKS))
-    blocks = {k: v for k, v in state.items() if isinstance(v, Blocks)}
-    # until attach_blocks replaces their modules, block matrices stand in as zero-stride views (no memory)
-    shells = {k: torch.zeros((), dtype=dtype).expand(v.shape) if k in blocks else v for k, v in state.items()}
-    net = Transformer.from_state_dict(config, shells, dtype=dtype)
-    attach_blocks(net, blocks, dtype)
-    return net, tokenizer
-
-
 def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dtype,
                device: str | None = DEFAULTS.device, quant: str = DEFAULTS.quant,
                rope_scaling: str | None = DEFAULTS.rope_scaling, dca: str | None = DEFAULTS.dca,
@@ -106,50 +96,79 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
     model: see qwen2.weights.locate. quant: a mode of qwen2.quant's table, "auto" resolved by
     its resolve_quant; pass "none" for the float network (training, numerical comparisons).
     Quantized CPU models are cached on disk after their first load (qwen2.weights.quantized),
-    so later starts map them.
+    so later starts map them. The whole model in every process, torchrun's included (training
+    runs data-parallel); load() shards it under torchrun.
     """
     net, tokenizer, _ = build_model(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling,
                                     dca=dca)
     return net, tokenizer
 
 
-def build_model(model: str | Path | None, *, dtype: str, device: str | None, quant: str, rope_scaling: str | None,
-                dca: str | None) -> tuple[Transformer, Tokenizer, str]:
-    """load_model's network and tokenizer, and the quant mode it runs."""
-    dev = resolve_device(device)
-    source, entry, net = resolve_model(model), None, None
-    mode = resolve_quant(quant, dev.type, source)
-    # the kernels compute in float32, exactly the file's weights: auto keeps the rest float32 too
-    dt = resolve_dtype(dtype, dev, exact=MODES[mode].kind == "blocks")
-    if MODES[mode].kind == "checkpoint":  # GPTQ / AWQ: its own int4 weights, as they are
-        net, tokenizer = load_int4_model(source, dt, dev)
-        net.set_rope(with_long_context(net.config, rope_scaling, dca))
-        return net, tokenizer, mode
-    if mode == "gguf":
-        net, tokenizer = model_from_gguf_blocks(source, dt)
-        net.set_rope(with_long_context(net.config, rope_scaling, dca))
-        return net, tokenizer, mode
+def build_model(model: str | Path | None, *, dtype: str | None, device: str | None, quant: str | None,
+                rope_scaling: str | None, dca: str | None, world: int = 1) -> tuple[Transformer, Tokenizer, str]:
+    """load_model's network and tokenizer, and the quant mode it runs, in one sequence: describe
+    -> resolve -> plan -> read (whole, or this rank's part of `world` tensor-parallel ranks) ->
+    build -> parallelize -> quantize or attach blocks -> long context; a quantized model made at
+    load is cached, and a cached one replaces reading, building and quantizing."""
+    rank = tensor_parallel.rank() if world > 1 else 0
+    try:  # under torchrun every rank checks the options; rank 0 alone says what is wrong
+        config, _, source = describe(model)
+        dev = resolve_device(device) if world == 1 else tensor_parallel.rank_device(resolve_device(device))
+        mode = resolve_quant(quant, dev.type, source, world)
+        kind = MODES[mode].kind
+        # exactly the weights: the block kernels compute in float32, and tensor parallelism on the
+        # CPU computes what one process's default does
+        exact = kind == "blocks" or (world > 1 and quant in (None, "auto") and dev.type == "cpu")
+        dt = resolve_dtype(dtype, dev, exact=exact)
+        plan = tensor_parallel.Plan(config, rank, world) if world > 1 else None
+    except Qwen2Error:
+        if rank:
+            sys.exit(1)
+        raise
+    made_at_load = kind in ("int", "blocks") and mode != "gguf" and dev.type == "cpu" and plan is None
     settings = _quant_settings(mode, dt)
-    if mode != "none" and dev.type == "cpu":
-        entry = quantized.entry_for(source, settings)
-        built = model_from_cache(entry)
-        if built is not None:
-            net, tokenizer = built
-    if net is None:
-        config, state_dict, tokenizer = load_checkpoint(source, dtype=dt)
-        net = Transformer.from_state_dict(config, state_dict, dtype=dt, device=dev)
-        del state_dict  # each float matrix is freed as its quantized replacement takes its place
-        if MODES[mode].kind == "blocks":
-            blocks_from_float(net, MODES[mode].block_type)
-        elif mode != "none":
-            quantize_model(net, mode, INT4_GROUP)
+    entry = quantized.entry_for(source, settings) if made_at_load else None
+    built = model_from_cache(entry) if entry is not None else None
+    if built is None:
+        built = _read_and_build(source, mode, dt, dev, plan)
         if entry is not None:
+            net, tokenizer = built
             state = net.state_dict()
             if net.config.tie_word_embeddings:
                 state.pop("lm_head.blocks", None)  # the embedding's, stored once
             quantized.write_entry(entry, net.config, tokenizer, state, settings)
+    net, tokenizer = built
     net.set_rope(with_long_context(net.config, rope_scaling, dca))
     return net, tokenizer, mode
+
+
+def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.device,
+                    plan: tensor_parallel.Plan | None) -> tuple[Transformer, Tokenizer]:
+    """Read the tensors (this rank's part under a plan), build, parallelize, then quantize: the
+    mode's layers swapped in, or a GGUF's own blocks attached where its float matrices would be."""
+    kind = MODES[mode].kind
+    if kind == "checkpoint":  # GPTQ / AWQ: their own packed int4 layers, read by their own reader
+        return load_int4_model(source, dtype, device)
+    keep = frozenset(BLOCKS) if mode == "gguf" else frozenset()
+    config, state, tokenizer = load_checkpoint(source, dtype=dtype, keep_blocks=keep,
+                                               select=plan.select if plan else None)
+    blocks = {k: v for k, v in state.items() if isinstance(v, Blocks)}
+    # until attach_blocks replaces their modules, block matrices stand in as zero-stride views (no memory)
+    state = {k: torch.zeros((), dtype=dtype).expand(v.shape) if k in blocks else v for k, v in state.items()}
+    with torch.device("meta"):
+        net = Transformer(plan.rank_config() if plan else config)
+    if plan is not None:
+        tensor_parallel.parallelize(net, plan)
+        state = plan.pad(state)
+    net.adopt(state, dtype=dtype, device=device)
+    del state  # each float matrix is freed as its quantized replacement takes its place
+    if mode == "gguf":  # the file's own blocks, where its types have a kernel (float ones stay float)
+        attach_blocks(net, blocks, dtype)
+    elif kind == "blocks":
+        blocks_from_float(net, MODES[mode].block_type)
+    elif kind == "int":
+        quantize_model(net, mode, INT4_GROUP)
+    return net, tokenizer
 
 
 def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dtype,
@@ -175,8 +194,11 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
     max_concurrency = max_slots if max_slots is not None else max_concurrency
     if max_concurrency < 1 or prefill_chunk < 1:
         raise OptionError("max_concurrency and prefill_chunk must be at least 1")
-    build = tensor_parallel.load_model if tensor_parallel.world_size() > 1 else build_model  # under torchrun
-    net, tokenizer, mode = build(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling, dca=dca)
+    world = tensor_parallel.world_size()  # under torchrun, one model sharded over its processes
+    net, tokenizer, mode = build_model(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling,
+                                       dca=dca, world=world)
+    if world > 1:  # rank 0 leads the other ranks, which never return from here
+        net = tensor_parallel.lead(net, net.model.norm.weight.device)
     if ctx is None:
         ctx = min(DEFAULT_CTX, net.config.context_limit)
     net.config.check_context(ctx, f"a KV cache of {ctx} tokens per sequence (--ctx)")

@@ -227,7 +227,8 @@ class MoE(nn.Module):
         h = config.hidden_size
         self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
         self.gate = nn.Linear(h, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(h, config.moe_intermediate_size) for _ in range(config.num_experts))
+        # keyed by expert number (the state-dict names a list would give): a sharded layer holds a subset
+        self.experts = nn.ModuleDict({str(e): MLP(h, config.moe_intermediate_size) for e in range(config.num_experts)})
         self.shared_expert = MLP(h, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(h, 1, bias=False)
 
@@ -244,8 +245,10 @@ class MoE(nn.Module):
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():
+            if str(e) not in self.experts:  # held by another shard of this layer, which adds its part
+                continue
             token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, self.experts[e](x[token]) * weights[token, slot, None])
+            out.index_add_(0, token, self.experts[str(e)](x[token]) * weights[token, slot, None])
         out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
 
@@ -366,6 +369,13 @@ class Transformer(nn.Module):
         """Build on the meta device and adopt the given tensors (no copy when dtype matches)."""
         with torch.device("meta"):
             model = cls(config)
+        return model.adopt(state_dict, dtype, device)
+
+    def adopt(self, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+              device: torch.device | str = "cpu") -> Transformer:
+        """Take the given tensors as the parameters of this model built on the meta device (and
+        perhaps reshaped from outside since): every name and shape must match."""
+        model, config = self, self.config
         expected = set(model.state_dict())
         if config.tie_word_embeddings:
             expected.discard("lm_head.weight")

@@ -56,6 +56,19 @@ def test_weights_read_files_and_build_no_network():
     assert offending("weights", ("qwen2.model", "qwen2.quant", "qwen2.engine", "qwen2.loading")) == []
 
 
+def test_parallelism_is_applied_to_a_model_the_root_builds():  # loading calls distributed, not the reverse
+    assert offending("distributed", ("qwen2.loading",)) == []
+
+
+def test_no_module_imports_a_private_name_of_another():
+    private = []
+    for file in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qwen2"):
+                private += [f"{file.relative_to(PACKAGE)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
+
+
 def test_the_agent_is_beneath_the_server():  # the server mounts the agent's routes, never the reverse
     assert offending("agent", ("qwen2.server",)) == []
 

@@ -275,7 +275,7 @@ class Leader(nn.Module):
         self.channel = channel
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.channel.call(self.net.forward, ("call", "forward", args, kwargs))
+        return self.channel.call(self.net, ("call", "forward", args, kwargs))  # called: its hooks run
 
     def body(self, *args, **kwargs) -> torch.Tensor:
         return self.channel.call(self.net.body, ("call", "body", args, kwargs))
@@ -301,6 +301,6 @@ def follow(net: nn.Module, channel: Channel) -> None:
         for number in gone:
             channel.mirror.pop(number, None)
         try:
-            getattr(target, name)(*args, **kwargs)
+            (target if name == "forward" else getattr(target, name))(*args, **kwargs)  # called: hooks run
         except Exception as e:  # rank 0 made the same call on the same inputs and saw the same error
             log.debug("a followed call failed: %s", e)

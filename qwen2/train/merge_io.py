@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from qwen2.errors import OptionError, WeightsError
 from qwen2.train.lora import PEFT_PREFIX
 from qwen2.weights import resolve_model
-from qwen2.weights.hf import _safetensors_files
+from qwen2.weights.hf import safetensors_files
 
 CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -52,7 +52,7 @@ class Source:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self._handles = {}
-        for file in _safetensors_files(folder):
+        for file in safetensors_files(folder):
             try:
                 handle = stack.enter_context(safe_open(file, framework="pt"))
                 for name in handle.keys():

@@ -8,6 +8,7 @@ id `owner/name`. This package reads and writes files; it builds no network (qwen
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,22 @@ from qwen2.errors import WeightsError
 from qwen2.tokenizer import Tokenizer
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# A reader's selection hook: for a tensor's name and shape, False (skip it), True (read it whole)
+# or (dim, start, stop), the part to read. Tensor parallelism reads each rank's part this way.
+Select = Callable[[str, tuple[int, ...]], "bool | tuple[int, int, int]"]
+
+
+def select_from(state: dict[str, torch.Tensor], select: Select) -> dict[str, torch.Tensor]:
+    """The selection applied to tensors already read whole (for a reader that cannot read parts)."""
+    out = {}
+    for name, t in state.items():
+        part = select(name, tuple(t.shape))
+        if part is True:
+            out[name] = t
+        elif part:
+            dim, start, stop = part
+            out[name] = t.narrow(dim, start, stop - start).clone()  # a copy frees the whole
+    return out
 
 
 @dataclass(frozen=True)
@@ -67,21 +84,25 @@ def resolve_model(spec: str | Path | None = None, progress: bool = True) -> Path
 
 
 def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = None,
-                    keep_blocks: frozenset[int] = frozenset(),
+                    keep_blocks: frozenset[int] = frozenset(), select: Select | None = None,
                     ) -> tuple[Qwen2Config, dict[str, torch.Tensor], Tokenizer]:
     """Read a checkpoint: its config, its tensors (hub naming, cast to `dtype`) and its tokenizer.
 
     keep_blocks: GGUF type ids whose matrices stay `gguf.Blocks` (mapped, not decoded): the types
-    the caller's kernels run (qwen2.quant.kernels.BLOCKS)."""
+    the caller's kernels run (qwen2.quant.kernels.BLOCKS). select: which tensors, or which part
+    of each, to read (`Select`); None reads all of every one."""
     from qwen2.weights.gguf import load_gguf
     from qwen2.weights.gptq_awq import is_int4_checkpoint, load_dequantized
     from qwen2.weights.hf import load_hf
 
     path = resolve_model(spec)
     if path.is_file():
-        config, state_dict, meta = load_gguf(path, dtype=dtype or torch.float32, keep=keep_blocks)
+        config, state_dict, meta = load_gguf(path, dtype=dtype or torch.float32, keep=keep_blocks, select=select)
         return config, state_dict, Tokenizer.from_gguf_metadata(meta)
-    config, state_dict = (load_dequantized if is_int4_checkpoint(path) else load_hf)(path, dtype=dtype)
+    if is_int4_checkpoint(path):  # its layers are dequantized whole, then selected
+        config, state_dict = load_dequantized(path, dtype=dtype)
+        return config, select_from(state_dict, select) if select else state_dict, Tokenizer.from_files(path)
+    config, state_dict = load_hf(path, dtype=dtype, select=select)
     return config, state_dict, Tokenizer.from_files(path)
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from qwen2.config import Qwen2Config
 from qwen2.errors import ConfigError, WeightsError
+from qwen2.weights import Select
 from qwen2.weights.hf import state_dict_keys
 
 Q = GGMLQuantizationType
@@ -44,12 +45,12 @@ _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 MAX_ARRAY_DEPTH = 8
 
 # GGUF tensor name -> ours. Per layer: blk.{i}.<key> -> model.layers.{i}.<value>.
-_GLOBAL = {
+GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER = {
+LAYER_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -58,12 +59,12 @@ _LAYER = {
 }
 for _p in "qkv":
     for _kind in ("weight", "bias"):
-        _LAYER[f"attn_{_p}.{_kind}"] = f"self_attn.{_p}_proj.{_kind}"
+        LAYER_TENSORS[f"attn_{_p}.{_kind}"] = f"self_attn.{_p}_proj.{_kind}"
 for _w in ("gate", "up", "down"):
-    _LAYER[f"ffn_{_w}.weight"] = f"mlp.{_w}_proj.weight"
-    _LAYER[f"ffn_{_w}_shexp.weight"] = f"mlp.shared_expert.{_w}_proj.weight"
+    LAYER_TENSORS[f"ffn_{_w}.weight"] = f"mlp.{_w}_proj.weight"
+    LAYER_TENSORS[f"ffn_{_w}_shexp.weight"] = f"mlp.shared_expert.{_w}_proj.weight"
     # Stacked [E, out, in]: split into one tensor per expert.
-    _LAYER[f"ffn_{_w}_exps.weight"] = f"mlp.experts.{{e}}.{_w}_proj.weight"
+    LAYER_TENSORS[f"ffn_{_w}_exps.weight"] = f"mlp.experts.{{e}}.{_w}_proj.weight"
 
 
 @dataclass
@@ -275,13 +276,13 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
 
 # -- loading -----------------------------------------------------------------------------
 def _our_name(name: str) -> str | None:
-    if name in _GLOBAL:
-        return _GLOBAL[name]
+    if name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[name]
     blk, _, rest = name.partition(".")
     if blk == "blk" and "." in rest:
         i, _, key = rest.partition(".")
-        if i.isdigit() and key in _LAYER:
-            return f"model.layers.{i}.{_LAYER[key]}"
+        if i.isdigit() and key in LAYER_TENSORS:
+            return f"model.layers.{i}.{LAYER_TENSORS[key]}"
     return None
 
 
@@ -311,12 +312,16 @@ def _keepable(name: str) -> bool:
     return name.endswith(("_proj.weight", "embed_tokens.weight", "lm_head.weight"))
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep: frozenset[int] = frozenset()
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep: frozenset[int] = frozenset(),
+              select: Select | None = None,
               ) -> tuple[Qwen2Config, dict[str, torch.Tensor | Blocks], dict[str, Any]]:
     """Load a qwen2 / qwen2moe GGUF: (config, state dict in HF naming, metadata).
 
     Matrices of a linear layer or the embedding whose GGML type is in `keep` are returned as
     `Blocks` mapped from the file, not decoded; everything else is dequantized to `dtype`.
+    `select` (qwen2.weights.Select) reads only the chosen tensors; a part made of whole rows reads
+    only their blocks (a row's blocks are contiguous), a part of columns cuts through every row's
+    blocks, so that tensor is dequantized whole, then sliced.
     """
     path = Path(path)
     data, meta, infos = _open(path)
@@ -337,6 +342,16 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep: frozen
         else:
             parts = [(name, raw, info.shape)]
         for key, r, shape in parts:
+            part = select(key, tuple(shape)) if select else True
+            if part is False:
+                continue
+            if part is not True and part[0] == 0:  # whole rows: read only their blocks
+                _, start, stop = part
+                r, shape = r.reshape(shape[0], -1)[start:stop].reshape(-1), (stop - start, *shape[1:])
+            elif part is not True:  # columns: the whole tensor, now, then its slice
+                _, start, stop = part
+                state[key] = dequantize(r.reshape(-1), qtype, shape, dtype).narrow(1, start, stop - start).clone()
+                continue
             if qtype in keep and len(shape) == 2 and _keepable(key):
                 state[key] = Blocks(int(qtype), torch.from_numpy(r.reshape(shape[0], -1)), tuple(shape))
                 continue
@@ -344,7 +359,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep: frozen
             jobs += _jobs(state[key], r.reshape(-1), qtype)
 
     missing = [k for k in state_dict_keys(config) if k not in state]
-    if missing:
+    if missing and select is None:
         raise WeightsError(f"{path} lacks {len(missing)} tensor(s) a {config.model_type} model needs, e.g. "
                            f"{', '.join(missing[:3])}; the file is incomplete or not a Qwen2 GGUF")
     # numpy releases the GIL inside its array operations, so threads scale with cores.

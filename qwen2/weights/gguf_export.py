@@ -38,7 +38,7 @@ from qwen2.config import Qwen2Config
 from qwen2.errors import ConfigError, OptionError, TokenizerError, WeightsError
 from qwen2.files import write_atomically
 from qwen2.tokenizer import QWEN2_PRETOKENIZE_REGEX
-from qwen2.weights.gguf import _GLOBAL, _LAYER
+from qwen2.weights.gguf import GLOBAL_TENSORS, LAYER_TENSORS
 from qwen2.weights.hf import state_dict_keys
 
 if TYPE_CHECKING:
@@ -143,12 +143,12 @@ def _gguf_tensors(config: Qwen2Config, state_dict: dict[str, torch.Tensor]) -> I
     if extra:
         raise WeightsError(f"the model has tensors a GGUF has no name for ({', '.join(extra[:3])}); merge LoRA "
                            "adapters into the weights first")
-    for theirs, ours in _GLOBAL.items():
+    for theirs, ours in GLOBAL_TENSORS.items():
         if ours in state_dict and not (ours == "lm_head.weight" and config.tie_word_embeddings):
             yield theirs, state_dict[ours]
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}."
-        for theirs, ours in _LAYER.items():
+        for theirs, ours in LAYER_TENSORS.items():
             if "{e}" in ours:
                 keys = [prefix + ours.format(e=e) for e in range(config.num_experts)]
                 if keys and keys[0] in state_dict:

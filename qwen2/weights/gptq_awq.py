@@ -32,7 +32,7 @@ from torch import Tensor
 
 from qwen2.config import Qwen2Config
 from qwen2.errors import WeightsError
-from qwen2.weights.hf import _safetensors_files, state_dict_keys
+from qwen2.weights.hf import safetensors_files, state_dict_keys
 
 SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble i of an int32 word sits at bit 4i
 AWQ_NIBBLE_OF_COLUMN = [0, 4, 1, 5, 2, 6, 3, 7]  # inverse of AWQ's packing order 0, 2, 4, 6, 1, 3, 5, 7
@@ -142,7 +142,7 @@ def open_tensors(folder: Path) -> Iterator[dict]:
     """name -> the open safetensors file holding it, across shards (memory-mapped, read on demand)."""
     with ExitStack() as stack:
         where = {}
-        for file in _safetensors_files(folder):
+        for file in safetensors_files(folder):
             try:
                 f = stack.enter_context(safe_open(file, framework="pt"))
             except (SafetensorError, OSError) as e:

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from qwen2.config import Qwen2Config
 from qwen2.errors import WeightsError
+from qwen2.weights import Select, select_from
 
 INDEX = "model.safetensors.index.json"
 # transformers 5.x keeps MoE experts fused in memory; accept those names if a file has them.
@@ -46,7 +47,7 @@ def state_dict_keys(config: Qwen2Config) -> list[str]:
     return keys
 
 
-def _safetensors_files(folder: Path) -> list[Path]:
+def safetensors_files(folder: Path) -> list[Path]:
     index = folder / INDEX
     if index.exists():
         try:
@@ -72,6 +73,22 @@ def _safetensors_files(folder: Path) -> list[Path]:
                        "config.json and model.safetensors (or shards with an index)")
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _read(f, name: str, select: Select | None) -> torch.Tensor | None:
+    """One tensor, or the part of it `select` asks for (only those bytes are read), or None."""
+    if select is None:
+        return f.get_tensor(name)
+    view = f.get_slice(name)
+    part = select(name, tuple(view.get_shape()))
+    if part is True or part is False:
+        return view[:] if part else None
+    dim, start, stop = part
+    return view[start:stop] if dim == 0 else view[:, start:stop]
+
+
 def _split_fused(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
     """[E, 2I, H] gate_up_proj / [E, H, I] down_proj -> one tensor per expert."""
     prefix, kind = _FUSED.fullmatch(name).groups()
@@ -86,29 +103,29 @@ def _split_fused(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_hf(folder: str | Path, dtype: torch.dtype | None = None
+def load_hf(folder: str | Path, dtype: torch.dtype | None = None, select: Select | None = None
             ) -> tuple[Qwen2Config, dict[str, torch.Tensor]]:
-    """Load (config, state dict) from an HF checkpoint folder; dtype=None keeps the stored one."""
+    """Load (config, state dict) from an HF checkpoint folder; dtype=None keeps the stored one.
+    `select` (qwen2.weights.Select) reads only the chosen tensors, and of a part only its bytes."""
     folder = Path(folder)
     config = Qwen2Config.from_hf_json(folder)
     state: dict[str, torch.Tensor] = {}
-    for file in _safetensors_files(folder):
+    for file in safetensors_files(folder):
         try:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    t = f.get_tensor(name)
-                    if dtype is not None and t.dtype != dtype:
-                        t = t.to(dtype)
-                    if _FUSED.fullmatch(name):
-                        state |= _split_fused(name, t)
+                    if _FUSED.fullmatch(name):  # transformers 5's fused experts: one tensor per expert
+                        parts = _split_fused(name, f.get_tensor(name))
+                        parts = select_from(parts, select) if select else parts
                     else:
-                        state[name] = t
+                        parts = {name: _read(f, name, select)}
+                    state |= {k: _cast(t, dtype) for k, t in parts.items() if t is not None}
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"{file} is not a readable safetensors file ({e}); re-download it") from None
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing = [k for k in state_dict_keys(config) if k not in state]
-    if missing:
+    if missing and select is None:
         raise WeightsError(f"{folder} lacks {len(missing)} tensor(s) its config.json implies, e.g. "
                            f"{', '.join(missing[:3])}; the checkpoint is incomplete or mislabelled")
     return config, state

@@ -85,7 +85,7 @@ def test_moe_experts_stay_blocks_and_the_router_float(tmp_path, byte_tokenizer):
     export_gguf(config, random_state(config), byte_tokenizer, path, "q8_0")
     net, _ = load_model(path, quant="gguf")
     moe = net.model.layers[0].mlp
-    assert isinstance(moe.experts[0].gate_proj, BlockLinear) and isinstance(moe.shared_expert.up_proj, BlockLinear)
+    assert isinstance(moe.experts["0"].gate_proj, BlockLinear) and isinstance(moe.shared_expert.up_proj, BlockLinear)
     assert type(moe.gate) is torch.nn.Linear and moe.gate.weight.dtype == torch.float32
     floats, _ = load_model(path, quant="none", dtype="float32")
     ids = list(range(3, 30))
