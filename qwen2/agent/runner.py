@@ -41,22 +41,8 @@ class EngineRunner(Runner):
         self.engine, self.tokenizer, self.context = llm.engine, llm.tokenizer, llm.engine.max_seq_len
 
     def complete(self, prompts: list[str], params: list[SamplingParams], progress: Progress | None = None) -> list[str]:
-        requests = [self.engine.submit(p, sp) for p, sp in zip(prompts, params)]
-        texts = {r.id: [] for r in requests}
-        try:
-            pending = set(texts)
-            while pending:
-                for out in self.engine.step():
-                    if out.request_id in pending:
-                        texts[out.request_id].append(out.text)
-                        if out.finish_reason is not None:
-                            pending.discard(out.request_id)
-                            if progress:
-                                progress(1)
-        finally:  # an interrupt must not leave our requests holding slots
-            for r in requests:
-                self.engine.cancel(r)
-        return ["".join(texts[r.id]) for r in requests]
+        done = self.engine.run_all(prompts, params, on_finish=(lambda _i, _text: progress(1)) if progress else None)
+        return [text for _, text in done]
 
 
 class AsyncEngineRunner(Runner):

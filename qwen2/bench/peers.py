@@ -86,12 +86,14 @@ def run_qwen2(spec: dict[str, Any]) -> dict[str, Any]:
     def generate(prompts: list[list[int]], new_tokens: int) -> Stamps:
         engine.clear_prefix_cache()  # every run computes its prompts cold
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-        start, first = time.perf_counter(), None
-        requests = [engine.submit(p, params) for p in prompts]
-        while engine.has_work:
-            if engine.step() and first is None:
-                first = time.perf_counter()
-        return start, first, time.perf_counter(), sum(len(r.output) for r in requests)
+        start, first = time.perf_counter(), []
+
+        def stamp(outputs: list) -> None:
+            if outputs and not first:
+                first.append(time.perf_counter())
+
+        done = engine.run_all(prompts, [params] * len(prompts), on_step=stamp)
+        return start, first[0] if first else None, time.perf_counter(), sum(len(r.output) for r, _ in done)
 
     return measure(spec, load_s, generate, format=describe_torch_model(llm.model), quant=llm.quant,
                    weight_bytes=torch_bytes_per_token(llm.model), kv_bytes_per_pos=engine.cache.bytes_per_token())

@@ -35,7 +35,7 @@ import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -214,6 +214,38 @@ class Engine:
             for out in self.step():
                 if out.request_id == request.id:
                     yield out
+
+    def run_all(self, prompts: list[str | list[int]], params: list[SamplingParams],
+                on_finish: Callable[[int, str], None] | None = None,
+                on_step: Callable[[list[Output]], None] | None = None) -> list[tuple[Request, str]]:
+        """Submit every prompt, step until all have finished, and return each request with its
+        text, in the prompts' order: the batch call every caller shares. `on_finish(i, text)` as
+        prompt i finishes; `on_step(outputs)` after each step. An interrupt (or a bad prompt)
+        cancels the requests not yet finished, so none keeps holding its slot."""
+        requests, texts = [], []
+        try:
+            for prompt, sp in zip(prompts, params, strict=True):
+                requests.append(self.submit(prompt, sp))
+                texts.append([])
+            index = {r.id: i for i, r in enumerate(requests)}
+            pending = len(requests)
+            while pending and self.has_work:
+                outputs = self.step()
+                for out in outputs:
+                    i = index.get(out.request_id)
+                    if i is None:
+                        continue
+                    texts[i].append(out.text)
+                    if out.finish_reason is not None:
+                        pending -= 1
+                        if on_finish:
+                            on_finish(i, "".join(texts[i]))
+                if on_step:
+                    on_step(outputs)
+        finally:
+            for r in requests:
+                self.cancel(r)
+        return [(r, "".join(t)) for r, t in zip(requests, texts)]
 
     # -- scheduling --------------------------------------------------------------------
     def _admit(self) -> None:

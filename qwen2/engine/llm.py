@@ -7,6 +7,7 @@ from qwen2 import load
 llm = load()                                   # the embedded default model
 print(llm.chat([{"role": "user", "content": "hi"}]).text)
 for piece in llm.generate("def fib(n):", max_tokens=64, stream=True): ...
+texts = [c.text for c in llm.generate(["def fib(n):", "def sort(xs):"], max_tokens=64)]  # a batch, in order
 ```
 """
 
@@ -42,8 +43,14 @@ class LLM:
     def config(self) -> Qwen2Config:
         return self.model.config
 
-    def generate(self, prompt: str | list[int], stream: bool = False, **sampling) -> Completion | Iterator[str]:
-        """Raw completion of `prompt` (no chat template). `sampling`: SamplingParams fields."""
+    def generate(self, prompt: str | list[int] | list[str] | list[list[int]], stream: bool = False,
+                 **sampling) -> Completion | list[Completion] | Iterator[str]:
+        """Raw completion of `prompt` (no chat template); of a list of prompts (texts, or lists of
+        token ids), their completions in order, decoded together. `sampling`: SamplingParams fields."""
+        if _is_batch(prompt):
+            if stream:
+                raise ValueError("stream=True takes one prompt; a list of prompts comes back whole")
+            return self._batch(prompt, SamplingParams(**sampling))
         request = self.engine.submit(prompt, SamplingParams(**sampling))
         if stream:
             return TextStream(self.engine, request)
@@ -55,10 +62,25 @@ class LLM:
         return Completion(text, request.output, request.finish_reason, len(request.prompt),
                           request.cached_tokens)
 
-    def chat(self, messages: list[dict], tools: list[dict] | None = None, stream: bool = False,
-             **sampling) -> Completion | Iterator[str]:
-        prompt = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
-        return self.generate(prompt, stream=stream, **sampling)
+    def chat(self, messages: list[dict] | list[list[dict]], tools: list[dict] | None = None, stream: bool = False,
+             **sampling) -> Completion | list[Completion] | Iterator[str]:
+        """The assistant's reply to `messages`, or to each of a list of conversations (in order)."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [self.tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=True)
+                   for m in conversations]
+        return self.generate(prompts if conversations is messages else prompts[0], stream=stream, **sampling)
+
+    def _batch(self, prompts: list, params: SamplingParams) -> list[Completion]:
+        done = self.engine.run_all(prompts, [params] * len(prompts))
+        failed = [r for r, _ in done if r.finish_reason == "error"]
+        if failed:
+            raise RuntimeError(f"generation failed in {failed[0].failed_in}")
+        return [Completion(text, r.output, r.finish_reason, len(r.prompt), r.cached_tokens) for r, text in done]
+
+
+def _is_batch(prompt) -> bool:
+    """A list of texts or of token-id lists (a list of ints is one prompt's token ids)."""
+    return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
 
 
 class TextStream:

@@ -71,17 +71,13 @@ class Results:
 def generate_all(llm, prompts: dict[str, str | list[int]], params: Callable[[str], SamplingParams],
                  on_done: Callable[[str, str], None], desc: str) -> None:
     """Generate every prompt with continuous batching; `on_done(key, text)` as each finishes."""
-    engine = llm.engine
-    pending = {engine.submit(prompt, params(key)).id: (key, []) for key, prompt in prompts.items()}
-    with tqdm(total=len(pending), desc=desc, unit="req", dynamic_ncols=True) as bar:
-        while pending:
-            for out in engine.step():
-                key, pieces = pending[out.request_id]
-                pieces.append(out.text)
-                if out.finish_reason is not None:
-                    del pending[out.request_id]
-                    on_done(key, "".join(pieces))
-                    bar.update()
+    keys = list(prompts)
+    with tqdm(total=len(keys), desc=desc, unit="req", dynamic_ncols=True) as bar:
+        def finished(i: int, text: str) -> None:
+            on_done(keys[i], text)
+            bar.update()
+
+        llm.engine.run_all([prompts[k] for k in keys], [params(k) for k in keys], on_finish=finished)
 
 
 def next_token_logprobs(llm, prompts: dict[str, str | list[int]], token_ids: list[int], desc: str,

@@ -54,16 +54,15 @@ class OnlineDPOTrainer(DPOTrainer):
         training = self.model.training
         self.model.eval()
         self.engine.clear_prefix_cache()
-        requests = [[self.engine.submit(p, SamplingParams(max_tokens=self.config.max_new_tokens,
-                                                          temperature=temperature, seed=seed + 1000 * i + j))
-                     for j in range(n)] for i, p in enumerate(prompts)]
-        while self.engine.has_work:
-            self.engine.step()
+        params = [SamplingParams(max_tokens=self.config.max_new_tokens, temperature=temperature,
+                                 seed=seed + 1000 * i + j) for i in range(len(prompts)) for j in range(n)]
+        done = [r for r, _ in self.engine.run_all([p for p in prompts for _ in range(n)], params)]
         self.model.train(training)
-        failed = [r.failed_in for rs in requests for r in rs if r.finish_reason == "error"]
+        failed = [r.failed_in for r in done if r.finish_reason == "error"]
         if failed:
             raise RuntimeError(f"sampling failed in {failed[0]}")
-        return [[(list(r.output), r.finish_reason == "stop") for r in rs] for rs in requests]
+        return [[(list(r.output), r.finish_reason == "stop") for r in done[i * n: (i + 1) * n]]
+                for i in range(len(prompts))]
 
     def rewards(self, prompt: list[int], replies: list[tuple[list[int], bool]]) -> torch.Tensor:
         with torch.no_grad():

@@ -176,3 +176,31 @@ def test_short_prompts_prefill_together_and_match_alone(tiny_model, default_toke
     drain(engine)
     for p, r in zip(PROMPTS, requests):
         assert r.output == run_alone(tiny_model, default_tokenizer, p, **params)
+
+
+def test_a_batch_of_prompts_comes_back_in_order_equal_to_one_at_a_time(tiny_model, default_tokenizer):
+    from qwen2.engine.llm import LLM
+
+    llm = LLM(tiny_model, default_tokenizer, Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=128))
+    prompts = ["def fib(n):", "import os", [9707, 11, 1879], "Hello"]  # texts and token ids, more than the slots
+    alone = [llm.generate(p, max_tokens=5, temperature=0) for p in prompts]
+    together = llm.generate(prompts, max_tokens=5, temperature=0)
+    assert [c.tokens for c in together] == [c.tokens for c in alone]
+    assert [c.text for c in together] == [c.text for c in alone]
+    chats = llm.chat([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "bye"}]], max_tokens=3,
+                     temperature=0)
+    assert [c.tokens for c in chats] == [llm.chat([{"role": "user", "content": m}], max_tokens=3,
+                                                  temperature=0).tokens for m in ("hi", "bye")]
+
+
+def test_an_interrupted_batch_leaves_no_request_holding_a_slot(tiny_model, default_tokenizer):
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=128)
+
+    def interrupt(_i: int, _text: str) -> None:
+        raise KeyboardInterrupt
+
+    params = SamplingParams(max_tokens=24, temperature=0)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run_all(["a", "b", "c"], [SamplingParams(max_tokens=1, temperature=0), params, params],
+                       on_finish=interrupt)
+    assert not engine.has_work
