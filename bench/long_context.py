@@ -24,9 +24,9 @@ import torch
 from qwen2 import load
 from qwen2.eval.cli import depth_list, token_list
 from qwen2.eval.data import haystack_text
-from qwen2.eval.memory import peak_rss_mib, reset_peak_rss
 from qwen2.eval.niah import format_table, run_grid, save_heatmap, tokens_label
 from qwen2.eval.perplexity import perplexity
+from qwen2.memory import peak_rss_mib, reset_peak_rss
 from qwen2.options import parse_tokens
 
 

@@ -37,7 +37,7 @@ def variant_name(peer: str, variant: dict[str, Any]) -> str:
 
 def summarize(spec: dict[str, Any], load_s: float, single: list[Stamps], concurrent: dict[int, Stamps],
               **extra: Any) -> dict[str, Any]:
-    from qwen2.eval.memory import peak_rss_mib
+    from qwen2.memory import peak_rss_mib
 
     prompt_len = len(spec["prompt"])
     result: dict[str, Any] = {

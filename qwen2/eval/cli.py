@@ -213,8 +213,8 @@ def _load(args: argparse.Namespace, ctx: int):
 
 def cmd_ppl(args: argparse.Namespace) -> None:
     from qwen2.eval.data import haystack_text
-    from qwen2.eval.memory import peak_rss_mib, reset_peak_rss
     from qwen2.eval.perplexity import perplexity, windows
+    from qwen2.memory import peak_rss_mib, reset_peak_rss
 
     if args.file == "wiki":
         text = haystack_text()

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from qwen2.errors import OptionError
 from qwen2.eval.data import haystack_text
-from qwen2.eval.memory import peak_rss_mib, reset_peak_rss
 from qwen2.files import write_text_atomically
+from qwen2.memory import peak_rss_mib, reset_peak_rss
 from qwen2.tokenizer import Tokenizer
 
 # (fact, question phrasings, answer); placeholders are filled per cell in `build_prompt`

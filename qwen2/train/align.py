@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from qwen2.device import cpu_has_native_bf16
 from qwen2.errors import DataError, OptionError
-from qwen2.eval.memory import peak_rss_mib
 from qwen2.files import write_text_atomically
+from qwen2.memory import peak_rss_mib
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import lora

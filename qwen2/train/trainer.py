@@ -46,8 +46,8 @@ from qwen2 import distributed
 from qwen2.config import Qwen2Config
 from qwen2.device import cpu_has_native_bf16
 from qwen2.errors import DataError, OptionError, WeightsError
-from qwen2.eval.memory import peak_rss_mib
 from qwen2.files import load_plain, write_folder_atomically, write_text_atomically
+from qwen2.memory import peak_rss_mib
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import lora
