@@ -89,21 +89,32 @@ def test_pip_failure_is_a_download_error(fake_source, monkeypatch):
 def local_registry(answer):
     """A loopback HTTP server whose GET body for a path is answer(path, root URL); yields the root."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(Quiet):
         def do_GET(self):
-            body = answer(self.path, root)
+            body = answer(self.path, self.root)
             self.send_response(200)
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
-            pass
+    with serving(Handler) as root:
+        yield root
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    root = f"http://127.0.0.1:{server.server_port}"
+
+class Quiet(http.server.BaseHTTPRequestHandler):
+    root = ""  # the server's URL, set by serving()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serving(handler: type[Quiet]):
+    """`handler` on a loopback HTTP server in a thread; yields the server's root URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler.root = f"http://127.0.0.1:{server.server_port}"
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
     try:
-        yield root
+        yield handler.root
     finally:
         server.shutdown()
 
@@ -238,10 +249,11 @@ def oversize_registry(listed: int, announce: bool):
     without a Content-Length saying so. Yields (root URL, {"sent": bytes the client took})."""
     seen, done = {"sent": 0}, threading.Event()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(Quiet):
         def do_GET(self):
             if self.path.startswith("/pypi/"):
-                files = [{"filename": "big-1.0-py3-none-any.whl", "url": f"{root}/files/big.whl", "size": listed}]
+                files = [{"filename": "big-1.0-py3-none-any.whl", "url": f"{self.root}/files/big.whl",
+                          "size": listed}]
                 body = json.dumps({"releases": {"1.0": files}}).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -261,16 +273,8 @@ def oversize_registry(listed: int, announce: bool):
             finally:
                 done.set()
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    root = f"http://127.0.0.1:{server.server_port}"
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-    try:
+    with serving(Handler) as root:
         yield root, seen, done
-    finally:
-        server.shutdown()
 
 
 @pytest.mark.parametrize("announce", [False, True], ids=["streamed", "announced"])
