@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from qwen2.agent.documents import Limits
 from qwen2.agent.routes import docqa_router
 from qwen2.engine.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from qwen2.engine.llm import LLM
@@ -50,6 +51,9 @@ class Settings:
     max_queue: int = 64  # requests waiting for a slot before new ones get 429
     timeout: float = 600.0  # seconds per request, queueing included
     max_body: int = 8 * 2**20  # bytes
+    docqa_concurrency: int = 2  # /v1/docqa requests at once; more get 429
+    docqa_timeout: float = 900.0  # seconds per /v1/docqa request, parsing included
+    document_limits: Limits = field(default_factory=Limits)  # what parsing one upload may cost
 
 
 class Server:
@@ -66,6 +70,7 @@ class Server:
         self.max_token_bytes = max(len(llm.tokenizer.id_to_token(i) or "") for i in range(self.vocab_size))
         self.metrics = Metrics()
         self.preparing = 0  # requests being prepared or waiting for a preparation thread
+        self.docqa_running = 0  # /v1/docqa requests holding a slot (only the event loop changes it)
         self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="qwen2-prepare")
 
     async def prepare(self, work: Callable[..., T], *args: Any) -> T:
@@ -77,6 +82,20 @@ class Server:
             return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, work, *args)
         finally:
             self.preparing -= 1
+
+    @contextlib.contextmanager
+    def docqa_slot(self) -> Iterator[None]:
+        """One of the --docqa-concurrency places for a document question, or a 429."""
+        cap = self.settings.docqa_concurrency
+        if self.docqa_running >= cap:
+            raise APIError(429, f"{self.docqa_running} document questions are being answered, the most this server "
+                                f"takes at once (--docqa-concurrency {cap}); retry later", code="docqa_busy",
+                           type="rate_limit_error", headers={"Retry-After": "10"})
+        self.docqa_running += 1
+        try:
+            yield
+        finally:
+            self.docqa_running -= 1
 
     def close(self) -> None:
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)

@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
                    "(repeatable; '*' for any)")
     p.add_argument("--max-body", type=int, default=8 * 2**20, help="largest request body in bytes")
+    p.add_argument("--docqa-concurrency", type=int, default=2, help="/v1/docqa requests answered at once; more get "
+                   "429 (default %(default)s)")
+    p.add_argument("--docqa-timeout", type=float, default=900.0, help="seconds a /v1/docqa request may take, "
+                   "parsing included, before it is cancelled (default %(default)g; level 2 reads roughly 350 "
+                   "document tokens a second with the default model on two CPU cores)")
 
 
 def model_name(spec: str | None) -> str:
@@ -52,6 +57,8 @@ def run(args: argparse.Namespace) -> None:
     if args.max_concurrency < 1 or args.max_queue < 0 or args.timeout <= 0 or args.max_body < 1:
         raise OptionError("--max-concurrency and --max-body must be at least 1, --max-queue at least 0, "
                           "--timeout positive")
+    if args.docqa_concurrency < 1 or args.docqa_timeout <= 0:
+        raise OptionError("--docqa-concurrency must be at least 1 and --docqa-timeout positive")
     if not 0 <= args.port <= 65535:
         raise OptionError(f"--port {args.port} is not a TCP port (0..65535)")
     # the server's own log (errors with their tracebacks, which responses never carry)
@@ -66,7 +73,8 @@ def run(args: argparse.Namespace) -> None:
         llm = pool.submit(load, **options, max_concurrency=args.max_concurrency, kv_memory=args.kv_memory).result()
     settings = Settings(model_name=model_name(options.get("model")), api_key=args.api_key or None,
                         cors_origins=args.cors_origin, max_queue=args.max_queue, timeout=args.timeout,
-                        max_body=args.max_body)
+                        max_body=args.max_body, docqa_concurrency=args.docqa_concurrency,
+                        docqa_timeout=args.docqa_timeout)
     app = create_app(llm, settings)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen2 serve: {settings.model_name} at http://{shown}:{args.port}/ (web chat) and "
