@@ -75,6 +75,8 @@ def docqa_router() -> APIRouter:
                     runner.cancel()
                     work.cancel()
                     await asyncio.wait({work})  # the slot is held until the work has really stopped
+                    if not work.cancelled():  # it ended on its own meanwhile: retrieved, so asyncio does not log it
+                        work.exception()
 
     return router
 
@@ -87,11 +89,13 @@ async def _answer(server: Server, runner: AsyncEngineRunner, qa: DocQA, name: st
         raise APIError(400, str(e), "file", code="unreadable_document") from None
     thread = asyncio.get_running_loop().run_in_executor(None, lambda: qa.ask([source], question, level).to_dict())
     try:
-        return await asyncio.shield(thread)
+        await asyncio.wait({thread})  # unlike awaiting it, a cancel here leaves the future to the thread
     except asyncio.CancelledError:
         runner.cancel()  # the thread stops at its next prompt; wait for it, so the caller's slot stays held
         await asyncio.wait({thread})
+        thread.exception()  # its Cancelled is expected: retrieved, so asyncio does not log it
         raise
+    return thread.result()
 
 
 async def _watch(request: Request, work: asyncio.Future, deadline: float) -> Any:
