@@ -8,7 +8,7 @@ Not covered: scanned PDFs (no text layer; no OCR), Office formats, tables kept a
 
 A document is untrusted input: one yields at most `Limits.chars` characters and a PDF at most
 `Limits.pages` pages, and extraction stops as soon as either is passed. HTML goes through lxml's
-streaming parser (libxml2, linear in the input; the stdlib html.parser of Python < 3.11.13 is
+streaming parser (libxml2, linear in the input; the stdlib html.parser of Python 3.11.7 is
 quadratic on an unclosed `<a x` repeated). `read_sources` parses HTML and PDF in a child process
 under the rest of the limits (memory, CPU, wall time): see qwen2.agent.isolation.
 
@@ -55,7 +55,7 @@ class Limits:
     memory: int = 2**30  # bytes of address space: pypdf holds the file twice and decodes streams of up to 75 MB
     # CPU seconds: pypdf extracts ~390 plain text pages (~1.3M characters) a second here, so a document
     # at the caps needs ~30 s, and one with heavy fonts a few times that; one page of 400,000 text
-    # operators (a 120 KB upload) takes pypdf over 300 s, and is stopped here
+    # operators (54 KB of PDF) keeps pypdf busy past 120 s, and is stopped here
     cpu: int = 120
     wall: float = 300.0  # seconds before the child is killed (it runs at a lower priority than the engine)
 
@@ -121,7 +121,7 @@ def read_bytes(path: Path, limits: Limits = LIMITS) -> bytes:
 
 
 def kind_of(path: Path, data: bytes) -> str:
-    """"pdf", "html" or "text": by the suffix, or by the first bytes when they say otherwise."""
+    """The parser a document needs ("pdf", "html" or "text"): by its suffix, or its first bytes."""
     suffix = path.suffix.lower()
     if suffix in PDF_SUFFIXES or data.startswith(b"%PDF-"):
         return "pdf"
@@ -206,13 +206,14 @@ def _page_texts(path: Path, reader, limits: Limits) -> list[str]:
 
     for number, page in enumerate(reader.pages, 1):
         if number > limits.pages:
-            raise too_many_pages(path, number, limits)
+            raise too_many_pages(path, number, limits, walked=True)
         texts.append(page.extract_text(visitor_text=counted) or "")
     return texts
 
 
-def too_many_pages(path: Path, count: int, limits: Limits) -> TooMuchText:
-    return TooMuchText(f"{path}: the PDF has {'at least ' if count == limits.pages + 1 else ''}{count:,} pages, "
+def too_many_pages(path: Path, count: int, limits: Limits, walked: bool = False) -> TooMuchText:
+    # a walk stops at the first page over the cap, so it knows a lower bound only
+    return TooMuchText(f"{path}: the PDF has {'at least ' if walked else ''}{count:,} pages, "
                        f"over the limit of {limits.pages:,}; split it or give the part that matters")
 
 
@@ -252,8 +253,8 @@ class _TextOfHTML:
 def html_text(html: str, max_chars: int = MAX_CHARS, path: Path = Path("document.html")) -> str:
     from lxml import etree
 
-    # lxml over the stdlib html.parser: libxml2 parses in one linear pass, where html.parser before
-    # Python 3.11.13 rescans an unclosed tag to the end of the input at every `<` (quadratic)
+    # lxml over the stdlib html.parser: libxml2 parses in one linear pass, where html.parser (3.11.7
+    # measured) rescans an unclosed tag to the end of the input at every `<`: 4x the time for 2x `<a x`
     parser = etree.HTMLParser(target=_TextOfHTML(max_chars, path), no_network=True, encoding="utf-8")
     parser.feed(html.encode("utf-8", errors="replace"))
     text = parser.close()

@@ -39,7 +39,7 @@ def string_bomb(chars: int = 40_000_000) -> bytes:
 
 
 def operator_bomb(operators: int = 400_000) -> bytes:
-    """One page of `operators` short text operators (~120 KB of PDF); pypdf spends minutes on it."""
+    """One page of `operators` short text operators (~54 KB of PDF); pypdf spends minutes on it."""
     return pdf([b"BT /F1 12 Tf 72 720 Td " + b"(AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA) Tj " * operators + b"ET"])
 
 
@@ -48,5 +48,5 @@ def many_pages(count: int) -> bytes:
 
 
 def unclosed_tags(size: int = 8 * 2**20) -> bytes:
-    """`<a x` repeated: quadratic for the stdlib html.parser before Python 3.11.13."""
+    """`<a x` repeated: quadratic for the stdlib html.parser of Python 3.11.7."""
     return b"<html><body>" + b"<a x" * (size // 4)
