@@ -6,6 +6,12 @@ them (read in sorted order; files of other kinds are skipped). A file that canno
 encrypted PDF, an empty or binary file, or a folder with nothing readable is an OptionError.
 Not covered: scanned PDFs (no text layer; no OCR), Office formats, tables kept as tables.
 
+A document is untrusted input: one yields at most `Limits.chars` characters and a PDF at most
+`Limits.pages` pages, and extraction stops as soon as either is passed. HTML goes through lxml's
+streaming parser (libxml2, linear in the input; the stdlib html.parser of Python 3.11.7 is
+quadratic on an unclosed `<a x` repeated). `read_sources` parses HTML and PDF in a child process
+under the rest of the limits (memory, CPU, wall time): see qwen2.agent.isolation.
+
 Chunking packs paragraphs into a token budget; a paragraph over the budget is split at its
 sentences, and a sentence over it at its words. Pieces are cut before the space that starts a
 word, so their token counts add up to the chunk's. Each chunk keeps its source and character
@@ -17,11 +23,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen2.errors import OptionError
-from qwen2.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the parsing child imports this module: it needs no tokenizer
+    from qwen2.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text", ""}
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
@@ -30,6 +38,33 @@ READABLE = TEXT_SUFFIXES | HTML_SUFFIXES | PDF_SUFFIXES
 PARAGRAPH_END = re.compile(r"(?<=\n\n)(?=[^\n])")
 SENTENCE_END = re.compile(r"(?<=[.!?。！？;；])(?=\s)|(?<=[。！？])|(?<=\n)(?=[^\n])")
 WORD_START = re.compile(r"(?=\s\S)")
+# The agent reads up to ~1M tokens (about 4M characters of English, ~2,500 pages): a document may
+# give twice that text and four times those pages, so no real document the agent can read is
+# refused, while a decompression bomb stops early.
+MAX_CHARS = 8 * 2**20
+MAX_PAGES = 10_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What reading one document may cost. `chars` and `pages` bound what extraction yields;
+    `memory`, `cpu` and `wall` bound the child process that parses HTML and PDF."""
+
+    chars: int = MAX_CHARS
+    pages: int = MAX_PAGES
+    memory: int = 2**30  # bytes of address space: pypdf holds the file twice and decodes streams of up to 75 MB
+    # CPU seconds: pypdf extracts ~390 plain text pages (~1.3M characters) a second here, so a document
+    # at the caps needs ~30 s, and one with heavy fonts a few times that; one page of 400,000 text
+    # operators (54 KB of PDF) keeps pypdf busy past 120 s, and is stopped here
+    cpu: int = 120
+    wall: float = 300.0  # seconds before the child is killed (it runs at a lower priority than the engine)
+
+
+LIMITS = Limits()
+
+
+class TooMuchText(OptionError):
+    """Extraction passed Limits.chars or Limits.pages; raised as soon as it does."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +83,11 @@ class Chunk:
     tokens: int
 
 
-def read_sources(path: str | Path) -> list[Source]:
-    """The text of a file, or of every readable file in a folder (recursively, sorted by path)."""
+def read_sources(path: str | Path, limits: Limits = LIMITS) -> list[Source]:
+    """The text of a file, or of every readable file in a folder (recursively, sorted by path).
+    HTML and PDF are parsed in a child process under `limits` (qwen2.agent.isolation)."""
+    from qwen2.agent.isolation import read_bounded  # it imports this module
+
     path = Path(path)
     if path.is_dir():
         files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in READABLE
@@ -57,7 +95,7 @@ def read_sources(path: str | Path) -> list[Source]:
         sources = []
         for file in files:
             try:
-                sources.append(read_file(file))
+                sources.append(read_bounded(file, limits=limits))
             except OptionError:
                 continue  # one bad file in a folder does not sink the others
         if not sources:
@@ -66,26 +104,55 @@ def read_sources(path: str | Path) -> list[Source]:
         return sources
     if not path.exists():
         raise OptionError(f"{path}: no such file or folder")
-    return [read_file(path)]
+    return [read_bounded(path, limits=limits)]
 
 
-def read_file(path: Path, data: bytes | None = None) -> Source:
-    """One document; `data` stands for the file's bytes when they came another way (an upload)."""
-    if data is None:
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise OptionError(f"{path}: cannot read it ({e.strerror})") from None
+def read_bytes(path: Path, limits: Limits = LIMITS) -> bytes:
+    """A local file's bytes, refused unread when even a PDF of it would be over the limits."""
+    try:
+        size = path.stat().st_size
+        # a PDF's text layer is usually a fraction of the file; 64 bytes a character is far beyond any
+        if size > 64 * limits.chars:
+            raise OptionError(f"{path}: {size:,} bytes is too large a document (the limit is about "
+                              f"{limits.chars:,} characters of text); split it")
+        return path.read_bytes()
+    except OSError as e:
+        raise OptionError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def kind_of(path: Path, data: bytes) -> str:
+    """The parser a document needs ("pdf", "html" or "text"): by its suffix, or its first bytes."""
     suffix = path.suffix.lower()
     if suffix in PDF_SUFFIXES or data.startswith(b"%PDF-"):
-        text = pdf_text(path, data)
+        return "pdf"
+    head = data[:200].decode("utf-8", errors="ignore").lstrip("\ufeff")
+    if suffix in HTML_SUFFIXES or re.match(r"\s*<(!doctype html|html)", head, re.IGNORECASE):
+        return "html"
+    return "text"
+
+
+def read_file(path: Path, data: bytes | None = None, limits: Limits = LIMITS) -> Source:
+    """One document, parsed in this process; `data` stands for the file's bytes when they came another
+    way (an upload). Only `limits.chars` and `limits.pages` apply here."""
+    if data is None:
+        data = read_bytes(path, limits)
+    kind = kind_of(path, data)
+    if kind == "pdf":
+        text = pdf_text(path, data, limits)
     else:
         text = decode_text(path, data)
-        if suffix in HTML_SUFFIXES or re.match(r"\s*<(!doctype html|html)", text[:200], re.IGNORECASE):
-            text = html_text(text)
+        if kind == "html":
+            text = html_text(text, limits.chars, path)
     if not text.strip():
         raise OptionError(f"{path}: the document is empty (no text to read)")
+    if len(text) > limits.chars:
+        raise too_much_text(path, limits.chars)
     return Source(str(path), text)
+
+
+def too_much_text(path: Path, chars: int) -> TooMuchText:
+    return TooMuchText(f"{path}: the document has more than {chars:,} characters of text, the limit (the agent "
+                       "reads up to ~1M tokens); split it or give the part that matters")
 
 
 def decode_text(path: Path, data: bytes) -> str:
@@ -98,7 +165,7 @@ def decode_text(path: Path, data: bytes) -> str:
                           "a PDF or HTML file") from None
 
 
-def pdf_text(path: Path, data: bytes) -> str:
+def pdf_text(path: Path, data: bytes, limits: Limits = LIMITS) -> str:
     import io
 
     from pypdf import PdfReader
@@ -110,7 +177,7 @@ def pdf_text(path: Path, data: bytes) -> str:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):
             raise OptionError(f"{path}: the PDF is encrypted with a password; save a decrypted copy and give that")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages = _page_texts(path, reader, limits)
     except OptionError:
         raise
     except (PyPdfError, ValueError, KeyError, TypeError, OSError) as e:
@@ -124,36 +191,74 @@ def pdf_text(path: Path, data: bytes) -> str:
     return text
 
 
-class _TextOfHTML(HTMLParser):
+def _page_texts(path: Path, reader, limits: Limits) -> list[str]:
+    """Each page's text, stopping at the first page or text run past the limits."""
+    count = len(reader.pages)  # the page tree's /Count: checked again while walking, as it can lie
+    if count > limits.pages:
+        raise too_many_pages(path, count, limits)
+    texts, total = [], 0
+
+    def counted(text: str, *_) -> None:  # called per text run, so one huge page stops part-way too
+        nonlocal total
+        total += len(text)
+        if total > limits.chars:
+            raise too_much_text(path, limits.chars)
+
+    for number, page in enumerate(reader.pages, 1):
+        if number > limits.pages:
+            raise too_many_pages(path, number, limits, walked=True)
+        texts.append(page.extract_text(visitor_text=counted) or "")
+    return texts
+
+
+def too_many_pages(path: Path, count: int, limits: Limits, walked: bool = False) -> TooMuchText:
+    # a walk stops at the first page over the cap, so it knows a lower bound only
+    return TooMuchText(f"{path}: the PDF has {'at least ' if walked else ''}{count:,} pages, "
+                       f"over the limit of {limits.pages:,}; split it or give the part that matters")
+
+
+class _TextOfHTML:
+    """An lxml parser target: collects the text as the parser streams it (no tree is built)."""
+
     BLOCKS = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article", "pre",
               "blockquote", "table", "ul", "ol", "header", "footer", "title"}
     SKIPPED = {"script", "style", "noscript", "template"}
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
+    def __init__(self, max_chars: int, path: Path) -> None:
         self.parts: list[str] = []
-        self.skipping = 0
+        self.skipping = self.chars = 0
+        self.max_chars, self.path = max_chars, path
 
-    def handle_starttag(self, tag: str, attrs: list) -> None:
+    def start(self, tag: str, attrs: dict) -> None:
         self.skipping += tag in self.SKIPPED
         if tag in self.BLOCKS:
             self.parts.append("\n\n")
 
-    def handle_endtag(self, tag: str) -> None:
+    def end(self, tag: str) -> None:
         self.skipping -= tag in self.SKIPPED and self.skipping > 0
         if tag in self.BLOCKS:
             self.parts.append("\n\n")
 
-    def handle_data(self, data: str) -> None:
+    def data(self, data: str) -> None:
         if not self.skipping:
+            self.chars += len(data)
+            if self.chars > self.max_chars:  # raised through lxml: the parse stops here
+                raise too_much_text(self.path, self.max_chars)
             self.parts.append(data)
 
+    def close(self) -> str:
+        return "".join(self.parts)
 
-def html_text(html: str) -> str:
-    parser = _TextOfHTML()
-    parser.feed(html)
-    parser.close()
-    paragraphs = (" ".join(p.split()) for p in re.split(r"\n\s*\n", "".join(parser.parts)))
+
+def html_text(html: str, max_chars: int = MAX_CHARS, path: Path = Path("document.html")) -> str:
+    from lxml import etree
+
+    # lxml over the stdlib html.parser: libxml2 parses in one linear pass, where html.parser (3.11.7
+    # measured) rescans an unclosed tag to the end of the input at every `<`: 4x the time for 2x `<a x`
+    parser = etree.HTMLParser(target=_TextOfHTML(max_chars, path), no_network=True, encoding="utf-8")
+    parser.feed(html.encode("utf-8", errors="replace"))
+    text = parser.close()
+    paragraphs = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
     return "\n\n".join(p for p in paragraphs if p)
 
 

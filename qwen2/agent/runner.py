@@ -3,13 +3,16 @@
 `EngineRunner` drives `llm.engine` itself (the CLI and the Python API): it submits every prompt,
 steps the engine until all have finished and ticks a progress callback per finished prompt.
 `AsyncEngineRunner` is for code running in a worker thread beside a server whose engine thread
-already steps the engine: it hands the prompts to the server's AsyncEngine on its event loop.
+already steps the engine: it hands the prompts to the server's AsyncEngine on its event loop,
+and `cancel()` (from the loop: client gone, timeout) drops the prompts in flight and makes every
+later call raise Cancelled, so the agent's thread stops at its next prompt.
 Both render chat messages with the tokenizer's own template (tools included).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable
 
 from qwen2.engine.async_engine import AsyncEngine
@@ -19,6 +22,10 @@ from qwen2.tokenizer import Tokenizer
 
 IN_FLIGHT = 16  # prompts handed to a server's engine at a time, well under its waiting-queue bound
 Progress = Callable[[int], None]  # called with the number of prompts just finished
+
+
+class Cancelled(Exception):
+    """The request the agent works for was cancelled: its prompts are dropped."""
 
 
 class Runner:
@@ -48,6 +55,14 @@ class EngineRunner(Runner):
 class AsyncEngineRunner(Runner):
     def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, context: int, loop: asyncio.AbstractEventLoop):
         self.engine, self.tokenizer, self.context, self.loop = engine, tokenizer, context, loop
+        self.cancelled = False
+        self._batches: set[concurrent.futures.Future] = set()  # complete() calls in flight
+
+    def cancel(self) -> None:
+        """Drop the prompts in flight (their engine requests are cancelled) and refuse new ones."""
+        self.cancelled = True
+        for batch in list(self._batches):
+            batch.cancel()
 
     def complete(self, prompts: list[str], params: list[SamplingParams], progress: Progress | None = None) -> list[str]:
         async def one(gate: asyncio.Semaphore, prompt: str, sp: SamplingParams) -> str:
@@ -61,4 +76,15 @@ class AsyncEngineRunner(Runner):
             gate = asyncio.Semaphore(IN_FLIGHT)
             return list(await asyncio.gather(*(one(gate, p, sp) for p, sp in zip(prompts, params))))
 
-        return asyncio.run_coroutine_threadsafe(every(), self.loop).result()
+        if self.cancelled:
+            raise Cancelled
+        batch = asyncio.run_coroutine_threadsafe(every(), self.loop)
+        self._batches.add(batch)
+        if self.cancelled:  # cancel() ran between the check and the add
+            batch.cancel()
+        try:
+            return batch.result()
+        except concurrent.futures.CancelledError:
+            raise Cancelled from None
+        finally:
+            self._batches.discard(batch)

@@ -1,10 +1,15 @@
 """The FastAPI app: one engine shared by every client, the OpenAI routes, health, metrics, the page.
 
 Guards, outermost first: CORS (only with --cors-origin), then one ASGI middleware that counts
-requests for /metrics, checks the API key on /v1 routes (before the body is read, so a client
-without the key learns nothing else) and caps the body size. Every error is answered in OpenAI's
-shape; a client's mistake is never a 500, and a 500 never carries a stack trace (it is logged).
-Every 4xx is counted for /metrics by its code; /health answers 503 while the engine is down.
+requests for /metrics and, before any body is read: answers only the Host names it serves
+(loopback names by default, so a web page cannot reach a local server through DNS rebinding),
+refuses a browser's cross-origin POST (an Origin that is neither the server's own nor a
+--cors-origin: a page on another site may send a form or a body without preflight), checks the
+API key on /v1 routes (so a client without the key learns nothing else), wants the body's media
+type on routes that take one (415 otherwise: a browser sends text/plain without preflight) and
+caps the body size. Every error is answered in OpenAI's shape; a client's mistake is never a 500,
+and a 500 never carries a stack trace (it is logged). Every 4xx is counted for /metrics by its
+code; /health answers 503 while the engine is down.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from qwen2.agent.documents import Limits
 from qwen2.agent.routes import docqa_router
 from qwen2.engine.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from qwen2.engine.llm import LLM
@@ -39,6 +46,10 @@ log = logging.getLogger(__name__)
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
           "/v1/docqa")  # metric labels
 PREPARE_THREADS = 2
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback-bound server answers to
+BODY_TYPES = {"/v1/chat/completions": "application/json", "/v1/completions": "application/json",
+              "/v1/docqa": "multipart/form-data"}  # the media type each POST route reads
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 T = TypeVar("T")
 
 
@@ -50,6 +61,10 @@ class Settings:
     max_queue: int = 64  # requests waiting for a slot before new ones get 429
     timeout: float = 600.0  # seconds per request, queueing included
     max_body: int = 8 * 2**20  # bytes
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # Host header names (optionally :port); None: any
+    docqa_concurrency: int = 2  # /v1/docqa requests at once; more get 429
+    docqa_timeout: float = 900.0  # seconds per /v1/docqa request, parsing included
+    document_limits: Limits = field(default_factory=Limits)  # what parsing one upload may cost
 
 
 class Server:
@@ -66,6 +81,7 @@ class Server:
         self.max_token_bytes = max(len(llm.tokenizer.id_to_token(i) or "") for i in range(self.vocab_size))
         self.metrics = Metrics()
         self.preparing = 0  # requests being prepared or waiting for a preparation thread
+        self.docqa_running = 0  # /v1/docqa requests holding a slot (only the event loop changes it)
         self._prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="qwen2-prepare")
 
     async def prepare(self, work: Callable[..., T], *args: Any) -> T:
@@ -77,6 +93,20 @@ class Server:
             return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, work, *args)
         finally:
             self.preparing -= 1
+
+    @contextlib.contextmanager
+    def docqa_slot(self) -> Iterator[None]:
+        """One of the --docqa-concurrency places for a document question, or a 429."""
+        cap = self.settings.docqa_concurrency
+        if self.docqa_running >= cap:
+            raise APIError(429, f"{self.docqa_running} document questions are being answered, the most this server "
+                                f"takes at once (--docqa-concurrency {cap}); retry later", code="docqa_busy",
+                           type="rate_limit_error", headers={"Retry-After": "10"})
+        self.docqa_running += 1
+        try:
+            yield
+        finally:
+            self.docqa_running -= 1
 
     def close(self) -> None:
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
@@ -200,12 +230,30 @@ class Guard:
 
     def _refuse(self, scope: Scope) -> APIError | None:
         headers = dict(scope["headers"])
-        key = self.server.settings.api_key
+        settings = self.server.settings
+        host = headers.get(b"host", b"").decode("latin-1")
+        if settings.allowed_hosts is not None and not host_allowed(host, settings.allowed_hosts):
+            return APIError(403, f"this server does not answer to the Host {host[:100]!r}; if that name is meant to "
+                                 "reach it, restart it with --allowed-hosts listing it", code="host_not_allowed")
+        origin = headers.get(b"origin")
+        if origin is not None and scope["method"] not in SAFE_METHODS:
+            origin = origin.decode("latin-1")
+            if not origin_allowed(origin, host, settings.cors_origins):
+                return APIError(403, f"requests from the web page at {origin[:100]!r} are refused; a page on another "
+                                     "site may call this server only if it is started with --cors-origin naming it",
+                                code="origin_not_allowed")
+        key = settings.api_key
         if key and scope["path"].startswith("/v1/"):
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                 return APIError(401, "missing or wrong API key; send the header Authorization: Bearer KEY",
                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        wanted = BODY_TYPES.get(scope["path"])
+        if wanted and scope["method"] == "POST":
+            media = headers.get(b"content-type", b"").decode("latin-1").partition(";")[0].strip().lower()
+            if media != wanted:
+                return APIError(415, f"{scope['path']} reads a {wanted} body; send the header Content-Type: {wanted} "
+                                     f"(got {media[:100] or 'none'!r})", code="unsupported_media_type")
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.server.settings.max_body:
             return self._too_large()
@@ -229,6 +277,37 @@ class Guard:
             return message
 
         return capped
+
+
+def split_host(value: str) -> tuple[str, str | None]:
+    """A Host header (or an --allowed-hosts entry) as (name, port or None), lower-cased."""
+    value = value.strip().lower()
+    if value.count(":") > 1 and not value.startswith("["):  # a bare IPv6 address, as an option may give it
+        return f"[{value}]", None
+    name, colon, port = value.rpartition(":")
+    if colon and port.isdigit() and not name.endswith(":"):
+        return name, port
+    return value, None
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a Host header names this server: an entry without a port allows every port."""
+    if "*" in allowed:
+        return True
+    name, port = split_host(host)
+    for entry in allowed:
+        entry_name, entry_port = split_host(entry)
+        if name == entry_name and entry_port in (None, port):
+            return True
+    return False
+
+
+def origin_allowed(origin: str, host: str, cors_origins: list[str]) -> bool:
+    """A browser's Origin is welcome from the server's own pages or a --cors-origin; "null"
+    (a sandboxed frame, a file) is not."""
+    if origin in cors_origins or "*" in cors_origins:
+        return True
+    return urlsplit(origin).netloc.lower() == host.strip().lower() != ""
 
 
 def create_app(llm: LLM, settings: Settings) -> FastAPI:

@@ -1,12 +1,15 @@
 """`qwen2 serve` (also `python -m qwen2.server`): load a model and serve the OpenAI API.
 
 Binds 127.0.0.1 unless --host says otherwise; with --api-key (or QWEN2_API_KEY) every /v1 route
-wants `Authorization: Bearer KEY`; CORS stays off unless --cors-origin names an origin.
+wants `Authorization: Bearer KEY`; CORS stays off unless --cors-origin names an origin. Bound to
+loopback, it answers only to loopback Host names (127.0.0.1, localhost, [::1], any port) plus
+those --allowed-hosts lists; bound to another address, to any Host unless --allowed-hosts is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -32,6 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
                    "(repeatable; '*' for any)")
     p.add_argument("--max-body", type=int, default=8 * 2**20, help="largest request body in bytes")
+    p.add_argument("--allowed-hosts", action="append", default=[], metavar="HOST[:PORT],...", help="Host header "
+                   "names to answer to besides the loopback ones, comma-separated or repeated; '*' for any (default: "
+                   "loopback names only when bound to loopback, any name otherwise)")
+    p.add_argument("--docqa-concurrency", type=int, default=2, help="/v1/docqa requests answered at once; more get "
+                   "429 (default %(default)s)")
+    p.add_argument("--docqa-timeout", type=float, default=900.0, help="seconds a /v1/docqa request may take, "
+                   "parsing included, before it is cancelled (default %(default)g; level 2 reads roughly 350 "
+                   "document tokens a second with the default model on two CPU cores)")
 
 
 def model_name(spec: str | None) -> str:
@@ -42,16 +53,35 @@ def model_name(spec: str | None) -> str:
     return ref.name if ref.kind in ("packed", "hub") else Path(ref.name).stem
 
 
+def allowed_hosts(bind: str, listed: list[str], loopback: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The Host names the server answers to (None: any), from --host and --allowed-hosts."""
+    names = tuple(name.strip() for item in listed for name in item.split(",") if name.strip())
+    if is_loopback(bind):  # the bound address itself too (127.0.0.2 is loopback but not a default name)
+        loopback += () if bind in loopback or f"[{bind}]" in loopback else (bind,)
+    elif not names:
+        return None
+    return loopback + names
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name other than localhost: it may resolve anywhere
+        return False
+
+
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from qwen2.errors import OptionError
     from qwen2.loading import load
-    from qwen2.server.app import Settings, create_app
+    from qwen2.server.app import LOOPBACK_HOSTS, Settings, create_app
 
     if args.max_concurrency < 1 or args.max_queue < 0 or args.timeout <= 0 or args.max_body < 1:
         raise OptionError("--max-concurrency and --max-body must be at least 1, --max-queue at least 0, "
                           "--timeout positive")
+    if args.docqa_concurrency < 1 or args.docqa_timeout <= 0:
+        raise OptionError("--docqa-concurrency must be at least 1 and --docqa-timeout positive")
     if not 0 <= args.port <= 65535:
         raise OptionError(f"--port {args.port} is not a TCP port (0..65535)")
     # the server's own log (errors with their tracebacks, which responses never carry)
@@ -66,7 +96,9 @@ def run(args: argparse.Namespace) -> None:
         llm = pool.submit(load, **options, max_concurrency=args.max_concurrency, kv_memory=args.kv_memory).result()
     settings = Settings(model_name=model_name(options.get("model")), api_key=args.api_key or None,
                         cors_origins=args.cors_origin, max_queue=args.max_queue, timeout=args.timeout,
-                        max_body=args.max_body)
+                        max_body=args.max_body, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts,
+                                                                             LOOPBACK_HOSTS),
+                        docqa_concurrency=args.docqa_concurrency, docqa_timeout=args.docqa_timeout)
     app = create_app(llm, settings)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen2 serve: {settings.model_name} at http://{shown}:{args.port}/ (web chat) and "

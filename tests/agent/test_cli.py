@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+from qwen2.agent.documents import Limits
+from tests.agent import bombs
+
 
 def docqa(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qwen2", "docqa", *args], capture_output=True, text=True,
@@ -17,8 +20,12 @@ def test_bad_documents_fail_with_one_line_each(tmp_path):
     (tmp_path / "fake.pdf").write_bytes(b"%PDF-1.4 not really")
     (tmp_path / "folder").mkdir()
     (tmp_path / "ok.txt").write_text("A short document.")
+    # bombs go through the same bounded parser as uploads (the limits themselves: test_isolation.py)
+    (tmp_path / "pages.pdf").write_bytes(bombs.many_pages(Limits().pages + 1))
+    (tmp_path / "tags.html").write_bytes(bombs.unclosed_tags())
     cases = {("fake.pdf",): "not a readable PDF", ("folder",): "no readable document",
-             ("ok.txt", "--level", "1,2"): "--level lists 2 levels for 1 questions"}
+             ("ok.txt", "--level", "1,2"): "--level lists 2 levels for 1 questions",
+             ("pages.pdf",): f"pages, over the limit of {Limits().pages:,}", ("tags.html",): "the document is empty"}
     for (name, *options), words in cases.items():
         r = docqa(str(tmp_path / name), "what?", *options, timeout=60)
         assert r.returncode == 1, r.stderr

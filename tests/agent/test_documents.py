@@ -1,11 +1,13 @@
 """Reading documents and cutting them into chunks: every character kept, budgets respected, bad input refused."""
 
 import zipfile
+from pathlib import Path
 
 import pytest
 
-from qwen2.agent.documents import Document, Source, html_text, read_file, read_sources
+from qwen2.agent.documents import Document, Limits, Source, TooMuchText, html_text, read_file, read_sources
 from qwen2.errors import OptionError
+from tests.agent import bombs
 
 LONG_SENTENCE = "word " * 700  # one sentence far over any chunk budget
 
@@ -103,3 +105,32 @@ def test_bad_inputs_each_get_one_clear_line(tmp_path):
             read_sources(tmp_path / name)
         message = str(e.value)
         assert words in message and name in message and "\n" not in message
+
+
+@pytest.fixture
+def pages_read(monkeypatch) -> list[int]:
+    """Counts the pages pypdf extracts."""
+    from pypdf import PageObject
+
+    calls, extract = [], PageObject.extract_text
+    monkeypatch.setattr(PageObject, "extract_text", lambda page, *a, **k: calls.append(1) or extract(page, *a, **k))
+    return calls
+
+
+def test_pdf_extraction_stops_at_the_page_that_passes_the_text_cap(pages_read):
+    with pytest.raises(TooMuchText, match="more than 1,000 characters"):
+        read_file(Path("t.pdf"), bombs.text_pdf(["x" * 100] * 50), Limits(chars=1000))
+    assert len(pages_read) == 11  # ten pages make 1,000 characters; the eleventh passes the cap and ends it
+
+
+def test_a_pdf_over_the_page_cap_is_refused_before_any_page_is_read(pages_read):
+    with pytest.raises(TooMuchText) as e:
+        read_file(Path("long.pdf"), bombs.many_pages(3000), Limits(pages=1000))
+    assert "long.pdf: the PDF has 3,000 pages, over the limit of 1,000" in str(e.value)
+    assert pages_read == []
+
+
+def test_html_extraction_stops_at_the_text_cap():
+    assert len(html_text("<p>" + "word " * 200, max_chars=1000)) == 999  # 1,000 characters read, the last space dropped
+    with pytest.raises(TooMuchText, match="page.html: the document has more than 1,000 characters"):
+        html_text("<p>" + "word " * 201, max_chars=1000, path=Path("page.html"))

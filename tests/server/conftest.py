@@ -3,7 +3,7 @@
 - tiny: a random 2-layer Qwen2 with the real vocabulary, for everything where content does not
   matter (fast); 8 slots, a 16 MiB body cap.
 - strict: the same tiny model behind every limit: API key, 1 slot, a queue of 1, a 1.5 s
-  timeout, a 64 KiB body cap, CORS for one origin.
+  timeout, a 64 KiB body cap, CORS for one origin, one Host name besides loopback's.
 - default: the embedded default model, where the content matters (tools, JSON schema, chat).
 All three start together at the first use, so their start-up costs overlap.
 """
@@ -26,6 +26,7 @@ import pytest
 STRICT_KEY = "test-key-123"
 STRICT_ORIGIN = "http://allowed.example"
 STRICT_TIMEOUT = 1.5
+STRICT_HOST = "box.lan"  # --allowed-hosts
 
 
 def free_port() -> int:
@@ -133,7 +134,8 @@ def _servers(tmp_path_factory, default_gguf, default_tokenizer):
         "tiny": _launch("tiny", tiny, [*small, "--max-concurrency", "8", "--max-body", str(16 * 2**20)], root),
         "strict": _launch("strict", tiny, [*small, "--max-concurrency", "1", "--max-queue", "1",
                                            "--timeout", str(STRICT_TIMEOUT), "--api-key", STRICT_KEY,
-                                           "--max-body", "65536", "--cors-origin", STRICT_ORIGIN], root,
+                                           "--max-body", "65536", "--cors-origin", STRICT_ORIGIN,
+                                           "--allowed-hosts", STRICT_HOST], root,
                           api_key=STRICT_KEY, cors_origin=STRICT_ORIGIN, timeout=STRICT_TIMEOUT),
         "default": _launch("default", default_gguf, ["--ctx", "4096", "--max-concurrency", "4"], root),
     }
