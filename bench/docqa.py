@@ -128,7 +128,8 @@ def run_length(tokenizer, length: int, args: argparse.Namespace) -> list[dict]:
         path.write_text(text)
         command = [sys.executable, "-m", "qwen2", "docqa", str(path), *[c["question"] for _, c in asked],
                    "--level", ",".join(str(level) for level, _ in asked), "--json", "--quant", args.quant,
-                   "--parallel", str(args.parallel), "--budget", str(args.budget), "--retries", str(args.retries)]
+                   "--max-concurrency", str(args.parallel), "--budget", str(args.budget),
+                   "--retries", str(args.retries)]
         if args.kv_memory:
             command += ["--kv-memory", args.kv_memory]
         print("# " + " ".join(command[1:5] + [f"<{len(asked)} questions>"] + command[5 + len(asked):]), flush=True)

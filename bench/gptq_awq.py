@@ -92,7 +92,7 @@ def random_models(preset: str, desc_act: bool, gen) -> tuple[Transformer, Transf
 
 
 def decode_tps(model: Transformer, tokenizer: Tokenizer, tokens: int, runs: int, clock) -> float:
-    engine = Engine(model, tokenizer, max_slots=1, max_seq_len=256)
+    engine = Engine(model, tokenizer, max_concurrency=1, max_seq_len=256)
     rates = []
     for _ in range(runs + 1):  # the first run warms up
         request = engine.submit(list(range(1000, 1016)), SamplingParams(max_tokens=tokens, temperature=0))

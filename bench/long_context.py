@@ -96,7 +96,7 @@ def main() -> None:
 
     start = time.perf_counter()
     # the engine's cache serves NIAH (prompt + answer); perplexity allocates its own
-    llm = load(args.model, dtype=args.dtype, max_slots=1, ctx=max(args.lengths) + 32,
+    llm = load(args.model, dtype=args.dtype, max_concurrency=1, ctx=max(args.lengths) + 32,
                rope_scaling=args.rope_scaling, dca=args.dca)
     dtype = str(llm.model.model.embed_tokens.weight.dtype).removeprefix("torch.")
     print(f"model {args.model or 'default (Qwen2.5-Coder-0.5B-Instruct Q4_K_M)'}; {dtype}; "

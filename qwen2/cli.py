@@ -49,10 +49,10 @@ def sampling_from(args: argparse.Namespace) -> dict:
     return sampling
 
 
-def load_llm(args: argparse.Namespace, max_slots: int = 1):
+def load_llm(args: argparse.Namespace, max_concurrency: int = 1):
     from qwen2.loading import load
 
-    return load(**model_options(args), max_slots=max_slots)
+    return load(**model_options(args), max_concurrency=max_concurrency)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

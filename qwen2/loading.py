@@ -175,23 +175,22 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
          device: str | None = DEFAULTS.device, quant: str = DEFAULTS.quant, ctx: int | None = DEFAULTS.ctx,
          rope_scaling: str | None = DEFAULTS.rope_scaling, dca: str | None = DEFAULTS.dca,
          speculative: str | None = DEFAULTS.speculative, max_concurrency: int = 64, kv_memory: int | None = None,
-         prefill_chunk: int = 512, max_slots: int | None = None, kv_share: float | None = None) -> LLM:
+         prefill_chunk: int = 512, kv_share: float | None = None) -> LLM:
     """Load a model and an engine over it; the keyword arguments mean what the CLI options do.
 
     ctx: KV cache tokens per sequence (prompt and reply), default 32768 or the model's context
     limit if smaller. rope_scaling: e.g. "yarn:4" (static YaRN changes outputs on short prompts
     too, so it is opt-in). dca: "CHUNK" or "CHUNK:LOCAL" turns on Dual Chunk Attention.
     speculative: "ngram" (prompt lookup) or a draft model spec (same tokenizer) for greedy
-    decoding. max_concurrency: sequences decoded together at most (max_slots is its former
-    name). kv_memory: bytes of the paged KV cache all sequences share (default: a quarter of
-    the available RAM, half the free GPU memory; see qwen2.engine.engine). kv_share: when
+    decoding. max_concurrency: sequences decoded together at most. kv_memory: bytes of the
+    paged KV cache all sequences share (default: a quarter of the available RAM, half the free
+    GPU memory; see qwen2.engine.engine). kv_share: when
     kv_memory is not given, this share of the available memory, not capped at max_concurrency
     sequences (a prefix cache that keeps a whole document).
     """
     start = time.perf_counter()
     if ctx is not None and (not isinstance(ctx, int) or ctx < 1):
         raise OptionError(f"--ctx must be a positive number of tokens, got {ctx!r}")
-    max_concurrency = max_slots if max_slots is not None else max_concurrency
     if max_concurrency < 1 or prefill_chunk < 1:
         raise OptionError("max_concurrency and prefill_chunk must be at least 1")
     world = tensor_parallel.world_size()  # under torchrun, one model sharded over its processes

@@ -89,6 +89,28 @@ def add_model_options(p: argparse.ArgumentParser, ctx: bool = True, speculative:
                        "tokenizer), for greedy decoding")
 
 
+def add_engine_options(p: argparse.ArgumentParser, max_concurrency: int, kv_memory_default: str,
+                       old_flag: str | None = None) -> None:
+    """--max-concurrency and --kv-memory, for every command that runs the engine (load()'s
+    max_concurrency and kv_memory). `old_flag`: this command's former name for --max-concurrency,
+    still accepted (hidden) for a release."""
+    p.add_argument("--max-concurrency", type=int, default=max_concurrency, help="sequences decoded together at "
+                   "most; they share the KV cache, so this caps the batch, not the memory (default %(default)s)")
+    p.add_argument("--kv-memory", type=parse_bytes, default=None, help="memory for the KV cache all sequences "
+                   f"share, e.g. 4G (default: {kv_memory_default})")
+    if old_flag:  # the old name still works, unlisted
+        p.add_argument(old_flag, dest="max_concurrency", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The engine options given on the command line, as load() keyword arguments."""
+    if args.max_concurrency < 1:
+        from qwen2.errors import OptionError
+
+        raise OptionError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+    return dict(max_concurrency=args.max_concurrency, kv_memory=args.kv_memory)
+
+
 def model_options(args: argparse.Namespace) -> dict:
     """The model options given on the command line, as load() keyword arguments."""
     return {k: getattr(args, k) for k in asdict(DEFAULTS) if getattr(args, k, None) is not None}

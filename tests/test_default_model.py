@@ -27,14 +27,14 @@ def reference(default_gguf):
 def llm(default_gguf):
     from qwen2 import load
 
-    return load(default_gguf, dtype="float32", device="cpu", quant="none", max_slots=1, ctx=1024)
+    return load(default_gguf, dtype="float32", device="cpu", quant="none", max_concurrency=1, ctx=1024)
 
 
 @pytest.fixture(scope="module")
 def default_mode(default_gguf):
     from qwen2 import load
 
-    return load(default_gguf, max_slots=1, ctx=1024)
+    return load(default_gguf, max_concurrency=1, ctx=1024)
 
 
 def prompts(llm):

@@ -18,7 +18,7 @@ def path():
 def test_greedy_tokens_match_transformers(path):
     from qwen2 import load
 
-    llm = load(path, dtype="float32", device="cpu", quant="none", max_slots=1, ctx=512)
+    llm = load(path, dtype="float32", device="cpu", quant="none", max_concurrency=1, ctx=512)
     assert (llm.config.hidden_size, llm.config.num_hidden_layers, llm.config.head_dim) == (1536, 28, 128)
     reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                   dtype=torch.float32).eval()

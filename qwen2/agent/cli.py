@@ -1,7 +1,7 @@
 """`qwen2 docqa PATH "question" ["question" ...]`: answer questions over a document or a folder of them,
 with evidence. Several questions share one loaded model and one reading cache: at level 2 and 3 a
 passage read for one question is not computed again for the next (the engine's prefix cache,
-given up to KV_SHARE of the available memory, holds the passages' keys and values)."""
+given up to DOCQA_KV_SHARE of the available memory, holds the passages' keys and values)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import json
 import sys
 
 from qwen2.errors import OptionError
-from qwen2.options import add_model_options, model_options, parse_bytes, parse_tokens
+from qwen2.options import add_engine_options, add_model_options, engine_options, model_options, parse_tokens
 
-KV_SHARE = 0.6  # of the memory available at start, taken only as passages fill it: ~12 KiB a token for 0.5B
+DOCQA_KV_SHARE = 0.6  # of the memory available at start, taken only as passages fill it: ~12 KiB a token for 0.5B
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
@@ -27,14 +27,12 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
                    "comma-separated (1,2,3)")
     p.add_argument("--budget", type=parse_tokens, default=DEFAULT_BUDGET, help="tokens of document text in the "
                    "answering prompt (default %(default)s; needs --ctx of budget + ~600)")
-    p.add_argument("--parallel", type=int, default=4, help="chunks read at once in one batch (default %(default)s)")
     p.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="rounds of re-reading when no chunk helps "
                    "(default %(default)s)")
     p.add_argument("--max-calls", type=int, default=DEFAULT_MAX_CALLS, help="level 3: reader calls at most "
                    "(default %(default)s)")
-    p.add_argument("--kv-memory", type=parse_bytes, default=None, help="memory for the KV cache, which keeps read "
-                   f"passages for the next question (default: {KV_SHARE * 100:.0f}%% of the available memory, "
-                   "taken as used)")
+    add_engine_options(p, max_concurrency=4, kv_memory_default=f"{DOCQA_KV_SHARE * 100:.0f}%% of the available "
+                       "memory, taken as used: it keeps read passages for the next question", old_flag="--parallel")
     p.add_argument("--json", action="store_true", help="print one JSON object per question: the question, answer, "
                    "evidence, timings")
     add_model_options(p, speculative=False)
@@ -44,8 +42,9 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from qwen2.agent.documents import read_sources
 
-    if args.parallel < 1 or args.retries < 0 or args.max_calls < 1:
-        raise OptionError("--parallel and --max-calls must be at least 1, --retries at least 0")
+    if args.retries < 0 or args.max_calls < 1:
+        raise OptionError("--max-calls must be at least 1, --retries at least 0")
+    engine = engine_options(args)
     levels = args.level * len(args.questions) if len(args.level) == 1 else args.level
     if len(levels) != len(args.questions):
         raise OptionError(f"--level lists {len(args.level)} levels for {len(args.questions)} questions; give one "
@@ -55,8 +54,7 @@ def run(args: argparse.Namespace) -> None:
     from qwen2.agent.docqa import DocQA
     from qwen2.loading import load
 
-    llm = load(**model_options(args), max_slots=args.parallel, kv_memory=args.kv_memory,
-               kv_share=None if args.kv_memory else KV_SHARE)
+    llm = load(**model_options(args), **engine, kv_share=None if args.kv_memory else DOCQA_KV_SHARE)
     qa = DocQA(llm, budget=args.budget, retries=args.retries, max_calls=args.max_calls,
                progress=not args.json and sys.stderr.isatty())
     document = qa.document(sources)

@@ -18,7 +18,7 @@ cache holds the document (~12 KiB a token for the 0.5B model; `qwen2 docqa` size
 ```python
 from qwen2 import load
 from qwen2.agent import DocQA
-qa = DocQA(load(max_slots=4))
+qa = DocQA(load(max_concurrency=4))
 print(qa.ask("book.pdf", "Who hid the key?", level=2).answer)
 ```
 

@@ -72,7 +72,7 @@ def run_qwen2(spec: dict[str, Any]) -> dict[str, Any]:
     from qwen2.loading import load
 
     torch.set_num_threads(spec["threads"])
-    kwargs = dict(quant=spec["variant"]["quant"], max_slots=max(spec["concurrency"], default=1),
+    kwargs = dict(quant=spec["variant"]["quant"], max_concurrency=max(spec["concurrency"], default=1),
                   prefill_chunk=max(512, len(spec["prompt"])), ctx=len(spec["prompt"]) + spec["new_tokens"] + 8)
     llm = None
     for _ in range(spec["loads"]):  # the last load is the warm one: page cache, lazy imports, allocator

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 # tokens per KV block: the smallest the usual 16..64 range allows, for the least memory lost to
 # partly filled blocks; one gather per layer and step reads a sequence's blocks whatever their size
 BLOCK_SIZE = 16
-KV_SHARE = {"cpu": 0.25, "cuda": 0.5}  # default budget: this share of the memory available at start
+DEFAULT_KV_SHARE = {"cpu": 0.25, "cuda": 0.5}  # default budget: this share of the memory available at start
 
 
 @dataclass
@@ -108,25 +108,26 @@ class Request:
 
 
 def default_kv_memory(device: torch.device, share: float | None = None) -> int:
-    """`share` (default KV_SHARE) of the memory available now: free device memory on CUDA, MemAvailable on CPU."""
+    """`share` (default DEFAULT_KV_SHARE) of the memory available now: free device memory on CUDA,
+    MemAvailable on CPU."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0] * (share or KV_SHARE["cuda"]))
+        return int(torch.cuda.mem_get_info(device)[0] * (share or DEFAULT_KV_SHARE["cuda"]))
     try:
         with open("/proc/meminfo") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return int(available * (share or KV_SHARE["cpu"]))
+    return int(available * (share or DEFAULT_KV_SHARE["cpu"]))
 
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_concurrency: int = 64,
                  max_seq_len: int = 8192, prefill_chunk: int = 512,
                  speculator: PromptLookup | DraftModel | None = None, kv_memory: int | None = None,
-                 block_size: int = BLOCK_SIZE, max_slots: int | None = None, static_decode: bool | None = None,
+                 block_size: int = BLOCK_SIZE, static_decode: bool | None = None,
                  kv_share: float | None = None):
-        """max_slots: the former name of max_concurrency. kv_memory: bytes for the KV cache
-        (default: KV_SHARE of what is available, no more than max_concurrency full sequences).
+        """kv_memory: bytes for the KV cache
+        (default: DEFAULT_KV_SHARE of what is available, no more than max_concurrency full sequences).
         kv_share: instead, this share of what is available, uncapped: for a prefix cache meant to
         outlive its requests (a document read again with another question). Memory is taken only
         as blocks are first written.
@@ -137,7 +138,7 @@ class Engine:
         if not 0 < max_seq_len <= config.context_limit:
             raise ValueError(f"max_seq_len {max_seq_len} is outside 1..{config.context_limit}, the model's limit")
         self.max_seq_len, self.prefill_chunk = max_seq_len, prefill_chunk
-        self.max_concurrency = max_slots if max_slots is not None else max_concurrency
+        self.max_concurrency = max_concurrency
         weight = model.model.embed_tokens.weight
         per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * weight.element_size()
         blocks_per_seq = -(-max_seq_len // block_size)

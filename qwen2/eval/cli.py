@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from qwen2.errors import OptionError
-from qwen2.options import add_model_options, model_options, parse_tokens
+from qwen2.options import add_engine_options, add_model_options, engine_options, model_options, parse_tokens
 
 
 def token_list(text: str) -> list[int]:
@@ -61,14 +61,15 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
 EVALS = ("ppl", "niah", "humaneval", "mmlu", "asdiv", "multilingual", "safety")
 
 
-def add_common(p: argparse.ArgumentParser, slots: int) -> None:
+def add_common(p: argparse.ArgumentParser, slots: int) -> None:  # slots: the default --max-concurrency
     """The options every benchmark eval takes, then the shared model options."""
     p.add_argument("--limit", type=int, help="evaluate only the first N items (per language where the eval is "
                    "per language)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--json", type=Path, help="write the summary and per-item results here; items are also appended "
                    "to the same path with suffix .jsonl as they finish, and a rerun resumes from it")
-    p.add_argument("--slots", type=int, default=slots, help=f"sequences decoded together (default {slots})")
+    add_engine_options(p, max_concurrency=slots, kv_memory_default="a quarter of the available memory",
+                       old_flag="--slots")
     add_model_options(p, speculative=False)
 
 
@@ -129,8 +130,7 @@ def add_unsafe_exec(p: argparse.ArgumentParser) -> None:
 def _check_common(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
         raise OptionError(f"--limit must be at least 1, got {args.limit}")
-    if args.slots < 1:
-        raise OptionError(f"--slots must be at least 1, got {args.slots}")
+    engine_options(args)  # checks them
 
 
 def _settings(args: argparse.Namespace, **extra) -> dict:
@@ -142,9 +142,10 @@ def _settings(args: argparse.Namespace, **extra) -> dict:
 def _load_for(args: argparse.Namespace):
     from qwen2.loading import load
 
-    llm = load(**model_options(args), max_slots=args.slots)
+    llm = load(**model_options(args), **engine_options(args))
     weight = llm.model.model.embed_tokens.weight
-    print(f"# model {args.model or 'default'} ({weight.dtype}, {weight.device}), {args.slots} slots, loaded in "
+    print(f"# model {args.model or 'default'} ({weight.dtype}, {weight.device}, {llm.quant}), at most "
+          f"{args.max_concurrency} sequences at once, loaded in "
           f"{llm.load_seconds:.1f}s", flush=True)
     return llm
 
@@ -203,7 +204,7 @@ def cmd_humaneval(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace, ctx: int):
     from qwen2.loading import load
 
-    llm = load(**model_options(args), ctx=ctx, max_slots=1, prefill_chunk=args.prefill_chunk)
+    llm = load(**model_options(args), ctx=ctx, max_concurrency=1, prefill_chunk=args.prefill_chunk)
     weight = llm.model.model.embed_tokens.weight
     print(f"# model {args.model or 'default'} ({weight.dtype}, {weight.device}), rope scaling "
           f"{llm.config.rope_scaling}, dca {llm.config.dual_chunk_attention_config}, loaded in "

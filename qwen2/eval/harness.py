@@ -8,7 +8,7 @@ mixing the two. At the end `--json` gets `{"eval", "settings", "summary", "secon
 "results"}` with the headline numbers under `summary`, and stdout a Markdown summary.
 
 Generation goes through the engine's continuous batching: every prompt is submitted at once
-and the engine fills its `max_slots` as earlier requests finish. Scoring goes the same way:
+and the engine fills its `max_concurrency` as earlier requests finish. Scoring goes the same way:
 `next_token_logprobs` reads the distribution after each prompt (one prefill each), and
 `continuation_logprobs` teacher-forces a given continuation through the decoder, so contexts
 shared by several continuations are prefilled once (the engine's prefix cache).

@@ -33,10 +33,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qwen2.agent.documents import Limits
-from qwen2.agent.routes import docqa_router
 from qwen2.engine.async_engine import AsyncEngine, EngineUnavailableError, QueueFullError
 from qwen2.engine.llm import LLM
 from qwen2.errors import Qwen2Error, TokenizerError
+from qwen2.server.docqa import docqa_router
 from qwen2.server.metrics import Metrics
 from qwen2.server.protocol import APIError, invalid
 from qwen2.server.routes import router

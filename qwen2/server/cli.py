@@ -16,7 +16,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from qwen2.options import add_model_options, model_options, parse_bytes
+from qwen2.options import add_engine_options, add_model_options, engine_options, model_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,11 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("QWEN2_API_KEY"),
                    help="require this Bearer key on /v1 routes (default: $QWEN2_API_KEY)")
-    p.add_argument("--max-concurrency", type=int, default=64, help="sequences decoded together at most; they share "
-                   "the KV cache, so this caps the batch, not the memory (default 64)")
-    p.add_argument("--kv-memory", type=parse_bytes, default=None, help="memory for the KV cache all sequences share, "
-                   "e.g. 4G (default: a quarter of the available RAM on CPU, half the free GPU memory on CUDA; "
-                   "at least one --ctx sequence, at most --max-concurrency of them)")
+    add_engine_options(p, max_concurrency=64, kv_memory_default="a quarter of the available RAM on CPU, half the "
+                       "free GPU memory on CUDA; at least one --ctx sequence, at most --max-concurrency of them")
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before new requests get 429")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queueing included")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
@@ -77,9 +74,9 @@ def run(args: argparse.Namespace) -> None:
     from qwen2.loading import load
     from qwen2.server.app import LOOPBACK_HOSTS, Settings, create_app
 
-    if args.max_concurrency < 1 or args.max_queue < 0 or args.timeout <= 0 or args.max_body < 1:
-        raise OptionError("--max-concurrency and --max-body must be at least 1, --max-queue at least 0, "
-                          "--timeout positive")
+    engine = engine_options(args)
+    if args.max_queue < 0 or args.timeout <= 0 or args.max_body < 1:
+        raise OptionError("--max-body must be at least 1, --max-queue at least 0, --timeout positive")
     if args.docqa_concurrency < 1 or args.docqa_timeout <= 0:
         raise OptionError("--docqa-concurrency must be at least 1 and --docqa-timeout positive")
     if not 0 <= args.port <= 65535:
@@ -93,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
     # from sleep at every one of a forward's ~600 regions: 48 instead of 33 ms a token on the
     # default model on 2 cores.
     with ThreadPoolExecutor(1, thread_name_prefix="qwen2-load") as pool:
-        llm = pool.submit(load, **options, max_concurrency=args.max_concurrency, kv_memory=args.kv_memory).result()
+        llm = pool.submit(load, **options, **engine).result()
     settings = Settings(model_name=model_name(options.get("model")), api_key=args.api_key or None,
                         cors_origins=args.cors_origin, max_queue=args.max_queue, timeout=args.timeout,
                         max_body=args.max_body, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts,

@@ -37,7 +37,7 @@ class OnlineDPOTrainer(DPOTrainer):
         if longest + c.max_new_tokens > self.model.config.context_limit:
             raise OptionError(f"prompts of {longest} tokens plus --max-new-tokens {c.max_new_tokens} exceed the "
                               f"model's context of {self.model.config.context_limit}")
-        self.engine = Engine(self.model, self.tokenizer, max_slots=min(16, c.batch_size * c.samples),
+        self.engine = Engine(self.model, self.tokenizer, max_concurrency=min(16, c.batch_size * c.samples),
                              max_seq_len=longest + c.max_new_tokens + 1)
 
     def read_data(self) -> tuple[list[Pair], list[Pair]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qwen2.errors import OptionError
 from qwen2.eval.cli import add_unsafe_exec
-from qwen2.options import add_model_options, model_options
+from qwen2.options import add_engine_options, add_model_options, engine_options, model_options
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +43,8 @@ def _common(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens per sample (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample s of every problem uses seed + s (default 0)")
-    p.add_argument("--slots", type=int, default=8, help="sequences decoded together (default %(default)s)")
+    add_engine_options(p, max_concurrency=8, kv_memory_default="a quarter of the available memory",
+                       old_flag="--slots")
     add_model_options(p, speculative=False)
 
 
@@ -51,7 +52,8 @@ def _check(args: argparse.Namespace) -> None:
     from qwen2.engine.sampling import SamplingParams
     from qwen2.errors import RequestError
 
-    for name in ("k", "limit", "slots"):
+    engine_options(args)  # checks them
+    for name in ("k", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.k > 1 and args.temperature == 0:
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     todo = sum(key not in results for key in ids)
     if todo:
-        llm = load(**model_options(args), max_slots=args.slots)
+        llm = load(**model_options(args), **engine_options(args))
         if code:
             limits = Limits(wall_seconds=args.timeout, cpu_seconds=int(args.timeout) + 1)
             humaneval.run(llm, problems, results, "chat", args.k, args.temperature, args.max_tokens, args.seed, limits,

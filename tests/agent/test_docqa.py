@@ -22,7 +22,7 @@ def tiny_llm(default_tokenizer):
 
     torch.manual_seed(0)
     model = Transformer(tiny_config(max_position_embeddings=4096)).eval()
-    engine = Engine(model, default_tokenizer, max_slots=4, max_seq_len=4096)
+    engine = Engine(model, default_tokenizer, max_concurrency=4, max_seq_len=4096)
     return LLM(model, default_tokenizer, engine)
 
 

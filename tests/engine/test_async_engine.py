@@ -15,7 +15,7 @@ GREEDY = dict(temperature=0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture
 def async_engine(tiny_model, default_tokenizer):
-    engine = AsyncEngine(Engine(tiny_model, default_tokenizer, max_slots=4, max_seq_len=128), max_waiting=8)
+    engine = AsyncEngine(Engine(tiny_model, default_tokenizer, max_concurrency=4, max_seq_len=128), max_waiting=8)
     yield engine
     engine.shutdown()
 
@@ -30,7 +30,7 @@ def test_concurrent_streams_equal_sequential(async_engine, tiny_model, default_t
 
     concurrent = asyncio.run(main())
     for prompt, tokens in zip(PROMPTS, concurrent):
-        alone = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=128)
+        alone = Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=128)
         request = alone.submit(prompt, SamplingParams(**GREEDY))
         list(alone.stream(request))
         assert tokens == request.output
@@ -61,7 +61,7 @@ def test_invalid_request_raises_in_the_caller(async_engine):
 
 
 def test_full_queue_is_refused(tiny_model, default_tokenizer):
-    engine = AsyncEngine(Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=128), max_waiting=0)
+    engine = AsyncEngine(Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=128), max_waiting=0)
     try:
         with pytest.raises(QueueFullError):
             asyncio.run(collect(engine, "hello", **GREEDY))

@@ -13,7 +13,7 @@ PROMPTS = ["def quicksort(arr):", "The capital of France is", "一二三四五�
 
 
 def run_alone(model, tok, prompt, **params):
-    engine = Engine(model, tok, max_slots=1, max_seq_len=256)
+    engine = Engine(model, tok, max_concurrency=1, max_seq_len=256)
     request = engine.submit(prompt, SamplingParams(**params))
     list(engine.stream(request))
     return request.output
@@ -25,7 +25,7 @@ def drain(engine):
 
 
 def test_batched_greedy_equals_sequential(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=4, max_seq_len=256, prefill_chunk=8)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=4, max_seq_len=256, prefill_chunk=8)
     requests = [engine.submit(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)) for p in PROMPTS]
     drain(engine)
     for p, r in zip(PROMPTS, requests):
@@ -35,7 +35,7 @@ def test_batched_greedy_equals_sequential(tiny_model, default_tokenizer):
 
 
 def test_request_joining_mid_flight_gets_same_tokens(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=256, prefill_chunk=4)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=256, prefill_chunk=4)
     params = dict(temperature=0, max_tokens=10, ignore_eos=True)
     first = engine.submit(PROMPTS[0], SamplingParams(**params))
     for _ in range(6):
@@ -47,7 +47,7 @@ def test_request_joining_mid_flight_gets_same_tokens(tiny_model, default_tokeniz
 
 
 def test_more_requests_than_slots_wait_their_turn(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=256)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=256)
     params = dict(temperature=0, max_tokens=5, ignore_eos=True)
     requests = [engine.submit(p, SamplingParams(**params)) for p in PROMPTS]
     drain(engine)
@@ -55,14 +55,14 @@ def test_more_requests_than_slots_wait_their_turn(tiny_model, default_tokenizer)
 
 
 def test_a_kv_share_sizes_the_cache_by_memory_not_by_sequences(tiny_model, default_tokenizer):
-    capped = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256)
-    shared = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256, kv_share=0.01)
+    capped = Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=256)
+    shared = Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=256, kv_share=0.01)
     assert capped.blocks.usable * capped.cache.block_size <= 256 + capped.cache.block_size  # one sequence's worth
     assert shared.blocks.usable > 100 * capped.blocks.usable  # 1% of the available memory holds far more
 
 
 def test_prefix_cache_reuses_the_shared_prefix_and_changes_nothing(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=256)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=256)
     params = dict(temperature=0, max_tokens=6, ignore_eos=True)
     turn1 = "<|im_start|>user\nhello there, how are you today?<|im_end|>\n<|im_start|>assistant\n"
     first = engine.submit(turn1, SamplingParams(**params))
@@ -78,7 +78,7 @@ def test_prefix_cache_reuses_the_shared_prefix_and_changes_nothing(tiny_model, d
 def test_same_seed_same_text_alone_or_in_a_batch(tiny_model, default_tokenizer):
     params = dict(temperature=8.0, top_p=0.95, max_tokens=10, seed=1234, ignore_eos=True)  # hot: tiny model is peaked
     alone = run_alone(tiny_model, default_tokenizer, PROMPTS[1], **params)
-    engine = Engine(tiny_model, default_tokenizer, max_slots=3, max_seq_len=256)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=3, max_seq_len=256)
     others = [engine.submit(p, SamplingParams(temperature=1.0, max_tokens=10, seed=s))
               for p, s in ((PROMPTS[0], 1), (PROMPTS[2], 2))]
     mine = engine.submit(PROMPTS[1], SamplingParams(**params))
@@ -89,7 +89,7 @@ def test_same_seed_same_text_alone_or_in_a_batch(tiny_model, default_tokenizer):
 
 
 def test_cancel_frees_the_slot_at_once(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=256)
     params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
     a = engine.submit(PROMPTS[0], params)
     engine.step()
@@ -102,7 +102,7 @@ def test_cancel_frees_the_slot_at_once(tiny_model, default_tokenizer):
 
 
 def test_prompt_longer_than_context_is_refused_and_others_continue(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=64)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=64)
     ok = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     with pytest.raises(RequestError, match=r"has \d+ tokens but the context holds 64"):
         engine.submit("word " * 100, SamplingParams())
@@ -111,7 +111,7 @@ def test_prompt_longer_than_context_is_refused_and_others_continue(tiny_model, d
 
 
 def test_generation_stops_at_the_end_of_the_context(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=16)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=16)
     r = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
     list(engine.stream(r))
     assert r.finish_reason == "length" and len(r.prompt) + len(r.output) == 16
@@ -119,7 +119,7 @@ def test_generation_stops_at_the_end_of_the_context(tiny_model, default_tokenize
 
 def test_stop_id_ends_the_request(tiny_model, default_tokenizer):
     greedy = run_alone(tiny_model, default_tokenizer, PROMPTS[0], temperature=0, max_tokens=8, ignore_eos=True)
-    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=256)
     r = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[greedy[3]]))
     list(engine.stream(r))
     assert r.output == greedy[: greedy.index(greedy[3]) + 1] and r.finish_reason == "stop"
@@ -131,7 +131,7 @@ def test_stop_id_ends_the_request(tiny_model, default_tokenizer):
     (["hello", " wor", "ld"], ["world", "lo w"], "hel"),  # the earliest stop wins
 ])
 def test_stop_strings_across_token_boundaries(tiny_model, default_tokenizer, pieces, stop, shown):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=64)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=64)
     request = engine.submit("x", SamplingParams(stop=stop))
     text = ""
     for piece in pieces:
@@ -159,7 +159,7 @@ def test_speculative_greedy_equals_plain_greedy(tiny_model, default_tokenizer, k
         draft.config = tiny_config(num_hidden_layers=1)
         speculator = DraftModel(draft, max_len=256, k=3)
     params = dict(temperature=0, max_tokens=40, ignore_eos=True)
-    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256, speculator=speculator)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=256, speculator=speculator)
     request = engine.submit(prompt, SamplingParams(**params))
     list(engine.stream(request))
     assert request.output == run_alone(tiny_model, default_tokenizer, prompt, **params)
@@ -169,7 +169,7 @@ def test_speculative_greedy_equals_plain_greedy(tiny_model, default_tokenizer, k
 
 
 def test_short_prompts_prefill_together_and_match_alone(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=4, max_seq_len=256, prefill_chunk=64)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=4, max_seq_len=256, prefill_chunk=64)
     params = dict(temperature=0, max_tokens=8, ignore_eos=True)
     requests = [engine.submit(p, SamplingParams(**params)) for p in PROMPTS]
     assert len(engine.step()) == len(PROMPTS)  # one forward prefilled them all: each has its first token

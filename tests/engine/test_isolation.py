@@ -20,7 +20,7 @@ PROMPT, OTHER = "The quick brown fox", "Once upon a time"
 
 
 def alone(tiny_model, tokenizer, prompt: str) -> list[int]:
-    engine = Engine(tiny_model, tokenizer, max_slots=1, max_seq_len=128)
+    engine = Engine(tiny_model, tokenizer, max_concurrency=1, max_seq_len=128)
     request = engine.submit(prompt, SamplingParams(**GREEDY))
     list(engine.stream(request))
     return request.output
@@ -40,7 +40,7 @@ def drain(engine: Engine) -> list:
     ("stop", ["a"] * 17), ("stop", [""]), ("seed", 2**64), ("stop_token_ids", [-1]),
 ])
 def test_values_that_would_overflow_or_give_nan_are_refused(tiny_model, default_tokenizer, field, value):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=64)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=64)
     with pytest.raises(RequestError, match=field.split("_")[0]):
         engine.submit(PROMPT, SamplingParams(**{field: value}))
 
@@ -51,7 +51,7 @@ def test_a_failure_while_sampling_ends_that_request_alone(tiny_model, default_to
             raise ValueError("processor exploded")
         return logits
 
-    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=128)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=128)
     bad = engine.submit(PROMPT, SamplingParams(**GREEDY, logits_processors=[broken]))
     good = engine.submit(OTHER, SamplingParams(**GREEDY))
     outputs = drain(engine)
@@ -63,7 +63,7 @@ def test_a_failure_while_sampling_ends_that_request_alone(tiny_model, default_to
 
 
 def test_a_failure_in_detokenizing_ends_that_request_alone(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=128)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=128)
     bad = engine.submit(PROMPT, SamplingParams(**GREEDY))
     good = engine.submit(OTHER, SamplingParams(**GREEDY))
 
@@ -113,7 +113,7 @@ def test_a_long_stop_string_that_almost_matches_everywhere_is_held_and_found():
 
 
 def test_breaking_out_of_a_sync_stream_frees_the_slot_at_once(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=256)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=256)
     llm = LLM(tiny_model, default_tokenizer, engine)
     for _ in llm.generate(PROMPT, stream=True, temperature=0, max_tokens=200, ignore_eos=True):
         break
@@ -130,7 +130,7 @@ def test_breaking_out_of_a_sync_stream_frees_the_slot_at_once(tiny_model, defaul
 
 @pytest.fixture
 def async_engine(tiny_model, default_tokenizer):
-    engine = AsyncEngine(Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=256))
+    engine = AsyncEngine(Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=256))
     yield engine
     engine.shutdown()
 
@@ -200,7 +200,7 @@ def test_shutdown_ends_every_open_request_with_a_final_output(async_engine):
 
 
 def test_a_failed_forward_ends_the_requests_in_it_and_the_engine_serves_on(tiny_model, default_tokenizer):
-    engine = Engine(tiny_model, default_tokenizer, max_slots=2, max_seq_len=128)
+    engine = Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=128)
     forward = engine._forward
 
     def out_of_memory(*args, **kwargs):  # stands in for a real allocation failure, which cannot be provoked here

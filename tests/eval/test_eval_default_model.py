@@ -12,7 +12,7 @@ from qwen2.eval.perplexity import perplexity
 def llm(default_gguf):
     from qwen2 import load
 
-    return load(default_gguf, quant="none", max_slots=1, ctx=4096)
+    return load(default_gguf, quant="none", max_concurrency=1, ctx=4096)
 
 
 def test_finds_the_needle_in_2k_tokens(llm):

@@ -60,7 +60,7 @@ def test_prompt_has_the_length_and_the_needle_at_its_depth(haystack, length, dep
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_model, default_tokenizer):
     # tiny_config allows 512 positions: prompts of a few hundred tokens
-    return LLM(tiny_model, default_tokenizer, Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=512,
+    return LLM(tiny_model, default_tokenizer, Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=512,
                                                      prefill_chunk=128))
 
 

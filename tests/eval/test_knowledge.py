@@ -21,7 +21,7 @@ def test_mmlu_questions_parse_into_four_options_and_a_letter():
 
 
 def test_mmlu_scores_equal_a_direct_forward(tiny_model, default_tokenizer):
-    llm = LLM(tiny_model, default_tokenizer, Engine(tiny_model, default_tokenizer, max_slots=3, max_seq_len=512))
+    llm = LLM(tiny_model, default_tokenizer, Engine(tiny_model, default_tokenizer, max_concurrency=3, max_seq_len=512))
     every = mmlu.questions()
     shots = every[:1]  # the tiny model holds 512 positions: one shot and the shortest questions
     items = sorted(every[5:60], key=lambda q: len(mmlu.prompt(q, shots)))[:4]
@@ -59,7 +59,7 @@ def test_asdiv_correctness_rule():
 
 def run_mmlu(gguf, path, limit, capsys):
     main(["eval", "mmlu", "--model", str(gguf), "--quant", "none", "--dtype", "float32", "--limit", str(limit),
-          "--json", str(path), "--slots", "2"])
+          "--json", str(path), "--max-concurrency", "2"])
     capsys.readouterr()
     return json.loads(path.read_text())
 

@@ -36,7 +36,7 @@ PROMPTS = [dict(prompt="def add(a, b):", target="return a + b"),
 
 @pytest.fixture(scope="module")
 def llm(tiny_model, default_tokenizer):
-    return LLM(tiny_model, default_tokenizer, Engine(tiny_model, default_tokenizer, max_slots=4, max_seq_len=512))
+    return LLM(tiny_model, default_tokenizer, Engine(tiny_model, default_tokenizer, max_concurrency=4, max_seq_len=512))
 
 
 def direct(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:

@@ -169,6 +169,6 @@ def test_agreement_is_measured_on_the_held_out_half_with_the_calibrated_threshol
 def test_the_default_model_as_judge_agrees_with_human_labels_better_than_a_constant_answer():
     from qwen2.loading import load
 
-    result = safety.agreement(load(max_slots=8), None)  # 25 minutes on 2 shared cores
+    result = safety.agreement(load(max_concurrency=8), None)  # 25 minutes on 2 shared cores
     assert result["model_judge"] > max(result["always_refused"], 100 - result["always_refused"])
     assert result["combined"] >= result["model_judge"]

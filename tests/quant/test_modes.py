@@ -75,3 +75,4 @@ def test_the_planner_sizes_every_mode_of_the_table(capsys):
     with pytest.raises(SystemExit):
         main(["info", "--preset", "Qwen2-0.5B", "--plan", "--quant", "gguf"])
     assert "plan it by its type, one of " + ", ".join(quant.FILE_BLOCK_TYPES) in capsys.readouterr().err
+

@@ -12,7 +12,7 @@ from qwen2.server.app import Settings, create_app
 
 
 def test_health_is_503_and_requests_are_refused_while_the_engine_is_down(tiny_model, default_tokenizer):
-    llm = LLM(tiny_model, default_tokenizer, Engine(tiny_model, default_tokenizer, max_slots=1, max_seq_len=64))
+    llm = LLM(tiny_model, default_tokenizer, Engine(tiny_model, default_tokenizer, max_concurrency=1, max_seq_len=64))
     app = create_app(llm, Settings(model_name="tiny"))
     with TestClient(app, base_url="http://127.0.0.1") as client:  # a loopback Host, as the server wants
         assert client.get("/health").status_code == 200

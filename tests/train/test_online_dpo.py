@@ -28,7 +28,7 @@ def trainer(tiny_hf, tiny_model, default_tokenizer, tmp_path_factory):
 
 
 def _fresh_engine_samples(model, tokenizer, prompts, n, seed):
-    engine = Engine(copy.deepcopy(model).eval(), tokenizer, max_slots=min(16, 2 * n), max_seq_len=128)
+    engine = Engine(copy.deepcopy(model).eval(), tokenizer, max_concurrency=min(16, 2 * n), max_seq_len=128)
     requests = [[engine.submit(p, SamplingParams(max_tokens=4, temperature=1.0, seed=seed + 1000 * i + j))
                  for j in range(n)] for i, p in enumerate(prompts)]
     while engine.has_work:

@@ -246,7 +246,7 @@ def test_quant_none_dequantizes_to_the_float64_weights(checkpoints, name):
 
 @pytest.mark.parametrize("name", MODEL_CASES)
 def test_generate_runs_on_the_checkpoint(checkpoints, name):
-    llm = load(checkpoints[name][0], max_slots=1, ctx=64)
+    llm = load(checkpoints[name][0], max_concurrency=1, ctx=64)
     out = llm.generate("def quicksort(arr):", max_tokens=6, temperature=0)
     assert len(out.tokens) == 6 and out.finish_reason == "length"
 

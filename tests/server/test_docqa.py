@@ -38,7 +38,7 @@ def serving(tokenizer, settings: Settings):
 
     torch.manual_seed(0)
     model = Transformer(tiny_config(max_position_embeddings=4096)).eval()
-    llm = LLM(model, tokenizer, Engine(model, tokenizer, max_slots=4, max_seq_len=4096))
+    llm = LLM(model, tokenizer, Engine(model, tokenizer, max_concurrency=4, max_seq_len=4096))
     app = create_app(llm, settings)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
