@@ -36,11 +36,12 @@ from qwen2.quant import MODES, resolve_quant
 from qwen2.quant.blocks import attach_blocks, blocks_from_float
 from qwen2.quant.int_linear import int4_layout, quantize_model
 from qwen2.quant.kernels import BLOCKS
-from qwen2.quant.prequantized import load_int4_model
+from qwen2.quant.prequantized import attach_int4
 from qwen2.rope import parse_rope_scaling
 from qwen2.tokenizer import Tokenizer
 from qwen2.weights import describe, load_checkpoint, quantized
 from qwen2.weights.gguf import Blocks
+from qwen2.weights.gptq_awq import UnpackedLinear, read_config
 
 log = logging.getLogger(__name__)
 INT4_GROUP = 128
@@ -145,16 +146,15 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
 def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.device,
                     plan: tensor_parallel.Plan | None) -> tuple[Transformer, Tokenizer]:
     """Read the tensors (this rank's part under a plan), build, parallelize, then quantize: the
-    mode's layers swapped in, or a GGUF's own blocks attached where its float matrices would be."""
+    mode's layers swapped in, or a file's own quantized matrices (GGUF blocks, GPTQ/AWQ integers)
+    attached where their float matrices would be."""
     kind = MODES[mode].kind
-    if kind == "checkpoint":  # GPTQ / AWQ: their own packed int4 layers, read by their own reader
-        return load_int4_model(source, dtype, device)
     keep = frozenset(BLOCKS) if mode == "gguf" else frozenset()
-    config, state, tokenizer = load_checkpoint(source, dtype=dtype, keep_blocks=keep,
+    config, state, tokenizer = load_checkpoint(source, dtype=dtype, keep_blocks=keep, keep_packed=kind == "checkpoint",
                                                select=plan.select if plan else None)
-    blocks = {k: v for k, v in state.items() if isinstance(v, Blocks)}
-    # until attach_blocks replaces their modules, block matrices stand in as zero-stride views (no memory)
-    state = {k: torch.zeros((), dtype=dtype).expand(v.shape) if k in blocks else v for k, v in state.items()}
+    kept = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}  # Blocks or UnpackedLinear
+    # until they are attached, kept matrices stand in as zero-stride views of their shape (no memory)
+    state = {k: torch.zeros((), dtype=dtype).expand(_shape(v)) if k in kept else v for k, v in state.items()}
     with torch.device("meta"):
         net = Transformer(plan.rank_config() if plan else config)
     if plan is not None:
@@ -163,12 +163,18 @@ def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.d
     net.adopt(state, dtype=dtype, device=device)
     del state  # each float matrix is freed as its quantized replacement takes its place
     if mode == "gguf":  # the file's own blocks, where its types have a kernel (float ones stay float)
-        attach_blocks(net, blocks, dtype)
+        attach_blocks(net, kept, dtype)
+    elif kind == "checkpoint":
+        attach_int4(net, kept, read_config(source)[1].group_size, dtype)
     elif kind == "blocks":
         blocks_from_float(net, MODES[mode].block_type)
     elif kind == "int":
         quantize_model(net, mode, INT4_GROUP)
     return net, tokenizer
+
+
+def _shape(kept: Blocks | UnpackedLinear) -> tuple[int, ...]:
+    return tuple(kept.shape) if isinstance(kept, Blocks) else tuple(kept.q.shape)
 
 
 def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dtype,

@@ -1,6 +1,7 @@
-"""Networks from checkpoints that arrive quantized: GPTQ-Int4 and AWQ folders on our int4 kernel.
+"""Checkpoints that arrive quantized: GPTQ-Int4 and AWQ folders on our int4 kernel.
 
-qwen2.weights.gptq_awq reads and unpacks the checkpoint's integers; here each packed Linear becomes an
+qwen2.weights.gptq_awq reads and unpacks the checkpoint's integers, and qwen2.loading builds the
+network as for any checkpoint; `attach_int4` then makes each packed Linear an
 `Int4Linear` holding those same integers, with scale = s and zero = (8 - z) * s in the kernel's
 w = (q - 8) * scale + zero convention (bf16: |error| <= s / 16 per weight, see gptq_awq). GPTQ's
 desc_act groups gather inputs out of order: the layer's columns are stored group by group and it
@@ -15,25 +16,12 @@ float Linear of its dequantized weight. The result is not cached on disk.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from qwen2.model import Transformer
 from qwen2.quant.int_linear import INT4_GROUP_SIZES, Int4Linear
-from qwen2.tokenizer import Tokenizer
-from qwen2.weights.gptq_awq import (
-    UnpackedLinear,
-    dequantize,
-    get_tensor,
-    no_packed_layers,
-    open_tensors,
-    packed_prefixes,
-    read_config,
-    read_linear,
-)
-from qwen2.weights.hf import state_dict_keys
+from qwen2.weights.gptq_awq import UnpackedLinear, dequantize
 
 log = logging.getLogger(__name__)
 
@@ -60,44 +48,23 @@ def to_int4_linear(layer: UnpackedLinear, group_size: int, bias: Tensor | None) 
 
 
 @torch.no_grad()
-def load_int4_model(folder: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu"
-                    ) -> tuple[Transformer, Tokenizer]:
-    """The network with every packed Linear on the int4 kernel (float where it can't run: see the
-    module docstring), other tensors in `dtype`, and the folder's tokenizer."""
-    folder, device = Path(folder), torch.device(device)
-    config, fmt = read_config(folder)
-    with torch.device("meta"):
-        model = Transformer(config)
-    state: dict[str, Tensor] = {}
-    fallbacks = []
-    with open_tensors(folder) as tensors:
-        packed = set(packed_prefixes(config, tensors))
-        if not packed:
-            raise no_packed_layers(folder, fmt)
-        for key in state_dict_keys(config):
-            prefix = key.removesuffix(".weight")
-            if prefix not in packed:
-                if not (key.endswith(".bias") and key.removesuffix(".bias") in packed):
-                    state[key] = get_tensor(tensors, key, "a float tensor").to(device=device, dtype=dtype)
-                continue
-            linear = model.get_submodule(prefix)
-            unpacked = read_linear(tensors, prefix, fmt, linear.out_features, linear.in_features)
-            bias = None if linear.bias is None else get_tensor(tensors, f"{prefix}.bias", "a float tensor").to(dtype)
-            layer = to_int4_linear(unpacked, fmt.group_size, bias) if device.type == "cpu" else None
-            if layer is None:
-                fallbacks.append(prefix)
-                layer = nn.Linear(linear.in_features, linear.out_features, bias=bias is not None, device="meta")
-                layer.weight = nn.Parameter(dequantize(unpacked, dtype).to(device), requires_grad=False)
-                if bias is not None:
-                    layer.bias = nn.Parameter(bias.to(device), requires_grad=False)
-            parent, _, name = prefix.rpartition(".")
-            setattr(model.get_submodule(parent), name, layer.to(device))
+def attach_int4(model: nn.Module, packed: dict[str, UnpackedLinear], group_size: int, dtype: torch.dtype) -> None:
+    """Swap each packed Linear of a built model (named by its weight, as load_checkpoint(...,
+    keep_packed=True) returns them) for the int4 kernel's layer on its own integers, keeping the
+    Linear's bias; float where the kernel can't run it (see the module docstring)."""
+    fallbacks, device = [], torch.device("cpu")
+    for name, unpacked in packed.items():
+        prefix = name.removesuffix(".weight")
+        linear = model.get_submodule(prefix)
+        device = linear.weight.device
+        layer = to_int4_linear(unpacked, group_size, linear.bias) if device.type == "cpu" else None
+        if layer is None:
+            fallbacks.append(prefix)
+            layer = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+            layer.weight = nn.Parameter(dequantize(unpacked, dtype).to(device), requires_grad=False)
+            layer.bias = linear.bias
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to(device))
     if fallbacks:
         log.info("%d of %d packed layers run dequantized to float (%s), e.g. %s", len(fallbacks), len(packed),
                  "off CPU" if device.type != "cpu" else "the int4 kernel can't take their shape", fallbacks[0])
-    model.load_state_dict(state, assign=True, strict=False)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.set_rope(config)
-    return model.eval(), Tokenizer.from_files(folder)
-

@@ -84,23 +84,24 @@ def resolve_model(spec: str | Path | None = None, progress: bool = True) -> Path
 
 
 def load_checkpoint(spec: str | Path | None = None, dtype: torch.dtype | None = None,
-                    keep_blocks: frozenset[int] = frozenset(), select: Select | None = None,
-                    ) -> tuple[Qwen2Config, dict[str, torch.Tensor], Tokenizer]:
+                    keep_blocks: frozenset[int] = frozenset(), keep_packed: bool = False,
+                    select: Select | None = None) -> tuple[Qwen2Config, dict[str, torch.Tensor], Tokenizer]:
     """Read a checkpoint: its config, its tensors (hub naming, cast to `dtype`) and its tokenizer.
 
     keep_blocks: GGUF type ids whose matrices stay `gguf.Blocks` (mapped, not decoded): the types
-    the caller's kernels run (qwen2.quant.kernels.BLOCKS). select: which tensors, or which part
-    of each, to read (`Select`); None reads all of every one."""
+    the caller's kernels run (qwen2.quant.kernels.BLOCKS). keep_packed: a GPTQ/AWQ folder's packed
+    Linears stay their own integers (`gptq_awq.UnpackedLinear`). select: which tensors, or which
+    part of each, to read (`Select`); None reads all of every one."""
     from qwen2.weights.gguf import load_gguf
-    from qwen2.weights.gptq_awq import is_int4_checkpoint, load_dequantized
+    from qwen2.weights.gptq_awq import is_int4_checkpoint, load_int4_folder
     from qwen2.weights.hf import load_hf
 
     path = resolve_model(spec)
     if path.is_file():
         config, state_dict, meta = load_gguf(path, dtype=dtype or torch.float32, keep=keep_blocks, select=select)
         return config, state_dict, Tokenizer.from_gguf_metadata(meta)
-    if is_int4_checkpoint(path):  # its layers are dequantized whole, then selected
-        config, state_dict = load_dequantized(path, dtype=dtype)
+    if is_int4_checkpoint(path):  # its layers are read whole (and dequantized unless kept), then selected
+        config, state_dict = load_int4_folder(path, dtype=dtype, keep_packed=keep_packed)
         return config, select_from(state_dict, select) if select else state_dict, Tokenizer.from_files(path)
     config, state_dict = load_hf(path, dtype=dtype, select=select)
     return config, state_dict, Tokenizer.from_files(path)

@@ -1,7 +1,7 @@
 """Official GPTQ-Int4 and AWQ checkpoints (e.g. Qwen/Qwen2-7B-Instruct-GPTQ-Int4, -AWQ): an HF folder
 whose config.json has a `quantization_config`, and whose Linear layers are stored as packed 4-bit
 integers. This module reads and unpacks them (qwen2.quant.prequantized builds the int4 network from them)
-and dequantizes them to float for every other consumer (`load_dequantized`).
+and dequantizes them to float for every other consumer (`load_int4_folder`).
 
 Per Linear W [out=N, in=K], with inputs in groups sharing a scale s and a zero z: w = (q - z) * s.
 - GPTQ (AutoGPTQ): `qweight` int32 [K/8, N], eight q packed along the inputs, lowest nibble first;
@@ -211,10 +211,11 @@ def packed_prefixes(config: Qwen2Config, tensors: dict) -> list[str]:
     return [p for p in prefixes if f"{p}.qweight" in tensors]
 
 
-def load_dequantized(folder: str | Path, dtype: torch.dtype | None = None
-                     ) -> tuple[Qwen2Config, dict[str, Tensor]]:
-    """(config, float state dict in hub naming): every packed Linear dequantized, one at a time
-    (shapes are checked against the config when the network adopts the tensors)."""
+def load_int4_folder(folder: str | Path, dtype: torch.dtype | None = None, keep_packed: bool = False
+                     ) -> tuple[Qwen2Config, dict[str, Tensor | UnpackedLinear]]:
+    """(config, state dict in hub naming): every packed Linear's weight as its own integers
+    (`UnpackedLinear`, keep_packed) or dequantized to float, one at a time; the rest float. Shapes
+    are checked against the config when the network adopts the tensors."""
     folder = Path(folder)
     config, fmt = read_config(folder)
     state: dict[str, Tensor] = {}
@@ -225,7 +226,8 @@ def load_dequantized(folder: str | Path, dtype: torch.dtype | None = None
         for key in state_dict_keys(config):
             prefix = key.removesuffix(".weight")
             if prefix in packed:
-                state[key] = dequantize(read_linear(tensors, prefix, fmt), dtype or torch.float16)
+                layer = read_linear(tensors, prefix, fmt)
+                state[key] = layer if keep_packed else dequantize(layer, dtype or torch.float16)
             else:
                 t = get_tensor(tensors, key, "a float tensor")
                 state[key] = t if dtype is None else t.to(dtype)
