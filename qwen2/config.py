@@ -170,9 +170,11 @@ class Qwen2Config:
 
     @classmethod
     def from_preset(cls, name: str) -> Qwen2Config:
-        if name not in PRESETS:
+        """A named preset, in any case: qwen2-72b is Qwen2-72B, as hub ids and packaged names are."""
+        found = {key.lower(): key for key in PRESETS}.get(name.strip().lower())
+        if found is None:
             raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return cls.from_dict(PRESETS[name])
+        return cls.from_dict(PRESETS[found])
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -83,6 +83,11 @@ def test_missing_or_corrupt_config_json(tmp_path):
         Qwen2Config.from_hf_json(tmp_path)
 
 
+def test_a_preset_is_named_in_any_case():
+    assert Qwen2Config.from_preset("qwen2-72b") == Qwen2Config.from_preset("Qwen2-72B")
+    assert Qwen2Config.from_preset(" QWEN2-57B-A14B ").num_experts == 64
+
+
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="Qwen2-7B"):
         Qwen2Config.from_preset("Qwen9-1T")

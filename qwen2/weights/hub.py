@@ -22,7 +22,7 @@ from huggingface_hub.errors import (
 
 from qwen2.errors import DownloadError
 
-ALLOW_PATTERNS = ["*.json", "*.safetensors"]
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja"]  # newer checkpoints keep their template in chat_template.jinja
 
 
 def resolve_hub(repo_id: str, revision: str | None = None) -> Path:

@@ -48,3 +48,16 @@ def test_cached_snapshot_is_used_offline(hf_cache):
 def test_invalid_id(hf_cache):
     with pytest.raises(DownloadError, match="neither a local path nor a hub id"):
         resolve_hub("no/such/thing/here")
+
+
+def test_a_download_takes_the_weights_tokenizer_and_chat_template_only():
+    """Filtered by huggingface_hub's own function, as snapshot_download filters a repo's files."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from qwen2.weights.hub import ALLOW_PATTERNS
+
+    files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "chat_template.jinja", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+             "pytorch_model.bin", "README.md", "LICENSE"]
+    taken = set(filter_repo_objects(files, allow_patterns=ALLOW_PATTERNS))
+    assert taken == set(files) - {"pytorch_model.bin", "README.md", "LICENSE"}
