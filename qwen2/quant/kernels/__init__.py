@@ -3,7 +3,7 @@
 `gguf_ops()` compiles gguf.cpp on first use with this machine's g++ and Ninja
 (torch.utils.cpp_extension), for the widest vector ISA the CPU has, and returns the op namespace
 (`ops.matmul(x, w, qtype, k)`, `ops.dequantize(w, qtype, k)`); the build lives under
-`~/.cache/qwen2/quant/kernels/`, keyed by the source, the flags, the torch version and the CPU, so a
+`~/.cache/qwen2/kernels/`, keyed by the source, the flags, the torch version and the CPU, so a
 changed source or another CPU rebuilds it. Without a compiler (or when the build fails) it
 returns None after one warning, and the caller keeps the pure-torch path.
 
