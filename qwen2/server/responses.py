@@ -69,9 +69,9 @@ class Format:
 class ChatFormat(Format):
     object = "chat.completion.chunk"
 
-    def __init__(self, tokenizer: Tokenizer, model: str, tools: bool, prefill: str, logprobs: bool):
+    def __init__(self, tokenizer: Tokenizer, model: str, tools: tuple[str, ...], prefill: str, logprobs: bool):
         super().__init__(tokenizer, model, "chatcmpl")
-        self.tools, self.prefill, self.logprobs = tools, prefill, logprobs
+        self.tools, self.prefill, self.logprobs = tools, prefill, logprobs  # tools: the declared names
         self.streams: dict[int, ToolCallStream] = {}
         self.called: dict[int, int] = {}  # tool calls sent so far, per choice
 
@@ -98,7 +98,7 @@ class ChatFormat(Format):
     def head(self, choices: list[Choice]) -> list[dict]:
         for c in choices:
             if self.tools:
-                self.streams[c.index] = ToolCallStream()
+                self.streams[c.index] = ToolCallStream(self.tools)
                 self.streams[c.index].push(self.prefill)
         return [self._chunk(c.index, {"role": "assistant", "content": ""}) for c in choices]
 
@@ -126,7 +126,7 @@ class ChatFormat(Format):
     def response(self, choices: list[Choice], usage: dict) -> dict:
         out = []
         for c in choices:
-            content, calls = parse_tool_calls(self.prefill + c.text) if self.tools else (c.text, [])
+            content, calls = parse_tool_calls(self.prefill + c.text, self.tools) if self.tools else (c.text, [])
             message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
             if calls:
                 message["tool_calls"] = self._calls(c.index, calls)

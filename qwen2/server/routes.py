@@ -64,7 +64,8 @@ def _prepare_chat(server: Server, body: ChatRequest) -> tuple[list[Choice], Form
                    for i in range(body.n)]
     except RequestError as e:  # a schema llguidance cannot enforce
         raise invalid(str(e), "tools" if forced is not None else "response_format") from None
-    return choices, ChatFormat(server.tokenizer, server.model_name, tools is not None, prefill, body.logprobs)
+    names = tuple(t["function"]["name"] for t in tools) if tools else ()
+    return choices, ChatFormat(server.tokenizer, server.model_name, names, prefill, body.logprobs)
 
 
 def _prepare_completion(server: Server, body: CompletionRequest) -> tuple[list[Choice], Format]:

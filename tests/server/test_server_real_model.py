@@ -86,3 +86,20 @@ def test_json_schema_response_validates(default_server):
                                                                 "strict": True}})
     assert r.choices[0].finish_reason == "stop"  # the grammar forced <|im_end|> after the closing brace
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_a_call_written_without_its_tags_is_still_a_call(default_server):
+    """The 0.5B model answers this with a fenced or bare JSON call, no <tool_call> tags (greedy)."""
+    client = default_server.client()
+    for question in ("What's the weather in Paris right now?", "Is it raining in Tokyo?"):
+        kwargs = dict(model="default", messages=[{"role": "user", "content": question}], tools=[WEATHER],
+                      temperature=0, max_tokens=60)
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"]
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        streamed = [t for d in deltas for t in d.tool_calls or []]
+        assert [t.function.arguments for t in streamed] == [call.function.arguments]
+        assert not any(d.content for d in deltas) and chunks[-1].choices[0].finish_reason == "tool_calls"

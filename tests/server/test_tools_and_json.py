@@ -41,6 +41,41 @@ def test_streamed_calls_equal_parsed_calls_however_the_text_is_split():
         assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]
 
 
+NAMES = ("get_weather", "get_time")
+BARE = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+
+@pytest.mark.parametrize("reply", [BARE, f"```json\n{BARE}\n```", f"  ```\n{BARE}```\n",
+                                   f'[{BARE}, {{"name": "get_time", "arguments": {{}}}}]'])
+def test_a_reply_that_is_only_a_call_without_tags_is_a_call(reply):
+    content, calls = parse_tool_calls(reply, NAMES)
+    assert content == "" and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Paris"}
+    assert len(calls) == (2 if reply.startswith("[") else 1)
+    assert parse_tool_calls(reply) == (reply, [])  # without declared tools it stays content
+
+
+@pytest.mark.parametrize("reply", [
+    '{"name": "delete_everything", "arguments": {}}',  # a tool nobody declared
+    '{"name": "get_weather", "arguments": {}, "note": "x"}',  # more than a call
+    f"Here you go: {BARE}", '{"answer": 42}', "[]", "```python\nprint(1)\n```",
+])  # fmt: skip
+def test_json_that_is_not_exactly_a_declared_call_stays_content(reply):
+    assert parse_tool_calls(reply, NAMES) == (reply, [])
+
+
+@pytest.mark.parametrize("reply", [f"```json\n{BARE}\n```", f"Sure.\n{BARE}", "{not json at all"])
+def test_a_stream_holds_what_may_be_a_bare_call_until_it_ends(reply):
+    rng = random.Random(1)
+    stream, content, calls, i = ToolCallStream(NAMES), "", [], 0
+    while i < len(reply):
+        n = rng.randint(1, 5)
+        shown, done = stream.push(reply[i:i + n])
+        content, calls, i = content + shown, calls + done, i + n
+    shown, done = stream.finish()
+    content, calls = content + shown, calls + done
+    assert (content, [c.name for c in calls]) == (("", ["get_weather"]) if reply.startswith("```") else (reply, []))
+
+
 @pytest.fixture(scope="module")
 def grammars(default_tokenizer):
     return Grammars(default_tokenizer, 151936)
