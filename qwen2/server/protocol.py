@@ -3,8 +3,9 @@ into what the engine and the chat template take.
 
 Covered: chat messages (system/developer, user, assistant with tool_calls, tool; content a string
 or a list of text parts), tools and tool_choice, response_format, and the sampling parameters
-OpenAI defines plus vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos). Accepted and
-ignored: user, parallel_tool_calls. Not covered: image/audio parts (400), echo, best_of, suffix.
+OpenAI defines plus vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos); a completion's
+suffix (fill-in-the-middle). Accepted and ignored: user, parallel_tool_calls. Not covered:
+image/audio parts (400), echo, best_of.
 
 Bounds, so that no one request can cost the server more than its share (each a 400 naming the
 field): numbers finite; at most 16 stop strings of 1..1000 characters; logit_bias at most 300
@@ -239,6 +240,7 @@ class ChatRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None  # fill in the middle: the text after the completion
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

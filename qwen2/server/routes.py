@@ -68,9 +68,26 @@ def _prepare_chat(server: Server, body: ChatRequest) -> tuple[list[Choice], Form
     return choices, ChatFormat(server.tokenizer, server.model_name, names, prefill, body.logprobs)
 
 
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")  # Qwen2.5-Coder's fill-in-the-middle
+
+
+def _fill_in_the_middle(server: Server, prompt: str | list[int], suffix: str) -> list[int]:
+    """prefix, suffix -> <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>: the model writes the middle."""
+    ids = [server.tokenizer.token_to_id(t) for t in FIM_TOKENS]
+    if None in ids:
+        raise invalid("suffix (fill in the middle) needs a model with <|fim_prefix|>, <|fim_suffix|> and "
+                      "<|fim_middle|> tokens, such as Qwen2.5-Coder; this model has none", "suffix")
+    if not isinstance(prompt, str):
+        raise invalid("suffix needs a text prompt, not token ids", "prompt")
+    encode = server.tokenizer.encode
+    return [ids[0], *encode(prompt), ids[1], *encode(suffix), ids[2]]
+
+
 def _prepare_completion(server: Server, body: CompletionRequest) -> tuple[list[Choice], Format]:
     choices = []
     for p, prompt in enumerate(body.prompts()):
+        if body.suffix is not None:
+            prompt = _fill_in_the_middle(server, prompt, body.suffix)
         ids = server.prompt_ids(prompt, "prompt")
         choices += [Choice(p * body.n + j, ids, body.sampling_params(len(ids), server.context, j, body.logprobs))
                     for j in range(body.n)]

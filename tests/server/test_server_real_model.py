@@ -103,3 +103,14 @@ def test_a_call_written_without_its_tags_is_still_a_call(default_server):
         streamed = [t for d in deltas for t in d.tool_calls or []]
         assert [t.function.arguments for t in streamed] == [call.function.arguments]
         assert not any(d.content for d in deltas) and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_suffix_fills_in_the_middle(default_server):
+    """Qwen2.5-Coder's FIM tokens: the completion is the body between the prefix and the suffix."""
+    client = default_server.client()
+    prefix, suffix = "def is_even(n: int) -> bool:\n    ", "\n\n\nprint(is_even(4))\n"
+    filled = client.completions.create(model="default", prompt=prefix, suffix=suffix, max_tokens=24,
+                                       temperature=0).choices[0]
+    assert filled.text.startswith("return n % 2 == 0") and filled.finish_reason == "stop"
+    plain = client.completions.create(model="default", prompt=prefix, max_tokens=24, temperature=0).choices[0]
+    assert plain.text != filled.text and plain.finish_reason == "length"  # the suffix changed what was written
