@@ -44,10 +44,12 @@ from qwen2.server.structured import Grammars
 
 log = logging.getLogger(__name__)
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-          "/v1/docqa")  # metric labels
+          "/v1/docqa", "/tokenize", "/detokenize")  # metric labels
+KEYED = ("/v1/", "/tokenize", "/detokenize")  # the paths --api-key guards (vLLM's tokenizer routes too)
 PREPARE_THREADS = 2
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback-bound server answers to
 BODY_TYPES = {"/v1/chat/completions": "application/json", "/v1/completions": "application/json",
+              "/tokenize": "application/json", "/detokenize": "application/json",
               "/v1/docqa": "multipart/form-data"}  # the media type each POST route reads
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 T = TypeVar("T")
@@ -112,9 +114,10 @@ class Server:
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
 
-    def render(self, messages: list[dict], tools: list[dict] | None) -> str:
+    def render(self, messages: list[dict], tools: list[dict] | None, opened: bool = True) -> str:
+        """The chat as the template writes it; `opened`: ending with the assistant's turn begun."""
         try:
-            return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=opened)
         except TokenizerError as e:
             raise invalid(str(e), "messages") from None
 
@@ -243,7 +246,7 @@ class Guard:
                                      "site may call this server only if it is started with --cors-origin naming it",
                                 code="origin_not_allowed")
         key = settings.api_key
-        if key and scope["path"].startswith("/v1/"):
+        if key and scope["path"].startswith(KEYED):
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
                 return APIError(401, "missing or wrong API key; send the header Authorization: Bearer KEY",

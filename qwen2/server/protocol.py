@@ -252,3 +252,26 @@ class CompletionRequest(SamplingFields):
             raise invalid(f"{len(p)} prompts x n={self.n} is more than {MAX_SEQUENCES} sequences in one request; "
                           "send fewer prompts per request", "prompt")
         return list(p)
+
+
+# -- tokenize / detokenize (vLLM's routes and fields) ------------------------------------------
+class TokenizeRequest(Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1, max_length=2048)
+    add_generation_prompt: bool = True  # with messages: end with the assistant's turn opened
+    add_special_tokens: bool = True  # accepted: Qwen's tokenizer adds none (no BOS)
+    return_token_strs: bool = False
+
+    def text(self, render) -> str:
+        """The text to tokenize: the prompt, or the messages through `render(messages, add_generation_prompt)`."""
+        if (self.prompt is None) == (self.messages is None):
+            raise invalid("give either prompt (a text) or messages (a chat), not both or neither", "prompt")
+        if self.prompt is not None:
+            return self.prompt
+        return render([m.to_template() for m in self.messages], self.add_generation_prompt)
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)

@@ -19,7 +19,15 @@ from fastapi.responses import StreamingResponse
 from qwen2.errors import RequestError
 from qwen2.server import generation
 from qwen2.server.generation import Choice
-from qwen2.server.protocol import APIError, ChatRequest, CompletionRequest, SamplingFields, invalid
+from qwen2.server.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+    invalid,
+)
 from qwen2.server.responses import ChatFormat, CompletionFormat, Format, usage
 from qwen2.server.structured import tool_call_schema
 from qwen2.tools import TOOL_CALL_START
@@ -42,6 +50,29 @@ async def completions(body: CompletionRequest, http: Request) -> Any:
     server: Server = http.app.state.server
     choices, fmt = await server.prepare(_prepare_completion, server, body)
     return await respond(server, http, body, choices, fmt)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, http: Request) -> Any:
+    """vLLM's /tokenize: a prompt's (or a chat's, through the template) token ids."""
+    server: Server = http.app.state.server
+    return await server.prepare(_tokenize, server, body)
+
+
+def _tokenize(server: Server, body: TokenizeRequest) -> dict:
+    tokenizer = server.tokenizer
+    ids = tokenizer.encode(body.text(lambda messages, opened: server.render(messages, None, opened)))
+    strs = [tokenizer.id_to_token(i) for i in ids] if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": server.context, "tokens": ids, "token_strs": strs}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, http: Request) -> Any:
+    """vLLM's /detokenize: the text of token ids."""
+    server: Server = http.app.state.server
+    if not all(0 <= i < server.vocab_size for i in body.tokens):
+        raise invalid(f"token ids must be in [0, {server.vocab_size})", "tokens")
+    return {"prompt": await server.prepare(server.tokenizer.decode, body.tokens)}
 
 
 def _prepare_chat(server: Server, body: ChatRequest) -> tuple[list[Choice], Format]:
