@@ -140,3 +140,15 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
     os.utime(lock, (old, old))
     assert clear_stale_lock(tmp_path) and not lock.exists()
     assert not clear_stale_lock(tmp_path)  # no lock, nothing to do
+
+
+def test_each_torch_installation_builds_in_its_own_folder(monkeypatch, tmp_path):
+    """Two environments sharing one build folder would make ninja rebuild it at each switch."""
+    import torch
+
+    from qwen2.quant import kernels
+
+    isa = kernels.available_isas()[0] if kernels.available_isas() else "avx2"
+    here = kernels._build_dir(isa)[0]
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "another-venv" / "torch" / "__init__.py"))
+    assert kernels._build_dir(isa)[0] != here

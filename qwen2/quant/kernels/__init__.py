@@ -3,8 +3,8 @@
 `gguf_ops()` compiles gguf.cpp on first use with this machine's g++ and Ninja
 (torch.utils.cpp_extension), for the widest vector ISA the CPU has, and returns the op namespace
 (`ops.matmul(x, w, qtype, k)`, `ops.dequantize(w, qtype, k)`); the build lives under
-`~/.cache/qwen2/kernels/`, keyed by the source, the flags, the torch version and the CPU, so a
-changed source or another CPU rebuilds it. Without a compiler (or when the build fails) it
+`~/.cache/qwen2/kernels/`, keyed by the source, the flags, the torch version and installation,
+and the CPU, so a changed source or another CPU rebuilds it. Without a compiler (or when the build fails) it
 returns None after one warning, and the caller keeps the pure-torch path.
 
 Block types with a kernel (ggml-common.h; ../shared reference §8.2): F16, BF16, Q4_0, Q5_0,
@@ -63,8 +63,11 @@ def _build_dir(isa: str) -> tuple[str, Path]:
     from qwen2.pypi import cache_dir
 
     key = hashlib.sha256()
+    # torch's folder too: the build commands name its headers, so two environments sharing one folder
+    # (a project's venv and another) would make ninja rebuild it at each switch, each build holding
+    # the lock the other waits on
     for part in (SOURCE.read_bytes(), b"-fopenmp", " ".join(ISAS[isa][1]).encode(), torch.__version__.encode(),
-                 " ".join(sorted(cpu_flags())).encode()):
+                 " ".join(sorted(cpu_flags())).encode(), str(Path(torch.__file__).resolve().parent).encode()):
         key.update(part)
     name = f"qwen2_gguf_{isa}_{key.hexdigest()[:12]}"
     return name, cache_dir() / "kernels" / name
