@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	echo "$(PROMPT)" | $(VENV)/bin/qwen2 chat
+	echo "$(PROMPT)" | $(VENV)/bin/qwen2 chat --temperature 0  # greedy: the same real answer every run
 
 test: setup browser
 	$(PY) -m pytest -q -ra
