@@ -115,7 +115,7 @@ def run_program(source: str, limits: Limits = DEFAULT_LIMITS, prove: bool = Fals
                 unsafe: bool = False) -> RunResult:
     """Run `source` with `python -I` in the strongest sandbox this machine allows (module
     docstring). Never raises: a sandbox that cannot be set up, or cleaned up, is status "error"."""
-    mode = _mode() or ("unsafe" if unsafe else None)
+    mode = _mode(unsafe)
     if mode is None:
         return RunResult("error", None, f"{MARK} {unavailable_reason()}")
     token = secrets.token_hex(16) if prove else ""
@@ -127,7 +127,7 @@ def run_program(source: str, limits: Limits = DEFAULT_LIMITS, prove: bool = Fals
 
 def isolation(unsafe: bool = False) -> str | None:
     """What protects the host here (a line for summaries), or None if model code must not run."""
-    mode = _mode() or ("unsafe" if unsafe else None)
+    mode = _mode(unsafe)
     if mode is None:
         return None
     return LEVELS[mode] + ("; a cgroup per sample caps its memory and processes" if mode != "unsafe" and
@@ -140,8 +140,9 @@ def unavailable_reason() -> str:
             "seccomp profile), or pass --unsafe-exec to run it with limits only, unisolated")
 
 
-def _mode() -> str | None:
-    return _probe()[0]
+def _mode(unsafe: bool) -> str | None:
+    """The isolation this machine gives, else "unsafe" where the caller accepts none, else None."""
+    return _probe()[0] or ("unsafe" if unsafe else None)
 
 
 @cache
@@ -228,7 +229,7 @@ def _run(mode: str, source: str, limits: Limits, token: str) -> RunResult:
     spec = dict(mode=mode, limits=asdict(limits), source=source, token=token, interpreter=_interpreter(),
                 prefix=os.path.realpath(sys.base_prefix), env={k: os.environ[k] for k in KEEP_ENV if k in os.environ},
                 uid=os.getuid(), gid=os.getgid(), sample_uid=200_000 + secrets.randbelow(800_000),
-                cgroups=_make_cgroups(limits) if mode != "unsafe" else [])
+                cgroups=_make_cgroups(limits) if mode != "unsafe" and _cgroups_work() else [])
     # an empty folder: the sandbox's root is mounted over it inside the namespaces (the host's
     # copy stays empty); unsafe mode works in it
     folder = tempfile.mkdtemp(prefix="qwen2-sandbox-")
