@@ -32,7 +32,7 @@ from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import OptionError, Qwen2Error
 from qwen2.model import Transformer
 from qwen2.options import DEFAULT_CTX, DEFAULTS
-from qwen2.quant import MODES, resolve_quant
+from qwen2.quant import MODES, file_blocks, resolve_quant
 from qwen2.quant.blocks import attach_blocks, blocks_from_float
 from qwen2.quant.int_linear import int4_layout, quantize_model
 from qwen2.quant.kernels import BLOCKS
@@ -62,7 +62,7 @@ def with_long_context(config: Qwen2Config, rope_scaling: str | None, dca: str | 
 def _quant_settings(mode: str, dtype: torch.dtype) -> dict:
     """Everything a quantized model's tensors depend on besides the source file."""
     return {"mode": mode, "group_size": INT4_GROUP, "dtype": str(dtype), "torch": torch.__version__,
-            "int4_layout": int4_layout()}
+            "int4_layout": int4_layout(), "activations": str(MODES[mode].activations)}
 
 
 def model_from_cache(entry: Path) -> tuple[Transformer, Tokenizer] | None:
@@ -74,12 +74,14 @@ def model_from_cache(entry: Path) -> tuple[Transformer, Tokenizer] | None:
     try:
         with torch.device("meta"):  # the module tree only, filled from the mapped file below
             model = Transformer(config)
-            if MODES[settings["mode"]].kind == "blocks":
-                blocks_from_float(model, MODES[settings["mode"]].block_type, empty=True)
+            saved = MODES[settings["mode"]]
+            if saved.kind == "blocks":
+                blocks_from_float(model, saved.block_type, empty=True, activations=saved.activations)
             else:
                 quantize_model(model, settings["mode"], int(settings["group_size"]), empty=True)
-        if config.tie_word_embeddings and hasattr(model.lm_head, "blocks"):
-            state["lm_head.blocks"] = state["model.embed_tokens.blocks"]  # one copy of the shared table
+        for table in ("blocks", "packed"):  # one copy of a tied table
+            if config.tie_word_embeddings and hasattr(model.lm_head, table) and f"lm_head.{table}" not in state:
+                state[f"lm_head.{table}"] = state[f"model.embed_tokens.{table}"]
         model.load_state_dict(state, assign=True, strict=True)
     except (Qwen2Error, KeyError, ValueError, RuntimeError) as e:
         log.warning("ignoring the quantized cache %s (%s); rebuilding it", entry, e)
@@ -126,7 +128,7 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
         if rank:
             sys.exit(1)
         raise
-    made_at_load = kind in ("int", "blocks") and mode != "gguf" and dev.type == "cpu" and plan is None
+    made_at_load = kind in ("int", "blocks") and not file_blocks(mode) and dev.type == "cpu" and plan is None
     settings = _quant_settings(mode, dt)
     entry = quantized.entry_for(source, settings) if made_at_load else None
     built = model_from_cache(entry) if entry is not None else None
@@ -136,7 +138,8 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
             net, tokenizer = built
             state = net.state_dict()
             if net.config.tie_word_embeddings:
-                state.pop("lm_head.blocks", None)  # the embedding's, stored once
+                for table in ("blocks", "packed"):  # the embedding's, stored once
+                    state.pop(f"lm_head.{table}", None)
             quantized.write_entry(entry, net.config, tokenizer, state, settings)
     net, tokenizer = built
     net.set_rope(with_long_context(net.config, rope_scaling, dca))
@@ -149,7 +152,7 @@ def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.d
     mode's layers swapped in, or a file's own quantized matrices (GGUF blocks, GPTQ/AWQ integers)
     attached where their float matrices would be."""
     kind = MODES[mode].kind
-    keep = frozenset(BLOCKS) if mode == "gguf" else frozenset()
+    keep = frozenset(BLOCKS) if file_blocks(mode) else frozenset()
     config, state, tokenizer = load_checkpoint(source, dtype=dtype, keep_blocks=keep, keep_packed=kind == "checkpoint",
                                                select=plan.select if plan else None)
     kept = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}  # Blocks or UnpackedLinear
@@ -162,12 +165,12 @@ def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.d
         state = plan.pad(state)
     net.adopt(state, dtype=dtype, device=device)
     del state  # each float matrix is freed as its quantized replacement takes its place
-    if mode == "gguf":  # the file's own blocks, where its types have a kernel (float ones stay float)
-        attach_blocks(net, kept, dtype)
+    if file_blocks(mode):  # the file's own blocks, where its types have a kernel (float ones stay float)
+        attach_blocks(net, kept, dtype, MODES[mode].activations, mapped=True)
     elif kind == "checkpoint":
         attach_int4(net, kept, read_config(source)[1].group_size, dtype)
     elif kind == "blocks":
-        blocks_from_float(net, MODES[mode].block_type)
+        blocks_from_float(net, MODES[mode].block_type, activations=MODES[mode].activations)
     elif kind == "int":
         quantize_model(net, mode, INT4_GROUP)
     return net, tokenizer

@@ -1,4 +1,5 @@
-"""Peak resident memory of this process, resettable so each measurement gets its own peak.
+"""Peak resident memory of this process, resettable so each measurement gets its own peak, and
+`drop_mapped_pages`, which gives back the pages of a read-only file mapping once they are copied.
 
 On Linux, writing 5 to /proc/self/clear_refs resets the high-water mark (VmHWM) that
 /proc/self/status reports. Elsewhere the peak is getrusage's, which covers the whole life
@@ -7,9 +8,17 @@ of the process and cannot be reset: a later, smaller measurement then shows the 
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import resource
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+MADV_DONTNEED = 4
 
 
 def reset_peak_rss() -> None:
@@ -28,3 +37,18 @@ def peak_rss_mib() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def drop_mapped_pages(t: torch.Tensor) -> None:
+    """Unmap the whole pages under `t` from this process (madvise MADV_DONTNEED); a later read of
+    them faults them back in from the file. Only for a file mapped copy-on-write and never written
+    (GGUF blocks, qwen2.weights.gguf): there they cost resident memory while their repacked copy is
+    what the model reads. Elsewhere (anonymous memory) it would zero the data, so callers must know."""
+    if sys.platform != "linux" or t.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)

@@ -26,7 +26,7 @@ from torch import nn
 
 from qwen2.config import Qwen2Config
 from qwen2.errors import ConfigError, OptionError
-from qwen2.quant import CHOICES, FILE_BLOCK_TYPES, MODES
+from qwen2.quant import CHOICES, FILE_BLOCK_TYPES, MODES, file_blocks
 
 USABLE = 0.9
 PREFILL_CHUNK = 512  # the engine's default prefill tokens per step
@@ -152,8 +152,8 @@ def sized_as(quant: str) -> str:
     where auto runs float), GPTQ/AWQ their int4 groups, a GGUF its block type."""
     if quant not in QUANTS:
         raise OptionError(f"unknown --quant {quant!r}; choose one of {', '.join(QUANTS)}")
-    if quant == "gguf":
-        raise OptionError(f"--quant gguf holds a file's own block types: plan it by its type, one of "
+    if quant in MODES and file_blocks(quant):
+        raise OptionError(f"--quant {quant} holds a file's own block types: plan it by its type, one of "
                           f"{', '.join(FILE_BLOCK_TYPES)}")
     if quant == "auto":
         return "none"

@@ -22,6 +22,7 @@ class QuantMode:
     shardable: bool  # runs under tensor parallelism (each rank quantizes its own shard)
     block_type: int | None  # GGUF type id made at load (blocks kind; None: the file's own)
     help: str
+    activations: str | None = None  # blocks kind: "int8" (repacked, llama.cpp's rounding) or "float32" (exact)
 
 
 MODES: dict[str, QuantMode] = {m.name: m for m in (
@@ -29,17 +30,24 @@ MODES: dict[str, QuantMode] = {m.name: m for m in (
     QuantMode("int8", "int", ("cpu", "cuda"), True, None, "per-channel int8, torch's kernel (bf16 activations)"),
     QuantMode("int4", "int", ("cpu", "cuda"), True, None, "group-wise int4, torch's kernel (bf16 activations); "
               "a GPTQ/AWQ folder's own int4"),
-    QuantMode("gguf", "blocks", ("cpu",), False, None, "a GGUF file's own blocks through our kernels (float32 "
-              "activations: exactly the file's weights)"),
-    QuantMode("q8_0", "blocks", ("cpu",), False, 8, "Q8_0 blocks made at load, our kernels"),
+    QuantMode("gguf", "blocks", ("cpu",), False, None, "a GGUF file's own blocks through our integer kernels "
+              "(activations rounded to int8 per 32, as llama.cpp does)", "int8"),
+    QuantMode("gguf-f32", "blocks", ("cpu",), False, None, "a GGUF file's own blocks with float32 activations: "
+              "exactly the file's weights (slower)", "float32"),
+    QuantMode("q8_0", "blocks", ("cpu",), False, 8, "Q8_0 blocks made at load, our integer kernels", "int8"),
     QuantMode("q4_k", "blocks", ("cpu",), False, 12, "Q4_K blocks made at load (Q8_0 where rows don't fit), our "
-              "kernels"),
+              "integer kernels", "int8"),
     QuantMode("gptq", "checkpoint", ("cpu", "cuda"), False, None, "a GPTQ folder's own int4 integers"),
     QuantMode("awq", "checkpoint", ("cpu", "cuda"), False, None, "an AWQ folder's own int4 integers"),
 )}
 CHOICES = ("auto", *MODES)
 # GGUF block types a file may hold that the planner sizes beside the modes (they run as "gguf")
 FILE_BLOCK_TYPES = ("q8_0", "q6_k", "q5_k", "q5_0", "q4_k", "q4_0")
+
+
+def file_blocks(mode: str) -> bool:
+    """Whether the mode runs a GGUF file's own blocks (rather than making blocks at load)."""
+    return MODES[mode].kind == "blocks" and MODES[mode].block_type is None
 
 
 def describe() -> str:
@@ -75,9 +83,9 @@ def resolve_quant(quant: str | None, device: str, source: Path | None = None, wo
         shardable = ", ".join(m.name for m in MODES.values() if m.shardable)
         raise OptionError(f"--quant {quant} is not available under tensor parallelism (torchrun): choose one of "
                           f"{shardable}, or run one process")
-    if quant == "gguf" and not is_gguf:
-        raise OptionError("--quant gguf runs a GGUF file's own blocks, and this model is not a GGUF; use q8_0 or "
-                          "q4_k to run an HF checkpoint on the same kernels")
+    if file_blocks(quant) and not is_gguf:
+        raise OptionError(f"--quant {quant} runs a GGUF file's own blocks, and this model is not a GGUF; use q8_0 "
+                          "or q4_k to run an HF checkpoint on the same kernels")
     if mode.kind == "checkpoint" and not int4_folder:
         raise OptionError(f"--quant {quant} runs a {quant.upper()} folder's own int4 weights, and this model is not "
                           "one; use int4 to quantize it at load")

@@ -1,11 +1,16 @@
 """Linear layers and the embedding computed directly on GGUF's quantized blocks.
 
 A GGUF file stores each matrix as rows of blocks (Q5_0, Q8_0, Q4_K, Q6_K, ...). `BlockLinear`
-keeps those bytes as they are, memory-mapped from the file, and multiplies with our compiled
-kernels (qwen2.quant.kernels): the result equals dequantize-then-matmul in float32, so a model run
-this way computes with exactly the file's weights, at a fraction of the float model's memory
-traffic. Many rows at once (a prefill) dequantize a tile of weight rows at a time into a GEMM
-instead, which is faster above BLOCK_KERNEL_MAX_ROWS rows.
+multiplies with our compiled kernels (qwen2.quant.kernels) in one of two activation formats:
+
+- "int8" (the default): the blocks are repacked once, at load, into groups of 8 rows whose
+  integers VNNI multiplies 8 rows at a time, and activations are rounded per run of 32 to int8
+  as llama.cpp does (bench/RESULTS.md has the fidelity); every byte of the file's weights is kept.
+- "float32": the file's rows as they are, memory-mapped, decoded to float32 in the kernel: the
+  result equals dequantize-then-matmul, so the model computes with exactly the file's weights.
+
+Many rows at once (a prefill) dequantize a tile of weight rows at a time into a GEMM instead,
+which is faster above the kernels' row limits.
 
 `attach_blocks(model, blocks)` swaps the named weights' modules of a built model for these
 layers (from outside the model, as quant.py does); `make_blocks(w, qtype)` encodes a float
@@ -22,22 +27,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qwen2.quant.kernels import BLOCKS, TYPE_NAMES, gguf_ops
+from qwen2.quant.kernels import BLOCKS, TYPE_NAMES, cpu_flags, gguf_ops
 from qwen2.weights.gguf import Blocks
 
-# Rows (batch x tokens) up to which the block kernel beats dequantize + GEMM (bench/quant_kernels.py,
-# Q5_0 4864x896, one thread: 16 rows 3.2 ms vs 4.0 ms; 32 rows 6.2 ms vs 5.2 ms).
+# Rows (batch x tokens) up to which the block kernels beat dequantize + GEMM (bench/quant_kernels.py,
+# Q5_0 4864x896, one thread: float32 activations 16 rows 3.2 ms vs 4.0 ms; 32 rows 6.2 ms vs 5.2 ms).
 BLOCK_KERNEL_MAX_ROWS = 16
+INT8_KERNEL_MAX_ROWS = 16
 _TILE_WEIGHTS = 1 << 20  # dequantize ~1M weights at a time, so the float tile is still in cache for the GEMM
 Q8_0, Q4_K = 8, 12
+ACTIVATIONS = ("int8", "float32")
+# Types the int8 kernel takes -> (weights per record, header bytes, bytes per run of 32), gguf_int8.cpp's layout
+PACKED = {2: (32, 16, 128), 6: (32, 16, 160), 8: (32, 16, 256), 12: (256, 160, 128), 13: (256, 160, 160),
+          14: (256, 144, 192)}
 
 
 @functools.lru_cache(maxsize=1)
-def _ops() -> tuple:
+def _ops():  # noqa: ANN202 (a torch op namespace)
     ops = gguf_ops()
     if ops is None:
         raise RuntimeError("GGUF block layers need the compiled kernels (qwen2.quant.kernels.gguf_ops)")
-    return ops.matmul, ops.dequantize
+    return ops
 
 
 def kernels_available() -> bool:
@@ -45,84 +55,152 @@ def kernels_available() -> bool:
     return gguf_ops() is not None
 
 
+def bf16_gemm_is_fast() -> bool:
+    """Whether torch's bfloat16 GEMMs run on bf16 hardware here (AMX tiles or AVX512-BF16, through
+    oneDNN): then many-row products of int8-activation layers take bf16 tiles, at 2-5x the float32 rate."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
 def dequantize(blocks: Tensor, qtype: int, columns: int) -> Tensor:
     """Rows of blocks (uint8 [rows, bytes]) -> float32 [rows, columns]."""
-    return _ops()[1](blocks, qtype, columns)
+    return _ops().dequantize(blocks, qtype, columns)
+
+
+def packable(qtype: int, rows: int, columns: int) -> bool:
+    """Whether the int8 kernel takes this matrix: its type, and rows in whole groups of 8."""
+    return qtype in PACKED and rows % 8 == 0 and columns % PACKED[qtype][0] == 0
+
+
+def packed_shape(qtype: int, rows: int, columns: int) -> tuple[int, int]:
+    """The repacked matrix's shape: one row of bytes per group of 8 weight rows."""
+    per_record, header, run = PACKED[qtype]
+    return rows // 8, columns // per_record * (header + per_record // 32 * run)
 
 
 class BlockLinear(nn.Module):
-    """y = x @ W.T + bias with W held as GGUF blocks (`blocks`: uint8 [out, bytes per row])."""
+    """y = x @ W.T + bias with W held as GGUF blocks.
 
-    def __init__(self, blocks: Tensor, qtype: int, in_features: int, bias: Tensor | None = None):
+    `blocks`: the file's rows (uint8 [out, bytes per row]); with activations="int8" they are
+    repacked here (`packed=True`: they already are, e.g. read back from the quantized cache).
+    A matrix the int8 kernel does not take (F16, rows not a multiple of 8) keeps float32."""
+
+    def __init__(self, blocks: Tensor, qtype: int, in_features: int, bias: Tensor | None = None,
+                 activations: str = "float32", packed: bool = False):
         super().__init__()
         n_block, block_bytes = BLOCKS[qtype]
-        if in_features % n_block or blocks.shape[1] != in_features // n_block * block_bytes:
+        out_features = blocks.shape[0] * 8 if packed else blocks.shape[0]
+        expected = packed_shape(qtype, out_features, in_features)[1] if packed else in_features // n_block * block_bytes
+        if in_features % n_block or blocks.shape[1] != expected:
             raise ValueError(f"{blocks.shape[1]} bytes per row do not hold {in_features} {TYPE_NAMES[qtype]} weights")
-        self.qtype, self.in_features, self.out_features = qtype, in_features, blocks.shape[0]
-        self.register_buffer("blocks", blocks)
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {activations!r}")
+        self.qtype, self.in_features, self.out_features = qtype, in_features, out_features
+        self.activations = activations if packable(qtype, out_features, in_features) else "float32"
+        if self.activations == "int8":
+            self.register_buffer("packed", blocks if packed else _ops().repack(blocks, qtype, in_features))
+        else:
+            self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def weight_tile(self, start: int, stop: int, bf16: bool = False) -> Tensor:
+        """Rows [start, stop) of the weight, float32 (exact) or bfloat16; packed: start and stop multiples of 8."""
+        if self.activations == "int8":
+            return _ops().dequantize_packed(self.packed[start // 8 : stop // 8], self.qtype, self.in_features, bf16)
+        tile = dequantize(self.blocks[start:stop], self.qtype, self.in_features)
+        return tile.bfloat16() if bf16 else tile
 
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)
-        if x.shape[0] <= BLOCK_KERNEL_MAX_ROWS:
-            y = _ops()[0](x if dtype == torch.float32 else x.float(), self.blocks, self.qtype, self.in_features)
-            y = y if dtype == torch.float32 else y.to(dtype)
-        else:
-            step = max(16, _TILE_WEIGHTS // self.in_features)
-            y = torch.cat([F.linear(x, dequantize(self.blocks[i : i + step], self.qtype, self.in_features).to(dtype))
-                           for i in range(0, self.out_features, step)], dim=-1)
+        rows = x.shape[0]
+        x32 = x if dtype == torch.float32 else x.float()
+        if self.activations == "int8" and rows <= INT8_KERNEL_MAX_ROWS:
+            y = _ops().matmul_int8(x32, self.packed, self.qtype, self.in_features).to(dtype)
+        elif self.activations == "float32" and rows <= BLOCK_KERNEL_MAX_ROWS:
+            y = _ops().matmul(x32, self.blocks, self.qtype, self.in_features).to(dtype)
+        else:  # many rows: GEMMs on dequantized tiles, bf16 where the hardware has it and activations are not exact
+            bf16 = dtype == torch.bfloat16 or (self.activations == "int8" and bf16_gemm_is_fast())
+            xt = x.to(torch.bfloat16 if bf16 else dtype)
+            step = max(16, _TILE_WEIGHTS // self.in_features // 8 * 8)
+            y = torch.cat([F.linear(xt, self.weight_tile(i, min(i + step, self.out_features), bf16))
+                           for i in range(0, self.out_features, step)], dim=-1).to(dtype)
         y = y.view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {TYPE_NAMES[self.qtype]}, bias={self.bias is not None}"
+        return (f"in={self.in_features}, out={self.out_features}, {TYPE_NAMES[self.qtype]}, "
+                f"bias={self.bias is not None}, {self.activations} activations")
 
 
 class BlockEmbedding(nn.Module):
-    """Token embedding rows decoded on lookup from GGUF blocks (no float copy of the table)."""
+    """Token embedding rows decoded on lookup from GGUF blocks (no float copy of the table).
 
-    def __init__(self, blocks: Tensor, qtype: int, dim: int, dtype: torch.dtype = torch.float32):
+    `packed=True`: the table is a repacked one (a tied output head's, shared): a lookup decodes
+    each token's group of 8 rows and keeps its own."""
+
+    def __init__(self, blocks: Tensor, qtype: int, dim: int, dtype: torch.dtype = torch.float32, packed: bool = False):
         super().__init__()
         self.qtype, self.embedding_dim, self.dtype = qtype, dim, dtype
-        self.register_buffer("blocks", blocks)
+        self.register_buffer("packed" if packed else "blocks", blocks)
+        self.rows = blocks.shape[0] * 8 if packed else blocks.shape[0]
 
     @property
     def weight(self) -> Tensor:
         """A stand-in holding no values (a zero-stride view): the dtype, device and shape that code
         asking the embedding what the model computes in expects. Never compute with it."""
-        return torch.zeros((), dtype=self.dtype, device=self.blocks.device).expand(self.blocks.shape[0],
-                                                                                   self.embedding_dim)
+        table = self.packed if hasattr(self, "packed") else self.blocks
+        return torch.zeros((), dtype=self.dtype, device=table.device).expand(self.rows, self.embedding_dim)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        rows = self.blocks.index_select(0, tokens.reshape(-1))
-        return dequantize(rows, self.qtype, self.embedding_dim).to(self.dtype).view(*tokens.shape, -1)
+        flat = tokens.reshape(-1)
+        if hasattr(self, "packed"):
+            groups = _ops().dequantize_packed(self.packed.index_select(0, flat // 8), self.qtype, self.embedding_dim)
+            rows = groups[torch.arange(flat.shape[0]) * 8 + flat % 8]
+        else:
+            rows = dequantize(self.blocks.index_select(0, flat), self.qtype, self.embedding_dim)
+        return rows.to(self.dtype).view(*tokens.shape, -1)
 
     def extra_repr(self) -> str:
-        return f"{self.blocks.shape[0]} x {self.embedding_dim}, {TYPE_NAMES[self.qtype]}"
+        return f"{self.rows} x {self.embedding_dim}, {TYPE_NAMES[self.qtype]}"
 
 
-def attach_blocks(model: nn.Module, blocks: dict[str, Blocks], dtype: torch.dtype) -> None:
+def attach_blocks(model: nn.Module, blocks: dict[str, Blocks], dtype: torch.dtype, activations: str = "float32",
+                  packed: frozenset[str] = frozenset(), mapped: bool = False) -> None:
     """Replace the modules owning each named weight ("...q_proj.weight") with block layers, in place.
 
-    A tied lm_head shares the embedding's blocks. Biases already loaded on the Linear carry over.
+    A tied lm_head shares the embedding's blocks (and repacks them for int8 activations). Biases
+    already loaded on the Linear carry over. `packed`: names whose data is already repacked.
+    `mapped`: the blocks are a GGUF file's mapping, whose pages go back once repacked (a model
+    would otherwise hold the file and its repacked copy both).
     """
+    from qwen2.memory import drop_mapped_pages
+
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     embed = blocks.get("model.embed_tokens.weight")
     if tied and embed is not None and "lm_head.weight" not in blocks:
         blocks = {**blocks, "lm_head.weight": embed}
-    for name, b in blocks.items():
+    share = tied and embed is not None
+    # the head first: a tied embedding then looks its rows up in the head's repacked table
+    for name in sorted(blocks, key=lambda n: n != "lm_head.weight"):
+        b = blocks[name]
         owner_name, _, leaf = name.rpartition(".")
         parent_name, _, child = owner_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        if leaf != "weight" or b.shape[1] != b.data.shape[1] // BLOCKS[b.qtype][1] * BLOCKS[b.qtype][0]:
+        if leaf != "weight" or (name not in packed and
+                                b.shape[1] != b.data.shape[1] // BLOCKS[b.qtype][1] * BLOCKS[b.qtype][0]):
             raise ValueError(f"{name}: {b.data.shape[1]} bytes per row do not hold {b.shape[1]} "
                              f"{TYPE_NAMES.get(b.qtype, b.qtype)} weights")
-        if isinstance(old, nn.Embedding):
+        head = getattr(model, "lm_head", None)
+        if isinstance(old, nn.Embedding) and share and getattr(head, "activations", None) == "int8":
+            setattr(parent, child, BlockEmbedding(head.packed, head.qtype, b.shape[1], dtype, packed=True))
+        elif isinstance(old, nn.Embedding):
             setattr(parent, child, BlockEmbedding(b.data, b.qtype, b.shape[1], dtype))
         else:
-            setattr(parent, child, BlockLinear(b.data, b.qtype, b.shape[1], getattr(old, "bias", None)))
+            layer = BlockLinear(b.data, b.qtype, b.shape[1], getattr(old, "bias", None), activations, name in packed)
+            setattr(parent, child, layer)
+            if mapped and layer.activations == "int8" and name not in packed:
+                drop_mapped_pages(b.data)
 
 
 def make_blocks(w: Tensor, qtype: int) -> Blocks:
@@ -148,22 +226,28 @@ def _float_weights(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def blocks_from_float(model: nn.Module, qtype: int, empty: bool = False) -> nn.Module:
+def blocks_from_float(model: nn.Module, qtype: int, empty: bool = False, activations: str = "float32") -> nn.Module:
     """Encode every eligible float matrix as blocks (Q4_K falls back to Q8_0 row by row shape), in place.
 
-    empty=True makes the layers with uninitialised bytes, for a saved state dict to be loaded into.
+    empty=True makes the layers with uninitialised bytes (repacked ones already in their repacked
+    shape), for a saved state dict to be loaded into.
     """
-    blocks = {}
+    blocks, packed = {}, set()
+    tied = getattr(model.config, "tie_word_embeddings", False)
     for name in _float_weights(model):
-        if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
-            continue  # attach_blocks shares the embedding's
-        w = model.get_parameter(name)
+        if name == "lm_head.weight" and tied and not (empty and activations == "int8"):
+            continue  # attach_blocks shares the embedding's (and repacks them for int8)
+        w = model.get_parameter(name) if name != "lm_head.weight" or not tied else model.model.embed_tokens.weight
+        t = Q8_0 if qtype == Q4_K and w.shape[1] % 256 else qtype
         if empty:
-            t = Q8_0 if qtype == Q4_K and w.shape[1] % 256 else qtype
             n_block, block_bytes = BLOCKS[t]
-            data = torch.empty(w.shape[0], w.shape[1] // n_block * block_bytes, dtype=torch.uint8, device="cpu")
-            blocks[name] = Blocks(t, data, tuple(w.shape))
+            shape = (w.shape[0], w.shape[1] // n_block * block_bytes)
+            if activations == "int8" and not name.endswith("embed_tokens.weight") and packable(t, *w.shape):
+                shape = packed_shape(t, *w.shape)
+                packed.add(name)
+            blocks[name] = Blocks(t, torch.empty(shape, dtype=torch.uint8, device="cpu"), tuple(w.shape))
         else:
             blocks[name] = make_blocks(w, qtype)
-    attach_blocks(model, blocks, next(p.dtype for p in model.parameters() if p.is_floating_point()))
+    attach_blocks(model, blocks, next(p.dtype for p in model.parameters() if p.is_floating_point()), activations,
+                  frozenset(packed))
     return model

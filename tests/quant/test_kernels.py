@@ -81,6 +81,63 @@ def test_matmul_equals_dequantize_then_float64_matmul(ops, qtype, threads):
         torch.set_num_threads(before)
 
 
+INT8_TYPES = [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+def rounded_to_int8(x: torch.Tensor) -> torch.Tensor:
+    """The int8 kernel's activations in float64: per run of 32, round(x * 127 / max|x|) * max|x| / 127,
+    in float32 as the kernel computes them (127 / amax as a true division: torch's `127 / t` takes
+    t's reciprocal first, one rounding more, which moves ties)."""
+    runs = x.view(x.shape[0], -1, 32)
+    amax = runs.abs().amax(-1, keepdim=True)
+    q = torch.round(runs * torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0))
+    return (q.double() * (amax / 127).double()).view(x.shape)
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+def test_repacking_keeps_every_weight_exactly(ops, qtype):
+    for cols in columns(qtype):
+        raw = make_blocks(qtype, 40, cols, seed=cols + 1)
+        packed = ops.repack(torch.from_numpy(raw), int(qtype), cols)
+        want = torch.from_numpy(reference(raw, qtype, cols))
+        assert torch.equal(ops.dequantize_packed(packed, int(qtype), cols).double(), want)
+        assert torch.equal(ops.dequantize_packed(packed, int(qtype), cols, True), want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+def test_int8_matmul_equals_float64_on_the_rounded_activations(ops, qtype, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for cols in columns(qtype):
+            raw = make_blocks(qtype, 40, cols, seed=cols)
+            w = torch.from_numpy(reference(raw, qtype, cols))
+            packed = ops.repack(torch.from_numpy(raw), int(qtype), cols)
+            for rows in (1, 2, 3, 4, 5, 7, 9):
+                x = torch.randn(rows, cols) * torch.rand(rows, 1) * 10
+                x[0, :32] = 0  # an all-zero run: scale 0, no division by it
+                xq = rounded_to_int8(x)
+                y = ops.matmul_int8(x, packed, int(qtype), cols).double()
+                # exact int32 sums, float32 scaling and accumulation over the runs
+                bound = (xq.abs() @ w.abs().T) * (cols / 32 * 2 ** -24 * 8) + 1e-30
+                assert ((y - xq @ w.T).abs() <= bound).all(), (qtype.name, cols, rows)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_int8_kernels_refuse_what_they_cannot_take(ops):
+    raw = torch.from_numpy(make_blocks(Q.Q8_0, 12, 64))
+    with pytest.raises(RuntimeError, match="groups of 8"):
+        ops.repack(raw, int(Q.Q8_0), 64)
+    with pytest.raises(RuntimeError, match="no integer kernel"):
+        ops.repack(torch.from_numpy(make_blocks(Q.F16, 8, 64)), int(Q.F16), 64)
+    packed = ops.repack(raw[:8], int(Q.Q8_0), 64)
+    with pytest.raises(RuntimeError, match="packed weights"):
+        ops.matmul_int8(torch.randn(1, 96), packed, int(Q.Q8_0), 96)
+    assert ops.matmul_int8(torch.empty(0, 64), packed, int(Q.Q8_0), 64).shape == (0, 8)
+
+
 def test_a_view_of_rows_and_empty_inputs_work(ops):
     raw = torch.from_numpy(make_blocks(Q.Q8_0, 40, 64))
     x = torch.randn(3, 64)

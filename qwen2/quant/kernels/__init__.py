@@ -2,7 +2,8 @@
 
 `gguf_ops()` compiles gguf.cpp on first use with this machine's g++ and Ninja
 (torch.utils.cpp_extension), for the widest vector ISA the CPU has, and returns the op namespace
-(`ops.matmul(x, w, qtype, k)`, `ops.dequantize(w, qtype, k)`); the build lives under
+(`ops.matmul(x, w, qtype, k)`, `ops.dequantize(w, qtype, k)`; on blocks repacked by
+`ops.repack(w, qtype, k)`, `ops.matmul_int8(x, packed, qtype, k)` and `ops.dequantize_packed`); the build lives under
 `~/.cache/qwen2/kernels/`, keyed by the source, the flags, the torch version and installation,
 and the CPU, so a changed source or another CPU rebuilds it. Without a compiler (or when the build fails) it
 returns None after one warning, and the caller keeps the pure-torch path.
@@ -25,15 +26,21 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("gguf.cpp")
+# gguf.cpp: float32 activations on the file's own blocks; gguf_int8.cpp: int8 activations on
+# blocks repacked into groups of 8 rows (VNNI where the build has it)
+SOURCES = (Path(__file__).with_name("gguf.cpp"), Path(__file__).with_name("gguf_int8.cpp"))
 STALE_LOCK_SECONDS = 600  # a build takes 20 s to 2 min
 # GGUF type id -> (weights per block, bytes per block)
 BLOCKS = {1: (1, 2), 30: (1, 2), 2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
 TYPE_NAMES = {1: "F16", 30: "BF16", 2: "Q4_0", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 # vector ISA -> (cpuinfo flags it needs, compiler flags)
 ISAS = {
+    "avx512vnni": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c"),
+                   ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma",
+                    "-mf16c")),
     "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"),
                ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c")),
+    "avx2vnni": (("avx2", "avx_vnni", "fma", "f16c"), ("-mavx2", "-mavxvnni", "-mfma", "-mf16c")),
     "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
 }
 
@@ -66,7 +73,8 @@ def _build_dir(isa: str) -> tuple[str, Path]:
     # torch's folder too: the build commands name its headers, so two environments sharing one folder
     # (a project's venv and another) would make ninja rebuild it at each switch, each build holding
     # the lock the other waits on
-    for part in (SOURCE.read_bytes(), b"-fopenmp", " ".join(ISAS[isa][1]).encode(), torch.__version__.encode(),
+    for part in (*(source.read_bytes() for source in SOURCES), b"-fopenmp", " ".join(ISAS[isa][1]).encode(),
+                 torch.__version__.encode(),
                  " ".join(sorted(cpu_flags())).encode(), str(Path(torch.__file__).resolve().parent).encode()):
         key.update(part)
     name = f"qwen2_gguf_{isa}_{key.hexdigest()[:12]}"
@@ -123,7 +131,8 @@ def _build(isa: str | None, isas: list[str]):  # noqa: ANN202
             print(f"qwen2: compiling our GGUF kernels for {isa} (once, about 20 s) into {folder}", file=sys.stderr,
                   flush=True)
         # -fopenmp: at::parallel_for is inline OpenMP in torch's CPU builds; without it the loop runs on one thread
-        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
+        cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], build_directory=str(folder),
+                           is_python_module=False,
                            extra_cflags=["-O3", "-fopenmp", f"-DQWEN2_NS={name}", *ISAS[isa][1]],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # a missing ninja, a compiler error, a read-only cache: all mean "no kernels"
