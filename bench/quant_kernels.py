@@ -1,7 +1,8 @@
 """Linear-layer kernels on CPU for the Qwen2.5-0.5B shapes: µs per call and weight GB/s.
 
-Ours: the GGUF block kernels (qwen2.quant.kernels, one row per block type the default file uses, plus
-the dequantize-a-tile-then-GEMM path BlockLinear takes above BLOCK_KERNEL_MAX_ROWS); beside them
+Ours: the GGUF block kernels (qwen2.quant.kernels, one row per block type the default file uses, with
+float32 activations on the file's rows and with int8 activations on the rows repacked, plus the
+dequantize-a-tile-then-GEMM path BlockLinear takes above BLOCK_KERNEL_MAX_ROWS); beside them
 torch's own CPU kernels (F.linear, oneDNN, int8/int4 packed GEMVs, ao dynamic quantization).
 
 Batch-1 decode reads every weight byte once per token, so a kernel's worth is its weight bytes /
@@ -143,6 +144,13 @@ def gguf_methods() -> list[Method]:
             return gguf_blocks(w, qtype), qtype, w.shape[1]
         ms.append(Method(f"gguf {TYPE_NAMES[qtype]} block kernel (ours, fp32)", torch.float32, prepare,
                          lambda x, s: gguf_ops().matmul(x, s[0], s[1], s[2]), max_rows=128))
+    for qtype in (6, 8, 12, 14):  # the same blocks repacked, int8 activations (the default since they came)
+        def prepare_int8(w: Tensor, rows: int, qtype: int = qtype) -> tuple:
+            if w.shape[1] % BLOCKS[qtype][0]:
+                raise ValueError(f"{TYPE_NAMES[qtype]} needs in_features % {BLOCKS[qtype][0]} == 0")
+            return gguf_ops().repack(gguf_blocks(w, qtype), qtype, w.shape[1]), qtype, w.shape[1]
+        ms.append(Method(f"gguf {TYPE_NAMES[qtype]} int8 kernel (ours, repacked)", torch.float32, prepare_int8,
+                         lambda x, s: gguf_ops().matmul_int8(x, s[0], s[1], s[2]), max_rows=128))
     ms.append(Method("gguf Q5_0 BlockLinear tile path (ours, fp32)", torch.float32,
                      lambda w, r: block_layers.BlockLinear(gguf_blocks(w, 8), 8, w.shape[1]), _block_tile_path,
                      copy=copy.deepcopy))

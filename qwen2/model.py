@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 == self.weight.dtype:  # one kernel, not seven: decode runs 49 of these a token
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in float32, cast back before the weight, exactly as the reference
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -198,13 +200,14 @@ class Attention(nn.Module):
             # one query row: each KV head's query group becomes rows of that head, so keys and values
             # are read once (with a mask, enable_gqa can fall back to a kernel that copies them per head)
             q, gqa = q.reshape(B, self.n_kv, -1, self.head_dim), False
+        mask = ctx.masks[self.window]  # None: plain causal, which the kernel skips blocks of rather than reads
         if x.device.type == "cpu" and T <= DECODE_ROWS and q.dtype != torch.float32:
             # torch's reduced-precision CPU attention kernel costs ~14x the float32 one for a few
             # query rows (819 vs 58 us at 520 keys, bench/RESULTS.md); decode reads little, so upcast
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=ctx.masks[self.window],
-                                               enable_gqa=gqa).to(q.dtype)
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=gqa).to(q.dtype)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.masks[self.window], enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
 
 
@@ -357,6 +360,9 @@ class Transformer(nn.Module):
         cos, sin = rotary_cos_sin(positions, inv_freq, self.attention_scaling, x.dtype)
         windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
         masks = {} if self.dca else {w: attention_mask(positions, key_positions, w, segments) for w in windows}
+        if None in masks and T > 1 and kv_len == T and segments is None and torch.equal(
+                positions, torch.arange(T, device=positions.device).expand(B, T)):
+            masks[None] = None  # every row starts at 0 and sees exactly its past: SDPA's own causal rule
         ctx = Context(positions, key_positions, cos, sin, inv_freq, self.attention_scaling, masks, cache, where,
                       kv_len, self.dca, router_logits)
         for block in self.model.layers:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 PEERS = ("qwen2", "llama.cpp", "transformers")
 # Each peer's variants, one subprocess each; --quick runs only the first.
 VARIANTS: dict[str, list[dict[str, Any]]] = {
-    "qwen2": [{"quant": q} for q in ("auto", "none", "int8", "int4")],
+    "qwen2": [{"quant": q} for q in ("auto", "gguf-f32", "none", "int4")],
     "llama.cpp": [{"flash_attn": False}, {"flash_attn": True}],
     "transformers": [{"dtype": "float32"}, {"dtype": "bfloat16"}],
 }
@@ -101,13 +101,15 @@ def run_qwen2(spec: dict[str, Any]) -> dict[str, Any]:
 
 def describe_torch_model(model: nn.Module) -> str:
     """E.g. "bfloat16", "int4 x168 + int8 x1 linears, bfloat16 activations" or
-    "GGUF blocks Q5_0 x144 + Q8_0 x13 + ..., float32 activations"."""
+    "GGUF blocks Q5_0 x144 + Q8_0 x13 + ..., int8 activations"."""
     from collections import Counter
 
     dtype = str(model.model.norm.weight.dtype).removeprefix("torch.")
-    blocks = Counter(m.extra_repr().split(", ")[2] for m in model.modules() if type(m).__name__ == "BlockLinear")
+    layers = [m for m in model.modules() if type(m).__name__ == "BlockLinear"]
+    blocks = Counter(m.extra_repr().split(", ")[2] for m in layers)
     if blocks:
-        return f"GGUF blocks {' + '.join(f'{k} x{n}' for k, n in sorted(blocks.items()))}, {dtype} activations"
+        activations = "/".join(sorted({m.activations for m in layers}))
+        return f"GGUF blocks {' + '.join(f'{k} x{n}' for k, n in sorted(blocks.items()))}, {activations} activations"
     kinds = Counter(type(m).__name__.removesuffix("Linear").lower() for m in model.modules()
                     if type(m).__name__ in ("Int8Linear", "Int4Linear"))
     if not kinds:

@@ -105,6 +105,18 @@ def test_the_embedding_decodes_only_the_looked_up_rows():
     assert embed.weight.shape == (300, 64) and embed.weight.stride() == (0, 0)  # a stand-in, no values
 
 
+def test_a_tied_embedding_looks_its_rows_up_in_the_heads_repacked_table():
+    from qwen2.quant.blocks import _ops
+
+    w = torch.randn(296, 64)
+    b = make_blocks(w, Q8_0)
+    packed = _ops().repack(b.data, Q8_0, 64)
+    embed = BlockEmbedding(packed, Q8_0, 64, packed=True)
+    ids = torch.tensor([[5, 295, 5], [0, 8, 7]])
+    assert torch.equal(embed(ids), dequantize(b.data, Q8_0, 64)[ids])
+    assert embed.weight.shape == (296, 64)
+
+
 @pytest.fixture(scope="module")
 def small_q4_k_gguf(tmp_path_factory, byte_tokenizer):
     """A model with 256-wide rows written as Q4_K (96-wide ones as Q5_0): the default file's mix of types."""
