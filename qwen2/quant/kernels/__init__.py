@@ -9,7 +9,7 @@ and the CPU, so a changed source or another CPU rebuilds it. Without a compiler 
 returns None after one warning, and the caller keeps the pure-torch path.
 
 Block types with a kernel (ggml-common.h; ../shared reference §8.2): F16, BF16, Q4_0, Q5_0,
-Q8_0, Q4_K, Q5_K, Q6_K: every type Qwen2's GGUF files use. Activations stay float32.
+Q8_0, Q4_K, Q5_K, Q6_K: every type Qwen2's GGUF files use (the int8 kernels: all but F16 and BF16).
 """
 
 from __future__ import annotations
