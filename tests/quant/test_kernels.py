@@ -7,6 +7,8 @@ otherwise from random bytes with sane float16 scales, which exercise every bit o
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +49,16 @@ def columns(qtype: Q) -> list[int]:
     return [77, 896] if n_block == 1 else [n_block, 3 * n_block if n_block == 256 else 896]
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(params=ISAS)
 def ops(request):
     ops = gguf_ops(request.param)
@@ -65,9 +77,7 @@ def test_dequantize_equals_gguf_py_exactly(ops, qtype):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matmul_equals_dequantize_then_float64_matmul(ops, qtype, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for cols in columns(qtype):
             raw = make_blocks(qtype, 37, cols, seed=cols)
             w = torch.from_numpy(reference(raw, qtype, cols))
@@ -77,8 +87,6 @@ def test_matmul_equals_dequantize_then_float64_matmul(ops, qtype, threads):
                 # float32 accumulation over `cols` terms: bound the error by the sum of |terms|
                 bound = (x.double().abs() @ w.abs().T) * (cols * 2 ** -24 * 4) + 1e-30
                 assert ((y - x.double() @ w.T).abs() <= bound).all(), (qtype.name, cols, rows)
-    finally:
-        torch.set_num_threads(before)
 
 
 INT8_TYPES = [Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -107,9 +115,7 @@ def test_repacking_keeps_every_weight_exactly(ops, qtype):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
 def test_int8_matmul_equals_float64_on_the_rounded_activations(ops, qtype, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for cols in columns(qtype):
             raw = make_blocks(qtype, 40, cols, seed=cols)
             w = torch.from_numpy(reference(raw, qtype, cols))
@@ -122,8 +128,6 @@ def test_int8_matmul_equals_float64_on_the_rounded_activations(ops, qtype, threa
                 # exact int32 sums, float32 scaling and accumulation over the runs
                 bound = (xq.abs() @ w.abs().T) * (cols / 32 * 2 ** -24 * 8) + 1e-30
                 assert ((y - xq @ w.T).abs() <= bound).all(), (qtype.name, cols, rows)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_int8_kernels_refuse_what_they_cannot_take(ops):
