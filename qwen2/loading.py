@@ -143,6 +143,10 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
             quantized.write_entry(entry, net.config, tokenizer, state, settings)
     net, tokenizer = built
     net.set_rope(with_long_context(net.config, rope_scaling, dca))
+    if dev.type == "cpu" and MODES[mode].kind == "blocks":
+        from qwen2.quant.fused_decode import FusedDecode
+
+        net.decode_step = FusedDecode.for_model(net)
     return net, tokenizer, mode
 
 

@@ -304,6 +304,7 @@ class Transformer(nn.Module):
         self.config = config
         self.model = _Body(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decode_step = None  # the layers of a decode step as fused calls, where the loader finds them apt
         self.set_rope(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -365,6 +366,8 @@ class Transformer(nn.Module):
             masks[None] = None  # every row starts at 0 and sees exactly its past: SDPA's own causal rule
         ctx = Context(positions, key_positions, cos, sin, inv_freq, self.attention_scaling, masks, cache, where,
                       kv_len, self.dca, router_logits)
+        if self.decode_step is not None and self.decode_step.applies(x, ctx):
+            return self.decode_step(x, ctx)
         for block in self.model.layers:
             x = block(x, ctx)
         return x

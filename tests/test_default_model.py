@@ -53,6 +53,7 @@ def prompts(llm):
 @pytest.mark.parametrize("mode", ["float32", "exact"])
 def test_last_position_logits_agree(reference, llm, exact_mode, mode):
     llm = llm if mode == "float32" else exact_mode
+    assert llm.model.decode_step is None  # float activations: the model's own layers
     for name, text in prompts(llm).items():
         ids = torch.tensor([llm.tokenizer.encode(text)])
         with torch.no_grad():
@@ -132,5 +133,6 @@ def test_the_default_mode_runs_the_files_blocks_with_no_float_copy_of_any_matrix
     assert linears == [] and isinstance(net.model.embed_tokens, BlockEmbedding)
     layers = [m for m in net.modules() if isinstance(m, BlockLinear)]
     assert len(layers) == 24 * 7 + 1 and {m.activations for m in layers} == {"int8"}
+    assert net.decode_step is not None  # a decode step's layers run as one fused call each
     floats = sum(t.numel() * t.element_size() for t in (*net.parameters(), *net.buffers()) if t.is_floating_point())
     assert floats < 4 << 20, f"{floats / 2**20:.1f} MiB of float tensors: only norms, biases and rotary belong here"

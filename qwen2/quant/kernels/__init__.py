@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 
 # gguf.cpp: float32 activations on the file's own blocks; gguf_int8.cpp: int8 activations on
-# blocks repacked into groups of 8 rows (VNNI where the build has it)
-SOURCES = (Path(__file__).with_name("gguf.cpp"), Path(__file__).with_name("gguf_int8.cpp"))
+# blocks repacked into groups of 8 rows (VNNI where the build has it); decode_layer.cpp: a decode
+# step's whole layer on those (int8_matmul.h: what the last two share)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("gguf.cpp", "gguf_int8.cpp", "decode_layer.cpp"))
+HEADERS = (Path(__file__).with_name("int8_matmul.h"),)
 STALE_LOCK_SECONDS = 600  # a build takes 20 s to 2 min
 # GGUF type id -> (weights per block, bytes per block)
 BLOCKS = {1: (1, 2), 30: (1, 2), 2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
@@ -73,8 +75,8 @@ def _build_dir(isa: str) -> tuple[str, Path]:
     # torch's folder too: the build commands name its headers, so two environments sharing one folder
     # (a project's venv and another) would make ninja rebuild it at each switch, each build holding
     # the lock the other waits on
-    for part in (*(source.read_bytes() for source in SOURCES), b"-fopenmp", " ".join(ISAS[isa][1]).encode(),
-                 torch.__version__.encode(),
+    for part in (*(source.read_bytes() for source in (*SOURCES, *HEADERS)), b"-fopenmp",
+                 " ".join(ISAS[isa][1]).encode(), torch.__version__.encode(),
                  " ".join(sorted(cpu_flags())).encode(), str(Path(torch.__file__).resolve().parent).encode()):
         key.update(part)
     name = f"qwen2_gguf_{isa}_{key.hexdigest()[:12]}"

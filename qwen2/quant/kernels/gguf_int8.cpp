@@ -1,250 +1,9 @@
-// Integer dot products on GGUF blocks repacked into groups of 8 rows, for the CPU.
-//
-// Activations are rounded per run of 32 to int8 with one float scale (as llama.cpp's Q8_0),
-// weights stay the file's integers, and the products are exact int32 sums: VNNI's vpdpbusd
-// (u8 x s8, four products per 32-bit lane) where the CPU has it, maddubs + madd otherwise.
-//
-// The repacked layout makes one 32-bit lane hold one weight row: a "unit" is 32 bytes, byte
-// 4j+i holding weight 4u+i of row j (u = 0..7 the unit's place in a run of 32). One vpdpbusd on
-// a unit and the activations' four bytes repeated 8 times gives 8 rows' partial dot products at
-// once, and the 8 rows' scales load as one vector; per run of 32 weights a row costs a quarter of
-// the instructions of decoding its block to floats (gguf.cpp).
-//
-// A group of 8 rows is a run of records, one per super-block (32 weights for Q4_0/Q5_0/Q8_0,
-// 256 for the K-quants): a header with the 8 rows' scales, then per run of 32:
-//   low bits:   128 bytes, byte 32c+p: low nibble = unit c byte p, high nibble = unit c+4 byte p
-//   Q5_0/Q5_K:  + 32 bytes, the fifth bits of unit u as a uint32 at 4u
-//   Q6_K:       + 64 bytes, bits 2s..2s+1 of byte p: the top two bits of unit 2s byte p (p < 32)
-//                 or of unit 2s+1 byte p-32
-//   Q8_0:       256 bytes of int8 in unit order instead
-// Headers: Q4_0/Q5_0/Q8_0 d[8] (f16); Q4_K/Q5_K d[8], dmin[8], then per run sc[8], m[8] (u8);
-// Q6_K d[8], then per run sc[8] of its first 16 weights and sc[8] of its last 16 (int8).
-// Every byte of the file's rows is kept (only the K-quants' packed 6-bit scales grow to bytes),
-// so a repacked model reads what the file holds, and `dequantize_packed` returns its exact weights.
+// Integer dot products on GGUF blocks repacked into groups of 8 rows: the ops (int8_matmul.h has
+// the layout and the product).
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include <immintrin.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+#include "int8_matmul.h"
 
 namespace {
-
-enum QType : int64_t { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
-
-inline float half(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
-// ---- vectors of integer units: one AVX512 register holds two units, an AVX2 register one ----
-#if defined(__AVX512F__)
-using ivec = __m512i;
-using fvec = __m512;
-constexpr int VB = 64;
-inline ivec iload(const uint8_t* p) { return _mm512_loadu_si512(p); }
-inline ivec iset1(int8_t a) { return _mm512_set1_epi8(a); }
-inline ivec iand(ivec a, ivec b) { return _mm512_and_si512(a, b); }
-inline ivec ior(ivec a, ivec b) { return _mm512_or_si512(a, b); }
-inline ivec isrl(ivec a, int n) { return _mm512_srli_epi16(a, n); }
-inline ivec isll(ivec a, int n) { return _mm512_slli_epi16(a, n); }
-inline ivec izero() { return _mm512_setzero_si512(); }
-// a |= value where the unit's bits say (bits: VB/8 bytes, one bit per byte)
-inline ivec or_bits(ivec a, const uint8_t* bits, int8_t value) {
-  uint64_t m;
-  std::memcpy(&m, bits, 8);
-  return _mm512_mask_add_epi8(a, m, a, _mm512_set1_epi8(value));  // the bit is clear: add = or
-}
-// int32 lanes += sum of 4 products u8 (a) x s8 (b)
-inline ivec dot(ivec acc, ivec a, ivec b) {
-#if defined(__AVX512VNNI__)
-  return _mm512_dpbusd_epi32(acc, a, b);
-#else
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)));
-#endif
-}
-// signed weights (Q8_0): |w| x (x with w's sign)
-inline void sign_split(ivec w, ivec x, ivec* a, ivec* b) {
-  *a = _mm512_abs_epi8(w);
-  *b = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
-}
-inline fvec fzero() { return _mm512_setzero_ps(); }
-inline fvec fwiden(__m256 s) { return _mm512_insertf32x8(_mm512_castps256_ps512(s), s, 1); }  // 8 rows, both units
-inline fvec fma_scaled(ivec acc, fvec scale, float dx, fvec into) {
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(scale, _mm512_set1_ps(dx)), into);
-}
-inline __m256 rows8(fvec a) {  // lanes j and j+8 hold row j of the even and odd units
-  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-}
-#else
-using ivec = __m256i;
-using fvec = __m256;
-constexpr int VB = 32;
-inline ivec iload(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-inline ivec iset1(int8_t a) { return _mm256_set1_epi8(a); }
-inline ivec iand(ivec a, ivec b) { return _mm256_and_si256(a, b); }
-inline ivec ior(ivec a, ivec b) { return _mm256_or_si256(a, b); }
-inline ivec isrl(ivec a, int n) { return _mm256_srli_epi16(a, n); }
-inline ivec isll(ivec a, int n) { return _mm256_slli_epi16(a, n); }
-inline ivec izero() { return _mm256_setzero_si256(); }
-inline ivec or_bits(ivec a, const uint8_t* bits, int8_t value) {
-  uint32_t m;
-  std::memcpy(&m, bits, 4);
-  const __m256i spread = _mm256_shuffle_epi8(  // byte j <- byte j/8 of m
-      _mm256_set1_epi32(static_cast<int>(m)),
-      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-  const __m256i select = _mm256_set1_epi64x(0x8040201008040201LL);
-  const __m256i on = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
-  return _mm256_or_si256(a, _mm256_and_si256(on, _mm256_set1_epi8(value)));
-}
-inline ivec dot(ivec acc, ivec a, ivec b) {
-#if defined(__AVXVNNI__)
-  return _mm256_dpbusd_avx_epi32(acc, a, b);
-#else
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
-#endif
-}
-inline void sign_split(ivec w, ivec x, ivec* a, ivec* b) {
-  *a = _mm256_sign_epi8(w, w);
-  *b = _mm256_sign_epi8(x, w);
-}
-inline fvec fzero() { return _mm256_setzero_ps(); }
-inline fvec fwiden(__m256 s) { return s; }
-inline fvec fma_scaled(ivec acc, fvec scale, float dx, fvec into) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(scale, _mm256_set1_ps(dx)), into);
-}
-inline __m256 rows8(fvec a) { return a; }
-#endif
-constexpr int NV = 256 / VB;  // vectors per run of 32 weights x 8 rows
-
-inline __m256 load_halves(const uint8_t* p) {  // 8 f16 -> 8 floats
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load_u8(const uint8_t* p) {  // 8 u8 -> 8 floats
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m256 load_i8(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-// ---- each type: its record sizes and how a run decodes into NV vectors of unsigned (or, for Q8_0, signed) bytes
-struct Layout {
-  int64_t super, header, run;  // weights per record; header bytes; bytes per run of 32
-};
-
-constexpr Layout layout(int64_t t) {
-  switch (t) {
-    case Q4_0: return {32, 16, 128};
-    case Q5_0: return {32, 16, 160};
-    case Q8_0: return {32, 16, 256};
-    case Q4_K: return {256, 32 + 8 * 16, 128};
-    case Q5_K: return {256, 32 + 8 * 16, 160};
-    case Q6_K: return {256, 16 + 8 * 16, 192};
-    default: return {0, 0, 0};
-  }
-}
-
-template <int64_t T>
-inline void decode_run(const uint8_t* run, ivec* v) {
-  if constexpr (T == Q8_0) {
-    for (int i = 0; i < NV; ++i) v[i] = iload(run + VB * i);
-  } else {
-    const ivec low4 = iset1(0x0F);
-    for (int h = 0; h < NV / 2; ++h) {
-      const ivec p = iload(run + VB * h);
-      v[h] = iand(p, low4);
-      v[h + NV / 2] = iand(isrl(p, 4), low4);
-    }
-    if constexpr (T == Q5_0 || T == Q5_K)
-      for (int i = 0; i < NV; ++i) v[i] = or_bits(v[i], run + 128 + (VB / 8) * i, 0x10);
-    if constexpr (T == Q6_K) {
-      const ivec three = iset1(3);
-      for (int i = 0; i < NV; ++i) {
-        // AVX512: one 64-byte load holds every unit's top bits; AVX2: unit i in half i%2, at bits 2(i/2)
-        const ivec h = VB == 64 ? isrl(iload(run + 128), 2 * i) : isrl(iload(run + 128 + 32 * (i % 2)), 2 * (i / 2));
-        v[i] = ior(v[i], isll(iand(h, three), 4));
-      }
-    }
-  }
-}
-
-// Quantized activations of one row: per run b, `pattern` (256 bytes: unit u's four bytes
-// repeated 8 times), `scale` dx, and dx * (sum of its int8) per half run (`sums`).
-struct Activations {
-  const int8_t* pattern;  // [M][K/32][256]
-  const float* scale;     // [M][K/32]
-  const float* sums;      // [M][K/16]
-};
-
-// y[r, n0 .. n0+8) for R activation rows of one group of 8 weight rows.
-template <int64_t T, int R>
-void dot_group(const uint8_t* group, int64_t K, const Activations& a, int64_t r0, int64_t K32, float* y,
-               int64_t N, int64_t n0) {
-  constexpr Layout L = layout(T);
-  constexpr int64_t runs = L.super / 32;
-  constexpr bool halves = T == Q6_K;  // a scale per 16 weights: units 0-3, then 4-7
-  fvec acc[R];
-  __m256 off[R];
-  for (int r = 0; r < R; ++r) acc[r] = fzero(), off[r] = _mm256_setzero_ps();
-  const int64_t records = K / L.super;
-  const uint8_t* rec = group;
-  for (int64_t s = 0; s < records; ++s, rec += L.header + runs * L.run) {
-    const __m256 d = load_halves(rec);
-    for (int64_t j = 0; j < runs; ++j) {
-      const int64_t b = s * runs + j;  // run index within the row
-      ivec v[NV];
-      decode_run<T>(rec + L.header + j * L.run, v);
-      __m256 ws[2], wm[2];  // weight scale and offset (or min) of each row, per half run
-      if constexpr (T == Q4_0 || T == Q5_0 || T == Q8_0) {
-        ws[0] = d;
-        wm[0] = _mm256_mul_ps(d, _mm256_set1_ps(T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f));
-      } else if constexpr (T == Q4_K || T == Q5_K) {
-        const __m256 dmin = load_halves(rec + 16);
-        ws[0] = _mm256_mul_ps(d, load_u8(rec + 32 + 16 * j));
-        wm[0] = _mm256_mul_ps(dmin, load_u8(rec + 32 + 16 * j + 8));
-      } else {
-        ws[0] = _mm256_mul_ps(d, load_i8(rec + 16 + 16 * j));
-        ws[1] = _mm256_mul_ps(d, load_i8(rec + 16 + 16 * j + 8));
-        wm[0] = _mm256_mul_ps(ws[0], _mm256_set1_ps(32.f));
-        wm[1] = _mm256_mul_ps(ws[1], _mm256_set1_ps(32.f));
-      }
-      const fvec wsv0 = fwiden(ws[0]), wsv1 = halves ? fwiden(ws[1]) : wsv0;
-      for (int r = 0; r < R; ++r) {
-        const int64_t row = r0 + r;
-        const int8_t* xp = a.pattern + (row * K32 + b) * 256;
-        const float dx = a.scale[row * K32 + b];
-        ivec p0 = izero(), p1 = izero();
-        for (int i = 0; i < NV; ++i) {
-          const ivec x = iload(reinterpret_cast<const uint8_t*>(xp) + VB * i);
-          ivec& p = (halves && i >= NV / 2) ? p1 : p0;
-          if constexpr (T == Q8_0) {
-            ivec w, xs;
-            sign_split(v[i], x, &w, &xs);
-            p = dot(p, w, xs);
-          } else {
-            p = dot(p, v[i], x);
-          }
-        }
-        acc[r] = fma_scaled(p0, wsv0, dx, acc[r]);
-        if constexpr (halves) {
-          acc[r] = fma_scaled(p1, wsv1, dx, acc[r]);
-          off[r] = _mm256_fmadd_ps(wm[0], _mm256_set1_ps(a.sums[row * 2 * K32 + 2 * b]), off[r]);
-          off[r] = _mm256_fmadd_ps(wm[1], _mm256_set1_ps(a.sums[row * 2 * K32 + 2 * b + 1]), off[r]);
-        } else if constexpr (T != Q8_0) {
-          const float xs = a.sums[row * 2 * K32 + 2 * b] + a.sums[row * 2 * K32 + 2 * b + 1];
-          off[r] = _mm256_fmadd_ps(wm[0], _mm256_set1_ps(xs), off[r]);
-        }
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + (r0 + r) * N + n0, _mm256_sub_ps(rows8(acc[r]), off[r]));
-}
 
 // ---- repacking: the file's blocks -> records of 8 rows ---------------------------------
 
@@ -418,24 +177,6 @@ void dequantize_typed(const uint8_t* packed, int64_t group_bytes, int64_t N, int
 
 // ---- the ops ------------------------------------------------------------------------------
 
-int64_t group_bytes(int64_t t, int64_t K) {
-  const Layout L = layout(t);
-  TORCH_CHECK(L.super > 0, "GGUF type ", t, " has no integer kernel here");
-  TORCH_CHECK(K % L.super == 0, "K=", K, " is not a whole number of blocks of type ", t);
-  return K / L.super * (L.header + L.super / 32 * L.run);
-}
-
-#define DISPATCH_INT(t, FN, ...)                     \
-  switch (t) {                                       \
-    case Q4_0: FN<Q4_0>(__VA_ARGS__); break;         \
-    case Q5_0: FN<Q5_0>(__VA_ARGS__); break;         \
-    case Q8_0: FN<Q8_0>(__VA_ARGS__); break;         \
-    case Q4_K: FN<Q4_K>(__VA_ARGS__); break;         \
-    case Q5_K: FN<Q5_K>(__VA_ARGS__); break;         \
-    case Q6_K: FN<Q6_K>(__VA_ARGS__); break;         \
-    default: TORCH_CHECK(false, "GGUF type ", t, " has no integer kernel here"); \
-  }
-
 at::Tensor repack(const at::Tensor& w, int64_t qtype, int64_t K) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kByte && w.dim() == 2 && w.stride(1) == 1,
               "weight must be a CPU uint8 matrix of blocks with contiguous rows");
@@ -446,12 +187,6 @@ at::Tensor repack(const at::Tensor& w, int64_t qtype, int64_t K) {
   at::Tensor out = at::empty({N / 8, G}, at::dtype(at::kByte));
   if (N) DISPATCH_INT(qtype, repack_typed, w.data_ptr<uint8_t>(), w.stride(0), N, K, out.data_ptr<uint8_t>(), G);
   return out;
-}
-
-void check_packed(const at::Tensor& p, int64_t qtype, int64_t K) {
-  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kByte && p.dim() == 2 && p.is_contiguous() &&
-                  p.size(1) == group_bytes(qtype, K),
-              "packed weights must be a contiguous CPU uint8 [rows / 8, ", group_bytes(qtype, K), "] matrix");
 }
 
 at::Tensor dequantize_packed(const at::Tensor& p, int64_t qtype, int64_t K, bool bf16) {
@@ -468,62 +203,14 @@ at::Tensor dequantize_packed(const at::Tensor& p, int64_t qtype, int64_t K, bool
   return out;
 }
 
-// Round each run of 32 activations to int8 (scale max|x| / 127), lay out each unit's four bytes
-// repeated 8 times, and keep dx * (sum of the int8) per 16 for the offsets and mins.
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* pattern, float* scale, float* sums) {
-  const int64_t K32 = K / 32;
-  at::parallel_for(0, M * K32, 64, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const float* xb = x + (i / K32) * K + (i % K32) * 32;
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
-      const float dx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t q[32];
-      int s0 = 0, s1 = 0;
-      for (int k = 0; k < 32; ++k) {
-        q[k] = static_cast<int8_t>(std::nearbyint(xb[k] * inv));
-        (k < 16 ? s0 : s1) += q[k];
-      }
-      scale[i] = dx;
-      sums[2 * i] = dx * s0;
-      sums[2 * i + 1] = dx * s1;
-      int8_t* out = pattern + i * 256;
-      for (int u = 0; u < 8; ++u) {
-        int32_t four;
-        std::memcpy(&four, q + 4 * u, 4);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * u), _mm256_set1_epi32(four));
-      }
-    }
-  });
-}
-
-template <int64_t T>
-void matmul_typed(const Activations& a, int64_t M, int64_t K, const uint8_t* packed, int64_t G, float* y, int64_t N) {
-  const int64_t K32 = K / 32, groups = N / 8;
-  const int64_t grain = std::max<int64_t>(1, (32 << 10) / G);  // ~32 KiB of weights per task
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const uint8_t* group = packed + g * G;
-      int64_t r = 0;
-      for (; r + 4 <= M; r += 4) dot_group<T, 4>(group, K, a, r, K32, y, N, 8 * g);
-      for (; r + 2 <= M; r += 2) dot_group<T, 2>(group, K, a, r, K32, y, N, 8 * g);
-      for (; r < M; ++r) dot_group<T, 1>(group, K, a, r, K32, y, N, 8 * g);
-    }
-  });
-}
-
 at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& p, int64_t qtype, int64_t K) {
   check_packed(p, qtype, K);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K, "x must be float32 [M, K]");
   const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), N = 8 * p.size(0), K32 = K / 32;
+  const int64_t M = xc.size(0), N = 8 * p.size(0);
   at::Tensor y = at::empty({M, N}, xc.options());
   if (M == 0 || N == 0) return y;
-  at::Tensor pattern = at::empty({M, K32, 256}, at::dtype(at::kChar));
-  at::Tensor scale = at::empty({M, K32}, xc.options()), sums = at::empty({M, 2 * K32}, xc.options());
-  quantize_rows(xc.data_ptr<float>(), M, K, pattern.data_ptr<int8_t>(), scale.data_ptr<float>(), sums.data_ptr<float>());
-  const Activations a{pattern.data_ptr<int8_t>(), scale.data_ptr<float>(), sums.data_ptr<float>()};
-  DISPATCH_INT(qtype, matmul_typed, a, M, K, p.data_ptr<uint8_t>(), p.size(1), y.data_ptr<float>(), N);
+  matmul_packed(quantize(xc.data_ptr<float>(), M, K), M, K, p, qtype, y.data_ptr<float>());
   return y;
 }
 

@@ -1,0 +1,74 @@
+"""A decode step's layers as one compiled call each (qwen2/quant/kernels/decode_layer.cpp).
+
+A batch-1 decode step of the 0.5B model runs ~2,200 small torch ops around its 169 matrix
+products, and at 2-5 us each they cost as much as the products (bench/RESULTS.md). Where a model
+allows it, `Transformer.body` hands a decode step's layers to `FusedDecode` instead: per layer, one
+call does RMSNorm, q/k/v, rotary, the paged KV write, attention, o, the residual, RMSNorm, gate/up,
+SiLU and down. It takes what that kernel covers and nothing else: dense layers, full attention (no
+sliding window, no DCA), every matrix int8-repacked (qwen2.quant.blocks), float32, a paged cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwen2.model import Context, PagedKVCache, Transformer
+from qwen2.quant.blocks import BlockLinear, _ops
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _packed(layer: nn.Module) -> bool:
+    return isinstance(layer, BlockLinear) and layer.activations == "int8"
+
+
+def fusable(model: Transformer) -> bool:
+    """Whether every layer is one the fused call computes exactly as Block.forward does."""
+    config = model.config
+    if model.dca is not None or model.model.norm.weight.dtype != torch.float32 or config.head_dim % 8:
+        return False
+    for i, block in enumerate(model.model.layers):
+        if config.layer_window(i) is not None or not all(hasattr(block.mlp, name) for name in MLP):
+            return False
+        linears = [getattr(block.self_attn, n) for n in PROJECTIONS] + [getattr(block.mlp, n) for n in MLP]
+        if not all(_packed(layer) for layer in linears):
+            return False
+    return True
+
+
+class FusedDecode:
+    """Runs the layers of a one-token-per-row forward over a paged float32 cache (`applies` says when)."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+
+    @classmethod
+    def for_model(cls, model: Transformer) -> FusedDecode | None:
+        return cls(model) if fusable(model) else None
+
+    def applies(self, x: torch.Tensor, ctx: Context) -> bool:
+        return (x.shape[1] == 1 and isinstance(ctx.cache, PagedKVCache) and ctx.cache.k.dtype == torch.float32
+                and x.device.type == "cpu" and ctx.dca is None and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def __call__(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        B, _, H = x.shape
+        config, cache = self.model.config, ctx.cache
+        flat, tables = ctx.where
+        cos, sin = ctx.cos[:, 0].contiguous(), ctx.sin[:, 0].contiguous()
+        positions = ctx.positions[:, 0].contiguous()
+        flat, tables = flat.contiguous(), tables.contiguous()
+        h = x.reshape(B, H).contiguous()
+        decode_layer = _ops().decode_layer
+        for i, block in enumerate(self.model.model.layers):
+            linears = [getattr(block.self_attn, n) for n in PROJECTIONS] + [getattr(block.mlp, n) for n in MLP]
+            h = decode_layer(h, block.input_layernorm.weight, block.post_attention_layernorm.weight,
+                             block.input_layernorm.eps, [m.packed for m in linears], [m.qtype for m in linears],
+                             [m.bias if m.bias is not None else _NONE for m in linears], cos, sin, cache.k[i],
+                             cache.v[i], flat, tables, positions, cache.block_size, config.num_attention_heads,
+                             config.num_key_value_heads, config.head_dim)
+        return h.view(B, 1, H)
+
+
+_NONE = torch.empty(0)

@@ -1,0 +1,193 @@
+// One decoder layer of one decode step in a single call: the whole of Block.forward for B rows of
+// one new token each, on int8-repacked weights and the engine's paged KV cache.
+//
+//   h = RMSNorm(x); q, k, v = h Wq + bq, h Wk + bk, h Wv + bv (one int8 rounding of h for all three)
+//   q, k rotated; k, v written at each row's slot of the pool; attention over the row's keys
+//   x += (attention) Wo;  h = RMSNorm(x);  x += (SiLU(h Wgate) * (h Wup)) Wdown
+//
+// It exists for the time around the matrix products: the same step as torch ops is ~90 small
+// ops a layer, which cost as much as the products themselves at batch 1 (bench/RESULTS.md). Dense
+// layers without a sliding window, float32 activations; anything else runs the model's own code.
+
+#include "int8_matmul.h"
+
+#include <vector>
+
+namespace {
+
+// exp on 8 floats (Cephes' expf polynomial on x - n ln2, scaled by 2^n): relative error ~1e-7
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447505531f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+inline float sum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {  // n a multiple of 8
+  __m256 s = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+  return sum8(s);
+}
+
+void rms_norm(const float* x, const float* w, float eps, int64_t B, int64_t H, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * H;
+    const float scale = 1.f / std::sqrt(dot(xb, xb, H) / H + eps);
+    for (int64_t i = 0; i < H; ++i) out[b * H + i] = xb[i] * scale * w[i];
+  }
+}
+
+// x * cos + rotate_half(x) * sin for each head of one row, where rotate_half(x) = (-x2, x1)
+void rotate(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * hd;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+// Attention of row b's query heads of KV head g over its keys 0..length-1, read through its block table.
+void attend(const float* q, const float* k_pool, const float* v_pool, const int64_t* table, int64_t length,
+            int64_t block_size, int64_t n_kv, int64_t g, int64_t group, int64_t hd, float* out) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  std::vector<float> p(length);
+  std::vector<const float*> keys(length), values(length);
+  for (int64_t t = 0; t < length; ++t) {
+    const int64_t slot = table[t / block_size] * block_size + t % block_size;
+    keys[t] = k_pool + (slot * n_kv + g) * hd;
+    values[t] = v_pool + (slot * n_kv + g) * hd;
+  }
+  for (int64_t j = 0; j < group; ++j) {
+    const float* qh = q + j * hd;
+    float top = -INFINITY;
+    for (int64_t t = 0; t < length; ++t) top = std::max(top, p[t] = dot(qh, keys[t], hd) * scale);
+    __m256 total = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= length; t += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + t), _mm256_set1_ps(top)));
+      _mm256_storeu_ps(p.data() + t, e);
+      total = _mm256_add_ps(total, e);
+    }
+    float sum = sum8(total);
+    for (; t < length; ++t) sum += p[t] = std::exp(p[t] - top);
+    float* o = out + j * hd;
+    std::fill(o, o + hd, 0.f);
+    for (t = 0; t < length; ++t) {
+      const __m256 w = _mm256_set1_ps(p[t] / sum);
+      for (int64_t i = 0; i < hd; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(values[t] + i), _mm256_loadu_ps(o + i)));
+    }
+  }
+}
+
+void silu_mul(float* gate, const float* up, int64_t n) {  // gate <- gate * sigmoid(gate) * up
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(gate + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+// weights: q, k, v, o, gate, up, down (repacked); biases: the same order, empty where none
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
+                        at::TensorList weights, at::IntArrayRef qtypes, at::TensorList biases, const at::Tensor& cos,
+                        const at::Tensor& sin, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                        const at::Tensor& write_index, const at::Tensor& tables, const at::Tensor& positions,
+                        int64_t block_size, int64_t n_heads, int64_t n_kv, int64_t hd) {
+  TORCH_CHECK(weights.size() == 7 && qtypes.size() == 7 && biases.size() == 7, "seven matrices: q k v o gate up down");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [B, H]");
+  TORCH_CHECK(k_pool.scalar_type() == at::kFloat && k_pool.is_contiguous() && v_pool.is_contiguous(),
+              "the KV pools must be contiguous float32");
+  TORCH_CHECK(hd % 8 == 0 && tables.scalar_type() == at::kLong && write_index.scalar_type() == at::kLong &&
+                  positions.scalar_type() == at::kLong, "head_dim a multiple of 8; int64 tables, slots and positions");
+  const int64_t B = x.size(0), H = x.size(1), Q = n_heads * hd, KV = n_kv * hd;
+  const int64_t F = 8 * weights[4].size(0);
+  const int64_t widths[7] = {Q, KV, KV, H, F, F, H};
+  const int64_t inputs[7] = {H, H, H, Q, H, H, F};
+  for (int i = 0; i < 7; ++i) {
+    check_packed(weights[i], qtypes[i], inputs[i]);
+    TORCH_CHECK(8 * weights[i].size(0) == widths[i], "matrix ", i, " has ", 8 * weights[i].size(0), " rows, not ",
+                widths[i]);
+  }
+  auto product = [&](const QuantizedRows& a, int i, int64_t K, float* y) {
+    matmul_packed(a, B, K, weights[i], qtypes[i], y);
+    if (biases[i].numel())
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t n = 0; n < widths[i]; ++n) y[b * widths[i] + n] += biases[i].data_ptr<float>()[n];
+  };
+  at::Tensor out = x.clone(), h = at::empty({B, H}, x.options());
+  at::Tensor q = at::empty({B, Q}, x.options()), k = at::empty({B, KV}, x.options()), v = at::empty({B, KV}, x.options());
+  float* xo = out.data_ptr<float>();
+
+  rms_norm(xo, norm1.data_ptr<float>(), eps, B, H, h.data_ptr<float>());
+  {
+    const QuantizedRows hq = quantize(h.data_ptr<float>(), B, H);
+    product(hq, 0, H, q.data_ptr<float>());
+    product(hq, 1, H, k.data_ptr<float>());
+    product(hq, 2, H, v.data_ptr<float>());
+  }
+  const int64_t* slots = write_index.data_ptr<int64_t>();
+  float* kp = k_pool.data_ptr<float>();
+  float* vp = v_pool.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* c = cos.data_ptr<float>() + b * hd;
+    const float* s = sin.data_ptr<float>() + b * hd;
+    rotate(q.data_ptr<float>() + b * Q, n_heads, hd, c, s);
+    rotate(k.data_ptr<float>() + b * KV, n_kv, hd, c, s);
+    std::memcpy(kp + slots[b] * KV, k.data_ptr<float>() + b * KV, KV * sizeof(float));
+    std::memcpy(vp + slots[b] * KV, v.data_ptr<float>() + b * KV, KV * sizeof(float));
+  }
+  at::Tensor y = at::empty({B, Q}, x.options());
+  const int64_t group = n_heads / n_kv, blocks = tables.size(1);
+  at::parallel_for(0, B * n_kv, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / n_kv, g = i % n_kv;
+      attend(q.data_ptr<float>() + b * Q + g * group * hd, kp, vp, tables.data_ptr<int64_t>() + b * blocks,
+             positions.data_ptr<int64_t>()[b] + 1, block_size, n_kv, g, group, hd,
+             y.data_ptr<float>() + b * Q + g * group * hd);
+    }
+  });
+  at::Tensor o = at::empty({B, H}, x.options());
+  product(quantize(y.data_ptr<float>(), B, Q), 3, Q, o.data_ptr<float>());
+  out.add_(o);
+
+  rms_norm(xo, norm2.data_ptr<float>(), eps, B, H, h.data_ptr<float>());
+  at::Tensor gate = at::empty({B, F}, x.options()), up = at::empty({B, F}, x.options());
+  {
+    const QuantizedRows hq = quantize(h.data_ptr<float>(), B, H);
+    product(hq, 4, H, gate.data_ptr<float>());
+    product(hq, 5, H, up.data_ptr<float>());
+  }
+  silu_mul(gate.data_ptr<float>(), up.data_ptr<float>(), B * F);
+  product(quantize(gate.data_ptr<float>(), B, F), 6, F, o.data_ptr<float>());
+  return out.add_(o);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(QWEN2_NS, m) {
+  m.def("decode_layer(Tensor x, Tensor norm1, Tensor norm2, float eps, Tensor[] weights, int[] qtypes, "
+        "Tensor[] biases, Tensor cos, Tensor sin, Tensor k_pool, Tensor v_pool, Tensor write_index, Tensor tables, "
+        "Tensor positions, int block_size, int n_heads, int n_kv, int head_dim) -> Tensor",
+        &decode_layer);
+}
