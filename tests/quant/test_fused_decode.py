@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from qwen2.model import PagedKVCache, Transformer
+from qwen2.quant import blocks, fused_decode
 from qwen2.quant.blocks import Q8_0, blocks_from_float, kernels_available
 from qwen2.quant.fused_decode import FusedDecode, fusable
+from qwen2.quant.kernels import available_isas, gguf_ops
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="the GGUF kernels cannot be built on this machine")
@@ -52,9 +54,18 @@ def greedy(model: Transformer, prompts: list[list[int]], steps: int) -> tuple[li
     return steps_logits, tokens
 
 
+@pytest.fixture(params=available_isas())
+def isa(request, monkeypatch):
+    """Every vector ISA this CPU runs: the layers and the fused call use that build's kernels."""
+    ops = gguf_ops(request.param)
+    monkeypatch.setattr(blocks, "_ops", lambda: ops)
+    monkeypatch.setattr(fused_decode, "_ops", lambda: ops)
+    return request.param
+
+
 @pytest.mark.parametrize("prompts", [[[5, 9, 11, 200, 3]], [[5, 9, 11], list(range(40, 77)), [300] * 18]],
                          ids=["one row", "three rows of different lengths"])
-def test_the_fused_step_equals_the_models_own_layers(prompts):
+def test_the_fused_step_equals_the_models_own_layers(prompts, isa):
     model = build()
     assert model.decode_step is not None
     fused_logits, fused_tokens = greedy(model, prompts, 64)
