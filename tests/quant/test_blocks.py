@@ -59,7 +59,7 @@ def test_int8_activations_equal_float_on_int8_rounded_inputs(qtype):
     assert layer.activations == "int8" and not hasattr(layer, "blocks")  # repacked, the file's rows let go
     decoded = dequantize(b.data, b.qtype, 512)
     assert torch.equal(layer.weight_tile(0, 80), decoded)  # every weight kept exactly
-    for rows in (1, 3, 4, 9, 16):
+    for rows in (1, 3, 4, 9, 16, 32):
         x = torch.randn(rows, 512)
         torch.testing.assert_close(layer(x), F.linear(round_to_int8_per_32(x), decoded, bias), rtol=1e-5, atol=1e-4)
     x = torch.randn(40, 512)  # many rows: GEMMs on tiles, bf16 on bf16 hardware

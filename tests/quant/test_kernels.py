@@ -120,7 +120,7 @@ def test_int8_matmul_equals_float64_on_the_rounded_activations(ops, qtype, threa
             raw = make_blocks(qtype, 40, cols, seed=cols)
             w = torch.from_numpy(reference(raw, qtype, cols))
             packed = ops.repack(torch.from_numpy(raw), int(qtype), cols)
-            for rows in (1, 2, 3, 4, 5, 7, 9):
+            for rows in (1, 2, 3, 4, 5, 7, 9, 16, 33):
                 x = torch.randn(rows, cols) * torch.rand(rows, 1) * 10
                 x[0, :32] = 0  # an all-zero run: scale 0, no division by it
                 xq = rounded_to_int8(x)
