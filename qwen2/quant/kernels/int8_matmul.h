@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -310,8 +311,120 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* pattern, float*
   });
 }
 
+// The weight scale and offset (or min) of a run for 8 rows (per half run for Q6_K), as dot_group uses them.
+template <int64_t T>
+inline void run_scales(const uint8_t* rec, int64_t j, __m256* ws, __m256* wm) {
+  const __m256 d = load_halves(rec);
+  if constexpr (T == Q4_0 || T == Q5_0 || T == Q8_0) {
+    ws[0] = d;
+    wm[0] = _mm256_mul_ps(d, _mm256_set1_ps(T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f));
+  } else if constexpr (T == Q4_K || T == Q5_K) {
+    ws[0] = _mm256_mul_ps(d, load_u8(rec + 32 + 16 * j));
+    wm[0] = _mm256_mul_ps(load_halves(rec + 16), load_u8(rec + 32 + 16 * j + 8));
+  }
+}
+
+#if defined(__AMX_INT8__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// Many rows on AMX tiles: one `tdpbusd` multiplies 16 activation rows by 16 weight rows over a
+// run of 32 (8,192 products), where VNNI needs 128 instructions. The repacked units are already
+// the B operand's layout (four consecutive weights of one row per 32-bit lane): a B tile row is
+// unit u of two groups side by side. A (unsigned) holds the activations + 128; the 128 x (sum of
+// the run's weights) this adds comes off before scaling, from a tile of ones times B.
+constexpr int64_t AMX_MIN_ROWS = 16;  // below it VNNI wins (8 rows of Q5_0 4864x896: 0.23 vs 0.18 ms)
+
+inline bool amx_ready() {  // Linux lends a process the tile registers only once it asks
+  static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ready;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+template <int64_t T>
+void matmul_amx(const Activations& a, int64_t M, int64_t K, const uint8_t* packed, int64_t G, float* y, int64_t N) {
+  constexpr Layout L = layout(T);
+  constexpr int64_t runs = L.super / 32;
+  const int64_t K32 = K / 32, Mpad = (M + 15) / 16 * 16;
+  std::vector<uint8_t> xu(Mpad * K, 128);  // row-major activations + 128; padding rows are x = 0
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K32; ++b)
+      for (int u = 0; u < 8; ++u)
+        for (int i = 0; i < 4; ++i)
+          xu[m * K + 32 * b + 4 * u + i] = static_cast<uint8_t>(a.pattern[(m * K32 + b) * 256 + 32 * u + i] + 128);
+  at::parallel_for(0, N / 16, 1, [&](int64_t w0, int64_t w1) {
+    TileConfig config;
+    config.rows[0] = 16, config.colsb[0] = 64;  // C: 16 activation rows x 16 weight rows, int32
+    config.rows[1] = 16, config.colsb[1] = 32;  // A: 16 activation rows x 32 bytes
+    config.rows[2] = 8, config.colsb[2] = 64;   // B: 8 units x (2 groups x 32 bytes)
+    config.rows[3] = 16, config.colsb[3] = 32;  // ones
+    config.rows[4] = 16, config.colsb[4] = 64;  // ones x B: each weight row's sum
+    _tile_loadconfig(&config);
+    alignas(64) uint8_t ones[16 * 32], b_tile[512];
+    alignas(64) int32_t c[256], sums[256];
+    std::memset(ones, 1, sizeof ones);
+    _tile_loadd(3, ones, 32);
+    std::vector<float> acc(Mpad * 16);
+    for (int64_t w = w0; w < w1; ++w) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const uint8_t* groups[2] = {packed + 2 * w * G, packed + (2 * w + 1) * G};
+      for (int64_t s = 0; s < K / L.super; ++s) {
+        const int64_t offset = s * (L.header + runs * L.run);
+        for (int64_t j = 0; j < runs; ++j) {
+          const int64_t b = s * runs + j;
+          ivec v0[NV], v1[NV];
+          decode_run<T>(groups[0] + offset + L.header + j * L.run, v0);
+          decode_run<T>(groups[1] + offset + L.header + j * L.run, v1);
+          for (int t = 0; t < NV; ++t) {  // units 2t, 2t+1 of each group -> B rows 2t, 2t+1
+            _mm512_store_si512(b_tile + 128 * t, _mm512_shuffle_i64x2(v0[t], v1[t], 0x44));
+            _mm512_store_si512(b_tile + 128 * t + 64, _mm512_shuffle_i64x2(v0[t], v1[t], 0xEE));
+          }
+          _tile_loadd(2, b_tile, 64);
+          _tile_zero(4);
+          _tile_dpbusd(4, 3, 2);
+          _tile_stored(4, sums, 64);
+          const __m512i bias = _mm512_slli_epi32(_mm512_load_si512(sums), 7);
+          __m256 ws[2][2], wm[2][2];
+          run_scales<T>(groups[0] + offset, j, ws[0], wm[0]);
+          run_scales<T>(groups[1] + offset, j, ws[1], wm[1]);
+          const __m512 ws16 = _mm512_insertf32x8(_mm512_castps256_ps512(ws[0][0]), ws[1][0], 1);
+          const __m512 wm16 = _mm512_insertf32x8(_mm512_castps256_ps512(wm[0][0]), wm[1][0], 1);
+          for (int64_t mb = 0; mb < Mpad; mb += 16) {
+            _tile_zero(0);
+            _tile_loadd(1, xu.data() + mb * K + 32 * b, K);
+            _tile_dpbusd(0, 1, 2);
+            _tile_stored(0, c, 64);
+            for (int64_t m = mb; m < std::min(mb + 16, M); ++m) {
+              const __m512 products = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c + 16 * (m - mb)), bias));
+              __m512 r = _mm512_fmadd_ps(products, _mm512_mul_ps(ws16, _mm512_set1_ps(a.scale[m * K32 + b])),
+                                         _mm512_loadu_ps(acc.data() + 16 * m));
+              if constexpr (T != Q8_0) {
+                const float xs = a.sums[m * 2 * K32 + 2 * b] + a.sums[m * 2 * K32 + 2 * b + 1];
+                r = _mm512_fnmadd_ps(wm16, _mm512_set1_ps(xs), r);
+              }
+              _mm512_storeu_ps(acc.data() + 16 * m, r);
+            }
+          }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) std::memcpy(y + m * N + 16 * w, acc.data() + 16 * m, 16 * sizeof(float));
+    }
+    _tile_release();
+  });
+}
+#endif
+
 template <int64_t T>
 void matmul_typed(const Activations& a, int64_t M, int64_t K, const uint8_t* packed, int64_t G, float* y, int64_t N) {
+#if defined(__AMX_INT8__)
+  if constexpr (T != Q6_K)  // its scales change every 16 weights, half a tile's run
+    if (M >= AMX_MIN_ROWS && N % 16 == 0 && amx_ready()) return matmul_amx<T>(a, M, K, packed, G, y, N);
+#endif
   const int64_t K32 = K / 32, groups = N / 8;
   const int64_t grain = std::max<int64_t>(1, (32 << 10) / G);  // ~32 KiB of weights per task
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
