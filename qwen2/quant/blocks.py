@@ -45,7 +45,8 @@ PACKED = {2: (32, 16, 128), 6: (32, 16, 160), 8: (32, 16, 256), 12: (256, 160, 1
 
 
 @functools.lru_cache(maxsize=1)
-def _ops():  # noqa: ANN202 (a torch op namespace)
+def compiled_ops():  # noqa: ANN201 (a torch op namespace)
+    """The compiled kernels of this CPU's widest ISA (qwen2.quant.kernels), or an error saying they are missing."""
     ops = gguf_ops()
     if ops is None:
         raise RuntimeError("GGUF block layers need the compiled kernels (qwen2.quant.kernels.gguf_ops)")
@@ -65,7 +66,7 @@ def bf16_gemm_is_fast() -> bool:
 
 def dequantize(blocks: Tensor, qtype: int, columns: int) -> Tensor:
     """Rows of blocks (uint8 [rows, bytes]) -> float32 [rows, columns]."""
-    return _ops().dequantize(blocks, qtype, columns)
+    return compiled_ops().dequantize(blocks, qtype, columns)
 
 
 def packable(qtype: int, rows: int, columns: int) -> bool:
@@ -99,7 +100,7 @@ class BlockLinear(nn.Module):
         self.qtype, self.in_features, self.out_features = qtype, in_features, out_features
         self.activations = activations if packable(qtype, out_features, in_features) else "float32"
         if self.activations == "int8":
-            self.register_buffer("packed", blocks if packed else _ops().repack(blocks, qtype, in_features))
+            self.register_buffer("packed", blocks if packed else compiled_ops().repack(blocks, qtype, in_features))
         else:
             self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
@@ -107,7 +108,8 @@ class BlockLinear(nn.Module):
     def weight_tile(self, start: int, stop: int, bf16: bool = False) -> Tensor:
         """Rows [start, stop) of the weight, float32 (exact) or bfloat16; packed: start and stop multiples of 8."""
         if self.activations == "int8":
-            return _ops().dequantize_packed(self.packed[start // 8 : stop // 8], self.qtype, self.in_features, bf16)
+            groups = self.packed[start // 8 : stop // 8]
+            return compiled_ops().dequantize_packed(groups, self.qtype, self.in_features, bf16)
         tile = dequantize(self.blocks[start:stop], self.qtype, self.in_features)
         return tile.bfloat16() if bf16 else tile
 
@@ -117,9 +119,9 @@ class BlockLinear(nn.Module):
         rows = x.shape[0]
         x32 = x if dtype == torch.float32 else x.float()
         if self.activations == "int8" and rows <= INT8_KERNEL_MAX_ROWS:
-            y = _ops().matmul_int8(x32, self.packed, self.qtype, self.in_features).to(dtype)
+            y = compiled_ops().matmul_int8(x32, self.packed, self.qtype, self.in_features).to(dtype)
         elif self.activations == "float32" and rows <= BLOCK_KERNEL_MAX_ROWS:
-            y = _ops().matmul(x32, self.blocks, self.qtype, self.in_features).to(dtype)
+            y = compiled_ops().matmul(x32, self.blocks, self.qtype, self.in_features).to(dtype)
         else:  # many rows: GEMMs on dequantized tiles, bf16 where the hardware has it and activations are not exact
             bf16 = dtype == torch.bfloat16 or (self.activations == "int8" and bf16_gemm_is_fast())
             xt = x.to(torch.bfloat16 if bf16 else dtype)
@@ -156,7 +158,8 @@ class BlockEmbedding(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         flat = tokens.reshape(-1)
         if hasattr(self, "packed"):
-            groups = _ops().dequantize_packed(self.packed.index_select(0, flat // 8), self.qtype, self.embedding_dim)
+            groups = self.packed.index_select(0, flat // 8)
+            groups = compiled_ops().dequantize_packed(groups, self.qtype, self.embedding_dim)
             rows = groups[torch.arange(flat.shape[0]) * 8 + flat % 8]
         else:
             rows = dequantize(self.blocks.index_select(0, flat), self.qtype, self.embedding_dim)

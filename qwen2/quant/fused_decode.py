@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qwen2.model import Context, PagedKVCache, Transformer
-from qwen2.quant.blocks import BlockLinear, _ops
+from qwen2.quant.blocks import BlockLinear, compiled_ops
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -60,7 +60,7 @@ class FusedDecode:
         positions = ctx.positions[:, 0].contiguous()
         flat, tables = flat.contiguous(), tables.contiguous()
         h = x.reshape(B, H).contiguous()
-        decode_layer = _ops().decode_layer
+        decode_layer = compiled_ops().decode_layer
         for i, block in enumerate(self.model.model.layers):
             linears = [getattr(block.self_attn, n) for n in PROJECTIONS] + [getattr(block.mlp, n) for n in MLP]
             h = decode_layer(h, block.input_layernorm.weight, block.post_attention_layernorm.weight,

@@ -106,11 +106,11 @@ def test_the_embedding_decodes_only_the_looked_up_rows():
 
 
 def test_a_tied_embedding_looks_its_rows_up_in_the_heads_repacked_table():
-    from qwen2.quant.blocks import _ops
+    from qwen2.quant.blocks import compiled_ops
 
     w = torch.randn(296, 64)
     b = make_blocks(w, Q8_0)
-    packed = _ops().repack(b.data, Q8_0, 64)
+    packed = compiled_ops().repack(b.data, Q8_0, 64)
     embed = BlockEmbedding(packed, Q8_0, 64, packed=True)
     ids = torch.tensor([[5, 295, 5], [0, 8, 7]])
     assert torch.equal(embed(ids), dequantize(b.data, Q8_0, 64)[ids])

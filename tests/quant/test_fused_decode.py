@@ -58,8 +58,8 @@ def greedy(model: Transformer, prompts: list[list[int]], steps: int) -> tuple[li
 def isa(request, monkeypatch):
     """Every vector ISA this CPU runs: the layers and the fused call use that build's kernels."""
     ops = gguf_ops(request.param)
-    monkeypatch.setattr(blocks, "_ops", lambda: ops)
-    monkeypatch.setattr(fused_decode, "_ops", lambda: ops)
+    monkeypatch.setattr(blocks, "compiled_ops", lambda: ops)
+    monkeypatch.setattr(fused_decode, "compiled_ops", lambda: ops)
     return request.param
 
 
