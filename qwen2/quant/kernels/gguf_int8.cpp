@@ -136,26 +136,15 @@ void dequantize_typed(const uint8_t* packed, int64_t group_bytes, int64_t N, int
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* rec = packed + g * group_bytes;
       for (int64_t s = 0; s < K / L.super; ++s, rec += L.header + runs * L.run) {
-        const __m256 d = load_halves(rec);
         for (int64_t r = 0; r < runs; ++r) {
           ivec v[NV];
           decode_run<T>(rec + L.header + r * L.run, v);
           for (int i = 0; i < NV; ++i) std::memcpy(q + VB * i, &v[i], VB);
+          __m256 scale[2], offset[2];  // per half run; the same twice but for Q6_K
+          run_scales<T>(rec, r, scale, offset);
+          if constexpr (T != Q6_K) scale[1] = scale[0], offset[1] = offset[0];
           alignas(32) float ws[2][8], wm[2][8];
-          if constexpr (T == Q4_0 || T == Q5_0 || T == Q8_0) {
-            _mm256_store_ps(ws[0], d), _mm256_store_ps(ws[1], d);
-            const __m256 m = _mm256_mul_ps(d, _mm256_set1_ps(T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f));
-            _mm256_store_ps(wm[0], m), _mm256_store_ps(wm[1], m);
-          } else if constexpr (T == Q4_K || T == Q5_K) {
-            const __m256 sc = _mm256_mul_ps(d, load_u8(rec + 32 + 16 * r));
-            const __m256 m = _mm256_mul_ps(load_halves(rec + 16), load_u8(rec + 32 + 16 * r + 8));
-            _mm256_store_ps(ws[0], sc), _mm256_store_ps(ws[1], sc), _mm256_store_ps(wm[0], m), _mm256_store_ps(wm[1], m);
-          } else {
-            const __m256 lo = _mm256_mul_ps(d, load_i8(rec + 16 + 16 * r)), hi = _mm256_mul_ps(d, load_i8(rec + 24 + 16 * r));
-            _mm256_store_ps(ws[0], lo), _mm256_store_ps(ws[1], hi);
-            _mm256_store_ps(wm[0], _mm256_mul_ps(lo, _mm256_set1_ps(32.f)));
-            _mm256_store_ps(wm[1], _mm256_mul_ps(hi, _mm256_set1_ps(32.f)));
-          }
+          for (int h = 0; h < 2; ++h) _mm256_store_ps(ws[h], scale[h]), _mm256_store_ps(wm[h], offset[h]);
           for (int j = 0; j < 8; ++j) {
             const __m256i row = _mm256_i32gather_epi32(reinterpret_cast<const int*>(q + 4 * j), units, 1);
             Out* o = out + (8 * g + j) * K + s * L.super + 32 * r;

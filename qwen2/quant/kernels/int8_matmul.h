@@ -184,6 +184,24 @@ inline void decode_run(const uint8_t* run, ivec* v) {
   }
 }
 
+// The weight scale and offset (or min) of run j of a record for its 8 rows; Q6_K: per half run.
+template <int64_t T>
+inline void run_scales(const uint8_t* rec, int64_t j, __m256* ws, __m256* wm) {
+  const __m256 d = load_halves(rec);
+  if constexpr (T == Q4_0 || T == Q5_0 || T == Q8_0) {
+    ws[0] = d;
+    wm[0] = _mm256_mul_ps(d, _mm256_set1_ps(T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f));
+  } else if constexpr (T == Q4_K || T == Q5_K) {
+    ws[0] = _mm256_mul_ps(d, load_u8(rec + 32 + 16 * j));
+    wm[0] = _mm256_mul_ps(load_halves(rec + 16), load_u8(rec + 32 + 16 * j + 8));
+  } else {
+    ws[0] = _mm256_mul_ps(d, load_i8(rec + 16 + 16 * j));
+    ws[1] = _mm256_mul_ps(d, load_i8(rec + 16 + 16 * j + 8));
+    wm[0] = _mm256_mul_ps(ws[0], _mm256_set1_ps(32.f));
+    wm[1] = _mm256_mul_ps(ws[1], _mm256_set1_ps(32.f));
+  }
+}
+
 // Quantized activations of one row: per run b, `pattern` (256 bytes: unit u's four bytes
 // repeated 8 times), `scale` dx, and dx * (sum of its int8) per half run (`sums`).
 struct Activations {
@@ -205,7 +223,6 @@ void dot_group(const uint8_t* group, int64_t K, const Activations& a, int64_t r0
   const int64_t records = K / L.super;
   const uint8_t* rec = group;
   for (int64_t s = 0; s < records; ++s, rec += L.header + runs * L.run) {
-    const __m256 d = load_halves(rec);
     for (int64_t j = 0; j < runs; ++j) {
       const int64_t b = s * runs + j;  // run index within the row
       for (int64_t line = 0; line < L.header / runs + L.run; line += 64)  // the stream a few KiB ahead
@@ -213,19 +230,7 @@ void dot_group(const uint8_t* group, int64_t K, const Activations& a, int64_t r0
       ivec v[NV];
       decode_run<T>(rec + L.header + j * L.run, v);
       __m256 ws[2], wm[2];  // weight scale and offset (or min) of each row, per half run
-      if constexpr (T == Q4_0 || T == Q5_0 || T == Q8_0) {
-        ws[0] = d;
-        wm[0] = _mm256_mul_ps(d, _mm256_set1_ps(T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f));
-      } else if constexpr (T == Q4_K || T == Q5_K) {
-        const __m256 dmin = load_halves(rec + 16);
-        ws[0] = _mm256_mul_ps(d, load_u8(rec + 32 + 16 * j));
-        wm[0] = _mm256_mul_ps(dmin, load_u8(rec + 32 + 16 * j + 8));
-      } else {
-        ws[0] = _mm256_mul_ps(d, load_i8(rec + 16 + 16 * j));
-        ws[1] = _mm256_mul_ps(d, load_i8(rec + 16 + 16 * j + 8));
-        wm[0] = _mm256_mul_ps(ws[0], _mm256_set1_ps(32.f));
-        wm[1] = _mm256_mul_ps(ws[1], _mm256_set1_ps(32.f));
-      }
+      run_scales<T>(rec, j, ws, wm);
       const fvec wsv0 = fwiden(ws[0]), wsv1 = halves ? fwiden(ws[1]) : wsv0;
       for (int r = 0; r < R; ++r) {
         const int64_t row = r0 + r;
@@ -309,19 +314,6 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* pattern, float*
       }
     }
   });
-}
-
-// The weight scale and offset (or min) of a run for 8 rows (per half run for Q6_K), as dot_group uses them.
-template <int64_t T>
-inline void run_scales(const uint8_t* rec, int64_t j, __m256* ws, __m256* wm) {
-  const __m256 d = load_halves(rec);
-  if constexpr (T == Q4_0 || T == Q5_0 || T == Q8_0) {
-    ws[0] = d;
-    wm[0] = _mm256_mul_ps(d, _mm256_set1_ps(T == Q4_0 ? 8.f : T == Q5_0 ? 16.f : 0.f));
-  } else if constexpr (T == Q4_K || T == Q5_K) {
-    ws[0] = _mm256_mul_ps(d, load_u8(rec + 32 + 16 * j));
-    wm[0] = _mm256_mul_ps(load_halves(rec + 16), load_u8(rec + 32 + 16 * j + 8));
-  }
 }
 
 #if defined(__AMX_INT8__)
