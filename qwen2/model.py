@@ -359,14 +359,16 @@ class Transformer(nn.Module):
         if self.dynamic_ntk:  # NTK base grows with the sequence; cached keys keep their rotation
             inv_freq = dynamic_inv_freq(self.config, int(positions.max()) + 1).to(x.device)
         cos, sin = rotary_cos_sin(positions, inv_freq, self.attention_scaling, x.dtype)
+        fused = self.decode_step is not None and self.decode_step.applies(x, cache)
         windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
-        masks = {} if self.dca else {w: attention_mask(positions, key_positions, w, segments) for w in windows}
+        masks = {} if self.dca or fused else {w: attention_mask(positions, key_positions, w, segments)
+                                              for w in windows}
         if None in masks and T > 1 and kv_len == T and segments is None and torch.equal(
                 positions, torch.arange(T, device=positions.device).expand(B, T)):
             masks[None] = None  # every row starts at 0 and sees exactly its past: SDPA's own causal rule
         ctx = Context(positions, key_positions, cos, sin, inv_freq, self.attention_scaling, masks, cache, where,
                       kv_len, self.dca, router_logits)
-        if self.decode_step is not None and self.decode_step.applies(x, ctx):
+        if fused:  # no masks: the fused call reads each row's keys up to its own position
             return self.decode_step(x, ctx)
         for block in self.model.layers:
             x = block(x, ctx)

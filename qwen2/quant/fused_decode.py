@@ -20,8 +20,9 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def _packed(layer: nn.Module) -> bool:
-    return isinstance(layer, BlockLinear) and layer.activations == "int8"
+def _linears(block: nn.Module) -> list[nn.Module]:
+    """The layer's seven matrices, in decode_layer's order."""
+    return [getattr(block.self_attn, n) for n in PROJECTIONS] + [getattr(block.mlp, n) for n in MLP]
 
 
 def fusable(model: Transformer) -> bool:
@@ -32,8 +33,7 @@ def fusable(model: Transformer) -> bool:
     for i, block in enumerate(model.model.layers):
         if config.layer_window(i) is not None or not all(hasattr(block.mlp, name) for name in MLP):
             return False
-        linears = [getattr(block.self_attn, n) for n in PROJECTIONS] + [getattr(block.mlp, n) for n in MLP]
-        if not all(_packed(layer) for layer in linears):
+        if not all(isinstance(m, BlockLinear) and m.activations == "int8" for m in _linears(block)):
             return False
     return True
 
@@ -48,9 +48,11 @@ class FusedDecode:
     def for_model(cls, model: Transformer) -> FusedDecode | None:
         return cls(model) if fusable(model) else None
 
-    def applies(self, x: torch.Tensor, ctx: Context) -> bool:
-        return (x.shape[1] == 1 and isinstance(ctx.cache, PagedKVCache) and ctx.cache.k.dtype == torch.float32
-                and x.device.type == "cpu" and ctx.dca is None and not (torch.is_grad_enabled() and x.requires_grad))
+    def applies(self, x: torch.Tensor, cache: object) -> bool:
+        """Whether a forward of `x` (B, T, H) over `cache` is a decode step this call computes."""
+        return (x.shape[1] == 1 and isinstance(cache, PagedKVCache) and cache.k.dtype == torch.float32
+                and x.device.type == "cpu" and self.model.dca is None
+                and not (torch.is_grad_enabled() and x.requires_grad))
 
     def __call__(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, _, H = x.shape
@@ -62,7 +64,7 @@ class FusedDecode:
         h = x.reshape(B, H).contiguous()
         decode_layer = compiled_ops().decode_layer
         for i, block in enumerate(self.model.model.layers):
-            linears = [getattr(block.self_attn, n) for n in PROJECTIONS] + [getattr(block.mlp, n) for n in MLP]
+            linears = _linears(block)
             h = decode_layer(h, block.input_layernorm.weight, block.post_attention_layernorm.weight,
                              block.input_layernorm.eps, [m.packed for m in linears], [m.qtype for m in linears],
                              [m.bias if m.bias is not None else _NONE for m in linears], cos, sin, cache.k[i],
