@@ -7,8 +7,10 @@ transformers' `AutoTokenizer` loads and that encodes identically.
 Covered: Qwen2 / Qwen2.5 / Qwen2-MoE vocabularies (GGUF tokenizer model "gpt2", pre-tokenizer
 "qwen2"), special tokens recognised inside text, chat templates rendered in a sandboxed jinja2
 environment with the helpers HF provides (`raise_exception`, `tojson`, `strftime_now`, loop
-controls). Not covered: templates that use HF's `{% generation %}` tag (assistant masks), tools
-passed as Python functions rather than JSON schemas, and tokenizer models other than BPE.
+controls). A template without a tools branch (Qwen2-Instruct's) still gets tools: they are
+written into the messages in Qwen2.5's format (qwen2.tools.messages_with_tools). Not covered:
+templates that use HF's `{% generation %}` tag (assistant masks), tools passed as Python
+functions rather than JSON schemas, and tokenizer models other than BPE.
 """
 
 import functools
@@ -20,12 +22,14 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from qwen2.errors import TokenizerError
 from qwen2.files import write_atomically, write_text_atomically
+from qwen2.tools import messages_with_tools
 
 # Qwen2's split: like cl100k but digits one at a time (\p{N}, not \p{N}{1,3}).
 QWEN2_PRETOKENIZE_REGEX = (
@@ -205,7 +209,10 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         **extra: Any,
     ) -> str:
-        template = _compile_template(self.chat_template or FALLBACK_CHAT_TEMPLATE)
+        source = self.chat_template or FALLBACK_CHAT_TEMPLATE
+        if tools and not _reads_tools(source):  # e.g. Qwen2-Instruct's: the tools go into the messages instead
+            messages, tools = messages_with_tools(messages, tools), None
+        template = _compile_template(source)
         # The same variables transformers passes, so templates that read eos_token etc. work.
         tokens = {"eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token}
         try:
@@ -291,6 +298,16 @@ class StreamDecoder:
         return text
 
 
+def read_chat_template(path: str | Path) -> str:
+    """A chat template file's text, checked to compile (--chat-template)."""
+    try:
+        source = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read the chat template {path}: {e}") from None
+    _compile_template(source)
+    return source
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -315,13 +332,26 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-@functools.lru_cache(maxsize=8)  # compiling costs milliseconds; rendering happens per request
-def _compile_template(source: str) -> jinja2.Template:
+def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@functools.lru_cache(maxsize=8)  # compiling costs milliseconds; rendering happens per request
+def _compile_template(source: str) -> jinja2.Template:
     try:
-        return env.from_string(source)
+        return _environment().from_string(source)
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"the chat template does not compile ({e}); fix or replace it") from e
+
+
+@functools.lru_cache(maxsize=8)
+def _reads_tools(source: str) -> bool:
+    """Whether a chat template has a tools branch (reads the variable `tools`)."""
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(source))
     except jinja2.TemplateError as e:
         raise TokenizerError(f"the chat template does not compile ({e}); fix or replace it") from e

@@ -14,7 +14,7 @@ from typing import Any
 from qwen2.engine.engine import Output
 from qwen2.server.generation import Choice
 from qwen2.tokenizer import Tokenizer
-from qwen2.tools import ToolCall, ToolCallStream, parse_tool_calls
+from qwen2.tools import Delta, ToolCall, ToolCallStream, parse_tool_calls
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -67,13 +67,20 @@ class Format:
 
 
 class ChatFormat(Format):
+    """Tool calls, when the request rendered tools: parsed from the reply (qwen2.tools), streamed
+    as OpenAI does (a call's id and name first, then its arguments in pieces); with
+    `parallel` False only a reply's first call is kept."""
+
     object = "chat.completion.chunk"
 
-    def __init__(self, tokenizer: Tokenizer, model: str, tools: tuple[str, ...], prefill: str, logprobs: bool):
+    def __init__(self, tokenizer: Tokenizer, model: str, tools: tuple[str, ...], prefill: str, logprobs: bool,
+                 parallel: bool = True):
         super().__init__(tokenizer, model, "chatcmpl")
         self.tools, self.prefill, self.logprobs = tools, prefill, logprobs  # tools: the declared names
+        self.parallel = parallel
         self.streams: dict[int, ToolCallStream] = {}
         self.called: dict[int, int] = {}  # tool calls sent so far, per choice
+        self.dropping: dict[int, bool] = {}  # whether a choice's current call is past the first (not parallel)
 
     def _entry(self, token: int, logprob: float) -> dict:
         raw = token_bytes(self.tokenizer, token)
@@ -86,11 +93,8 @@ class ChatFormat(Format):
                                                                                  o.top_logprobs or []]}
                             for o in outs]}
 
-    def _calls(self, index: int, calls: list[ToolCall]) -> list[dict]:
-        first = self.called.get(index, 0)
-        self.called[index] = first + len(calls)
-        return [{"index": first + k, "id": c.id, "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}} for k, c in enumerate(calls)]
+    def _kept(self, calls: list[ToolCall]) -> list[ToolCall]:
+        return calls if self.parallel else calls[:1]
 
     def _chunk(self, index: int, delta: dict, logprobs: dict | None = None, finish: str | None = None) -> dict:
         return self.envelope([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
@@ -102,24 +106,41 @@ class ChatFormat(Format):
                 self.streams[c.index].push(self.prefill)
         return [self._chunk(c.index, {"role": "assistant", "content": ""}) for c in choices]
 
-    def _delta(self, index: int, content: str, calls: list[ToolCall]) -> dict:
+    def _delta(self, index: int, deltas: list[Delta]) -> dict:
+        """One chunk's delta from the stream's pieces: content, and tool_calls entries by call index."""
+        content, entries = "", []
+        for d in deltas:
+            content += d.content
+            if d.call is not None:
+                sent = self.called.get(index, 0)
+                self.dropping[index] = not self.parallel and sent > 0
+                if self.dropping[index]:
+                    continue
+                self.called[index] = sent + 1
+                entries.append({"index": sent, "id": d.call.id, "type": "function",
+                                "function": {"name": d.call.name, "arguments": d.call.arguments}})
+            if d.arguments and not self.dropping.get(index):
+                current = self.called[index] - 1
+                if entries and entries[-1]["index"] == current:
+                    entries[-1]["function"]["arguments"] += d.arguments
+                else:
+                    entries.append({"index": current, "function": {"arguments": d.arguments}})
         delta: dict[str, Any] = {"content": content} if content else {}
-        if calls:
-            delta["tool_calls"] = self._calls(index, calls)
+        if entries:
+            delta["tool_calls"] = entries
         return delta
 
     def piece(self, choice: Choice, out: Output) -> dict | None:
-        content, calls = self.streams[choice.index].push(out.text) if self.tools else (out.text, [])
+        deltas = self.streams[choice.index].push(out.text) if self.tools else [Delta(content=out.text)]
         logprobs = self._logprobs([out]) if out.logprob is not None else None
-        delta = self._delta(choice.index, content, calls)
+        delta = self._delta(choice.index, deltas)
         return self._chunk(choice.index, delta, logprobs) if delta or logprobs else None
 
     def _finish_reason(self, choice: Choice) -> str | None:
         return "tool_calls" if self.called.get(choice.index) else choice.finish_reason
 
     def tail(self, choice: Choice) -> list[dict]:
-        content, calls = self.streams[choice.index].finish() if self.tools else ("", [])
-        delta = self._delta(choice.index, content, calls)
+        delta = self._delta(choice.index, self.streams[choice.index].finish()) if self.tools else {}
         return ([self._chunk(choice.index, delta)] if delta else []) + [
             self._chunk(choice.index, {}, finish=self._finish_reason(choice))]
 
@@ -127,9 +148,13 @@ class ChatFormat(Format):
         out = []
         for c in choices:
             content, calls = parse_tool_calls(self.prefill + c.text, self.tools) if self.tools else (c.text, [])
+            calls = self._kept(calls)
             message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
             if calls:
-                message["tool_calls"] = self._calls(c.index, calls)
+                self.called[c.index] = len(calls)
+                message["tool_calls"] = [{"id": call.id, "type": "function",
+                                          "function": {"name": call.name, "arguments": call.arguments}}
+                                         for call in calls]
             out.append({"index": c.index, "message": message, "logprobs": self._logprobs(c.logprobs),
                         "finish_reason": self._finish_reason(c)})
         return self.envelope(out, "chat.completion", usage=usage)

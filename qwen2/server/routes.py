@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from qwen2.engine.sampling import MAX_STOP_STRINGS
 from qwen2.errors import RequestError
 from qwen2.server import generation
 from qwen2.server.generation import Choice
@@ -30,7 +31,7 @@ from qwen2.server.protocol import (
 )
 from qwen2.server.responses import ChatFormat, CompletionFormat, Format, usage
 from qwen2.server.structured import tool_call_schema
-from qwen2.tools import TOOL_CALL_START
+from qwen2.tools import TOOL_CALL_END, TOOL_CALL_START
 
 if TYPE_CHECKING:
     from qwen2.server.app import Server
@@ -76,6 +77,7 @@ async def detokenize(body: DetokenizeRequest, http: Request) -> Any:
 
 
 def _prepare_chat(server: Server, body: ChatRequest) -> tuple[list[Choice], Format]:
+    adapter = server.adapter(body.model)
     tools = body.template_tools()
     forced = body.forced_tool
     # "required" or a named function: open the call ourselves and constrain the rest to a call's JSON
@@ -91,12 +93,16 @@ def _prepare_chat(server: Server, body: ChatRequest) -> tuple[list[Choice], Form
         schema = body.response_format.json_schema.schema_
     try:  # each choice gets its own processor: it follows that choice's tokens
         choices = [Choice(i, ids, body.sampling_params(len(ids), server.context, i, body.engine_logprobs,
-                                                       [server.grammars.json(schema)] if schema is not None else []))
+                                                       [server.grammars.json(schema)] if schema is not None else []),
+                          adapter)
                    for i in range(body.n)]
     except RequestError as e:  # a schema llguidance cannot enforce
         raise invalid(str(e), "tools" if forced is not None else "response_format") from None
     names = tuple(t["function"]["name"] for t in tools) if tools else ()
-    return choices, ChatFormat(server.tokenizer, server.model_name, names, prefill, body.logprobs)
+    parallel = body.parallel_tool_calls is not False
+    for c in choices if names and not parallel else []:  # one call wanted: end the reply after it
+        c.params.stop = c.params.stop + [TOOL_CALL_END] if len(c.params.stop) < MAX_STOP_STRINGS else c.params.stop
+    return choices, ChatFormat(server.tokenizer, adapter or server.model_name, names, prefill, body.logprobs, parallel)
 
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")  # Qwen2.5-Coder's fill-in-the-middle
@@ -115,14 +121,14 @@ def _fill_in_the_middle(server: Server, prompt: str | list[int], suffix: str) ->
 
 
 def _prepare_completion(server: Server, body: CompletionRequest) -> tuple[list[Choice], Format]:
-    choices = []
+    adapter, choices = server.adapter(body.model), []
     for p, prompt in enumerate(body.prompts()):
         if body.suffix is not None:
             prompt = _fill_in_the_middle(server, prompt, body.suffix)
         ids = server.prompt_ids(prompt, "prompt")
-        choices += [Choice(p * body.n + j, ids, body.sampling_params(len(ids), server.context, j, body.logprobs))
-                    for j in range(body.n)]
-    return choices, CompletionFormat(server.tokenizer, server.model_name, body.logprobs is not None)
+        choices += [Choice(p * body.n + j, ids, body.sampling_params(len(ids), server.context, j, body.logprobs),
+                           adapter) for j in range(body.n)]
+    return choices, CompletionFormat(server.tokenizer, adapter or server.model_name, body.logprobs is not None)
 
 
 async def respond(server: Server, http: Request, body: SamplingFields, choices: list[Choice], fmt: Format) -> Any:

@@ -5,7 +5,8 @@
 - strict: the same tiny model behind every limit: API key, 1 slot, a queue of 1, a 1.5 s
   timeout, a 64 KiB body cap, CORS for one origin, one Host name besides loopback's.
 - default: the embedded default model, where the content matters (tools, JSON schema, chat).
-All three start together at the first use, so their start-up costs overlap.
+All three start together at the first use, so their start-up costs overlap. One more, started
+only by the tests that use it: the default model behind a chat template without tools.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class ServerProcess:
     api_key: str | None = None
     cors_origin: str | None = None
     timeout: float | None = None
+    model: Path | None = None  # the checkpoint it serves
     ready: bool = False
 
     @property
@@ -122,7 +124,7 @@ def _launch(name: str, model: Path, args: list[str], logs: Path, **settings) -> 
     cmd = [sys.executable, "-m", "qwen2.server", "--model", str(model), "--port", str(port), *args]
     env = os.environ | {"QWEN2_API_KEY": ""}  # only the strict server asks for a key
     process = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    return ServerProcess(name, process, f"http://127.0.0.1:{port}", log, **settings)
+    return ServerProcess(name, process, f"http://127.0.0.1:{port}", log, model=model, **settings)
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +149,21 @@ def _servers(tmp_path_factory, default_gguf, default_tokenizer):
             s.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             s.process.kill()
+
+
+@pytest.fixture(scope="session")
+def plain_template_server(tmp_path_factory, default_gguf):
+    """The default model behind Qwen2-Instruct's plain ChatML template (--chat-template): no tools branch."""
+    from qwen2.tokenizer import FALLBACK_CHAT_TEMPLATE
+
+    root = tmp_path_factory.mktemp("plain-template")
+    template = root / "chatml.jinja"
+    template.write_text(FALLBACK_CHAT_TEMPLATE)
+    server = _launch("plain-template", default_gguf, ["--ctx", "2048", "--max-concurrency", "2",
+                                                       "--chat-template", str(template)], root)
+    yield server.wait_ready()
+    server.process.terminate()
+    server.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

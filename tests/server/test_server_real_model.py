@@ -56,13 +56,14 @@ def test_tool_round_trip_streamed(default_server):
         model="default", messages=[QUESTION], tools=[WEATHER], stream=True, temperature=0, max_tokens=32,
         tool_choice={"type": "function", "function": {"name": "get_weather"}}))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
-    calls = [t for d in deltas for t in d.tool_calls or []]
-    assert len(calls) == 1 and not any(d.content for d in deltas)  # the call arrives whole, never as text
-    call = calls[0]
-    assert call.index == 0 and call.function.name == "get_weather" and json.loads(call.function.arguments)["city"]
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    as_message = {"id": call.id, "type": "function",
-                  "function": {"name": call.function.name, "arguments": call.function.arguments}}
+    pieces = [t for d in deltas for t in d.tool_calls or []]
+    assert not any(d.content for d in deltas)  # the call never leaks out as text
+    # OpenAI's stream shape: the call's id and name first, then its arguments in pieces, all under index 0
+    assert pieces[0].id.startswith("call_") and pieces[0].function.name == "get_weather"
+    assert {p.index for p in pieces} == {0} and len(pieces) > 2 and all(p.id is None for p in pieces[1:])
+    arguments = "".join(p.function.arguments or "" for p in pieces)
+    assert json.loads(arguments)["city"] and chunks[-1].choices[0].finish_reason == "tool_calls"
+    as_message = {"id": pieces[0].id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
     assert "18" in _final_answer(client, as_message, stream=True)
 
 
@@ -103,6 +104,43 @@ def test_a_call_written_without_its_tags_is_still_a_call(default_server):
         streamed = [t for d in deltas for t in d.tool_calls or []]
         assert [t.function.arguments for t in streamed] == [call.function.arguments]
         assert not any(d.content for d in deltas) and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def _call(server, stream: bool, **kwargs) -> tuple[str | None, list[tuple[str, dict]]]:
+    """(content, [(name, arguments)]) of a greedy reply, assembled from the stream when streamed."""
+    kwargs = dict(model="default", temperature=0, max_tokens=60) | kwargs
+    client = server.client()
+    if not stream:
+        message = client.chat.completions.create(**kwargs).choices[0].message
+        return message.content, [(t.function.name, json.loads(t.function.arguments)) for t in message.tool_calls or []]
+    content, calls = "", {}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        delta = chunk.choices[0].delta if chunk.choices else None
+        content += (delta and delta.content) or ""
+        for t in (delta and delta.tool_calls) or []:
+            name, arguments = calls.get(t.index, ("", ""))
+            calls[t.index] = (name + (t.function.name or ""), arguments + (t.function.arguments or ""))
+    return content or None, [(name, json.loads(arguments)) for name, arguments in calls.values()]
+
+
+def test_a_template_without_a_tools_branch_serves_tool_calls(default_server, plain_template_server):
+    """Qwen2-Instruct's template has no tools branch: the tools are written into the messages in
+    Qwen2.5's format, so the model makes the same calls as behind its own template."""
+    weather = [{"role": "user", "content": "What's the weather in Paris right now?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for stream, choice in ((False, "auto"), (False, "required"), (True, named)):
+        asked = dict(messages=weather, tools=[WEATHER, CLOCK], tool_choice=choice)
+        content, calls = _call(plain_template_server, stream, **asked)
+        assert not content and calls == [("get_weather", {"city": "Paris"})], (stream, choice)
+        assert _call(default_server, stream, **asked) == (content, calls)
+    # the reply to the tool's result, and tool_choice "none": plain answers
+    result = [{"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature_c": 18, "sky": "sunny"}'}]
+    content, calls = _call(plain_template_server, True, max_tokens=30, tools=[WEATHER], messages=weather + result)
+    assert "18" in content and not calls
+    content, calls = _call(plain_template_server, False, messages=weather, tools=[WEATHER], tool_choice="none")
+    assert content and not calls
 
 
 def test_a_suffix_fills_in_the_middle(default_server):

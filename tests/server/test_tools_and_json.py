@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qwen2.server.structured import Grammars, tool_call_schema
-from qwen2.tools import ToolCallStream, parse_tool_calls
+from qwen2.tools import ToolCallStream, collect, json_value_end, messages_with_tools, parse_tool_calls
 
 REPLY = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
          '<tool_call>\n{"name": "get_time"}\n</tool_call>')
@@ -26,19 +26,47 @@ def test_parse_tool_calls():
         assert parse_tool_calls(text) == (text, [])
 
 
+def _stream(reply: str, names=(), seed: int = 0, longest: int = 6) -> tuple[str, list, list]:
+    """Feed `reply` in random pieces; returns (content, calls, every delta) as a client assembles them."""
+    rng = random.Random(seed)
+    stream, deltas, i = ToolCallStream(names), [], 0
+    while i < len(reply):
+        n = rng.randint(1, longest)
+        deltas += stream.push(reply[i:i + n])
+        i += n
+    deltas += stream.finish()
+    content, calls = collect(deltas)
+    return content, calls, deltas
+
+
 def test_streamed_calls_equal_parsed_calls_however_the_text_is_split():
-    rng = random.Random(0)
-    for _ in range(100):
-        stream, content, calls, i = ToolCallStream(), "", [], 0
-        while i < len(REPLY):
-            n = rng.randint(1, 6)
-            shown, done = stream.push(REPLY[i:i + n])
-            assert "<" not in shown  # no piece of a tag ever leaks out as content
-            content, calls, i = content + shown, calls + done, i + n
-        shown, done = stream.finish()
-        content, calls = content + shown, calls + done
+    for seed in range(100):
+        content, calls, deltas = _stream(REPLY, seed=seed)
+        assert all("<" not in d.content for d in deltas)  # no piece of a tag ever leaks out as content
         assert content.strip() == "Let me check."
         assert [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]
+
+
+def test_arguments_stream_as_they_are_generated():
+    reply = '<tool_call>\n{"name": "f", "arguments": {"code": "a = {\\"}\\"}\\n", "n": [1, {"x": 2}]}}\n</tool_call>'
+    arguments = json.loads(reply.split("\n")[1])["arguments"]
+    for seed in range(50):
+        content, calls, deltas = _stream(reply, seed=seed, longest=4)
+        assert content == "" and [c.name for c in calls] == ["f"] and json.loads(calls[0].arguments) == arguments
+        assert sum(bool(d.arguments) for d in deltas) > 3  # in pieces, not one block at the end
+        assert deltas[0].call is not None  # the name comes first, before the arguments are complete
+
+
+def test_a_call_in_another_key_order_is_sent_whole_when_it_closes():
+    reply = '<tool_call>\n{"arguments": {"city": "Paris"}, "name": "get_weather"}\n</tool_call>'
+    content, calls, deltas = _stream(reply)
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert sum(d.call is not None for d in deltas) == 1
+
+
+def test_a_call_cut_before_its_end_tag_still_counts():
+    content, calls, _ = _stream('Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}')
+    assert content == "Sure.\n" and json.loads(calls[0].arguments) == {"a": 1}
 
 
 NAMES = ("get_weather", "get_time")
@@ -65,14 +93,7 @@ def test_json_that_is_not_exactly_a_declared_call_stays_content(reply):
 
 @pytest.mark.parametrize("reply", [f"```json\n{BARE}\n```", f"Sure.\n{BARE}", "{not json at all"])
 def test_a_stream_holds_what_may_be_a_bare_call_until_it_ends(reply):
-    rng = random.Random(1)
-    stream, content, calls, i = ToolCallStream(NAMES), "", [], 0
-    while i < len(reply):
-        n = rng.randint(1, 5)
-        shown, done = stream.push(reply[i:i + n])
-        content, calls, i = content + shown, calls + done, i + n
-    shown, done = stream.finish()
-    content, calls = content + shown, calls + done
+    content, calls, _ = _stream(reply, NAMES, seed=1, longest=5)
     assert (content, [c.name for c in calls]) == (("", ["get_weather"]) if reply.startswith("```") else (reply, []))
 
 
@@ -113,3 +134,54 @@ def test_forced_tool_call_schema(grammars, default_tokenizer):
     assert json.loads(text)["name"] == "f" and json.loads(text)["arguments"]["x"] in (1, 2)
     text, _ = _generate(grammars.json(tool_call_schema(tools)), default_tokenizer, 1)
     assert json.loads(text)["name"] in ("f", "g")
+
+
+def test_json_value_end_finds_the_end_of_objects_strings_and_numbers_across_pieces():
+    assert json_value_end('{"a": "}", "b": [1, {"c": 2}]} tail', [0, False, False, False]) == 30
+    assert json_value_end(' "x\\"y", next', [0, False, False, False]) == 7
+    assert json_value_end("42}", [0, False, False, False]) == 2
+    state = [0, False, False, False]
+    assert json_value_end('{"a": "{', state) is None and json_value_end('"}', state) == 2
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CHAT = [{"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "rain"}]
+
+
+@pytest.mark.parametrize("system", [[], [{"role": "system", "content": "Be brief."}]])
+def test_a_template_without_tools_renders_what_qwen25s_template_renders(default_tokenizer, system):
+    """Qwen2-Instruct's plain ChatML template gets the tools, calls and results written into the
+    messages: the prompt is the one Qwen2.5's own tools branch writes (the format it was trained on)."""
+    from qwen2.tokenizer import FALLBACK_CHAT_TEMPLATE, Tokenizer
+
+    plain = Tokenizer(default_tokenizer._tok, chat_template=FALLBACK_CHAT_TEMPLATE)
+    qwen25 = default_tokenizer.apply_chat_template(system + CHAT, tools=TOOLS)
+    assert plain.apply_chat_template(system + CHAT, tools=TOOLS) == qwen25
+    assert "<tools>" not in plain.apply_chat_template(system + CHAT[:1])  # no tools: the template as it is
+    assert messages_with_tools(CHAT[:1], None) == CHAT[:1]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_tool_calls_false_keeps_a_replys_first_call(default_tokenizer, parallel):
+    from qwen2.engine.engine import Output
+    from qwen2.engine.sampling import SamplingParams
+    from qwen2.server.generation import Choice
+    from qwen2.server.responses import ChatFormat
+
+    def fmt():
+        return ChatFormat(default_tokenizer, "m", NAMES, "", logprobs=False, parallel=parallel)
+
+    choice = Choice(0, [1], SamplingParams(), text=REPLY, finish_reason="stop")
+    message = fmt().response([choice], {})["choices"][0]["message"]
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_time"][: 2 if parallel else 1]
+    stream = fmt()
+    stream.head([choice])
+    chunks = [stream.piece(choice, Output(0, 1, REPLY[i:i + 3])) for i in range(0, len(REPLY), 3)]
+    entries = [e for c in chunks + stream.tail(choice) if c for e in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert {e["index"] for e in entries} == ({0, 1} if parallel else {0})
+    assert json.loads("".join(e["function"]["arguments"] for e in entries if e["index"] == 0)) == {"city": "Paris"}
