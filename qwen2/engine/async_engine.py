@@ -1,8 +1,9 @@
 """The asynchronous front door, for the server: submit, stream, cancel.
 
 The Engine is single-threaded by design. One background thread owns it: it takes commands
-(submit, cancel) from a queue between steps and hands each Output to the asyncio loop of the
-request that asked for it. Nothing else touches the engine, so no locks reach the hot loop.
+(submit, cancel, call: other work on the model, such as an embedding forward) from a queue
+between steps and hands each Output to the asyncio loop of the request that asked for it.
+Nothing else touches the engine, so no locks reach the hot loop.
 
 Supervision: the thread never dies silently. A request that fails (in the engine or while its
 output is handed over, e.g. its caller's loop is gone) ends alone; an error outside any one
@@ -24,14 +25,16 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from qwen2.engine.engine import Engine, Output, Request
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import Qwen2Error, RequestError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueueFullError(RequestError):
@@ -122,6 +125,24 @@ class AsyncEngine:
             if request.finish_reason is None:
                 self.cancel(request)
 
+    async def call(self, work: Callable[[], T]) -> T:
+        """Run `work` on the engine thread between two steps and return its result: other uses of
+        the model (an embedding forward) take turns with the engine's steps instead of running beside
+        them, where they would compete for the same cores and could break a CUDA graph's capture."""
+        if self.waiting + self._pending >= self.max_waiting:
+            raise QueueFullError(f"{self.waiting + self._pending} requests are already waiting; retry shortly")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._pending += 1
+        try:
+            with self._lock:
+                if self._closed or self._stopping:
+                    raise EngineUnavailableError("the engine is stopped and takes no requests; restart the server")
+                self._commands.put(("call", work, loop, done))
+            return await done
+        finally:
+            self._pending -= 1
+
     def cancel(self, request: Request, reason: str = "caller") -> None:
         """Free the request's slot before the next step; `reason` labels it in the stats."""
         self._commands.put(("cancel", request, reason))
@@ -154,9 +175,11 @@ class AsyncEngine:
         try:
             while True:
                 command = self._commands.get_nowait()
+                stopped = EngineUnavailableError("the engine stopped before this request started")
                 if command[0] == "submit":
-                    stopped = EngineUnavailableError("the engine stopped before this request started")
                     self._call(command[3].loop, self._settle, command[4], None, stopped)
+                elif command[0] == "call":
+                    self._call(command[2], self._resolve, command[3], None, stopped)
         except queue.Empty:
             pass
         self._fail_all("shutdown", "the server is shutting down; the request was not finished")
@@ -192,6 +215,15 @@ class AsyncEngine:
             self._handles[request.id] = handle
             self.stats.requests += 1
             self.stats.prompt_tokens += len(request.prompt)
+        elif kind == "call":
+            _, work, loop, done = command
+            if done.cancelled():  # its caller is gone: skip the work
+                return
+            try:
+                result, error = work(), None
+            except Exception as e:  # the caller's to answer; the engine goes on
+                result, error = None, e
+            self._call(loop, self._resolve, done, result, error)
         elif kind == "cancel":
             _, request, reason = command
             if request.finish_reason is None:
@@ -237,6 +269,16 @@ class AsyncEngine:
             return True
         except RuntimeError:
             return False
+
+    @staticmethod
+    def _resolve(future: asyncio.Future, result: Any, error: Exception | None) -> None:
+        """Runs on the caller's loop: answer call()."""
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
     def _settle(self, future: asyncio.Future, request: Request | None, error: Exception | None) -> None:
         """Runs on the caller's loop: answer submit(), or cancel if the caller gave up meanwhile."""

@@ -8,6 +8,7 @@ llm = load()                                   # the embedded default model
 print(llm.chat([{"role": "user", "content": "hi"}]).text)
 for piece in llm.generate("def fib(n):", max_tokens=64, stream=True): ...
 texts = [c.text for c in llm.generate(["def fib(n):", "def sort(xs):"], max_tokens=64)]  # a batch, in order
+vectors = llm.embed(["a query", "a passage"])  # (2, hidden) unit vectors (qwen2.embeddings)
 ```
 """
 
@@ -16,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
+from qwen2 import embeddings
 from qwen2.config import Qwen2Config
 from qwen2.engine.engine import Engine, Request
 from qwen2.engine.sampling import SamplingParams
@@ -69,6 +73,22 @@ class LLM:
         prompts = [self.tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=True)
                    for m in conversations]
         return self.generate(prompts if conversations is messages else prompts[0], stream=stream, **sampling)
+
+    def embed(self, texts: str | list[str] | list[list[int]], pooling: str = "last",
+              dimensions: int | None = None) -> torch.Tensor:
+        """(N, hidden or `dimensions`) float32 unit vectors, one per text (or list of token ids), in order;
+        `pooling` "last" or "mean" (qwen2.embeddings)."""
+        if pooling not in embeddings.POOLINGS:
+            raise ValueError(f"pooling must be one of {embeddings.POOLINGS}, got {pooling!r}")
+        texts = [texts] if isinstance(texts, str) else texts
+        ids = [embeddings.input_ids(self.tokenizer, self.tokenizer.encode(t) if isinstance(t, str) else list(t),
+                                    pooling) for t in texts]
+        if not ids or not all(ids):
+            raise ValueError("nothing to embed: give at least one non-empty input")
+        vectors = torch.empty(len(ids), self.config.hidden_size)
+        for group in embeddings.batches([len(x) for x in ids], self.engine.prefill_chunk):
+            vectors[group] = embeddings.embed(self.model, [ids[i] for i in group], pooling)
+        return embeddings.shorten(vectors, dimensions)
 
     def _batch(self, prompts: list, params: SamplingParams) -> list[Completion]:
         done = self.engine.run_all(prompts, [params] * len(prompts))

@@ -37,19 +37,22 @@ from qwen2.engine.async_engine import AsyncEngine, EngineUnavailableError, Queue
 from qwen2.engine.llm import LLM
 from qwen2.errors import Qwen2Error, TokenizerError
 from qwen2.server.docqa import docqa_router
+from qwen2.server.embeddings import router as embeddings_router
 from qwen2.server.metrics import Metrics
 from qwen2.server.protocol import APIError, invalid
+from qwen2.server.responses_api import router as responses_router
 from qwen2.server.routes import router
 from qwen2.server.structured import Grammars
 
 log = logging.getLogger(__name__)
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-          "/v1/docqa", "/tokenize", "/detokenize")  # metric labels
+          "/v1/docqa", "/v1/embeddings", "/v1/responses", "/tokenize", "/detokenize")  # metric labels
 KEYED = ("/v1/", "/tokenize", "/detokenize")  # the paths --api-key guards (vLLM's tokenizer routes too)
 PREPARE_THREADS = 2
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # the Host names a loopback-bound server answers to
 BODY_TYPES = {"/v1/chat/completions": "application/json", "/v1/completions": "application/json",
               "/tokenize": "application/json", "/detokenize": "application/json",
+              "/v1/embeddings": "application/json", "/v1/responses": "application/json",
               "/v1/docqa": "multipart/form-data"}  # the media type each POST route reads
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 T = TypeVar("T")
@@ -67,6 +70,7 @@ class Settings:
     docqa_concurrency: int = 2  # /v1/docqa requests at once; more get 429
     docqa_timeout: float = 900.0  # seconds per /v1/docqa request, parsing included
     document_limits: Limits = field(default_factory=Limits)  # what parsing one upload may cost
+    pooling: str = "last"  # /v1/embeddings: "last" or "mean" token pooling (qwen2.embeddings)
 
 
 class Server:
@@ -355,6 +359,8 @@ def create_app(llm: LLM, settings: Settings) -> FastAPI:
 
     app.include_router(router)
     app.include_router(docqa_router())  # questions over an uploaded document (qwen2.agent)
+    app.include_router(embeddings_router)
+    app.include_router(responses_router)  # OpenAI's Responses API, onto the chat path
     install_error_handlers(app)
     app.add_middleware(Guard, server=server)
     if settings.cors_origins:

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docqa-timeout", type=float, default=900.0, help="seconds a /v1/docqa request may take, "
                    "parsing included, before it is cancelled (default %(default)g; level 2 reads roughly 350 "
                    "document tokens a second with the default model on two CPU cores)")
+    p.add_argument("--pooling", choices=("last", "mean"), help="/v1/embeddings: pool the last token (with "
+                   "<|endoftext|> appended) or the mean of the tokens (default: what the checkpoint's "
+                   "1_Pooling/config.json says, else last)")
 
 
 def model_name(spec: str | None) -> str:
@@ -70,9 +73,11 @@ def is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from qwen2.embeddings import checkpoint_pooling
     from qwen2.errors import OptionError
     from qwen2.loading import load
     from qwen2.server.app import LOOPBACK_HOSTS, Settings, create_app
+    from qwen2.weights import resolve_model
 
     engine = engine_options(args)
     if args.max_queue < 0 or args.timeout <= 0 or args.max_body < 1:
@@ -95,7 +100,8 @@ def run(args: argparse.Namespace) -> None:
                         cors_origins=args.cors_origin, max_queue=args.max_queue, timeout=args.timeout,
                         max_body=args.max_body, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts,
                                                                              LOOPBACK_HOSTS),
-                        docqa_concurrency=args.docqa_concurrency, docqa_timeout=args.docqa_timeout)
+                        docqa_concurrency=args.docqa_concurrency, docqa_timeout=args.docqa_timeout,
+                        pooling=args.pooling or checkpoint_pooling(resolve_model(options.get("model"))) or "last")
     app = create_app(llm, settings)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen2 serve: {settings.model_name} at http://{shown}:{args.port}/ (web chat) and "
