@@ -28,6 +28,7 @@ from qwen2.device import resolve_device, resolve_dtype
 from qwen2.distributed import tensor_parallel
 from qwen2.engine.engine import Engine
 from qwen2.engine.llm import LLM
+from qwen2.engine.lora import AdapterSet, read_adapter
 from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import OptionError, Qwen2Error
 from qwen2.model import Transformer
@@ -188,7 +189,8 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
          device: str | None = DEFAULTS.device, quant: str = DEFAULTS.quant, ctx: int | None = DEFAULTS.ctx,
          rope_scaling: str | None = DEFAULTS.rope_scaling, dca: str | None = DEFAULTS.dca,
          speculative: str | None = DEFAULTS.speculative, max_concurrency: int = 64, kv_memory: int | None = None,
-         prefill_chunk: int = 512, kv_share: float | None = None) -> LLM:
+         prefill_chunk: int = 512, kv_share: float | None = None,
+         lora: dict[str, str | Path] | None = None) -> LLM:
     """Load a model and an engine over it; the keyword arguments mean what the CLI options do.
 
     ctx: KV cache tokens per sequence (prompt and reply), default 32768 or the model's context
@@ -199,7 +201,8 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
     paged KV cache all sequences share (default: a quarter of the available RAM, half the free
     GPU memory; see qwen2.engine.engine). kv_share: when
     kv_memory is not given, this share of the available memory, not capped at max_concurrency
-    sequences (a prefix cache that keeps a whole document).
+    sequences (a prefix cache that keeps a whole document). lora: {name: PEFT adapter folder},
+    the LoRA adapters a request may run with (Engine.submit's `adapter`; qwen2.engine.lora).
     """
     start = time.perf_counter()
     if ctx is not None and (not isinstance(ctx, int) or ctx < 1):
@@ -207,6 +210,9 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
     if max_concurrency < 1 or prefill_chunk < 1:
         raise OptionError("max_concurrency and prefill_chunk must be at least 1")
     world = tensor_parallel.world_size()  # under torchrun, one model sharded over its processes
+    adapters = [read_adapter(name, path) for name, path in (lora or {}).items()]  # a bad one fails before loading
+    if adapters and world > 1:
+        raise OptionError("--lora does not run under tensor parallelism (torchrun): the adapters are not sharded")
     net, tokenizer, mode = build_model(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling,
                                        dca=dca, world=world)
     if world > 1:  # rank 0 leads the other ranks, which never return from here
@@ -224,5 +230,5 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
                               f"tokens, the model {tokenizer.vocab_size}); it must share the model's tokenizer")
         speculator = DraftModel(draft, ctx)
     engine = Engine(net, tokenizer, max_concurrency=max_concurrency, max_seq_len=ctx, prefill_chunk=prefill_chunk,
-                    speculator=speculator, kv_memory=kv_memory, kv_share=kv_share)
+                    speculator=speculator, kv_memory=kv_memory, kv_share=kv_share, adapters=AdapterSet(net, adapters))
     return LLM(net, tokenizer, engine, time.perf_counter() - start, quant=mode)

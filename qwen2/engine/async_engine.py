@@ -93,8 +93,10 @@ class AsyncEngine:
     def running(self) -> int:
         return len(self.engine.running)
 
-    async def submit(self, prompt: str | list[int], params: SamplingParams) -> tuple[Request, asyncio.Queue]:
-        """Queue a request; returns it with the asyncio queue its Outputs will arrive on."""
+    async def submit(self, prompt: str | list[int], params: SamplingParams,
+                     adapter: str | None = None) -> tuple[Request, asyncio.Queue]:
+        """Queue a request (with the LoRA adapter named `adapter`, if any); returns it with the
+        asyncio queue its Outputs will arrive on."""
         # submits still in the command queue count too, or a burst would slip past the bound
         if self.waiting + self._pending >= self.max_waiting:
             raise QueueFullError(f"{self.waiting + self._pending} requests are already waiting; retry shortly")
@@ -106,7 +108,7 @@ class AsyncEngine:
             with self._lock:
                 if self._closed or self._stopping:
                     raise EngineUnavailableError("the engine is stopped and takes no requests; restart the server")
-                self._commands.put(("submit", prompt, params, handle, accepted))
+                self._commands.put(("submit", prompt, params, adapter, handle, accepted))
             request = await accepted
         finally:
             self._pending -= 1
@@ -177,7 +179,7 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
                 stopped = EngineUnavailableError("the engine stopped before this request started")
                 if command[0] == "submit":
-                    self._call(command[3].loop, self._settle, command[4], None, stopped)
+                    self._call(command[4].loop, self._settle, command[5], None, stopped)
                 elif command[0] == "call":
                     self._call(command[2], self._resolve, command[3], None, stopped)
         except queue.Empty:
@@ -199,9 +201,9 @@ class AsyncEngine:
     def _execute(self, command: tuple) -> None:
         kind = command[0]
         if kind == "submit":
-            _, prompt, params, handle, accepted = command
+            _, prompt, params, adapter, handle, accepted = command
             try:
-                request = self.engine.submit(prompt, params)
+                request = self.engine.submit(prompt, params, adapter)
             except Exception as e:  # anything else is our bug: log it, but keep the thread alive
                 if not isinstance(e, Qwen2Error):
                     log.exception("submit failed")

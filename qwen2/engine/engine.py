@@ -22,7 +22,9 @@ Scheduling, one `step()` at a time, with a token budget of `prefill_chunk` per s
   On CUDA that forward has fixed shapes and replays a CUDA graph (qwen2.engine.cuda_graphs),
   and the tokens of requests that need nothing but the logits are drawn on the device: only
   their ids reach the host. Prompt chunks run eagerly.
-Requests join and leave between steps (continuous batching).
+Requests join and leave between steps (continuous batching). A request may name a LoRA adapter
+(qwen2.engine.lora): its rows get the adapter's delta in the same forward as everyone else's,
+and its prefix-cache blocks are its adapter's own.
 
 Isolation: whatever goes wrong while serving one request (sampling, a logits processor,
 detokenizing, stop matching) ends that request alone with finish_reason "error" and a message;
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen2.engine.cuda_graphs import StaticDecode, unsupported
+from qwen2.engine.lora import AdapterSet
 from qwen2.engine.paged import BlockManager, Sequence
 from qwen2.engine.sampling import SamplingParams, sample, sample_rows, samples_on_device, top_logprobs
 from qwen2.engine.speculative import DraftModel, PromptLookup
@@ -80,6 +83,7 @@ class Request:
     generator: torch.Generator | None
     stops: StopMatcher
     device_generator: torch.Generator | None = None  # a seeded request's draws on the device
+    adapter: int = 0  # its LoRA adapter's number in the engine's AdapterSet (0: the base model)
     output: list[int] = field(default_factory=list)
     slot: int | None = None  # the row of the cache's block tables while running
     seq: Sequence | None = None  # its blocks while running
@@ -125,15 +129,17 @@ class Engine:
                  max_seq_len: int = 8192, prefill_chunk: int = 512,
                  speculator: PromptLookup | DraftModel | None = None, kv_memory: int | None = None,
                  block_size: int = BLOCK_SIZE, static_decode: bool | None = None,
-                 kv_share: float | None = None):
+                 kv_share: float | None = None, adapters: AdapterSet | None = None):
         """kv_memory: bytes for the KV cache
         (default: DEFAULT_KV_SHARE of what is available, no more than max_concurrency full sequences).
         kv_share: instead, this share of what is available, uncapped: for a prefix cache meant to
         outlive its requests (a document read again with another question). Memory is taken only
         as blocks are first written.
         static_decode: decode steps of fixed shape with device sampling (default: on CUDA, for
-        the models qwen2.engine.cuda_graphs covers)."""
+        the models qwen2.engine.cuda_graphs covers).
+        adapters: the LoRA adapters requests may name (submit's `adapter`)."""
         self.model, self.tokenizer, self.speculator = model, tokenizer, speculator
+        self.adapters = adapters or AdapterSet(model)
         config = model.config
         if not 0 < max_seq_len <= config.context_limit:
             raise ValueError(f"max_seq_len {max_seq_len} is outside 1..{config.context_limit}, the model's limit")
@@ -171,9 +177,12 @@ class Engine:
                 f"{self.max_concurrency} sequences of up to {self.max_seq_len} tokens")
 
     # -- requests ----------------------------------------------------------------------
-    def submit(self, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
+               adapter: str | None = None) -> Request:
+        """Queue a request; `adapter`: the name of the LoRA adapter it runs with (None: the base model)."""
         params = params or SamplingParams()
         params.validate(self.model.config.vocab_size)
+        adapter_id = self.adapters.id(adapter)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise RequestError("the prompt is empty; give at least one token")
@@ -188,7 +197,7 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
         request = Request(next(self._ids), ids, params, stop_ids, self.tokenizer.stream_decoder(), generator,
-                          StopMatcher(params.stop))
+                          StopMatcher(params.stop), adapter=adapter_id)
         self.waiting.append(request)
         return request
 
@@ -255,7 +264,7 @@ class Engine:
             request = self.waiting[0]
             # a fresh prompt keeps one token to compute: its logits give the first new token
             limit = request.goal if request.output else len(request.prompt) - 1
-            seq, reused = self.blocks.match(request.tokens, limit)
+            seq, reused = self.blocks.match(request.tokens, limit, request.adapter)
             request.seq, request.computed = seq, reused
             need = self._blocks_to_prefill(request)
             if need + promised > self.blocks.free:
@@ -351,7 +360,7 @@ class Engine:
         requests join `outputs`)."""
         chunks, starts = [[r.output[-1]] for r in requests], [r.computed for r in requests]
         try:
-            if self.static_decode is None:
+            if self.static_decode is None or any(r.adapter for r in requests):  # graphs hold no adapter
                 logits = self._forward(requests, chunks, starts)
             else:
                 logits = self.static_decode([c[0] for c in chunks], starts, [r.slot for r in requests])
@@ -418,7 +427,7 @@ class Engine:
         if r.computed % size or not other.computed <= r.computed < other.computed + len(chunk):
             return False
         end = r.computed + size
-        return end <= r.goal and other.tokens[:end] == r.tokens[:end]
+        return end <= r.goal and other.adapter == r.adapter and other.tokens[:end] == r.tokens[:end]
 
     def _speculate(self, r: Request) -> list[Output]:
         """One target forward over the last token and a drafted continuation; keep the agreeing prefix."""
@@ -454,8 +463,9 @@ class Engine:
             positions[i] = torch.arange(start, start + T).clamp(max=self.max_seq_len - 1)
         last = torch.tensor([len(c) - 1 for c in chunks])
         slots = torch.tensor([r.slot for r in requests])
-        return self.model(tokens.to(device), positions.to(device), cache=self.cache, slots=slots.to(device),
-                          logits_index=None if every_position else last.to(device)).float().cpu()
+        with self.adapters.applied([r.adapter for r in requests]):
+            return self.model(tokens.to(device), positions.to(device), cache=self.cache, slots=slots.to(device),
+                              logits_index=None if every_position else last.to(device)).float().cpu()
 
     def _accept(self, request: Request, logits: torch.Tensor | None, token: int | None = None) -> Output:
         """The request's next token from its logits row (or the token drawn already), and the text

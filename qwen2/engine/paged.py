@@ -12,6 +12,8 @@ filled block is registered the same way under its shorter tokens. A new sequence
 every full block it finds; where the chain ends it may still match the start of a cached
 block (a chat's next turn continues the previous reply mid-block): those keys and values are
 copied into a block of its own (copy on write), since the sequence is about to write there.
+A sequence run with a LoRA adapter chains from that adapter's own root: its keys and values
+differ from the base model's for the same tokens, so only sequences of one adapter share.
 Blocks nobody holds stay cached until needed, reused least recently used first; blocks that
 hold nothing worth keeping go first.
 
@@ -65,11 +67,12 @@ class BlockManager:
         return -(-tokens // self.size)
 
     # -- the prefix cache ------------------------------------------------------------------
-    def match(self, tokens: list[int], limit: int) -> tuple[Sequence, int]:
+    def match(self, tokens: list[int], limit: int, adapter: int = 0) -> tuple[Sequence, int]:
         """A new sequence holding the cached blocks that start `tokens`, at most `limit` tokens of
-        them; returns it with the number of tokens it need not compute. May allocate one block
-        (the copy-on-write tail), so call it only when a block is free."""
-        seq = Sequence()
+        them, computed with the same LoRA adapter (0: none); returns it with the number of tokens it
+        need not compute. May allocate one block (the copy-on-write tail), so call it only when a
+        block is free."""
+        seq = Sequence(chain=ROOT - adapter)  # chain ids of blocks count up from ROOT + 1: no clash
         n = self.extend(seq, tokens, limit, 0)
         want = tokens[n: min(n + self.size, limit)]
         best, length = None, 0

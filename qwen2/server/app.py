@@ -81,6 +81,7 @@ class Server:
         self.engine = AsyncEngine(llm.engine, max_waiting=settings.max_queue)
         self.context, self.vocab_size = llm.engine.max_seq_len, llm.config.vocab_size
         self.model_name, self.timeout = settings.model_name, settings.timeout
+        self.adapters = llm.engine.adapters.names  # the LoRA adapters a request's `model` may name
         self.grammars = Grammars(llm.tokenizer, self.vocab_size)
         # byte-level BPE spells each token with one character per byte: the longest spelling bounds
         # how many bytes one token covers, so a text over context x that many bytes cannot fit
@@ -117,6 +118,19 @@ class Server:
     def close(self) -> None:
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
+
+    def adapter(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names; None: the base model. Without adapters any
+        name runs the base model, as it always has; with them a name must be one served (404)."""
+        if model in self.adapters:
+            return model
+        if model is None or model == self.model_name or not self.adapters:
+            return None
+        raise self.no_model(model)
+
+    def no_model(self, model: str) -> APIError:
+        served = ", ".join(repr(m) for m in [self.model_name, *self.adapters])
+        return APIError(404, f"no model {model!r}; this server serves {served}", "model", code="model_not_found")
 
     def render(self, messages: list[dict], tools: list[dict] | None, opened: bool = True) -> str:
         """The chat as the template writes it; `opened`: ending with the assistant's turn begun."""
@@ -345,17 +359,18 @@ def create_app(llm: LLM, settings: Settings) -> FastAPI:
 
     card = {"id": server.model_name, "object": "model", "created": 0, "owned_by": "qwen2",
             "max_model_len": server.context}
+    cards = {server.model_name: card} | {name: card | {"id": name, "parent": server.model_name}
+                                         for name in server.adapters}  # as vLLM lists LoRA adapters
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": list(cards.values())}
 
     @app.get("/v1/models/{model:path}")
     async def model(model: str) -> dict[str, Any]:
-        if model != server.model_name:
-            raise APIError(404, f"no model {model!r}; this server serves {server.model_name!r}", "model",
-                           code="model_not_found")
-        return card
+        if model not in cards:
+            raise server.no_model(model)
+        return cards[model]
 
     app.include_router(router)
     app.include_router(docqa_router())  # questions over an uploaded document (qwen2.agent)

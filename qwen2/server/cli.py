@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require this Bearer key on /v1 routes (default: $QWEN2_API_KEY)")
     add_engine_options(p, max_concurrency=64, kv_memory_default="a quarter of the available RAM on CPU, half the "
                        "free GPU memory on CUDA; at least one --ctx sequence, at most --max-concurrency of them")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="serve a LoRA adapter (a PEFT "
+                   "folder, as `qwen2 train` or peft save it) as the model NAME, beside the base model; repeatable")
     p.add_argument("--max-queue", type=int, default=64, help="waiting sequences before new requests get 429")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queueing included")
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser calls from this origin "
@@ -74,6 +76,7 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from qwen2.embeddings import checkpoint_pooling
+    from qwen2.engine.lora import parse_lora
     from qwen2.errors import OptionError
     from qwen2.loading import load
     from qwen2.server.app import LOOPBACK_HOSTS, Settings, create_app
@@ -89,14 +92,16 @@ def run(args: argparse.Namespace) -> None:
     # the server's own log (errors with their tracebacks, which responses never carry)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = model_options(args)
+    name = model_name(options.get("model"))
+    lora = parse_lora(args.lora, base=name)
     # Loaded on a thread that then ends: libgomp keeps its idle workers spinning between parallel
     # regions only while it manages no more threads than there are cores, and a team started on
     # the main thread would outlive the load. The engine's own thread would then wake its workers
     # from sleep at every one of a forward's ~600 regions: 48 instead of 33 ms a token on the
     # default model on 2 cores.
     with ThreadPoolExecutor(1, thread_name_prefix="qwen2-load") as pool:
-        llm = pool.submit(load, **options, **engine).result()
-    settings = Settings(model_name=model_name(options.get("model")), api_key=args.api_key or None,
+        llm = pool.submit(load, **options, **engine, lora=lora).result()
+    settings = Settings(model_name=name, api_key=args.api_key or None,
                         cors_origins=args.cors_origin, max_queue=args.max_queue, timeout=args.timeout,
                         max_body=args.max_body, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts,
                                                                              LOOPBACK_HOSTS),
@@ -107,6 +112,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"qwen2 serve: {settings.model_name} at http://{shown}:{args.port}/ (web chat) and "
           f"http://{shown}:{args.port}/v1 (OpenAI API)", flush=True)
     print(llm.engine.kv_budget(), flush=True)
+    if lora:
+        print(f"LoRA adapters, each a model of its own name: {', '.join(lora)}", flush=True)
     if args.host not in ("127.0.0.1", "::1", "localhost") and not settings.api_key:
         print("warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)

@@ -23,6 +23,7 @@ class Choice:
     index: int
     prompt: list[int]
     params: SamplingParams
+    adapter: str | None = None  # the LoRA adapter the request's `model` names (None: the base model)
     request: Request | None = None
     outputs: asyncio.Queue | None = None
     text: str = ""
@@ -45,7 +46,7 @@ async def start(engine: AsyncEngine, choices: list[Choice]) -> None:
     """Submit every choice, or none: if one is refused (queue full), the others are cancelled."""
     try:
         for c in choices:
-            c.request, c.outputs = await engine.submit(c.prompt, c.params)
+            c.request, c.outputs = await engine.submit(c.prompt, c.params, c.adapter)
     except BaseException:
         cancel(engine, choices, "refused")
         raise
