@@ -39,7 +39,7 @@ from qwen2.quant.int_linear import int4_layout, quantize_model
 from qwen2.quant.kernels import BLOCKS
 from qwen2.quant.prequantized import attach_int4
 from qwen2.rope import parse_rope_scaling
-from qwen2.tokenizer import Tokenizer
+from qwen2.tokenizer import Tokenizer, read_chat_template
 from qwen2.weights import describe, load_checkpoint, quantized
 from qwen2.weights.gguf import Blocks
 from qwen2.weights.gptq_awq import UnpackedLinear, read_config
@@ -94,17 +94,20 @@ def model_from_cache(entry: Path) -> tuple[Transformer, Tokenizer] | None:
 def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dtype,
                device: str | None = DEFAULTS.device, quant: str = DEFAULTS.quant,
                rope_scaling: str | None = DEFAULTS.rope_scaling, dca: str | None = DEFAULTS.dca,
-               ) -> tuple[Transformer, Tokenizer]:
+               chat_template: str | None = DEFAULTS.chat_template) -> tuple[Transformer, Tokenizer]:
     """The network, built and placed, and its tokenizer: no engine, no KV cache.
 
     model: see qwen2.weights.locate. quant: a mode of qwen2.quant's table, "auto" resolved by
     its resolve_quant; pass "none" for the float network (training, numerical comparisons).
     Quantized CPU models are cached on disk after their first load (qwen2.weights.quantized),
     so later starts map them. The whole model in every process, torchrun's included (training
-    runs data-parallel); load() shards it under torchrun.
+    runs data-parallel); load() shards it under torchrun. chat_template: a jinja file to use
+    instead of the model's template.
     """
+    template = read_chat_template(chat_template) if chat_template else None
     net, tokenizer, _ = build_model(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling,
                                     dca=dca)
+    tokenizer.chat_template = template or tokenizer.chat_template
     return net, tokenizer
 
 
@@ -188,16 +191,17 @@ def _shape(kept: Blocks | UnpackedLinear) -> tuple[int, ...]:
 def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dtype,
          device: str | None = DEFAULTS.device, quant: str = DEFAULTS.quant, ctx: int | None = DEFAULTS.ctx,
          rope_scaling: str | None = DEFAULTS.rope_scaling, dca: str | None = DEFAULTS.dca,
-         speculative: str | None = DEFAULTS.speculative, max_concurrency: int = 64, kv_memory: int | None = None,
-         prefill_chunk: int = 512, kv_share: float | None = None,
-         lora: dict[str, str | Path] | None = None) -> LLM:
+         speculative: str | None = DEFAULTS.speculative, chat_template: str | None = DEFAULTS.chat_template,
+         max_concurrency: int = 64, kv_memory: int | None = None, prefill_chunk: int = 512,
+         kv_share: float | None = None, lora: dict[str, str | Path] | None = None) -> LLM:
     """Load a model and an engine over it; the keyword arguments mean what the CLI options do.
 
     ctx: KV cache tokens per sequence (prompt and reply), default 32768 or the model's context
     limit if smaller. rope_scaling: e.g. "yarn:4" (static YaRN changes outputs on short prompts
     too, so it is opt-in). dca: "CHUNK" or "CHUNK:LOCAL" turns on Dual Chunk Attention.
     speculative: "ngram" (prompt lookup) or a draft model spec (same tokenizer) for greedy
-    decoding. max_concurrency: sequences decoded together at most. kv_memory: bytes of the
+    decoding. chat_template: a jinja file to use instead of the model's template.
+    max_concurrency: sequences decoded together at most. kv_memory: bytes of the
     paged KV cache all sequences share (default: a quarter of the available RAM, half the free
     GPU memory; see qwen2.engine.engine). kv_share: when
     kv_memory is not given, this share of the available memory, not capped at max_concurrency
@@ -209,12 +213,14 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
         raise OptionError(f"--ctx must be a positive number of tokens, got {ctx!r}")
     if max_concurrency < 1 or prefill_chunk < 1:
         raise OptionError("max_concurrency and prefill_chunk must be at least 1")
+    template = read_chat_template(chat_template) if chat_template else None  # a bad file fails before loading
     world = tensor_parallel.world_size()  # under torchrun, one model sharded over its processes
     adapters = [read_adapter(name, path) for name, path in (lora or {}).items()]  # a bad one fails before loading
     if adapters and world > 1:
         raise OptionError("--lora does not run under tensor parallelism (torchrun): the adapters are not sharded")
     net, tokenizer, mode = build_model(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling,
                                        dca=dca, world=world)
+    tokenizer.chat_template = template or tokenizer.chat_template
     if world > 1:  # rank 0 leads the other ranks, which never return from here
         net = tensor_parallel.lead(net, net.model.norm.weight.device)
     if ctx is None:

@@ -29,6 +29,7 @@ class ModelOptions:
     rope_scaling: str | None = None
     dca: str | None = None
     speculative: str | None = None
+    chat_template: str | None = None  # a jinja file replacing the model's chat template
 
 
 DEFAULTS = ModelOptions()
@@ -62,7 +63,7 @@ def parse_bytes(text: str) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser, ctx: bool = True, speculative: bool = True) -> None:
-    """--model, --dtype, --device, --quant, --rope-scaling, --dca and, where the command takes
+    """--model, --dtype, --device, --quant, --rope-scaling, --dca, --chat-template and, where the command takes
     them, --ctx and --speculative. Defaults are load()'s: an option left out is None here and
     is not passed on."""
     keep = dict(default=None)
@@ -84,6 +85,9 @@ def add_model_options(p: argparse.ArgumentParser, ctx: bool = True, speculative:
     p.add_argument("--rope-scaling", **keep, help="e.g. yarn:4 (static YaRN: extends the context but changes "
                    "outputs on short prompts too, so it is off unless asked for)")
     p.add_argument("--dca", **keep, help="dual chunk attention CHUNK[:LOCAL], e.g. 32768:4096")
+    p.add_argument("--chat-template", **keep, metavar="FILE", help="a jinja chat template to use instead of the "
+                   "model's (HF's variables: messages, tools, add_generation_prompt; a template without a tools "
+                   "branch still serves tools, written in Qwen2.5's format)")
     if speculative:
         p.add_argument("--speculative", **keep, help="'ngram' (prompt lookup) or a draft model (same "
                        "tokenizer), for greedy decoding")

@@ -281,3 +281,18 @@ def test_gguf_metadata_without_merges_or_with_another_model(meta):
         Tokenizer.from_gguf_metadata(without_merges)
     with pytest.raises(TokenizerError, match="'llama' is not supported"):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.model": "llama"})
+
+
+def test_a_chat_template_file_that_is_missing_or_broken_is_a_clear_error(tmp_path):
+    from qwen2.errors import TokenizerError
+    from qwen2.tokenizer import read_chat_template
+
+    with pytest.raises(TokenizerError, match="cannot read the chat template"):
+        read_chat_template(tmp_path / "missing.jinja")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}{{ m.content }}")
+    with pytest.raises(TokenizerError, match="does not compile"):
+        read_chat_template(broken)
+    good = tmp_path / "good.jinja"
+    good.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert read_chat_template(good) == good.read_text()

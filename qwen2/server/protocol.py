@@ -3,9 +3,9 @@ into what the engine and the chat template take.
 
 Covered: chat messages (system/developer, user, assistant with tool_calls, tool; content a string
 or a list of text parts), tools and tool_choice, response_format, and the sampling parameters
-OpenAI defines plus vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos); a completion's
-suffix (fill-in-the-middle). Accepted and ignored: user, parallel_tool_calls. Not covered:
-image/audio parts (400), echo, best_of.
+OpenAI defines plus vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos,
+structured_outputs and its older guided_* names); parallel_tool_calls; a completion's suffix
+(fill-in-the-middle). Accepted and ignored: user. Not covered: image/audio parts (400).
 
 Bounds, so that no one request can cost the server more than its share (each a 400 naming the
 field): numbers finite; at most 16 stop strings of 1..1000 characters; logit_bias at most 300
@@ -58,6 +58,17 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+class StructuredOutputs(Body):
+    """vLLM's `structured_outputs`: the reply is constrained to one of these (qwen2.server.structured)."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON Schema, or its text
+    regex: str | None = Field(None, max_length=MAX_SCHEMA_BYTES)
+    choice: list[Annotated[str, StringConstraints(min_length=1, max_length=1000)]] | None = Field(
+        None, min_length=1, max_length=1024)
+    grammar: str | None = Field(None, max_length=MAX_SCHEMA_BYTES)  # llguidance's Lark dialect
+    json_object: bool | None = None
+
+
 class SamplingFields(Body):
     """Shared by chat and completions. None means "not given": the engine's default applies."""
 
@@ -78,6 +89,38 @@ class SamplingFields(Body):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     ignore_eos: bool = False
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for the same constraints
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, max_length=MAX_SCHEMA_BYTES)
+    guided_choice: list[Annotated[str, StringConstraints(min_length=1, max_length=1000)]] | None = Field(
+        None, min_length=1, max_length=1024)
+    guided_grammar: str | None = Field(None, max_length=MAX_SCHEMA_BYTES)
+
+    def constraint(self) -> tuple[str, Any] | None:
+        """The one constraint asked for, as (kind, value) with kind json / choice / regex / grammar."""
+        given = self.structured_outputs or StructuredOutputs()
+        asked = {"json": given.json_ if given.json_ is not None else self.guided_json,
+                 "choice": given.choice or self.guided_choice, "regex": given.regex or self.guided_regex,
+                 "grammar": given.grammar or self.guided_grammar}
+        if given.json_object and asked["json"] is None:
+            asked["json"] = {"type": "object"}
+        asked = {kind: value for kind, value in asked.items() if value is not None}
+        if len(asked) > 1:
+            raise invalid(f"give one structured output constraint, not {' and '.join(asked)}", "structured_outputs")
+        if not asked:
+            return None
+        kind, value = next(iter(asked.items()))
+        if kind == "json" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise invalid(f"structured_outputs.json is not a JSON schema: {e}", "structured_outputs") from None
+        if kind == "json":
+            if not isinstance(value, dict):
+                raise invalid("structured_outputs.json must be a JSON schema (an object)", "structured_outputs")
+            check_schema(value, "structured_outputs")
+        return kind, value
 
     def sampling_params(self, prompt_len: int, context: int, index: int = 0, logprobs: int | None = None,
                         processors: list | None = None) -> SamplingParams:

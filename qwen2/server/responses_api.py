@@ -32,7 +32,7 @@ from qwen2.server import generation
 from qwen2.server.generation import Choice
 from qwen2.server.protocol import APIError, Body, ChatRequest, invalid
 from qwen2.server.responses import Format, usage
-from qwen2.server.routes import _prepare_chat, engine_failed, respond, timed_out
+from qwen2.server.routes import engine_failed, prepare_chat, respond, timed_out
 
 if TYPE_CHECKING:
     from qwen2.server.app import Server
@@ -210,7 +210,7 @@ def chat_messages(instructions: str | None, input: str | list[dict[str, Any]]) -
 
 def _prepare(server: Server, body: ResponsesRequest) -> tuple[ChatRequest, list[Choice], Format]:
     chat = body.to_chat()
-    return chat, *_prepare_chat(server, chat)
+    return chat, *prepare_chat(server, chat)
 
 
 @router.post("/v1/responses")

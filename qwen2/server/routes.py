@@ -42,7 +42,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, http: Request) -> Any:
     server: Server = http.app.state.server
-    choices, fmt = await server.prepare(_prepare_chat, server, body)
+    choices, fmt = await server.prepare(prepare_chat, server, body)
     return await respond(server, http, body, choices, fmt)
 
 
@@ -76,7 +76,7 @@ async def detokenize(body: DetokenizeRequest, http: Request) -> Any:
     return {"prompt": await server.prepare(server.tokenizer.decode, body.tokens)}
 
 
-def _prepare_chat(server: Server, body: ChatRequest) -> tuple[list[Choice], Format]:
+def prepare_chat(server: Server, body: ChatRequest) -> tuple[list[Choice], Format]:
     adapter = server.adapter(body.model)
     tools = body.template_tools()
     forced = body.forced_tool
@@ -84,25 +84,38 @@ def _prepare_chat(server: Server, body: ChatRequest) -> tuple[list[Choice], Form
     prefill = TOOL_CALL_START + "\n" if forced is not None else ""
     prompt = server.render([m.to_template() for m in body.messages], tools) + prefill
     ids = server.prompt_ids(prompt, "messages")
-    schema = None
+    constraint, param = body.constraint(), "structured_outputs"
+    if (forced is not None or body.response_format) and constraint:
+        raise invalid("structured_outputs cannot be combined with a forced tool_choice or response_format",
+                      "structured_outputs")
     if forced is not None:
-        schema = tool_call_schema(tools, forced or None)
+        constraint, param = ("json", tool_call_schema(tools, forced or None)), "tools"
     elif body.response_format and body.response_format.type == "json_object":
-        schema = {"type": "object"}
+        constraint, param = ("json", {"type": "object"}), "response_format"
     elif body.response_format and body.response_format.type == "json_schema":
-        schema = body.response_format.json_schema.schema_
-    try:  # each choice gets its own processor: it follows that choice's tokens
-        choices = [Choice(i, ids, body.sampling_params(len(ids), server.context, i, body.engine_logprobs,
-                                                       [server.grammars.json(schema)] if schema is not None else []),
-                          adapter)
-                   for i in range(body.n)]
-    except RequestError as e:  # a schema llguidance cannot enforce
-        raise invalid(str(e), "tools" if forced is not None else "response_format") from None
+        constraint, param = ("json", body.response_format.json_schema.schema_), "response_format"
+    choices = [Choice(i, ids, body.sampling_params(len(ids), server.context, i, body.engine_logprobs,
+                                                   _processors(server, constraint, param)), adapter)
+               for i in range(body.n)]
     names = tuple(t["function"]["name"] for t in tools) if tools else ()
     parallel = body.parallel_tool_calls is not False
     for c in choices if names and not parallel else []:  # one call wanted: end the reply after it
         c.params.stop = c.params.stop + [TOOL_CALL_END] if len(c.params.stop) < MAX_STOP_STRINGS else c.params.stop
     return choices, ChatFormat(server.tokenizer, adapter or server.model_name, names, prefill, body.logprobs, parallel)
+
+
+def _processors(server: Server, constraint: tuple[str, Any] | None, param: str) -> list:
+    """The logits processor that enforces a (kind, value) constraint; each choice gets its own (it
+    follows that choice's tokens)."""
+    if constraint is None:
+        return []
+    kind, value = constraint
+    grammars = server.grammars
+    make = {"json": grammars.json, "choice": grammars.choice, "regex": grammars.regex, "grammar": grammars.lark}[kind]
+    try:
+        return [make(value)]
+    except (RequestError, ValueError) as e:  # what llguidance cannot parse or enforce
+        raise invalid(str(e), param) from None
 
 
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")  # Qwen2.5-Coder's fill-in-the-middle
@@ -121,13 +134,14 @@ def _fill_in_the_middle(server: Server, prompt: str | list[int], suffix: str) ->
 
 
 def _prepare_completion(server: Server, body: CompletionRequest) -> tuple[list[Choice], Format]:
-    adapter, choices = server.adapter(body.model), []
+    adapter, choices, constraint = server.adapter(body.model), [], body.constraint()
     for p, prompt in enumerate(body.prompts()):
         if body.suffix is not None:
             prompt = _fill_in_the_middle(server, prompt, body.suffix)
         ids = server.prompt_ids(prompt, "prompt")
-        choices += [Choice(p * body.n + j, ids, body.sampling_params(len(ids), server.context, j, body.logprobs),
-                           adapter) for j in range(body.n)]
+        choices += [Choice(p * body.n + j, ids, body.sampling_params(
+            len(ids), server.context, j, body.logprobs, _processors(server, constraint, "structured_outputs")),
+            adapter) for j in range(body.n)]
     return choices, CompletionFormat(server.tokenizer, adapter or server.model_name, body.logprobs is not None)
 
 

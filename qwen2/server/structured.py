@@ -1,8 +1,10 @@
-"""Structured output: JSON (any object, or one that follows a JSON Schema) by constrained decoding.
+"""Structured output by constrained decoding: JSON (any object, or one that follows a JSON
+Schema), one of a list of choices, a regular expression, or a grammar in llguidance's Lark
+dialect (vLLM's `structured_outputs` json / choice / regex / grammar).
 
 Each request gets a logits processor (`SamplingParams.logits_processors`) that masks every token
-the schema does not allow next, so the reply always parses and validates; once the JSON is
-complete only the end tokens stay allowed, which forces `<|im_end|>`. The same mechanism forces
+the grammar does not allow next, so the reply always matches; once it is complete only the end
+tokens stay allowed, which forces `<|im_end|>`. The same mechanism forces
 a tool call (`tool_choice` "required" or a named function): the reply is constrained to one
 `{"name": ..., "arguments": ...}` object whose arguments follow the function's parameters.
 
@@ -17,12 +19,13 @@ llguidance and xgrammar are both fast enough; llguidance is one 8 MB wheel with 
 that reads our tokenizer.json as is (llama.cpp, vLLM and SGLang use it), while xgrammar pulls
 triton (1 GB) and tvm-ffi into a CPU install and compiles each schema 40x slower.
 Separators are fixed to ", " and ": " with no free whitespace, so a small model cannot loop on
-newlines. Not covered: schema keywords llguidance does not implement (the request gets a 400
-naming them); a reply cut by max_tokens is incomplete JSON (finish_reason "length").
+newlines. Not covered: schema keywords and grammar features llguidance does not implement (the
+request gets a 400 naming them); a reply cut by max_tokens is incomplete (finish_reason "length").
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-class JSONProcessor:
+class GrammarProcessor:
     """(generated ids, logits row) -> logits with the disallowed tokens at -inf."""
 
     def __init__(self, matcher: llguidance.LLMatcher, end_ids: list[int]):
@@ -71,13 +74,28 @@ class Grammars:
         self.end_ids = tokenizer.eos_token_ids
         self.tokenizer = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab_size, eos_token=self.end_ids)
 
-    def json(self, schema: dict[str, Any] | None = None) -> JSONProcessor:
+    def json(self, schema: dict[str, Any] | None = None) -> GrammarProcessor:
         """A processor for JSON that follows `schema` (None: any JSON object)."""
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema or {"type": "object"}, defaults=JSON_OPTIONS)
+        return self._processor(llguidance.LLMatcher.grammar_from_json_schema(schema or {"type": "object"},
+                                                                              defaults=JSON_OPTIONS), "JSON schema")
+
+    def choice(self, choices: list[str]) -> GrammarProcessor:
+        """A processor for exactly one of `choices`."""
+        return self.lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+
+    def regex(self, pattern: str) -> GrammarProcessor:
+        """A processor for text that matches `pattern` whole (Rust regex syntax)."""
+        return self._processor(llguidance.LLMatcher.grammar_from_regex(pattern), "regex")
+
+    def lark(self, grammar: str) -> GrammarProcessor:
+        """A processor for text in the language of a Lark grammar (llguidance's dialect: `start: ...`)."""
+        return self._processor(llguidance.LLMatcher.grammar_from_lark(grammar), "grammar")
+
+    def _processor(self, grammar: str, what: str) -> GrammarProcessor:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise RequestError(f"the JSON schema cannot be enforced: {matcher.get_error()}")
-        return JSONProcessor(matcher, self.end_ids)
+            raise RequestError(f"the {what} cannot be enforced: {matcher.get_error()}")
+        return GrammarProcessor(matcher, self.end_ids)
 
 
 def tool_call_schema(tools: list[dict], name: str | None = None) -> dict[str, Any]:
