@@ -15,8 +15,6 @@ from qwen2.options import add_model_options, model_options, parse_bytes, parse_t
 from qwen2.quant import CHOICES as QUANT_CHOICES
 from qwen2.quant import FILE_BLOCK_TYPES
 
-# Qwen2.5-Instruct's generation_config.json defaults
-DEFAULT_SAMPLING = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
 # raw completion takes no repetition penalty, so `--temperature 0` is plain greedy decoding
 GENERATE_SAMPLING = dict(max_tokens=256, repetition_penalty=1.0)
 
@@ -27,25 +25,32 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_sampling_options(p: argparse.ArgumentParser, **defaults) -> None:
-    d = DEFAULT_SAMPLING | defaults
-    p.add_argument("--max-tokens", "-n", type=int, default=d.get("max_tokens", 512))
-    p.add_argument("--temperature", "-t", type=float, default=d["temperature"], help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=d["top_p"])
-    p.add_argument("--top-k", type=int, default=d["top_k"], help="0 disables")
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"])
+    """Sampling options; those left out take the model's own defaults (Tokenizer.sampling_defaults)."""
+    from qwen2.tokenizer import QWEN_SAMPLING
+
+    p.add_argument("--max-tokens", "-n", type=int, default=defaults.get("max_tokens", 512))
+    for flags, kind, note in ((("--temperature", "-t"), float, "0 is greedy; "), (("--top-p",), float, ""),
+                              (("--top-k",), int, "0 disables; "), (("--repetition-penalty",), float, "")):
+        name = flags[0][2:].replace("-", "_")
+        given = defaults.get(name)
+        shown = given if given is not None else f"the model's generation_config, else Qwen2.5's {QWEN_SAMPLING[name]}"
+        p.add_argument(*flags, type=kind, default=given, help=f"{note}default: {shown}")
+    p.add_argument("--min-p", type=float, default=defaults.get("min_p"))
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
 def sampling_from(args: argparse.Namespace) -> dict:
-    """The sampling options, checked before a model is loaded (a bad value fails at once)."""
+    """The sampling options given, checked before a model is loaded (a bad value fails at once);
+    those not given are left out, for the model's defaults to fill in."""
     from qwen2.engine.sampling import SamplingParams
+    from qwen2.tokenizer import QWEN_SAMPLING
 
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                     seed=args.seed, stop=args.stop)
-    SamplingParams(**sampling).validate(vocab_size=0)
+    sampling = {k: v for k, v in sampling.items() if v is not None or k == "seed"}
+    SamplingParams(**QWEN_SAMPLING | sampling).validate(vocab_size=0)
     return sampling
 
 
@@ -59,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = sampling_from(args)
     llm = load_llm(args)
-    for piece in llm.generate(prompt, stream=True, **sampling):
+    for piece in llm.generate(prompt, stream=True, **llm.tokenizer.sampling_defaults | sampling):
         print(piece, end="", flush=True)
     print()
 

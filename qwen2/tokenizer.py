@@ -42,6 +42,14 @@ _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
 # Every Qwen2 vocabulary ends a turn with one and a document with the other; generation stops at both.
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
+# Sampling for a model that states none: Qwen2.5-Instruct's generation_config.json.
+QWEN_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+# the model's own choices: generation_config.json's names, and llama.cpp's GGUF keys for them
+_GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                  "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+                  "general.sampling.penalty_repeat": "repetition_penalty"}
+
 # Qwen2-Instruct's ChatML template, for models that ship none.
 FALLBACK_CHAT_TEMPLATE = (
     "{%- if not messages or messages[0]['role'] != 'system' %}"
@@ -65,8 +73,11 @@ class Tokenizer:
         pad_token: str | None = None,
         extra_eos_ids: Sequence[int] = (),
         model_max_length: int | None = None,
+        sampling: dict[str, float] | None = None,
     ) -> None:
         self._tok = tokenizer
+        # what the model's makers chose (generation_config.json or GGUF metadata), Qwen's otherwise
+        self.sampling_defaults = QWEN_SAMPLING | (sampling or {})
         self.chat_template = chat_template
         self.eos_token, self.bos_token, self.pad_token = eos_token, bos_token, pad_token
         self.model_max_length = model_max_length
@@ -109,6 +120,7 @@ class Tokenizer:
             extra_eos_ids=[gen_eos] if isinstance(gen_eos, int) else list(gen_eos or []),
             # transformers writes ~1e30 to mean "no limit".
             model_max_length=max_length if isinstance(max_length, int) and max_length < 2**40 else None,
+            sampling=_generation_sampling(generation),
         )
 
     @classmethod
@@ -164,6 +176,7 @@ class Tokenizer:
             bos_token=token("bos_token_id"),
             pad_token=token("padding_token_id"),
             model_max_length=meta.get(f"{arch}.context_length"),
+            sampling={name: meta[key] for key, name in _GGUF_SAMPLING.items() if _is_number(meta.get(key))},
         )
 
     # ---- ids and text ----
@@ -306,6 +319,16 @@ def read_chat_template(path: str | Path) -> str:
         raise TokenizerError(f"cannot read the chat template {path}: {e}") from None
     _compile_template(source)
     return source
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _generation_sampling(config: dict) -> dict[str, float]:
+    """The sampling a generation_config.json asks for; do_sample false means greedy."""
+    found = {k: config[k] for k in _GENERATION_KEYS if _is_number(config.get(k))}
+    return found | {"temperature": 0.0} if config.get("do_sample") is False else found
 
 
 def _read_json(path: Path) -> dict:

@@ -296,3 +296,20 @@ def test_a_chat_template_file_that_is_missing_or_broken_is_a_clear_error(tmp_pat
     good = tmp_path / "good.jinja"
     good.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     assert read_chat_template(good) == good.read_text()
+
+
+def test_sampling_defaults_come_from_the_model_else_qwens(tok, meta, saved, tmp_path):
+    from qwen2.tokenizer import QWEN_SAMPLING
+
+    assert tok.sampling_defaults == QWEN_SAMPLING  # the default GGUF states none
+    stated = Tokenizer.from_gguf_metadata(meta | {"general.sampling.temp": 0.3, "general.sampling.top_k": 40})
+    assert stated.sampling_defaults == QWEN_SAMPLING | {"temperature": 0.3, "top_k": 40}
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((saved / name).read_bytes())
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": 0.95, "top_k": "x"}))
+    assert Tokenizer.from_files(folder).sampling_defaults == QWEN_SAMPLING | {"top_p": 0.95}
+    # a base model's generation_config says greedy
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
+    assert Tokenizer.from_files(folder).sampling_defaults["temperature"] == 0.0

@@ -68,11 +68,13 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], tools: list[dict] | None = None, stream: bool = False,
              **sampling) -> Completion | list[Completion] | Iterator[str]:
-        """The assistant's reply to `messages`, or to each of a list of conversations (in order)."""
+        """The assistant's reply to `messages`, or to each of a list of conversations (in order).
+        Sampling fields not given take the model's defaults (Tokenizer.sampling_defaults)."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         prompts = [self.tokenizer.apply_chat_template(m, tools=tools, add_generation_prompt=True)
                    for m in conversations]
-        return self.generate(prompts if conversations is messages else prompts[0], stream=stream, **sampling)
+        return self.generate(prompts if conversations is messages else prompts[0], stream=stream,
+                             **self.tokenizer.sampling_defaults | sampling)
 
     def embed(self, texts: str | list[str] | list[list[int]], pooling: str = "last",
               dimensions: int | None = None) -> torch.Tensor:

@@ -70,7 +70,8 @@ class StructuredOutputs(Body):
 
 
 class SamplingFields(Body):
-    """Shared by chat and completions. None means "not given": the engine's default applies."""
+    """Shared by chat and completions. None means "not given": the model's default applies
+    (its generation_config or GGUF metadata, else Qwen2.5's), as vLLM does."""
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -123,15 +124,16 @@ class SamplingFields(Body):
         return kind, value
 
     def sampling_params(self, prompt_len: int, context: int, index: int = 0, logprobs: int | None = None,
-                        processors: list | None = None) -> SamplingParams:
-        """The engine's parameters for choice `index` (choice i of n is seeded seed + i)."""
+                        processors: list | None = None, defaults: dict | None = None) -> SamplingParams:
+        """The engine's parameters for choice `index` (choice i of n is seeded seed + i); a field
+        not given takes `defaults` (the model's own, Tokenizer.sampling_defaults), else the engine's."""
         room = context - prompt_len
         given = {k: v for k, v in self.model_dump(include=set(_SAMPLING_NAMES)).items() if v is not None}
+        given = (defaults or {}) | given
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=min(self.max_tokens or DEFAULT_MAX_TOKENS, room),
-            **given,
-            top_k=max(self.top_k or 0, 0),
+            **given | {"top_k": max(given.get("top_k") or 0, 0)},
             stop=[s for s in stops if s],
             seed=None if self.seed is None else (self.seed + index) % 2**63,
             logit_bias=_logit_bias(self.logit_bias),
@@ -141,7 +143,8 @@ class SamplingFields(Body):
         )
 
 
-_SAMPLING_NAMES = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty")
+_SAMPLING_NAMES = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "min_p",
+                   "repetition_penalty")
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:

@@ -95,7 +95,8 @@ def prepare_chat(server: Server, body: ChatRequest) -> tuple[list[Choice], Forma
     elif body.response_format and body.response_format.type == "json_schema":
         constraint, param = ("json", body.response_format.json_schema.schema_), "response_format"
     choices = [Choice(i, ids, body.sampling_params(len(ids), server.context, i, body.engine_logprobs,
-                                                   _processors(server, constraint, param)), adapter)
+                                                   _processors(server, constraint, param),
+                                                   server.tokenizer.sampling_defaults), adapter)
                for i in range(body.n)]
     names = tuple(t["function"]["name"] for t in tools) if tools else ()
     parallel = body.parallel_tool_calls is not False
@@ -140,7 +141,8 @@ def _prepare_completion(server: Server, body: CompletionRequest) -> tuple[list[C
             prompt = _fill_in_the_middle(server, prompt, body.suffix)
         ids = server.prompt_ids(prompt, "prompt")
         choices += [Choice(p * body.n + j, ids, body.sampling_params(
-            len(ids), server.context, j, body.logprobs, _processors(server, constraint, "structured_outputs")),
+            len(ids), server.context, j, body.logprobs, _processors(server, constraint, "structured_outputs"),
+            server.tokenizer.sampling_defaults),
             adapter) for j in range(body.n)]
     return choices, CompletionFormat(server.tokenizer, adapter or server.model_name, body.logprobs is not None)
 
