@@ -27,35 +27,14 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' browser tab, run from anywhere
+from tests.server.test_page import Page  # noqa: E402
+
 QUESTIONS = ["In one sentence: what is a prime number?",
              "Write a short Python function that tells whether a number is prime, with a one-line explanation."]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
          "--disable-background-networking", "--disable-component-update", "--hide-scrollbars",
          "--remote-debugging-port=0"]
-
-
-class Tab:
-    def __init__(self, ws):
-        self.ws, self.last_id = ws, 0
-
-    def call(self, method: str, **params) -> dict:
-        self.last_id += 1
-        self.ws.send(json.dumps({"id": self.last_id, "method": method, "params": params}))
-        while (message := json.loads(self.ws.recv(timeout=60))).get("id") != self.last_id:
-            pass  # an event
-        assert "error" not in message, message["error"]
-        return message["result"]
-
-    def js(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    def wait(self, expression: str, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.js(expression):
-            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
-            time.sleep(0.2)
 
 
 def wait_ready(server: subprocess.Popen, url: str) -> None:
@@ -81,7 +60,7 @@ def screenshot(url: str, out: Path) -> None:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
                 target = next(t for t in json.load(r) if t["type"] == "page")
             with connect(target["webSocketDebuggerUrl"], max_size=None) as ws:
-                tab = Tab(ws)
+                tab = Page(ws)
                 tab.call("Emulation.setDeviceMetricsOverride", width=1200, height=800, deviceScaleFactor=1,
                          mobile=False)
                 tab.call("Page.navigate", url=url + "/")
@@ -92,7 +71,7 @@ def screenshot(url: str, out: Path) -> None:
                         tab.js("document.querySelector('#new').click()")
                     tab.js(f"document.querySelector('#input').value = {json.dumps(question)}; "
                            "document.querySelector('#send').click()")
-                    tab.wait("!document.body.classList.contains('busy')")
+                    tab.wait("!document.body.classList.contains('busy')", timeout=600)
                 tab.js("document.querySelector('#log').scrollTop = 0")
                 png = tab.call("Page.captureScreenshot", format="png")["data"]
         finally:
