@@ -62,10 +62,11 @@ def parse_lora(specs: list[str], base: str | None = None) -> dict[str, Path]:
     return adapters
 
 
-def read_adapter(name: str, folder: str | Path) -> Adapter:
-    """The adapter's tensors, checked against its own config (the model checks them later)."""
+def read_adapter(name: str, folder: str | Path, where: str | None = None) -> Adapter:
+    """The adapter's tensors, checked against its own config (the model checks them later);
+    errors name it as `where` (default: the --lora option)."""
     folder = Path(folder)
-    where = f"--lora {name}={folder}"
+    where = where or f"--lora {name}={folder}"
     if not (folder / "adapter_config.json").is_file():
         raise WeightsError(f"{where}: no adapter_config.json there; give a PEFT adapter folder "
                            "(adapter_config.json and adapter_model.safetensors)")
@@ -80,7 +81,8 @@ def read_adapter(name: str, folder: str | Path) -> Adapter:
         raise WeightsError(f"{where}: not a readable adapter ({e})") from None
     if config.get("peft_type") != "LORA":
         raise WeightsError(f"{where}: a {config.get('peft_type')} adapter; only LoRA adapters are served")
-    unsupported = [key for key in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern") if config.get(key)]
+    unsupported = [key for key in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+                   if config.get(key)]
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
     if unsupported:

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
+from qwen2.engine.lora import read_adapter
 from qwen2.errors import OptionError, WeightsError
-from qwen2.train.lora import PEFT_PREFIX
 from qwen2.weights import resolve_model
 from qwen2.weights.hf import safetensors_files
 
@@ -82,31 +81,9 @@ class Adapted(Source):
     def __init__(self, folder: Path, base: Source, label: str):
         self.label, self.config, self.files_folder = label, base.config, base.files_folder
         self.names, self.shapes, self.dtypes, self._base = base.names, base.shapes, base.dtypes, base
-        try:
-            config = json.loads((folder / "adapter_config.json").read_text())
-            tensors = load_file(folder / "adapter_model.safetensors")
-        except (OSError, ValueError, SafetensorError) as e:
-            raise WeightsError(f"{label}: {folder} is not a readable LoRA adapter ({e})") from None
-        if config.get("peft_type") != "LORA":
-            raise WeightsError(f"{label}: a {config.get('peft_type')} adapter; only LoRA adapters can be merged")
-        if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern") \
-                or config.get("fan_in_fan_out") or config.get("modules_to_save"):
-            raise WeightsError(f"{label}: the adapter uses DoRA, per-module ranks, fan_in_fan_out or "
-                               "modules_to_save, which merging does not handle; merge it with peft first")
-        rank = config["r"]
-        self.scale = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        self.updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for key, a in tensors.items():
-            if not key.endswith(".lora_A.weight"):
-                if not key.endswith(".lora_B.weight"):
-                    raise WeightsError(f"{label}: tensor {key} is not a LoRA A or B matrix; merging handles "
-                                       "plain LoRA adapters only")
-                continue
-            module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
-            b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        self.updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # weight: (A, scale * B)
+        for module, (a, b) in read_adapter(label, folder, where=label).weights.items():
             weight = f"{module}.weight"
-            if b is None:
-                raise WeightsError(f"{label}: {key} has no lora_B partner; the adapter is incomplete")
             if weight not in base.shapes or base.shapes[weight] != (b.shape[0], a.shape[1]):
                 raise WeightsError(f"{label}: tensor {weight} the adapter updates ({b.shape[0]}x{a.shape[1]}) is "
                                    f"not in its base {base.label} with that shape; the adapter is for another model")
@@ -120,7 +97,7 @@ class Adapted(Source):
         if name not in self.updates:
             return weight
         a, b = self.updates[name]
-        return weight.float() + (b[start:stop].float() @ a.float()) * self.scale
+        return weight.float() + b[start:stop].float() @ a.float()
 
 
 def open_source(spec: str, base: Source | None, stack: ExitStack, label: str) -> Source:
