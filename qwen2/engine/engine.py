@@ -22,6 +22,10 @@ Scheduling, one `step()` at a time, with a token budget of `prefill_chunk` per s
   On CUDA that forward has fixed shapes and replays a CUDA graph (qwen2.engine.cuda_graphs),
   and the tokens of requests that need nothing but the logits are drawn on the device: only
   their ids reach the host. Prompt chunks run eagerly.
+- A request that asks for its prompt's log-probabilities (prompt_logprobs) gets them from its
+  prompt chunks' logits at every position, scored chunk by chunk; it reuses no cached block (a
+  cached block kept no logits) but registers its own for others. With max_tokens 0 it ends
+  after its prefill, sampling nothing.
 Requests join and leave between steps (continuous batching). A request may name a LoRA adapter
 (qwen2.engine.lora): its rows get the adapter's delta in the same forward as everyone else's,
 and its prefix-cache blocks are its adapter's own.
@@ -95,6 +99,8 @@ class Request:
     accepted: int = 0
     finish_reason: str | None = None
     failed_in: str | None = None  # with finish_reason "error": the stage that failed
+    # with params.prompt_logprobs: per prompt token, its logprob and top alternatives (None for the first)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
@@ -262,9 +268,7 @@ class Engine:
         promised = sum(self._blocks_to_prefill(r) for r in self.running.values() if not r.prefilled)
         while self.waiting and self.free_slots and self.blocks.free > promised:
             request = self.waiting[0]
-            # a fresh prompt keeps one token to compute: its logits give the first new token
-            limit = request.goal if request.output else len(request.prompt) - 1
-            seq, reused = self.blocks.match(request.tokens, limit, request.adapter)
+            seq, reused = self.blocks.match(request.tokens, self._reusable(request), request.adapter)
             request.seq, request.computed = seq, reused
             need = self._blocks_to_prefill(request)
             if need + promised > self.blocks.free:
@@ -278,6 +282,14 @@ class Engine:
             request.slot = self.free_slots.pop()
             self.blocks.write_table(seq, request.slot)
             self.running[request.id] = request
+
+    def _reusable(self, r: Request) -> int:
+        """Tokens r may take from the prefix cache: a fresh prompt keeps one token to compute (its
+        logits give the first new token), or all of them when its prompt is to be scored (a cached
+        block has no logits)."""
+        if r.output:
+            return r.goal
+        return 0 if r.params.prompt_logprobs is not None else len(r.prompt) - 1
 
     def _blocks_to_prefill(self, r: Request) -> int:
         """Blocks r still needs for its prompt and first decoded token."""
@@ -323,12 +335,19 @@ class Engine:
         size = self.cache.block_size  # whole blocks, so prompts sharing a prefix stay block-aligned
         prefills, chunks = self._prefill_batch(max((self.prefill_chunk - len(decoding)) // size * size, size))
         if prefills:
-            logits = self._guarded_forward(prefills, chunks, [r.computed for r in prefills], outputs)
-            for r, chunk, row in zip(prefills, chunks, logits if logits is not None else []):
+            scoring = [r.params.prompt_logprobs is not None and not r.output for r in prefills]
+            every = any(scoring)  # logits at every position: score prompts, sample from each chunk's last
+            logits = self._guarded_forward(prefills, chunks, [r.computed for r in prefills], outputs, every)
+            for r, chunk, row, scores in zip(prefills, chunks, logits if logits is not None else [], scoring):
+                if scores and not self._score_prompt(r, row[:len(chunk)], outputs):
+                    continue
+                if every:
+                    row = row[len(chunk) - 1]
                 r.computed += len(chunk)
                 self.blocks.register(r.seq, r.tokens, r.computed)
                 if r.prefilled and not r.output:
-                    outputs.append(self._accept(r, row))
+                    done = r.params.max_tokens == 0
+                    outputs.append(self._finish(r, Output(r.id, None, ""), "length") if done else self._accept(r, row))
         if len(decoding) == 1 and self.speculator is not None and decoding[0].params.greedy:
             try:
                 outputs += self._speculate(decoding[0])
@@ -346,10 +365,10 @@ class Engine:
         return outputs
 
     def _guarded_forward(self, requests: list[Request], chunks: list[list[int]], starts: list[int],
-                         outputs: list[Output]) -> torch.Tensor | None:
+                         outputs: list[Output], every_position: bool = False) -> torch.Tensor | None:
         """The forward's logits, or None after failing its requests (their outputs join `outputs`)."""
         try:
-            return self._forward(requests, chunks, starts)
+            return self._forward(requests, chunks, starts, every_position=every_position)
         except Exception as e:
             outputs.extend(self._fail(r, "forward", e) for r in requests)
             return None
@@ -399,7 +418,7 @@ class Engine:
         for r in list(self.running.values()):
             if r.prefilled or r.id not in self.running:
                 continue
-            gained = self.blocks.extend(r.seq, r.tokens, r.goal if r.output else len(r.prompt) - 1, r.computed)
+            gained = self.blocks.extend(r.seq, r.tokens, self._reusable(r), r.computed)
             if gained:  # blocks another request computed meanwhile
                 r.computed += gained
                 self.blocks.write_table(r.seq, r.slot)
@@ -421,13 +440,27 @@ class Engine:
             width = max(width, n)
         return batch, chunks
 
+    def _score_prompt(self, r: Request, logits: torch.Tensor, outputs: list[Output]) -> bool:
+        """Score the prompt tokens that r's chunk predicts from its logits (T, V), one position at a
+        time (a (V,) log_softmax each, not (T, V)); False after failing r (its output joins `outputs`)."""
+        start = r.computed
+        try:
+            if start == 0:  # (re)computed from the start, after a preemption too
+                r.prompt_logprobs = [None]
+            for row, token in zip(logits, r.prompt[start + 1:]):  # the last position predicts a new token
+                r.prompt_logprobs.append(top_logprobs(row, token, r.params.prompt_logprobs))
+            return True
+        except Exception as e:
+            outputs.append(self._fail(r, "prompt_logprobs", e))
+            return False
+
     def _computing(self, other: Request, chunk: list[int], r: Request) -> bool:
         """Whether `other`'s chunk computes the block r needs next (same tokens up to its end)."""
         size = self.cache.block_size
         if r.computed % size or not other.computed <= r.computed < other.computed + len(chunk):
             return False
         end = r.computed + size
-        return end <= r.goal and other.adapter == r.adapter and other.tokens[:end] == r.tokens[:end]
+        return end <= self._reusable(r) and other.adapter == r.adapter and other.tokens[:end] == r.tokens[:end]
 
     def _speculate(self, r: Request) -> list[Output]:
         """One target forward over the last token and a drafted continuation; keep the agreeing prefix."""

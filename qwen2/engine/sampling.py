@@ -41,6 +41,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None  # None: the model's own end ids
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n alternatives to report with each token
+    prompt_logprobs: int | None = None  # score the prompt's tokens too, with top-n alternatives
     # (generated ids so far, float32 logits row) -> logits; e.g. a grammar masking tokens
     logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
@@ -49,9 +50,11 @@ class SamplingParams:
         temperature 0 (greedy) or 0.001..100; repetition_penalty 0.01..100; logit_bias at most
         300 entries, values -100..100; at most 16 stop strings of up to 1000 characters; at most 64
         stop_token_ids; top_p in (0, 1], min_p in [0, 1], presence/frequency penalties in [-2, 2],
-        logprobs 0..20, seed in [0, 2**63)."""
+        logprobs and prompt_logprobs 0..20, seed in [0, 2**63); max_tokens 0 only with
+        prompt_logprobs (the prompt is scored, nothing is sampled)."""
         checks = [
-            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.max_tokens >= 1 or self.max_tokens == 0 and self.prompt_logprobs is not None,
+             "max_tokens must be at least 1 (0 only with prompt_logprobs)"),
             (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100,
              f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and 100"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
@@ -67,6 +70,8 @@ class SamplingParams:
             (len(self.stop) <= MAX_STOP_STRINGS and all(0 < len(s) <= MAX_STOP_LENGTH for s in self.stop),
              f"give at most {MAX_STOP_STRINGS} stop strings, each of 1 to {MAX_STOP_LENGTH} characters"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             "prompt_logprobs must be between 0 and 20"),
             (self.stop_token_ids is None or len(self.stop_token_ids) <= 64
              and all(0 <= t < vocab_size for t in self.stop_token_ids),
              f"give at most 64 stop_token_ids, each in [0, {vocab_size})"),

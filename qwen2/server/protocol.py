@@ -5,11 +5,13 @@ Covered: chat messages (system/developer, user, assistant with tool_calls, tool;
 or a list of text parts), tools and tool_choice, response_format, and the sampling parameters
 OpenAI defines plus vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos,
 structured_outputs and its older guided_* names); parallel_tool_calls; a completion's suffix
-(fill-in-the-middle). Accepted and ignored: user. Not covered: image/audio parts (400).
+(fill-in-the-middle), echo (the prompt and its tokens' logprobs first; max_tokens 0 with echo: the
+prompt alone) and best_of (candidates per prompt, the n most likely returned; not streamed).
+Accepted and ignored: user. Not covered: image/audio parts (400).
 
 Bounds, so that no one request can cost the server more than its share (each a 400 naming the
 field): numbers finite; at most 16 stop strings of 1..1000 characters; logit_bias at most 300
-entries in [-100, 100]; n at most 16 and at most 64 sequences per request; at most 2048
+entries in [-100, 100]; n and best_of at most 16 and at most 64 sequences per request; at most 2048
 messages, 128 tools, and 64 KiB for each JSON schema (tool parameters, response_format). The
 body size is capped by the server (--max-body); the engine checks the sampling ranges
 (SamplingParams.validate).
@@ -123,8 +125,14 @@ class SamplingFields(Body):
             check_schema(value, "structured_outputs")
         return kind, value
 
+    @property
+    def candidates(self) -> int:
+        """Sequences generated per prompt."""
+        return self.n
+
     def sampling_params(self, prompt_len: int, context: int, index: int = 0, logprobs: int | None = None,
-                        processors: list | None = None, defaults: dict | None = None) -> SamplingParams:
+                        processors: list | None = None, defaults: dict | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The engine's parameters for choice `index` (choice i of n is seeded seed + i); a field
         not given takes `defaults` (the model's own, Tokenizer.sampling_defaults), else the engine's."""
         room = context - prompt_len
@@ -132,13 +140,14 @@ class SamplingFields(Body):
         given = (defaults or {}) | given
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            max_tokens=min(self.max_tokens or DEFAULT_MAX_TOKENS, room),
+            max_tokens=min(DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens, room),
             **given | {"top_k": max(given.get("top_k") or 0, 0)},
             stop=[s for s in stops if s],
             seed=None if self.seed is None else (self.seed + index) % 2**63,
             logit_bias=_logit_bias(self.logit_bias),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             logits_processors=processors or [],
         )
 
@@ -285,8 +294,25 @@ class ChatRequest(SamplingFields):
 # -- completions -----------------------------------------------------------------------------
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt alone, scored
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None  # fill in the middle: the text after the completion
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=16)
+
+    def model_post_init(self, _: Any) -> None:
+        if self.best_of is not None and self.best_of < self.n:
+            raise invalid(f"best_of ({self.best_of}) must be at least n ({self.n})", "best_of")
+        if self.stream and self.candidates > self.n:  # the best are known only once all have finished
+            raise invalid("best_of cannot be streamed; set stream to false or best_of to n", "best_of")
+        if self.max_tokens == 0 and not self.echo:
+            raise invalid("max_tokens 0 returns nothing without echo; ask for at least 1 token", "max_tokens")
+        if self.echo and self.suffix is not None:
+            raise invalid("echo cannot be combined with suffix", "echo")
+
+    @property
+    def candidates(self) -> int:
+        return self.best_of or self.n
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -294,9 +320,9 @@ class CompletionRequest(SamplingFields):
             return [p]
         if not p:
             raise invalid("prompt is empty", "prompt")
-        if len(p) * self.n > MAX_SEQUENCES:
-            raise invalid(f"{len(p)} prompts x n={self.n} is more than {MAX_SEQUENCES} sequences in one request; "
-                          "send fewer prompts per request", "prompt")
+        if len(p) * self.candidates > MAX_SEQUENCES:
+            raise invalid(f"{len(p)} prompts x {self.candidates} sequences (n, best_of) is more than {MAX_SEQUENCES} "
+                          "in one request; send fewer prompts per request", "prompt")
         return list(p)
 
 

@@ -7,6 +7,7 @@ Tool calls are parsed here (qwen2.tools) when the request rendered tools.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from typing import Any
@@ -161,37 +162,75 @@ class ChatFormat(Format):
 
 
 class CompletionFormat(Format):
+    """With `echo`, a choice's text starts with its prompt (its tokens decoded) and its logprobs with
+    the prompt's tokens (the first has none), as OpenAI's legacy completions do; streamed, the prompt
+    comes with the first chunk. With best_of candidates per prompt (more than n, not streamed), the
+    reply keeps the n whose sampled tokens' logprobs sum highest (vLLM's rule)."""
+
     object = "text_completion"
 
-    def __init__(self, tokenizer: Tokenizer, model: str, logprobs: bool):
+    def __init__(self, tokenizer: Tokenizer, model: str, logprobs: bool, echo: bool = False, n: int = 1,
+                 best_of: int = 1):
         super().__init__(tokenizer, model, "cmpl")
-        self.logprobs = logprobs
+        self.logprobs, self.echo, self.n, self.best_of = logprobs, echo, n, best_of
+        self.prompts: dict[int, tuple[str, list[tuple]]] = {}  # by choice index: its echoed prompt
 
-    def _logprobs(self, outs: list[Output], offset: int) -> dict | None:
+    def _prompt(self, choice: Choice) -> tuple[str, list[tuple]]:
+        """The prompt's text and its tokens as (token, text, logprob, top) entries."""
+        if choice.index not in self.prompts:
+            decoder = self.tokenizer.stream_decoder()
+            pieces = [decoder.push(t) for t in choice.prompt]
+            pieces[-1] += decoder.flush()
+            scores = [s or (None, None) for s in choice.request.prompt_logprobs]  # none unless asked for
+            entries = [(t, piece, *s) for t, piece, s in zip(choice.prompt, pieces, scores)]
+            self.prompts[choice.index] = "".join(pieces), entries
+        return self.prompts[choice.index]
+
+    def _logprobs(self, entries: list[tuple], offset: int) -> dict | None:
+        """OpenAI's logprobs object of (token, text, logprob, top) entries, the first text at `offset`."""
         if not self.logprobs:
             return None
-        tokens, offsets = [], []
-        for o in outs:
-            tokens.append(token_bytes(self.tokenizer, o.token).decode(errors="replace"))
-            offsets.append(offset)
-            offset += len(o.text)
-        top = [{token_bytes(self.tokenizer, t).decode(errors="replace"): lp for t, lp in o.top_logprobs or []}
-               for o in outs]
-        return {"tokens": tokens, "token_logprobs": [o.logprob for o in outs], "top_logprobs": top,
-                "text_offset": offsets}
+        offsets = itertools.accumulate((len(text) for _, text, *_ in entries), initial=offset)
+        return {"tokens": [self._token(t) for t, *_ in entries], "token_logprobs": [lp for _, _, lp, _ in entries],
+                "top_logprobs": [None if top is None else {self._token(t): lp for t, lp in top} for *_, top in entries],
+                "text_offset": list(offsets)[:-1]}
+
+    def _token(self, token: int) -> str:
+        return token_bytes(self.tokenizer, token).decode(errors="replace")
 
     def _choice(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> dict:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def piece(self, choice: Choice, out: Output) -> dict | None:
-        if not out.text and out.logprob is None:
+        entries = [(out.token, out.text, out.logprob, out.top_logprobs or [])] if out.logprob is not None else []
+        text, offset = out.text, len(choice.text) - len(out.text)
+        if self.echo:
+            first = choice.index not in self.prompts
+            prompt, scored = self._prompt(choice)
+            if first:
+                text, entries = prompt + text, scored + entries
+            else:
+                offset += len(prompt)
+        if not text and not entries:
             return None
-        logprobs = self._logprobs([out], len(choice.text) - len(out.text)) if out.logprob is not None else None
-        return self.envelope([self._choice(choice.index, out.text, logprobs, None)])
+        logprobs = self._logprobs(entries, offset) if entries else None
+        return self.envelope([self._choice(choice.index, text, logprobs, None)])
 
     def tail(self, choice: Choice) -> list[dict]:
         return [self.envelope([self._choice(choice.index, "", None, choice.finish_reason)])]
 
     def response(self, choices: list[Choice], usage: dict) -> dict:
-        return self.envelope([self._choice(c.index, c.text, self._logprobs(c.logprobs, 0), c.finish_reason)
-                              for c in choices], usage=usage)
+        kept = []
+        for start in range(0, len(choices), self.best_of):  # each prompt's candidates
+            candidates = choices[start: start + self.best_of]
+            if self.best_of > self.n:
+                candidates = sorted(candidates, key=lambda c: sum(o.logprob for o in c.logprobs), reverse=True)
+            kept += candidates[:self.n]
+        out = []
+        for index, c in enumerate(kept):
+            text, entries = c.text, [(o.token, o.text, o.logprob, o.top_logprobs or []) for o in c.logprobs]
+            if self.echo:
+                prompt, scored = self._prompt(c)
+                text, entries = prompt + text, scored + entries
+            out.append(self._choice(index, text, self._logprobs(entries, 0), c.finish_reason))
+        return self.envelope(out, usage=usage)

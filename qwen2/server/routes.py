@@ -136,15 +136,22 @@ def _fill_in_the_middle(server: Server, prompt: str | list[int], suffix: str) ->
 
 def _prepare_completion(server: Server, body: CompletionRequest) -> tuple[list[Choice], Format]:
     adapter, choices, constraint = server.adapter(body.model), [], body.constraint()
+    k = body.candidates
+    # best_of ranks candidates by their tokens' logprobs, asked for or not
+    logprobs = 0 if body.logprobs is None and k > body.n else body.logprobs
+    # echo scores the prompt when its logprobs are shown, and with max_tokens 0 (the engine's rule)
+    scored = body.echo and (body.logprobs is not None or body.max_tokens == 0)
+    prompt_logprobs = (body.logprobs or 0) if scored else None
     for p, prompt in enumerate(body.prompts()):
         if body.suffix is not None:
             prompt = _fill_in_the_middle(server, prompt, body.suffix)
         ids = server.prompt_ids(prompt, "prompt")
-        choices += [Choice(p * body.n + j, ids, body.sampling_params(
-            len(ids), server.context, j, body.logprobs, _processors(server, constraint, "structured_outputs"),
-            server.tokenizer.sampling_defaults),
-            adapter) for j in range(body.n)]
-    return choices, CompletionFormat(server.tokenizer, adapter or server.model_name, body.logprobs is not None)
+        choices += [Choice(p * k + j, ids, body.sampling_params(
+            len(ids), server.context, j, logprobs, _processors(server, constraint, "structured_outputs"),
+            server.tokenizer.sampling_defaults, prompt_logprobs),
+            adapter) for j in range(k)]
+    return choices, CompletionFormat(server.tokenizer, adapter or server.model_name, body.logprobs is not None,
+                                     body.echo, body.n, k)
 
 
 async def respond(server: Server, http: Request, body: SamplingFields, choices: list[Choice], fmt: Format) -> Any:
@@ -155,7 +162,7 @@ async def respond(server: Server, http: Request, body: SamplingFields, choices: 
                                on_first=lambda: server.metrics.observe_ttft(loop.time() - arrived))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(sse(server, events, fmt, choices, body.n, include_usage),
+        return StreamingResponse(sse(server, events, fmt, choices, body.candidates, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     collecting = asyncio.ensure_future(_drain(events))
     try:
@@ -169,7 +176,7 @@ async def respond(server: Server, http: Request, body: SamplingFields, choices: 
     failed = [c for c in choices if c.finish_reason == "error"]
     if failed:
         raise engine_failed(failed[0].error)
-    return fmt.response(choices, usage(choices, body.n))
+    return fmt.response(choices, usage(choices, body.candidates))
 
 
 async def sse(server: Server, events: AsyncIterator, fmt: Format, choices: list[Choice], n: int,
