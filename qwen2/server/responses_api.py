@@ -15,7 +15,6 @@ conversation, prompt, reasoning, include, background, top_logprobs, and truncati
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import json
@@ -28,11 +27,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from qwen2.server import generation
 from qwen2.server.generation import Choice
 from qwen2.server.protocol import APIError, Body, ChatRequest, invalid
 from qwen2.server.responses import Format, usage
-from qwen2.server.routes import engine_failed, prepare_chat, respond, timed_out
+from qwen2.server.routes import engine_failed, prepare_chat, respond, started, timed_out
 
 if TYPE_CHECKING:
     from qwen2.server.app import Server
@@ -228,11 +226,7 @@ async def create_response(body: ResponsesRequest, http: Request) -> Any:
             out.call(k, call["id"], call["function"]["name"], call["function"]["arguments"])
         out.finish(choices[0].finish_reason, done["usage"])
         return out.response
-    loop = asyncio.get_running_loop()
-    arrived = loop.time()
-    await generation.start(server.engine, choices)  # a full queue is a 429 here, before any byte
-    events = generation.stream(server.engine, choices, arrived + server.timeout,
-                               on_first=lambda: server.metrics.observe_ttft(loop.time() - arrived))
+    events = await started(server, choices)
     return StreamingResponse(_sse(server, events, fmt, choices, out), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 

@@ -154,12 +154,18 @@ def _prepare_completion(server: Server, body: CompletionRequest) -> tuple[list[C
                                      body.echo, body.n, k)
 
 
-async def respond(server: Server, http: Request, body: SamplingFields, choices: list[Choice], fmt: Format) -> Any:
+async def started(server: Server, choices: list[Choice]) -> AsyncIterator:
+    """Start the choices on the engine (a full queue is a 429 here, before any byte) and return their
+    merged outputs, timed against the server's timeout and counted for /metrics' TTFT."""
     loop = asyncio.get_running_loop()
     arrived = loop.time()
-    await generation.start(server.engine, choices)  # a full queue is a 429 here, before any byte
-    events = generation.stream(server.engine, choices, arrived + server.timeout,
-                               on_first=lambda: server.metrics.observe_ttft(loop.time() - arrived))
+    await generation.start(server.engine, choices)
+    return generation.stream(server.engine, choices, arrived + server.timeout,
+                             on_first=lambda: server.metrics.observe_ttft(loop.time() - arrived))
+
+
+async def respond(server: Server, http: Request, body: SamplingFields, choices: list[Choice], fmt: Format) -> Any:
+    events = await started(server, choices)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(sse(server, events, fmt, choices, body.candidates, include_usage),
