@@ -51,7 +51,7 @@ def test_echo_with_generated_tokens_and_without_logprobs(tiny_server):
     lp, gen = echoed.choices[0].logprobs, plain.choices[0].logprobs
     assert echoed.choices[0].text == TEXT + plain.choices[0].text
     assert lp.tokens == scored.choices[0].logprobs.tokens + gen.tokens
-    assert lp.token_logprobs == pytest.approx(scored.choices[0].logprobs.token_logprobs + gen.token_logprobs, abs=1e-5)
+    assert lp.token_logprobs == pytest.approx(scored.choices[0].logprobs.token_logprobs + gen.token_logprobs, abs=1e-4)
     assert lp.text_offset[-5:] == [len(TEXT) + o for o in gen.text_offset]
     assert echoed.usage.completion_tokens == 5
     bare = client.completions.create(model="tiny", prompt=TEXT, max_tokens=5, echo=True, **GREEDY)
@@ -69,7 +69,10 @@ def test_token_id_prompts_echo_their_text(tiny_server, tiny):
                                        max_tokens=0, logprobs=0)
     assert [c.text for c in by_ids.choices] == texts
     for a, b in zip(by_text.choices, by_ids.choices):
-        assert a.logprobs.tokens == b.logprobs.tokens and a.logprobs.token_logprobs == b.logprobs.token_logprobs
+        # The two prompts may share a prefill batch in one request and not in the other: sums differ in the last bits.
+        assert a.logprobs.tokens == b.logprobs.tokens
+        assert a.logprobs.token_logprobs[0] is b.logprobs.token_logprobs[0] is None
+        assert a.logprobs.token_logprobs[1:] == pytest.approx(b.logprobs.token_logprobs[1:], abs=1e-4)
         assert all(top == {} for top in b.logprobs.top_logprobs[1:])  # logprobs 0: no alternatives
 
 
@@ -81,7 +84,8 @@ def test_streamed_echo_sends_the_prompt_first(tiny_server):
     assert chunks[0].choices[0].text.startswith(TEXT)
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
-    assert sum((s.token_logprobs for s in streamed), []) == whole.choices[0].logprobs.token_logprobs
+    streamed_logprobs = sum((s.token_logprobs for s in streamed), [])
+    assert streamed_logprobs[1:] == pytest.approx(whole.choices[0].logprobs.token_logprobs[1:], abs=1e-4)
     assert sum((s.text_offset for s in streamed), []) == whole.choices[0].logprobs.text_offset
     only = [c for c in client.completions.create(model="tiny", prompt=TEXT, max_tokens=0, echo=True, stream=True)]
     assert [c.choices[0].text for c in only] == [TEXT, ""] and only[-1].choices[0].finish_reason == "length"
