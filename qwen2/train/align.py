@@ -46,6 +46,7 @@ class AlignConfig:
     model: str | None = None  # the policy (or the reward model's starting point); None: the default model
     ref: str | None = None  # DPO reference; None: the policy's starting weights (LoRA off, or a frozen copy)
     reward_model: str | None = None  # online DPO: the scorer (an HF folder `qwen2 train rm` wrote)
+    reward: str | None = None  # online DPO: "model" (reward_model) or "verifier"; None: model if one is given
     base: str | None = None  # merging optimizers: tau = model - base (None: no SFT delta to merge)
     beta: float = 0.1
     loss: str = "sigmoid"
@@ -56,6 +57,7 @@ class AlignConfig:
     merge_alpha: float = 1e-7
     merge_every: int = 1
     center: float = 0.0  # reward model: weight of mean((r_chosen + r_rejected)^2)
+    head_lr_scale: float = 10.0  # reward model: the new head's learning rate over the body's
     samples: int = 4  # online DPO: responses per prompt
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -101,6 +103,8 @@ class AlignConfig:
             raise OptionError(f"--label-smoothing must be in [0, 0.5), got {self.smoothing}")
         if self.steps is not None and self.steps < 1 or self.epochs is not None and not self.epochs > 0:
             raise OptionError("--steps must be at least 1 and --epochs positive")
+        if not self.head_lr_scale > 0:
+            raise OptionError(f"--head-lr-scale must be positive, got {self.head_lr_scale}")
         if self.on_bad_sample not in ("error", "skip"):
             raise OptionError(f"--on-bad-sample takes error or skip, not {self.on_bad_sample!r}")
         if self.lr is not None and not 0 < self.lr < 1:
@@ -112,8 +116,18 @@ class AlignConfig:
                               "(drop --base: the merging optimizers then sparsify the adapter's updates alone)")
         if self.base and self.optimizer == "adamw":
             raise OptionError("--base is for --optimizer ondare or onties")
-        if self.task == "online-dpo" and not self.reward_model:
-            raise OptionError("online-dpo needs --reward-model (an HF folder written by `qwen2 train rm`)")
+        if self.task == "online-dpo":
+            if self.reward_source not in ("model", "verifier"):
+                raise OptionError("online-dpo needs --reward-model (a folder written by `qwen2 train rm`) or "
+                                  "--reward verifier (prompts with an 'answer' or 'constraints' to check)")
+            if self.reward_source == "model" and not self.reward_model:
+                raise OptionError("--reward model needs --reward-model (a folder written by `qwen2 train rm`)")
+            if self.reward_source == "verifier" and self.reward_model:
+                raise OptionError("--reward verifier checks replies itself; drop --reward-model")
+
+    @property
+    def reward_source(self) -> str | None:
+        return self.reward or ("model" if self.reward_model else None)
 
     @property
     def smoothing(self) -> float:
@@ -193,6 +207,10 @@ class AlignTrainer:
     def evaluate(self) -> dict:
         raise NotImplementedError
 
+    def param_groups(self) -> list[dict]:
+        """The trained parameters as the optimizer's groups (one group, at the configured rate)."""
+        return [{"params": self.params}]
+
     def save(self) -> None:
         raise NotImplementedError
 
@@ -200,7 +218,8 @@ class AlignTrainer:
     def make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         if c.optimizer == "adamw":
-            return torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay, foreach=False)
+            return torch.optim.AdamW(self.param_groups(), lr=c.learning_rate, weight_decay=c.weight_decay,
+                                     foreach=False)
         taus = None
         if c.base:
             base, base_tokenizer = load_float(c.base, torch.device("cpu"))

@@ -3,7 +3,7 @@
     qwen2 train rm --data PAIRS --out DIR [--lora-rank R] [--center C] ...
     qwen2 train dpo --data PAIRS --out DIR [--ref MODEL] [--beta B] [--loss sigmoid|ipo|robust]
         [--optimizer adamw|ondare|onties] [--reserve-rate P] [--merge-alpha A] [--base MODEL] [--lora-rank R] ...
-    qwen2 train online-dpo --data PROMPTS --reward-model RM_DIR --out DIR [--samples N] ...
+    qwen2 train online-dpo --data PROMPTS (--reward-model RM_DIR | --reward verifier) --out DIR [--samples N] ...
 
 PAIRS: JSONL/JSON `{"prompt" or "messages", "chosen", "rejected"}`, or a demo set by name
 (dpo_en_demo, dpo_zh_demo). A TOML --config sets the same keys; flags override it.
@@ -20,6 +20,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rm", help="train a reward model (Bradley-Terry) on preference pairs")
     _common(p)
     p.add_argument("--center", type=float, help="weight of the centering term mean((r_chosen + r_rejected)^2)")
+    p.add_argument("--head-lr-scale", type=float, help="the new score head's learning rate over the body's "
+                   "(default 10)")
     p.set_defaults(func=run, task="rm")
 
     p = sub.add_parser("dpo", help="direct preference optimization on preference pairs")
@@ -33,6 +35,9 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     _common(p)
     _preference(p)
     p.add_argument("--reward-model", help="the scorer: a folder written by `qwen2 train rm`")
+    p.add_argument("--reward", choices=["model", "verifier"], help="model: --reward-model scores the replies; "
+                   "verifier: 1 for a reply that states the prompt record's 'answer' and meets its "
+                   "'constraints', else 0 (default: model)")
     p.add_argument("--samples", type=int, help="replies sampled per prompt each step (default 4)")
     p.add_argument("--max-new-tokens", type=int, help="tokens per sampled reply (default 128)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")

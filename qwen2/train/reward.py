@@ -9,6 +9,12 @@ Loss (Bradley-Terry): -log sigmoid(r_chosen - r_rejected - margin), the margin f
 record (0 by default, as in Llama 2), plus center * mean((r_chosen + r_rejected)^2), which keeps
 the scores near zero (Eisenstein et al., 2023).
 
+The head starts at zero, so every pair first ties and the first loss is exactly ln 2: a head drawn
+at random scores the body's large final-norm features by whole units (a first loss near 3 on the
+default model), and training spent its steps undoing that noise. It learns at --head-lr-scale
+times the body's rate: it is the only part that starts with nothing, and with LoRA the adapters
+get no gradient until it moves. Held-out accuracy comes with its Wilson 95% interval.
+
 Saved as transformers' Qwen2ForSequenceClassification (config architectures and num_labels = 1,
 tensors `model.*` and `score.weight`), so `AutoModelForSequenceClassification.from_pretrained`
 gives the same scores. The config says tie_word_embeddings: a classifier has no output head,
@@ -24,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2.eval.stats import wilson
 from qwen2.files import write_text_atomically
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
@@ -33,12 +40,12 @@ from qwen2.train.preference import Pair
 
 
 class RewardModel(nn.Module):
-    def __init__(self, transformer: Transformer, std: float = 0.02):
+    def __init__(self, transformer: Transformer, std: float = 0.0):
         super().__init__()
         self.transformer = transformer
         weight = transformer.model.embed_tokens.weight
         self.score = nn.Linear(transformer.config.hidden_size, 1, bias=False, device=weight.device, dtype=weight.dtype)
-        nn.init.normal_(self.score.weight, std=std)
+        nn.init.normal_(self.score.weight, std=std) if std else nn.init.zeros_(self.score.weight)
 
     @property
     def config(self):
@@ -125,6 +132,12 @@ class RewardTrainer(AlignTrainer):
         torch.manual_seed(self.config.seed)
         return RewardModel(transformer), tokenizer
 
+    def param_groups(self) -> list[dict]:
+        head = [p for p in self.model.score.parameters() if p.requires_grad]
+        body = [p for p in self.params if all(p is not h for h in head)]
+        c = self.config
+        return [{"params": body}, {"params": head, "lr": c.learning_rate * c.head_lr_scale}]
+
     def scores(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
         r = score(self.model, sequences, self.pad)
@@ -146,7 +159,9 @@ class RewardTrainer(AlignTrainer):
             chosen.append(c)
             rejected.append(r)
         chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-        return {"accuracy": (chosen > rejected).float().mean().item(),
+        right = int((chosen > rejected).sum())
+        low, high = wilson(right, len(chosen))
+        return {"accuracy": right / len(chosen), "accuracy_low": low, "accuracy_high": high,
                 "margin": (chosen - rejected).mean().item(), "loss": bradley_terry(chosen, rejected).item()}
 
     def save(self) -> None:

@@ -18,7 +18,7 @@ PAD_ID = 151643  # <|endoftext|>, the tokenizer's pad
 @pytest.fixture(scope="module")
 def reward_model(tiny_model):
     torch.manual_seed(0)
-    return RewardModel(copy.deepcopy(tiny_model)).eval()
+    return RewardModel(copy.deepcopy(tiny_model), std=0.02).eval()  # a drawn head, so scores differ
 
 
 SEQUENCES = [[5, 6, 7, END_ID], [9, 10, END_ID, PAD_ID, PAD_ID], [3]]  # the second ends in pad-valued tokens
@@ -75,8 +75,25 @@ def test_training_separates_chosen_from_rejected_on_held_out_pairs(tiny_hf, tmp_
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_accuracy"] == 1.0 and rows[-1]["eval_margin"] > rows[0]["eval_margin"]
+    assert 0 < rows[-1]["eval_accuracy_low"] < 1.0 == rows[-1]["eval_accuracy_high"]  # Wilson, 2 held-out pairs
     model, _ = load_reward_model(tmp_path / "rm")
     (pair,) = trainer.heldout_pairs[:1]
     with torch.no_grad():
         chosen, rejected = score(model, [pair.prompt + pair.chosen, pair.prompt + pair.rejected], PAD_ID)
     assert chosen > rejected
+
+
+def test_the_head_starts_at_zero_so_the_first_loss_is_ln_2_and_learns_faster_than_the_body(tiny_hf, tmp_path):
+    rows = [{"prompt": f"Is {i} even?", "chosen": "Let me check.", "rejected": "Whatever."} for i in range(6)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = RewardTrainer(AlignConfig(data=str(data), out=str(tmp_path / "rm"), task="rm", model=str(tiny_hf),
+                                        steps=1, lr=1e-3, head_lr_scale=10, heldout=0.0, max_len=64, device="cpu",
+                                        bf16=False, progress=False, lora_rank=4))
+    assert not trainer.model.score.weight.any()
+    first = trainer.train_step()
+    assert first["loss"] == pytest.approx(math.log(2), abs=0.01)
+    (head,) = trainer.model.score.parameters()
+    lrs = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert lrs[id(head)] == pytest.approx(10 * trainer.scheduler.get_last_lr()[0])
+    assert trainer.model.score.weight.any()
