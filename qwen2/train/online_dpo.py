@@ -1,5 +1,11 @@
 """Online DPO, as Qwen2's second preference stage: each step the current policy samples N replies
-per prompt, a reward model scores them, and the best and the worst form a DPO pair.
+per prompt, a reward scores them, and the best and the worst form a DPO pair.
+
+The reward is a reward model's score (--reward-model, a folder `qwen2 train rm` wrote) or, with
+--reward verifier, an automatic check as the report's execution feedback: 1 when the reply
+passes, 0 when it does not. What is checked comes with each prompt record: `answer` (the reply
+must state that final answer: "The answer is N" or \boxed{N}, as `qwen2 data reject-sample`
+keeps) and/or `constraints` (instruction constraints, qwen2.eval.instructions).
 
 Sampling runs through the engine (qwen2.engine) built once over the training model object
 itself, so every step samples from the live weights (LoRA adapters included) with nothing
@@ -8,7 +14,8 @@ stale. A reply cut by --max-new-tokens without its end token loses --no-end-pena
 reward. A prompt whose replies all score the same gives no pair that step. The reference
 log-probabilities are computed live (the pairs are new each step). Metrics: DPO's, plus
 sample_reward (mean reward of all sampled replies), best_reward, unfinished (fraction cut off);
-held-out: eval_reward, the mean reward of one greedy reply per held-out prompt.
+held-out: eval_reward, the mean reward of one greedy reply per held-out prompt, and with the
+verifier eval_verified, the share of those replies that pass, with its Wilson 95% interval.
 """
 
 from __future__ import annotations
@@ -19,20 +26,36 @@ import torch
 
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
-from qwen2.errors import OptionError
+from qwen2.errors import DataError, OptionError
+from qwen2.eval.stats import wilson
 from qwen2.train.align import check_tokenizer
 from qwen2.train.dpo import DPOTrainer
 from qwen2.train.preference import Pair, load_prompts, split
 from qwen2.train.reward import load_reward_model, score
+from qwen2.train.synth import math_verdict
+
+
+def verified(check: dict, reply: str) -> bool:
+    """True when the reply states the gold answer and meets every instruction constraint given."""
+    if "answer" in check and math_verdict(reply, str(check["answer"])) is not True:
+        return False
+    return True
 
 
 class OnlineDPOTrainer(DPOTrainer):
     def __init__(self, config):
         super().__init__(config)
         c = config
-        self.reward_model, rm_tokenizer = load_reward_model(c.reward_model, self.device)
-        check_tokenizer(self.tokenizer, rm_tokenizer, "--reward-model", c.reward_model)
-        self.reward_model.requires_grad_(False)
+        self.reward_model = None
+        if c.reward_source == "model":
+            self.reward_model, rm_tokenizer = load_reward_model(c.reward_model, self.device)
+            check_tokenizer(self.tokenizer, rm_tokenizer, "--reward-model", c.reward_model)
+            self.reward_model.requires_grad_(False)
+        else:
+            unchecked = next((p.where for p in self.train_pairs + self.heldout_pairs if not p.check), None)
+            if unchecked:
+                raise DataError(f"--reward verifier needs an 'answer' or 'constraints' in every prompt record; "
+                                f"{unchecked} has neither")
         longest = max(len(p.prompt) for p in self.train_pairs + self.heldout_pairs)
         if longest + c.max_new_tokens > self.model.config.context_limit:
             raise OptionError(f"prompts of {longest} tokens plus --max-new-tokens {c.max_new_tokens} exceed the "
@@ -64,9 +87,13 @@ class OnlineDPOTrainer(DPOTrainer):
         return [[(list(r.output), r.finish_reason == "stop") for r in done[i * n: (i + 1) * n]]
                 for i in range(len(prompts))]
 
-    def rewards(self, prompt: list[int], replies: list[tuple[list[int], bool]]) -> torch.Tensor:
-        with torch.no_grad():
-            r = score(self.reward_model, [prompt + tokens for tokens, _ in replies], self.pad)
+    def rewards(self, prompt: Pair, replies: list[tuple[list[int], bool]]) -> torch.Tensor:
+        if self.reward_model is None:
+            r = torch.tensor([float(verified(prompt.check, self.tokenizer.decode(tokens, skip_special_tokens=True)))
+                              for tokens, _ in replies], device=self.device)
+        else:
+            with torch.no_grad():
+                r = score(self.reward_model, [prompt.prompt + tokens for tokens, _ in replies], self.pad)
         ended = torch.tensor([done for _, done in replies], device=r.device)
         return r - self.config.no_end_penalty * (~ended).float()
 
@@ -77,7 +104,7 @@ class OnlineDPOTrainer(DPOTrainer):
                                 seed=c.seed * 1_000_003 + self.step * 10_007)
         pairs, all_rewards, best, unfinished = [], [], [], 0
         for prompt, outs in zip(prompts, replies):
-            r = self.rewards(prompt.prompt, outs)
+            r = self.rewards(prompt, outs)
             all_rewards += r.tolist()
             best.append(r.max().item())
             unfinished += sum(not done for _, done in outs)
@@ -97,7 +124,12 @@ class OnlineDPOTrainer(DPOTrainer):
         return loss, metrics | stats
 
     def evaluate(self) -> dict:
-        prompts = [p.prompt for p in self.heldout_pairs]
-        replies = self.generate(prompts, 1, 0.0, seed=0)
-        rewards = [self.rewards(p, outs)[0].item() for p, outs in zip(prompts, replies)]
-        return {"reward": sum(rewards) / len(rewards)}
+        replies = self.generate([p.prompt for p in self.heldout_pairs], 1, 0.0, seed=0)
+        rewards = [self.rewards(p, outs)[0].item() for p, outs in zip(self.heldout_pairs, replies)]
+        result = {"reward": sum(rewards) / len(rewards)}
+        if self.reward_model is None:
+            passed = sum(verified(p.check, self.tokenizer.decode(outs[0][0], skip_special_tokens=True))
+                         for p, outs in zip(self.heldout_pairs, replies))
+            low, high = wilson(passed, len(replies))
+            result |= {"verified": passed / len(replies), "verified_low": low, "verified_high": high}
+        return result

@@ -26,6 +26,8 @@ from qwen2.errors import DataError, TokenizerError
 from qwen2.tokenizer import Tokenizer
 from qwen2.train.data import DataReport, Row, Sample, collate, read_records, to_messages
 
+VERIFIABLE = ("answer", "constraints")
+
 
 @dataclass
 class Pair:
@@ -35,6 +37,7 @@ class Pair:
     where: str  # "file:line", for reports
     margin: float = 0.0
     index: int = 0  # position in its file's pairs (keys the cached reference log-probs)
+    check: dict | None = None  # a prompt's verifiable fields ("answer", "constraints"): online DPO's verifier reward
 
 
 def _reply(value) -> str:
@@ -127,7 +130,8 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str
 def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str = "error",
                  max_prompt_len: int | None = None) -> tuple[list[Pair], DataReport]:
     """The prompts of a file in any of the shapes above (chosen and rejected not needed), as
-    pairs whose replies are still to be sampled (online DPO)."""
+    pairs whose replies are still to be sampled (online DPO), with what a verifier can check of
+    their replies: a gold `answer` (a number or a string) or instruction `constraints`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such prompt file: {path}")
@@ -143,7 +147,8 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: s
                 raise DataError(f"bad prompt at {where}: {e}; fix it or pass --on-bad-sample skip") from None
             report.bad.append(f"{where}: {e}")
             continue
-        prompts.append(Pair(ids, [], [], where, index=len(prompts)))
+        check = {k: record[k] for k in VERIFIABLE if k in record} or None
+        prompts.append(Pair(ids, [], [], where, index=len(prompts), check=check))
     report.kept = len(prompts)
     if not prompts:
         raise DataError(f"{path} holds no usable prompt ({report.summary()})")

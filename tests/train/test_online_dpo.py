@@ -1,5 +1,5 @@
 """Online DPO (qwen2.train.online_dpo): samples from the live weights through the engine, best
-vs worst by the reward model, a penalty for replies that never end."""
+vs worst by the reward model or the verifier, a penalty for replies that never end."""
 
 import copy
 import json
@@ -9,16 +9,19 @@ import torch
 
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
+from qwen2.errors import DataError
 from qwen2.train.align import AlignConfig
-from qwen2.train.online_dpo import OnlineDPOTrainer
+from qwen2.train.online_dpo import OnlineDPOTrainer, verified
 from qwen2.train.reward import RewardModel, save_hf, score
+
+END_ID = 151645  # <|im_end|>
 
 
 @pytest.fixture(scope="module")
 def trainer(tiny_hf, tiny_model, default_tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("online")
     torch.manual_seed(0)
-    save_hf(RewardModel(copy.deepcopy(tiny_model)), default_tokenizer, folder / "rm")
+    save_hf(RewardModel(copy.deepcopy(tiny_model), std=0.02), default_tokenizer, folder / "rm")  # scores differ
     data = folder / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(4)))
     config = AlignConfig(data=str(data), out=str(folder / "out"), task="online-dpo", model=str(tiny_hf),
@@ -56,7 +59,7 @@ def test_pairs_are_the_best_and_worst_reply_and_unfinished_replies_are_penalised
         with torch.no_grad():
             raw = score(trainer.reward_model, [prompt.prompt + t for t, _ in outs], trainer.pad)
         penalised = raw - torch.tensor([0.0 if done else 1.0 for _, done in outs])
-        assert torch.allclose(trainer.rewards(prompt.prompt, outs), penalised)
+        assert torch.allclose(trainer.rewards(prompt, outs), penalised)
         pair = next(p for p in pairs if p.prompt == prompt.prompt)
         assert pair.chosen == outs[int(penalised.argmax())][0] and pair.rejected == outs[int(penalised.argmin())][0]
     assert 0 <= stats["unfinished"] <= 1 and stats["pairs"] == len(pairs) == 2
@@ -68,3 +71,35 @@ def test_a_run_logs_dpo_metrics_and_the_sample_reward(trainer):
     assert "eval_reward" in rows[0] and "eval_reward" in rows[-1]
     assert {"loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp", "kl",
             "sample_reward"} <= set(rows[-1])
+
+
+def test_the_verifier_rewards_a_reply_that_states_the_gold_answer():
+    assert verified({"answer": 12}, "3 * 4 = 12. The answer is 12.")
+    assert verified({"answer": "12 apples"}, "So the answer is $\\boxed{12}$")
+    assert not verified({"answer": 12}, "3 * 4 = 13. The answer is 13.")
+    assert not verified({"answer": 12}, "3 * 4 = 12")  # stated nowhere: may have been cut off
+
+
+def test_verifier_online_dpo_pairs_a_verified_reply_with_a_failed_one(tiny_hf, tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": i + 1}) + "\n" for i in range(4)))
+    config = AlignConfig(data=str(data), out=str(tmp_path / "out"), task="online-dpo", model=str(tiny_hf),
+                         reward="verifier", samples=2, max_new_tokens=4, lora_rank=4, steps=1, lr=1e-2,
+                         heldout=0.25, max_len=64, device="cpu", bf16=False, progress=False)
+    trainer = OnlineDPOTrainer(config)
+    prompt = trainer.train_pairs[0]
+    right, wrong = (trainer.tokenizer.encode(f"The answer is {n}.") + [END_ID] for n in (prompt.check["answer"], 99))
+    assert trainer.rewards(prompt, [(right, True), (wrong, True), (right, False)]).tolist() == [1.0, 0.0, 0.0]
+    last = trainer.train()  # the tiny model's samples tie at 0: the step runs without pairs
+    rows = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["eval_verified"] == 0.0 and rows[0]["eval_verified_low"] == 0.0 < rows[0]["eval_verified_high"]
+    assert "sample_reward" in last
+
+
+def test_verifier_online_dpo_refuses_a_prompt_with_nothing_to_check(tiny_hf, tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": 2}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    config = AlignConfig(data=str(data), out=str(tmp_path / "out"), task="online-dpo", model=str(tiny_hf),
+                         reward="verifier", max_len=64, device="cpu", bf16=False, progress=False)
+    with pytest.raises(DataError, match=r"problems.jsonl:2 has neither"):
+        OnlineDPOTrainer(config)
