@@ -19,6 +19,7 @@ run humaneval humaneval
 run mmlu-0shot mmlu --shots 0
 run mmlu-5shot mmlu --shots 5
 run asdiv asdiv
+run ifeval ifeval
 run multilingual multilingual --png "$OUT/multilingual.png"
 if [[ -n "${MULTIJAIL:-}" ]]; then
     run safety safety --data "$MULTIJAIL"

@@ -1,4 +1,4 @@
-"""`qwen2 eval ...`: long-context evals (ppl, niah) and benchmark evals (humaneval, mmlu, asdiv,
+"""`qwen2 eval ...`: long-context evals (ppl, niah) and benchmark evals (humaneval, mmlu, asdiv, ifeval,
 multilingual, safety), each benchmark in its own module with the shared shape of harness.py."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def depth_list(text: str) -> list[float]:
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Register `eval ppl` and `eval niah` on the `qwen2` command's subparsers."""
     evaluate = subparsers.add_parser("eval", help="evals: perplexity, needle in a haystack, humaneval, mmlu, asdiv, "
-                                     "multilingual, safety")
+                                     "ifeval, multilingual, safety")
     sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="{" + ",".join(EVALS) + "}")
 
     p = sub.add_parser("ppl", help="strided perplexity of a text at several context lengths")
@@ -58,7 +58,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     add_benchmarks(sub)
 
 
-EVALS = ("ppl", "niah", "humaneval", "mmlu", "asdiv", "multilingual", "safety", "compare")
+EVALS = ("ppl", "niah", "humaneval", "mmlu", "asdiv", "ifeval", "multilingual", "safety", "compare")
 
 
 def add_common(p: argparse.ArgumentParser, slots: int) -> None:  # slots: the default --max-concurrency
@@ -100,6 +100,12 @@ def add_benchmarks(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=384, help="tokens per answer (default %(default)s)")
     add_common(p, slots=8)
     p.set_defaults(func=cmd_asdiv)
+
+    p = sub.add_parser("ifeval", help="instruction following: 500 alpaca tasks with 1-3 machine-checked constraints")
+    p.add_argument("--prompt-seed", type=int, default=0, help="which constraints each task gets (default 0)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer (default %(default)s)")
+    add_common(p, slots=8)
+    p.set_defaults(func=cmd_ifeval)
 
     p = sub.add_parser("multilingual", help="fertility and perplexity on the UDHR in 29 languages; code-switching")
     p.add_argument("--langs", help="comma-separated UDHR codes (default: all 29 of Qwen2's list)")
@@ -315,6 +321,28 @@ def cmd_asdiv(args: argparse.Namespace) -> None:
     table = markdown_table(["problems", "accuracy %", "95% interval"],
                            [[summary["problems"], summary["accuracy"], _interval(summary["ci95"])]])
     _finish(args, "asdiv", settings, summary, time.perf_counter() - start, records, table)
+
+
+def cmd_ifeval(args: argparse.Namespace) -> None:
+    from qwen2.eval import ifeval
+    from qwen2.eval.harness import Results, markdown_table
+
+    _check_common(args)
+    items = ifeval.prompt_set("eval", args.prompt_seed)[: args.limit]
+    settings = _settings(args, max_tokens=args.max_tokens, prompt_seed=args.prompt_seed)
+    results = Results("ifeval", settings, args.json)
+    start = time.perf_counter()
+    if any(item["id"] not in results for item in items):
+        ifeval.run(_load_for(args), items, results, args.max_tokens)
+    records = results.ordered(item["id"] for item in items)
+    summary = ifeval.summarize(records)
+    table = markdown_table(["level", "check", "accuracy %", "95% interval"],
+                           [[level, m, summary[level][m]["accuracy"], _interval(summary[level][m]["ci95"])]
+                            for level in ("prompt", "instruction") for m in ("strict", "loose")])
+    table += "\n\n" + markdown_table(["constraint", "count", "strict %", "loose %"],
+                                      [[k, v["count"], v["strict"]["accuracy"], v["loose"]["accuracy"]]
+                                       for k, v in summary["kinds"].items()])
+    _finish(args, "ifeval", settings, summary, time.perf_counter() - start, records, table)
 
 
 def cmd_multilingual(args: argparse.Namespace) -> None:

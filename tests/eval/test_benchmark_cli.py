@@ -1,4 +1,4 @@
-"""`qwen2 eval humaneval|mmlu|asdiv|multilingual|safety`: the shared options and their errors."""
+"""`qwen2 eval humaneval|mmlu|asdiv|ifeval|multilingual|safety`: the shared options and their errors."""
 
 import pytest
 
@@ -12,7 +12,7 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-@pytest.mark.parametrize("name", ["humaneval", "mmlu", "asdiv", "multilingual", "safety"])
+@pytest.mark.parametrize("name", ["humaneval", "mmlu", "asdiv", "ifeval", "multilingual", "safety"])
 def test_every_benchmark_takes_the_shared_options(name, tmp_path):
     args = parse(["eval", name, "--limit", "7", "--seed", "3", "--json", str(tmp_path / "r.json"), "--model", "m.gguf"])
     assert (args.limit, args.seed, args.json, args.model) == (7, 3, tmp_path / "r.json", "m.gguf")
@@ -22,7 +22,7 @@ def test_an_unknown_eval_lists_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         parse(["eval", "gsm8k"])
     err = capsys.readouterr().err
-    assert all(name in err for name in ("humaneval", "mmlu", "asdiv", "multilingual", "safety"))
+    assert all(name in err for name in ("humaneval", "mmlu", "asdiv", "ifeval", "multilingual", "safety"))
 
 
 def test_an_unknown_humaneval_format_lists_the_valid_ones(capsys):
