@@ -152,14 +152,14 @@ class RewardTrainer(AlignTrainer):
                       "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item()}
 
     def evaluate(self) -> dict:
-        """Held-out accuracy (chosen scored above rejected), mean margin and loss."""
+        """Held-out accuracy (chosen scored above rejected, ties half), its interval, mean margin and loss."""
         chosen, rejected = [], []
         for i in range(0, len(self.heldout_pairs), 2 * self.config.batch_size):
             c, r = self.scores(self.heldout_pairs[i: i + 2 * self.config.batch_size])
             chosen.append(c)
             rejected.append(r)
         chosen, rejected = torch.cat(chosen), torch.cat(rejected)
-        right = int((chosen > rejected).sum())
+        right = float((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())  # a tie is a coin toss
         low, high = wilson(right, len(chosen))
         return {"accuracy": right / len(chosen), "accuracy_low": low, "accuracy_high": high,
                 "margin": (chosen - rejected).mean().item(), "loss": bradley_terry(chosen, rejected).item()}

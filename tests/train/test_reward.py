@@ -76,6 +76,7 @@ def test_training_separates_chosen_from_rejected_on_held_out_pairs(tiny_hf, tmp_
     rows = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_accuracy"] == 1.0 and rows[-1]["eval_margin"] > rows[0]["eval_margin"]
     assert 0 < rows[-1]["eval_accuracy_low"] < 1.0 == rows[-1]["eval_accuracy_high"]  # Wilson, 2 held-out pairs
+    assert rows[0]["eval_accuracy"] == 0.5 and rows[0]["eval_loss"] == pytest.approx(math.log(2))  # ties at zero
     model, _ = load_reward_model(tmp_path / "rm")
     (pair,) = trainer.heldout_pairs[:1]
     with torch.no_grad():
