@@ -1,10 +1,12 @@
-"""`qwen2 data reject-sample` and `qwen2 data exec-feedback`: SFT and preference data from the
-model's own samples (see synth.py for what is kept and what is written).
+"""`qwen2 data reject-sample`, `exec-feedback` and `instruct-feedback`: SFT and preference data from
+the model's own samples (see synth.py and instruct_feedback.py for what is kept and what is written).
 
     qwen2 data reject-sample --out DIR [--k 4] [--limit N] [--temperature 0.8] [--max-tokens 384] [--seed 0]
         [--model M ...]
     qwen2 data exec-feedback --out DIR [--k 4] [--limit N] [--temperature 0.8] [--max-tokens 512] [--timeout 10]
         [--seed 0] [--model M ...]
+    qwen2 data instruct-feedback --out DIR [--prompts FILE | --prompt-seed 0] [--k 4] [--limit N] [--temperature 0.8]
+        [--max-tokens 512] [--seed 0] [--model M ...]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from qwen2.options import add_engine_options, add_model_options, engine_options,
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="automated alignment data: rejection sampling (maths), execution "
-                                 "feedback (code)")
+                                 "feedback (code, instruction following)")
     sub = data.add_subparsers(dest="data_command", required=True)
     p = sub.add_parser("reject-sample", help="k solutions per ASDiv problem; correct ones become SFT data, correct "
                        "vs wrong preference pairs")
@@ -33,6 +35,14 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run (default %(default)s)")
     add_unsafe_exec(p)
     p.set_defaults(func=run)
+    p = sub.add_parser("instruct-feedback", help="k replies per prompt with checkable instructions (\"at most 50 "
+                       "words\"); replies meeting all become SFT data, meeting vs failing preference pairs")
+    p.add_argument("--prompts", type=Path, help="JSONL, a line each: {\"prompt\": task, \"constraints\": [{\"kind\": "
+                   "id, ...parameters}]} (default: alpaca tasks that qwen2 eval ifeval does not use, with drawn "
+                   "constraints)")
+    p.add_argument("--prompt-seed", type=int, default=0, help="the built-in set's constraints (default 0)")
+    _common(p, max_tokens=512)
+    p.set_defaults(func=run_instruct)
 
 
 def _common(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -117,3 +127,32 @@ def run(args: argparse.Namespace) -> None:
                           kept=kept, kept_fraction=round(kept / len(records), 4) if records else 0.0,
                           rejected=sum(v is False for v in verdicts), sft=len(sft), pairs=len(pairs),
                           seconds=round(time.perf_counter() - start, 1), **({"sandbox": sandbox} if code else {}))))
+
+
+def run_instruct(args: argparse.Namespace) -> None:
+    from qwen2.loading import load
+    from qwen2.train import instruct_feedback, synth
+
+    _check(args)
+    items, source = instruct_feedback.prompts(args.prompts, args.prompt_seed)
+    items = items[: args.limit]
+    settings = dict(model=str(args.model or "default"),
+                    **{k: v for k, v in model_options(args).items() if k != "model"},
+                    temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, **source)
+    ids = [f"{item['id']}#{s}" for item in items for s in range(args.k)]
+    results = _results(args, settings)
+    start = time.perf_counter()
+    todo = sum(key not in results for key in ids)
+    if todo:
+        llm = load(**model_options(args), **engine_options(args))
+        instruct_feedback.sample(llm, items, results, args.k, args.temperature, args.max_tokens, args.seed)
+    groups = instruct_feedback.groups(items, results.ordered(ids))
+    sft, pairs = synth.sft_and_pairs(groups)
+    synth.write_jsonl(args.out / "sft.jsonl", sft)
+    synth.write_jsonl(args.out / "pairs.jsonl", pairs)
+    verdicts = [verdict for _, samples in groups for _, verdict in samples]
+    kept = sum(verdicts)
+    print(json.dumps(dict(out=str(args.out), prompts=len(items), samples=len(verdicts), sampled_now=todo, kept=kept,
+                          kept_fraction=round(kept / len(verdicts), 4) if verdicts else 0.0,
+                          rejected=len(verdicts) - kept, sft=len(sft), pairs=len(pairs),
+                          seconds=round(time.perf_counter() - start, 1), source=source["source"])))
