@@ -5,7 +5,8 @@ The reward is a reward model's score (--reward-model, a folder `qwen2 train rm` 
 --reward verifier, an automatic check as the report's execution feedback: 1 when the reply
 passes, 0 when it does not. What is checked comes with each prompt record: `answer` (the reply
 must state that final answer: "The answer is N" or \boxed{N}, as `qwen2 data reject-sample`
-keeps) and/or `constraints` (instruction constraints, qwen2.eval.instructions).
+keeps) and/or `constraints` (instruction constraints, qwen2.eval.instructions: the prompt asks for
+them in words, and a reply must meet every one, strictly, as `qwen2 data instruct-feedback` keeps).
 
 Sampling runs through the engine (qwen2.engine) built once over the training model object
 itself, so every step samples from the live weights (LoRA adapters included) with nothing
@@ -27,6 +28,7 @@ import torch
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import DataError, OptionError
+from qwen2.eval.instructions import verdicts
 from qwen2.eval.stats import wilson
 from qwen2.train.align import check_tokenizer
 from qwen2.train.dpo import DPOTrainer
@@ -39,7 +41,7 @@ def verified(check: dict, reply: str) -> bool:
     """True when the reply states the gold answer and meets every instruction constraint given."""
     if "answer" in check and math_verdict(reply, str(check["answer"])) is not True:
         return False
-    return True
+    return all(verdicts(reply, check.get("constraints", [])))
 
 
 class OnlineDPOTrainer(DPOTrainer):

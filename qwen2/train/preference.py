@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from qwen2.errors import DataError, TokenizerError
+from qwen2.eval.instructions import prompt_text, validate
 from qwen2.tokenizer import Tokenizer
 from qwen2.train.data import DataReport, Row, Sample, collate, read_records, to_messages
 
@@ -131,7 +132,8 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: s
                  max_prompt_len: int | None = None) -> tuple[list[Pair], DataReport]:
     """The prompts of a file in any of the shapes above (chosen and rejected not needed), as
     pairs whose replies are still to be sampled (online DPO), with what a verifier can check of
-    their replies: a gold `answer` (a number or a string) or instruction `constraints`."""
+    their replies: a gold `answer` (a number or a string) or instruction `constraints`
+    (qwen2.eval.instructions), whose sentences are appended to the last turn."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no such prompt file: {path}")
@@ -140,7 +142,11 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: s
         try:
             if isinstance(record, str):
                 raise ValueError(record)
-            _, ids = render_prompt(tokenizer, prompt_messages(record))
+            messages = prompt_messages(record)
+            if "constraints" in record:  # asked for in words, as `qwen2 data instruct-feedback` asks
+                last = messages[-1]
+                messages[-1] = {**last, "content": prompt_text(last["content"], validate(record["constraints"]))}
+            _, ids = render_prompt(tokenizer, messages)
             check_prompt(ids, max_len, max_prompt_len)
         except (ValueError, KeyError, TypeError, TokenizerError) as e:
             if on_bad == "error":

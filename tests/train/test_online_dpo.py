@@ -10,6 +10,7 @@ import torch
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import DataError
+from qwen2.eval.instructions import render
 from qwen2.train.align import AlignConfig
 from qwen2.train.online_dpo import OnlineDPOTrainer, verified
 from qwen2.train.reward import RewardModel, save_hf, score
@@ -103,3 +104,23 @@ def test_verifier_online_dpo_refuses_a_prompt_with_nothing_to_check(tiny_hf, tmp
                          reward="verifier", max_len=64, device="cpu", bf16=False, progress=False)
     with pytest.raises(DataError, match=r"problems.jsonl:2 has neither"):
         OnlineDPOTrainer(config)
+
+
+def test_the_verifier_checks_instruction_constraints_the_prompt_asks_for(tiny_hf, tmp_path):
+    lower = [{"kind": "case:lower"}, {"kind": "punctuation:no_comma"}]
+    assert verified({"constraints": lower}, "all lower case and no commas here")
+    assert not verified({"constraints": lower}, "all lower case, but a comma")
+    assert not verified({"constraints": lower, "answer": 3}, "no stated answer")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "Describe the sea.", "constraints": lower}) + "\n" +
+                    json.dumps({"prompt": "Describe the sky.", "constraints": [{"kind": "case:loud"}]}) + "\n")
+    config = AlignConfig(data=str(data), out=str(tmp_path / "out"), task="online-dpo", model=str(tiny_hf),
+                         reward="verifier", max_len=64, device="cpu", bf16=False, progress=False)
+    with pytest.raises(DataError, match=r"prompts.jsonl:2.*unknown kind 'case:loud'"):
+        OnlineDPOTrainer(config)
+    config.on_bad_sample = "skip"
+    trainer = OnlineDPOTrainer(config)
+    (prompt,) = trainer.train_pairs
+    asked = trainer.tokenizer.decode(prompt.prompt)
+    assert "Describe the sea." in asked and all(render(c) in asked for c in lower)
+    assert prompt.check == {"constraints": lower}
