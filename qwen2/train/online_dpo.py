@@ -2,11 +2,13 @@
 per prompt, a reward scores them, and the best and the worst form a DPO pair.
 
 The reward is a reward model's score (--reward-model, a folder `qwen2 train rm` wrote) or, with
---reward verifier, an automatic check as the report's execution feedback: 1 when the reply
-passes, 0 when it does not. What is checked comes with each prompt record: `answer` (the reply
-must state that final answer: "The answer is N" or \boxed{N}, as `qwen2 data reject-sample`
-keeps) and/or `constraints` (instruction constraints, qwen2.eval.instructions: the prompt asks for
-them in words, and a reply must meet every one, strictly, as `qwen2 data instruct-feedback` keeps).
+--reward verifier, an automatic check as the report's execution feedback: the share of the
+prompt's checks the reply passes (1 or 0 for an answer alone; partial credit over several
+constraints, so fewer prompts see all their samples tie). What is checked comes with each prompt
+record: `answer` (the reply must state that final answer: "The answer is N" or \boxed{N}, as
+`qwen2 data reject-sample` keeps) and/or `constraints` (instruction constraints,
+qwen2.eval.instructions: the prompt asks for them in words, each judged strictly, as
+`qwen2 data instruct-feedback` judges).
 
 Sampling runs through the engine (qwen2.engine) built once over the training model object
 itself, so every step samples from the live weights (LoRA adapters included) with nothing
@@ -37,11 +39,15 @@ from qwen2.train.reward import load_reward_model, score
 from qwen2.train.synth import math_verdict
 
 
+def checks(check: dict, reply: str) -> list[bool]:
+    """One verdict per thing checked: the stated answer, then each instruction constraint."""
+    answer = [math_verdict(reply, str(check["answer"])) is True] if "answer" in check else []
+    return answer + verdicts(reply, check.get("constraints", []))
+
+
 def verified(check: dict, reply: str) -> bool:
     """True when the reply states the gold answer and meets every instruction constraint given."""
-    if "answer" in check and math_verdict(reply, str(check["answer"])) is not True:
-        return False
-    return all(verdicts(reply, check.get("constraints", [])))
+    return all(checks(check, reply))
 
 
 class OnlineDPOTrainer(DPOTrainer):
@@ -91,8 +97,9 @@ class OnlineDPOTrainer(DPOTrainer):
 
     def rewards(self, prompt: Pair, replies: list[tuple[list[int], bool]]) -> torch.Tensor:
         if self.reward_model is None:
-            r = torch.tensor([float(verified(prompt.check, self.tokenizer.decode(tokens, skip_special_tokens=True)))
-                              for tokens, _ in replies], device=self.device)
+            passed = [checks(prompt.check, self.tokenizer.decode(tokens, skip_special_tokens=True))
+                      for tokens, _ in replies]
+            r = torch.tensor([sum(p) / len(p) for p in passed], device=self.device)
         else:
             with torch.no_grad():
                 r = score(self.reward_model, [prompt.prompt + tokens for tokens, _ in replies], self.pad)

@@ -12,7 +12,7 @@ from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import DataError
 from qwen2.eval.instructions import render
 from qwen2.train.align import AlignConfig
-from qwen2.train.online_dpo import OnlineDPOTrainer, verified
+from qwen2.train.online_dpo import OnlineDPOTrainer, checks, verified
 from qwen2.train.reward import RewardModel, save_hf, score
 
 END_ID = 151645  # <|im_end|>
@@ -111,6 +111,7 @@ def test_the_verifier_checks_instruction_constraints_the_prompt_asks_for(tiny_hf
     assert verified({"constraints": lower}, "all lower case and no commas here")
     assert not verified({"constraints": lower}, "all lower case, but a comma")
     assert not verified({"constraints": lower, "answer": 3}, "no stated answer")
+    assert checks({"constraints": lower, "answer": 3}, "the answer is 3, i think") == [True, True, False]
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "Describe the sea.", "constraints": lower}) + "\n" +
                     json.dumps({"prompt": "Describe the sky.", "constraints": [{"kind": "case:loud"}]}) + "\n")
@@ -124,3 +125,6 @@ def test_the_verifier_checks_instruction_constraints_the_prompt_asks_for(tiny_hf
     asked = trainer.tokenizer.decode(prompt.prompt)
     assert "Describe the sea." in asked and all(render(c) in asked for c in lower)
     assert prompt.check == {"constraints": lower}
+    texts = ("calm and blue", "calm, blue", "Calm, BLUE")
+    replies = [(trainer.tokenizer.encode(text) + [END_ID], True) for text in texts]
+    assert trainer.rewards(prompt, replies).tolist() == [1.0, 0.5, 0.0]  # the share of the checks met
