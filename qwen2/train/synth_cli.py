@@ -1,12 +1,18 @@
 """`qwen2 data reject-sample`, `exec-feedback` and `instruct-feedback`: SFT and preference data from
 the model's own samples (see synth.py and instruct_feedback.py for what is kept and what is written).
 
-    qwen2 data reject-sample --out DIR [--k 4] [--limit N] [--temperature 0.8] [--max-tokens 384] [--seed 0]
-        [--model M ...]
-    qwen2 data exec-feedback --out DIR [--k 4] [--limit N] [--temperature 0.8] [--max-tokens 512] [--timeout 10]
-        [--seed 0] [--model M ...]
+    qwen2 data reject-sample --out DIR (--problems FILE | --source gsm-symbolic [--lang eng,zho] [--variants 1]
+        | --source asdiv) [--k 4] [--limit N] [--temperature 0.8] [--max-tokens 384] [--seed 0] [--model M ...]
+    qwen2 data exec-feedback --out DIR (--problems FILE | --source humaneval) [--k 4] [--limit N]
+        [--temperature 0.8] [--max-tokens 512] [--timeout 10] [--seed 0] [--model M ...]
     qwen2 data instruct-feedback --out DIR [--prompts FILE | --prompt-seed 0] [--k 4] [--limit N] [--temperature 0.8]
         [--max-tokens 512] [--seed 0] [--model M ...]
+
+The problems are named, never implied: the user's own (--problems, qwen2.train.problems), or a
+built-in source. ASDiv and HumanEval are the sets `qwen2 eval asdiv|humaneval` report, so a
+model trained on data from them has those scores contaminated: they need --source, which the
+run's settings record (`contaminates`) and a warning repeats. GSM-Symbolic templates (instantiated
+with new numbers and names, --seed choosing them) are mgsm's problems: recorded and noted the same way.
 """
 
 from __future__ import annotations
@@ -25,12 +31,22 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="automated alignment data: rejection sampling (maths), execution "
                                  "feedback (code, instruction following)")
     sub = data.add_subparsers(dest="data_command", required=True)
-    p = sub.add_parser("reject-sample", help="k solutions per ASDiv problem; correct ones become SFT data, correct "
+    p = sub.add_parser("reject-sample", help="k solutions per maths problem; correct ones become SFT data, correct "
                        "vs wrong preference pairs")
+    p.add_argument("--problems", type=Path, help="your problems, JSONL: {\"question\", \"answer\": number or text"
+                   "[, \"id\"]} a line")
+    p.add_argument("--source", choices=("gsm-symbolic", "asdiv"), help="built-in problems instead: gsm-symbolic "
+                   "(GSM8K templates with new numbers: mgsm's problems), asdiv (the asdiv eval's own test set)")
+    p.add_argument("--lang", help="gsm-symbolic languages, comma-separated (default: MGSM's eleven)")
+    p.add_argument("--variants", type=int, help="gsm-symbolic instances per template, seeds seed.. (default 1)")
     _common(p, max_tokens=384)
     p.set_defaults(func=run)
-    p = sub.add_parser("exec-feedback", help="k programs per HumanEval problem run against its tests in a sandbox; "
+    p = sub.add_parser("exec-feedback", help="k programs per problem run against its tests in a sandbox; "
                        "passing ones become SFT data, passing vs failing preference pairs")
+    p.add_argument("--problems", type=Path, help="your problems, JSONL: {\"prompt\": task, \"tests\": asserts} "
+                   "or HumanEval's fields a line")
+    p.add_argument("--source", choices=("humaneval",), help="built-in problems instead: humaneval (the humaneval "
+                   "eval's own problems)")
     _common(p, max_tokens=512)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run (default %(default)s)")
     add_unsafe_exec(p)
@@ -49,7 +65,8 @@ def _common(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for samples.jsonl (resumable), sft.jsonl and "
                    "pairs.jsonl")
     p.add_argument("--k", type=int, default=4, help="samples per problem (default %(default)s)")
-    p.add_argument("--limit", type=int, help="only the first N problems (default: all)")
+    p.add_argument("--limit", type=int, help="only the first N problems (per language for gsm-symbolic; default: "
+                   "all)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens per sample (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample s of every problem uses seed + s (default 0)")
@@ -90,19 +107,20 @@ def _results(args: argparse.Namespace, settings: dict):
 
 
 def run(args: argparse.Namespace) -> None:
-    from qwen2.eval import asdiv, humaneval
+    from qwen2.eval import humaneval
     from qwen2.eval.sandbox import Limits
     from qwen2.loading import load
     from qwen2.train import synth
 
     _check(args)
     code = args.data_command == "exec-feedback"
+    problems, source, skipped = _problems(args)
+    verdict = synth.math_verdict if source["source"] == "asdiv" else synth.answer_verdict
     settings = dict(model=str(args.model or "default"),
                     **{k: v for k, v in model_options(args).items() if k != "model"},
-                    temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+                    temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, **source)
     if code:
         settings["timeout"] = args.timeout
-    problems = (humaneval.problems() if code else asdiv.problems())[: args.limit]
     sandbox = humaneval.sandbox_level(args.unsafe_exec) if code else None
     ids = [f"{p['task_id' if code else 'id']}#{s}" for p in problems for s in range(args.k)]
     results = _results(args, settings)
@@ -115,18 +133,53 @@ def run(args: argparse.Namespace) -> None:
             humaneval.run(llm, problems, results, "chat", args.k, args.temperature, args.max_tokens, args.seed, limits,
                           args.unsafe_exec)
         else:
-            synth.reject_sample(llm, problems, results, args.k, args.temperature, args.max_tokens, args.seed)
+            synth.reject_sample(llm, problems, results, args.k, args.temperature, args.max_tokens, args.seed, verdict)
     records = results.ordered(ids)
-    groups = synth.code_groups(problems, records) if code else synth.math_groups(problems, records)
+    groups = synth.code_groups(problems, records) if code else synth.math_groups(problems, records, verdict)
     sft, pairs = synth.sft_and_pairs(groups)
     synth.write_jsonl(args.out / "sft.jsonl", sft)
     synth.write_jsonl(args.out / "pairs.jsonl", pairs)
-    verdicts = [r["passed"] if code else synth.math_verdict(r["reply"], r["answer"]) for r in records]
+    verdicts = [r["passed"] if code else verdict(r["reply"], r["answer"]) for r in records]
     kept = sum(v is True for v in verdicts)
     print(json.dumps(dict(out=str(args.out), problems=len(problems), samples=len(records), sampled_now=todo,
                           kept=kept, kept_fraction=round(kept / len(records), 4) if records else 0.0,
                           rejected=sum(v is False for v in verdicts), sft=len(sft), pairs=len(pairs),
-                          seconds=round(time.perf_counter() - start, 1), **({"sandbox": sandbox} if code else {}))))
+                          seconds=round(time.perf_counter() - start, 1), **({"sandbox": sandbox} if code else {}),
+                          **({"templates_skipped": dict(skipped)} if skipped else {}))))
+
+
+def _problems(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
+    """The problems --problems or --source names, what the settings record of them, and (for
+    gsm-symbolic) the templates left out by reason."""
+    import hashlib
+    import sys
+
+    from qwen2.eval import asdiv, humaneval, mgsm
+    from qwen2.train import gsm_symbolic
+    from qwen2.train.problems import code_problems, math_problems
+
+    code = args.data_command == "exec-feedback"
+    if (args.problems is None) == (args.source is None):
+        raise OptionError("name the problems: --problems FILE (your own) or --source "
+                          f"{'humaneval' if code else 'gsm-symbolic|asdiv'}, not both")
+    if not code and args.source != "gsm-symbolic" and (args.lang or args.variants):
+        raise OptionError("--lang and --variants choose gsm-symbolic problems; add --source gsm-symbolic")
+    if args.problems is not None:
+        found = code_problems(args.problems) if code else math_problems(args.problems)
+        sha256 = hashlib.sha256(args.problems.read_bytes()).hexdigest()
+        return found[: args.limit], dict(source=str(args.problems), sha256=sha256), {}
+    if args.source == "gsm-symbolic":
+        if args.variants is not None and args.variants < 1:
+            raise OptionError(f"--variants must be at least 1, got {args.variants}")
+        langs, variants = mgsm.language_list(args.lang), args.variants or 1
+        found, skipped = gsm_symbolic.problems(langs, args.seed, variants, args.limit)
+        print("# note: GSM-Symbolic's templates are the problems qwen2 eval mgsm asks (with new numbers), so a model "
+              "trained on this data has seen them", file=sys.stderr)
+        return found, dict(source="gsm-symbolic", langs=langs, variants=variants, contaminates="mgsm"), skipped
+    print(f"# warning: --source {args.source} samples the {args.source} eval's own problems; a model trained on this "
+          f"data has its qwen2 eval {args.source} score contaminated", file=sys.stderr)
+    found = humaneval.problems() if code else asdiv.problems()
+    return found[: args.limit], dict(source=args.source, contaminates=args.source), {}
 
 
 def run_instruct(args: argparse.Namespace) -> None:
