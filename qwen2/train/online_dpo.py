@@ -87,7 +87,10 @@ class OnlineDPOTrainer(DPOTrainer):
         self.engine.clear_prefix_cache()
         params = [SamplingParams(max_tokens=self.config.max_new_tokens, temperature=temperature,
                                  seed=seed + 1000 * i + j) for i in range(len(prompts)) for j in range(n)]
-        done = [r for r, _ in self.engine.run_all([p for p in prompts for _ in range(n)], params)]
+        # the engine's KV cache holds the weights' dtype: bf16 autocast (the training steps' and the
+        # held-out evaluation's) would write keys of another dtype into it
+        with torch.autocast(self.device.type, enabled=False):
+            done = [r for r, _ in self.engine.run_all([p for p in prompts for _ in range(n)], params)]
         self.model.train(training)
         failed = [r.failed_in for r in done if r.finish_reason == "error"]
         if failed:

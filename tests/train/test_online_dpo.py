@@ -86,7 +86,7 @@ def test_verifier_online_dpo_pairs_a_verified_reply_with_a_failed_one(tiny_hf, t
     data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": i + 1}) + "\n" for i in range(4)))
     config = AlignConfig(data=str(data), out=str(tmp_path / "out"), task="online-dpo", model=str(tiny_hf),
                          reward="verifier", samples=2, max_new_tokens=4, lora_rank=4, steps=1, lr=1e-2,
-                         heldout=0.25, max_len=64, device="cpu", bf16=False, progress=False)
+                         heldout=0.25, max_len=64, device="cpu", bf16=True, progress=False)  # as on real CPUs
     trainer = OnlineDPOTrainer(config)
     prompt = trainer.train_pairs[0]
     right, wrong = (trainer.tokenizer.encode(f"The answer is {n}.") + [END_ID] for n in (prompt.check["answer"], 99))
