@@ -36,12 +36,12 @@ from qwen2.train.align import check_tokenizer
 from qwen2.train.dpo import DPOTrainer
 from qwen2.train.preference import Pair, load_prompts, split
 from qwen2.train.reward import load_reward_model, score
-from qwen2.train.synth import math_verdict
+from qwen2.train.synth import answer_verdict
 
 
 def checks(check: dict, reply: str) -> list[bool]:
     """One verdict per thing checked: the stated answer, then each instruction constraint."""
-    answer = [math_verdict(reply, str(check["answer"])) is True] if "answer" in check else []
+    answer = [answer_verdict(reply, check["answer"]) is True] if "answer" in check else []
     return answer + verdicts(reply, check.get("constraints", []))
 
 

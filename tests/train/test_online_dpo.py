@@ -76,7 +76,9 @@ def test_a_run_logs_dpo_metrics_and_the_sample_reward(trainer):
 
 def test_the_verifier_rewards_a_reply_that_states_the_gold_answer():
     assert verified({"answer": 12}, "3 * 4 = 12. The answer is 12.")
-    assert verified({"answer": "12 apples"}, "So the answer is $\\boxed{12}$")
+    assert verified({"answer": "1,200"}, "So the answer is $\\boxed{1200}$")  # a number, however written
+    assert verified({"answer": "Paris"}, "The answer is paris.")
+    assert not verified({"answer": "Paris"}, "The answer is Rome.")
     assert not verified({"answer": 12}, "3 * 4 = 13. The answer is 13.")
     assert not verified({"answer": 12}, "3 * 4 = 12")  # stated nowhere: may have been cut off
 
