@@ -95,6 +95,22 @@ def _check(args: argparse.Namespace) -> None:
         raise OptionError(f"--out {args.out} is a file; give a folder")
 
 
+def _settings(args: argparse.Namespace, **source) -> dict:
+    """What a run's samples depend on: samples.jsonl's first line, so a rerun resumes only its own run."""
+    return dict(model=str(args.model or "default"), **{k: v for k, v in model_options(args).items() if k != "model"},
+                temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, **source)
+
+
+def _write_data(out: Path, groups: list) -> tuple[int, int]:
+    """sft.jsonl and pairs.jsonl rebuilt from every sample's verdict; their row counts."""
+    from qwen2.train import synth
+
+    sft, pairs = synth.sft_and_pairs(groups)
+    synth.write_jsonl(out / "sft.jsonl", sft)
+    synth.write_jsonl(out / "pairs.jsonl", pairs)
+    return len(sft), len(pairs)
+
+
 def _results(args: argparse.Namespace, settings: dict):
     from qwen2.eval.harness import Results
 
@@ -116,11 +132,7 @@ def run(args: argparse.Namespace) -> None:
     code = args.data_command == "exec-feedback"
     problems, source, skipped = _problems(args)
     verdict = synth.math_verdict if source["source"] == "asdiv" else synth.answer_verdict
-    settings = dict(model=str(args.model or "default"),
-                    **{k: v for k, v in model_options(args).items() if k != "model"},
-                    temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, **source)
-    if code:
-        settings["timeout"] = args.timeout
+    settings = _settings(args, **source, **({"timeout": args.timeout} if code else {}))
     sandbox = humaneval.sandbox_level(args.unsafe_exec) if code else None
     ids = [f"{p['task_id' if code else 'id']}#{s}" for p in problems for s in range(args.k)]
     results = _results(args, settings)
@@ -136,14 +148,12 @@ def run(args: argparse.Namespace) -> None:
             synth.reject_sample(llm, problems, results, args.k, args.temperature, args.max_tokens, args.seed, verdict)
     records = results.ordered(ids)
     groups = synth.code_groups(problems, records) if code else synth.math_groups(problems, records, verdict)
-    sft, pairs = synth.sft_and_pairs(groups)
-    synth.write_jsonl(args.out / "sft.jsonl", sft)
-    synth.write_jsonl(args.out / "pairs.jsonl", pairs)
+    sft, pairs = _write_data(args.out, groups)
     verdicts = [r["passed"] if code else verdict(r["reply"], r["answer"]) for r in records]
     kept = sum(v is True for v in verdicts)
     print(json.dumps(dict(out=str(args.out), problems=len(problems), samples=len(records), sampled_now=todo,
                           kept=kept, kept_fraction=round(kept / len(records), 4) if records else 0.0,
-                          rejected=sum(v is False for v in verdicts), sft=len(sft), pairs=len(pairs),
+                          rejected=sum(v is False for v in verdicts), sft=sft, pairs=pairs,
                           seconds=round(time.perf_counter() - start, 1), **({"sandbox": sandbox} if code else {}),
                           **({"templates_skipped": dict(skipped)} if skipped else {}))))
 
@@ -184,14 +194,12 @@ def _problems(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
 
 def run_instruct(args: argparse.Namespace) -> None:
     from qwen2.loading import load
-    from qwen2.train import instruct_feedback, synth
+    from qwen2.train import instruct_feedback
 
     _check(args)
     items, source = instruct_feedback.prompts(args.prompts, args.prompt_seed)
     items = items[: args.limit]
-    settings = dict(model=str(args.model or "default"),
-                    **{k: v for k, v in model_options(args).items() if k != "model"},
-                    temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, **source)
+    settings = _settings(args, **source)
     ids = [f"{item['id']}#{s}" for item in items for s in range(args.k)]
     results = _results(args, settings)
     start = time.perf_counter()
@@ -200,12 +208,10 @@ def run_instruct(args: argparse.Namespace) -> None:
         llm = load(**model_options(args), **engine_options(args))
         instruct_feedback.sample(llm, items, results, args.k, args.temperature, args.max_tokens, args.seed)
     groups = instruct_feedback.groups(items, results.ordered(ids))
-    sft, pairs = synth.sft_and_pairs(groups)
-    synth.write_jsonl(args.out / "sft.jsonl", sft)
-    synth.write_jsonl(args.out / "pairs.jsonl", pairs)
+    sft, pairs = _write_data(args.out, groups)
     verdicts = [verdict for _, samples in groups for _, verdict in samples]
     kept = sum(verdicts)
     print(json.dumps(dict(out=str(args.out), prompts=len(items), samples=len(verdicts), sampled_now=todo, kept=kept,
                           kept_fraction=round(kept / len(verdicts), 4) if verdicts else 0.0,
-                          rejected=len(verdicts) - kept, sft=len(sft), pairs=len(pairs),
+                          rejected=len(verdicts) - kept, sft=sft, pairs=pairs,
                           seconds=round(time.perf_counter() - start, 1), source=source["source"])))
