@@ -143,8 +143,8 @@ def add_benchmarks(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def _interval(ci: list[float]) -> str:
-    return f"{ci[0]:g} to {ci[1]:g}"
+def _interval(ci: list[float] | None) -> str:
+    return "-" if ci is None else f"{ci[0]:g} to {ci[1]:g}"
 
 
 def add_unsafe_exec(p: argparse.ArgumentParser) -> None:
@@ -470,10 +470,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
         result = compare(a["results"], b["results"])
     except ValueError as e:
         raise OptionError(str(e)) from None
+    by = breakdown(a["results"], b["results"])
     print(f"## {a['eval']}: B ({args.b}) - A ({args.a})\n")
     print(markdown_table(["items", "A %", "B %", "B - A", "95% interval", "p", "test"],
                          [[result["items"], result["a"], result["b"], result["difference"], _interval(result["ci95"]),
                            result["p"], result["test"]]]))
+    for name, groups in by.items():
+        print("\n" + markdown_table([name, "items", "A %", "B %", "B - A", "95% interval", "p", "test"],
+                                    [[group, r["items"], r["a"], r["b"], r["difference"], _interval(r["ci95"]), r["p"],
+                                      r["test"]] for group, r in groups.items()]))
+    if by:
+        print("\n(p per group, not corrected for the number of groups)")
     if args.json:
-        write_text_atomically(args.json, json.dumps({"eval": a["eval"], "a": str(args.a), "b": str(args.b)} | result,
-                                                    indent=1))
+        write_text_atomically(args.json, json.dumps({"eval": a["eval"], "a": str(args.a), "b": str(args.b)} | result
+                                                    | {"by": by}, indent=1))

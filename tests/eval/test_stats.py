@@ -6,7 +6,16 @@ import math
 import pytest
 
 from qwen2.cli import main
-from qwen2.eval.stats import bootstrap_ci, compare, mcnemar_exact, paired_bootstrap, wilson
+from qwen2.eval.stats import (
+    block_bootstrap_ci,
+    bootstrap_ci,
+    breakdown,
+    compare,
+    mcnemar_exact,
+    paired_bootstrap,
+    share,
+    wilson,
+)
 
 
 def test_wilson_interval_matches_the_formula_and_stays_inside_0_1():
@@ -16,6 +25,21 @@ def test_wilson_interval_matches_the_formula_and_stays_inside_0_1():
     assert wilson(20, 20)[1] == 1.0
     low, high = wilson(150, 300)
     assert math.isclose(high - 0.5, 0.5 - low) and 0.055 < high - 0.5 < 0.057  # about 1.96 * sqrt(.25/300)
+
+
+def test_a_share_is_a_percent_with_its_wilson_interval_and_nothing_for_no_items():
+    assert share(8, 10) == {"percent": 80.0, "ci95": [49.02, 94.33]}
+    assert share(0, 0) == {"percent": None, "ci95": None}
+
+
+def test_a_block_bootstrap_resamples_stretches_not_single_values():
+    alternating = [0.0, 1.0] * 50  # every stretch of two has mean 0.5: resampling stretches cannot move it
+    assert block_bootstrap_ci(alternating, block=2) == (0.5, 0.5)
+    low, high = bootstrap_ci(alternating)
+    assert low < 0.45 and high > 0.55
+    halves = [0.0] * 50 + [1.0] * 50  # two stretches of 50: a resample is 0, 0.5 or 1
+    assert block_bootstrap_ci(halves, block=50) == (0.0, 1.0)
+    assert block_bootstrap_ci([2.0, 2.0, 2.0, 2.0, 2.0], block=2) == (2.0, 2.0)  # a short last block weighs less
 
 
 def test_exact_mcnemar_is_the_two_sided_binomial_test_on_disagreements():
@@ -70,3 +94,41 @@ def test_compare_refuses_runs_of_different_evals(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main(["eval", "compare", str(tmp_path / "a.json"), str(tmp_path / b)])
         assert exit_.value.code != 0 and "error" in capsys.readouterr().err
+
+
+def _by_language(only_a: int, only_b: int, both: int, lang: str) -> tuple[list[dict], list[dict]]:
+    """Records of one language where A alone is right on `only_a` items, B alone on `only_b`, both on `both`."""
+    pattern = [(True, False)] * only_a + [(False, True)] * only_b + [(True, True)] * both
+    a = [{"id": f"{lang}/{i}", "lang": lang, "correct": x} for i, (x, _) in enumerate(pattern)]
+    b = [{"id": f"{lang}/{i}", "lang": lang, "correct": y} for i, (_, y) in enumerate(pattern)]
+    return a, b
+
+
+def test_breakdown_runs_exact_mcnemar_within_each_language(tmp_path, capsys):
+    eng, zho = _by_language(0, 5, 5, "eng"), _by_language(9, 1, 0, "zho")
+    a, b = eng[0] + zho[0], eng[1] + zho[1]
+    by = breakdown(a, b)
+    assert list(by) == ["language"] and list(by["language"]) == ["eng", "zho"]
+    english, chinese = by["language"]["eng"], by["language"]["zho"]
+    assert (english["items"], english["a"], english["b"], english["only_a"], english["only_b"]) == (10, 50.0, 100.0,
+                                                                                                     0, 5)
+    assert english["p"] == pytest.approx(2 / 32) and english["test"] == "exact McNemar"
+    assert chinese["p"] == pytest.approx(2 * 11 / 1024) and chinese["difference"] == -80.0
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, records in zip(paths, (a, b)):
+        path.write_text(json.dumps({"eval": "mgsm", "results": records}))
+    main(["eval", "compare", *map(str, paths), "--json", str(tmp_path / "c.json")])
+    out = capsys.readouterr().out
+    assert "| language | items |" in out and "| eng | 10 | 50 | 100 | 50 |" in out
+    assert json.loads((tmp_path / "c.json").read_text())["by"]["language"]["zho"]["only_a"] == 9
+
+
+def test_breakdown_counts_an_item_in_each_of_its_categories_and_reads_safety_verdicts():
+    a = [{"id": "1#en", "language": "en", "categories": ["Fraud", "Pornography"], "harmful": True},
+         {"id": "2#en", "language": "en", "categories": ["Fraud"], "harmful": False},
+         {"id": "3#en", "language": "en", "categories": [], "harmful": False}]
+    b = [r | {"harmful": False} for r in a]
+    by = breakdown(a, b)
+    assert {k: v["items"] for k, v in by["category"].items()} == {"Fraud": 2, "Pornography": 1}
+    assert by["category"]["Fraud"]["only_a"] == 1 and by["language"]["en"]["a"] == pytest.approx(33.33)
+    assert breakdown([{"id": "q", "correct": True}], [{"id": "q", "correct": False}]) == {}  # nothing to group by
