@@ -441,17 +441,21 @@ def cmd_safety(args: argparse.Namespace) -> None:
     records = results.ordered(f"{p['id']}#{lang}" for p in prompts for lang in langs)
     summary = safety.rates(records)
     summary["judge_agreement"] = safety.agreement(llm, args.agreement_limit)
-    table = markdown_table(["", *summary["languages"]], [["harmful %", *summary["languages"].values()]])
-    table += "\n\n" + markdown_table(["category", "harmful %"], [[k, v] for k, v in summary["categories"].items()])
-    table += "\n\n" + markdown_table(["tag", "harmful %"], [[k, v] for k, v in summary["tags"].items()])
-    table += "\n\n" + markdown_table(["judge agreement with human refusal labels", "%"],
-                                       [[k, v] for k, v in summary["judge_agreement"].items()])
+    table = "\n\n".join(markdown_table([by, "responses", "harmful %", "95% interval"],
+                                        [[k, v["responses"], v["percent"], _interval(v["ci95"])] for k, v in rows])
+                          for by, rows in (("language", [*summary["languages"].items(), ("all", summary["overall"])]),
+                                           ("category", summary["categories"].items()),
+                                           ("tag", summary["tags"].items())))
+    judge = summary["judge_agreement"]
+    table += "\n\n" + markdown_table([f"judge agreement with {judge['labelled']} human refusal labels", "%",
+                                       "95% interval"],
+                                      [[k, judge[k], _interval(ci)] for k, ci in judge["ci95"].items()])
     _finish(args, "safety", settings, summary, time.perf_counter() - start, records, table)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from qwen2.eval.harness import markdown_table
-    from qwen2.eval.stats import compare
+    from qwen2.eval.stats import breakdown, compare
     from qwen2.files import write_text_atomically
 
     runs = []

@@ -1,5 +1,6 @@
 """Multilingual safety: the proportion of harmful responses to MultiJail's prompts, per
-language and per category, with a judge whose agreement with human labels is measured.
+language and per category, each with its Wilson 95% interval, with a judge whose agreement
+with human labels is measured.
 
 MultiJail (315 harmful prompts, human-translated into 10 languages, each tagged with
 Anthropic red-teaming harm tags) is not in any package: the user gives the CSV's path. The
@@ -38,6 +39,7 @@ import numpy as np
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import OptionError
 from qwen2.eval.harness import Results, generate_all, next_token_logprobs
+from qwen2.eval.stats import percent_ci, share, wilson
 from qwen2.pypi import Part, Payload, payload_path
 
 LANGUAGES = ("en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv")
@@ -182,18 +184,19 @@ def threshold(llm) -> float:
 
 def agreement(llm, limit: int | None) -> dict:
     """Percent agreement with the human refusal labels of the held-out half (the first `limit` of
-    its rows): the rules, the model judge, and both (refused if either says so)."""
+    its rows): the rules, the model judge, both (refused if either says so) and a constant
+    "refused", each with its Wilson 95% interval under `ci95` (52 labels leave them wide)."""
     rows = split()[1][:limit]
     cut = threshold(llm)
     scores = judge_scores(llm, {str(i): (r["objective"], r["response"]) for i, r in enumerate(rows)})
     model = [scores[str(i)] > cut for i in range(len(rows))]
     rules = [refused_by_rules(r["response"]) for r in rows]
-
-    def pct(predicted: list[bool]) -> float:
-        return round(100 * sum(p == r["refused"] for p, r in zip(predicted, rows)) / len(rows), 1)
+    judges = dict(rules=rules, model_judge=model, combined=[a or b for a, b in zip(rules, model)],
+                  always_refused=[True] * len(rows))
+    agree = {name: sum(p == r["refused"] for p, r in zip(predicted, rows)) for name, predicted in judges.items()}
     return dict(labelled=len(rows), refused=sum(r["refused"] for r in rows), threshold=round(cut, 3),
-                rules=pct(rules), model_judge=pct(model), combined=pct([a or b for a, b in zip(rules, model)]),
-                always_refused=pct([True] * len(rows)))
+                **{name: round(100 * n / len(rows), 1) for name, n in agree.items()},
+                ci95={name: percent_ci(*wilson(n, len(rows))) for name, n in agree.items()})
 
 
 def run(llm, prompts: list[dict], langs: list[str], results: Results, max_tokens: int) -> None:
@@ -215,12 +218,15 @@ def run(llm, prompts: list[dict], langs: list[str], results: Results, max_tokens
 
 
 def rates(records: list[dict]) -> dict:
-    """Percent harmful per language, per release category and per tag."""
-    def pct(rs: list[dict]) -> float:
-        return round(100 * sum(r["harmful"] for r in rs) / len(rs), 1) if rs else None
-    by_lang = {lang: pct([r for r in records if r["language"] == lang]) for lang in LANGUAGES
+    """Harmful responses overall, per language, per release category and per tag: each the count,
+    the percent and its Wilson 95% interval. A prompt answered in ten languages is ten responses,
+    which the intervals take as independent (they are not quite: one prompt, one model)."""
+    def rate(rs: list[dict]) -> dict:
+        harmful = sum(r["harmful"] for r in rs)
+        return dict(responses=len(rs), harmful=harmful, **share(harmful, len(rs)))
+    by_lang = {lang: rate([r for r in records if r["language"] == lang]) for lang in LANGUAGES
                if any(r["language"] == lang for r in records)}
-    by_category = {c: pct([r for r in records if c in r["categories"]]) for c in CATEGORIES}
+    by_category = {c: rate([r for r in records if c in r["categories"]]) for c in CATEGORIES}
     tags = sorted({t for r in records for t in r["tags"]})
-    by_tag = {t: pct([r for r in records if t in r["tags"]]) for t in tags}
-    return dict(harmful=pct(records), languages=by_lang, categories=by_category, tags=by_tag)
+    by_tag = {t: rate([r for r in records if t in r["tags"]]) for t in tags}
+    return dict(overall=rate(records), languages=by_lang, categories=by_category, tags=by_tag)

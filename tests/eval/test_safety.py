@@ -7,6 +7,7 @@ import pytest
 
 from qwen2.errors import OptionError
 from qwen2.eval import safety
+from qwen2.eval.stats import percent_ci, wilson
 
 MULTIJAIL = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "multijail" / "MultiJail.csv"
 
@@ -59,10 +60,13 @@ def test_rates_per_language_category_and_tag():
                dict(language="en", tags=["Adult content"], categories=["Pornography"], harmful=False),
                dict(language="zh", tags=["Theft"], categories=["Illegal Activity"], harmful=False)]
     rates = safety.rates(records)
-    assert rates["harmful"] == pytest.approx(33.3)
-    assert rates["languages"] == {"en": 50.0, "zh": 0.0}
-    assert rates["categories"]["Illegal Activity"] == 50.0 and rates["categories"]["Fraud"] is None
-    assert rates["tags"] == {"Adult content": 0.0, "Theft": 50.0}
+    # Wilson by hand: 1 of 3 is 6.15% to 79.23%, 1 of 2 is 9.45% to 90.55%, 0 of 1 is 0% to 79.35%
+    assert rates["overall"] == {"responses": 3, "harmful": 1, "percent": 33.33, "ci95": [6.15, 79.23]}
+    assert rates["languages"] == {"en": {"responses": 2, "harmful": 1, "percent": 50.0, "ci95": [9.45, 90.55]},
+                                  "zh": {"responses": 1, "harmful": 0, "percent": 0.0, "ci95": [0.0, 79.35]}}
+    assert rates["categories"]["Illegal Activity"]["ci95"] == [9.45, 90.55]
+    assert rates["categories"]["Fraud"] == {"responses": 0, "harmful": 0, "percent": None, "ci95": None}
+    assert {t: r["percent"] for t, r in rates["tags"].items()} == {"Adult content": 0.0, "Theft": 50.0}
 
 
 def test_a_missing_csv_is_one_clear_error(tmp_path):
@@ -162,6 +166,7 @@ def test_agreement_is_measured_on_the_held_out_half_with_the_calibrated_threshol
     assert result["labelled"] == 52 and result["refused"] == 35 and result["always_refused"] == 67.3
     assert result["model_judge"] == result["rules"] == result["combined"] == rules
     assert result["threshold"] == 0.0
+    assert result["ci95"]["always_refused"] == percent_ci(*wilson(35, 52))
     assert safety.agreement(stub_llm, 10)["labelled"] == 10
 
 
