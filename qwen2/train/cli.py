@@ -4,6 +4,7 @@
         [--batch-size B] [--grad-accum G] [--max-len L] [--pack] [--seed S] [--resume] [--config FILE.toml]
     qwen2 train pretrain --preset NAME --data PATH --out DIR ...
     qwen2 train rm|dpo|online-dpo ...  (preference training, see align_cli.py)
+    qwen2 train recipe RECIPE.toml  (SFT -> data -> reward -> DPO / online DPO -> evals, see recipe.py)
     torchrun --nproc-per-node 2 -m qwen2 train sft ... [--parallel ddp|fsdp]
 
 A TOML config file sets the same keys (underscored: lora_rank = 8); flags given on the
@@ -18,7 +19,7 @@ import json
 from pathlib import Path
 
 from qwen2.errors import OptionError
-from qwen2.train import align_cli
+from qwen2.train import align_cli, recipe
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +40,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     _common(p)
     p.set_defaults(func=run, task="pretrain")
     align_cli.add_arguments(sub)
+    recipe.add_arguments(sub)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
