@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -239,7 +240,7 @@ def _load(args: argparse.Namespace, ctx: int):
 
 def cmd_ppl(args: argparse.Namespace) -> None:
     from qwen2.eval.data import haystack_text
-    from qwen2.eval.perplexity import perplexity, windows
+    from qwen2.eval.perplexity import BLOCK, perplexity_ci, token_nlls
     from qwen2.memory import peak_rss_mib, reset_peak_rss
 
     if args.file == "wiki":
@@ -256,18 +257,20 @@ def cmd_ppl(args: argparse.Namespace) -> None:
     if max(args.windows) > len(ids):
         raise OptionError(f"--ctx {max(args.windows)} is longer than the {len(ids)} tokens to score; "
                          "give a longer file or a larger --max-tokens")
-    print(f"# {args.file}: {len(ids)} tokens\n{'ctx':>7} {'stride':>7} {'scored':>7} {'ppl':>9} {'seconds':>8} "
-          f"{'peak MiB':>9}", flush=True)
+    print(f"# {args.file}: {len(ids)} tokens; 95% intervals resample stretches of {BLOCK} tokens\n{'ctx':>7} "
+          f"{'stride':>7} {'scored':>7} {'ppl':>9} {'95% interval':>20} {'seconds':>8} {'peak MiB':>9}", flush=True)
     rows = []
     for ctx in args.windows:
         stride = args.stride or ctx // 2
-        scored = sum(end - first for _, end, first in windows(len(ids), ctx, stride))
         reset_peak_rss()
         start = time.perf_counter()
-        ppl = perplexity(llm, ids, ctx, stride, chunk=args.prefill_chunk)
-        rows.append(dict(ctx=ctx, stride=stride, scored=scored, ppl=round(ppl, 4),
-                         seconds=round(time.perf_counter() - start, 1), peak_rss_mib=round(peak_rss_mib())))
-        print("".join(f"{v:>{w}}" for v, w in zip(rows[-1].values(), (7, 8, 8, 10, 9, 10))), flush=True)
+        nlls = token_nlls(llm, ids, ctx, stride, chunk=args.prefill_chunk)
+        ci = [round(x, 4) for x in perplexity_ci(nlls)]
+        rows.append(dict(ctx=ctx, stride=stride, scored=len(nlls), ppl=round(math.exp(float(nlls.double().mean())), 4),
+                         ci95=ci, seconds=round(time.perf_counter() - start, 1), peak_rss_mib=round(peak_rss_mib())))
+        r = rows[-1]
+        print(f"{ctx:>7}{stride:>8}{r['scored']:>8}{r['ppl']:>10}{_interval(ci):>21}{r['seconds']:>9}"
+              f"{r['peak_rss_mib']:>10}", flush=True)
     print(json.dumps(dict(eval="ppl", file=args.file, tokens=len(ids), rope_scaling=args.rope_scaling,
                           dca=args.dca, results=rows)))
 

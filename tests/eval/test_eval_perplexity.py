@@ -1,6 +1,7 @@
 """Strided perplexity through the chunked KV-cache forward equals the Hugging Face guide's loop
 (one full forward per window, cross-entropy over the tokens the window scores)."""
 
+import json
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen2.errors import OptionError
-from qwen2.eval.perplexity import mean_nll, perplexity, windows
+from qwen2.eval.perplexity import mean_nll, perplexity, perplexity_ci, token_nlls, windows
 from qwen2.model import Transformer
 from tests.conftest import tiny_config
 
@@ -77,3 +78,23 @@ def test_rejects_ctx_beyond_the_context_limit(model, ids):
         perplexity(model, ids.tolist(), 1024)
     with pytest.raises(OptionError, match="stride must be between 1 and the window length 64, got 65"):
         perplexity(model, ids.tolist(), 64, stride=65)
+
+
+def test_token_nlls_are_the_scored_tokens_and_bound_the_perplexity(model, ids):
+    nlls = token_nlls(model, ids.tolist(), 64, 32)
+    assert len(nlls) == sum(end - first for _, end, first in windows(len(ids), 64, 32)) == 449
+    assert float(nlls.double().mean()) == pytest.approx(mean_nll(model, ids.tolist(), 64, 32), rel=1e-6)
+    low, high = perplexity_ci(nlls, block=64)
+    assert low < perplexity(model, ids.tolist(), 64, 32) < high
+    assert perplexity_ci(torch.full((100,), 2.0), block=10) == pytest.approx((math.exp(2), math.exp(2)))
+
+
+def test_the_ppl_command_reports_each_window_length_with_its_interval(tiny_hf, tmp_path, capsys):
+    from qwen2.cli import main
+
+    (tmp_path / "t.txt").write_text("".join(f"Line {i}: the quick brown fox jumps over dog {i * 7}.\n"
+                                            for i in range(200)))
+    main(["eval", "ppl", str(tmp_path / "t.txt"), "--model", str(tiny_hf), "--ctx", "128,256", "--max-tokens", "1536"])
+    rows = json.loads(capsys.readouterr().out.splitlines()[-1])["results"]
+    assert [r["ctx"] for r in rows] == [128, 256] and all(r["scored"] == 1535 for r in rows)
+    assert all(r["ci95"][0] < r["ppl"] < r["ci95"][1] for r in rows)  # three stretches of 512 tokens
