@@ -11,6 +11,7 @@ import pytest
 
 from qwen2.cli import main
 from qwen2.train import instruct_feedback
+from qwen2.train.recipe import plan
 
 NEVER_MET = [{"kind": "keywords:include", "words": ["zzqxv"]}]  # no reply of the tiny model's holds the word
 ALWAYS_MET = [{"kind": "keywords:exclude", "words": ["zzqxv"]}]
@@ -165,6 +166,24 @@ def test_the_data_commands_problems_become_checkable_prompts_and_their_pairs_one
         assert read_jsonl(out / "02-data" / command / "samples.jsonl")[0]["settings"]["model"] == str(tiny_hf)
     pairs = sum((read_jsonl(out / "02-data" / c / "pairs.jsonl") for c in ("instruct-feedback", "reject-sample")), [])
     assert read_jsonl(out / "02-data" / "pairs.jsonl") == pairs
+
+
+def test_each_stage_starts_from_the_policy_so_far_and_reads_what_the_stages_before_wrote(files, tmp_path):
+    out, path = tmp_path / "out", tmp_path / "recipe.toml"
+    tables = stages(*files)
+    write_recipe(path, out, "base-model", [tables["sft"], tables["data"], '[reward]\nlora_rank = 4\n',
+                                           '[dpo]\nsteps = 1\n', tables["online_dpo"], tables["eval"]])
+    planned, final = plan(path)
+    sft, data, rm, dpo, online, evals = planned
+    configs = {stage.folder.name: stage.work.args[0] for stage in (sft, rm, dpo, online)}  # not run: only planned
+    assert configs["01-sft"].model == "base-model"
+    assert (configs["03-reward"].task, configs["03-reward"].model) == ("rm", str(out / "01-sft"))
+    assert configs["03-reward"].data == configs["04-dpo"].data == str(out / "02-data" / "pairs.jsonl")
+    assert (configs["04-dpo"].task, configs["04-dpo"].model) == ("dpo", str(out / "01-sft"))
+    assert (configs["05-online_dpo"].model, configs["05-online_dpo"].reward_model) == (str(out / "04-dpo"),
+                                                                                       str(out / "03-reward"))
+    assert configs["05-online_dpo"].data == str(out / "02-data" / "prompts.jsonl")
+    assert final == str(out / "05-online_dpo") and not out.exists()
 
 
 @pytest.mark.parametrize("text, words", [
