@@ -148,6 +148,10 @@ def _interval(ci: list[float] | None) -> str:
     return "-" if ci is None else f"{ci[0]:g} to {ci[1]:g}"
 
 
+def _with_interval(rate: dict | None) -> str:
+    return "-" if rate is None else f"{rate['percent']:g} ({_interval(rate['ci95'])})"
+
+
 def add_unsafe_exec(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unsafe-exec", action="store_true", help="run model-written programs even where this machine "
                    "cannot isolate them (no namespaces): only resource limits then protect the host")
@@ -411,10 +415,10 @@ def cmd_multilingual(args: argparse.Namespace) -> None:
         multilingual.run_probe(llm, probe_codes, limit, results, args.max_tokens)
         rates = multilingual.probe_rates(list(results.records.values()))
     header = ["lang", "name", "chars", "tokens", "tok/char", "tok/word"] + ([] if args.no_ppl else ["ppl"])
-    header += [] if args.no_probe else ["asked English %", "asked own %"]
+    header += [] if args.no_probe else ["asked English % (95% interval)", "asked own % (95% interval)"]
     table = markdown_table(header, [[r["language"], r["name"], r["chars"], r["tokens"], r["tokens_per_char"],
                                      r["tokens_per_word"]] + ([] if args.no_ppl else [r["ppl"]])
-                                    + ([] if args.no_probe else [rates.get(r["language"], {}).get(m, "-")
+                                    + ([] if args.no_probe else [_with_interval(rates.get(r["language"], {}).get(m))
                                                                   for m in ("english", "own")]) for r in rows])
     summary = {r["language"]: {k: v for k, v in r.items() if k not in ("language", "name")} for r in rows}
     for code, modes in rates.items():

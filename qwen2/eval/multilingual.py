@@ -13,6 +13,9 @@ languages rather than topics.
   passage's language; scored by the rate of answers in the asked language, judged by
   py3langid (the maintained fork of langid.py, its model inside the wheel, 97 languages).
   Burmese and Cebuano are outside py3langid's languages, so the probe leaves them out.
+  Its rates carry Wilson 95% intervals (a few passages a language leave them wide).
+Perplexity and fertility carry no interval: fertility is a count, and the perplexity of a
+thousand characters spans too few stretches for a bootstrap over them to mean anything.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from qwen2.engine.sampling import SamplingParams
 from qwen2.eval.harness import Results, generate_all
 from qwen2.eval.perplexity import perplexity
+from qwen2.eval.stats import share
 from qwen2.pypi import Part, Payload, payload_path
 
 # udhr code: (English name, ISO 639-1 as py3langid names it, or None where it has no model)
@@ -184,11 +188,13 @@ def run_probe(llm, codes: list[str], limit: int, results: Results, max_tokens: i
 
 def probe_rates(records: list[dict]) -> dict[str, dict]:
     """Per language: the share of answers in the asked language, when English was asked and
-    when the passage's own language was (the two are one when the passage is English)."""
+    when the passage's own language was (the two are one when the passage is English), each
+    as {answers, in_asked, percent, ci95} with its Wilson 95% interval."""
     rates: dict[str, dict] = {}
     for r in records:
         mode = "english" if r["asked"] == "en" else "own"
         counts = rates.setdefault(r["language"], {}).setdefault(mode, [0, 0])
         counts[0] += r["in_asked"]
         counts[1] += 1
-    return {lang: {mode: round(100 * a / n, 1) for mode, (a, n) in modes.items()} for lang, modes in rates.items()}
+    return {lang: {mode: dict(answers=n, in_asked=a, **share(a, n)) for mode, (a, n) in modes.items()}
+            for lang, modes in rates.items()}

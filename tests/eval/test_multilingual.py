@@ -1,5 +1,7 @@
 """The multilingual eval: the UDHR in Qwen2's 29 languages, fertility, and the probe's scoring."""
 
+import json
+
 import pytest
 
 from qwen2.cli import main
@@ -32,7 +34,11 @@ def test_the_language_identifier_knows_the_probe_languages():
 def test_probe_rates_split_by_asked_language():
     records = [dict(language="fra", asked="en", in_asked=True), dict(language="fra", asked="en", in_asked=False),
                dict(language="fra", asked="fr", in_asked=True), dict(language="eng", asked="en", in_asked=True)]
-    assert multilingual.probe_rates(records) == {"fra": {"english": 50.0, "own": 100.0}, "eng": {"english": 100.0}}
+    rates = multilingual.probe_rates(records)
+    # Wilson by hand: 1 of 2 is 9.45% to 90.55%, 1 of 1 is 20.65% to 100%
+    assert rates["fra"] == {"english": {"answers": 2, "in_asked": 1, "percent": 50.0, "ci95": [9.45, 90.55]},
+                            "own": {"answers": 1, "in_asked": 1, "percent": 100.0, "ci95": [20.65, 100.0]}}
+    assert list(rates["eng"]) == ["english"]
 
 
 def test_an_unknown_language_lists_the_valid_ones(capsys):
@@ -50,3 +56,14 @@ def test_the_chart_is_a_png_with_or_without_perplexity(tmp_path):
                             tmp_path / "fertility.png", "fertility only")
     for name in ("both.png", "fertility.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_probe_table_shows_each_rate_with_its_interval(tiny_hf, tmp_path, capsys):
+    main(["eval", "multilingual", "--model", str(tiny_hf), "--langs", "fra", "--limit", "1", "--no-ppl",
+          "--max-tokens", "4", "--ctx", "512", "--json", str(tmp_path / "m.json")])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| fra |"))
+    summary = json.loads((tmp_path / "m.json").read_text())["summary"]["fra"]
+    for mode in ("english", "own"):
+        rate = summary[f"probe_{mode}"]
+        assert rate["answers"] == 1 and rate["ci95"] == ([20.65, 100.0] if rate["in_asked"] else [0.0, 79.35])
+        assert f"{rate['percent']:g} ({rate['ci95'][0]:g} to {rate['ci95'][1]:g})" in row
