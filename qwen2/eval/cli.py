@@ -280,7 +280,8 @@ def cmd_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_niah(args: argparse.Namespace) -> None:
-    from qwen2.eval.niah import format_table, run_grid, save_heatmap
+    from qwen2.eval.niah import accuracy, format_table, run_grid, save_heatmap
+    from qwen2.eval.stats import wilson
 
     if args.needles < 1 or args.answer_tokens < 1:
         raise OptionError("--needles and --answer-tokens must be at least 1")
@@ -297,8 +298,13 @@ def cmd_niah(args: argparse.Namespace) -> None:
                      f"rope {args.rope_scaling or 'native'}, dca {args.dca or 'off'}")
         print(f"# heatmap written to {args.png}")
     correct = sum(c["correct"] for c in cells)
+    lengths, depths, grid = accuracy(cells)
     print(json.dumps(dict(eval="niah", settings=settings, cells=len(cells), correct=correct,
-                          accuracy=round(correct / len(cells), 4), seconds=round(time.perf_counter() - start, 1))))
+                          accuracy=round(correct / len(cells), 4),
+                          ci95=[round(x, 4) for x in wilson(correct, len(cells))],
+                          grid=[dict(length=n, depth=d, **a) for d, row in zip(depths, grid)
+                                for n, a in zip(lengths, row) if a is not None],
+                          seconds=round(time.perf_counter() - start, 1))))
 
 
 def cmd_mmlu(args: argparse.Namespace) -> None:

@@ -8,7 +8,8 @@ follows the document. The prompt goes through the chat template and the engine (
 prefill, prefix cache, context limit), is greedily decoded for a few dozen tokens, and the
 reply is correct when it contains the answer after normalising case and punctuation.
 
-Grid: lengths x depths x needles. Each finished cell is written to the results JSON at once,
+Grid: lengths x depths x needles; a cell's accuracy (over its needles) comes with its Wilson
+95% interval, wide unless --needles is raised. Each finished cell is written to the results JSON at once,
 and a rerun with the same file skips the cells already there.
 Not covered: multiple needles in one prompt, distractors, or scoring beyond string matching.
 """
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from qwen2.errors import OptionError
 from qwen2.eval.data import haystack_text
+from qwen2.eval.stats import wilson
 from qwen2.files import write_text_atomically
 from qwen2.memory import peak_rss_mib, reset_peak_rss
 from qwen2.tokenizer import Tokenizer
@@ -176,15 +178,18 @@ def run_grid(llm, lengths: list[int], depths: list[float], needles: int = 1, out
     return cells
 
 
-def accuracy(cells: list[dict]) -> tuple[list[int], list[float], list[list[float | None]]]:
-    """(lengths, depths, acc[depth][length]) averaged over needles; None where nothing ran."""
+def accuracy(cells: list[dict]) -> tuple[list[int], list[float], list[list[dict | None]]]:
+    """(lengths, depths, grid[depth][length]) where a grid cell holds its needles, how many were
+    found, the accuracy and its Wilson 95% interval (fractions); None where nothing ran. One
+    needle a cell gives an interval of 0.21-1 or 0-0.79: run more (--needles) to narrow it."""
     lengths, depths = sorted({c["length"] for c in cells}), sorted({c["depth"] for c in cells})
-    grid: list[list[float | None]] = []
+    grid: list[list[dict | None]] = []
     for d in depths:
         row = []
         for n_tok in lengths:
             hits = [c["correct"] for c in cells if c["length"] == n_tok and c["depth"] == d]
-            row.append(sum(hits) / len(hits) if hits else None)
+            row.append(dict(needles=len(hits), correct=sum(hits), accuracy=round(sum(hits) / len(hits), 4),
+                            ci95=[round(x, 4) for x in wilson(sum(hits), len(hits))]) if hits else None)
         grid.append(row)
     return lengths, depths, grid
 
@@ -194,10 +199,14 @@ def tokens_label(n: int) -> str:
 
 
 def format_table(cells: list[dict]) -> str:
+    """The accuracy of each (depth, length) cell with its 95% interval in brackets."""
+    def cell(a: dict | None) -> str:
+        return "-" if a is None else f"{a['accuracy']:.2f} [{a['ci95'][0]:.2f},{a['ci95'][1]:.2f}]"
+
     lengths, depths, grid = accuracy(cells)
-    lines = ["depth \\ length " + "".join(f"{tokens_label(n):>8}" for n in lengths)]
+    lines = ["depth \\ length " + "".join(f"{tokens_label(n):>18}" for n in lengths)]
     for d, row in zip(depths, grid):
-        lines.append(f"{d:>13g}% " + "".join(f"{'-' if a is None else f'{a:.2f}':>8}" for a in row))
+        lines.append(f"{d:>13g}% " + "".join(f"{cell(a):>18}" for a in row))
     return "\n".join(lines)
 
 
@@ -210,7 +219,7 @@ def save_heatmap(cells: list[dict], path: Path, title: str = "Needle in a haysta
     import matplotlib.pyplot as plt
 
     lengths, depths, grid = accuracy(cells)
-    values = [[float("nan") if a is None else a for a in row] for row in grid]
+    values = [[float("nan") if a is None else a["accuracy"] for a in row] for row in grid]
     fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 1.8))
     image = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), [tokens_label(n) for n in lengths])
@@ -219,7 +228,7 @@ def save_heatmap(cells: list[dict], path: Path, title: str = "Needle in a haysta
     ax.set_ylabel("needle depth")
     for i, row in enumerate(grid):
         for j, a in enumerate(row):
-            ax.text(j, i, "-" if a is None else f"{a:.2f}", ha="center", va="center")
+            ax.text(j, i, "-" if a is None else f"{a['accuracy']:.2f}", ha="center", va="center")
     fig.colorbar(image, ax=ax, label="accuracy")
     ax.set_title(title)
     fig.tight_layout()

@@ -9,7 +9,16 @@ from qwen2.engine.engine import Engine
 from qwen2.engine.llm import LLM
 from qwen2.errors import Qwen2Error, RequestError
 from qwen2.eval.data import haystack_text
-from qwen2.eval.niah import Haystack, build_prompt, format_table, run_grid, save_heatmap, score, split_sentences
+from qwen2.eval.niah import (
+    Haystack,
+    accuracy,
+    build_prompt,
+    format_table,
+    run_grid,
+    save_heatmap,
+    score,
+    split_sentences,
+)
 
 
 @pytest.mark.parametrize("reply, answer, expected", [
@@ -90,7 +99,9 @@ def test_table_and_heatmap(tmp_path):
              for n in (2048, 4096) for d in (0, 50) for k in (0, 1)]
     table = format_table(cells)
     assert table.splitlines()[0].split()[-2:] == ["2K", "4K"]
-    assert table.splitlines()[2].split() == ["50%", "1.00", "0.50"]
+    # Wilson by hand: 2 of 2 is 0.3424 to 1, 1 of 2 is 0.0945 to 0.9055
+    assert table.splitlines()[2].split() == ["50%", "1.00", "[0.34,1.00]", "0.50", "[0.09,0.91]"]
+    assert accuracy(cells)[2][1][1] == {"needles": 2, "correct": 1, "accuracy": 0.5, "ci95": [0.0945, 0.9055]}
     save_heatmap(cells, tmp_path / "h.png")
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
