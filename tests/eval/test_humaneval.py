@@ -107,7 +107,10 @@ def test_given_completions_are_scored_without_a_model(tmp_path, capsys, no_model
     assert by_id == {"t/add#0": True, "t/add#1": False, "t/add#2": False, "t/neg#0": True, "t/neg#1": False}
     assert report["summary"]["pass@1"] == pytest.approx(100 * (1 / 3 + 1 / 2) / 2, abs=0.01)
     assert report["summary"]["sandbox"] == sandbox.isolation()
-    assert "# sandbox: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "# sandbox: " in out
+    low, high = report["summary"]["pass@2_ci95"]  # two problems resampled: pass@2 is 2/3 or 1 for each
+    assert f"| pass@2 | {report['summary']['pass@2']:.4g} | {low:g} to {high:g} |" in out
 
 
 def test_a_completion_for_an_unknown_task_is_a_clear_error(tmp_path, capsys, no_model):

@@ -100,6 +100,9 @@ def test_ifeval_runs_resumes_and_compares(tiny_hf, tmp_path, capsys):
     assert len(partial.with_suffix(".jsonl").read_text().splitlines()) == 1 + 3  # the first two were not redone
     assert resumed["results"][:2] == first["results"]
     assert "| prompt | strict |" in out and "| instruction | loose |" in out
+    kind, rates = next(iter(resumed["summary"]["kinds"].items()))
+    ci = rates["strict"]["ci95"]
+    assert f"| {kind} | {rates['count']} | {rates['strict']['accuracy']:.4g} | {ci[0]:g} to {ci[1]:g} |" in out
     items = ifeval.prompt_set("eval", 0)[:3]
     for item, r in zip(items, resumed["results"]):
         assert (r["id"], r["prompt"]) == (item["id"], item["prompt"])
