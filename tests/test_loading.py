@@ -63,9 +63,18 @@ def test_parallelism_is_applied_to_a_model_the_root_builds():  # loading calls d
 def test_no_module_imports_a_private_name_of_another():
     private = []
     for file in sorted(PACKAGE.rglob("*.py")):
-        for node in ast.walk(ast.parse(file.read_text())):
+        tree = ast.parse(file.read_text())
+        modules = set()  # names bound to qwen2 modules: `from qwen2.train import synth_cli`, `import qwen2.x as y`
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("qwen2"):
                 private += [f"{file.relative_to(PACKAGE)}: {a.name}" for a in node.names if a.name.startswith("_")]
+                modules |= {a.asname or a.name for a in node.names}
+            if isinstance(node, ast.Import):
+                modules |= {a.asname for a in node.names if a.name.startswith("qwen2") and a.asname}
+        for node in ast.walk(tree):  # module._name reaches in just the same
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                private.append(f"{file.relative_to(PACKAGE)}: {node.value.id}.{node.attr}")
     assert private == []
 
 

@@ -157,7 +157,8 @@ def add_unsafe_exec(p: argparse.ArgumentParser) -> None:
                    "cannot isolate them (no namespaces): only resource limits then protect the host")
 
 
-def _check_common(args: argparse.Namespace) -> None:
+def check_common(args: argparse.Namespace) -> None:
+    """The options every eval shares (--limit, the engine's), checked before a model loads."""
     if args.limit is not None and args.limit < 1:
         raise OptionError(f"--limit must be at least 1, got {args.limit}")
     engine_options(args)  # checks them
@@ -194,7 +195,7 @@ def cmd_humaneval(args: argparse.Namespace) -> None:
     from qwen2.eval.harness import Results, choose, markdown_table
     from qwen2.eval.sandbox import Limits
 
-    _check_common(args)
+    check_common(args)
     fmt = choose("format", args.format, humaneval.FORMATS)
     if args.samples < 1:
         raise OptionError(f"--samples must be at least 1, got {args.samples}")
@@ -314,7 +315,7 @@ def cmd_mmlu(args: argparse.Namespace) -> None:
     from qwen2.eval import mmlu
     from qwen2.eval.harness import Results, markdown_table
 
-    _check_common(args)
+    check_common(args)
     every = mmlu.questions()
     shots, items = every[: mmlu.SHOTS], every[mmlu.SHOTS:][: args.limit]
     settings = _settings(args, shots=args.shots)
@@ -333,7 +334,7 @@ def cmd_asdiv(args: argparse.Namespace) -> None:
     from qwen2.eval import asdiv
     from qwen2.eval.harness import Results, markdown_table
 
-    _check_common(args)
+    check_common(args)
     items = asdiv.problems()[: args.limit]
     settings = _settings(args, max_tokens=args.max_tokens)
     results = Results("asdiv", settings, args.json)
@@ -351,7 +352,7 @@ def cmd_mgsm(args: argparse.Namespace) -> None:
     from qwen2.eval import mgsm
     from qwen2.eval.harness import Results, markdown_table
 
-    _check_common(args)
+    check_common(args)
     langs = mgsm.language_list(args.lang)
     items = [item for lang in langs for item in mgsm.problems(lang)[: args.limit]]
     settings = _settings(args, max_tokens=args.max_tokens, langs=langs)
@@ -371,7 +372,7 @@ def cmd_ifeval(args: argparse.Namespace) -> None:
     from qwen2.eval import ifeval
     from qwen2.eval.harness import Results, markdown_table
 
-    _check_common(args)
+    check_common(args)
     items = ifeval.prompt_set("eval", args.prompt_seed)[: args.limit]
     settings = _settings(args, max_tokens=args.max_tokens, prompt_seed=args.prompt_seed)
     results = Results("ifeval", settings, args.json)
@@ -394,7 +395,7 @@ def cmd_multilingual(args: argparse.Namespace) -> None:
     from qwen2.eval import multilingual
     from qwen2.eval.harness import Results, markdown_table
 
-    _check_common(args)
+    check_common(args)
     valid = list(multilingual.LANGUAGES)
     codes = args.langs.split(",") if args.langs else valid
     for code in codes:
@@ -444,7 +445,7 @@ def cmd_safety(args: argparse.Namespace) -> None:
     from qwen2.eval import safety
     from qwen2.eval.harness import Results, markdown_table
 
-    _check_common(args)
+    check_common(args)
     langs = args.langs.split(",") if args.langs else list(safety.LANGUAGES)
     for lang in langs:
         if lang not in safety.LANGUAGES:

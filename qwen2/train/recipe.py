@@ -312,7 +312,7 @@ def _data_commands(where: str, root: _Parser, table: dict, folder: Path, policy:
         model = _model_flag(policy) if "model" not in options else []  # the policy so far, unless the table names one
         args = _parse(at, root, ["data", command], options, ("out",), ["--out", str(folder / command), *model])
         try:
-            synth_cli._check(args)  # the command's own checks, now rather than when its stage starts
+            synth_cli.check_options(args)  # the command's own checks, now rather than when its stage starts
         except OptionError as e:
             raise OptionError(f"{at} {e}") from None
         commands.append(args)
@@ -342,7 +342,7 @@ def _evals(where: str, root: _Parser, table: dict, folder: Path, before: str | N
             args = _parse(at, root, ["eval", name], options, ("json", "model"),
                           ["--json", str(folder / side / f"{name}.json"), *_model_flag(model)])
             try:
-                eval_cli._check_common(args)
+                eval_cli.check_common(args)
             except OptionError as e:
                 raise OptionError(f"{at} {e}") from None
             pair.append(args)
@@ -396,7 +396,7 @@ def _make_data(commands: list, folder: Path) -> dict:
             items, _ = instruct_feedback.prompts(args.prompts, args.prompt_seed)
             prompts += [{"prompt": item["task"], "constraints": item["constraints"]} for item in items[: args.limit]]
         elif _checkable(args):
-            problems, _, _ = synth_cli._problems(args)
+            problems, _, _ = synth_cli.chosen_problems(args)
             prompts += [{"prompt": synth.math_prompt(p), "answer": p["answer"]} for p in problems]
     write_text_atomically(folder / "pairs.jsonl", "".join(line + "\n" for line in pairs))
     synth.write_jsonl(folder / "prompts.jsonl", prompts)

@@ -75,7 +75,8 @@ def _common(p: argparse.ArgumentParser, max_tokens: int) -> None:
     add_model_options(p, speculative=False)
 
 
-def _check(args: argparse.Namespace) -> None:
+def check_options(args: argparse.Namespace) -> None:
+    """A data command's options, checked before anything loads; a fault is one OptionError."""
     from qwen2.engine.sampling import SamplingParams
     from qwen2.errors import RequestError
 
@@ -128,9 +129,9 @@ def run(args: argparse.Namespace) -> None:
     from qwen2.loading import load
     from qwen2.train import synth
 
-    _check(args)
+    check_options(args)
     code = args.data_command == "exec-feedback"
-    problems, source, skipped = _problems(args)
+    problems, source, skipped = chosen_problems(args)
     verdict = synth.math_verdict if source["source"] == "asdiv" else synth.answer_verdict
     settings = _settings(args, **source, **({"timeout": args.timeout} if code else {}))
     sandbox = humaneval.sandbox_level(args.unsafe_exec) if code else None
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
                           **({"templates_skipped": dict(skipped)} if skipped else {}))))
 
 
-def _problems(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
+def chosen_problems(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
     """The problems --problems or --source names, what the settings record of them, and (for
     gsm-symbolic) the templates left out by reason."""
     import hashlib
@@ -196,7 +197,7 @@ def run_instruct(args: argparse.Namespace) -> None:
     from qwen2.loading import load
     from qwen2.train import instruct_feedback
 
-    _check(args)
+    check_options(args)
     items, source = instruct_feedback.prompts(args.prompts, args.prompt_seed)
     items = items[: args.limit]
     settings = _settings(args, **source)
