@@ -182,9 +182,11 @@ def _load_for(args: argparse.Namespace):
 
 
 def _finish(args, name: str, settings: dict, summary: dict, seconds: float, records: list[dict], table: str) -> None:
+    from qwen2.eval.contamination import warn
     from qwen2.eval.harness import write_json
 
     print(f"\n## {name}: {settings['model']}\n\n{table}\n\n{len(records)} items in {seconds:.0f}s", flush=True)
+    warn(args.model, name)  # beside the score it qualifies
     if args.json:
         write_json(args.json, name, settings, summary, seconds, records)
         print(f"# results written to {args.json}")
