@@ -3,6 +3,7 @@ llamafactory's dpo_en_demo pairs: the numbers of bench/RESULTS.md's alignment se
 
     python bench/align.py rm  [--steps 60]                  # reward model: held-out accuracy before/after
     python bench/align.py tax [--steps 100] [--asdiv 60]    # DPO with AdamW vs OnDARE vs OnTIES: the alignment tax
+    python bench/align.py tau [--steps 60] [--sft-steps 40] # the same, full fine-tuning with a real SFT delta tau
 
 The records of dpo_en_demo whose prompt takes at most half of --max-len tokens are used
 (--max-prompt-len, as the README's example; replies are cut to fit); --heldout of them (seeded
@@ -11,6 +12,10 @@ tax's OnDARE run is the README's `qwen2 train dpo` example; its metrics plot is 
 bench/align_dpo.png. tax also scores ASDiv accuracy (the first
 --asdiv problems, greedy chain of thought, qwen2/eval/asdiv.py, batched) of the model before and
 after each optimizer; a tax run whose folder already holds a finished model is not trained again.
+tau first fine-tunes every weight of the default model on alpaca_en_demo (the SFT stage: base =
+the default model, SFT = its output, tau = SFT - base), then runs DPO from the SFT model with each
+optimizer, the merging ones given --base so they merge tau back in (alpha per --merge-alpha); the
+capability before is the SFT model's.
 """
 
 from __future__ import annotations
@@ -66,43 +71,78 @@ def asdiv_accuracy(model_dir: Path | None, n: int) -> tuple[float, float]:
     return asdiv.summarize(list(results.records.values()))["accuracy"] / 100, time.perf_counter() - start
 
 
+def sft(out: Path, steps: int, max_len: int) -> float:
+    """Full fine-tuning of the default model on alpaca_en_demo; seconds (0 when already done)."""
+    from qwen2.train.trainer import TrainConfig, Trainer
+
+    if (out / "model.safetensors").exists():
+        return 0.0
+    start = time.perf_counter()
+    Trainer(TrainConfig(data="alpaca_en_demo", out=str(out), steps=steps, batch_size=2, max_len=max_len, lr=1e-5,
+                        on_bad_sample="skip", save_every=0, progress=False)).train()
+    return time.perf_counter() - start
+
+
+def optimizer_runs(args: argparse.Namespace, prefix: str, steps: int, before: float, common: dict,
+                   **merging) -> dict:
+    """DPO with AdamW, OnDARE and OnTIES at equal steps (`merging` settings for the latter two):
+    held-out curves and ASDiv after each. A run whose folder holds a finished model is not redone."""
+    runs = {}
+    for optimizer in ("adamw", "ondare", "onties"):
+        out = args.out / f"{prefix}-{optimizer}"
+        if not (out / "model.safetensors").exists():
+            train("dpo", out, steps=steps, eval_every=args.eval_every, optimizer=optimizer, reserve_rate=0.1,
+                  **common, **(merging if optimizer != "adamw" else {}))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in rows if "eval_accuracy" in r]
+        after, _ = asdiv_accuracy(out, args.asdiv)
+        runs[optimizer] = {"eval": [{k: r[k] for k in r if k == "step" or k.startswith("eval_")} for r in evals],
+                           "train_seconds": rows[-1]["elapsed"], "asdiv_after": after,
+                           "asdiv_change": round(after - before, 4)}
+        print(json.dumps({optimizer: runs[optimizer]}), file=sys.stderr)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["rm", "tax"])
+    parser.add_argument("what", choices=["rm", "tax", "tau"])
     parser.add_argument("--heldout", type=float, default=0.25)
     parser.add_argument("--max-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, help="default: rm 60, tax 100")
-    parser.add_argument("--lr", type=float, help="default: rm 2e-4, tax 5e-4")
+    parser.add_argument("--steps", type=int, help="default: rm 60, tax 100, tau 60")
+    parser.add_argument("--lr", type=float, help="default: rm 2e-4, tax 5e-4, tau 5e-6 (full fine-tuning)")
+    parser.add_argument("--sft-steps", type=int, default=40, help="tau: steps of the SFT stage")
+    parser.add_argument("--merge-alpha", type=float, default=1e-7, help="tau: weight of tau in each merge")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--asdiv", type=int, default=60)
     parser.add_argument("--out", type=Path, default=Path("/tmp/qwen2-align-bench"))
     args = parser.parse_args()
-    steps = args.steps or {"rm": 60, "tax": 100}[args.what]
-    lr = args.lr or (2e-4 if args.what == "rm" else 5e-4)
-    common = dict(max_len=args.max_len, max_prompt_len=args.max_len // 2, heldout=args.heldout, lora_rank=8,
-                  batch_size=2, seed=0, lr=lr, on_bad_sample="skip")
+    steps = args.steps or {"rm": 60, "tax": 100, "tau": 60}[args.what]
+    lr = args.lr or {"rm": 2e-4, "tax": 5e-4, "tau": 5e-6}[args.what]
+    common = dict(max_len=args.max_len, max_prompt_len=args.max_len // 2, heldout=args.heldout,
+                  lora_rank=0 if args.what == "tau" else 8, batch_size=2, seed=0, lr=lr, on_bad_sample="skip")
     result: dict = {"bench": f"align-{args.what}", "cpu": cpu(), "heldout": args.heldout}
     if args.what == "rm":
         last, rows, seconds = train("rm", args.out / "rm", steps=steps, eval_every=args.eval_every,
                                     center=0.01, **common)
         result |= {"steps": steps, "eval": [{k: r[k] for k in r if k == "step" or k.startswith("eval_")}
                                                  for r in rows if "eval_accuracy" in r]}
+    elif args.what == "tau":
+        from qwen2.weights.default import DEFAULT_NAME
+
+        sft_dir = args.out / "tau-sft"
+        sft_seconds = sft(sft_dir, args.sft_steps, args.max_len)
+        base_score, _ = asdiv_accuracy(None, args.asdiv)
+        before, _ = asdiv_accuracy(sft_dir, args.asdiv)
+        result |= {"steps": steps, "lr": lr, "sft_steps": args.sft_steps, "sft_seconds": round(sft_seconds),
+                   "merge_alpha": args.merge_alpha, "asdiv_problems": args.asdiv, "asdiv_base": base_score,
+                   "asdiv_before": before,
+                   "runs": optimizer_runs(args, "tau", steps, before, {**common, "model": str(sft_dir)},
+                                          base=DEFAULT_NAME, merge_alpha=args.merge_alpha)}
+        seconds = 0.0
     else:
         before, asdiv_seconds = asdiv_accuracy(None, args.asdiv)
         result |= {"steps": steps, "asdiv_problems": args.asdiv, "asdiv_before": before,
-                   "asdiv_seconds": round(asdiv_seconds), "runs": {}}
-        for optimizer in ("adamw", "ondare", "onties"):
-            out = args.out / f"tax-{optimizer}"
-            if not (out / "model.safetensors").exists():
-                train("dpo", out, steps=steps, eval_every=args.eval_every, optimizer=optimizer,
-                      reserve_rate=0.1, **common)
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            evals = [r for r in rows if "eval_accuracy" in r]
-            after, _ = asdiv_accuracy(out, args.asdiv)
-            result["runs"][optimizer] = {"eval": [{k: r[k] for k in r if k == "step" or k.startswith("eval_")}
-                                                  for r in evals],
-                                         "train_seconds": rows[-1]["elapsed"], "asdiv_after": after}
-            print(json.dumps({optimizer: result["runs"][optimizer]}), file=sys.stderr)
+                   "asdiv_seconds": round(asdiv_seconds), "runs": optimizer_runs(args, "tax", steps, before, common)}
         shutil.copy(args.out / "tax-ondare" / "metrics.png", ROOT / "bench" / "align_dpo.png")
         seconds = 0.0
     result["seconds"] = round(seconds)
