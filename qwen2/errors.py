@@ -35,3 +35,7 @@ class RequestError(Qwen2Error):
 
 class DataError(Qwen2Error):
     """A data file (training or evaluation) is missing, unreadable, or holds records we cannot use."""
+
+
+class EndpointError(Qwen2Error):
+    """A server given by --endpoint cannot be reached, or refuses or fails a request."""

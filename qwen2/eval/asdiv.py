@@ -72,11 +72,9 @@ def same_number(got: float | None, expected: float | None) -> bool:
 
 def run(llm, items: list[dict], results: Results, max_tokens: int) -> None:
     todo = {item["id"]: item for item in items if item["id"] not in results}
-    prompts = {}
-    for key, item in todo.items():
-        content = INSTRUCTION.format(passage=item["passage"].strip(), question=item["question"].strip())
-        prompts[key] = llm.tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                         add_generation_prompt=True)
+    prompts = {key: [{"role": "user", "content": INSTRUCTION.format(passage=item["passage"].strip(),
+                                                                    question=item["question"].strip())}]
+               for key, item in todo.items()}
 
     def done(key: str, text: str) -> None:
         item = todo[key]

@@ -12,6 +12,11 @@ and the engine fills its `max_concurrency` as earlier requests finish. Scoring g
 `next_token_logprobs` reads the distribution after each prompt (one prefill each), and
 `continuation_logprobs` teacher-forces a given continuation through the decoder, so contexts
 shared by several continuations are prefilled once (the engine's prefix cache).
+
+A prompt is text, token ids, or chat messages; messages are rendered here with the model's chat
+template. The subject may instead be an OpenAI-compatible server (qwen2.eval.endpoint.Endpoint,
+`--endpoint`): `generate_all` and `choice_logprobs` hand it the same prompts, and it renders
+messages with its own template.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from tqdm import tqdm
 
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import OptionError
+from qwen2.eval.endpoint import Endpoint
 from qwen2.files import write_text_atomically
 
 
@@ -68,16 +74,39 @@ class Results:
         return [self.records[i] for i in ids if i in self.records]
 
 
-def generate_all(llm, prompts: dict[str, str | list[int]], params: Callable[[str], SamplingParams],
+Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
+
+
+def generate_all(llm, prompts: dict[str, Prompt], params: Callable[[str], SamplingParams],
                  on_done: Callable[[str, str], None], desc: str) -> None:
     """Generate every prompt with continuous batching; `on_done(key, text)` as each finishes."""
+    if isinstance(llm, Endpoint):
+        return llm.generate_all(prompts, params, on_done, desc)
     keys = list(prompts)
     with tqdm(total=len(keys), desc=desc, unit="req", dynamic_ncols=True) as bar:
         def finished(i: int, text: str) -> None:
             on_done(keys[i], text)
             bar.update()
 
-        llm.engine.run_all([prompts[k] for k in keys], [params(k) for k in keys], on_finish=finished)
+        llm.engine.run_all([_rendered(llm, prompts[k]) for k in keys], [params(k) for k in keys], on_finish=finished)
+
+
+def _rendered(llm, prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return llm.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    return prompt
+
+
+def choice_logprobs(llm, prompts: dict[str, str], choices: list[str], desc: str,
+                    each: Callable[[str, list[float]], None] | None = None) -> dict[str, list[float]]:
+    """The log-probability of each choice text (one token each in-process) right after each prompt;
+    `each(key, logprobs)` as each prompt is scored."""
+    if isinstance(llm, Endpoint):
+        return llm.choice_logprobs(prompts, choices, desc, each)
+    ids = [llm.tokenizer.encode(choice) for choice in choices]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the choices {choices} are not single tokens in this vocabulary: {ids}")
+    return next_token_logprobs(llm, prompts, [i[0] for i in ids], desc, each)
 
 
 def next_token_logprobs(llm, prompts: dict[str, str | list[int]], token_ids: list[int], desc: str,

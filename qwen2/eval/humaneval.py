@@ -168,7 +168,6 @@ def run_sample(problem: dict, key: str, completion: str, fmt: str, limits: Limit
 def run(llm, items: list[dict], results: Results, fmt: str, samples: int, temperature: float, max_tokens: int,
         seed: int, limits: Limits = DEFAULT_LIMITS, unsafe: bool = False) -> None:
     """Generate and test every (problem, sample) not yet in `results`."""
-    tokenizer = llm.tokenizer
     by_key, prompts = {}, {}
     for problem in items:
         for s in range(samples):
@@ -176,11 +175,7 @@ def run(llm, items: list[dict], results: Results, fmt: str, samples: int, temper
             if key in results:
                 continue
             by_key[key] = problem
-            if fmt == "chat":
-                messages = [{"role": "user", "content": chat_prompt(problem)}]
-                prompts[key] = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            else:
-                prompts[key] = problem["prompt"]
+            prompts[key] = [{"role": "user", "content": chat_prompt(problem)}] if fmt == "chat" else problem["prompt"]
 
     def params(key: str) -> SamplingParams:
         sample = int(key.rsplit("#", 1)[1])

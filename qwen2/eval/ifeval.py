@@ -107,8 +107,7 @@ def score(item: dict, reply: str) -> dict:
 
 def run(llm, items: list[dict], results: Results, max_tokens: int) -> None:
     todo = {item["id"]: item for item in items if item["id"] not in results}
-    prompts = {key: llm.tokenizer.apply_chat_template([{"role": "user", "content": item["prompt"]}],
-                                                      add_generation_prompt=True) for key, item in todo.items()}
+    prompts = {key: [{"role": "user", "content": item["prompt"]}] for key, item in todo.items()}
     generate_all(llm, prompts, lambda _key: SamplingParams(max_tokens=max_tokens, temperature=0),
                  lambda key, text: results.add(score(todo[key], text)), desc="ifeval")
 

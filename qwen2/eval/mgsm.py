@@ -105,9 +105,8 @@ def is_correct(reply: str, answer: float) -> bool:
 
 def run(llm, items: list[dict], results: Results, max_tokens: int) -> None:
     todo = {item["id"]: item for item in items if item["id"] not in results}
-    prompts = {key: llm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": asdiv.QUESTION_INSTRUCTION.format(question=item["question"].strip())}],
-        add_generation_prompt=True) for key, item in todo.items()}
+    prompts = {key: [{"role": "user", "content": asdiv.QUESTION_INSTRUCTION.format(question=item["question"].strip())}]
+               for key, item in todo.items()}
 
     def done(key: str, text: str) -> None:
         item = todo[key]

