@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -69,6 +70,12 @@ def add_common(p: argparse.ArgumentParser, slots: int) -> None:  # slots: the de
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--json", type=Path, help="write the summary and per-item results here; items are also appended "
                    "to the same path with suffix .jsonl as they finish, and a rerun resumes from it")
+    p.add_argument("--endpoint", metavar="URL", help="evaluate the model behind this OpenAI-compatible server (e.g. "
+                   "http://127.0.0.1:8000/v1; vLLM, llama.cpp, qwen2 serve) with the same prompts and scoring, "
+                   "--max-concurrency requests at once, instead of loading a model")
+    p.add_argument("--endpoint-model", metavar="NAME", help="the model to ask for at --endpoint (default: the "
+                   "first it lists)")
+    p.add_argument("--api-key", help="the key --endpoint asks for (default: $OPENAI_API_KEY)")
     add_engine_options(p, max_concurrency=slots, kv_memory_default="a quarter of the available memory",
                        old_flag="--slots")
     add_model_options(p, speculative=False)
@@ -162,10 +169,27 @@ def check_common(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
         raise OptionError(f"--limit must be at least 1, got {args.limit}")
     engine_options(args)  # checks them
+    if isinstance(args.endpoint, str):  # not yet checked (a recipe checks before it runs the eval)
+        from qwen2.eval.endpoint import Endpoint
+
+        if args.model:
+            raise OptionError("--model loads a model in-process and --endpoint asks a server's: give one of them")
+        # the URL becomes the Endpoint it names: the server is asked for its models now, so a dead URL
+        # fails before any work, and the settings can record the model it serves
+        args.endpoint = Endpoint(args.endpoint, args.endpoint_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
+                                 args.max_concurrency)
+
+
+def _in_process_only(args: argparse.Namespace, why: str) -> None:
+    if args.endpoint:
+        raise OptionError(f"--endpoint is not supported here: {why}; run it in-process (--model)")
 
 
 def _settings(args: argparse.Namespace, **extra) -> dict:
-    """What makes two runs' results comparable: the model and its options, and the eval's own."""
+    """What makes two runs' results comparable: the model and its options (or the endpoint and the model
+    it serves; never the key), and the eval's own."""
+    if args.endpoint:
+        return dict(model=args.endpoint.model, endpoint=args.endpoint.url, seed=args.seed, **extra)
     return dict(model=str(args.model or "default"), **{k: v for k, v in model_options(args).items() if k != "model"},
                 seed=args.seed, **extra)
 
@@ -173,6 +197,10 @@ def _settings(args: argparse.Namespace, **extra) -> dict:
 def _load_for(args: argparse.Namespace):
     from qwen2.loading import load
 
+    if args.endpoint:
+        print(f"# endpoint {args.endpoint.url}, model {args.endpoint.model}, at most {args.max_concurrency} "
+              "requests at once", flush=True)
+        return args.endpoint
     llm = load(**model_options(args), **engine_options(args))
     weight = llm.model.model.embed_tokens.weight
     print(f"# model {args.model or 'default'} ({weight.dtype}, {weight.device}, {llm.quant}), at most "
@@ -397,6 +425,7 @@ def cmd_multilingual(args: argparse.Namespace) -> None:
     from qwen2.eval import multilingual
     from qwen2.eval.harness import Results, markdown_table
 
+    _in_process_only(args, "multilingual's fertility and perplexity read the model's own tokenizer and logits")
     check_common(args)
     valid = list(multilingual.LANGUAGES)
     codes = args.langs.split(",") if args.langs else valid
@@ -447,6 +476,8 @@ def cmd_safety(args: argparse.Namespace) -> None:
     from qwen2.eval import safety
     from qwen2.eval.harness import Results, markdown_table
 
+    _in_process_only(args, "safety's judge reads the evaluated model's own log-probabilities under its chat "
+                     "template, which no OpenAI-compatible API gives")
     check_common(args)
     langs = args.langs.split(",") if args.langs else list(safety.LANGUAGES)
     for lang in langs:

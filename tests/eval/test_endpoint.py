@@ -1,0 +1,95 @@
+"""`qwen2 eval ... --endpoint URL`: a real `qwen2 serve` of the tiny model on loopback, asked through the
+openai client, gives the same replies (greedy, or seeded samples) and scores as the in-process run of the
+same checkpoint (the server applies its own chat template; mmlu's letters come from echoed prompt
+log-probabilities); the settings name the endpoint and its model, never the key; a dead URL or a refused
+request ends the run with one line."""
+
+import json
+
+import pytest
+
+from qwen2.cli import main
+from tests.server.conftest import _launch, free_port
+
+EXACT = ["--quant", "none", "--dtype", "float32"]  # the in-process twin of the server below
+KEY = "sk-eval-test"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_hf, tmp_path_factory):
+    server = _launch("eval-endpoint", tiny_hf, [*EXACT, "--max-concurrency", "4", "--api-key", KEY],
+                     tmp_path_factory.mktemp("srv"))
+    yield server.wait_ready()
+    server.process.terminate()
+    server.process.wait(timeout=10)
+
+
+def run_eval(path, capsys, *args: str) -> dict:
+    main(["eval", *args, "--json", str(path)])
+    capsys.readouterr()
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("eval_args, field", [
+    pytest.param(["asdiv"], "reply", id="asdiv"), pytest.param(["mgsm", "--lang", "eng,zho"], "reply", id="mgsm"),
+    pytest.param(["ifeval"], "reply", id="ifeval"),
+    # a raw prompt to /v1/completions with the stop strings; two samples at 0.8, each seeded seed + sample
+    pytest.param(["humaneval", "--format", "completion", "--samples", "2", "--unsafe-exec"], "completion",
+                 id="humaneval"),
+])
+def test_replies_and_scores_equal_the_in_process_run(served, tiny_hf, tmp_path, capsys, eval_args, field):
+    common = [*eval_args, "--limit", "2", "--max-tokens", "12"]
+    local = run_eval(tmp_path / "local.json", capsys, *common, "--model", str(tiny_hf), *EXACT)
+    remote = run_eval(tmp_path / "remote.json", capsys, *common, "--endpoint", served.url, "--api-key", KEY)
+    replies = [r[field] for r in remote["results"]]
+    assert len(replies) == len(local["results"]) >= 2 and all(replies)
+    assert replies == [r[field] for r in local["results"]]
+    assert remote["summary"] == local["summary"]
+    assert remote["settings"]["endpoint"] == served.url + "/v1"
+    assert remote["settings"]["model"] == tiny_hf.name  # the name the server lists, asked for at the start
+    assert KEY not in (tmp_path / "remote.json").read_text() + (tmp_path / "remote.jsonl").read_text()
+
+
+def test_mmlu_letters_from_echoed_logprobs_equal_the_in_process_scores(served, tiny_hf, tmp_path, capsys):
+    common = ["mmlu", "--limit", "4"]
+    local = run_eval(tmp_path / "local.json", capsys, *common, "--model", str(tiny_hf), *EXACT)
+    remote = run_eval(tmp_path / "remote.json", capsys, *common, "--endpoint", served.url + "/v1",
+                      "--api-key", KEY)
+    assert [r["predicted"] for r in remote["results"]] == [r["predicted"] for r in local["results"]]
+    for a, b in zip(remote["results"], local["results"]):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=2e-3)
+    assert remote["summary"] == local["summary"]
+
+
+def test_a_resumed_file_is_refused_to_another_endpoint_model(served, tmp_path, capsys):
+    path = tmp_path / "asdiv.json"
+    args = ["asdiv", "--limit", "1", "--max-tokens", "4", "--endpoint", served.url, "--api-key", KEY]
+    run_eval(path, capsys, *args)
+    with pytest.raises(SystemExit):
+        run_eval(path, capsys, *args, "--endpoint-model", "another")
+    assert "holds results of another run" in capsys.readouterr().err
+
+
+def test_a_dead_url_is_one_line_naming_it(tmp_path, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "asdiv", "--limit", "1", "--endpoint", url, "--json", str(tmp_path / "a.json")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1
+    assert f"cannot reach {url}/v1/models" in err and "Traceback" not in err
+    assert not (tmp_path / "a.jsonl").exists()  # nothing ran, nothing recorded
+
+
+def test_a_refused_request_is_one_line_with_the_servers_reason(served, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(SystemExit):
+        main(["eval", "asdiv", "--limit", "1", "--endpoint", served.url])  # no key
+    err = capsys.readouterr().err
+    assert err.startswith(f"qwen2: error: {served.url}/v1/models answered 401") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("eval_name", ["safety", "multilingual"])
+def test_evals_that_read_the_models_own_logits_refuse_an_endpoint(eval_name, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", eval_name, "--endpoint", "http://127.0.0.1:1"])
+    assert "--endpoint is not supported here" in capsys.readouterr().err
