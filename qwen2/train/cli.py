@@ -104,7 +104,7 @@ def settings_from(args: argparse.Namespace, cls: type):
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict = {}
     if args.config:
-        values = _read_toml(args.config)
+        values = read_toml(args.config)
         if unknown := set(values) - names:
             raise OptionError(f"{args.config}: unknown key(s) {', '.join(sorted(unknown))}; the keys are the "
                               f"options' names with underscores: {', '.join(sorted(names))}")
@@ -118,17 +118,18 @@ def settings_from(args: argparse.Namespace, cls: type):
         raise OptionError(f"bad training settings: {e}") from None
 
 
-def _read_toml(path: Path) -> dict:
+def read_toml(path: Path, what: str = "--config") -> dict:
+    """A TOML file's tables; a missing, unreadable or malformed file is one OptionError naming `what`."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
-        raise OptionError("--config needs Python 3.11 or newer (tomllib); pass the options as flags") from None
+        raise OptionError(f"{what} needs Python 3.11 or newer (tomllib)") from None
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise OptionError(f"cannot read --config {path}: {e.strerror}") from None
+        raise OptionError(f"cannot read {what} {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise OptionError(f"--config {path} is not valid TOML: {e}") from None
+        raise OptionError(f"{what} {path} is not valid TOML: {e}") from None
 
 
 def run(args: argparse.Namespace) -> None:

@@ -115,7 +115,9 @@ def _difference(old: dict, new: dict) -> str:
 
 def plan(path: Path) -> tuple[list[Stage], str | None]:
     """Every stage of the recipe, checked and ready to run, and the model the last one leaves."""
-    recipe = _read(path)
+    from qwen2.train.cli import read_toml
+
+    recipe = read_toml(path, "the recipe")
     where = str(path)
     if unknown := set(recipe) - {"out", "model", *STAGES}:
         raise OptionError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; the recipe holds out, model and "
@@ -174,19 +176,6 @@ def plan(path: Path) -> tuple[list[Stage], str | None]:
     if not stages:
         raise OptionError(f"{where}: no stage; add at least one of the tables {', '.join(STAGES)}")
     return stages, policy
-
-
-def _read(path: Path) -> dict:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        raise OptionError("qwen2 train recipe needs Python 3.11 or newer (tomllib)") from None
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise OptionError(f"cannot read the recipe {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise OptionError(f"{path} is not valid TOML: {e}") from None
 
 
 _KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false", list: "a list"}
