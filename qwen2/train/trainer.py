@@ -10,11 +10,9 @@ master weights, seeds.
 
 Output folder: the model as an HF checkpoint (LoRA: `adapter/` in the PEFT layout and, unless
 merge=False, the merged model), metrics.jsonl (a line per step), loss.png, train_config.json,
-and checkpoints/step-N (weights or adapter, plus optimizer, scheduler, RNG and data position),
-each written aside, flushed to the disk and renamed (qwen2.files), so a run killed at any point,
-even by a power cut, resumes from the last complete one with the same losses, step for step.
-trainer_state.pt holds only tensors and plain values and is read with weights_only=True: a
-checkpoint someone altered to run code when unpickled is refused, not run.
+and checkpoints/step-N (weights or adapter, plus optimizer, scheduler, RNG and the data position:
+epoch and row), written and read back by checkpoint.py, so a run killed at any point resumes from
+the last complete one with the same losses, step for step.
 
 Under torchrun every process takes its share of each step's rows (DDP or FSDP2, see
 qwen2.distributed.data_parallel); the target tokens are counted over all of them, so a step's
@@ -32,25 +30,24 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 from qwen2 import distributed
 from qwen2.config import Qwen2Config
 from qwen2.device import cpu_has_native_bf16
-from qwen2.errors import DataError, OptionError, WeightsError
-from qwen2.files import load_plain, write_folder_atomically, write_text_atomically
+from qwen2.errors import DataError, OptionError
+from qwen2.files import write_text_atomically
 from qwen2.memory import peak_rss_mib
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
-from qwen2.train import lora
+from qwen2.train import checkpoint, lora
 from qwen2.train.data import Batch, Row, Sample, collate, load_chat, load_corpus, make_rows
 from qwen2.train.datasets import DEMO, data_path
 from qwen2.train.loss import loss_sum
@@ -137,7 +134,7 @@ def initialize(model: Transformer, std: float = 0.02) -> Transformer:
 def enable_gradient_checkpointing(model: Transformer) -> None:
     """Recompute each block in the backward pass instead of keeping its activations."""
     for block in model.model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
 
 
 def cosine_schedule(step: int, total: int, warmup: int) -> float:
@@ -183,9 +180,8 @@ class Trainer:
         self.data = data_path(config.data)
         if not self.data.exists():  # before the model loads, which may take minutes
             raise DataError(f"no such data file or folder: {config.data} (or name a demo set: {', '.join(DEMO)})")
-        if config.resume and not _checkpoints(self.out):  # as HF's resume_from_checkpoint=True: no silent restart
-            raise OptionError(f"--resume: no checkpoint in {self.out / 'checkpoints'} to continue from; "
-                              "check --out, or drop --resume to start at step 0")
+        if config.resume:
+            checkpoint.require(self.out)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.heldout: list[Sample] = []
@@ -284,8 +280,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             write_text_atomically(self.out / "train_config.json",
                                   json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
-            kept = [line for line in _lines(metrics_file) if json.loads(line)["step"] <= self.step]
-            write_text_atomically(metrics_file, "".join(kept))
+            checkpoint.keep_metrics(metrics_file, self.step)
         start, last = time.perf_counter(), {}
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training",
                    disable=not (self.config.progress and self.lead))
@@ -325,29 +320,17 @@ class Trainer:
         self.model.train()
         return math.exp(nll / max(1, count))
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- checkpoints (checkpoint.py) ------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         folder = self.out / "checkpoints" / f"step-{self.step}"
         weights = self._weights()  # every process takes part in gathering sharded weights
         if self.lead:
-            for stale in folder.parent.glob(".step-*.tmp"):  # what a kill mid-save left behind
-                shutil.rmtree(stale, ignore_errors=True)
-            write_folder_atomically(folder, lambda tmp: self._write_checkpoint(tmp, weights))
-            # only now that the new checkpoint is on the disk may older ones go (keep >= 1 spares it)
-            for old in sorted(_checkpoints(self.out), key=_step_of)[: -self.config.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            sharded = self.config.parallel == "fsdp" and self.world > 1  # its optimizer state is not whole here
+            state = checkpoint.training_state(self.step, {"epoch": self.epoch, "row": self.row},
+                                              None if sharded else self.optimizer, self.scheduler)
+            checkpoint.save(self.out, state, lambda folder: self._save_weights(folder, weights), self.config.keep)
         distributed.barrier()
         return folder
-
-    def _write_checkpoint(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
-        self._save_weights(folder, weights)
-        # tensors and plain values only, so that _resume can load it with weights_only=True
-        state = {"step": self.step, "epoch": self.epoch, "row": self.row,
-                 "scheduler": self.scheduler.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-        if self.config.parallel != "fsdp" or self.world == 1:
-            state["optimizer"] = self.optimizer.state_dict()
-        torch.save(state, folder / "trainer_state.pt")
 
     def _weights(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict for a full-weight save (gathered from the shards under FSDP2)."""
@@ -366,26 +349,18 @@ class Trainer:
             export_hf(self.model.config, weights, self.tokenizer, folder)
 
     def _resume(self) -> None:
-        folder = max(_checkpoints(self.out), key=_step_of)  # __init__ checked there is one
-        state = _read_state(folder)  # before anything changes: a refused file leaves the model as it was
+        folder = max(checkpoint.folders(self.out), key=checkpoint.step_of)  # __init__ checked there is one
+        state = checkpoint.read_state(folder, ("epoch", "row"))  # first: a refused file leaves the model as it was
         if self.config.lora_rank:
-            weights = _adapter_state(folder)
+            weights = checkpoint.adapter_state(folder)
         else:
             from qwen2.weights.hf import load_hf
 
             weights = load_hf(folder, dtype=torch.float32)[1]
-        missing = set(self.model.load_state_dict(weights, strict=False).missing_keys)
-        if not self.config.lora_rank and missing - {"lm_head.weight"}:  # a tied head comes with the embedding
-            raise OptionError(f"{folder} does not hold this model's weights (missing {sorted(missing)[:3]}); "
-                              "resume with the same --model and settings")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        checkpoint.restore(state, self.model, weights, folder, self.optimizer, self.scheduler, self.total_steps,
+                           say=self.lead)
         self.step, self.epoch, self.row = state["step"], state["epoch"], state["row"]
         self._rows = None  # remade for the epoch resumed in
-        if self.lead:
-            print(f"resume: from {folder} (step {self.step} of {self.total_steps})", file=sys.stderr)
 
     def save_final(self) -> None:
         """The output folder: an HF checkpoint (merged for LoRA unless merge=False) and the adapter."""
@@ -400,46 +375,6 @@ class Trainer:
         export_hf(self.model.config, weights, self.tokenizer, self.out)
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text().splitlines(keepends=True) if path.exists() else []
-
-
-def _step_of(folder: Path) -> int:
-    return int(folder.name.removeprefix("step-"))
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    root = out / "checkpoints"
-    return [p for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()] if root.exists() else []
-
-
-def _read_state(folder: Path) -> dict:
-    """trainer_state.pt, loaded with weights_only=True and checked for every value _resume uses."""
-    fix = f"delete {folder} to resume from the checkpoint before it, or drop --resume to start again"
-    state = load_plain(folder / "trainer_state.pt", fix)
-    ints = ("step", "epoch", "row")
-    ok = (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ints)
-          and isinstance(state.get("torch_rng"), torch.Tensor) and isinstance(state.get("scheduler"), dict)
-          and isinstance(state.get("optimizer"), dict) and _is_python_rng(state.get("python_rng")))
-    if not ok:
-        raise WeightsError(f"{folder / 'trainer_state.pt'} lacks the step, data position, optimizer, scheduler or "
-                           f"RNG state a checkpoint holds; {fix}")
-    version, internal, gauss = state["python_rng"]
-    state["python_rng"] = (version, tuple(internal), gauss)  # random.setstate takes tuples only
-    return state
-
-
-def _is_python_rng(value: object) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) == 3 and isinstance(value[1], (list, tuple))
-            and all(isinstance(x, int) for x in value[1]))
-
-
-def _adapter_state(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k.removeprefix(lora.PEFT_PREFIX): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
-
-
 def plot_losses(metrics: Path, png: Path) -> bool:
     """The loss curve as a PNG; False when matplotlib is not installed."""
     try:
@@ -449,7 +384,7 @@ def plot_losses(metrics: Path, png: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [json.loads(line) for line in _lines(metrics)]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set_xlabel("step")

@@ -1,0 +1,130 @@
+"""Checkpoints of both training loops (trainer.py's sft and pretrain, align.py's rm, dpo and
+online-dpo): OUT/checkpoints/step-N holds the trained weights (an HF checkpoint, or a LoRA
+adapter; the loop decides, and a reward model adds its head) and trainer_state.pt (step, the
+loop's own data position, optimizer, scheduler, Python and torch CPU RNG).
+
+Each checkpoint is written aside, flushed to the disk and renamed (qwen2.files), and older ones
+are pruned only after it is complete, so a run killed at any point, even by a power cut, resumes
+from the last whole one. trainer_state.pt holds only tensors and plain values and is read with
+weights_only=True: a file someone altered to run code when unpickled is refused, not run.
+
+The loop owns what differs: which weights, and its data position (sft: epoch and row; the
+preference loops: where in their shuffled order). Not covered: the CUDA RNG (dropout on a GPU
+does not repeat exactly after a resume), sharded optimizer state (FSDP2 runs do not resume).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from qwen2.errors import OptionError, WeightsError
+from qwen2.files import load_plain, write_folder_atomically, write_text_atomically
+from qwen2.train import lora
+
+STATE = "trainer_state.pt"
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step-"))
+
+
+def folders(out: Path) -> list[Path]:
+    """The complete checkpoints under out/checkpoints (a half-written one has a hidden .tmp name)."""
+    root = out / "checkpoints"
+    return [p for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()] if root.exists() else []
+
+
+def require(out: Path) -> None:
+    """--resume with nothing to resume is an error, never a silent restart (as HF's resume_from_checkpoint=True)."""
+    if not folders(out):
+        raise OptionError(f"--resume: no checkpoint in {out / 'checkpoints'} to continue from; "
+                          "check --out, or drop --resume to start at step 0")
+
+
+def save(out: Path, state: dict, write_weights: Callable[[Path], None], keep: int) -> Path:
+    """checkpoints/step-N with the weights `write_weights(folder)` writes and `state` (from
+    training_state); then all but the newest `keep` checkpoints are deleted."""
+    folder = out / "checkpoints" / f"step-{state['step']}"
+    for stale in folder.parent.glob(".step-*.tmp"):  # what a kill mid-save left behind
+        shutil.rmtree(stale, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        write_weights(tmp)
+        torch.save(state, tmp / STATE)
+
+    write_folder_atomically(folder, write)
+    # only now that the new checkpoint is on the disk may older ones go (keep >= 1 spares it)
+    for old in sorted(folders(out), key=step_of)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def training_state(step: int, position: dict[str, int], optimizer: torch.optim.Optimizer | None,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    """What a resume needs besides the weights; tensors and plain values only, so that read_state
+    can load it with weights_only=True. optimizer None: not saved (FSDP2's is sharded)."""
+    state = {"step": step, **position, "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    return state
+
+
+def read_state(folder: Path, position: Iterable[str]) -> dict:
+    """trainer_state.pt, loaded with weights_only=True and checked for every value restore uses
+    and the loop's `position` keys (whole numbers)."""
+    fix = f"delete {folder} to resume from the checkpoint before it, or drop --resume to start again"
+    state = load_plain(folder / STATE, fix)
+    ok = (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ("step", *position))
+          and isinstance(state.get("torch_rng"), torch.Tensor) and isinstance(state.get("scheduler"), dict)
+          and isinstance(state.get("optimizer"), dict) and _is_python_rng(state.get("python_rng")))
+    if not ok:
+        raise WeightsError(f"{folder / STATE} lacks the step, data position, optimizer, scheduler or RNG state a "
+                           f"checkpoint holds; {fix}")
+    version, internal, gauss = state["python_rng"]
+    state["python_rng"] = (version, tuple(internal), gauss)  # random.setstate takes tuples only
+    return state
+
+
+def _is_python_rng(value: object) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 3 and isinstance(value[1], (list, tuple))
+            and all(isinstance(x, int) for x in value[1]))
+
+
+def restore(state: dict, model: torch.nn.Module, weights: dict[str, torch.Tensor], folder: Path,
+            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, total: int,
+            say: bool = True) -> None:
+    """Load a checkpoint's weights, optimizer, scheduler and RNG (the caller sets its step and position),
+    and say so on stderr (`say`: this process speaks for the run). Every trained parameter must be among
+    the weights: a checkpoint of another model or of other settings is refused."""
+    missing = set(model.load_state_dict(weights, strict=False).missing_keys)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    if missing & trained:
+        raise OptionError(f"{folder} does not hold this model's trained weights (missing "
+                          f"{sorted(missing & trained)[:3]}); resume with the same --model and settings")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    if say:
+        print(f"resume: from {folder} (step {state['step']} of {total})", file=sys.stderr)
+
+
+def adapter_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The LoRA tensors save_adapter wrote, under the model's own names."""
+    from safetensors.torch import load_file
+
+    return {k.removeprefix(lora.PEFT_PREFIX): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+
+
+def keep_metrics(path: Path, step: int) -> None:
+    """metrics.jsonl cut to the lines of steps up to `step`: a resumed run logs the later ones again."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    write_text_atomically(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
