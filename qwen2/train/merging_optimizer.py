@@ -84,6 +84,15 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
             if tau is not None:
                 self.state[p]["tau"] = self._shard_like(p, tau)
 
+    def state_dict(self) -> dict:
+        # OnDARE's masks come from this generator: a resumed run must draw the ones the whole run would
+        return super().state_dict() | {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self.generator.set_state(state_dict.pop("generator"))
+        super().load_state_dict(state_dict)
+
     def _shard_like(self, p: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         if tau.shape != p.shape:
             raise OptionError(f"tau has shape {tuple(tau.shape)} but its parameter {tuple(p.shape)}: the base model "

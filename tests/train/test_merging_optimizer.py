@@ -114,6 +114,35 @@ def test_step_k_variant_merges_the_accumulated_update_on_every_parameter():
         assert ((p - s).abs() > 1e-6).sum() <= max(1, int(0.1 * p.numel()))
 
 
+@pytest.mark.parametrize("method", ["ondare", "onties"])
+def test_a_state_dict_saved_mid_run_and_loaded_into_a_fresh_optimizer_continues_the_same_steps(method, tmp_path):
+    # a checkpoint resumes from it: the moments, the step-K pending sum, tau and OnDARE's mask generator
+    def optimizer(net):
+        taus = [torch.full_like(p, 0.5) for p in net.parameters()]
+        return OnlineMergingAdamW(net.parameters(), taus, method=method, lr=1e-2, reserve_rate=0.3, alpha=0.2,
+                                  merge_every=2, seed=7)
+
+    whole = _net()
+    _train(whole, optimizer(whole), steps=5)
+    first = _net()
+    opt = optimizer(first)
+    _train(first, opt, steps=3)
+    torch.save(opt.state_dict(), tmp_path / "state.pt")
+    resumed = copy.deepcopy(first)
+    again = OnlineMergingAdamW(resumed.parameters(), method=method, lr=1e-2, reserve_rate=0.3, alpha=0.2,
+                               merge_every=2, seed=99)  # another seed and no tau: both must come from the file
+    again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    torch.manual_seed(1)
+    for _ in range(3):  # the data of steps 4 and 5, as _train draws them
+        torch.randn(6, 8)
+    for _ in range(2):
+        resumed(torch.randn(6, 8)).pow(2).mean().backward()
+        again.step()
+        again.zero_grad()
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_task_vectors_are_model_minus_base_and_none_where_the_base_has_no_parameter():
     base, sft = _net(0), _net(1)
     taus = task_vectors(sft, base)
