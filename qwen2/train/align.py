@@ -1,11 +1,13 @@
 """The loop shared by reward-model training, offline DPO and online DPO: the policy (full or
 LoRA), the optimizer (AdamW, OnDARE or OnTIES), warm-up then cosine decay, gradient clipping,
 a line of metrics per step in `metrics.jsonl` and held-out metrics every `eval_every` steps
-(`eval_` keys), then the model in the output folder.
+(`eval_` keys), checkpoints every `save_every` steps that `resume` continues from with the same
+losses step for step (checkpoint.py, shared with trainer.py; the data position is the place in
+the shuffled order and the step that shuffled it), then the model in the output folder.
 
 Each task (reward.py, dpo.py, online_dpo.py) subclasses AlignTrainer with its loss and its
-evaluation. Single process; not covered: resuming, torchrun (the merging optimizer itself works
-on FSDP2 shards, see merging_optimizer.py).
+evaluation. Single process; not covered: torchrun (the merging optimizer itself works on FSDP2
+shards, see merging_optimizer.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from qwen2.files import write_text_atomically
 from qwen2.memory import peak_rss_mib
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
-from qwen2.train import lora
+from qwen2.train import checkpoint, lora
 from qwen2.train.datasets import DEMO, data_path
 from qwen2.train.merging_optimizer import METHODS, OnlineMergingAdamW, task_vectors
 from qwen2.train.preference import Pair, load_pairs, same_tokenizer, split
@@ -81,6 +83,9 @@ class AlignConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     grad_checkpointing: bool = False
+    save_every: int = 50  # steps between checkpoints (0: only the final one)
+    keep: int = 2  # checkpoints kept (at least 1: --resume needs one)
+    resume: bool = False
     on_bad_sample: str = "error"
     device: str | None = None
     bf16: bool | None = None
@@ -111,6 +116,7 @@ class AlignConfig:
             raise OptionError(f"--lr must be in (0, 1), got {self.lr}")
         if not 0 <= self.heldout < 1:
             raise OptionError(f"--heldout must be in [0, 1), got {self.heldout}")
+        checkpoint.check_options(self.save_every, self.keep)
         if self.base and self.lora_rank:
             raise OptionError("--base sets tau for full fine-tuning; a LoRA adapter has no SFT delta to merge "
                               "(drop --base: the merging optimizers then sparsify the adapter's updates alone)")
@@ -167,6 +173,8 @@ class AlignTrainer:
         self.data = data_path(config.data)
         if not self.data.exists():
             raise DataError(f"no such data file: {config.data} (or name a demo set: {', '.join(DEMO)})")
+        if config.resume:  # before the model loads, which may take minutes
+            checkpoint.require(self.out)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.model, self.tokenizer = self.build_model()
@@ -188,7 +196,8 @@ class AlignTrainer:
         warmup = max(1, round(config.warmup * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(cosine_schedule, total=self.total_steps, warmup=warmup))
-        self.step, self._order, self._at = 0, [], 0
+        # the data position: the pairs in the order the step `_shuffled_at` shuffled them, `_at` of them taken
+        self.step, self._order, self._at, self._shuffled_at = 0, [], 0, 0
 
     # -- what a task provides -------------------------------------------------------------------
     def build_model(self) -> tuple[torch.nn.Module, Tokenizer]:
@@ -214,6 +223,14 @@ class AlignTrainer:
     def save(self) -> None:
         raise NotImplementedError
 
+    def write_weights(self, folder: Path) -> None:
+        """The trained weights of a checkpoint (read_weights reads them back)."""
+        c = self.config
+        checkpoint.write_weights(folder, self.model, self.tokenizer, bool(c.lora_rank), c.model or "")
+
+    def read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
+        return checkpoint.read_weights(folder, bool(self.config.lora_rank))
+
     # -- the loop ---------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -235,13 +252,16 @@ class AlignTrainer:
         taken = []
         while len(taken) < self.per_step:
             if self._at >= len(self._order):
-                self._order = list(self.train_pairs)
-                random.Random(self.config.seed * 1_000_003 + self.step).shuffle(self._order)
-                self._at = 0
+                self._order, self._at, self._shuffled_at = self.shuffled(self.step), 0, self.step
             chunk = self._order[self._at: self._at + self.per_step - len(taken)]
             taken += chunk
             self._at += len(chunk)
         return taken
+
+    def shuffled(self, step: int) -> list[Pair]:
+        order = list(self.train_pairs)
+        random.Random(self.config.seed * 1_000_003 + step).shuffle(order)
+        return order
 
     def train_step(self) -> dict:
         c, pairs = self.config, self.next_pairs()
@@ -257,15 +277,19 @@ class AlignTrainer:
         return {"step": self.step, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr, "grad_norm": round(norm, 4)}
 
     def train(self) -> dict:
+        """Run to the last step (from the last checkpoint with `resume`); returns the final metrics."""
         c = self.config
+        if c.resume:
+            self._resume()
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomically(self.out / "train_config.json", json.dumps(dataclasses.asdict(c), indent=2) + "\n")
         metrics_file = self.out / "metrics.jsonl"
+        checkpoint.keep_metrics(metrics_file, self.step)
         start, last = time.perf_counter(), {}
-        with open(metrics_file, "w") as log:
-            if self.heldout_pairs:
+        with open(metrics_file, "a") as log:
+            if self.heldout_pairs and self.step == 0:
                 log.write(json.dumps({"step": 0, **self._evaluate()}) + "\n")
-            bar = tqdm(total=self.total_steps, desc=c.task, disable=not c.progress)
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=c.task, disable=not c.progress)
             while self.step < self.total_steps:
                 tick = time.perf_counter()
                 last = self.train_step()
@@ -278,10 +302,26 @@ class AlignTrainer:
                 log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 bar.update(1)
+                if c.save_every and self.step % c.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
             bar.close()
+        self.save_checkpoint()  # before save(), which merges LoRA adapters into the weights
         self.save()
         plot_metrics(metrics_file, self.out / "metrics.png")
         return last
+
+    def save_checkpoint(self) -> Path:
+        position = {"at": self._at, "shuffled_at": self._shuffled_at}
+        state = checkpoint.training_state(self.step, position, self.optimizer, self.scheduler)
+        return checkpoint.save(self.out, state, self.write_weights, self.config.keep)
+
+    def _resume(self) -> None:
+        folder = max(checkpoint.folders(self.out), key=checkpoint.step_of)  # __init__ checked there is one
+        state = checkpoint.read_state(folder, ("at", "shuffled_at"))  # first: a refused file changes nothing
+        checkpoint.restore(state, self.model, self.read_weights(folder), folder, self.optimizer, self.scheduler,
+                           self.total_steps)
+        self.step, self._at, self._shuffled_at = state["step"], state["at"], state["shuffled_at"]
+        self._order = self.shuffled(self._shuffled_at)
 
     def _evaluate(self) -> dict:
         self.model.eval()

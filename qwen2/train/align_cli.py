@@ -1,6 +1,6 @@
 """`qwen2 train rm`, `qwen2 train dpo` and `qwen2 train online-dpo` (see align.py).
 
-    qwen2 train rm --data PAIRS --out DIR [--lora-rank R] [--center C] ...
+    qwen2 train rm --data PAIRS --out DIR [--lora-rank R] [--center C] [--save-every N] [--resume] ...
     qwen2 train dpo --data PAIRS --out DIR [--ref MODEL] [--beta B] [--loss sigmoid|ipo|robust]
         [--optimizer adamw|ondare|onties] [--reserve-rate P] [--merge-alpha A] [--base MODEL] [--lora-rank R] ...
     qwen2 train online-dpo --data PROMPTS (--reward-model RM_DIR | --reward verifier) --out DIR [--samples N] ...
@@ -66,7 +66,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="the model to train (default: the embedded Qwen2.5-Coder-0.5B-Instruct, "
                    "dequantized to float)")
     p.add_argument("--data", help="a .jsonl/.json file or a demo set (dpo_en_demo, dpo_zh_demo)")
-    p.add_argument("--out", help="output folder (metrics.jsonl, metrics.png, the model)")
+    p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, metrics.png, the model)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
     p.add_argument("--epochs", type=float)
     p.add_argument("--lr", type=float, help="peak learning rate (default DPO 5e-5 LoRA / 1e-6 full; "
@@ -83,11 +83,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, help="warm-up as a fraction of the steps (default 0.1)")
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--clip", type=float, help="gradient norm clip (default 1.0; 0 disables)")
-    from qwen2.train.cli import add_lora_options  # here: train.cli imports this module
+    from qwen2.train.cli import add_checkpoint_options, add_lora_options  # here: train.cli imports this module
 
     add_lora_options(p)
     p.add_argument("--grad-checkpointing", action="store_const", const=True,
                    help="recompute activations in the backward pass (less memory, more time)")
+    add_checkpoint_options(p)
     p.add_argument("--on-bad-sample", choices=["error", "skip"], help="a record that cannot be used stops the "
                    "run (error, the default) or is counted and reported (skip)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if present)")

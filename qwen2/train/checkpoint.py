@@ -26,7 +26,9 @@ import torch
 
 from qwen2.errors import OptionError, WeightsError
 from qwen2.files import load_plain, write_folder_atomically, write_text_atomically
+from qwen2.tokenizer import Tokenizer
 from qwen2.train import lora
+from qwen2.weights.export import export_hf
 
 STATE = "trainer_state.pt"
 
@@ -39,6 +41,13 @@ def folders(out: Path) -> list[Path]:
     """The complete checkpoints under out/checkpoints (a half-written one has a hidden .tmp name)."""
     root = out / "checkpoints"
     return [p for p in root.glob("step-*") if p.name.removeprefix("step-").isdigit()] if root.exists() else []
+
+
+def check_options(save_every: int, keep: int) -> None:
+    if keep < 1:  # 0 would delete every checkpoint, the last one included
+        raise OptionError(f"--keep must be at least 1 (the checkpoint --resume continues from), got {keep}")
+    if save_every < 0:
+        raise OptionError(f"--save-every must be 0 (only the final checkpoint) or more, got {save_every}")
 
 
 def require(out: Path) -> None:
@@ -117,14 +126,29 @@ def restore(state: dict, model: torch.nn.Module, weights: dict[str, torch.Tensor
         print(f"resume: from {folder} (step {state['step']} of {total})", file=sys.stderr)
 
 
-def adapter_state(folder: Path) -> dict[str, torch.Tensor]:
-    """The LoRA tensors save_adapter wrote, under the model's own names."""
-    from safetensors.torch import load_file
+def write_weights(folder: Path, model: torch.nn.Module, tokenizer: Tokenizer, adapter: bool, base: str = "",
+                  weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The trained weights: the LoRA adapter alone (`base`: the model it adapts, for its config), or
+    the whole model as an HF checkpoint (`weights`: its state dict where the caller gathered it)."""
+    if adapter:
+        lora.save_adapter(model, folder, base)
+    else:
+        export_hf(model.config, model.state_dict() if weights is None else weights, tokenizer, folder)
 
-    return {k.removeprefix(lora.PEFT_PREFIX): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+
+def read_weights(folder: Path, adapter: bool) -> dict[str, torch.Tensor]:
+    """What write_weights wrote, under the model's own names, in float32."""
+    if adapter:
+        from safetensors.torch import load_file
+
+        return {k.removeprefix(lora.PEFT_PREFIX): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    from qwen2.weights.hf import load_hf
+
+    return load_hf(folder, dtype=torch.float32)[1]
 
 
 def keep_metrics(path: Path, step: int) -> None:
-    """metrics.jsonl cut to the lines of steps up to `step`: a resumed run logs the later ones again."""
+    """metrics.jsonl cut to the lines of steps up to `step`, so a resumed run logs each later step
+    once; a run from step 0 starts it empty."""
     lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    write_text_atomically(path, "".join(line for line in lines if json.loads(line)["step"] <= step))
+    write_text_atomically(path, "".join(line for line in lines if step and json.loads(line)["step"] <= step))

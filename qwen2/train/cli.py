@@ -60,10 +60,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", type=float, help="gradient norm clip (default 1.0; 0 disables)")
     p.add_argument("--grad-checkpointing", action="store_const", const=True,
                    help="recompute activations in the backward pass (less memory, ~30%% more time)")
-    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 50)")
-    p.add_argument("--keep", type=at_least_one, help="checkpoints kept, at least 1 (default 2)")
-    p.add_argument("--resume", action="store_const", const=True, help="continue from the last checkpoint in --out "
-                   "(an error if there is none)")
+    add_checkpoint_options(p)
     p.add_argument("--device", help="cpu or cuda (default: cuda if present; under torchrun each process's own)")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: replicas (ddp, the default) or "
                    "sharded parameters, gradients and optimizer state (fsdp, FSDP2)")
@@ -80,6 +77,14 @@ def at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    """The checkpoint options every training task shares (checkpoint.py)."""
+    p.add_argument("--save-every", type=int, help="steps between checkpoints (default 50)")
+    p.add_argument("--keep", type=at_least_one, help="checkpoints kept, at least 1 (default 2)")
+    p.add_argument("--resume", action="store_const", const=True, help="continue from the last checkpoint in --out "
+                   "(an error if there is none)")
 
 
 def add_lora_options(p: argparse.ArgumentParser) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qwen2.eval.stats import wilson
@@ -37,6 +38,8 @@ from qwen2.tokenizer import Tokenizer
 from qwen2.train import lora
 from qwen2.train.align import AlignTrainer, load_float
 from qwen2.train.preference import Pair
+
+HEAD = "score.safetensors"  # a LoRA checkpoint's head, beside the adapter
 
 
 class RewardModel(nn.Module):
@@ -129,6 +132,8 @@ def load_reward_model(folder: str | Path, device: torch.device | str = "cpu") ->
 class RewardTrainer(AlignTrainer):
     def build_model(self) -> tuple[nn.Module, Tokenizer]:
         transformer, tokenizer = load_float(self.config.model, self.device)
+        if not transformer.config.tie_word_embeddings:  # scores replace the LM head: it is neither trained nor saved
+            transformer.lm_head.requires_grad_(False)
         torch.manual_seed(self.config.seed)
         return RewardModel(transformer), tokenizer
 
@@ -167,3 +172,19 @@ class RewardTrainer(AlignTrainer):
     def save(self) -> None:
         lora.merge_lora(self.model)
         save_hf(self.model, self.tokenizer, self.out)
+
+    def write_weights(self, folder: Path) -> None:
+        """A checkpoint: the reward model as save_hf writes it, or with LoRA the adapter and the head."""
+        if not self.config.lora_rank:
+            save_hf(self.model, self.tokenizer, folder)
+            return
+        lora.save_adapter(self.model, folder, self.config.model or "")
+        save_file({"score.weight": self.model.score.weight.detach().contiguous()}, folder / HEAD)
+
+    def read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
+        if self.config.lora_rank:
+            return super().read_weights(folder) | load_file(folder / HEAD)
+        from qwen2.weights.hf import load_hf
+
+        state = load_hf(folder, dtype=torch.float32)[1]  # HF names: model.* and score.weight
+        return {k if k == "score.weight" else f"transformer.{k}": v for k, v in state.items()}

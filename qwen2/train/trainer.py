@@ -108,10 +108,7 @@ class TrainConfig:
             raise OptionError("--parallel fsdp trains every weight from the start: for LoRA or --resume use ddp")
         if self.lr is not None and not 0 < self.lr < 1:
             raise OptionError(f"--lr must be in (0, 1), got {self.lr}")
-        if self.keep < 1:  # 0 would delete every checkpoint, the last one included
-            raise OptionError(f"--keep must be at least 1 (the checkpoint --resume continues from), got {self.keep}")
-        if self.save_every < 0:
-            raise OptionError(f"--save-every must be 0 (only the final checkpoint) or more, got {self.save_every}")
+        checkpoint.check_options(self.save_every, self.keep)
 
     @property
     def learning_rate(self) -> float:
@@ -328,7 +325,9 @@ class Trainer:
             sharded = self.config.parallel == "fsdp" and self.world > 1  # its optimizer state is not whole here
             state = checkpoint.training_state(self.step, {"epoch": self.epoch, "row": self.row},
                                               None if sharded else self.optimizer, self.scheduler)
-            checkpoint.save(self.out, state, lambda folder: self._save_weights(folder, weights), self.config.keep)
+            checkpoint.save(self.out, state, lambda folder: checkpoint.write_weights(
+                folder, self.model, self.tokenizer, bool(self.config.lora_rank), self.config.model or "", weights),
+                self.config.keep)
         distributed.barrier()
         return folder
 
@@ -342,21 +341,10 @@ class Trainer:
             return full_state_dict(self.model)
         return self.model.state_dict()
 
-    def _save_weights(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
-        if self.config.lora_rank:
-            lora.save_adapter(self.model, folder, self.config.model or "")
-        else:
-            export_hf(self.model.config, weights, self.tokenizer, folder)
-
     def _resume(self) -> None:
         folder = max(checkpoint.folders(self.out), key=checkpoint.step_of)  # __init__ checked there is one
         state = checkpoint.read_state(folder, ("epoch", "row"))  # first: a refused file leaves the model as it was
-        if self.config.lora_rank:
-            weights = checkpoint.adapter_state(folder)
-        else:
-            from qwen2.weights.hf import load_hf
-
-            weights = load_hf(folder, dtype=torch.float32)[1]
+        weights = checkpoint.read_weights(folder, bool(self.config.lora_rank))
         checkpoint.restore(state, self.model, weights, folder, self.optimizer, self.scheduler, self.total_steps,
                            say=self.lead)
         self.step, self.epoch, self.row = state["step"], state["epoch"], state["row"]

@@ -46,18 +46,23 @@ def test_mistakes_are_one_line_before_any_model_loads(argv, words, capsys):
     assert exit_.value.code == 1 and len(err) == 1 and words in err[0], err
 
 
+@pytest.mark.parametrize("command", ["sft", "pretrain", "rm", "dpo", "online-dpo"])
 @pytest.mark.parametrize("value, words", [("0", "must be at least 1, got 0"), ("-1", "at least 1"),
                                           ("two", "must be a whole number")])
-def test_keep_below_one_is_refused_by_the_parser(value, words, capsys):
+def test_keep_below_one_is_refused_by_the_parser(command, value, words, capsys):
     # --keep 0 once deleted every checkpoint, the one --resume needs included
     with pytest.raises(SystemExit) as exit_:
-        parse("sft", "--data", "d", "--out", "o", "--keep", value)
+        parse(command, "--data", "d", "--out", "o", "--keep", value)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--keep" in err and words in err, err
 
 
-def test_keep_below_one_in_a_config_file_is_refused_too(tmp_path):
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_keep_below_one_in_a_config_file_is_refused_too(command, tmp_path):
+    from qwen2.train import align_cli
+
     toml = tmp_path / "run.toml"
     toml.write_text('data = "chat.jsonl"\nout = "run"\nkeep = 0\n')
+    read = config_from if command == "sft" else align_cli.config_from
     with pytest.raises(OptionError, match="--keep must be at least 1"):
-        config_from(parse("sft", "--config", str(toml))).check()
+        read(parse(command, "--config", str(toml))).check()

@@ -1,0 +1,162 @@
+"""The preference loop's checkpoints (qwen2.train.align with checkpoint.py): a dpo or rm run
+stopped, or killed with SIGKILL, and resumed logs the same losses and metrics step for step as
+one that ran through, LoRA or full, AdamW or OnDARE, the reward model's head included; a
+checkpoint that would run code is refused in one line, and --resume with nothing to resume is
+an error before any model loads."""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from qwen2.errors import OptionError, WeightsError
+from qwen2.train.align import AlignConfig
+from qwen2.train.align_cli import trainer_for
+from tests.conftest import PickledPayload
+from tests.train.test_trainer import ENV, PACKAGE_ROOT, PROBE, checkpoint_names
+
+TIMING = {"seconds", "elapsed", "rss_mib"}  # the only values two runs may differ in
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}: is {i} a number?", "chosen": "Yes, it is.", "rejected": "No way."}
+            for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config(tiny_hf, pairs, out, **overrides):
+    # 6 training pairs, 2 a step: step 4 starts the second epoch's order, so a resume from step-4
+    # must restore that order and the place in it
+    fields = dict(data=str(pairs), out=str(out), model=str(tiny_hf), device="cpu", bf16=False, progress=False,
+                  heldout=0.25, batch_size=2, max_len=64, steps=6, save_every=4, lr=1e-2, eval_every=2)
+    return AlignConfig(**(fields | overrides))
+
+
+def metrics(out):
+    """Every logged line, timings left out."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_before(trainer, step):
+    """Make `trainer` stop as a kill would, before `step` + 1 starts (its `step` losses logged)."""
+    original = trainer.train_step
+
+    def train_step():
+        if trainer.step == step:
+            raise Stop
+        return original()
+
+    trainer.train_step = train_step
+
+
+@pytest.mark.parametrize("settings", [
+    dict(task="dpo", lora_rank=4, lora_dropout=0.1),  # dropout: the RNG state matters
+    dict(task="dpo", optimizer="ondare", reserve_rate=0.5, lr=1e-4),  # full weights; OnDARE's masks
+    dict(task="rm", lora_rank=4, lora_dropout=0.1),  # the adapter and the head
+    dict(task="rm", lr=1e-4),
+], ids=["dpo-lora", "dpo-full-ondare", "rm-lora", "rm-full"])  # fmt: skip
+def test_a_stopped_run_resumes_to_the_same_losses_and_metrics(settings, tiny_hf, pairs, tmp_path):
+    whole = trainer_for(config(tiny_hf, pairs, tmp_path / "whole", **settings))
+    whole.train()
+    stopped = trainer_for(config(tiny_hf, pairs, tmp_path / "stopped", **settings))
+    stop_before(stopped, 5)  # step 5 is logged but in no checkpoint: it is done again
+    with pytest.raises(Stop):
+        stopped.train()
+    assert [m["step"] for m in metrics(tmp_path / "stopped")] == [0, 1, 2, 3, 4, 5]
+    resumed = trainer_for(config(tiny_hf, pairs, tmp_path / "stopped", **settings, resume=True))
+    resumed.train()
+    assert metrics(tmp_path / "stopped") == metrics(tmp_path / "whole")
+    assert [m["step"] for m in metrics(tmp_path / "whole")] == [0, 1, 2, 3, 4, 5, 6]
+    assert len({m["loss"] for m in metrics(tmp_path / "whole")[1:]}) == 6  # the losses do move
+    assert checkpoint_names(tmp_path / "stopped") == ["step-4", "step-6"]
+
+
+def dpo_args(tiny_hf, pairs, out, *extra):
+    return ["train", "dpo", "--model", str(tiny_hf), "--data", str(pairs), "--out", str(out), "--steps", "6",
+            "--save-every", "2", "--batch-size", "2", "--max-len", "64", "--lr", "1e-2", "--no-bf16",
+            "--device", "cpu", "--heldout", "0.25", "--lora-rank", "4", "--lora-dropout", "0.1", *extra]
+
+
+def qwen2_cli(*args):
+    return subprocess.run([sys.executable, "-m", "qwen2", *args], env=ENV, cwd=PACKAGE_ROOT, capture_output=True,
+                          text=True)
+
+
+@pytest.mark.parametrize("where, step, logged, left, resumed_from", [
+    # between steps 5 and 6: step 5 is logged (with the eval line of step 0) but in no checkpoint
+    ("before-step", 5, 6, ["step-2", "step-4"], 4),
+    # while checkpoint 4's trainer_state.pt is half written: step-2 is the latest whole one
+    ("in-checkpoint", 4, 5, ["step-2"], 2),
+])  # fmt: skip
+def test_a_dpo_run_killed_with_sigkill_resumes_to_the_same_losses(where, step, logged, left, resumed_from,
+                                                                   tiny_hf, pairs, tmp_path):
+    whole, killed, log = tmp_path / "whole", tmp_path / "killed", tmp_path / "killed.log"
+    run = qwen2_cli(*dpo_args(tiny_hf, pairs, whole))
+    assert run.returncode == 0, run.stderr[-2000:]
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(PROBE), where, str(step), "--",
+                                 *dpo_args(tiny_hf, pairs, killed)],
+                                env=ENV, cwd=PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    guard = threading.Timer(600, proc.kill)  # only a hung run trips it, and the test then fails below
+    guard.start()
+    said = proc.stdout.readline()  # the probe says when the trainer is at the chosen point
+    guard.cancel()
+    assert said == "paused\n", log.read_text()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(metrics(killed)) == logged and [n for n in checkpoint_names(killed) if n.startswith("step-")] == left
+    done = qwen2_cli(*dpo_args(tiny_hf, pairs, killed, "--resume"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resume: from {killed / 'checkpoints' / f'step-{resumed_from}'} (step {resumed_from} of 6)" in done.stderr
+    assert metrics(killed) == metrics(whole)
+    assert checkpoint_names(killed) == ["step-4", "step-6"]  # the half-written one's folder is gone
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_with_one_line_and_not_run(tiny_hf, pairs, tmp_path, capsys):
+    from qwen2.cli import main
+
+    trainer_for(config(tiny_hf, pairs, tmp_path, task="dpo", lora_rank=4, steps=2)).train()
+    state_file = tmp_path / "checkpoints" / "step-2" / "trainer_state.pt"
+    state, marker = torch.load(state_file, weights_only=True), tmp_path / "payload-ran"
+    torch.save(state | {"at": PickledPayload(marker)}, state_file)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(dpo_args(tiny_hf, pairs, tmp_path, "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1, err
+    assert "trainer_state.pt was not loaded" in err[0] and "could run code" in err[0] and "delete" in err[0]
+    assert not marker.exists()
+    torch.save(state | {"at": "two"}, state_file)  # plain values, but not a data position
+    with pytest.raises(WeightsError, match="lacks the step, data position"):
+        trainer_for(config(tiny_hf, pairs, tmp_path, task="dpo", lora_rank=4, steps=4, resume=True)).train()
+
+
+@pytest.mark.parametrize("task", ["rm", "dpo", "online-dpo"])
+def test_resume_without_a_checkpoint_is_an_error_before_the_model_loads(task, pairs, tmp_path, capsys):
+    from qwen2.cli import main
+
+    extra = {"reward": "verifier"} if task == "online-dpo" else {}
+    # no such model: were it loaded first, the error would be about the model
+    with pytest.raises(OptionError, match="--resume: no checkpoint in .*checkpoints.*drop --resume"):
+        trainer_for(AlignConfig(data=str(pairs), out=str(tmp_path), task=task, model="/no/such/model", resume=True,
+                                **extra))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", task, "--data", str(pairs), "--out", str(tmp_path), "--model", "/no/such/model", "--resume",
+              *(["--reward", "verifier"] if extra else [])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1 and "--resume: no checkpoint" in err[0], err
+    assert not (tmp_path / "metrics.jsonl").exists()
