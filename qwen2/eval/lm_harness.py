@@ -7,7 +7,10 @@ to lm_eval's own:
 
     python -m qwen2.eval.lm_harness run --model qwen2 --model_args quant=none,ctx=4k --tasks arc_easy
 
-or, in Python, `import qwen2.eval.lm_harness` before `lm_eval.simple_evaluate(model="qwen2", ...)`,
+which also finds our offline tasks, qwen2_mmlu and qwen2_asdiv (qwen2.eval.lm_tasks), unless the
+command names an --include_path of its own (lm_eval takes one); or, in Python, `import
+qwen2.eval.lm_harness` before `lm_eval.simple_evaluate(model="qwen2", ...)` (our tasks:
+`task_manager=TaskManager(include_path=str(qwen2.eval.lm_tasks.TASKS))`),
 or pass `Qwen2LM(llm=llm)` as the model to reuse a loaded one. The model args are the shared
 model options (model, dtype, device, quant, ctx, rope_scaling, dca), checked as our commands check
 them (lm_eval's own --device is ignored: it defaults to cuda:0 on any machine); `--batch_size N`
@@ -176,6 +179,10 @@ class Qwen2LM(TemplateLM):
 if __name__ == "__main__":
     from lm_eval.__main__ import cli_evaluate
 
+    from qwen2.eval.lm_tasks import TASKS
+
+    if sys.argv[1:2] in (["run"], ["ls"], ["validate"]) and not any(a.startswith("--include_path") for a in sys.argv):
+        sys.argv += ["--include_path", str(TASKS)]
     try:
         cli_evaluate()
     except Qwen2Error as e:

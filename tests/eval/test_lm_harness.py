@@ -1,6 +1,8 @@
 """The `qwen2` model of lm-evaluation-harness: a local task definition over a local JSONL file run
 through lm_eval's own `simple_evaluate` (offline), scores equal to a direct forward pass of our
-model, `until` and `max_gen_toks` obeyed, and the model args checked as our options."""
+model, `until` and `max_gen_toks` obeyed, the model args checked as our options, and our offline
+MMLU and ASDiv tasks (qwen2.eval.lm_tasks) scored alike through our model and lm_eval's `hf` one
+(transformers) on the same HF folder."""
 
 import json
 import os
@@ -22,7 +24,9 @@ from lm_eval.utils import simple_parse_args_string  # noqa: E402
 from qwen2.engine.engine import Engine  # noqa: E402
 from qwen2.engine.llm import LLM  # noqa: E402
 from qwen2.errors import OptionError  # noqa: E402
+from qwen2.eval import mmlu  # noqa: E402
 from qwen2.eval.lm_harness import Qwen2LM, concurrency, load_options  # noqa: E402
+from qwen2.eval.lm_tasks import TASKS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = [
@@ -167,6 +171,15 @@ def test_the_command_line_runs_a_local_task_with_the_qwen2_model(tiny_gguf, tmp_
     assert "qwen2_tiny_mc" in run.stdout and "acc" in run.stdout
 
 
+def test_the_command_line_finds_our_offline_tasks_without_an_include_path(tiny_gguf):
+    run = subprocess.run([sys.executable, "-m", "qwen2.eval.lm_harness", "run", "--model", "qwen2",
+                          "--model_args", f"model={tiny_gguf},quant=none,ctx=512", "--tasks", "qwen2_mmlu",
+                          "--limit", "2"], cwd=ROOT, env=dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "|qwen2_mmlu|" in run.stdout.replace(" ", "")
+
+
 def test_bad_model_args_on_the_command_line_are_one_clear_line(tmp_path):
     write_tasks(tmp_path, "\n")
     run = subprocess.run([sys.executable, "-m", "qwen2.eval.lm_harness", "run", "--model", "qwen2",
@@ -176,3 +189,37 @@ def test_bad_model_args_on_the_command_line_are_one_clear_line(tmp_path):
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1].startswith("qwen2: error: qwen2 model_args: argument quant: invalid")
     assert "Traceback" not in run.stderr
+
+
+def both_models(folder: Path, tasks: list[str], **kwargs) -> tuple[dict, dict]:
+    """`tasks` through our model and through lm_eval's `hf` model, both float32 on the CPU, on one folder."""
+    common = dict(tasks=tasks, task_manager=TaskManager(include_path=str(TASKS)), log_samples=True, batch_size=4,
+                  **kwargs)
+    ours = simple_evaluate(model="qwen2", model_args=f"model={folder},quant=none,dtype=float32,ctx=512", **common)
+    theirs = simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu", **common)
+    return ours, theirs
+
+
+def test_our_mmlu_task_scores_as_transformers_does_on_the_same_weights(tiny_hf):
+    ours, theirs = both_models(tiny_hf, ["qwen2_mmlu"], limit=8)
+    mine, hf = ours["samples"]["qwen2_mmlu"], theirs["samples"]["qwen2_mmlu"]
+    assert len(mine) == len(hf) == 8
+    # the task asks what `qwen2 eval mmlu` asks, over the same questions (the 5-shot examples left out)
+    first = mmlu.questions()[mmlu.SHOTS]
+    assert mine[0]["doc"]["id"] == first["id"]
+    assert mine[0]["arguments"] == [(mmlu.prompt(first, []), f" {letter}") for letter in mmlu.LETTERS]
+    for a, b in zip(mine, hf):
+        assert a["doc"] == b["doc"]
+        ours_ll, hf_ll = ([r[0][0] for r in s["resps"]] for s in (a, b))
+        assert max(ours_ll) - min(ours_ll) > 0.1  # the letters are told apart, so agreeing means something
+        assert ours_ll == pytest.approx(hf_ll, abs=1e-4)
+        assert a["acc"] == b["acc"]
+    assert ours["results"]["qwen2_mmlu"]["acc,none"] == theirs["results"]["qwen2_mmlu"]["acc,none"]
+
+
+def test_our_asdiv_task_generates_as_transformers_does_on_the_same_weights(tiny_hf):
+    ours, theirs = both_models(tiny_hf, ["qwen2_asdiv"], limit=3, gen_kwargs="max_gen_toks=8")
+    mine, hf = ours["samples"]["qwen2_asdiv"], theirs["samples"]["qwen2_asdiv"]
+    assert [s["resps"] for s in mine] == [s["resps"] for s in hf] and len(mine) == 3
+    assert all(len(s["resps"][0][0]) > 0 for s in mine)
+    assert ours["results"]["qwen2_asdiv"]["acc,none"] == theirs["results"]["qwen2_asdiv"]["acc,none"]
