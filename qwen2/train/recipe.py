@@ -27,10 +27,10 @@ last (atomically) with its settings and headline metrics; a rerun skips a stage 
 the same settings, so a recipe interrupted between stages resumes at the next one, and one extended
 by stages runs only the new ones. A stage's settings include those of every stage before it: a
 done.json of other settings is refused (delete that folder and the ones after it to redo them),
-never silently reused. Within a stage its own resume applies: sft continues from its last checkpoint,
-the data commands and the evals from their samples.jsonl and items files; reward, dpo and online DPO
-start their stage again. stdout gets a line per stage (started, skipped as done, finished with
-seconds) and a final JSON line: each stage's folder and headline metrics, and the final model.
+never silently reused. Within a stage its own resume applies: sft, reward, dpo and online DPO continue
+from their last checkpoint, the data commands and the evals from their samples.jsonl and items files.
+stdout gets a line per stage (started, skipped as done, finished with seconds) and a final JSON line:
+each stage's folder and headline metrics, and the final model.
 
 Not covered: exec-feedback problems as online DPO prompts (their tests are not a verifier online DPO
 runs), ASDiv problems as prompts (their golds are read by the eval's own rule), evals without per-item
@@ -226,7 +226,7 @@ def _align(at: str, task: str, table: dict, folder: Path, policy: str | None, da
     if data is None and "data" not in table:
         raise OptionError(f"{at} data is required: add a [data] stage, whose output it trains on, or give data = FILE")
     fixed = dict(task=task, model=policy, out=str(folder), data=data)
-    return _config(at, AlignConfig, table, fixed, reserved=("out", "task"))
+    return _config(at, AlignConfig, table, fixed, reserved=("out", "task", "resume"))
 
 
 # -- the data and eval commands, through their own parsers ----------------------------------------
@@ -352,11 +352,17 @@ def _headline(folder: Path) -> dict:
     return {k: v for k, v in last.items() if k in ("step", "loss") or k.startswith("eval_")}
 
 
+def _cut_short(out: str) -> bool:
+    """A stage cut short left checkpoints: it continues from the last one, as --resume does."""
+    from qwen2.train import checkpoint
+
+    return bool(checkpoint.folders(Path(out)))
+
+
 def _train_sft(config) -> dict:
     from qwen2.train.trainer import Trainer
 
-    # a stage cut short left checkpoints: continue from the last one, as --resume does
-    config.resume = any((Path(config.out) / "checkpoints").glob("step-*"))
+    config.resume = _cut_short(config.out)
     Trainer(config).train()
     return _headline(Path(config.out))
 
@@ -364,6 +370,7 @@ def _train_sft(config) -> dict:
 def _train_align(config) -> dict:
     from qwen2.train import align_cli
 
+    config.resume = _cut_short(config.out)
     align_cli.trainer_for(config).train()
     return _headline(Path(config.out))
 

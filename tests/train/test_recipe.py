@@ -219,3 +219,29 @@ def test_a_bad_recipe_is_one_line_naming_the_key_before_anything_runs(text, word
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and len(err) == 1 and words in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_preference_stage_cut_short_continues_from_its_last_checkpoint(tiny_hf, files, tmp_path, monkeypatch,
+                                                                         capsys):
+    from qwen2.train.align import AlignTrainer
+
+    out, path = tmp_path / "out", tmp_path / "recipe.toml"
+    online = stages(*files)["online_dpo"].replace("steps = 1", f'steps = 2\nsave_every = 1\ndata = "{files[1]}"')
+    write_recipe(path, out, tiny_hf, ['[reward]\nkind = "verifier"\n', online])
+    original = AlignTrainer.train_step
+
+    def killed_in_step_2(self):
+        if self.step == 1:
+            raise RuntimeError("killed in step 2")
+        return original(self)
+
+    monkeypatch.setattr(AlignTrainer, "train_step", killed_in_step_2)
+    with pytest.raises(SystemExit):
+        main(["train", "recipe", str(path)])
+    assert "killed in step 2" in capsys.readouterr().err
+    monkeypatch.undo()
+    _, summary = run_recipe(path)
+    stage = out / "05-online_dpo"
+    assert f"resume: from {stage / 'checkpoints' / 'step-1'} (step 1 of 2)" in capsys.readouterr().err
+    assert statuses(summary)["05-online_dpo"] == "finished"
+    assert [row["step"] for row in read_jsonl(stage / "metrics.jsonl")] == [0, 1, 2]
