@@ -5,10 +5,8 @@ checkpoint that would run code is refused in one line, and --resume with nothing
 an error before any model loads."""
 
 import json
-import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from qwen2.errors import OptionError, WeightsError
 from qwen2.train.align import AlignConfig
 from qwen2.train.align_cli import trainer_for
 from tests.conftest import PickledPayload
-from tests.train.test_trainer import ENV, PACKAGE_ROOT, PROBE, checkpoint_names
+from tests.train.test_trainer import ENV, PACKAGE_ROOT, checkpoint_names, kill_when_paused
 
 TIMING = {"seconds", "elapsed", "rss_mib"}  # the only values two runs may differ in
 
@@ -102,22 +100,10 @@ def qwen2_cli(*args):
 ])  # fmt: skip
 def test_a_dpo_run_killed_with_sigkill_resumes_to_the_same_losses(where, step, logged, left, resumed_from,
                                                                    tiny_hf, pairs, tmp_path):
-    whole, killed, log = tmp_path / "whole", tmp_path / "killed", tmp_path / "killed.log"
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
     run = qwen2_cli(*dpo_args(tiny_hf, pairs, whole))
     assert run.returncode == 0, run.stderr[-2000:]
-    with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(PROBE), where, str(step), "--",
-                                 *dpo_args(tiny_hf, pairs, killed)],
-                                env=ENV, cwd=PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    guard = threading.Timer(600, proc.kill)  # only a hung run trips it, and the test then fails below
-    guard.start()
-    said = proc.stdout.readline()  # the probe says when the trainer is at the chosen point
-    guard.cancel()
-    assert said == "paused\n", log.read_text()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_paused(where, step, dpo_args(tiny_hf, pairs, killed), tmp_path / "killed.log")
     assert len(metrics(killed)) == logged and [n for n in checkpoint_names(killed) if n.startswith("step-")] == left
     done = qwen2_cli(*dpo_args(tiny_hf, pairs, killed, "--resume"))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -85,6 +85,22 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(PACKAGE_ROOT)}
 PROBE = Path(__file__).with_name("pause_probe.py")
 
 
+def kill_when_paused(where: str, step: int, cli_args: list[str], log: Path) -> None:
+    """`qwen2 train ...` run under the probe until it pauses at `where` of `step`, then SIGKILLed."""
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(PROBE), where, str(step), "--", *cli_args],
+                                env=ENV, cwd=PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    guard = threading.Timer(600, proc.kill)  # only a hung run trips it, and the test then fails below
+    guard.start()
+    said = proc.stdout.readline()  # the probe says when the trainer is at the chosen point
+    guard.cancel()
+    assert said == "paused\n", log.read_text()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def train_args(tiny_hf, chat_file, out, *extra):
     return ["train", "sft", "--model", str(tiny_hf), "--data", str(chat_file), "--out", str(out), "--steps", "6",
             "--save-every", "2", "--batch-size", "2", "--max-len", "64", "--lr", "1e-3", "--no-bf16",
@@ -121,20 +137,8 @@ def uninterrupted(tiny_hf, chat_file, tmp_path_factory):
 ])  # fmt: skip
 def test_a_run_killed_with_sigkill_resumes_to_the_same_losses(where, step, logged, left, resumed_from, uninterrupted,
                                                                tiny_hf, chat_file, tmp_path):
-    killed, log = tmp_path / "killed", tmp_path / "killed.log"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(PROBE), where, str(step), "--",
-                                 *train_args(tiny_hf, chat_file, killed)],
-                                env=ENV, cwd=PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    guard = threading.Timer(600, proc.kill)  # only a hung run trips it, and the test then fails below
-    guard.start()
-    said = proc.stdout.readline()  # the probe says when the trainer is at the chosen point
-    guard.cancel()
-    assert said == "paused\n", log.read_text()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    killed = tmp_path / "killed"
+    kill_when_paused(where, step, train_args(tiny_hf, chat_file, killed), tmp_path / "killed.log")
     assert len(losses(killed)) == logged and [n for n in checkpoint_names(killed) if n.startswith("step-")] == left
     done = qwen2_cli(*train_args(tiny_hf, chat_file, killed, "--resume"))
     assert done.returncode == 0, done.stderr[-2000:]
