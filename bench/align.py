@@ -1,11 +1,12 @@
 """Preference training on the default model (Qwen2.5-Coder-0.5B-Instruct, float32, LoRA) with
 llamafactory's dpo_en_demo pairs: the numbers of bench/RESULTS.md's alignment section.
 
-    python bench/align.py rm  [--steps 60]                  # reward model: held-out accuracy before/after
+    python bench/align.py rm  [--steps 60] [--data PAIRS]   # reward model: held-out accuracy before/after
     python bench/align.py tax [--steps 100] [--asdiv 60]    # DPO with AdamW vs OnDARE vs OnTIES: the alignment tax
     python bench/align.py tau [--steps 60] [--sft-steps 40] # the same, full fine-tuning with a real SFT delta tau
 
-The records of dpo_en_demo whose prompt takes at most half of --max-len tokens are used
+The records of dpo_en_demo (rm: or --data, e.g. the pairs.jsonl of `qwen2 data instruct-feedback`,
+whose chosen reply meets every constraint and rejected one does not) whose prompt takes at most half of --max-len tokens are used
 (--max-prompt-len, as the README's example; replies are cut to fit); --heldout of them (seeded
 split) are held out. Each run writes its output folder under --out and ends with one JSON line.
 tax's OnDARE run is the README's `qwen2 train dpo` example; its metrics plot is copied to
@@ -44,11 +45,11 @@ def cpu() -> str:
     return f"{name}, load {' '.join(load)}"
 
 
-def train(task: str, out: Path, **settings) -> tuple[dict, list[dict], float]:
+def train(task: str, out: Path, data: str = "dpo_en_demo", **settings) -> tuple[dict, list[dict], float]:
     from qwen2.train.align import AlignConfig
     from qwen2.train.align_cli import trainer_for
 
-    config = AlignConfig(data="dpo_en_demo", out=str(out), task=task, progress=False, **settings)
+    config = AlignConfig(data=data, out=str(out), task=task, progress=False, **settings)
     start = time.perf_counter()
     trainer = trainer_for(config)
     print(f"{task}: {len(trainer.train_pairs)} train, {len(trainer.heldout_pairs)} held-out pairs", file=sys.stderr)
@@ -106,6 +107,7 @@ def optimizer_runs(args: argparse.Namespace, prefix: str, steps: int, before: fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["rm", "tax", "tau"])
+    parser.add_argument("--data", default="dpo_en_demo", help="rm: the pairs (e.g. a `qwen2 data ...` pairs.jsonl)")
     parser.add_argument("--heldout", type=float, default=0.25)
     parser.add_argument("--max-len", type=int, default=256)
     parser.add_argument("--steps", type=int, help="default: rm 60, tax 100, tau 60")
@@ -120,9 +122,11 @@ def main() -> None:
     lr = args.lr or {"rm": 2e-4, "tax": 5e-4, "tau": 5e-6}[args.what]
     common = dict(max_len=args.max_len, max_prompt_len=args.max_len // 2, heldout=args.heldout,
                   lora_rank=0 if args.what == "tau" else 8, batch_size=2, seed=0, lr=lr, on_bad_sample="skip")
-    result: dict = {"bench": f"align-{args.what}", "cpu": cpu(), "heldout": args.heldout}
+    result: dict = {"bench": f"align-{args.what}", "cpu": cpu(), "heldout": args.heldout, "lr": lr}
     if args.what == "rm":
-        last, rows, seconds = train("rm", args.out / "rm", steps=steps, eval_every=args.eval_every,
+        result["data"] = args.data
+    if args.what == "rm":
+        last, rows, seconds = train("rm", args.out / "rm", data=args.data, steps=steps, eval_every=args.eval_every,
                                     center=0.01, **common)
         result |= {"steps": steps, "eval": [{k: r[k] for k in r if k == "step" or k.startswith("eval_")}
                                                  for r in rows if "eval_accuracy" in r]}
