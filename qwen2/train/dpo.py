@@ -79,6 +79,7 @@ class DPOTrainer(AlignTrainer):
         self.cache: dict[int, tuple[float, float]] | None = None
         if c.precompute_ref and c.task == "dpo":
             self.cache = self.precompute(self.train_pairs + self.heldout_pairs)
+            self.ref_model = None  # every value it gives is cached now: its copy of the weights is free memory
 
     # -- the reference ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -88,6 +89,8 @@ class DPOTrainer(AlignTrainer):
         training = self.model.training
         if self.ref_model is not None:
             sums, _ = sequence_logps(self.ref_model, *tensors[:4])
+        elif not self.config.lora_rank:  # the policy itself would be no reference
+            raise RuntimeError("the reference copy was released once its log-probabilities were cached")
         else:
             self.model.eval()
             with lora_off(self.model):

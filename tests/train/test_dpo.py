@@ -79,15 +79,18 @@ def test_losses_equal_a_direct_float64_computation():
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_cached_reference_log_probs_equal_live_ones_before_and_after_training(tiny_hf, tmp_path, lora_rank):
     trainer = DPOTrainer(_config(tiny_hf, tmp_path, lora_rank=lora_rank, steps=2, lr=1e-2))
+    # full fine-tuning: the frozen copy is released once its values are cached; a live trainer keeps one
+    live_trainer = trainer if lora_rank else DPOTrainer(_config(tiny_hf, tmp_path, out=str(tmp_path / "live"),
+                                                                precompute_ref=False))
+    assert (trainer.ref_model is None) and (live_trainer.ref_model is not None) == (not lora_rank)
     pairs = trainer.train_pairs + trainer.heldout_pairs
     cached = trainer.reference(pairs)
-    live = trainer.reference_live(pairs)
-    for a, b in zip(cached, live):
+    for a, b in zip(cached, live_trainer.reference_live(pairs)):
         assert torch.allclose(a, b, atol=1e-4) and a.abs().min() > 1
     for _ in range(2):  # the policy moves; its reference must not
         trainer.train_step()
     assert any((p.detach() != 0).any() for p in trainer.params)
-    for a, b in zip(cached, trainer.reference_live(pairs)):
+    for a, b in zip(trainer.reference(pairs), live_trainer.reference_live(pairs)):
         assert torch.allclose(a, b, atol=1e-4)
     again = DPOTrainer(_config(tiny_hf, tmp_path, lora_rank=lora_rank))  # read back from out/ref_logps.pt
     assert again.cache == trainer.cache
