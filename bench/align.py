@@ -5,14 +5,15 @@ llamafactory's dpo_en_demo pairs: the numbers of bench/RESULTS.md's alignment se
     python bench/align.py tax [--steps 100] [--asdiv 60]    # DPO with AdamW vs OnDARE vs OnTIES: the alignment tax
     python bench/align.py tau [--steps 60] [--sft-steps 40] # the same, full fine-tuning with a real SFT delta tau
 
-The records of dpo_en_demo (rm: or --data, e.g. the pairs.jsonl of `qwen2 data instruct-feedback`,
-whose chosen reply meets every constraint and rejected one does not) whose prompt takes at most half of --max-len tokens are used
-(--max-prompt-len, as the README's example; replies are cut to fit); --heldout of them (seeded
-split) are held out. Each run writes its output folder under --out and ends with one JSON line.
+The records of dpo_en_demo (rm: or of --data, e.g. bench/graded_pairs.py's verifier-graded pairs)
+whose prompt takes at most half of --max-len tokens are used (--max-prompt-len, as the README's
+example; replies are cut to fit); --heldout of them (seeded split) are held out. Each run writes
+its output folder under --out and ends with one JSON line.
 tax's OnDARE run is the README's `qwen2 train dpo` example; its metrics plot is copied to
 bench/align_dpo.png. tax also scores ASDiv accuracy (the first
 --asdiv problems, greedy chain of thought, qwen2/eval/asdiv.py, batched) of the model before and
-after each optimizer; a tax run whose folder already holds a finished model is not trained again.
+after each optimizer; a run whose folder already holds a finished model is not trained again, and
+ASDiv answers are kept beside each model (asdiv.jsonl), so a rerun after a kill redoes neither.
 tau first fine-tunes every weight of the default model on alpaca_en_demo (the SFT stage: base =
 the default model, SFT = its output, tau = SFT - base), then runs DPO from the SFT model with each
 optimizer, the merging ones given --base so they merge tau back in (alpha per --merge-alpha); the
@@ -59,17 +60,21 @@ def train(task: str, out: Path, data: str = "dpo_en_demo", **settings) -> tuple[
     return last, rows, seconds
 
 
-def asdiv_accuracy(model_dir: Path | None, n: int) -> tuple[float, float]:
-    """(accuracy on the first n ASDiv problems, seconds): float32, greedy, 16 at a time."""
+def asdiv_accuracy(model_dir: Path | None, n: int, record: Path) -> tuple[float, float]:
+    """(accuracy on the first n ASDiv problems, seconds): float32, greedy, 16 at a time. Each
+    answer is kept in `record` (.jsonl), so a rerun after a kill scores only what is missing."""
     from qwen2.eval import asdiv
     from qwen2.eval.harness import Results
     from qwen2.loading import load
 
     start = time.perf_counter()
-    llm = load(str(model_dir) if model_dir else None, quant="none", dtype="float32", max_concurrency=16)
-    results = Results("asdiv", {}, None)
-    asdiv.run(llm, asdiv.problems()[:n], results, max_tokens=256)
-    return asdiv.summarize(list(results.records.values()))["accuracy"] / 100, time.perf_counter() - start
+    problems = asdiv.problems()[:n]
+    results = Results("asdiv", {"model": str(model_dir or "default")}, record)
+    if any(p["id"] not in results for p in problems):
+        llm = load(str(model_dir) if model_dir else None, quant="none", dtype="float32", max_concurrency=16)
+        asdiv.run(llm, problems, results, max_tokens=256)
+    records = results.ordered(p["id"] for p in problems)
+    return asdiv.summarize(records)["accuracy"] / 100, time.perf_counter() - start
 
 
 def sft(out: Path, steps: int, max_len: int) -> float:
@@ -96,7 +101,7 @@ def optimizer_runs(args: argparse.Namespace, prefix: str, steps: int, before: fl
                   **common, **(merging if optimizer != "adamw" else {}))
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in rows if "eval_accuracy" in r]
-        after, _ = asdiv_accuracy(out, args.asdiv)
+        after, _ = asdiv_accuracy(out, args.asdiv, out / "asdiv.json")
         runs[optimizer] = {"eval": [{k: r[k] for k in r if k == "step" or k.startswith("eval_")} for r in evals],
                            "train_seconds": rows[-1]["elapsed"], "asdiv_after": after,
                            "asdiv_change": round(after - before, 4)}
@@ -135,8 +140,8 @@ def main() -> None:
 
         sft_dir = args.out / "tau-sft"
         sft_seconds = sft(sft_dir, args.sft_steps, args.max_len)
-        base_score, _ = asdiv_accuracy(None, args.asdiv)
-        before, _ = asdiv_accuracy(sft_dir, args.asdiv)
+        base_score, _ = asdiv_accuracy(None, args.asdiv, args.out / "asdiv-base.json")
+        before, _ = asdiv_accuracy(sft_dir, args.asdiv, sft_dir / "asdiv.json")
         result |= {"steps": steps, "lr": lr, "sft_steps": args.sft_steps, "sft_seconds": round(sft_seconds),
                    "merge_alpha": args.merge_alpha, "asdiv_problems": args.asdiv, "asdiv_base": base_score,
                    "asdiv_before": before,
@@ -144,7 +149,7 @@ def main() -> None:
                                           base=DEFAULT_NAME, merge_alpha=args.merge_alpha)}
         seconds = 0.0
     else:
-        before, asdiv_seconds = asdiv_accuracy(None, args.asdiv)
+        before, asdiv_seconds = asdiv_accuracy(None, args.asdiv, args.out / "asdiv-base.json")
         result |= {"steps": steps, "asdiv_problems": args.asdiv, "asdiv_before": before,
                    "asdiv_seconds": round(asdiv_seconds), "runs": optimizer_runs(args, "tax", steps, before, common)}
         shutil.copy(args.out / "tax-ondare" / "metrics.png", ROOT / "bench" / "align_dpo.png")
