@@ -21,6 +21,7 @@ GGUF writer's encoders. Not covered: CUDA (the loader keeps GGUF's own blocks on
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import torch
@@ -36,7 +37,11 @@ BLOCK_KERNEL_MAX_ROWS = 16
 # The int8 kernel against bf16 tiles on AMX, default model, 2 threads (ms): 32 rows lm_head 28.0 vs 53.4,
 # gate 0.85 vs 1.67, down 1.25 vs 1.93; at 64 rows down's tiles win (2.2 vs 3.6 ms).
 INT8_KERNEL_MAX_ROWS = 32
-_TILE_WEIGHTS = 1 << 20  # dequantize ~1M weights at a time, so the float tile is still in cache for the GEMM
+# Many rows: a matrix up to this many weights is dequantized whole for one GEMM (bf16 tiles of ~1M weights,
+# with their results concatenated, took 1.6x as long on the default model's gate/up); larger ones (an
+# output head) go in tiles of ~1M weights, so a prefill never holds a float copy of the vocabulary.
+_WHOLE_WEIGHTS = 1 << 24
+_TILE_WEIGHTS = 1 << 20
 Q8_0, Q4_K = 8, 12
 ACTIVATIONS = ("int8", "float32")
 # Types the int8 kernel takes -> (weights per record, header bytes, bytes per run of 32), gguf_int8.cpp's layout
@@ -80,6 +85,19 @@ def packed_shape(qtype: int, rows: int, columns: int) -> tuple[int, int]:
     return rows // 8, columns // per_record * (header + per_record // 32 * run)
 
 
+_scratch_buffers = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
+    """This thread's buffer of at least `numel` elements: the whole matrices a prefill dequantizes,
+    one after another, reuse it instead of paying a fresh allocation's page faults each time."""
+    buffer = getattr(_scratch_buffers, str(dtype), None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=dtype)
+        setattr(_scratch_buffers, str(dtype), buffer)
+    return buffer
+
+
 class BlockLinear(nn.Module):
     """y = x @ W.T + bias with W held as GGUF blocks.
 
@@ -105,11 +123,14 @@ class BlockLinear(nn.Module):
             self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
-    def weight_tile(self, start: int, stop: int, bf16: bool = False) -> Tensor:
-        """Rows [start, stop) of the weight, float32 (exact) or bfloat16; packed: start and stop multiples of 8."""
+    def weight_tile(self, start: int, stop: int, bf16: bool = False, scratch: bool = False) -> Tensor:
+        """Rows [start, stop) of the weight, float32 (exact) or bfloat16; packed: start and stop multiples of 8.
+        `scratch`: written into this thread's reused buffer, valid until its next scratch tile."""
         if self.activations == "int8":
             groups = self.packed[start // 8 : stop // 8]
-            return compiled_ops().dequantize_packed(groups, self.qtype, self.in_features, bf16)
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            into = _scratch((stop - start) * self.in_features, dtype) if scratch else None
+            return compiled_ops().dequantize_packed(groups, self.qtype, self.in_features, bf16, into)
         tile = dequantize(self.blocks[start:stop], self.qtype, self.in_features)
         return tile.bfloat16() if bf16 else tile
 
@@ -117,17 +138,19 @@ class BlockLinear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)
         rows = x.shape[0]
-        x32 = x if dtype == torch.float32 else x.float()
         if self.activations == "int8" and rows <= INT8_KERNEL_MAX_ROWS:
-            y = compiled_ops().matmul_int8(x32, self.packed, self.qtype, self.in_features).to(dtype)
+            y = compiled_ops().matmul_int8(x.float(), self.packed, self.qtype, self.in_features).to(dtype)
         elif self.activations == "float32" and rows <= BLOCK_KERNEL_MAX_ROWS:
-            y = compiled_ops().matmul(x32, self.blocks, self.qtype, self.in_features).to(dtype)
-        else:  # many rows: GEMMs on dequantized tiles, bf16 where the hardware has it and activations are not exact
+            y = compiled_ops().matmul(x.float(), self.blocks, self.qtype, self.in_features).to(dtype)
+        else:  # many rows: GEMMs on dequantized weights, bf16 where the hardware has it and activations are not exact
             bf16 = dtype == torch.bfloat16 or (self.activations == "int8" and bf16_gemm_is_fast())
             xt = x.to(torch.bfloat16 if bf16 else dtype)
-            step = max(16, _TILE_WEIGHTS // self.in_features // 8 * 8)
-            y = torch.cat([F.linear(xt, self.weight_tile(i, min(i + step, self.out_features), bf16))
-                           for i in range(0, self.out_features, step)], dim=-1).to(dtype)
+            if self.out_features * self.in_features <= _WHOLE_WEIGHTS:
+                y = F.linear(xt, self.weight_tile(0, self.out_features, bf16, scratch=True)).to(dtype)
+            else:
+                step = max(16, _TILE_WEIGHTS // self.in_features // 8 * 8)
+                y = torch.cat([F.linear(xt, self.weight_tile(i, min(i + step, self.out_features), bf16))
+                               for i in range(0, self.out_features, step)], dim=-1).to(dtype)
         y = y.view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(dtype)
 

@@ -110,6 +110,11 @@ def test_repacking_keeps_every_weight_exactly(ops, qtype):
         want = torch.from_numpy(reference(raw, qtype, cols))
         assert torch.equal(ops.dequantize_packed(packed, int(qtype), cols).double(), want)
         assert torch.equal(ops.dequantize_packed(packed, int(qtype), cols, True), want.to(torch.bfloat16))
+        buffer = torch.full((40 * cols + 7,), float("nan"), dtype=torch.bfloat16)  # a reused, larger scratch
+        into = ops.dequantize_packed(packed, int(qtype), cols, True, buffer)
+        assert torch.equal(into, want.to(torch.bfloat16)) and into.data_ptr() == buffer.data_ptr()
+        with pytest.raises(RuntimeError, match="into must be"):
+            ops.dequantize_packed(packed, int(qtype), cols, True, buffer[: 40 * cols - 1])
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -125,6 +125,16 @@ inline void store8(uint16_t* o, __m256 v) {
                    _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0b1000)));
 }
 
+#if defined(__AVX512F__)
+inline void store16(float* o, __m512 v) { _mm512_storeu_ps(o, v); }
+inline void store16(uint16_t* o, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(rounded));
+}
+#endif
+
 template <int64_t T, class Out>
 void dequantize_typed(const uint8_t* packed, int64_t group_bytes, int64_t N, int64_t K, Out* out) {
   constexpr Layout L = layout(T);
@@ -148,6 +158,15 @@ void dequantize_typed(const uint8_t* packed, int64_t group_bytes, int64_t N, int
           for (int j = 0; j < 8; ++j) {
             const __m256i row = _mm256_i32gather_epi32(reinterpret_cast<const int*>(q + 4 * j), units, 1);
             Out* o = out + (8 * g + j) * K + s * L.super + 32 * r;
+#if defined(__AVX512F__)
+            for (int h = 0; h < 2; ++h) {  // 16 weights at a time: a prefill decodes every weight per chunk
+              const __m128i bytes = h ? _mm256_extracti128_si256(row, 1) : _mm256_castsi256_si128(row);
+              const __m512i wide = T == Q8_0 ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+              store16(o + 16 * h, _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ws[h][j]), _mm512_cvtepi32_ps(wide)),
+                                                _mm512_set1_ps(wm[h][j])));
+            }
+            continue;
+#endif
             for (int part = 0; part < 4; ++part) {  // 8 weights at a time
               const __m128i bytes = _mm_cvtsi32_si128(_mm256_extract_epi32(row, 2 * part));
               const __m128i both = _mm_insert_epi32(bytes, _mm256_extract_epi32(row, 2 * part + 1), 1);
@@ -178,10 +197,16 @@ at::Tensor repack(const at::Tensor& w, int64_t qtype, int64_t K) {
   return out;
 }
 
-at::Tensor dequantize_packed(const at::Tensor& p, int64_t qtype, int64_t K, bool bf16) {
+at::Tensor dequantize_packed(const at::Tensor& p, int64_t qtype, int64_t K, bool bf16,
+                             const c10::optional<at::Tensor>& into) {
   check_packed(p, qtype, K);
   const int64_t N = 8 * p.size(0);
-  at::Tensor out = at::empty({N, K}, at::dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const auto dtype = bf16 ? at::kBFloat16 : at::kFloat;
+  // `into`: a caller's buffer of at least N * K elements, reused between calls (a fresh one of
+  // megabytes costs its page faults at every prefill)
+  TORCH_CHECK(!into || (into->scalar_type() == dtype && into->is_contiguous() && into->numel() >= N * K),
+              "into must be a contiguous buffer of ", N * K, " elements of the output type");
+  at::Tensor out = into ? into->view(-1).narrow(0, 0, N * K).view({N, K}) : at::empty({N, K}, at::dtype(dtype));
   if (N == 0) return out;
   if (bf16) {
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
@@ -207,6 +232,6 @@ at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& p, int64_t qtype, 
 
 TORCH_LIBRARY_FRAGMENT(QWEN2_NS, m) {
   m.def("repack(Tensor w, int qtype, int k) -> Tensor", &repack);
-  m.def("dequantize_packed(Tensor packed, int qtype, int k, bool bf16=False) -> Tensor", &dequantize_packed);
+  m.def("dequantize_packed(Tensor packed, int qtype, int k, bool bf16=False, Tensor? into=None) -> Tensor", &dequantize_packed);
   m.def("matmul_int8(Tensor x, Tensor packed, int qtype, int k) -> Tensor", &matmul_int8);
 }
