@@ -125,7 +125,7 @@ class BlockLinear(nn.Module):
 
     def weight_tile(self, start: int, stop: int, bf16: bool = False, scratch: bool = False) -> Tensor:
         """Rows [start, stop) of the weight, float32 (exact) or bfloat16; packed: start and stop multiples of 8.
-        `scratch`: written into this thread's reused buffer, valid until its next scratch tile."""
+        `scratch` (repacked matrices): written into this thread's reused buffer, valid until its next scratch tile."""
         if self.activations == "int8":
             groups = self.packed[start // 8 : stop // 8]
             dtype = torch.bfloat16 if bf16 else torch.float32

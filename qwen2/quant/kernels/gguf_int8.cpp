@@ -158,6 +158,7 @@ void dequantize_typed(const uint8_t* packed, int64_t group_bytes, int64_t N, int
           for (int j = 0; j < 8; ++j) {
             const __m256i row = _mm256_i32gather_epi32(reinterpret_cast<const int*>(q + 4 * j), units, 1);
             Out* o = out + (8 * g + j) * K + s * L.super + 32 * r;
+            // (d sc) q - m, in the order the file's dequantization computes it
 #if defined(__AVX512F__)
             for (int h = 0; h < 2; ++h) {  // 16 weights at a time: a prefill decodes every weight per chunk
               const __m128i bytes = h ? _mm256_extracti128_si256(row, 1) : _mm256_castsi256_si128(row);
@@ -165,17 +166,16 @@ void dequantize_typed(const uint8_t* packed, int64_t group_bytes, int64_t N, int
               store16(o + 16 * h, _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ws[h][j]), _mm512_cvtepi32_ps(wide)),
                                                 _mm512_set1_ps(wm[h][j])));
             }
-            continue;
-#endif
+#else
             for (int part = 0; part < 4; ++part) {  // 8 weights at a time
               const __m128i bytes = _mm_cvtsi32_si128(_mm256_extract_epi32(row, 2 * part));
               const __m128i both = _mm_insert_epi32(bytes, _mm256_extract_epi32(row, 2 * part + 1), 1);
               const __m256i wide = T == Q8_0 ? _mm256_cvtepi8_epi32(both) : _mm256_cvtepu8_epi32(both);
               const int h = part / 2;
-              // (d sc) q - m, in the order the file's dequantization computes it
               store8(o + 8 * part, _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(ws[h][j]), _mm256_cvtepi32_ps(wide)),
                                                  _mm256_set1_ps(wm[h][j])));
             }
+#endif
           }
         }
       }
