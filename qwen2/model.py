@@ -223,17 +223,61 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Qwen2-MoE block: softmax router over all experts, top-k, plus a sigmoid-gated shared expert."""
+    """Qwen2-MoE block: softmax router over all experts, top-k, plus a sigmoid-gated shared expert.
+
+    The k (token, expert) pairs of every token are sorted by expert, so each expert runs once over
+    its block of rows. Float experts can be grouped (`group_experts`): their matrices move into two
+    stacked tensors that the experts' own parameters then view, and one grouped GEMM per projection
+    runs every block with no host sync (fixed shapes: N*k rows), which a CUDA graph can capture.
+    Otherwise (quantized experts, training, a sharded layer) a loop calls each expert on its block,
+    after one host sync for the block sizes.
+    """
 
     def __init__(self, config: Qwen2Config):
         super().__init__()
         h = config.hidden_size
-        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.num_experts, self.top_k, self.norm_topk_prob = (
+            config.num_experts, config.num_experts_per_tok, config.norm_topk_prob)
         self.gate = nn.Linear(h, config.num_experts, bias=False)
         # keyed by expert number (the state-dict names a list would give): a sharded layer holds a subset
         self.experts = nn.ModuleDict({str(e): MLP(h, config.moe_intermediate_size) for e in range(config.num_experts)})
         self.shared_expert = MLP(h, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (E, 2I, H) gate;up and (E, H, I) down
+
+    def group_experts(self) -> bool:
+        """Move the experts' float matrices into stacked tensors (see the class); True when grouped.
+        The parameters stay the same objects (an optimizer's references hold), each now a view."""
+        if self.grouped:
+            return True
+        self.stacked = None  # stale stacks (the experts moved or were quantized) hold memory for nothing
+        if len(self.experts) < self.num_experts:
+            return False  # tensor parallelism holds a subset here; the loop skips the others' experts
+        mlps = [self.experts[str(e)] for e in range(self.num_experts)]
+        linears = [p for m in mlps for p in (m.gate_proj, m.up_proj, m.down_proj)]
+        if any(type(p) is not nn.Linear or p.weight.is_meta for p in linears):
+            return False  # quantized experts run their own kernels
+        width, hidden = mlps[0].gate_proj.weight.shape
+        if (width * linears[0].weight.element_size()) % 16 or (hidden * linears[0].weight.element_size()) % 16:
+            return False  # grouped GEMMs need rows aligned to 16 bytes
+        with torch.no_grad():
+            gate_up = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mlps])
+            down = torch.stack([m.down_proj.weight for m in mlps])
+            for e, m in enumerate(mlps):
+                m.gate_proj.weight.data, m.up_proj.weight.data = gate_up[e, :width], gate_up[e, width:]
+                m.down_proj.weight.data = down[e]
+        self.stacked = gate_up, down
+        return True
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the stacked tensors are still what the experts' parameters view (moving the
+        model to another device or dtype gives them new storage)."""
+        if self.stacked is None:
+            return False
+        first, last = self.experts["0"].gate_proj, self.experts[str(self.num_experts - 1)].down_proj
+        return (type(first) is type(last) is nn.Linear and first.weight.data_ptr() == self.stacked[0].data_ptr()
+                and last.weight.data_ptr() == self.stacked[1][-1].data_ptr())
 
     def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
         shape = x.shape
@@ -245,15 +289,33 @@ class MoE(nn.Module):
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        for e in chosen.unique().tolist():
-            if str(e) not in self.experts:  # held by another shard of this layer, which adds its part
-                continue
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, self.experts[str(e)](x[token]) * weights[token, slot, None])
+        experts, order = chosen.flatten().sort(stable=True)  # the (token, slot) pairs by expert
+        # where each expert's block ends (bincount would read the largest id on the host)
+        ends = torch.searchsorted(experts, torch.arange(self.num_experts, device=x.device), right=True)
+        rows = x[order // self.top_k]
+        # autograd reaches the experts' parameters only through their own modules, not the stacks
+        if not torch.is_grad_enabled() and self.grouped:
+            gate_up, down = self.stacked
+            ends = ends.to(torch.int32)
+            gate, up = F.grouped_mm(rows, gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+            out = F.grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=ends)
+        else:
+            out = self._per_expert(rows, ends)
+        # back to (token, slot) order; the k slots summed in a fixed order (index_add_ on CUDA is not)
+        out = torch.empty_like(out).index_copy_(0, order, out).view(-1, self.top_k, shape[-1])
+        out = (out * weights.to(x.dtype)[..., None]).sum(1)
         out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(shape)
+
+    def _per_expert(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Each expert on its block of `rows` (sorted by expert), one call each."""
+        out = torch.zeros_like(rows)
+        start = 0
+        for e, end in enumerate(ends.tolist()):  # the one host sync
+            if end > start and str(e) in self.experts:  # another shard of a layer adds its experts' part
+                out[start:end] = self.experts[str(e)](rows[start:end])
+            start = end
+        return out
 
 
 class Block(nn.Module):
@@ -320,6 +382,12 @@ class Transformer(nn.Module):
         self.dca = DCAConfig.from_dict(dca) if dca else None
         if self.dca and any(config.layer_window(i) for i in range(config.num_hidden_layers)):
             raise ConfigError("dual chunk attention cannot be combined with sliding-window layers")
+
+    def group_experts(self) -> list[int]:
+        """Group every MoE layer's float experts for sync-free dispatch (MoE.group_experts);
+        the layers that stay per expert (quantized or sharded experts)."""
+        return [i for i, block in enumerate(self.model.layers)
+                if isinstance(block.mlp, MoE) and not block.mlp.group_experts()]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | PagedKVCache | None = None, slots: torch.Tensor | None = None,

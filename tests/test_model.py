@@ -154,3 +154,56 @@ def test_dynamic_ntk_matches_reference_beyond_the_trained_length(tmp_path):
     tokens = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         assert (ours(tokens) - ref(tokens).logits).abs().max() < 1e-4
+
+
+ROUTINGS = ["spread", "all-to-one-pair", "ties"]
+
+
+def routed_pair(routing: str, tmp_path):
+    """transformers' Qwen2-MoE and ours on its weights, the router set up for `routing`: random
+    (tokens spread, some experts empty), every token to experts 2 and 5 (the rest empty), or a
+    zero router (every probability equal: top-k breaks the ties)."""
+    ref, ours = build_pair("moe-shared-expert", tmp_path)
+    with torch.no_grad():
+        for model in (ref, ours):
+            for layer in (0, 2):  # the sparse layers (layer 1 is dense)
+                gate = model.model.layers[layer].mlp.gate.weight
+                if routing == "all-to-one-pair":
+                    gate.zero_()[[2, 5]] = 5.0
+                elif routing == "ties":
+                    gate.zero_()
+    return ref, ours
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("rows", [1, 3, 40], ids=["decode", "few", "prefill"])
+def test_grouped_experts_equal_the_per_expert_loop_and_transformers(routing, rows, tmp_path):
+    ref, looped = routed_pair(routing, tmp_path)
+    grouped = Transformer.from_state_dict(looped.config, looped.state_dict())
+    assert grouped.group_experts() == [] and not looped.model.layers[0].mlp.grouped
+    tokens = torch.randint(0, 256, (1, rows))
+    with torch.no_grad():
+        expected = ref(tokens).logits
+        by_loop, by_groups = looped(tokens), grouped(tokens)
+    assert (by_loop - expected).abs().max() < 1e-4
+    assert (by_groups - expected).abs().max() < 1e-4
+    assert (by_groups - by_loop).abs().max() < 1e-5
+
+
+def test_grouping_keeps_the_parameters_and_training_reaches_them(tmp_path):
+    _, model = routed_pair("spread", tmp_path)
+    expert = model.model.layers[0].mlp.experts["3"]
+    before = dict(model.named_parameters())
+    model.group_experts()
+    gate_up, down = model.model.layers[0].mlp.stacked
+    assert dict(model.named_parameters()) == before  # the same objects: an optimizer's references hold
+    assert expert.up_proj.weight.data_ptr() == gate_up[3, 32:].data_ptr()  # ...now views of the stacks
+    assert expert.down_proj.weight.data_ptr() == down[3].data_ptr()
+    model.train()
+    tokens = torch.randint(0, 256, (2, 9))
+    model(tokens).sum().backward()  # with gradients the experts run one by one through their own modules
+    used = [e for e in range(8) if model.model.layers[0].mlp.experts[str(e)].down_proj.weight.grad is not None]
+    assert used and all(model.model.layers[0].mlp.experts[str(e)].gate_proj.weight.grad.abs().sum() > 0 for e in used)
+    with torch.no_grad():
+        expert.down_proj.weight.mul_(2)  # an optimizer's in-place step lands in the stacks
+    assert torch.equal(down[3], expert.down_proj.weight)

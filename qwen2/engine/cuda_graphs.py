@@ -10,12 +10,16 @@ of kernel launches, and no host sync inside the step.
 
 Elsewhere (the CPU) the same fixed-shape step runs eagerly, which is what the CPU tests check.
 
-Not covered: MoE layers (routing counts tokens on the host), dynamic-NTK rope and dual chunk
-attention (their rotation reads the longest position on the host), models in a process group
-(tensor parallel or sharded: a call is a message to other ranks, a weight may move). The engine
-keeps its eager decode for those. The first step of each new bucket pays for its capture. A
-graph reads the weights, the key/value pools and the block tables where they lay at capture:
-change them in place (the engine does), never replace them.
+MoE layers are captured when their experts are grouped (Transformer.group_experts: one grouped
+GEMM per projection, no host sync) in bfloat16, the one dtype whose grouped GEMM torch runs without
+reading the block sizes on the host (on Hopper and later; elsewhere the capture fails and the
+engine decodes eagerly). Not covered: quantized or sharded experts (a call per expert, counted on
+the host), dynamic-NTK rope and dual chunk attention (their rotation reads the longest position
+on the host), models in a process group (tensor parallel or sharded: a call is a message to
+other ranks, a weight may move). The engine keeps its eager decode for those; on the CPU, where
+nothing is captured, the fixed-shape step runs them all but the process group. The first step
+of each new bucket pays for its capture. A graph reads the weights, the key/value pools and the
+block tables where they lay at capture: change them in place (the engine does), never replace them.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 
 import torch
 
-from qwen2.model import PagedKVCache, Transformer
+from qwen2.model import MoE, PagedKVCache, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +41,18 @@ def bucket(n: int, smallest: int) -> int:
     return size
 
 
-def unsupported(model: Transformer) -> str | None:
-    """Why `model` cannot run a fixed-shape decode step, or None when it can."""
+def unsupported(model: Transformer, capture: bool = True) -> str | None:
+    """Why `model` cannot run a fixed-shape decode step (captured in a CUDA graph when `capture`),
+    or None when it can."""
     if not isinstance(model, Transformer):
         return f"the model is a {type(model).__name__}, not a plain Transformer"
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return "the model runs in a process group"
-    config = model.config
-    if any(config.layer_is_sparse(i) for i in range(config.num_hidden_layers)):
-        return "MoE routing counts tokens on the host"
+    moe = [block.mlp for block in model.model.layers if isinstance(block.mlp, MoE)]
+    if capture and moe and not all(layer.grouped for layer in moe):
+        return "MoE layers with ungrouped (quantized or sharded) experts count each expert's tokens on the host"
+    if capture and moe and moe[0].stacked[0].dtype != torch.bfloat16:
+        return "MoE layers' grouped GEMMs read the block sizes on the host outside bfloat16"
     if model.dynamic_ntk or model.dca is not None:
         return "dynamic-NTK rope and dual chunk attention read the longest position on the host"
     return None
@@ -56,11 +63,12 @@ class StaticDecode:
     replayed from CUDA graphs when `capture` (default: on CUDA), run eagerly otherwise."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, capture: bool | None = None):
-        reason = unsupported(model)
+        self.capture = cache.k.device.type == "cuda" if capture is None else capture
+        model.group_experts()
+        reason = unsupported(model, self.capture)
         if reason:
             raise ValueError(f"fixed-shape decode steps are not available: {reason}")
         self.model, self.cache, self.device = model, cache, cache.k.device
-        self.capture = self.device.type == "cuda" if capture is None else capture
         self.max_keys = cache.tables.shape[1] * cache.block_size
         self.inputs: dict[int, torch.Tensor] = {}  # batch bucket -> (3, B): tokens, positions, slots
         self.logits: dict[int, torch.Tensor] = {}  # batch bucket -> (B, V) float32

@@ -168,6 +168,8 @@ class Engine:
         self.cache = PagedKVCache(config, blocks + 1, block_size, self.max_concurrency, max_seq_len,
                                   dtype=weight.dtype, device=weight.device)
         self.blocks = BlockManager(self.cache)
+        if isinstance(model, Transformer):
+            model.group_experts()  # MoE layers dispatch without host syncs where their experts allow
         if static_decode is None:
             static_decode = weight.device.type == "cuda" and unsupported(model) is None
         self.static_decode = StaticDecode(model, self.cache) if static_decode else None

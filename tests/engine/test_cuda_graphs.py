@@ -12,9 +12,12 @@ from qwen2.engine.cuda_graphs import StaticDecode, bucket, unsupported
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams, sample, sample_rows, samples_on_device
 from qwen2.model import PagedKVCache, Transformer
+from qwen2.quant.int_linear import quantize_model
 
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False)
+MOE = dict(model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+           shared_expert_intermediate_size=32)
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are captured on CUDA only")
 
 
@@ -91,15 +94,41 @@ def test_rows_padding_a_batch_write_only_the_padding_block():
 
 def test_unsupported_models_are_named_and_refused():
     assert unsupported(small_model()) is None
-    moe = small_model(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=32)
-    assert "MoE" in unsupported(moe)
     dca = small_model(dual_chunk_attention_config={"chunk_size": 64, "local_size": 16})
     assert "dual chunk" in unsupported(dca)
     assert "plain Transformer" in unsupported(torch.nn.Sequential(small_model()))
-    cache = PagedKVCache(moe.config, blocks=4, block_size=16, slots=1, max_len=32)
-    with pytest.raises(ValueError, match="MoE"):
-        StaticDecode(moe, cache, capture=False)
+    cache = PagedKVCache(dca.config, blocks=4, block_size=16, slots=1, max_len=32)
+    with pytest.raises(ValueError, match="dual chunk"):
+        StaticDecode(dca, cache, capture=False)
+
+
+def test_moe_layers_are_captured_only_grouped_in_bfloat16():
+    moe = small_model(**MOE)
+    assert "ungrouped" in unsupported(moe)
+    assert unsupported(moe, capture=False) is None  # the CPU's eager fixed-shape step runs any MoE
+    assert moe.group_experts() == []
+    assert "bfloat16" in unsupported(moe)
+    moe.to(torch.bfloat16)  # new storage for every parameter: the stacks no longer hold the experts
+    assert "ungrouped" in unsupported(moe)
+    assert moe.group_experts() == [] and unsupported(moe) is None
+    quantize_model(moe, "int8", 32)
+    assert moe.group_experts() == [0, 1] and "quantized" in unsupported(moe)
+
+
+@torch.inference_mode()
+def test_static_step_of_grouped_moe_equals_the_per_expert_dynamic_step():
+    looped = small_model(**MOE)
+    model = copy.deepcopy(looped)
+    dynamic, static_cache, prompts = filled_caches(looped, [3, 15, 30])
+    static = StaticDecode(model, static_cache, capture=False)  # groups the experts
+    assert all(block.mlp.grouped for block in model.model.layers) and not looped.model.layers[0].mlp.grouped
+    slots, positions, tokens = [0, 1, 2], [3, 15, 30], [p[-1] for p in prompts]
+    for _ in range(6):
+        expected = looped(torch.tensor(tokens)[:, None], torch.tensor(positions)[:, None], cache=dynamic,
+                          slots=torch.tensor(slots), logits_index=torch.zeros(3, dtype=torch.long))
+        got = static(tokens, positions, slots)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        tokens, positions = expected.argmax(-1).tolist(), [p + 1 for p in positions]
 
 
 def test_device_sampling_draws_what_the_host_draws():
@@ -175,6 +204,21 @@ def test_a_captured_graph_replays_what_the_eager_step_computes():
         tokens, positions = expected.argmax(-1).tolist(), [p + 1 for p in positions]
     assert graphed.capture and set(graphed.graphs) == {(4, 32), (4, 64)}
     torch.testing.assert_close(graph_cache.k[:, 1:], eager_cache.k[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+@NEEDS_CUDA
+@torch.inference_mode()
+def test_a_captured_graph_holds_grouped_moe_layers():
+    model = small_model(**MOE).cuda().to(torch.bfloat16)
+    eager_cache, graph_cache, prompts = filled_caches(model, [3, 15, 30])
+    eager = StaticDecode(model, eager_cache, capture=False)
+    graphed = StaticDecode(model, graph_cache, capture=True)
+    tokens, positions, slots = [p[-1] for p in prompts], [3, 15, 30], [0, 1, 2]
+    for _ in range(4):
+        expected, got = eager(tokens, positions, slots).clone(), graphed(tokens, positions, slots)
+        torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+        tokens, positions = expected.argmax(-1).tolist(), [p + 1 for p in positions]
+    assert graphed.capture and graphed.graphs  # captured, not fallen back to eager
 
 
 @NEEDS_CUDA
