@@ -17,7 +17,8 @@ GEMM at prefill, so above INT8/INT4_KERNEL_MAX_ROWS rows (batch * tokens) the la
 weight, a block of rows at a time, and call F.linear in the model's dtype (crossovers measured with
 bench/quant_kernels.py on a 2-core AVX512-BF16 EPYC: ~12 rows for int8, ~90 for int4).
 
-Not covered: CUDA/MPS kernels (off CPU the layers always dequantize: correct, not fast); activation
+On CUDA, int4 layers run torch's GPU int4 kernel (qwen2.quant.cuda_int4); int8 layers dequantize
+every forward there, a block of rows at a time (correct, not fast). Not covered: MPS kernels; activation
 quantization; GPTQ/AWQ checkpoints. A quantized model's state dict is cached on disk by
 qwen2.loading (qwen2.weights.quantized), keyed by the int4 layout, which depends on the CPU's
 vector width. Quantizing packs on CPU; the buffers may then move.
@@ -263,7 +264,13 @@ class Int4Linear(nn.Module):
 
 
 def quantize_linear(linear: nn.Linear, mode: str, group_size: int = 128, empty: bool = False) -> nn.Module:
-    """One Linear -> its quantized replacement (int4 falls back to int8 where the kernel can't run)."""
+    """One Linear -> its quantized replacement (int4 falls back to int8 where the kernel can't run);
+    on CUDA, int4 layers are quantized in place on the GPU kernel's layout (qwen2.quant.cuda_int4)."""
+    if mode == "int4" and linear.weight.is_cuda and not empty:
+        from qwen2.quant.cuda_int4 import CudaInt4Linear, cuda_int4_ok  # it builds on this module
+
+        if cuda_int4_ok(linear.out_features, linear.in_features, group_size):
+            return CudaInt4Linear.quantize(linear, group_size)
     if mode == "int4":
         if int4_kernel_ok(linear.out_features, linear.in_features, group_size):
             return Int4Linear(linear, group_size, empty)

@@ -8,9 +8,11 @@ desc_act groups gather inputs out of order: the layer's columns are stored group
 gathers x the same way at run time (one index_select per layer; folding the gather into the previous
 layer is not done). Norms, embeddings, lm_head and biases stay float in the model's dtype.
 
-Float fallback (correct, not compact): on CUDA every packed layer, and on CPU a layer the int4 kernel
-can't take (out_features % 16, groups of uneven size, a group size no kernel size divides), becomes a
-float Linear of its dequantized weight. The result is not cached on disk.
+On CUDA the same integers go to the GPU's int4 kernel (qwen2.quant.cuda_int4), packed on the CPU
+one matrix at a time, so no float copy reaches the device. Float fallback (correct, not compact): a
+layer the kernels can't take (out_features % 16, groups of uneven size, a group size no kernel size
+divides; on CUDA also in_features % 128) becomes a float Linear of its dequantized weight. The
+result is not cached on disk.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from qwen2.quant.cuda_int4 import CudaInt4Linear, cuda_int4_ok
 from qwen2.quant.int_linear import INT4_GROUP_SIZES, Int4Linear
 from qwen2.weights.gptq_awq import UnpackedLinear, dequantize
 
 log = logging.getLogger(__name__)
 
 
-def to_int4_linear(layer: UnpackedLinear, group_size: int, bias: Tensor | None) -> Int4Linear | None:
-    """The layer on the int4 kernel, or None where the kernel can't take it (shape or uneven groups)."""
+def to_int4_linear(layer: UnpackedLinear, group_size: int, bias: Tensor | None,
+                   device: torch.device | str = "cpu") -> Int4Linear | CudaInt4Linear | None:
+    """The layer on `device`'s int4 kernel, or None where the kernel can't take it (shape or uneven groups)."""
     n, k = layer.q.shape
     size = k if group_size == -1 else group_size
     groups = layer.scales.shape[0]
@@ -43,8 +47,14 @@ def to_int4_linear(layer: UnpackedLinear, group_size: int, bias: Tensor | None) 
     scale = layer.scales.T  # (N, G)
     zero = (8 - layer.zeros.T.float()) * scale  # the weight at q = 8
     repeat = size // kernel_group
-    return Int4Linear.from_int4(q, scale.repeat_interleave(repeat, 1), zero.repeat_interleave(repeat, 1),
-                                kernel_group, bias, None if identity else perm)
+    scale, zero = scale.repeat_interleave(repeat, 1), zero.repeat_interleave(repeat, 1)
+    perm = None if identity else perm
+    if torch.device(device).type == "cuda":
+        if not cuda_int4_ok(n, k, kernel_group):
+            return None
+        return CudaInt4Linear(q.to(device), scale.to(device), zero.to(device), kernel_group, bias,
+                              None if perm is None else perm.to(device))
+    return Int4Linear.from_int4(q, scale, zero, kernel_group, bias, perm)
 
 
 @torch.no_grad()
@@ -57,7 +67,7 @@ def attach_int4(model: nn.Module, packed: dict[str, UnpackedLinear], group_size:
         prefix = name.removesuffix(".weight")
         linear = model.get_submodule(prefix)
         device = linear.weight.device
-        layer = to_int4_linear(unpacked, group_size, linear.bias) if device.type == "cpu" else None
+        layer = to_int4_linear(unpacked, group_size, linear.bias, device)
         if layer is None:
             fallbacks.append(prefix)
             layer = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
@@ -67,4 +77,4 @@ def attach_int4(model: nn.Module, packed: dict[str, UnpackedLinear], group_size:
         setattr(model.get_submodule(parent), child, layer.to(device))
     if fallbacks:
         log.info("%d of %d packed layers run dequantized to float (%s), e.g. %s", len(fallbacks), len(packed),
-                 "off CPU" if device.type != "cpu" else "the int4 kernel can't take their shape", fallbacks[0])
+                 "the int4 kernel can't take their shape", fallbacks[0])

@@ -160,3 +160,18 @@ def test_dequantize_path_matches_kernel(cls, monkeypatch):
     monkeypatch.setattr(quant, "INT8_KERNEL_MAX_ROWS", 0)
     monkeypatch.setattr(quant, "INT4_KERNEL_MAX_ROWS", 0)
     assert rel_err(layer(x), kernel) < 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA int4 kernel needs a CUDA device")
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_cuda_int4_computes_its_own_integers(group_size, rows):
+    from qwen2.quant.cuda_int4 import CudaInt4Linear
+
+    lin = make_linear(512, 200).cuda()
+    layer = quantize_model(nn.Sequential(lin), "int4", group_size)[0]
+    assert isinstance(layer, CudaInt4Linear)
+    q, scale, zero = quant.quantize_int4(lin.weight.detach(), group_size)
+    w = ((q.float() - 8).view(200, -1, group_size) * scale.float()[..., None] + zero.float()[..., None]).view(200, 512)
+    x = torch.randn(rows, 512, device="cuda")
+    assert rel_err(layer(x), x.to(torch.bfloat16).float() @ w.T + lin.bias) < 0.01  # bf16 activations only

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from qwen2.errors import WeightsError
 from qwen2.loading import load, load_model
 from qwen2.model import Transformer
+from qwen2.quant.cuda_int4 import CudaInt4Linear
 from qwen2.quant.int_linear import Int4Linear, Int8Linear
 from qwen2.quant.prequantized import to_int4_linear
 from qwen2.weights.export import export_hf
@@ -310,3 +311,17 @@ def test_an_unsupported_checkpoint_is_one_line_on_the_command_line(checkpoints, 
     config["quantization_config"]["bits"] = 8
     (folder / "config.json").write_text(json.dumps(config))
     assert_one_line_error(qwen2("generate", "--model", str(folder), "-p", "hi"), "bits=8", "only 4-bit AWQ")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA int4 kernel needs a CUDA device")
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_a_checkpoint_loads_on_cuda_on_its_own_integers_with_no_float_copy(checkpoints, name):
+    folder, reference = checkpoints[name]
+    net, _ = load_model(folder, dtype="bfloat16", device="cuda")
+    int4 = [m for m in net.modules() if isinstance(m, CudaInt4Linear)]
+    assert len(int4) == 14
+    # packed int32 tiles (4-d), bf16 scales and zeros (3-d): no float matrix anywhere
+    assert not any(t.is_floating_point() and t.dim() == 2 for m in int4 for t in m.buffers())
+    with torch.no_grad():
+        got, want = net(TOKENS.cuda()).float().cpu(), reference(TOKENS)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()  # bf16 activations throughout
