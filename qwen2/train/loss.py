@@ -1,6 +1,6 @@
 """The training loss: sum over target tokens of weight * negative log-likelihood, divided by
-the caller (by the step's target count). The 152k-vocabulary logits are the largest tensor of a
-step; LinearCrossEntropy never keeps them."""
+the caller (by the step's target count), plus for an MoE model the router load-balancing loss.
+The 152k-vocabulary logits are the largest tensor of a step; LinearCrossEntropy never keeps them."""
 
 from __future__ import annotations
 
@@ -48,8 +48,38 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output.to(grad_hidden.dtype), head, None, None
 
 
-def loss_sum(model: Transformer, batch: Batch) -> torch.Tensor:
-    """sum over targets of weight * negative log-likelihood (divide by the step's target count)."""
-    hidden = model.model.norm(model.body(batch.tokens, batch.positions, segments=batch.segments))
-    return LinearCrossEntropy.apply(hidden.flatten(0, 1), model.lm_head.weight, batch.targets.flatten(),
+def router_balance_loss(router_logits: list[torch.Tensor], top_k: int,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The Switch-Transformer load-balancing loss as transformers' Qwen2-MoE computes it:
+    E * sum_e f_e * P_e over the (N, E) router logits of every MoE layer taken together, where
+    f_e = (top-k choices of expert e) / tokens (so sum_e f_e = top_k) and P_e = the mean softmax
+    probability of e. With `mask` (the layers' N tokens, in the same order, e.g. (B, T)) only its
+    nonzero tokens count: HF's attention mask, so padding neither counts nor dilutes. Perfectly
+    uniform routing gives top_k."""
+    chosen_sum = prob_sum = tokens = 0
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)  # float32, as MoE.forward picks its experts
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)
+        w = torch.ones_like(probs[:, :1]) if mask is None else mask.reshape(-1, 1).to(probs)
+        chosen_sum = chosen_sum + (chosen * w).sum(0)
+        prob_sum = prob_sum + (probs * w).sum(0)
+        tokens = tokens + w.sum()
+    return router_logits[0].shape[-1] * (chosen_sum / tokens * prob_sum / tokens).sum()
+
+
+def loss_sum(model: Transformer, batch: Batch, balance: bool = False) -> torch.Tensor:
+    """sum over targets of weight * negative log-likelihood (divide by the step's target count).
+    With `balance`, an MoE model adds router_aux_loss_coef * router_balance_loss * this batch's
+    target count: after that division a one-batch step's loss is HF's mean NLL + coef * aux, and
+    micro-batches and processes add up to coef * their aux losses' mean weighted by target count,
+    as the NLL part is weighted."""
+    config = model.config
+    router_logits = [] if balance and config.is_moe else None  # dense: nothing collected, nothing added
+    hidden = model.model.norm(model.body(batch.tokens, batch.positions, router_logits=router_logits,
+                                         segments=batch.segments))
+    loss = LinearCrossEntropy.apply(hidden.flatten(0, 1), model.lm_head.weight, batch.targets.flatten(),
                                     batch.weights.flatten().float())
+    if router_logits:  # empty if every layer is in mlp_only_layers
+        aux = router_balance_loss(router_logits, config.num_experts_per_tok, mask=batch.segments >= 0)  # -1: padding
+        loss = loss + config.router_aux_loss_coef * aux * (batch.targets != IGNORE).sum()
+    return loss

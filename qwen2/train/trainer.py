@@ -18,8 +18,11 @@ Under torchrun every process takes its share of each step's rows (DDP or FSDP2, 
 qwen2.distributed.data_parallel); the target tokens are counted over all of them, so a step's
 loss is the one a single process computes on the same global batch. Process 0 writes the files.
 
+An MoE model's training loss adds router_aux_loss_coef times the router load-balancing loss of
+each micro-batch, as transformers' Qwen2-MoE adds it (loss.py); held-out perplexity leaves it out.
+
 Not covered: resuming an FSDP2 run (its checkpoints hold the whole model, not the sharded
-optimizer state), LoRA under FSDP2 (use DDP), the MoE load-balancing loss.
+optimizer state), LoRA under FSDP2 (use DDP).
 """
 
 from __future__ import annotations
@@ -162,7 +165,8 @@ class LossModule(torch.nn.Module):
         self.model = model
 
     def forward(self, tokens, positions, segments, targets, weights) -> torch.Tensor:
-        return loss_sum(self.model, Batch(tokens, positions, segments, targets, weights))
+        # the MoE balance term regularises training only: held-out perplexity (eval mode) is pure NLL
+        return loss_sum(self.model, Batch(tokens, positions, segments, targets, weights), balance=self.model.training)
 
 
 class Trainer:
