@@ -35,10 +35,32 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 == self.weight.dtype:  # one kernel, not seven: decode runs 49 of these a token
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # normalise in float32, cast back before the weight, exactly as the reference
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # normalise in float32 (one fused kernel), cast back before the weight, as the reference does
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+
+
+def stack_in_place(params: list[torch.Tensor]) -> torch.Tensor:
+    """One tensor holding `params` one after another along dim 0, each parameter now a view of
+    it: one GEMM reads them all, and they stay the same objects (an optimizer's or a state dict's
+    references hold, and in-place updates land in the stack)."""
+    with torch.no_grad():
+        stacked = torch.cat(params)
+        start = 0
+        for p in params:
+            p.data, start = stacked[start:start + p.shape[0]], start + p.shape[0]
+    return stacked
+
+
+def views_of(stacked: torch.Tensor | None, params: list[torch.Tensor]) -> bool:
+    """Whether `params` still view `stacked` (moving a model to another device or dtype gives
+    them storage of their own)."""
+    return (stacked is not None and params[0].data_ptr() == stacked.data_ptr()
+            and params[-1].data_ptr() == stacked[len(stacked) - len(params[-1]):].data_ptr())
+
+
+def plain(*linears: nn.Module) -> bool:
+    """Float nn.Linear layers with no forward hooks (adapters), whose weights may be stacked."""
+    return all(type(m) is nn.Linear and not m._forward_hooks and not m.weight.is_meta for m in linears)
 
 
 class KVCache:
@@ -178,12 +200,36 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv, bias=config.qkv_bias)
         self.v_proj = nn.Linear(h, kv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q, h, bias=False)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see fuse()
+
+    def fuse(self) -> bool:
+        """Stack the q, k and v projections (stack_in_place) for one GEMM instead of three."""
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        if not plain(*linears):
+            return False
+        if not self.fused:
+            biases = [m.bias for m in linears]
+            self.qkv = (stack_in_place([m.weight for m in linears]),
+                        None if biases[0] is None else stack_in_place(biases))
+        return True
+
+    @property
+    def fused(self) -> bool:
+        return (self.qkv is not None and plain(self.q_proj, self.k_proj, self.v_proj)
+                and views_of(self.qkv[0], [self.q_proj.weight, self.v_proj.weight])
+                and (self.qkv[1] is None or views_of(self.qkv[1], [self.q_proj.bias, self.v_proj.bias])))
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        # autograd reaches the parameters only through their own modules, not the stack
+        if not torch.is_grad_enabled() and self.fused:
+            q, k, v = F.linear(x, *self.qkv).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                                     self.n_kv * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if ctx.dca is not None:
             # keys are stored rotated at their chunk-local position; queries rotate per chunk distance
             k = dca_key_rotation(k, ctx.positions, ctx.inv_freq, ctx.attention_scaling, ctx.dca)
@@ -217,9 +263,27 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.gate_up: torch.Tensor | None = None  # see fuse()
+
+    def fuse(self) -> bool:
+        """Stack the gate and up projections (stack_in_place) for one GEMM instead of two."""
+        if not plain(self.gate_proj, self.up_proj):
+            return False
+        if not self.fused:
+            self.gate_up = stack_in_place([self.gate_proj.weight, self.up_proj.weight])
+        return True
+
+    @property
+    def fused(self) -> bool:
+        return plain(self.gate_proj, self.up_proj) and views_of(self.gate_up, [self.gate_proj.weight,
+                                                                              self.up_proj.weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if not torch.is_grad_enabled() and self.fused:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
@@ -254,19 +318,15 @@ class MoE(nn.Module):
         if len(self.experts) < self.num_experts:
             return False  # tensor parallelism holds a subset here; the loop skips the others' experts
         mlps = [self.experts[str(e)] for e in range(self.num_experts)]
-        linears = [p for m in mlps for p in (m.gate_proj, m.up_proj, m.down_proj)]
-        if any(type(p) is not nn.Linear or p.weight.is_meta for p in linears):
+        if not plain(*(p for m in mlps for p in (m.gate_proj, m.up_proj, m.down_proj))):
             return False  # quantized experts run their own kernels
         width, hidden = mlps[0].gate_proj.weight.shape
-        if (width * linears[0].weight.element_size()) % 16 or (hidden * linears[0].weight.element_size()) % 16:
+        size = mlps[0].gate_proj.weight.element_size()
+        if width * size % 16 or hidden * size % 16:
             return False  # grouped GEMMs need rows aligned to 16 bytes
-        with torch.no_grad():
-            gate_up = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mlps])
-            down = torch.stack([m.down_proj.weight for m in mlps])
-            for e, m in enumerate(mlps):
-                m.gate_proj.weight.data, m.up_proj.weight.data = gate_up[e, :width], gate_up[e, width:]
-                m.down_proj.weight.data = down[e]
-        self.stacked = gate_up, down
+        gate_up = stack_in_place([w for m in mlps for w in (m.gate_proj.weight, m.up_proj.weight)])
+        down = stack_in_place([m.down_proj.weight for m in mlps])
+        self.stacked = gate_up.view(self.num_experts, 2 * width, hidden), down.view(self.num_experts, hidden, width)
         return True
 
     @property
@@ -275,9 +335,10 @@ class MoE(nn.Module):
         model to another device or dtype gives them new storage)."""
         if self.stacked is None:
             return False
-        first, last = self.experts["0"].gate_proj, self.experts[str(self.num_experts - 1)].down_proj
-        return (type(first) is type(last) is nn.Linear and first.weight.data_ptr() == self.stacked[0].data_ptr()
-                and last.weight.data_ptr() == self.stacked[1][-1].data_ptr())
+        first, last = self.experts["0"], self.experts[str(self.num_experts - 1)]
+        return (plain(first.gate_proj, last.up_proj, last.down_proj)
+                and views_of(self.stacked[0].flatten(0, 1), [first.gate_proj.weight, last.up_proj.weight])
+                and views_of(self.stacked[1].flatten(0, 1), [first.down_proj.weight, last.down_proj.weight]))
 
     def forward(self, x: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
         shape = x.shape
@@ -383,11 +444,21 @@ class Transformer(nn.Module):
         if self.dca and any(config.layer_window(i) for i in range(config.num_hidden_layers)):
             raise ConfigError("dual chunk attention cannot be combined with sliding-window layers")
 
-    def group_experts(self) -> list[int]:
-        """Group every MoE layer's float experts for sync-free dispatch (MoE.group_experts);
-        the layers that stay per expert (quantized or sharded experts)."""
-        return [i for i, block in enumerate(self.model.layers)
-                if isinstance(block.mlp, MoE) and not block.mlp.group_experts()]
+    def fuse_weights(self) -> list[int]:
+        """For inference: stack each layer's q/k/v and gate/up float matrices into one GEMM each,
+        and group each MoE layer's float experts for dispatch without host syncs; the parameters
+        stay what they were, now views (stack_in_place). Returns the MoE layers whose experts stay
+        one call each (quantized or sharded)."""
+        ungrouped = []
+        for i, block in enumerate(self.model.layers):
+            block.self_attn.fuse()
+            if isinstance(block.mlp, MoE):
+                block.mlp.shared_expert.fuse()
+                if not block.mlp.group_experts():
+                    ungrouped.append(i)
+            else:
+                block.mlp.fuse()
+        return ungrouped
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | PagedKVCache | None = None, slots: torch.Tensor | None = None,

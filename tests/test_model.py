@@ -180,7 +180,7 @@ def routed_pair(routing: str, tmp_path):
 def test_grouped_experts_equal_the_per_expert_loop_and_transformers(routing, rows, tmp_path):
     ref, looped = routed_pair(routing, tmp_path)
     grouped = Transformer.from_state_dict(looped.config, looped.state_dict())
-    assert grouped.group_experts() == [] and not looped.model.layers[0].mlp.grouped
+    assert grouped.fuse_weights() == [] and not looped.model.layers[0].mlp.grouped
     tokens = torch.randint(0, 256, (1, rows))
     with torch.no_grad():
         expected = ref(tokens).logits
@@ -194,7 +194,7 @@ def test_grouping_keeps_the_parameters_and_training_reaches_them(tmp_path):
     _, model = routed_pair("spread", tmp_path)
     expert = model.model.layers[0].mlp.experts["3"]
     before = dict(model.named_parameters())
-    model.group_experts()
+    model.fuse_weights()
     gate_up, down = model.model.layers[0].mlp.stacked
     assert dict(model.named_parameters()) == before  # the same objects: an optimizer's references hold
     assert expert.up_proj.weight.data_ptr() == gate_up[3, 32:].data_ptr()  # ...now views of the stacks
@@ -207,3 +207,20 @@ def test_grouping_keeps_the_parameters_and_training_reaches_them(tmp_path):
     with torch.no_grad():
         expert.down_proj.weight.mul_(2)  # an optimizer's in-place step lands in the stacks
     assert torch.equal(down[3], expert.down_proj.weight)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_fused_projections_compute_what_the_separate_ones_do(name, tmp_path):
+    ref, ours = build_pair(name, tmp_path)
+    separate = Transformer.from_state_dict(ours.config, ours.state_dict())
+    ours.fuse_weights()
+    assert all(block.self_attn.fused for block in ours.model.layers)
+    assert set(dict(ours.named_parameters())) == set(dict(separate.named_parameters()))  # the same names
+    tokens = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        fused, unfused, expected = ours(tokens), separate(tokens), ref(tokens).logits
+    assert (fused - unfused).abs().max() < 1e-5 and (fused - expected).abs().max() < 1e-4
+    ours.to(torch.float64)  # new storage: the stacks are left behind and the layers compute on their own
+    assert not ours.model.layers[0].self_attn.fused
+    with torch.no_grad():
+        assert (ours(tokens).float() - expected).abs().max() < 1e-4

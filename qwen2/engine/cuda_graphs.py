@@ -10,7 +10,7 @@ of kernel launches, and no host sync inside the step.
 
 Elsewhere (the CPU) the same fixed-shape step runs eagerly, which is what the CPU tests check.
 
-MoE layers are captured when their experts are grouped (Transformer.group_experts: one grouped
+MoE layers are captured when their experts are grouped (Transformer.fuse_weights: one grouped
 GEMM per projection, no host sync) in bfloat16, the one dtype whose grouped GEMM torch runs without
 reading the block sizes on the host (on Hopper and later; elsewhere the capture fails and the
 engine decodes eagerly). Not covered: quantized or sharded experts (a call per expert, counted on
@@ -62,13 +62,16 @@ class StaticDecode:
     """One decode token per row through `model` over the paged `cache`, at bucketed shapes;
     replayed from CUDA graphs when `capture` (default: on CUDA), run eagerly otherwise."""
 
-    def __init__(self, model: Transformer, cache: PagedKVCache, capture: bool | None = None):
+    def __init__(self, model: Transformer, cache: PagedKVCache, capture: bool | None = None, compile: bool = False):
+        """compile: run the step through torch.compile first (its kernels fused; one compilation
+        per bucket, minutes for a large model), then capture that."""
         self.capture = cache.k.device.type == "cuda" if capture is None else capture
-        model.group_experts()
+        model.fuse_weights()
         reason = unsupported(model, self.capture)
         if reason:
             raise ValueError(f"fixed-shape decode steps are not available: {reason}")
         self.model, self.cache, self.device = model, cache, cache.k.device
+        self.forward = torch.compile(model, dynamic=False) if compile else model
         self.max_keys = cache.tables.shape[1] * cache.block_size
         self.inputs: dict[int, torch.Tensor] = {}  # batch bucket -> (3, B): tokens, positions, slots
         self.logits: dict[int, torch.Tensor] = {}  # batch bucket -> (B, V) float32
@@ -101,7 +104,7 @@ class StaticDecode:
 
     def _run(self, batch: int, keys: int) -> None:
         tokens, positions, slots = self.inputs[batch]
-        logits = self.model(tokens[:, None], positions[:, None], cache=self.cache, slots=slots, kv_len=keys)
+        logits = self.forward(tokens[:, None], positions[:, None], cache=self.cache, slots=slots, kv_len=keys)
         self.logits[batch].copy_(logits[:, 0])
 
     def _capture(self, batch: int, keys: int) -> None:

@@ -169,7 +169,7 @@ class Engine:
                                   dtype=weight.dtype, device=weight.device)
         self.blocks = BlockManager(self.cache)
         if isinstance(model, Transformer):
-            model.group_experts()  # MoE layers dispatch without host syncs where their experts allow
+            model.fuse_weights()  # one GEMM for q/k/v and for gate/up; MoE dispatch without host syncs
         if static_decode is None:
             static_decode = weight.device.type == "cuda" and unsupported(model) is None
         self.static_decode = StaticDecode(model, self.cache) if static_decode else None

@@ -76,6 +76,19 @@ def test_static_step_equals_the_dynamic_step_over_several_steps(overrides):
 
 
 @torch.inference_mode()
+def test_a_compiled_static_step_computes_what_the_eager_one_does():
+    model = small_model()
+    eager_cache, compiled_cache, prompts = filled_caches(model, [3, 15, 30])
+    eager = StaticDecode(model, eager_cache, capture=False)
+    compiled = StaticDecode(model, compiled_cache, capture=False, compile=True)
+    tokens, positions, slots = [p[-1] for p in prompts], [3, 15, 30], [0, 1, 2]
+    for _ in range(2):
+        expected = eager(tokens, positions, slots).clone()
+        torch.testing.assert_close(compiled(tokens, positions, slots), expected, atol=1e-5, rtol=1e-5)
+        tokens, positions = expected.argmax(-1).tolist(), [p + 1 for p in positions]
+
+
+@torch.inference_mode()
 def test_rows_padding_a_batch_write_only_the_padding_block():
     model = small_model()
     _, cache, prompts = filled_caches(model, [20, 7, 33])
@@ -106,13 +119,13 @@ def test_moe_layers_are_captured_only_grouped_in_bfloat16():
     moe = small_model(**MOE)
     assert "ungrouped" in unsupported(moe)
     assert unsupported(moe, capture=False) is None  # the CPU's eager fixed-shape step runs any MoE
-    assert moe.group_experts() == []
+    assert moe.fuse_weights() == []
     assert "bfloat16" in unsupported(moe)
     moe.to(torch.bfloat16)  # new storage for every parameter: the stacks no longer hold the experts
     assert "ungrouped" in unsupported(moe)
-    assert moe.group_experts() == [] and unsupported(moe) is None
+    assert moe.fuse_weights() == [] and unsupported(moe) is None
     quantize_model(moe, "int8", 32)
-    assert moe.group_experts() == [0, 1] and "quantized" in unsupported(moe)
+    assert moe.fuse_weights() == [0, 1] and "quantized" in unsupported(moe)
 
 
 @torch.inference_mode()
