@@ -16,12 +16,18 @@ engine's greedy tokens on the CPU, on CUDA eagerly and on CUDA through CUDA grap
 Speed: one training step of the Qwen2-0.5B config (float32 master weights, bf16 autocast, AdamW;
 full and LoRA rank 8) beside transformers (+ peft when installed); batch-1 greedy decode of the
 Qwen2-7B config in bf16 after a 512-token prompt, ours (the model with its KV cache, no engine)
-beside transformers' generate, with the bandwidth that implies; the engine at the Qwen2-1.5B and
-Qwen2-7B configs in bf16: prefill of 512-token prompts, and greedy decode at batch 1 and 32 after
+beside transformers' generate, with the bandwidth that implies; the engine at the Qwen2-7B config
+in bf16: prefill of 512-token prompts, and greedy decode at batch 1 and 32 after
 them, eager (full logits to the host), fixed-shape eager and CUDA graphs (tokens drawn on the
 device), each as tokens/s and as a share of the HBM roofline (bytes a step must read: the
-weights once and every row's keys and values, over the device's peak bandwidth). Random weights
-and no tokenizer (none travels to the GPU machine): detokenizing is left out of the timings.
+weights once and every row's keys and values, over the device's peak bandwidth). MoE (issue
+parts "moe"): the grouped experts against the per-expert loop and the CPU on a tiny config, the
+engine's greedy tokens eager and through captured graphs (MoE layers inside), then decode of the
+Qwen2-57B-A14B config cut to a few layers in bf16, eager and graphed, beside transformers'
+Qwen2-MoE. Int4 (part "int4"): the CUDA int4 layer against its own integers' float weights (from
+our quantizer and from GPTQ-style integers with an act-order permutation), then the Qwen2-7B config
+with int4 weights decoding through the engine, as for bf16. Random weights and no tokenizer (none
+travels to the GPU machine): detokenizing is left out of the timings.
 """
 
 from __future__ import annotations
@@ -32,18 +38,25 @@ import time
 import traceback
 
 import torch
+import torch.nn.functional as F
 
 from qwen2.config import Qwen2Config
 from qwen2.engine.cuda_graphs import StaticDecode
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.model import KVCache, Transformer
+from qwen2.quant.int_linear import quantize_int4, quantize_model
+from qwen2.quant.prequantized import to_int4_linear
 from qwen2.train.data import Batch
 from qwen2.train.lora import add_lora
 from qwen2.train.loss import LinearCrossEntropy, loss_sum
+from qwen2.weights.gptq_awq import UnpackedLinear
 
 TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
+TINY_MOE = dict(TINY, model_type="qwen2_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                shared_expert_intermediate_size=64, tie_word_embeddings=False)
+MOE_LAYERS = 4  # of Qwen2-57B-A14B's 28: the speed of a layer is the point, and all 28 would take most of the card
 
 
 # peak HBM bandwidth (bytes/s) and dense bf16 tensor throughput (FLOP/s) by device name, from the
@@ -134,6 +147,61 @@ def correctness(device: str) -> dict:
                  and out["fused_loss_rel_diff"] < 1e-4 and out["train_loss_rel_diff"] < 1e-4
                  and out["engine_eager_tokens_equal_cpu"] and out["engine_graph_tokens_equal_cpu"]
                  and (device != "cuda" or out["engine_graphs_captured"] > 0))
+    return out
+
+
+def moe_correctness(device: str) -> dict:
+    """Grouped experts against the per-expert loop and the CPU (float32), and the engine's greedy
+    tokens eager against graphed with the MoE layers captured (bf16, where grouped GEMMs need no host)."""
+    torch.manual_seed(0)
+    cpu = Transformer(Qwen2Config(**TINY_MOE)).eval()
+    with torch.no_grad():
+        cpu.model.embed_tokens.weight.normal_(0, 1.0)
+    grouped = Transformer(Qwen2Config(**TINY_MOE)).to(device).eval()
+    grouped.load_state_dict(cpu.state_dict())
+    out = {"moe_layers_ungrouped": grouped.fuse_weights()}
+    ids = torch.randint(0, 1024, (2, 50))
+    with torch.no_grad():
+        loop = cpu(ids)
+        out["moe_grouped_vs_cpu_loop_max_abs_diff"] = float((grouped(ids.to(device)).cpu() - loop).abs().max())
+    half = Transformer(Qwen2Config(**TINY_MOE)).to(device).to(torch.bfloat16).eval()
+    half.load_state_dict(cpu.state_dict())
+    half.set_rope(half.config)
+    with torch.inference_mode():  # the same fixed shapes run eagerly, then replayed from graphs
+        eager, _ = greedy_tokens(half, static_decode=True, capture=False)
+        graphed, engine = greedy_tokens(half, static_decode=True, capture=device == "cuda")
+    out["moe_graph_tokens_equal_eager"] = graphed == eager
+    out["moe_graphs_captured"] = len(engine.static_decode.graphs)
+    out["ok"] = (out["moe_layers_ungrouped"] == [] and out["moe_grouped_vs_cpu_loop_max_abs_diff"] < 1e-3
+                 and out["moe_graph_tokens_equal_eager"] and (device != "cuda" or out["moe_graphs_captured"] > 0))
+    return out
+
+
+def int4_correctness(device: str) -> dict:
+    """The CUDA int4 layer against the float weights of its own integers: quantized by us, and from
+    GPTQ-style integers whose groups gather the inputs out of order (act-order)."""
+    if device != "cuda":
+        return {"skipped": "the CUDA int4 kernel needs CUDA", "ok": True}
+    torch.manual_seed(0)
+    out = {}
+    linear = torch.nn.Linear(1024, 512, device=device)
+    layer = quantize_model(torch.nn.Sequential(linear), "int4", 128)[0]
+    q, scale, zero = quantize_int4(linear.weight.detach(), 128)
+    w = ((q.float() - 8).view(512, -1, 128) * scale.float()[..., None] + zero.float()[..., None]).view(512, 1024)
+    x = torch.randn(37, 1024, device=device)
+    want = x.bfloat16().float() @ w.T + linear.bias
+    out["int4_quantized_rel_err"] = float((layer(x).float() - want).norm() / want.norm())
+    out["int4_layer"] = type(layer).__name__
+    n, k, groups = 512, 1024, 8
+    g_idx = torch.randperm(k) % groups  # act-order: each group's inputs scattered over the row
+    unpacked = UnpackedLinear(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.randint(0, 16, (groups, n),
+                              dtype=torch.int32), torch.rand(groups, n) / 50, g_idx)
+    w = (unpacked.q.float() - unpacked.zeros[g_idx].T.float()) * unpacked.scales[g_idx].T
+    gptq = to_int4_linear(unpacked, k // groups, None, device)
+    want = x.bfloat16().float().cpu() @ w.T
+    out["int4_gptq_act_order_rel_err"] = float((gptq(x).float().cpu() - want).norm() / want.norm())
+    out["ok"] = (out["int4_layer"] == "CudaInt4Linear" and out["int4_quantized_rel_err"] < 0.01
+                 and out["int4_gptq_act_order_rel_err"] < 0.01)
     return out
 
 
@@ -242,7 +310,8 @@ def decode_speed(config: dict, prompt: int, new: int, device: str) -> dict:
     out = {}
     with torch.device(device):
         model = Transformer(Qwen2Config(**config)).to(torch.bfloat16).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.fuse_weights()
+    weight_bytes = weight_bytes_per_step(model)
     ids = torch.randint(0, config["vocab_size"], (1, prompt), device=device)
     cache = KVCache(model.config, 1, prompt + new + 1, dtype=torch.bfloat16, device=device)
     with torch.no_grad():
@@ -263,8 +332,11 @@ def decode_speed(config: dict, prompt: int, new: int, device: str) -> dict:
         import transformers
 
         torch.set_default_dtype(torch.bfloat16)
+        moe = config.get("model_type") == "qwen2_moe"
+        model_class, config_class = ((transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig) if moe
+                                     else (transformers.Qwen2ForCausalLM, transformers.Qwen2Config))
         with torch.device(device):
-            theirs = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).eval()
+            theirs = model_class(config_class(**config)).eval()
         torch.set_default_dtype(torch.float32)
         with torch.no_grad():
             theirs.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -301,13 +373,20 @@ def random_model(config: dict, device: str, dtype: torch.dtype) -> Transformer:
     return model
 
 
-def weight_bytes_per_step(model: Transformer) -> int:
-    """Bytes of weights one forward reads: every matrix once; of the embedding only a few rows,
-    unless it is also the output head."""
+def weight_bytes_per_step(model: Transformer, rows: int = 1) -> int:
+    """Bytes of weights a decode step of `rows` rows reads: every matrix once (as stored: int4
+    layers' packed buffers); of the embedding only a few rows, unless it is also the output head;
+    of the experts the share that `rows` tokens route to, expected under uniform routing."""
     embedding = model.model.embed_tokens.weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    tied = model.lm_head.weight is embedding
-    return total if tied else total - embedding.numel() * embedding.element_size()
+    tied = getattr(model.lm_head, "weight", None) is embedding
+    config = model.config
+    touched = 1 - (1 - config.num_experts_per_tok / config.num_experts) ** rows if config.is_moe else 1
+    total = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t is None or name == "inv_freq" or (t is embedding and not tied):
+            continue
+        total += t.numel() * t.element_size() * (touched if ".experts." in name else 1)
+    return int(total)
 
 
 def submit_random(engine: Engine, rows: int, prompt: int, new: int, generator: torch.Generator) -> list:
@@ -338,6 +417,8 @@ def engine_decode(model: Transformer, rows: int, prompt: int, steps: int, kv_mem
                     kv_memory=kv_memory, static_decode=mode == "graph")
     if mode == "static":
         engine.static_decode = StaticDecode(model, engine.cache, capture=False)
+    elif mode == "compiled":  # torch.compile's fused kernels, captured
+        engine.static_decode = StaticDecode(model, engine.cache, capture=device == "cuda", compile=True)
     requests = submit_random(engine, rows, prompt, 4 + steps + 1, torch.Generator().manual_seed(0))
     while not all(r.output for r in requests):
         engine.step()
@@ -354,16 +435,21 @@ def engine_decode(model: Transformer, rows: int, prompt: int, steps: int, kv_mem
 
 
 def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tuple[int, ...], device: str,
-                 peaks: dict) -> dict:
-    """Prefill and decode through the engine at one config in bf16 on random weights."""
+                 peaks: dict, quant: str = "none") -> dict:
+    """Prefill and decode through the engine at one config in bf16 on random weights (with `quant`
+    "int4": every Linear's weights quantized in place first)."""
     dtype = torch.bfloat16
     model = random_model(config, device, dtype)
+    if quant != "none":
+        quantize_model(model, quant, 128)
+        free_memory(device)
     weights = weight_bytes_per_step(model)
     per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 2
     bandwidth, flops = peaks["hbm_bytes_per_s"], peaks["bf16_flops"]
-    out = {"config": name, "weight_gb_per_step": weights / 1e9, "kv_kib_per_token": per_token / 1024}
+    out = {"config": name, "quant": quant, "weight_gb_per_step": weights / 1e9, "kv_kib_per_token": per_token / 1024}
     kv_memory = (max(batches) + 1) * 2 * prompt * per_token
-    matmul_params = weights // 2  # bf16
+    c = model.config  # a token's matrix products: its active parameters, less an untied embedding's lookup
+    matmul_params = c.num_params()["active"] - c.vocab_size * c.hidden_size * (not c.tie_word_embeddings)
     attention_flop = 2 * model.config.num_hidden_layers * model.config.hidden_size * prompt  # per token, causal
     for rows in batches:
         seconds = engine_prefill(model, rows, prompt, kv_memory, device)
@@ -375,7 +461,7 @@ def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tupl
         out[f"prefill/{prompt}x{rows}"] = row
         free_memory(device)
         context = prompt + 5 + steps // 2  # keys each row reads, on average over the timed steps
-        step_bytes = weights + rows * context * per_token
+        step_bytes = weight_bytes_per_step(model, rows) + rows * context * per_token
         for mode in ("eager", "static", "graph") if device == "cuda" else ("eager", "static"):
             seconds, graphs = engine_decode(model, rows, prompt, steps, kv_memory, mode, device)
             row = {"ms_per_step": seconds * 1e3, "tokens_per_s": rows / seconds, "gb_per_s": step_bytes / seconds / 1e9,
@@ -389,27 +475,112 @@ def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tupl
     return out
 
 
+def profile_decode(config: dict, prompt: int, steps: int, device: str) -> str:
+    """torch.profiler's table of `steps` batch-1 fixed-shape decode steps run eagerly (a graph's
+    replay hides its kernels), the kernels by device time: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = random_model(config, device, torch.bfloat16)
+    engine = Engine(model, NoText(), max_concurrency=1, max_seq_len=2 * prompt, prefill_chunk=prompt,
+                    static_decode=False)
+    engine.static_decode = StaticDecode(model, engine.cache, capture=False)
+    submit_random(engine, 1, prompt, steps + 8, torch.Generator().manual_seed(0))
+    for _ in range(4):
+        engine.step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+    del model, engine
+    free_memory(device)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+
+
+def attention_decode_times(device: str) -> dict:
+    """Microseconds of one decode step's attention at the Qwen2-7B shape (28 query heads over 4
+    KV heads as 7 rows each, 576 keys, a mask as the fixed-shape step passes one), per SDPA
+    backend and written out as two matrix products: which one a decode step should call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = torch.bfloat16
+    q = torch.randn(1, 4, 7, 128, device=device, dtype=dtype)
+    k, v = (torch.randn(1, 4, 576, 128, device=device, dtype=dtype) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, 576, device=device, dtype=torch.bool)
+    mask[..., :530] = True
+    out = {}
+    for name, backend in [("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("math", SDPBackend.MATH)]:
+        try:
+            with sdpa_kernel(backend):
+                out[name] = 1e6 * timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), 200, device)
+        except RuntimeError as e:
+            out[name] = f"unavailable: {str(e)[:80]}"
+
+    def products() -> torch.Tensor:
+        scores = (q @ k.transpose(-1, -2)).float().masked_fill_(~mask, float("-inf")) * 128 ** -0.5
+        return torch.softmax(scores, -1).to(dtype) @ v
+
+    out["two_matmuls"] = 1e6 * timed(products, 200, device)
+    return out
+
+
+def compiled_decode(config: dict, prompt: int, steps: int, device: str, peaks: dict) -> dict:
+    """Batch-1 bf16 decode through the engine with its fixed-shape step compiled (torch.compile)
+    and captured, beside the same step captured uncompiled; the first steps pay the compilation."""
+    model = random_model(config, device, torch.bfloat16)
+    per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 2
+    kv_memory = 2 * 2 * prompt * per_token
+    step_bytes = weight_bytes_per_step(model) + (prompt + 5 + steps // 2) * per_token
+    out = {}
+    for mode in ("graph", "compiled"):
+        start = time.perf_counter()
+        seconds, graphs = engine_decode(model, 1, prompt, steps, kv_memory, mode, device)
+        out[mode] = {"ms_per_step": seconds * 1e3, "tokens_per_s": 1 / seconds, "graphs": graphs,
+                     "wall_s_with_compile": time.perf_counter() - start}
+        if peaks["hbm_bytes_per_s"]:
+            out[mode]["hbm_roofline_pct"] = 100 * step_bytes / seconds / peaks["hbm_bytes_per_s"]
+    del model
+    free_memory(device)
+    return out
+
+
+def preset(name: str, **overrides) -> dict:
+    keep = set(Qwen2Config.__dataclass_fields__)
+    config = {k: v for k, v in Qwen2Config.from_preset(name).to_hf_dict().items() if k in keep} | overrides
+    if "layer_types" in config:  # one per layer: transformers refuses a list longer than the layers kept
+        config["layer_types"] = config["layer_types"][:config["num_hidden_layers"]]
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out")
     parser.add_argument("--small", action="store_true", help="tiny sizes, to check the script itself")
     parser.add_argument("--dry", action="store_true", help="on the CPU at tiny sizes (the default without CUDA)")
-    parser.add_argument("--parts", default="correctness,train,decode,engine",
+    parser.add_argument("--parts", default="correctness,train,decode,engine,moe,int4,compile,profile",
                         help="comma-separated parts to run (default: all)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     dry = args.dry or not torch.cuda.is_available()
     device, small = ("cpu", True) if dry else ("cuda", args.small)
-    train_config = TINY if small else Qwen2Config.from_preset("Qwen2-0.5B").to_hf_dict()
-    decode_config = TINY if small else Qwen2Config.from_preset("Qwen2-7B").to_hf_dict()
-    keep = {f for f in Qwen2Config.__dataclass_fields__}
-    train_config = {k: v for k, v in train_config.items() if k in keep}
-    decode_config = {k: v for k, v in decode_config.items() if k in keep}
+    train_config = TINY if small else preset("Qwen2-0.5B")
+    decode_config = TINY if small else preset("Qwen2-7B")
+    moe_config = TINY_MOE if small else preset("Qwen2-57B-A14B", num_hidden_layers=MOE_LAYERS)
     report = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(), "torch": torch.__version__}
     started = time.perf_counter()
+    checks = []
     if "correctness" in parts:
-        report["correctness"] = correctness(device)
-        print(json.dumps(report), flush=True)
+        checks.append(("correctness", correctness))
+    if "moe" in parts:
+        checks.append(("moe_correctness", moe_correctness))
+    if "int4" in parts:
+        checks.append(("int4_correctness", int4_correctness))
+    for key, check in checks:
+        report[key] = check(device)
+        print(json.dumps({key: report[key]}), flush=True)
     sizes = (2, 32, 1, 8, 4) if dry else (4, 128, 3, 32, 16) if small else (4, 512, 10, 512, 128)
     batch, seq, steps, prompt, new = sizes
     if "train" in parts:
@@ -418,30 +589,47 @@ def main() -> None:
     if "decode" in parts:
         report["decode"] = decode_speed(decode_config, prompt, new, device)
         print(json.dumps(report["decode"]), flush=True)
+    if "moe" in parts:
+        report["moe_decode"] = decode_speed(moe_config, prompt, new, device)
+        print(json.dumps(report["moe_decode"]), flush=True)
+    runs = []  # (name, config, quant) through the engine
     if "engine" in parts:
+        runs.append(("tiny" if small else "Qwen2-7B", decode_config, "none"))
+    if "int4" in parts:
+        runs.append(("tiny" if small else "Qwen2-7B", decode_config, "int4"))
+    if "moe" in parts:
+        runs.append(("tiny-moe" if small else f"Qwen2-57B-A14B ({MOE_LAYERS} of 28 layers)", moe_config, "none"))
+    if runs:
         report["peaks"] = device_peaks(device)
-        engine_configs = {"tiny": TINY} if small else {
-            name: {k: v for k, v in Qwen2Config.from_preset(name).to_hf_dict().items() if k in keep}
-            for name in ("Qwen2-1.5B", "Qwen2-7B")}
         engine_prompt, engine_steps = (16, 4) if dry else (64, 16) if small else (512, 64)
         report["engine"] = []
-        for name, config in engine_configs.items():
+        for name, config, quant in runs:
             try:
                 row = engine_speed(name, config, engine_prompt, engine_steps, (1, 4) if dry else (1, 32), device,
-                                   report["peaks"])
+                                   report["peaks"], quant)
             except Exception as e:  # keep what the other configs measure
                 traceback.print_exc()
-                row = {"config": name, "error": f"{type(e).__name__}: {e}"}
+                row = {"config": name, "quant": quant, "error": f"{type(e).__name__}: {e}"}
                 free_memory(device)
             report["engine"].append(row)
             print(json.dumps(row), flush=True)
+    if "compile" in parts:
+        report["compiled"] = compiled_decode(decode_config, 512 if not small else 16, 64 if not small else 4, device,
+                                             device_peaks(device))
+        print(json.dumps(report["compiled"]), flush=True)
+    if "profile" in parts:
+        report["attention_decode_us"] = attention_decode_times(device)
+        print(json.dumps(report["attention_decode_us"]), flush=True)
+        report["profile"] = profile_decode(decode_config, prompt, 8, device)
+        print(report["profile"], flush=True)
     report["wall_s"] = time.perf_counter() - started
     print(json.dumps(report, indent=2))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
-    if "correctness" in parts and not report["correctness"]["ok"]:
-        raise SystemExit(f"correctness checks failed: {report['correctness']}")
+    failed = [key for key, _ in checks if not report[key]["ok"]]
+    if failed:
+        raise SystemExit(f"correctness checks failed: {', '.join(failed)}")
     if any("error" in row for row in report.get("engine", [])):
         raise SystemExit("an engine measurement failed (see its error above)")
 

@@ -19,3 +19,9 @@ def test_gpu_check_runs_dry_on_the_cpu_and_its_checks_pass(tmp_path):
     checks = report["correctness"]
     assert checks["ok"] and checks["cached_decode_max_abs_diff"] < 1e-3 and checks["fused_grad_max_abs_diff"] < 1e-3
     assert report["train_step"]["full/ours"]["tokens_per_s"] > 0 and report["decode"]["ours"]["tokens_per_s"] > 0
+    assert report["moe_correctness"]["ok"] and report["moe_correctness"]["moe_layers_ungrouped"] == []
+    assert report["moe_correctness"]["moe_grouped_vs_cpu_loop_max_abs_diff"] < 1e-3
+    assert [(row["config"], row["quant"]) for row in report["engine"]] == [
+        ("tiny", "none"), ("tiny", "int4"), ("tiny-moe", "none")]
+    assert all(row["decode/batch4/static"]["tokens_per_s"] > 0 for row in report["engine"])
+    assert "aten::" in report["profile"]
