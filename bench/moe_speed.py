@@ -7,7 +7,7 @@ beside both, in one run.
 Rows: prefill of a --prompt-token prompt and batch-1 greedy decode of --new tokens, each timed
 alone (the decode time is generate's total less its prefill). Ours in float32 (grouped experts,
 transformers' oracle dtype), ours on Q8_0 blocks made at load (the CPU default for an HF folder:
-one call per expert), transformers in float32. The greedy tokens of ours in float32 and of
+one call per expert), with --gguf the folder's GGUF on its own blocks, transformers in float32. The greedy tokens of ours in float32 and of
 transformers are printed side by side: they must agree.
 """
 
@@ -64,6 +64,8 @@ def theirs(folder: str, prompt: list[int], new: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="the upcycled MoE folder (bench/upcycle_moe.py)")
+    parser.add_argument("--gguf", help="the folder converted to GGUF (qwen2 convert FOLDER out.gguf --type q4_k): "
+                        "its own blocks, the CPU default for a quantized MoE file")
     parser.add_argument("--dense", default="qwen2.5-coder-0.5b-instruct", help="the dense model beside it")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=32)
@@ -76,6 +78,7 @@ def main() -> None:
               "new": args.new, "rows": {}}
     runs = [("moe/ours float32", lambda: ours(args.folder, "none", prompt, args.new)),
             ("moe/ours q8_0", lambda: ours(args.folder, "auto", prompt, args.new)),
+            *([("moe/ours gguf", lambda: ours(args.gguf, "auto", prompt, args.new))] if args.gguf else []),
             ("moe/transformers float32", lambda: theirs(args.folder, prompt, args.new)),
             ("dense/ours float32", lambda: ours(args.dense, "none", prompt, args.new))]
     for name, run in runs:
