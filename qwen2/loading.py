@@ -149,8 +149,10 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
     net.set_rope(with_long_context(net.config, rope_scaling, dca))
     if dev.type == "cpu" and MODES[mode].kind == "blocks":
         from qwen2.quant.fused_decode import FusedDecode
+        from qwen2.quant.fused_moe import fuse_experts
 
         net.decode_step = FusedDecode.for_model(net)
+        fuse_experts(net)
     return net, tokenizer, mode
 
 

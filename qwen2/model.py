@@ -294,7 +294,8 @@ class MoE(nn.Module):
     stacked tensors that the experts' own parameters then view, and one grouped GEMM per projection
     runs every block with no host sync (fixed shapes: N*k rows), which a CUDA graph can capture.
     Otherwise (quantized experts, training, a sharded layer) a loop calls each expert on its block,
-    after one host sync for the block sizes.
+    after one host sync for the block sizes. Int8 block experts (qwen2.quant) run a decode step's
+    few rows through one compiled call instead, where the loader sets `fused_experts`.
     """
 
     def __init__(self, config: Qwen2Config):
@@ -308,6 +309,7 @@ class MoE(nn.Module):
         self.shared_expert = MLP(h, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(h, 1, bias=False)
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (E, 2I, H) gate;up and (E, H, I) down
+        self.fused_experts = None  # qwen2.quant.fused_moe.FusedExperts, where the experts are its kind
 
     def group_experts(self) -> bool:
         """Move the experts' float matrices into stacked tensors (see the class); True when grouped.
@@ -350,6 +352,15 @@ class MoE(nn.Module):
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
+        if self.fused_experts is not None and self.fused_experts.applies(x):
+            out = self.fused_experts(x, chosen, weights)
+        else:
+            out = self._routed(x, chosen, weights)
+        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.view(shape)
+
+    def _routed(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' outputs (N, H) weighted and summed over each token's k slots."""
         experts, order = chosen.flatten().sort(stable=True)  # the (token, slot) pairs by expert
         # where each expert's block ends (bincount would read the largest id on the host)
         ends = torch.searchsorted(experts, torch.arange(self.num_experts, device=x.device), right=True)
@@ -363,10 +374,8 @@ class MoE(nn.Module):
         else:
             out = self._per_expert(rows, ends)
         # back to (token, slot) order; the k slots summed in a fixed order (index_add_ on CUDA is not)
-        out = torch.empty_like(out).index_copy_(0, order, out).view(-1, self.top_k, shape[-1])
-        out = (out * weights.to(x.dtype)[..., None]).sum(1)
-        out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out.view(shape)
+        out = torch.empty_like(out).index_copy_(0, order, out).view(-1, self.top_k, x.shape[-1])
+        return (out * weights.to(x.dtype)[..., None]).sum(1)
 
     def _per_expert(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """Each expert on its block of `rows` (sorted by expert), one call each."""

@@ -22,8 +22,9 @@
 // Every byte of the file's rows is kept (only the K-quants' packed 6-bit scales grow to bytes),
 // so a repacked model reads what the file holds, and `dequantize_packed` returns its exact weights.
 
-// This header holds what the ops (gguf_int8.cpp) and the fused decode layer (decode_layer.cpp)
-// share: the vector wrappers, the repacked layout, the int8 product.
+// This header holds what the ops (gguf_int8.cpp), the fused decode layer (decode_layer.cpp) and
+// the MoE experts call (moe_experts.cpp) share: the vector wrappers, the repacked layout, the int8
+// product.
 
 #pragma once
 
@@ -208,12 +209,14 @@ struct Activations {
   const int8_t* pattern;  // [M][K/32][256]
   const float* scale;     // [M][K/32]
   const float* sums;      // [M][K/16]
+  Activations row(int64_t m, int64_t K32) const {  // row m's own
+    return {pattern + m * K32 * 256, scale + m * K32, sums + m * 2 * K32};
+  }
 };
 
-// y[r, n0 .. n0+8) for R activation rows of one group of 8 weight rows.
+// out[r][n0 .. n0+8) for R activation rows (each a `row` view) of one group of 8 weight rows.
 template <int64_t T, int R>
-void dot_group(const uint8_t* group, int64_t K, const Activations& a, int64_t r0, int64_t K32, float* y,
-               int64_t N, int64_t n0) {
+void dot_group(const uint8_t* group, int64_t K, const Activations* rows, float* const* out, int64_t n0) {
   constexpr Layout L = layout(T);
   constexpr int64_t runs = L.super / 32;
   constexpr bool halves = T == Q6_K;  // a scale per 16 weights: units 0-3, then 4-7
@@ -233,9 +236,9 @@ void dot_group(const uint8_t* group, int64_t K, const Activations& a, int64_t r0
       run_scales<T>(rec, j, ws, wm);
       const fvec wsv0 = fwiden(ws[0]), wsv1 = halves ? fwiden(ws[1]) : wsv0;
       for (int r = 0; r < R; ++r) {
-        const int64_t row = r0 + r;
-        const int8_t* xp = a.pattern + (row * K32 + b) * 256;
-        const float dx = a.scale[row * K32 + b];
+        const Activations& a = rows[r];
+        const int8_t* xp = a.pattern + b * 256;
+        const float dx = a.scale[b];
         ivec p0 = izero(), p1 = izero();
         for (int i = 0; i < NV; ++i) {
           const ivec x = iload(reinterpret_cast<const uint8_t*>(xp) + VB * i);
@@ -251,17 +254,28 @@ void dot_group(const uint8_t* group, int64_t K, const Activations& a, int64_t r0
         acc[r] = fma_scaled(p0, wsv0, dx, acc[r]);
         if constexpr (halves) {
           acc[r] = fma_scaled(p1, wsv1, dx, acc[r]);
-          off[r] = _mm256_fmadd_ps(wm[0], _mm256_set1_ps(a.sums[row * 2 * K32 + 2 * b]), off[r]);
-          off[r] = _mm256_fmadd_ps(wm[1], _mm256_set1_ps(a.sums[row * 2 * K32 + 2 * b + 1]), off[r]);
+          off[r] = _mm256_fmadd_ps(wm[0], _mm256_set1_ps(a.sums[2 * b]), off[r]);
+          off[r] = _mm256_fmadd_ps(wm[1], _mm256_set1_ps(a.sums[2 * b + 1]), off[r]);
         } else if constexpr (T != Q8_0) {
-          const float xs = a.sums[row * 2 * K32 + 2 * b] + a.sums[row * 2 * K32 + 2 * b + 1];
+          const float xs = a.sums[2 * b] + a.sums[2 * b + 1];
           off[r] = _mm256_fmadd_ps(wm[0], _mm256_set1_ps(xs), off[r]);
         }
       }
     }
   }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + (r0 + r) * N + n0, _mm256_sub_ps(rows8(acc[r]), off[r]));
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + n0, _mm256_sub_ps(rows8(acc[r]), off[r]));
 }
+
+// n activation rows against one group, 4 at a time where they can: each decoded run serves them all
+template <int64_t T>
+void dot_rows(const uint8_t* group, int64_t K, const Activations* rows, float* const* out, int64_t n, int64_t n0) {
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) dot_group<T, 4>(group, K, rows + r, out + r, n0);
+  for (; r + 2 <= n; r += 2) dot_group<T, 2>(group, K, rows + r, out + r, n0);
+  for (; r < n; ++r) dot_group<T, 1>(group, K, rows + r, out + r, n0);
+}
+
+int64_t grain_groups(int64_t G) { return std::max<int64_t>(1, (32 << 10) / G); }  // ~32 KiB of weights per task
 
 int64_t group_bytes(int64_t t, int64_t K) {
   const Layout L = layout(t);
@@ -417,29 +431,26 @@ void matmul_typed(const Activations& a, int64_t M, int64_t K, const uint8_t* pac
   if constexpr (T != Q6_K)  // its scales change every 16 weights, half a tile's run
     if (M >= AMX_MIN_ROWS && N % 16 == 0 && amx_ready()) return matmul_amx<T>(a, M, K, packed, G, y, N);
 #endif
-  const int64_t K32 = K / 32, groups = N / 8;
-  const int64_t grain = std::max<int64_t>(1, (32 << 10) / G);  // ~32 KiB of weights per task
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const uint8_t* group = packed + g * G;
-      int64_t r = 0;
-      for (; r + 4 <= M; r += 4) dot_group<T, 4>(group, K, a, r, K32, y, N, 8 * g);
-      for (; r + 2 <= M; r += 2) dot_group<T, 2>(group, K, a, r, K32, y, N, 8 * g);
-      for (; r < M; ++r) dot_group<T, 1>(group, K, a, r, K32, y, N, 8 * g);
-    }
+  std::vector<Activations> rows(M);
+  std::vector<float*> out(M);
+  for (int64_t m = 0; m < M; ++m) rows[m] = a.row(m, K / 32), out[m] = y + m * N;
+  at::parallel_for(0, N / 8, grain_groups(G), [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) dot_rows<T>(packed + g * G, K, rows.data(), out.data(), M, 8 * g);
   });
 }
 
 // The int8 product of M float32 rows (row stride K) with one repacked matrix, into y [M, N] (row stride N).
 struct QuantizedRows {
   at::Tensor pattern, scale, sums;
+  QuantizedRows(int64_t M, int64_t K)  // room for M rows
+      : pattern(at::empty({M, K / 32, 256}, at::dtype(at::kChar))),
+        scale(at::empty({M, K / 32}, at::dtype(at::kFloat))),
+        sums(at::empty({M, K / 16}, at::dtype(at::kFloat))) {}
   Activations view() const { return {pattern.data_ptr<int8_t>(), scale.data_ptr<float>(), sums.data_ptr<float>()}; }
 };
 
 inline QuantizedRows quantize(const float* x, int64_t M, int64_t K) {
-  const int64_t K32 = K / 32;
-  QuantizedRows q{at::empty({M, K32, 256}, at::dtype(at::kChar)), at::empty({M, K32}, at::dtype(at::kFloat)),
-                  at::empty({M, 2 * K32}, at::dtype(at::kFloat))};
+  QuantizedRows q(M, K);
   quantize_rows(x, M, K, q.pattern.data_ptr<int8_t>(), q.scale.data_ptr<float>(), q.sums.data_ptr<float>());
   return q;
 }
