@@ -6,9 +6,9 @@ beside both, in one run.
 
 Rows: prefill of a --prompt-token prompt and batch-1 greedy decode of --new tokens, each timed
 alone (the decode time is generate's total less its prefill). Ours in float32 (grouped experts,
-transformers' oracle dtype), ours on Q8_0 blocks made at load (the CPU default for an HF folder:
-one call per expert), with --gguf the folder's GGUF on its own blocks, transformers in float32. The greedy tokens of ours in float32 and of
-transformers are printed side by side: they must agree.
+transformers' oracle dtype), ours on Q8_0 blocks made at load (the CPU default for an HF folder),
+with --gguf the folder's GGUF on its own blocks, transformers in float32. `greedy_tokens_equal`
+says whether ours in float32 and transformers chose the same tokens.
 """
 
 from __future__ import annotations
