@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from tqdm import tqdm
 
@@ -108,7 +108,7 @@ class Endpoint:
                                                                 dynamic_ncols=True) as bar:
             pending = {pool.submit(request, key, value): key for key, value in work.items()}
             while pending:
-                finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)  # record each as it returns (resumable)
                 for future in finished:
                     key = pending.pop(future)
                     if future.exception() is not None:

@@ -5,10 +5,12 @@ log-probabilities); the settings name the endpoint and its model, never the key;
 request ends the run with one line."""
 
 import json
+import threading
 
 import pytest
 
 from qwen2.cli import main
+from qwen2.eval.endpoint import Endpoint
 from tests.server.conftest import _launch, free_port
 
 EXACT = ["--quant", "none", "--dtype", "float32"]  # the in-process twin of the server below
@@ -93,3 +95,20 @@ def test_evals_that_read_the_models_own_logits_refuse_an_endpoint(eval_name, cap
     with pytest.raises(SystemExit):
         main(["eval", eval_name, "--endpoint", "http://127.0.0.1:1"])
     assert "--endpoint is not supported here" in capsys.readouterr().err
+
+
+def test_each_reply_is_recorded_as_it_returns_so_an_interrupted_run_keeps_it(served):
+    """The second request waits until the first's result has been recorded: a pool that waited
+    for every request before recording any (as a killed run would lose them all) times out."""
+    endpoint = Endpoint(served.url, api_key=KEY, concurrency=2)
+    recorded = threading.Event()
+
+    def request(key: str, _value: object) -> str:
+        if key == "second" and not recorded.wait(timeout=10):
+            raise TimeoutError("the first reply was not recorded while the second was in flight")
+        return key
+
+    done = []
+    endpoint.each({"first": None, "second": None}, request,
+                  lambda key, reply: (done.append(reply), recorded.set()), "test")
+    assert done == ["first", "second"]
