@@ -76,6 +76,9 @@ def add_common(p: argparse.ArgumentParser, slots: int) -> None:  # slots: the de
     p.add_argument("--endpoint-model", metavar="NAME", help="the model to ask for at --endpoint (default: the "
                    "first it lists)")
     p.add_argument("--api-key", help="the key --endpoint asks for (default: $OPENAI_API_KEY)")
+    p.add_argument("--endpoint-body", metavar="JSON", help="extra fields sent with every --endpoint generation "
+                   "request, as a JSON object: a server's own sampling options, e.g. '{\"repeat_penalty\": 1.0}' "
+                   "to turn off llama-cpp-python's default repeat penalty of 1.1 (recorded in the results' settings)")
     add_engine_options(p, max_concurrency=slots, kv_memory_default="a quarter of the available memory",
                        old_flag="--slots")
     add_model_options(p, speculative=False)
@@ -177,7 +180,23 @@ def check_common(args: argparse.Namespace) -> None:
         # the URL becomes the Endpoint it names: the server is asked for its models now, so a dead URL
         # fails before any work, and the settings can record the model it serves
         args.endpoint = Endpoint(args.endpoint, args.endpoint_model, args.api_key or os.environ.get("OPENAI_API_KEY"),
-                                 args.max_concurrency)
+                                 args.max_concurrency, endpoint_body(args.endpoint_body))
+    elif args.endpoint_body and not args.endpoint:
+        raise OptionError("--endpoint-body is sent with --endpoint's requests; give --endpoint too")
+
+
+def endpoint_body(text: str | None) -> dict:
+    """--endpoint-body's JSON object, or a one-line OptionError saying what is wrong with it."""
+    if not text:
+        return {}
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise OptionError(f"--endpoint-body is not JSON ({e.msg} at character {e.pos}): give an object such as "
+                          "'{\"repeat_penalty\": 1.0}'") from None
+    if not isinstance(body, dict):
+        raise OptionError(f"--endpoint-body must be a JSON object of request fields, not {type(body).__name__}")
+    return body
 
 
 def _in_process_only(args: argparse.Namespace, why: str) -> None:
@@ -189,7 +208,8 @@ def _settings(args: argparse.Namespace, **extra) -> dict:
     """What makes two runs' results comparable: the model and its options (or the endpoint and the model
     it serves; never the key), and the eval's own."""
     if args.endpoint:
-        return dict(model=args.endpoint.model, endpoint=args.endpoint.url, seed=args.seed, **extra)
+        body = {"endpoint_body": args.endpoint.body} if args.endpoint.body else {}
+        return dict(model=args.endpoint.model, endpoint=args.endpoint.url, **body, seed=args.seed, **extra)
     return dict(model=str(args.model or "default"), **{k: v for k, v in model_options(args).items() if k != "model"},
                 seed=args.seed, **extra)
 

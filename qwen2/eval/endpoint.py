@@ -44,12 +44,14 @@ def base_url(url: str) -> str:
 class Endpoint:
     """A model behind an OpenAI-compatible API; the harness drives it in place of an in-process LLM."""
 
-    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, concurrency: int = 8):
+    def __init__(self, url: str, model: str | None = None, api_key: str | None = None, concurrency: int = 8,
+                 body: dict | None = None):
+        """body: extra request fields (a server's own options), sent with every request."""
         try:
             from openai import OpenAI
         except ImportError:
             raise OptionError("--endpoint talks to the server with the openai client: pip install openai") from None
-        self.url, self.concurrency = base_url(url), concurrency
+        self.url, self.concurrency, self.body = base_url(url), concurrency, body or {}
         self.client = OpenAI(base_url=self.url, api_key=api_key or "none", max_retries=RETRIES)
         # asking for the served models checks that the server is up before any item runs
         served = self._call("/models", lambda: self.client.models.list().data)
@@ -82,6 +84,8 @@ class Endpoint:
             fields["seed"] = params.seed
         if params.stop:
             fields["stop"] = params.stop
+        if self.body:
+            fields["extra_body"] = self.body
         return fields
 
     def complete(self, prompt: str | list[dict], params: SamplingParams) -> str:

@@ -112,3 +112,23 @@ def test_each_reply_is_recorded_as_it_returns_so_an_interrupted_run_keeps_it(ser
     endpoint.each({"first": None, "second": None}, request,
                   lambda key, reply: (done.append(reply), recorded.set()), "test")
     assert done == ["first", "second"]
+
+
+def test_endpoint_body_fields_reach_the_server_and_the_settings(served, tiny_hf, tmp_path, capsys):
+    # the body's max_tokens overrides the eval's: the replies are those of an in-process run at 3 tokens
+    common = ["mgsm", "--lang", "eng", "--limit", "2"]
+    local = run_eval(tmp_path / "local.json", capsys, *common, "--max-tokens", "3", "--model", str(tiny_hf), *EXACT)
+    remote = run_eval(tmp_path / "remote.json", capsys, *common, "--max-tokens", "12", "--endpoint", served.url,
+                      "--api-key", KEY, "--endpoint-body", '{"max_tokens": 3}')
+    assert [r["reply"] for r in remote["results"]] == [r["reply"] for r in local["results"]]
+    assert remote["settings"]["endpoint_body"] == {"max_tokens": 3}
+
+
+@pytest.mark.parametrize("body, phrase", [("{repeat_penalty: 1}", "not JSON"), ("[1]", "JSON object"),
+                                          (None, "give --endpoint too")])
+def test_a_bad_endpoint_body_is_one_line(served, body, phrase, capsys):
+    args = ["eval", "mgsm", "--limit", "1", "--endpoint-body", body or '{"top_k": 1}']
+    with pytest.raises(SystemExit):
+        main(args + ([] if body is None else ["--endpoint", served.url, "--api-key", KEY]))
+    err = capsys.readouterr().err.strip()
+    assert phrase in err and len(err.splitlines()) == 1
