@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qwen2.quant.int_linear import INT4_GROUP_SIZES, KERNEL_DTYPE, _float_bias, quantize_int4
+from qwen2.quant.int_linear import INT4_GROUP_SIZES, KERNEL_DTYPE, quantize_int4
 
 INNER_K_TILES = 8  # the widest tiling the kernel offers: fewest loads per column of weights
 
@@ -49,7 +49,7 @@ class CudaInt4Linear(nn.Module):
     def quantize(cls, linear: nn.Linear, group_size: int = 128) -> CudaInt4Linear:
         """A float Linear on CUDA, quantized where it lies (one matrix's float32 temporaries at a time)."""
         q, scale, zero = quantize_int4(linear.weight, group_size)
-        return cls(q, scale, zero, group_size, _float_bias(linear))
+        return cls(q, scale, zero, group_size, linear.bias)  # the constructor keeps a float copy
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_perm is not None:
