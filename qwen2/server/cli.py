@@ -42,6 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docqa-timeout", type=float, default=900.0, help="seconds a /v1/docqa request may take, "
                    "parsing included, before it is cancelled (default %(default)g; level 2 reads roughly 350 "
                    "document tokens a second with the default model on two CPU cores)")
+    p.add_argument("--replicas", type=int, metavar="N", help="serve N copies of the model behind this one endpoint "
+                   "on Ray Serve, each its own engine with an equal share of the CPUs (or one GPU each); requests go "
+                   "to the copy whose prefix cache holds their prompt's start, else to the least loaded")
+    p.add_argument("--min-replicas", type=int, metavar="N", help="with --replicas: let Ray Serve's autoscaler "
+                   "go down to N copies when idle")
+    p.add_argument("--max-replicas", type=int, metavar="N", help="with --replicas: and up to N under load")
+    p.add_argument("--ray", metavar="ADDRESS|local", help="with --replicas: the Ray cluster to run on (HOST:PORT "
+                   "or auto, as `ray start --head` printed; default: a local instance on this machine's CPUs)")
     p.add_argument("--pooling", choices=("last", "mean"), help="/v1/embeddings: pool the last token (with "
                    "<|endoftext|> appended) or the mean of the tokens (default: what the checkpoint's "
                    "1_Pooling/config.json says, else last)")
@@ -75,12 +83,10 @@ def is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from qwen2.embeddings import checkpoint_pooling
     from qwen2.engine.lora import parse_lora
     from qwen2.errors import OptionError
     from qwen2.loading import load
-    from qwen2.server.app import LOOPBACK_HOSTS, Settings, create_app
-    from qwen2.weights import resolve_model
+    from qwen2.server.app import create_app
 
     engine = engine_options(args)
     if args.max_queue < 0 or args.timeout <= 0 or args.max_body < 1:
@@ -94,6 +100,10 @@ def run(args: argparse.Namespace) -> None:
     options = model_options(args)
     name = model_name(options.get("model"))
     lora = parse_lora(args.lora, base=name)
+    replicated = replica_plan(args, engine)
+    if replicated is not None:
+        return serve_replicas(args, dict(**options, **engine, lora=lora), settings_for(args, name, options),
+                              replicated)
     # Loaded on a thread that then ends: libgomp keeps its idle workers spinning between parallel
     # regions only while it manages no more threads than there are cores, and a team started on
     # the main thread would outlive the load. The engine's own thread would then wake its workers
@@ -101,12 +111,7 @@ def run(args: argparse.Namespace) -> None:
     # default model on 2 cores.
     with ThreadPoolExecutor(1, thread_name_prefix="qwen2-load") as pool:
         llm = pool.submit(load, **options, **engine, lora=lora).result()
-    settings = Settings(model_name=name, api_key=args.api_key or None,
-                        cors_origins=args.cors_origin, max_queue=args.max_queue, timeout=args.timeout,
-                        max_body=args.max_body, allowed_hosts=allowed_hosts(args.host, args.allowed_hosts,
-                                                                             LOOPBACK_HOSTS),
-                        docqa_concurrency=args.docqa_concurrency, docqa_timeout=args.docqa_timeout,
-                        pooling=args.pooling or checkpoint_pooling(resolve_model(options.get("model"))) or "last")
+    settings = settings_for(args, name, options)
     app = create_app(llm, settings)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"qwen2 serve: {settings.model_name} at http://{shown}:{args.port}/ (web chat) and "
@@ -117,6 +122,74 @@ def run(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "::1", "localhost") and not settings.api_key:
         print("warning: listening beyond this machine without --api-key", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+def settings_for(args: argparse.Namespace, name: str, options: dict):
+    from qwen2.embeddings import checkpoint_pooling
+    from qwen2.server.app import LOOPBACK_HOSTS, Settings
+    from qwen2.weights import resolve_model
+
+    return Settings(model_name=name, api_key=args.api_key or None, cors_origins=args.cors_origin,
+                    max_queue=args.max_queue, timeout=args.timeout, max_body=args.max_body,
+                    allowed_hosts=allowed_hosts(args.host, args.allowed_hosts, LOOPBACK_HOSTS),
+                    docqa_concurrency=args.docqa_concurrency, docqa_timeout=args.docqa_timeout,
+                    pooling=args.pooling or checkpoint_pooling(resolve_model(options.get("model"))) or "last")
+
+
+def replica_plan(args: argparse.Namespace, engine: dict):
+    """What --replicas and its companions ask for (None: one plain server, no Ray)."""
+    from qwen2.distributed.ray_cluster import require_ray
+    from qwen2.errors import OptionError
+
+    bounds = (args.min_replicas, args.max_replicas)
+    if args.replicas is None and bounds == (None, None):
+        if args.ray:
+            raise OptionError("--ray says where --replicas run: give --replicas N too")
+        return None
+    require_ray()
+    from qwen2.server.replicas import ReplicaPlan
+
+    counts = [n for n in (args.replicas, *bounds) if n is not None]
+    if min(counts) < 1 or (None not in bounds and bounds[0] > bounds[1]):
+        raise OptionError("--replicas, --min-replicas and --max-replicas must be at least 1, and "
+                          "--min-replicas at most --max-replicas")
+    gpus = 1.0 if str(engine.get("device", "")).startswith("cuda") else 0.0
+    waiting = engine.get("max_concurrency") or 64
+    return ReplicaPlan(replicas=args.replicas or bounds[0] or 1, min_replicas=bounds[0], max_replicas=bounds[1],
+                       cpus=0.0, gpus=gpus, max_ongoing=waiting + args.max_queue)
+
+
+def serve_replicas(args: argparse.Namespace, options: dict, settings, plan) -> None:
+    """Start (or join) Ray, deploy the replicas behind one endpoint, serve until interrupted."""
+    import dataclasses
+    import signal
+    import time
+
+    from qwen2.distributed.ray_cluster import cluster_cpus, connect, parse_ray
+    from qwen2.server.replicas import deploy
+
+    spec = parse_ray(args.ray or "local")
+    ray = connect(spec)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the replicas are taken down below
+    largest = max(plan.replicas, plan.max_replicas or 0)
+    plan = dataclasses.replace(plan, cpus=cluster_cpus(ray) / largest if not plan.gpus else 1.0)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"qwen2 serve: starting {plan.replicas} replicas of {settings.model_name} on Ray "
+          f"({plan.cpus:g} CPUs{f', {plan.gpus:g} GPU' if plan.gpus else ''} each)", flush=True)
+    from ray import serve
+
+    try:
+        deploy(options, settings, plan, args.host, args.port)
+        print(f"qwen2 serve: {settings.model_name} at http://{shown}:{args.port}/ (web chat) and "
+              f"http://{shown}:{args.port}/v1 (OpenAI API), {plan.replicas} replicas", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:  # on a shared cluster, take this application down; a local instance goes whole with ray.shutdown
+        if not spec.local:
+            serve.delete("qwen2")
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
