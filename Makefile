@@ -18,7 +18,7 @@ run: setup
 	echo "$(PROMPT)" | $(VENV)/bin/qwen2 chat --temperature 0  # greedy: the same real answer every run
 
 test: setup browser
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25  # the slowest, to keep the suite inside its time budget
 
 # the web chat page is tested in headless Chromium (Debian's package; needs root or sudo)
 browser:

@@ -160,3 +160,18 @@ def test_serving_goes_on_when_a_replica_is_killed(replicas):
     later = [chat(replicas, f"after {i}") for i in range(3)]  # the first may have gone to the dead one: resent
     assert [a.status for a in later] == [200, 200, 200], [a.text for a in later]
     assert all(a.headers[REPLICA_HEADER] != victim for a in later)
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--ray", "local"], "give --replicas N too"),
+    (["--replicas", "0"], "at least 1"),
+    (["--replicas", "2", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas at most --max-replicas"),
+    (["--replicas", "2", "--ray", "local:two"], "a whole number of at least 1"),
+])
+def test_replica_options_are_checked_before_anything_starts(argv, phrase, capsys):
+    from qwen2.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code != 0 and len(err) == 1 and phrase in err[0], err
