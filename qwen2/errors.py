@@ -39,3 +39,7 @@ class DataError(Qwen2Error):
 
 class EndpointError(Qwen2Error):
     """A server given by --endpoint cannot be reached, or refuses or fails a request."""
+
+
+class ClusterError(Qwen2Error):
+    """A Ray worker given by --ray (an engine actor) died or failed: killed, out of memory, its node lost."""

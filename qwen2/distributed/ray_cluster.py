@@ -63,8 +63,8 @@ def connect(spec: RaySpec, num_cpus: int | None = None) -> ModuleType:
     if ray.is_initialized():
         return ray
     quiet = dict(logging_level="WARNING", log_to_driver=False)
-    if spec.local:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
+    if spec.local:  # "local": a new instance, even where `ray start` left one this machine would join
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
         return ray
     try:
         ray.init(address=spec.address, **quiet)

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from qwen2.errors import OptionError
@@ -79,6 +81,7 @@ def add_common(p: argparse.ArgumentParser, slots: int) -> None:  # slots: the de
     p.add_argument("--endpoint-body", metavar="JSON", help="extra fields sent with every --endpoint generation "
                    "request, as a JSON object: a server's own sampling options, e.g. '{\"repeat_penalty\": 1.0}' "
                    "to turn off llama-cpp-python's default repeat penalty of 1.1 (recorded in the results' settings)")
+    add_ray(p)
     add_engine_options(p, max_concurrency=slots, kv_memory_default="a quarter of the available memory",
                        old_flag="--slots")
     add_model_options(p, speculative=False)
@@ -167,11 +170,30 @@ def add_unsafe_exec(p: argparse.ArgumentParser) -> None:
                    "cannot isolate them (no namespaces): only resource limits then protect the host")
 
 
+def add_ray(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", metavar="ADDRESS|local[:N]", help="deal the items to N engine actors on Ray, each "
+                   "loading the model with these options and reserving the cluster's CPUs / N: local (a Ray "
+                   "instance on this machine, an actor a core), local:N, or a cluster's address (an actor a CPU of "
+                   "the cluster). The results are recorded as in-process, so either run resumes the other")
+
+
+def check_ray(args: argparse.Namespace) -> None:
+    """--ray's value becomes its RaySpec, or one line says what is wrong (ray missing included)."""
+    if isinstance(args.ray, str):  # not yet checked (a recipe checks before it runs the command)
+        from qwen2.distributed.ray_cluster import parse_ray, require_ray
+
+        args.ray = parse_ray(args.ray)
+        require_ray()
+
+
 def check_common(args: argparse.Namespace) -> None:
     """The options every eval shares (--limit, the engine's), checked before a model loads."""
     if args.limit is not None and args.limit < 1:
         raise OptionError(f"--limit must be at least 1, got {args.limit}")
     engine_options(args)  # checks them
+    if args.ray and args.endpoint:
+        raise OptionError("--ray runs the model on engine actors and --endpoint asks a server's: give one of them")
+    check_ray(args)
     if isinstance(args.endpoint, str):  # not yet checked (a recipe checks before it runs the eval)
         from qwen2.eval.endpoint import Endpoint
 
@@ -206,7 +228,8 @@ def _in_process_only(args: argparse.Namespace, why: str) -> None:
 
 def _settings(args: argparse.Namespace, **extra) -> dict:
     """What makes two runs' results comparable: the model and its options (or the endpoint and the model
-    it serves; never the key), and the eval's own."""
+    it serves; never the key), and the eval's own. Not --ray: the actors load the model with the same
+    options and run each item as one process would, so the run resumes an in-process one and back."""
     if args.endpoint:
         body = {"endpoint_body": args.endpoint.body} if args.endpoint.body else {}
         return dict(model=args.endpoint.model, endpoint=args.endpoint.url, **body, seed=args.seed, **extra)
@@ -214,19 +237,29 @@ def _settings(args: argparse.Namespace, **extra) -> dict:
                 seed=args.seed, **extra)
 
 
-def _load_for(args: argparse.Namespace):
+@contextmanager
+def _subject(args: argparse.Namespace) -> Iterator:
+    """What the eval asks: the --endpoint, engine actors on Ray (--ray; ended when the eval is), or the
+    model loaded here."""
     from qwen2.loading import load
 
     if args.endpoint:
         print(f"# endpoint {args.endpoint.url}, model {args.endpoint.model}, at most {args.max_concurrency} "
               "requests at once", flush=True)
-        return args.endpoint
-    llm = load(**model_options(args), **engine_options(args))
-    weight = llm.model.model.embed_tokens.weight
-    print(f"# model {args.model or 'default'} ({weight.dtype}, {weight.device}, {llm.quant}), at most "
-          f"{args.max_concurrency} sequences at once, loaded in "
-          f"{llm.load_seconds:.1f}s", flush=True)
-    return llm
+        yield args.endpoint
+    elif args.ray:
+        from qwen2.distributed.engine_actors import EngineActors
+
+        with EngineActors(args.ray, dict(**model_options(args), **engine_options(args))) as actors:
+            print(f"# {actors.description}", flush=True)
+            yield actors
+    else:
+        llm = load(**model_options(args), **engine_options(args))
+        weight = llm.model.model.embed_tokens.weight
+        print(f"# model {args.model or 'default'} ({weight.dtype}, {weight.device}, {llm.quant}), at most "
+              f"{args.max_concurrency} sequences at once, loaded in "
+              f"{llm.load_seconds:.1f}s", flush=True)
+        yield llm
 
 
 def _finish(args, name: str, settings: dict, summary: dict, seconds: float, records: list[dict], table: str) -> None:
@@ -274,8 +307,9 @@ def cmd_humaneval(args: argparse.Namespace) -> None:
     if completions is not None:
         humaneval.score_completions(items, completions, results, fmt, limits, args.unsafe_exec)
     elif any(key not in results for key in ids):
-        humaneval.run(_load_for(args), items, results, fmt, args.samples, temperature, args.max_tokens, args.seed,
-                      limits, args.unsafe_exec)
+        with _subject(args) as llm:
+            humaneval.run(llm, items, results, fmt, args.samples, temperature, args.max_tokens, args.seed, limits,
+                          args.unsafe_exec)
     records = results.ordered(ids)
     summary = dict(humaneval.summarize(records, args.k), sandbox=sandbox)
     table = markdown_table(["metric", "%", "95% interval (problems resampled)"],
@@ -372,7 +406,8 @@ def cmd_mmlu(args: argparse.Namespace) -> None:
     results = Results("mmlu", settings, args.json)
     start = time.perf_counter()
     if any(item["id"] not in results for item in items):
-        mmlu.run(_load_for(args), items, shots[: args.shots], results)
+        with _subject(args) as llm:
+            mmlu.run(llm, items, shots[: args.shots], results)
     records = results.ordered(item["id"] for item in items)
     summary = mmlu.summarize(records)
     table = markdown_table(["shots", "questions", "accuracy %", "95% interval"],
@@ -390,7 +425,8 @@ def cmd_asdiv(args: argparse.Namespace) -> None:
     results = Results("asdiv", settings, args.json)
     start = time.perf_counter()
     if any(item["id"] not in results for item in items):
-        asdiv.run(_load_for(args), items, results, args.max_tokens)
+        with _subject(args) as llm:
+            asdiv.run(llm, items, results, args.max_tokens)
     records = results.ordered(item["id"] for item in items)
     summary = asdiv.summarize(records)
     table = markdown_table(["problems", "accuracy %", "95% interval"],
@@ -409,7 +445,8 @@ def cmd_mgsm(args: argparse.Namespace) -> None:
     results = Results("mgsm", settings, args.json)
     start = time.perf_counter()
     if any(item["id"] not in results for item in items):
-        mgsm.run(_load_for(args), items, results, args.max_tokens)
+        with _subject(args) as llm:
+            mgsm.run(llm, items, results, args.max_tokens)
     records = results.ordered(item["id"] for item in items)
     summary = mgsm.summarize(records)
     rows = [*summary["languages"].items(), ("all", summary["overall"])]
@@ -428,7 +465,8 @@ def cmd_ifeval(args: argparse.Namespace) -> None:
     results = Results("ifeval", settings, args.json)
     start = time.perf_counter()
     if any(item["id"] not in results for item in items):
-        ifeval.run(_load_for(args), items, results, args.max_tokens)
+        with _subject(args) as llm:
+            ifeval.run(llm, items, results, args.max_tokens)
     records = results.ordered(item["id"] for item in items)
     summary = ifeval.summarize(records)
     table = markdown_table(["level", "check", "accuracy %", "95% interval"],
@@ -454,28 +492,30 @@ def cmd_multilingual(args: argparse.Namespace) -> None:
             raise OptionError(f"unknown language code {code!r}; choose from {', '.join(valid)}")
     if args.chars < 10:
         raise OptionError(f"--chars must be at least 10, got {args.chars}")
+    if args.ray and not args.no_ppl:
+        raise OptionError("multilingual's perplexity drives the model in this process, not on --ray's engine actors: "
+                          "add --no-ppl (the code-switching probe runs on the actors), or drop --ray")
     start = time.perf_counter()
     limit = args.limit or 3  # passages per language for the probe
     probe_codes = [c for c in codes if multilingual.LANGUAGES[c][1] is not None]
     settings = _settings(args, chars=args.chars, max_tokens=args.max_tokens)
     results = Results("multilingual", settings, None if args.no_probe else args.json)
-    llm = None
-    if not (args.no_ppl and args.no_probe):
-        llm = _load_for(args)
-        tokenizer = llm.tokenizer
-    else:
-        from qwen2.loading import load_model
+    with nullcontext() if args.no_ppl and args.no_probe else _subject(args) as llm:
+        if llm is None:
+            from qwen2.loading import load_model
 
-        _, tokenizer = load_model(**model_options(args))
-    rows = []
-    for code in codes:
-        rows.append(multilingual.fertility_row(tokenizer, code, args.chars))
-        if not args.no_ppl:
-            rows[-1]["ppl"] = round(multilingual.language_perplexity(llm, code, args.chars), 3)
-    rates = {}
-    if not args.no_probe:
-        multilingual.run_probe(llm, probe_codes, limit, results, args.max_tokens)
-        rates = multilingual.probe_rates(list(results.records.values()))
+            _, tokenizer = load_model(**model_options(args))
+        else:
+            tokenizer = llm.tokenizer
+        rows = []
+        for code in codes:
+            rows.append(multilingual.fertility_row(tokenizer, code, args.chars))
+            if not args.no_ppl:
+                rows[-1]["ppl"] = round(multilingual.language_perplexity(llm, code, args.chars), 3)
+        rates = {}
+        if not args.no_probe:
+            multilingual.run_probe(llm, probe_codes, limit, results, args.max_tokens)
+            rates = multilingual.probe_rates(list(results.records.values()))
     header = ["lang", "name", "chars", "tokens", "tok/char", "tok/word"] + ([] if args.no_ppl else ["ppl"])
     header += [] if args.no_probe else ["asked English % (95% interval)", "asked own % (95% interval)"]
     table = markdown_table(header, [[r["language"], r["name"], r["chars"], r["tokens"], r["tokens_per_char"],
@@ -507,11 +547,11 @@ def cmd_safety(args: argparse.Namespace) -> None:
     settings = _settings(args, max_tokens=args.max_tokens)
     results = Results("safety", settings, args.json)
     start = time.perf_counter()
-    llm = _load_for(args)
-    safety.run(llm, prompts, langs, results, args.max_tokens)
-    records = results.ordered(f"{p['id']}#{lang}" for p in prompts for lang in langs)
-    summary = safety.rates(records)
-    summary["judge_agreement"] = safety.agreement(llm, args.agreement_limit)
+    with _subject(args) as llm:
+        safety.run(llm, prompts, langs, results, args.max_tokens)
+        records = results.ordered(f"{p['id']}#{lang}" for p in prompts for lang in langs)
+        summary = safety.rates(records)
+        summary["judge_agreement"] = safety.agreement(llm, args.agreement_limit)
     table = "\n\n".join(markdown_table([by, "responses", "harmful %", "95% interval"],
                                         [[k, v["responses"], v["percent"], _interval(v["ci95"])] for k, v in rows])
                           for by, rows in (("language", [*summary["languages"].items(), ("all", summary["overall"])]),

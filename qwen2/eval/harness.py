@@ -16,7 +16,8 @@ shared by several continuations are prefilled once (the engine's prefix cache).
 A prompt is text, token ids, or chat messages; messages are rendered here with the model's chat
 template. The subject may instead be an OpenAI-compatible server (qwen2.eval.endpoint.Endpoint,
 `--endpoint`): `generate_all` and `choice_logprobs` hand it the same prompts, and it renders
-messages with its own template.
+messages with its own template. Or engine actors on Ray (qwen2.distributed.engine_actors, `--ray`):
+`generate_all` and `next_token_logprobs` deal the prompts to them, and each renders as here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qwen2.distributed.engine_actors import EngineActors
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import OptionError
 from qwen2.eval.endpoint import Endpoint
@@ -80,7 +82,7 @@ Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
 def generate_all(llm, prompts: dict[str, Prompt], params: Callable[[str], SamplingParams],
                  on_done: Callable[[str, str], None], desc: str) -> None:
     """Generate every prompt with continuous batching; `on_done(key, text)` as each finishes."""
-    if isinstance(llm, Endpoint):
+    if isinstance(llm, (Endpoint, EngineActors)):
         return llm.generate_all(prompts, params, on_done, desc)
     keys = list(prompts)
     with tqdm(total=len(keys), desc=desc, unit="req", dynamic_ncols=True) as bar:
@@ -88,10 +90,11 @@ def generate_all(llm, prompts: dict[str, Prompt], params: Callable[[str], Sampli
             on_done(keys[i], text)
             bar.update()
 
-        llm.engine.run_all([_rendered(llm, prompts[k]) for k in keys], [params(k) for k in keys], on_finish=finished)
+        llm.engine.run_all([rendered(llm, prompts[k]) for k in keys], [params(k) for k in keys], on_finish=finished)
 
 
-def _rendered(llm, prompt: Prompt) -> str | list[int]:
+def rendered(llm, prompt: Prompt) -> str | list[int]:
+    """The prompt as the engine takes it: chat messages rendered with the model's chat template."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
         return llm.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     return prompt
@@ -113,6 +116,8 @@ def next_token_logprobs(llm, prompts: dict[str, str | list[int]], token_ids: lis
                         each: Callable[[str, list[float]], None] | None = None) -> dict[str, list[float]]:
     """The log-probabilities of `token_ids` as the token after each prompt (one forward each, batched);
     `each(key, logprobs)` as each prompt is scored (a resumable eval records it there)."""
+    if isinstance(llm, EngineActors):
+        return llm.next_token_logprobs(prompts, token_ids, desc, each)
     choices = torch.tensor(token_ids)
     scores: dict[str, list[float]] = {}
 

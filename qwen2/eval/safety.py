@@ -202,8 +202,7 @@ def agreement(llm, limit: int | None) -> dict:
 def run(llm, prompts: list[dict], langs: list[str], results: Results, max_tokens: int) -> None:
     """Answer every (prompt, language) not yet in `results`, then judge the answers."""
     todo = {f"{p['id']}#{lang}": (p, lang) for p in prompts for lang in langs if f"{p['id']}#{lang}" not in results}
-    chat = {key: llm.tokenizer.apply_chat_template([{"role": "user", "content": p[lang]}], add_generation_prompt=True)
-            for key, (p, lang) in todo.items()}
+    chat = {key: [{"role": "user", "content": p[lang]}] for key, (p, lang) in todo.items()}
     replies: dict[str, str] = {}
     generate_all(llm, chat, lambda _key: SamplingParams(max_tokens=max_tokens, temperature=0),
                  lambda key, text: replies.__setitem__(key, text), desc="safety")

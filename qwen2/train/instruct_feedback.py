@@ -66,8 +66,7 @@ def sample(llm, items: list[dict], results: Results, k: int, temperature: float,
             key = f"{item['id']}#{s}"
             if key not in results:
                 by_key[key] = item
-                chats[key] = llm.tokenizer.apply_chat_template([{"role": "user", "content": item["prompt"]}],
-                                                               add_generation_prompt=True)
+                chats[key] = [{"role": "user", "content": item["prompt"]}]
 
     def params(key: str) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + int(key.rsplit("#", 1)[1]))

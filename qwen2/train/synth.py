@@ -108,9 +108,8 @@ def reject_sample(llm, problems: list[dict], results: Results, k: int, temperatu
         for s in range(k):
             key = f"{problem['id']}#{s}"
             if key not in results:
-                messages = [{"role": "user", "content": math_prompt(problem)}]
                 by_key[key] = problem
-                prompts[key] = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                prompts[key] = [{"role": "user", "content": math_prompt(problem)}]
 
     def params(key: str) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + int(key.rsplit("#", 1)[1]))

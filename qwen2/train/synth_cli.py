@@ -8,6 +8,9 @@ the model's own samples (see synth.py and instruct_feedback.py for what is kept 
     qwen2 data instruct-feedback --out DIR [--prompts FILE | --prompt-seed 0] [--k 4] [--limit N] [--temperature 0.8]
         [--max-tokens 512] [--seed 0] [--model M ...]
 
+Each takes --ray ADDRESS|local[:N] to deal its samples to N engine actors on Ray
+(qwen2.distributed.engine_actors); samples.jsonl is the same either way, so a run resumes the other.
+
 The problems are named, never implied: the user's own (--problems, qwen2.train.problems), or a
 built-in source. ASDiv and HumanEval are the sets `qwen2 eval asdiv|humaneval` report, so a
 model trained on data from them has those scores contaminated: they need --source, which the
@@ -19,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from qwen2.errors import OptionError
-from qwen2.eval.cli import add_unsafe_exec
+from qwen2.eval.cli import add_ray, add_unsafe_exec, check_ray
 from qwen2.options import add_engine_options, add_model_options, engine_options, model_options
 
 
@@ -70,6 +76,7 @@ def _common(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens per sample (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="sample s of every problem uses seed + s (default 0)")
+    add_ray(p)
     add_engine_options(p, max_concurrency=8, kv_memory_default="a quarter of the available memory",
                        old_flag="--slots")
     add_model_options(p, speculative=False)
@@ -81,6 +88,7 @@ def check_options(args: argparse.Namespace) -> None:
     from qwen2.errors import RequestError
 
     engine_options(args)  # checks them
+    check_ray(args)
     for name in ("k", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise OptionError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -100,6 +108,21 @@ def _settings(args: argparse.Namespace, **source) -> dict:
     """What a run's samples depend on: samples.jsonl's first line, so a rerun resumes only its own run."""
     return dict(model=str(args.model or "default"), **{k: v for k, v in model_options(args).items() if k != "model"},
                 temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed, **source)
+
+
+@contextmanager
+def _engine(args: argparse.Namespace) -> Iterator:
+    """The model loaded here, or engine actors on Ray (--ray), ended when the samples are in."""
+    from qwen2.loading import load
+
+    if not args.ray:
+        yield load(**model_options(args), **engine_options(args))
+        return
+    from qwen2.distributed.engine_actors import EngineActors
+
+    with EngineActors(args.ray, dict(**model_options(args), **engine_options(args))) as actors:
+        print(f"# {actors.description}", file=sys.stderr, flush=True)  # stdout is the run's JSON
+        yield actors
 
 
 def _write_data(out: Path, groups: list) -> tuple[int, int]:
@@ -126,7 +149,6 @@ def _results(args: argparse.Namespace, settings: dict):
 def run(args: argparse.Namespace) -> None:
     from qwen2.eval import humaneval
     from qwen2.eval.sandbox import Limits
-    from qwen2.loading import load
     from qwen2.train import synth
 
     check_options(args)
@@ -140,13 +162,14 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     todo = sum(key not in results for key in ids)
     if todo:
-        llm = load(**model_options(args), **engine_options(args))
-        if code:
-            limits = Limits(wall_seconds=args.timeout, cpu_seconds=int(args.timeout) + 1)
-            humaneval.run(llm, problems, results, "chat", args.k, args.temperature, args.max_tokens, args.seed, limits,
-                          args.unsafe_exec)
-        else:
-            synth.reject_sample(llm, problems, results, args.k, args.temperature, args.max_tokens, args.seed, verdict)
+        with _engine(args) as llm:
+            if code:
+                limits = Limits(wall_seconds=args.timeout, cpu_seconds=int(args.timeout) + 1)
+                humaneval.run(llm, problems, results, "chat", args.k, args.temperature, args.max_tokens, args.seed,
+                              limits, args.unsafe_exec)
+            else:
+                synth.reject_sample(llm, problems, results, args.k, args.temperature, args.max_tokens, args.seed,
+                                    verdict)
     records = results.ordered(ids)
     groups = synth.code_groups(problems, records) if code else synth.math_groups(problems, records, verdict)
     sft, pairs = _write_data(args.out, groups)
@@ -163,7 +186,6 @@ def chosen_problems(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
     """The problems --problems or --source names, what the settings record of them, and (for
     gsm-symbolic) the templates left out by reason."""
     import hashlib
-    import sys
 
     from qwen2.eval import asdiv, humaneval, mgsm
     from qwen2.train import gsm_symbolic
@@ -194,7 +216,6 @@ def chosen_problems(args: argparse.Namespace) -> tuple[list[dict], dict, dict]:
 
 
 def run_instruct(args: argparse.Namespace) -> None:
-    from qwen2.loading import load
     from qwen2.train import instruct_feedback
 
     check_options(args)
@@ -206,8 +227,8 @@ def run_instruct(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     todo = sum(key not in results for key in ids)
     if todo:
-        llm = load(**model_options(args), **engine_options(args))
-        instruct_feedback.sample(llm, items, results, args.k, args.temperature, args.max_tokens, args.seed)
+        with _engine(args) as llm:
+            instruct_feedback.sample(llm, items, results, args.k, args.temperature, args.max_tokens, args.seed)
     groups = instruct_feedback.groups(items, results.ordered(ids))
     sft, pairs = _write_data(args.out, groups)
     verdicts = [verdict for _, samples in groups for _, verdict in samples]
