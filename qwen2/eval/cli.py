@@ -173,8 +173,9 @@ def add_unsafe_exec(p: argparse.ArgumentParser) -> None:
 def add_ray(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", metavar="ADDRESS|local[:N]", help="deal the items to N engine actors on Ray, each "
                    "loading the model with these options and reserving the cluster's CPUs / N: local (a Ray "
-                   "instance on this machine, an actor a core), local:N, or a cluster's address (an actor a CPU of "
-                   "the cluster). The results are recorded as in-process, so either run resumes the other")
+                   "instance on this machine), local:N, or a cluster's address (HOST:PORT or auto); N defaults to "
+                   "one actor per GPU, else per node. The results are recorded as in-process, so either run "
+                   "resumes the other")
 
 
 def check_ray(args: argparse.Namespace) -> None:
