@@ -27,7 +27,8 @@ def replicas(tmp_path_factory, default_tokenizer):
     root = tmp_path_factory.mktemp("replicas")
     model = _tiny_checkpoint(root / "tiny", default_tokenizer)
     server = _launch("replicas", model, ["--ctx", "2048", "--dtype", "float32", "--quant", "none",
-                                         "--max-concurrency", "8", "--replicas", "2"], root)
+                                         "--max-concurrency", "8", "--replicas", "2",
+                                         "--min-replicas", "2", "--max-replicas", "3"], root)  # Serve autoscales
     yield server.wait_ready(timeout=300)
     server.process.send_signal(signal.SIGTERM)  # takes its local Ray instance down with it
     try:
@@ -103,6 +104,20 @@ def test_replicas_answer_every_route_as_one_server_does(replicas, tiny_server):
             else:
                 assert without_ids(mine) == without_ids(theirs), path
     assert replicas.request("GET", "/health").json()["status"] == "ok"
+
+
+def test_a_document_upload_is_forwarded_whole(replicas, tiny_server):
+    import requests
+
+    text = "The lighthouse at Cape Sorrow was built in 1871 by Ada Marsh. " * 40
+    for server in (replicas, tiny_server):
+        r = requests.post(f"{server.url}/v1/docqa", files={"file": ("notes.md", text.encode(), "text/markdown")},
+                          data={"question": "Who built the lighthouse?", "level": "1", "budget": "1024"}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["document_tokens"] > 400
+    refused = requests.post(f"{replicas.url}/v1/docqa", files={"file": ("a.jpg", bytes(range(256)) * 4, "image/jpeg")},
+                            data={"question": "what is this?"}, timeout=60)
+    assert refused.status_code == 400 and "a.jpg: this is a binary file" in refused.json()["error"]["message"]
     assert "qwen2_http_requests_total" in replicas.request("GET", "/metrics").text
 
 
