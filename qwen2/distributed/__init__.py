@@ -1,6 +1,8 @@
-"""Several processes on torch.distributed (torchrun): gloo on CPU, NCCL on CUDA. No RPC of our own.
+"""Several processes on torch.distributed (torchrun or Ray Train): gloo on CPU, NCCL on CUDA. No RPC of
+our own.
 
     torchrun --nproc-per-node 2 -m qwen2 train sft ... [--parallel ddp|fsdp]
+    qwen2 train sft ... --ray local:2 [--parallel ddp|fsdp]  (qwen2.train.ray_launcher)
 
 data_parallel.py wraps a training model for DDP or FSDP2.
 """
@@ -14,16 +16,20 @@ import torch.distributed as dist
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size): under torchrun the process group is started on first call; (0, 1) alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
+    """(rank, world size): under torchrun the process group is started on first call, a Ray Train worker
+    has Ray's already; (0, 1) alone."""
     if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_backend() == "nccl":
+        torch.cuda.set_device(local_device())  # else every process's collectives (all_sum) would use GPU 0
     return dist.get_rank(), dist.get_world_size()
 
 
 def local_device() -> torch.device:
-    """This process's device: its own GPU under torchrun (LOCAL_RANK), else the CPU."""
+    """This process's device: its own GPU under torchrun or Ray Train (LOCAL_RANK: Ray shows a node's
+    workers all their GPUs, in the order of their local ranks), else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from qwen2.errors import OptionError
+
 
 def add_arguments(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rm", help="train a reward model (Bradley-Terry) on preference pairs")
@@ -94,6 +96,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where native)")
     p.add_argument("--config", type=Path, help="a TOML file setting any of these keys")
+    p.add_argument("--ray", help=argparse.SUPPRESS)  # only to say it is not for these tasks
 
 
 def config_from(args: argparse.Namespace):
@@ -118,6 +121,9 @@ def trainer_for(config):
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.ray is not None:
+        raise OptionError(f"qwen2 train {args.task} trains in one process (not under torchrun either); --ray is for "
+                          "qwen2 train sft and pretrain")
     config = config_from(args)
     last = trainer_for(config).train()
     print(json.dumps({"out": config.out, **last}))

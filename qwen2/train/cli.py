@@ -6,6 +6,7 @@
     qwen2 train rm|dpo|online-dpo ...  (preference training, see align_cli.py)
     qwen2 train recipe RECIPE.toml  (SFT -> data -> reward -> DPO / online DPO -> evals, see recipe.py)
     torchrun --nproc-per-node 2 -m qwen2 train sft ... [--parallel ddp|fsdp]
+    qwen2 train sft ... --ray local:2|ADDRESS [--parallel ddp|fsdp]  (the same run on Ray Train, ray_launcher.py)
 
 A TOML config file sets the same keys (underscored: lora_rank = 8); flags given on the
 command line override it.
@@ -17,9 +18,13 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen2.errors import OptionError
-from qwen2.train import align_cli, recipe
+from qwen2.train import align_cli, ray_launcher, recipe
+
+if TYPE_CHECKING:
+    from qwen2.train.trainer import TrainConfig
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
@@ -61,9 +66,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-checkpointing", action="store_const", const=True,
                    help="recompute activations in the backward pass (less memory, ~30%% more time)")
     add_checkpoint_options(p)
-    p.add_argument("--device", help="cpu or cuda (default: cuda if present; under torchrun each process's own)")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: replicas (ddp, the default) or "
-                   "sharded parameters, gradients and optimizer state (fsdp, FSDP2)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if present; under torchrun or --ray each "
+                   "process's own)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun or --ray: replicas (ddp, the "
+                   "default) or sharded parameters, gradients and optimizer state (fsdp, FSDP2)")
+    p.add_argument("--ray", metavar="ADDRESS|local[:N]", help=ray_launcher.HELP)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where native)")
     p.add_argument("--config", type=Path, help="a TOML file setting any of these keys")
 
@@ -138,14 +145,21 @@ def read_toml(path: Path, what: str = "--config") -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
+    config = config_from(args)
+    last = train(config) if args.ray is None else ray_launcher.launch(args.ray, config, train)
+    if last is not None:
+        print(json.dumps({"out": config.out, **last}))
+
+
+def train(config: TrainConfig) -> dict | None:
+    """This process's part of the run (all of it alone, one rank under torchrun or Ray Train): the
+    final metrics on rank 0, None on the other ranks."""
     from qwen2 import distributed
     from qwen2.train.trainer import Trainer
 
-    config = config_from(args)
     try:
         trainer = Trainer(config)
         last = trainer.train()
     finally:
         distributed.shutdown()
-    if trainer.lead:
-        print(json.dumps({"out": config.out, **last}))
+    return last if trainer.lead else None
