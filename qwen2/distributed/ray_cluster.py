@@ -14,6 +14,7 @@ engine actors (qwen2.distributed.engine_actors), training workers (qwen2.train.r
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -66,12 +67,26 @@ def connect(spec: RaySpec, num_cpus: int | None = None) -> ModuleType:
     if spec.local:  # "local": a new instance, even where `ray start` left one this machine would join
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
         return ray
+    _check_reachable(spec.address)
     try:
         ray.init(address=spec.address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise OptionError(f"cannot join the Ray cluster at {spec.address} ({' '.join(str(e).split())[:300]}); "
-                          "is `ray start --head` running there, and is RAY_AUTH_TOKEN set as the head's?") from None
+                          "is `ray start --head` running there, and are RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                          "(`ray get-auth-token` on the head) set here?") from None
     return ray
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT that nothing answers on is one line now: Ray itself would retry it for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit()):
+        return  # `auto` and the like: Ray finds the address itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise OptionError(f"nothing answers at {address} ({e.strerror or e}); start the head there with "
+                          "`ray start --head`, or give the address it printed") from None
 
 
 def cluster_cpus(ray: ModuleType) -> int:

@@ -37,3 +37,13 @@ def test_an_eval_on_two_nodes_puts_an_actor_on_each_and_records_what_one_process
     here, spread = (json.loads((tmp_path / name).read_text()) for name in ("here.json", "nodes.json"))
     assert spread["results"] == here["results"] and len(here["results"]) == 4
     assert spread["summary"] == here["summary"]
+
+
+def test_an_address_nothing_answers_on_is_one_line_at_once(capsys):
+    import ray
+
+    assert not ray.is_initialized()
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "instruct-feedback", "--out", "x", "--ray", "127.0.0.1:1"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(error) == 1 and "nothing answers at 127.0.0.1:1" in error[0], error
