@@ -39,11 +39,11 @@ def test_an_eval_on_two_nodes_puts_an_actor_on_each_and_records_what_one_process
     assert spread["summary"] == here["summary"]
 
 
-def test_an_address_nothing_answers_on_is_one_line_at_once(capsys):
+def test_an_address_nothing_answers_on_is_one_line_at_once(capsys, tmp_path):
     import ray
 
     assert not ray.is_initialized()
     with pytest.raises(SystemExit) as exit_:
-        main(["data", "instruct-feedback", "--out", "x", "--ray", "127.0.0.1:1"])
+        main(["data", "instruct-feedback", "--out", str(tmp_path / "out"), "--ray", "127.0.0.1:1"])
     error = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and len(error) == 1 and "nothing answers at 127.0.0.1:1" in error[0], error
