@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -110,3 +111,14 @@ class PickledPayload:
 
     def __reduce__(self):
         return open, (self.marker, "w")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_file(tmp_path_factory) -> Path:
+    """Six one-line chats: the training runs that compare processes (torchrun, Ray Train) share them."""
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    pairs = [("What is 2 + 2?", "4."), ("Name a colour.", "Blue."), ("Say hi in French.", "Salut."),
+             ("Capital of Italy?", "Rome."), ("Is water wet?", "Yes."), ("Count to two.", "1, 2.")]
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in pairs))
+    return path

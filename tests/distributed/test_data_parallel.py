@@ -17,21 +17,11 @@ SETTINGS = ["--steps", "3", "--max-len", "64", "--lr", "1e-3", "--no-bf16", "--s
 
 
 @pytest.fixture(scope="module")
-def chat_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    pairs = [("What is 2 + 2?", "4."), ("Name a colour.", "Blue."), ("Say hi in French.", "Salut."),
-             ("Capital of Italy?", "Rome."), ("Is water wet?", "Yes."), ("Count to two.", "1, 2.")]
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in pairs))
-    return path
-
-
-@pytest.fixture(scope="module")
-def single(tiny_hf, chat_file, tmp_path_factory):
+def single(tiny_hf, tiny_chat_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    subprocess.run([sys.executable, "-m", "qwen2", "train", "sft", "--model", str(tiny_hf), "--data", str(chat_file),
-                    "--out", str(out), "--batch-size", "2", *SETTINGS], check=True, capture_output=True,
-                   env=os.environ | {"OMP_NUM_THREADS": "1"})
+    subprocess.run([sys.executable, "-m", "qwen2", "train", "sft", "--model", str(tiny_hf), "--data",
+                    str(tiny_chat_file), "--out", str(out), "--batch-size", "2", *SETTINGS], check=True,
+                   capture_output=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
     return out
 
 
@@ -41,10 +31,10 @@ def steps(out):
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_take_the_steps_of_one_with_the_same_global_batch(parallel, tiny_hf, chat_file, single,
+def test_two_processes_take_the_steps_of_one_with_the_same_global_batch(parallel, tiny_hf, tiny_chat_file, single,
                                                                         tmp_path):
     run = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 500),
-                          "-m", "qwen2", "train", "sft", "--model", str(tiny_hf), "--data", str(chat_file),
+                          "-m", "qwen2", "train", "sft", "--model", str(tiny_hf), "--data", str(tiny_chat_file),
                           "--out", str(tmp_path), "--batch-size", "1", "--parallel", parallel, *SETTINGS],
                          capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

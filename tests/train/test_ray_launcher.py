@@ -14,18 +14,7 @@ from qwen2.cli import main
 from qwen2.errors import DataError
 from qwen2.loading import load_model
 from qwen2.train.ray_launcher import cpus_each, worker_error
-
-SETTINGS = ["--steps", "3", "--max-len", "64", "--lr", "1e-3", "--no-bf16", "--save-every", "0"]
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    pairs = [("What is 2 + 2?", "4."), ("Name a colour.", "Blue."), ("Say hi in French.", "Salut."),
-             ("Capital of Italy?", "Rome."), ("Is water wet?", "Yes."), ("Count to two.", "1, 2.")]
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in pairs))
-    return path
+from tests.distributed.test_data_parallel import SETTINGS
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +44,10 @@ def steps(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_ray_workers_take_the_steps_of_one_process_with_the_same_global_batch(ray_local, tiny_hf, chat_file,
+def test_two_ray_workers_take_the_steps_of_one_process_with_the_same_global_batch(ray_local, tiny_hf, tiny_chat_file,
                                                                                    tmp_path, capfd):
-    main(sft(tiny_hf, chat_file, tmp_path / "alone", "--batch-size", "2"))
-    main(sft(tiny_hf, chat_file, tmp_path / "ray", "--batch-size", "1", "--ray", "local:2"))
+    main(sft(tiny_hf, tiny_chat_file, tmp_path / "alone", "--batch-size", "2"))
+    main(sft(tiny_hf, tiny_chat_file, tmp_path / "ray", "--batch-size", "1", "--ray", "local:2"))
     printed = json.loads(capfd.readouterr().out.splitlines()[-1])  # as torchrun's rank 0 prints it
     ours, alone = steps(tmp_path / "ray"), steps(tmp_path / "alone")
     assert printed["out"] == str(tmp_path / "ray") and printed["loss"] == ours[-1]["loss"]
@@ -82,19 +71,19 @@ def test_a_failed_run_ends_with_the_error_a_worker_raised_or_ray_in_brief():
                            "Connection closed by peer (Ray's logs:")
 
 
-def test_a_bad_ray_value_is_refused_in_one_line(tiny_hf, chat_file, tmp_path, capfd):
-    line = fails_in_one_line(sft(tiny_hf, chat_file, tmp_path, "--ray", "local:0"), capfd)
+def test_a_bad_ray_value_is_refused_in_one_line(tiny_hf, tiny_chat_file, tmp_path, capfd):
+    line = fails_in_one_line(sft(tiny_hf, tiny_chat_file, tmp_path, "--ray", "local:0"), capfd)
     assert line.startswith("qwen2: error: --ray local:0: the number after local: is how many workers")
 
 
-def test_without_ray_installed_it_says_how_to_get_it(tiny_hf, chat_file, tmp_path, capfd, monkeypatch):
+def test_without_ray_installed_it_says_how_to_get_it(tiny_hf, tiny_chat_file, tmp_path, capfd, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    line = fails_in_one_line(sft(tiny_hf, chat_file, tmp_path, "--ray", "local:2"), capfd)
+    line = fails_in_one_line(sft(tiny_hf, tiny_chat_file, tmp_path, "--ray", "local:2"), capfd)
     assert line.startswith("qwen2: error: --ray and --replicas run on Ray, which is not installed: pip install")
 
 
-def test_a_task_that_trains_in_one_process_says_so(chat_file, tmp_path, capfd):
-    line = fails_in_one_line(["train", "dpo", "--data", str(chat_file), "--out", str(tmp_path), "--ray", "local"],
+def test_a_task_that_trains_in_one_process_says_so(tiny_chat_file, tmp_path, capfd):
+    line = fails_in_one_line(["train", "dpo", "--data", str(tiny_chat_file), "--out", str(tmp_path), "--ray", "local"],
                              capfd)
     assert line == "qwen2: error: qwen2 train dpo trains in one process (not under torchrun either); --ray is for " \
                    "qwen2 train sft and pretrain"
