@@ -138,7 +138,7 @@ def settings_for(args: argparse.Namespace, name: str, options: dict):
 
 def replica_plan(args: argparse.Namespace, engine: dict):
     """What --replicas and its companions ask for (None: one plain server, no Ray)."""
-    from qwen2.distributed.ray_cluster import require_ray
+    from qwen2.distributed.ray_cluster import parse_ray, require_ray
     from qwen2.errors import OptionError
 
     bounds = (args.min_replicas, args.max_replicas)
@@ -146,6 +146,8 @@ def replica_plan(args: argparse.Namespace, engine: dict):
         if args.ray:
             raise OptionError("--ray says where --replicas run: give --replicas N too")
         return None
+    if args.ray and parse_ray(args.ray).workers:
+        raise OptionError(f"--ray {args.ray}: --replicas says how many copies run; give --ray local or an address")
     require_ray()
     from qwen2.server.replicas import ReplicaPlan
 

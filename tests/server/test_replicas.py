@@ -182,6 +182,7 @@ def test_serving_goes_on_when_a_replica_is_killed(replicas):
     (["--replicas", "0"], "at least 1"),
     (["--replicas", "2", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas at most --max-replicas"),
     (["--replicas", "2", "--ray", "local:two"], "a whole number of at least 1"),
+    (["--replicas", "2", "--ray", "local:3"], "--replicas says how many copies run"),
 ])
 def test_replica_options_are_checked_before_anything_starts(argv, phrase, capsys):
     from qwen2.cli import main
