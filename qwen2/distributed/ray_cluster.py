@@ -2,7 +2,7 @@
 
 Ray is how the project outgrows one process without one model outgrowing one device: replicas of
 the whole server behind one endpoint (qwen2.server.replicas), eval and data items spread over
-engine actors (qwen2.distributed.engine_actors), training workers (qwen2.train.ray_launcher).
+engine actors (qwen2.eval.engine_actors), training workers (qwen2.train.ray_launcher).
 `ray` is an optional dependency (the `ray` extra); without it every --ray flag says how to get it.
 
     local        a Ray instance on this machine, as many workers as cores allow

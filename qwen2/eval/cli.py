@@ -249,7 +249,7 @@ def _subject(args: argparse.Namespace) -> Iterator:
               "requests at once", flush=True)
         yield args.endpoint
     elif args.ray:
-        from qwen2.distributed.engine_actors import EngineActors
+        from qwen2.eval.engine_actors import EngineActors
 
         with EngineActors(args.ray, dict(**model_options(args), **engine_options(args))) as actors:
             print(f"# {actors.description}", flush=True)

@@ -16,7 +16,7 @@ shared by several continuations are prefilled once (the engine's prefix cache).
 A prompt is text, token ids, or chat messages; messages are rendered here with the model's chat
 template. The subject may instead be an OpenAI-compatible server (qwen2.eval.endpoint.Endpoint,
 `--endpoint`): `generate_all` and `choice_logprobs` hand it the same prompts, and it renders
-messages with its own template. Or engine actors on Ray (qwen2.distributed.engine_actors, `--ray`):
+messages with its own template. Or engine actors on Ray (qwen2.eval.engine_actors, `--ray`):
 `generate_all` and `next_token_logprobs` deal the prompts to them, and each renders as here.
 """
 
@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qwen2.distributed.engine_actors import EngineActors
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import OptionError
 from qwen2.eval.endpoint import Endpoint
+from qwen2.eval.engine_actors import EngineActors
 from qwen2.files import write_text_atomically
 
 

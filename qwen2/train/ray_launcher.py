@@ -25,7 +25,6 @@ import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from qwen2.distributed.ray_cluster import cluster_gpus, connect, parse_ray
 from qwen2.errors import OptionError, Qwen2Error
 
 if TYPE_CHECKING:
@@ -40,6 +39,8 @@ HELP = ("train on N Ray Train workers instead of torchrun's processes: local (th
 
 def launch(value: str, config: TrainConfig, train: Callable[[TrainConfig], dict | None]) -> dict:
     """Run `train(config)` on the workers `--ray value` asks for; rank 0's result."""
+    from qwen2.distributed.ray_cluster import connect, parse_ray  # here: qwen2.distributed imports torch
+
     spec = parse_ray(value)
     config.check()  # a mistake in the options is one line before any worker starts
     ray = connect(spec)
@@ -70,7 +71,7 @@ def _placement(ray, asked: int | None, device: str | None) -> tuple[int, bool, f
         raise OptionError(f"--ray trains on cpu or cuda, not --device {device}")
     free = ray.available_resources()
     free_gpus, free_cpus = int(free.get("GPU", 0)), free.get("CPU", 0)
-    use_gpu = device != "cpu" and cluster_gpus(ray) > 0
+    use_gpu = device != "cpu" and int(ray.cluster_resources().get("GPU", 0)) > 0
     if device and device.startswith("cuda") and not use_gpu:
         raise OptionError(f"--device {device}, but the Ray cluster has no GPUs (--device cpu, or another cluster)")
     if use_gpu and not 0 < (asked or free_gpus) <= free_gpus:

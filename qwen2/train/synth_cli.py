@@ -9,7 +9,7 @@ the model's own samples (see synth.py and instruct_feedback.py for what is kept 
         [--max-tokens 512] [--seed 0] [--model M ...]
 
 Each takes --ray ADDRESS|local[:N] to deal its samples to N engine actors on Ray
-(qwen2.distributed.engine_actors); samples.jsonl is the same either way, so a run resumes the other.
+(qwen2.eval.engine_actors); samples.jsonl is the same either way, so a run resumes the other.
 
 The problems are named, never implied: the user's own (--problems, qwen2.train.problems), or a
 built-in source. ASDiv and HumanEval are the sets `qwen2 eval asdiv|humaneval` report, so a
@@ -118,7 +118,7 @@ def _engine(args: argparse.Namespace) -> Iterator:
     if not args.ray:
         yield load(**model_options(args), **engine_options(args))
         return
-    from qwen2.distributed.engine_actors import EngineActors
+    from qwen2.eval.engine_actors import EngineActors
 
     with EngineActors(args.ray, dict(**model_options(args), **engine_options(args))) as actors:
         print(f"# {actors.description}", file=sys.stderr, flush=True)  # stdout is the run's JSON

@@ -55,7 +55,7 @@ def test_an_eval_on_two_actors_records_what_one_process_does(ray, tiny_hf, tmp_p
 
 
 def test_items_reach_their_own_keys_and_a_dead_actor_ends_the_run_in_one_line(ray, tiny_hf):
-    from qwen2.distributed.engine_actors import EngineActors
+    from qwen2.eval.engine_actors import EngineActors
     from qwen2.eval.harness import generate_all, next_token_logprobs
     from qwen2.loading import load
 
