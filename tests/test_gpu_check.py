@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "bench" / "gpu_check.py"
 
 
+@pytest.mark.slow  # the whole script at tiny sizes: ~18 s, past the default suite's budget
 def test_gpu_check_runs_dry_on_the_cpu_and_its_checks_pass(tmp_path):
     out = tmp_path / "report.json"
     run = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--out", str(out)], capture_output=True, text=True,

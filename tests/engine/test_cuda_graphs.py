@@ -75,6 +75,7 @@ def test_static_step_equals_the_dynamic_step_over_several_steps(overrides):
     assert set(static.logits) == {4}  # one batch bucket, fixed buffers
 
 
+@pytest.mark.slow  # torch.compile on the CPU: ~18 s, past the default suite's budget
 @torch.inference_mode()
 def test_a_compiled_static_step_computes_what_the_eager_one_does():
     model = small_model()

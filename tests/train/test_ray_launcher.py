@@ -44,6 +44,7 @@ def steps(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # Ray Train's start-up on two cores: ~25 s, past the default suite's budget
 def test_two_ray_workers_take_the_steps_of_one_process_with_the_same_global_batch(ray_local, tiny_hf, tiny_chat_file,
                                                                                    tmp_path, capfd):
     main(sft(tiny_hf, tiny_chat_file, tmp_path / "alone", "--batch-size", "2"))
