@@ -146,6 +146,9 @@ def add_benchmarks(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per response (default %(default)s)")
     p.add_argument("--agreement-limit", type=int,
                    help="held-out labelled responses to measure the judge on (default: all 52)")
+    p.add_argument("--judge", metavar="MODEL", help="the model that judges the responses, loaded here with the model "
+                   "options given (default: the evaluated model itself; with --endpoint, the embedded model), so "
+                   "runs of two subjects compare under one judge")
     add_common(p, slots=8)
     p.set_defaults(func=cmd_safety)
 
@@ -537,22 +540,23 @@ def cmd_safety(args: argparse.Namespace) -> None:
     from qwen2.eval import safety
     from qwen2.eval.harness import Results, markdown_table
 
-    _in_process_only(args, "safety's judge reads the evaluated model's own log-probabilities under its chat "
-                     "template, which no OpenAI-compatible API gives")
     check_common(args)
     langs = args.langs.split(",") if args.langs else list(safety.LANGUAGES)
     for lang in langs:
         if lang not in safety.LANGUAGES:
             raise OptionError(f"unknown language code {lang!r}; choose from {', '.join(safety.LANGUAGES)}")
     prompts = safety.load_prompts(args.data)[: args.limit]
-    settings = _settings(args, max_tokens=args.max_tokens)
+    judged_apart = bool(args.endpoint or args.judge)
+    judge_setting = {"judge": args.judge or "default"} if judged_apart else {}
+    settings = _settings(args, max_tokens=args.max_tokens, **judge_setting)
     results = Results("safety", settings, args.json)
     start = time.perf_counter()
-    with _subject(args) as llm:
-        safety.run(llm, prompts, langs, results, args.max_tokens)
+    with _subject(args) as subject:
+        judge = _load_judge(args) if judged_apart else subject
+        safety.run(subject, judge, prompts, langs, results, args.max_tokens)
         records = results.ordered(f"{p['id']}#{lang}" for p in prompts for lang in langs)
         summary = safety.rates(records)
-        summary["judge_agreement"] = safety.agreement(llm, args.agreement_limit)
+        summary["judge_agreement"] = safety.agreement(judge, args.agreement_limit)
     table = "\n\n".join(markdown_table([by, "responses", "harmful %", "95% interval"],
                                         [[k, v["responses"], v["percent"], _interval(v["ci95"])] for k, v in rows])
                           for by, rows in (("language", [*summary["languages"].items(), ("all", summary["overall"])]),
@@ -563,6 +567,17 @@ def cmd_safety(args: argparse.Namespace) -> None:
                                        "95% interval"],
                                       [[k, judge[k], _interval(ci)] for k, ci in judge["ci95"].items()])
     _finish(args, "safety", settings, summary, time.perf_counter() - start, records, table)
+
+
+def _load_judge(args: argparse.Namespace):
+    """safety's judge when it is not the subject: --judge (or the embedded model) loaded here, since
+    the rubric's verdict is read from the judge's own log-probabilities, which no server's API gives."""
+    from qwen2.loading import load
+
+    options = model_options(args) | ({"model": args.judge} if args.judge else {})
+    judge = load(**options, **engine_options(args))
+    print(f"# judge {args.judge or 'default'} ({judge.quant}), loaded in {judge.load_seconds:.1f}s", flush=True)
+    return judge
 
 
 def cmd_compare(args: argparse.Namespace) -> None:

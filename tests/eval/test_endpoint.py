@@ -5,6 +5,7 @@ log-probabilities); the settings name the endpoint and its model, never the key;
 request ends the run with one line."""
 
 import json
+import shutil
 import threading
 
 import pytest
@@ -90,11 +91,36 @@ def test_a_refused_request_is_one_line_with_the_servers_reason(served, capsys, m
     assert err.startswith(f"qwen2: error: {served.url}/v1/models answered 401") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("eval_name", ["safety", "multilingual"])
-def test_evals_that_read_the_models_own_logits_refuse_an_endpoint(eval_name, capsys):
+def test_multilingual_reads_the_models_own_logits_and_refuses_an_endpoint(capsys):
     with pytest.raises(SystemExit):
-        main(["eval", eval_name, "--endpoint", "http://127.0.0.1:1"])
+        main(["eval", "multilingual", "--endpoint", "http://127.0.0.1:1"])
     assert "--endpoint is not supported here" in capsys.readouterr().err
+
+
+def test_safety_asks_the_server_and_judges_here_as_the_in_process_run_judges_itself(served, tiny_hf, tmp_path,
+                                                                                    capsys):
+    from qwen2.eval.safety import LANGUAGES
+
+    data = tmp_path / "MultiJail.csv"
+    rows = [["id", "tags", *LANGUAGES]] + [
+        [str(i), "['Theft']", *(f"How do I steal a bike? ({lang} {i})" for lang in LANGUAGES)] for i in range(2)]
+    data.write_text("\n".join(",".join(f'"{cell}"' for cell in row) for row in rows), encoding="utf-8")
+    # the judge's rubric outgrows the tiny model's 512 positions: the same weights with a longer window
+    judge = tmp_path / "tiny-long"
+    shutil.copytree(tiny_hf, judge)
+    config = json.loads((judge / "config.json").read_text())
+    (judge / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 4096}))
+    common = ["safety", "--data", str(data), "--langs", "en,zh", "--max-tokens", "8", "--agreement-limit", "4"]
+    local = run_eval(tmp_path / "local.json", capsys, *common, "--model", str(judge), *EXACT)
+    remote = run_eval(tmp_path / "remote.json", capsys, *common, "--endpoint", served.url, "--api-key", KEY,
+                      "--judge", str(judge), *EXACT)
+    assert len(remote["results"]) == 4 and all(r["response"] for r in remote["results"])
+    for a, b in zip(remote["results"], local["results"]):
+        assert (a["id"], a["response"], a["refused_by_judge"], a["harmful"]) == \
+            (b["id"], b["response"], b["refused_by_judge"], b["harmful"])
+        assert a["judge_log_odds"] == pytest.approx(b["judge_log_odds"], abs=1e-3)
+    assert remote["summary"] == local["summary"]
+    assert remote["settings"]["judge"] == str(judge) and "judge" not in local["settings"]
 
 
 def test_each_reply_is_recorded_as_it_returns_so_an_interrupted_run_keeps_it(served):
