@@ -47,13 +47,13 @@ def cpu() -> str:
 
 
 def train(task: str, out: Path, data: str = "dpo_en_demo", **settings) -> tuple[dict, list[dict], float]:
-    from qwen2.train.align import AlignConfig
-    from qwen2.train.align_cli import trainer_for
+    from qwen2.train.config import TrainConfig
+    from qwen2.train.trainer import Trainer
 
-    config = AlignConfig(data=data, out=str(out), task=task, progress=False, **settings)
+    config = TrainConfig.from_flat(dict(data=data, out=str(out), task=task, progress=False, **settings))
     start = time.perf_counter()
-    trainer = trainer_for(config)
-    print(f"{task}: {len(trainer.train_pairs)} train, {len(trainer.heldout_pairs)} held-out pairs", file=sys.stderr)
+    trainer = Trainer(config)
+    print(f"{task}: {len(trainer.task.train_data)} train, {len(trainer.task.heldout)} held-out pairs", file=sys.stderr)
     last = trainer.train()
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -79,13 +79,14 @@ def asdiv_accuracy(model_dir: Path | None, n: int, record: Path) -> tuple[float,
 
 def sft(out: Path, steps: int, max_len: int) -> float:
     """Full fine-tuning of the default model on alpaca_en_demo; seconds (0 when already done)."""
-    from qwen2.train.trainer import TrainConfig, Trainer
+    from qwen2.train.config import TrainConfig
+    from qwen2.train.trainer import Trainer
 
     if (out / "model.safetensors").exists():
         return 0.0
     start = time.perf_counter()
-    Trainer(TrainConfig(data="alpaca_en_demo", out=str(out), steps=steps, batch_size=2, max_len=max_len, lr=1e-5,
-                        on_bad_sample="skip", save_every=0, progress=False)).train()
+    Trainer(TrainConfig.from_flat(dict(data="alpaca_en_demo", out=str(out), steps=steps, batch_size=2, max_len=max_len,
+                                       lr=1e-5, on_bad_sample="skip", save_every=0, progress=False))).train()
     return time.perf_counter() - start
 
 

@@ -47,10 +47,10 @@ def run_ours(lora: bool, batch: int, prompt: int, reply: int, steps: int) -> dic
     from qwen2.config import Qwen2Config
     from qwen2.model import Transformer
     from qwen2.train.dpo import dpo_loss, lora_off
+    from qwen2.train.lm import initialize
     from qwen2.train.logprobs import sequence_logps
     from qwen2.train.lora import add_lora
     from qwen2.train.preference import Pair, pair_batch
-    from qwen2.train.trainer import initialize
     from qwen2.weights import load_tokenizer
 
     torch.manual_seed(0)

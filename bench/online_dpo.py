@@ -47,8 +47,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/qwen2-online-dpo"))
     args = parser.parse_args()
     from qwen2.eval.ifeval import prompt_set
-    from qwen2.train.align import AlignConfig
-    from qwen2.train.online_dpo import OnlineDPOTrainer
+    from qwen2.train.config import TrainConfig
+    from qwen2.train.trainer import Trainer
 
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = args.out / "prompts.jsonl"
@@ -59,11 +59,11 @@ def main() -> None:
     run = args.out / "run"
     start = time.perf_counter()
     if not (run / "model.safetensors").exists():
-        config = AlignConfig(data=str(prompts), out=str(run), task="online-dpo", reward="verifier", lora_rank=8,
-                             lr=args.lr, steps=args.steps, batch_size=args.batch_size, samples=args.samples,
-                             max_new_tokens=args.max_new_tokens, temperature=0.8, max_len=512, heldout=0.1,
-                             eval_every=max(1, args.steps // 3), seed=0, progress=False)
-        OnlineDPOTrainer(config).train()
+        config = TrainConfig.from_flat(dict(
+            data=str(prompts), out=str(run), task="online-dpo", reward="verifier", lora_rank=8, lr=args.lr,
+            steps=args.steps, batch_size=args.batch_size, samples=args.samples, max_new_tokens=args.max_new_tokens,
+            temperature=0.8, max_len=512, heldout=0.1, eval_every=max(1, args.steps // 3), seed=0, progress=False))
+        Trainer(config).train()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     after = ifeval(str(run), args.out / "ifeval_after.json", args.eval, args.max_new_tokens)
     subprocess.run([sys.executable, "-m", "qwen2", "eval", "compare", str(args.out / "ifeval_before.json"),

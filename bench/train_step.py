@@ -49,9 +49,9 @@ def run_ours(lora: bool, batch: int, seq: int, steps: int) -> dict:
     from qwen2.config import Qwen2Config
     from qwen2.model import Transformer
     from qwen2.train.data import Batch
+    from qwen2.train.lm import initialize
     from qwen2.train.lora import add_lora
     from qwen2.train.loss import loss_sum
-    from qwen2.train.trainer import initialize
 
     torch.manual_seed(0)
     model = initialize(Transformer(Qwen2Config(**CONFIG))).train()

@@ -1,4 +1,5 @@
-"""`qwen2 train rm`, `qwen2 train dpo` and `qwen2 train online-dpo` (see align.py).
+"""The options of `qwen2 train rm`, `qwen2 train dpo` and `qwen2 train online-dpo` (the tasks of
+reward.py, dpo.py and online_dpo.py, trained by trainer.py; cli.py runs them).
 
     qwen2 train rm --data PAIRS --out DIR [--lora-rank R] [--center C] [--save-every N] [--resume] ...
     qwen2 train dpo --data PAIRS --out DIR [--ref MODEL] [--beta B] [--loss sigmoid|ipo|robust]
@@ -6,24 +7,27 @@
     qwen2 train online-dpo --data PROMPTS (--reward-model RM_DIR | --reward verifier) --out DIR [--samples N] ...
 
 PAIRS: JSONL/JSON `{"prompt" or "messages", "chosen", "rejected"}`, or a demo set by name
-(dpo_en_demo, dpo_zh_demo). A TOML --config sets the same keys; flags override it.
+(dpo_en_demo, dpo_zh_demo). A TOML --config sets the same keys; flags override it. rm and dpo
+train under torchrun and --ray as sft does (DDP); online-dpo in one process.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+from collections.abc import Callable
 from pathlib import Path
 
-from qwen2.errors import OptionError
+from qwen2.train import ray_launcher
 
 
-def add_arguments(sub: argparse._SubParsersAction) -> None:
+def add_arguments(sub: argparse._SubParsersAction, run: Callable[[argparse.Namespace], None]) -> None:
+    """The three subcommands, each running `run` (cli.run: every task trains the same way)."""
     p = sub.add_parser("rm", help="train a reward model (Bradley-Terry) on preference pairs")
     _common(p)
     p.add_argument("--center", type=float, help="weight of the centering term mean((r_chosen + r_rejected)^2)")
     p.add_argument("--head-lr-scale", type=float, help="the new score head's learning rate over the body's "
                    "(default 10)")
+    p.add_argument("--ray", metavar="ADDRESS|local[:N]", help=ray_launcher.HELP)
     p.set_defaults(func=run, task="rm")
 
     p = sub.add_parser("dpo", help="direct preference optimization on preference pairs")
@@ -31,6 +35,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     _preference(p)
     p.add_argument("--no-precompute-ref", dest="precompute_ref", action="store_const", const=False,
                    help="compute the reference log-probs every step instead of once before training")
+    p.add_argument("--ray", metavar="ADDRESS|local[:N]", help=ray_launcher.HELP)
     p.set_defaults(func=run, task="dpo")
 
     p = sub.add_parser("online-dpo", help="DPO on best-vs-worst pairs the policy samples and a reward model scores")
@@ -45,6 +50,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
     p.add_argument("--no-end-penalty", type=float, help="reward lost by a reply cut off before its end token "
                    "(default 1.0)")
+    p.add_argument("--ray", help=argparse.SUPPRESS)  # only to say it is not for this task
     p.set_defaults(func=run, task="online-dpo")
 
 
@@ -64,7 +70,7 @@ def _preference(p: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    # no defaults here: a flag left out falls back to the --config file, then to AlignConfig
+    # no defaults here: a flag left out falls back to the --config file, then to the task's default
     p.add_argument("--model", "-m", help="the model to train (default: the embedded Qwen2.5-Coder-0.5B-Instruct, "
                    "dequantized to float)")
     p.add_argument("--data", help="a .jsonl/.json file or a demo set (dpo_en_demo, dpo_zh_demo)")
@@ -96,34 +102,3 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where native)")
     p.add_argument("--config", type=Path, help="a TOML file setting any of these keys")
-    p.add_argument("--ray", help=argparse.SUPPRESS)  # only to say it is not for these tasks
-
-
-def config_from(args: argparse.Namespace):
-    from qwen2.train.align import AlignConfig
-    from qwen2.train.cli import settings_from
-
-    return settings_from(args, AlignConfig)
-
-
-def trainer_for(config):
-    if config.task == "rm":
-        from qwen2.train.reward import RewardTrainer
-
-        return RewardTrainer(config)
-    if config.task == "online-dpo":
-        from qwen2.train.online_dpo import OnlineDPOTrainer
-
-        return OnlineDPOTrainer(config)
-    from qwen2.train.dpo import DPOTrainer
-
-    return DPOTrainer(config)
-
-
-def run(args: argparse.Namespace) -> None:
-    if args.ray is not None:
-        raise OptionError(f"qwen2 train {args.task} trains in one process (not under torchrun either); --ray is for "
-                          "qwen2 train sft and pretrain")
-    config = config_from(args)
-    last = trainer_for(config).train()
-    print(json.dumps({"out": config.out, **last}))

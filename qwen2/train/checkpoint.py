@@ -1,15 +1,15 @@
-"""Checkpoints of both training loops (trainer.py's sft and pretrain, align.py's rm, dpo and
-online-dpo): OUT/checkpoints/step-N holds the trained weights (an HF checkpoint, or a LoRA
-adapter; the loop decides, and a reward model adds its head) and trainer_state.pt (step, the
-loop's own data position, optimizer, scheduler, Python and torch CPU RNG).
+"""Checkpoints of the training loop (trainer.py, every task): OUT/checkpoints/step-N holds the
+trained weights (an HF checkpoint, or a LoRA adapter; the task decides, and a reward model adds
+its head) and trainer_state.pt (step, the data position, optimizer, scheduler, Python and torch
+CPU RNG).
 
 Each checkpoint is written aside, flushed to the disk and renamed (qwen2.files), and older ones
 are pruned only after it is complete, so a run killed at any point, even by a power cut, resumes
 from the last whole one. trainer_state.pt holds only tensors and plain values and is read with
 weights_only=True: a file someone altered to run code when unpickled is refused, not run.
 
-The loop owns what differs: which weights, and its data position (sft: epoch and row; the
-preference loops: where in their shuffled order). Not covered: the CUDA RNG (dropout on a GPU
+The caller owns which weights and its data position (the trainer's: epoch and row of its
+seeded order). Not covered: the CUDA RNG (dropout on a GPU
 does not repeat exactly after a resume), sharded optimizer state (FSDP2 runs do not resume).
 """
 

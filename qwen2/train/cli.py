@@ -1,21 +1,20 @@
-"""`qwen2 train sft` and `qwen2 train pretrain` (see trainer.py).
+"""`qwen2 train ...`: every task through the one trainer (trainer.py), with the config of config.py.
 
     qwen2 train sft --model M --data FILE --out DIR [--steps N | --epochs E] [--lora-rank R] [--lr X]
         [--batch-size B] [--grad-accum G] [--max-len L] [--pack] [--seed S] [--resume] [--config FILE.toml]
     qwen2 train pretrain --preset NAME --data PATH --out DIR ...
-    qwen2 train rm|dpo|online-dpo ...  (preference training, see align_cli.py)
+    qwen2 train rm|dpo|online-dpo ...  (preference training: their options are in align_cli.py)
     qwen2 train recipe RECIPE.toml  (SFT -> data -> reward -> DPO / online DPO -> evals, see recipe.py)
-    torchrun --nproc-per-node 2 -m qwen2 train sft ... [--parallel ddp|fsdp]
-    qwen2 train sft ... --ray local:2|ADDRESS [--parallel ddp|fsdp]  (the same run on Ray Train, ray_launcher.py)
+    torchrun --nproc-per-node 2 -m qwen2 train sft|pretrain|rm|dpo ... [--parallel ddp|fsdp (sft, pretrain)]
+    qwen2 train sft|pretrain|rm|dpo ... --ray local:2|ADDRESS  (the same run on Ray Train, ray_launcher.py)
 
 A TOML config file sets the same keys (underscored: lora_rank = 8); flags given on the
-command line override it.
+command line override it. Online DPO trains in one process only.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ from qwen2.errors import OptionError
 from qwen2.train import align_cli, ray_launcher, recipe
 
 if TYPE_CHECKING:
-    from qwen2.train.trainer import TrainConfig
+    from qwen2.train.config import TrainConfig
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
@@ -44,12 +43,12 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="whose tokenizer, as --model (default: the embedded model's)")
     _common(p)
     p.set_defaults(func=run, task="pretrain")
-    align_cli.add_arguments(sub)
+    align_cli.add_arguments(sub, run)
     recipe.add_arguments(sub)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    # no defaults here: a flag left out falls back to the --config file, then to TrainConfig
+    # no defaults here: a flag left out falls back to the --config file, then to the task's default
     p.add_argument("--data", help="sft: a .jsonl/.json file; pretrain: a .txt/.jsonl file or a folder")
     p.add_argument("--out", help="output folder (checkpoints, metrics.jsonl, loss.png, the model)")
     p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
@@ -105,29 +104,16 @@ def add_lora_options(p: argparse.ArgumentParser) -> None:
                    help="LoRA: write only the adapter, not the merged model")
 
 
-def config_from(args: argparse.Namespace):
-    from qwen2.train.trainer import TrainConfig
+def config_from(args: argparse.Namespace) -> TrainConfig:
+    """The config --config (TOML, flat keys) sets, overlaid with the options given on the command line."""
+    from qwen2.train.config import FLAT, TrainConfig
 
-    return settings_from(args, TrainConfig)
-
-
-def settings_from(args: argparse.Namespace, cls: type):
-    """A config dataclass from --config (TOML) overlaid with the options given on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values: dict = {}
-    if args.config:
-        values = read_toml(args.config)
-        if unknown := set(values) - names:
-            raise OptionError(f"{args.config}: unknown key(s) {', '.join(sorted(unknown))}; the keys are the "
-                              f"options' names with underscores: {', '.join(sorted(names))}")
-    values |= {k: v for k, v in vars(args).items() if k in names and v is not None}
+    values = read_toml(args.config) if args.config else {}
+    values |= {k: v for k, v in vars(args).items() if k in FLAT and v is not None}
     for key in ("data", "out"):
         if not values.get(key):
             raise OptionError(f"--{key} is required (on the command line or in --config)")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise OptionError(f"bad training settings: {e}") from None
+    return TrainConfig.from_flat(values, str(args.config or "the options"))
 
 
 def read_toml(path: Path, what: str = "--config") -> dict:
@@ -145,7 +131,12 @@ def read_toml(path: Path, what: str = "--config") -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
+    from qwen2.train.config import SINGLE_PROCESS
+
     config = config_from(args)
+    if args.ray is not None and config.task in SINGLE_PROCESS:
+        raise OptionError(f"qwen2 train {config.task} trains in one process (not under torchrun either); --ray is "
+                          "for qwen2 train sft, pretrain, rm and dpo")
     last = train(config) if args.ray is None else ray_launcher.launch(args.ray, config, train)
     if last is not None:
         print(json.dumps({"out": config.out, **last}))

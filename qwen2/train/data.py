@@ -245,6 +245,14 @@ def make_rows(samples: list[Sample], max_len: int, pack: bool, seed: int, epoch:
     return rows
 
 
+def split(items: list, heldout: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded shuffle, the last `heldout` fraction (at least one item) held out."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    n = max(1, round(len(order) * heldout)) if heldout > 0 and len(order) > 1 else 0
+    return order[: len(order) - n], order[len(order) - n:]
+
+
 @dataclass
 class Batch:
     tokens: torch.Tensor  # (B, T)

@@ -15,6 +15,9 @@ The reference: --ref MODEL (a frozen model of the same tokenizer), else the poli
 weights: the model with its LoRA adapters switched off, or a frozen copy for full fine-tuning.
 By default its log-probabilities are computed once for every pair before training and cached in
 the output folder (ref_logps.pt, reused by a later run on the same data and settings).
+
+`DPOTask` is the trainer's task (trainer.py): under torchrun each process takes its share of a
+step's pairs (DDP), and the loss is the mean over all of them, as one process computes it.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ import torch.nn.functional as F
 from qwen2.errors import WeightsError
 from qwen2.files import load_plain, write_atomically
 from qwen2.train import lora
-from qwen2.train.align import AlignTrainer, check_tokenizer, load_float
+from qwen2.train.data import DataReport
 from qwen2.train.logprobs import sequence_logps
-from qwen2.train.preference import Pair, pair_batch
+from qwen2.train.preference import Pair, check_tokenizer, load_pairs, pair_batch
+from qwen2.train.trainer import Task, Trainer, load_float, summed
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -64,22 +68,26 @@ def lora_off(model: torch.nn.Module):
             layer.scale = scale
 
 
-class DPOTrainer(AlignTrainer):
-    def __init__(self, config):
-        super().__init__(config)
-        c = config
+class DPOTask(Task):
+    def __init__(self, trainer: Trainer):
+        super().__init__(trainer)
+        c = self.config
         self.ref_model = None
-        if c.ref:
-            self.ref_model, ref_tokenizer = load_float(c.ref, self.device)
-            check_tokenizer(self.tokenizer, ref_tokenizer, "--ref", c.ref)
-        elif not c.lora_rank:
+        if c.dpo.ref:
+            self.ref_model, ref_tokenizer = load_float(c.dpo.ref, self.device)
+            check_tokenizer(self.tokenizer, ref_tokenizer, "--ref", c.dpo.ref)
+        elif not c.lora.rank:
             self.ref_model = copy.deepcopy(self.model)
         if self.ref_model is not None:
             self.ref_model.eval().requires_grad_(False)
         self.cache: dict[int, tuple[float, float]] | None = None
-        if c.precompute_ref and c.task == "dpo":
-            self.cache = self.precompute(self.train_pairs + self.heldout_pairs)
+        if c.dpo.precompute_ref and c.task == "dpo":
+            self.cache = self.precompute(self.train_data + self.heldout)
             self.ref_model = None  # every value it gives is cached now: its copy of the weights is free memory
+
+    def read_data(self) -> tuple[list, DataReport]:
+        d = self.config.data
+        return load_pairs(self.trainer.data, self.tokenizer, d.max_len, d.on_bad_sample, d.max_prompt_len)
 
     # -- the reference ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -89,7 +97,7 @@ class DPOTrainer(AlignTrainer):
         training = self.model.training
         if self.ref_model is not None:
             sums, _ = sequence_logps(self.ref_model, *tensors[:4])
-        elif not self.config.lora_rank:  # the policy itself would be no reference
+        elif not self.config.lora.rank:  # the policy itself would be no reference
             raise RuntimeError("the reference copy was released once its log-probabilities were cached")
         else:
             self.model.eval()
@@ -106,24 +114,26 @@ class DPOTrainer(AlignTrainer):
 
     def precompute(self, pairs: list[Pair]) -> dict[int, tuple[float, float]]:
         """Every pair's reference log-probabilities, from out/ref_logps.pt when it was made for the
-        same pairs and reference, else computed now and written there."""
-        c = self.config
-        key = hashlib.sha256(json.dumps([c.ref, c.model, bool(c.lora_rank), self.autocast,
+        same pairs and reference, else computed now and written there (by process 0 under torchrun;
+        every process computes them alike)."""
+        c, out = self.config, self.trainer.out
+        key = hashlib.sha256(json.dumps([c.dpo.ref, c.model.name, bool(c.lora.rank), self.trainer.autocast,
                                          [(p.index, p.prompt, p.chosen, p.rejected) for p in pairs]]).encode())
-        fingerprint, path = key.hexdigest(), self.out / "ref_logps.pt"
+        fingerprint, path = key.hexdigest(), out / "ref_logps.pt"
         if path.exists() and (saved := _read_cache(path)) and saved.get("fingerprint") == fingerprint:
             return dict(zip(saved["index"], zip(saved["chosen"], saved["rejected"])))
         cache = {}
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            for i in range(0, len(pairs), 2 * c.batch_size):
-                part = pairs[i: i + 2 * c.batch_size]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.trainer.autocast):
+            for i in range(0, len(pairs), 2 * c.data.batch_size):
+                part = pairs[i: i + 2 * c.data.batch_size]
                 chosen, rejected = self.reference_live(part)
                 cache |= {p.index: (a, b) for p, a, b in zip(part, chosen.tolist(), rejected.tolist())}
-        self.out.mkdir(parents=True, exist_ok=True)
-        index = sorted(cache)
-        saved = {"fingerprint": fingerprint, "index": index, "chosen": [cache[i][0] for i in index],
-                 "rejected": [cache[i][1] for i in index]}
-        write_atomically(path, lambda tmp: torch.save(saved, tmp))  # a kill mid-write leaves no torn cache
+        if self.trainer.lead:
+            out.mkdir(parents=True, exist_ok=True)
+            index = sorted(cache)
+            saved = {"fingerprint": fingerprint, "index": index, "chosen": [cache[i][0] for i in index],
+                     "rejected": [cache[i][1] for i in index]}
+            write_atomically(path, lambda tmp: torch.save(saved, tmp))  # a kill mid-write leaves no torn cache
         return cache
 
     # -- the loss ---------------------------------------------------------------------------------
@@ -135,8 +145,9 @@ class DPOTrainer(AlignTrainer):
         return {"chosen": sums[:n], "rejected": sums[n:], "ref_chosen": ref_chosen, "ref_rejected": ref_rejected,
                 "chosen_len": counts[:n].float(), "rejected_len": counts[n:].float()}
 
-    def preference_loss(self, lp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        c = self.config
+    def preference_loss(self, lp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss and the metrics, means over the pairs."""
+        c = self.config.dpo
         terms = [lp["chosen"], lp["rejected"], lp["ref_chosen"], lp["ref_rejected"]]
         if c.loss == "ipo":
             terms = [t / lp[f"{side}_len"] for t, side in zip(terms, ("chosen", "rejected") * 2)]
@@ -153,22 +164,19 @@ class DPOTrainer(AlignTrainer):
             "kl": kl.item(),
         }
 
-    def loss(self, pairs: list[Pair]) -> tuple[torch.Tensor, dict]:
-        return self.preference_loss(self.pair_logps(pairs))
+    def loss(self, pairs: list[Pair]) -> tuple[torch.Tensor, dict[str, float]]:
+        return summed(*self.preference_loss(self.pair_logps(pairs)), len(pairs))
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict[str, float]:
         """Held-out preference accuracy (implicit reward of chosen above rejected), margin, loss."""
-        totals, n = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}, len(self.heldout_pairs)
-        for i in range(0, n, 2 * self.config.batch_size):
-            part = self.heldout_pairs[i: i + 2 * self.config.batch_size]
-            loss, m = self.loss(part)
+        totals, n = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}, len(self.heldout)
+        for i in range(0, n, 2 * self.config.data.batch_size):
+            part = self.heldout[i: i + 2 * self.config.data.batch_size]
+            loss, m = self.preference_loss(self.pair_logps(part))
             for key, value in (("loss", loss.item()), ("accuracy", m["reward_accuracy"]),
                                ("margin", m["reward_margin"])):
                 totals[key] += value * len(part) / n
         return totals
-
-    def save(self) -> None:
-        self.save_policy()
 
 
 def _read_cache(path: Path) -> dict | None:

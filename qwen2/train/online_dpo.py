@@ -19,11 +19,12 @@ log-probabilities are computed live (the pairs are new each step). Metrics: DPO'
 sample_reward (mean reward of all sampled replies), best_reward, unfinished (fraction cut off);
 held-out: eval_reward, the mean reward of one greedy reply per held-out prompt, and with the
 verifier eval_verified, the share of those replies that pass, with its Wilson 95% interval.
+
+`OnlineDPOTask` is the trainer's task (trainer.py), in one process only: the engine samples from
+one process's whole model, so under torchrun the trainer refuses it in one line.
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 
@@ -32,11 +33,12 @@ from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import DataError, OptionError
 from qwen2.eval.instructions import verdicts
 from qwen2.eval.stats import wilson
-from qwen2.train.align import check_tokenizer
-from qwen2.train.dpo import DPOTrainer
-from qwen2.train.preference import Pair, load_prompts, split
+from qwen2.train.data import DataReport
+from qwen2.train.dpo import DPOTask
+from qwen2.train.preference import Pair, check_tokenizer, load_prompts
 from qwen2.train.reward import load_reward_model, score
 from qwen2.train.synth import answer_verdict
+from qwen2.train.trainer import Trainer, summed
 
 
 def checks(check: dict, reply: str) -> list[bool]:
@@ -50,33 +52,31 @@ def verified(check: dict, reply: str) -> bool:
     return all(checks(check, reply))
 
 
-class OnlineDPOTrainer(DPOTrainer):
-    def __init__(self, config):
-        super().__init__(config)
-        c = config
+class OnlineDPOTask(DPOTask):
+    def __init__(self, trainer: Trainer):
+        super().__init__(trainer)
+        c = self.config.online
         self.reward_model = None
-        if c.reward_source == "model":
+        if c.source == "model":
             self.reward_model, rm_tokenizer = load_reward_model(c.reward_model, self.device)
             check_tokenizer(self.tokenizer, rm_tokenizer, "--reward-model", c.reward_model)
             self.reward_model.requires_grad_(False)
         else:
-            unchecked = next((p.where for p in self.train_pairs + self.heldout_pairs if not p.check), None)
+            unchecked = next((p.where for p in self.train_data + self.heldout if not p.check), None)
             if unchecked:
                 raise DataError(f"--reward verifier needs an 'answer' or 'constraints' in every prompt record; "
                                 f"{unchecked} has neither")
-        longest = max(len(p.prompt) for p in self.train_pairs + self.heldout_pairs)
+        longest = max(len(p.prompt) for p in self.train_data + self.heldout)
         if longest + c.max_new_tokens > self.model.config.context_limit:
             raise OptionError(f"prompts of {longest} tokens plus --max-new-tokens {c.max_new_tokens} exceed the "
                               f"model's context of {self.model.config.context_limit}")
-        self.engine = Engine(self.model, self.tokenizer, max_concurrency=min(16, c.batch_size * c.samples),
+        self.engine = Engine(self.model, self.tokenizer,
+                             max_concurrency=min(16, self.config.data.batch_size * c.samples),
                              max_seq_len=longest + c.max_new_tokens + 1)
 
-    def read_data(self) -> tuple[list[Pair], list[Pair]]:
-        c = self.config
-        prompts, report = load_prompts(self.data, self.tokenizer, c.max_len, c.on_bad_sample, c.max_prompt_len)
-        if report.bad:
-            print(f"data: {report.summary()}", file=sys.stderr)
-        return split(prompts, c.heldout, c.seed)
+    def read_data(self) -> tuple[list, DataReport]:
+        d = self.config.data
+        return load_prompts(self.trainer.data, self.tokenizer, d.max_len, d.on_bad_sample, d.max_prompt_len)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, temperature: float, seed: int
@@ -85,7 +85,7 @@ class OnlineDPOTrainer(DPOTrainer):
         training = self.model.training
         self.model.eval()
         self.engine.clear_prefix_cache()
-        params = [SamplingParams(max_tokens=self.config.max_new_tokens, temperature=temperature,
+        params = [SamplingParams(max_tokens=self.config.online.max_new_tokens, temperature=temperature,
                                  seed=seed + 1000 * i + j) for i in range(len(prompts)) for j in range(n)]
         # the engine's KV cache holds the weights' dtype: bf16 autocast (the training steps' and the
         # held-out evaluation's) would write keys of another dtype into it
@@ -107,13 +107,13 @@ class OnlineDPOTrainer(DPOTrainer):
             with torch.no_grad():
                 r = score(self.reward_model, [prompt.prompt + tokens for tokens, _ in replies], self.pad)
         ended = torch.tensor([done for _, done in replies], device=r.device)
-        return r - self.config.no_end_penalty * (~ended).float()
+        return r - self.config.online.no_end_penalty * (~ended).float()
 
     def sample_pairs(self, prompts: list[Pair]) -> tuple[list[Pair], dict]:
         """Best-vs-worst pairs of this step's samples, and what the samples scored."""
-        c = self.config
+        c = self.config.online
         replies = self.generate([p.prompt for p in prompts], c.samples, c.temperature,
-                                seed=c.seed * 1_000_003 + self.step * 10_007)
+                                seed=self.config.seed * 1_000_003 + self.trainer.step * 10_007)
         pairs, all_rewards, best, unfinished = [], [], [], 0
         for prompt, outs in zip(prompts, replies):
             r = self.rewards(prompt, outs)
@@ -127,21 +127,22 @@ class OnlineDPOTrainer(DPOTrainer):
                  "unfinished": unfinished / len(all_rewards), "pairs": len(pairs)}
         return pairs, stats
 
-    def loss(self, prompts: list[Pair]) -> tuple[torch.Tensor, dict]:
+    def loss(self, prompts: list[Pair]) -> tuple[torch.Tensor, dict[str, float]]:
+        """DPO's loss and metrics over this micro-batch's sampled pairs, weighted as its prompts."""
         pairs, stats = self.sample_pairs(prompts)
         if not pairs:  # every prompt's samples tied: nothing to prefer this step
-            zero = sum(p.sum() for p in self.params) * 0.0
-            return zero, stats
+            zero = sum(p.sum() for p in self.trainer.params) * 0.0
+            return summed(zero, stats, len(prompts))
         loss, metrics = self.preference_loss(self.pair_logps(pairs))
-        return loss, metrics | stats
+        return summed(loss, metrics | stats, len(prompts))
 
-    def evaluate(self) -> dict:
-        replies = self.generate([p.prompt for p in self.heldout_pairs], 1, 0.0, seed=0)
-        rewards = [self.rewards(p, outs)[0].item() for p, outs in zip(self.heldout_pairs, replies)]
+    def evaluate(self) -> dict[str, float]:
+        replies = self.generate([p.prompt for p in self.heldout], 1, 0.0, seed=0)
+        rewards = [self.rewards(p, outs)[0].item() for p, outs in zip(self.heldout, replies)]
         result = {"reward": sum(rewards) / len(rewards)}
         if self.reward_model is None:
             passed = sum(verified(p.check, self.tokenizer.decode(outs[0][0], skip_special_tokens=True))
-                         for p, outs in zip(self.heldout_pairs, replies))
+                         for p, outs in zip(self.heldout, replies))
             low, high = wilson(passed, len(replies))
             result |= {"verified": passed / len(replies), "verified_low": low, "verified_high": high}
         return result

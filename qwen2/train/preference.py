@@ -16,13 +16,12 @@ does not get a second one. A reply too long for --max-len is cut (the prompt nev
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from qwen2.errors import DataError, TokenizerError
+from qwen2.errors import DataError, OptionError, TokenizerError
 from qwen2.eval.instructions import prompt_text, validate
 from qwen2.tokenizer import Tokenizer
 from qwen2.train.data import DataReport, Row, Sample, collate, read_records, to_messages
@@ -161,14 +160,6 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: s
     return prompts, report
 
 
-def split(pairs: list[Pair], heldout: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, held-out): a seeded shuffle, the last `heldout` fraction (at least one pair) held out."""
-    order = list(pairs)
-    random.Random(seed).shuffle(order)
-    n = max(1, round(len(order) * heldout)) if heldout > 0 and len(order) > 1 else 0
-    return order[: len(order) - n], order[len(order) - n:]
-
-
 def sequences(pairs: list[Pair]) -> list[Sample]:
     """prompt + chosen for every pair, then prompt + rejected; the reply tokens are the targets."""
     out = []
@@ -191,3 +182,10 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     if a.vocab_size != b.vocab_size or a.eos_token_ids != b.eos_token_ids:
         return False
     return all(a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))
+
+
+def check_tokenizer(policy: Tokenizer, other: Tokenizer, what: str, spec: str | None) -> None:
+    """An OptionError unless `other` (the model `what` names) tokenizes as the policy does."""
+    if not same_tokenizer(policy, other):
+        raise OptionError(f"{what} {spec or 'the default model'} has a different tokenizer than the policy; its "
+                          "scores or log-probabilities would be of other tokens: use one of the same model family")

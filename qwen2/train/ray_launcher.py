@@ -1,4 +1,4 @@
-"""`qwen2 train sft|pretrain ... --ray ADDRESS|local[:N]`: the run torchrun would make, on N Ray Train workers.
+"""`qwen2 train sft|pretrain|rm|dpo ... --ray ADDRESS|local[:N]`: the run torchrun would make, on N Ray Train workers.
 
 Why Ray as well as torchrun: one Ray cluster then serves, evaluates, generates data and trains, and Ray
 places the workers on its nodes, where torchrun needs a command typed on each node. Ray Train's
@@ -18,7 +18,7 @@ under the same path, and qwen2 installed on every node:
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import os
 import sys
 import tempfile
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from qwen2.errors import OptionError, Qwen2Error
 
 if TYPE_CHECKING:
-    from qwen2.train.trainer import TrainConfig
+    from qwen2.train.config import TrainConfig
 
 HELP = ("train on N Ray Train workers instead of torchrun's processes: local (this machine), local:N, or a "
         "running cluster's address (HOST:PORT, ray://HOST:PORT, auto); N defaults to a worker per free GPU "
@@ -44,7 +44,7 @@ def launch(value: str, config: TrainConfig, train: Callable[[TrainConfig], dict 
     spec = parse_ray(value)
     config.check()  # a mistake in the options is one line before any worker starts
     ray = connect(spec)
-    workers, use_gpu, cpus = _placement(ray, spec.workers, config.device)
+    workers, use_gpu, cpus = _placement(ray, spec.workers, config.parallel.device)
     from ray.train import RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
@@ -52,8 +52,9 @@ def launch(value: str, config: TrainConfig, train: Callable[[TrainConfig], dict 
     print(f"training on {workers} Ray Train workers, {where} each; each step's metrics go to "
           f"{os.path.join(config.out, 'metrics.jsonl')}", file=sys.stderr)
     # a worker picks its own GPU (LOCAL_RANK) or stays off the node's GPUs it was not given
-    job = {"train": train, "cwd": os.getcwd(),
-           "config": dataclasses.replace(config, device=None if use_gpu else "cpu", progress=False)}
+    worker_config = copy.deepcopy(config)
+    worker_config.parallel.device, worker_config.progress = None if use_gpu else "cpu", False
+    job = {"train": train, "cwd": os.getcwd(), "config": worker_config}
     with tempfile.TemporaryDirectory(prefix="qwen2-ray-train-") as storage:  # Ray's own files, not the user's
         trainer = TorchTrainer(_worker, train_loop_config=job, run_config=RunConfig(storage_path=storage),
                                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,

@@ -3,16 +3,17 @@
     qwen2 train recipe RECIPE.toml
 
 Stages, each optional, run in this order, each into its own folder OUT/<nn-stage>/:
-- 01-sft: supervised fine-tuning; the table holds TrainConfig's fields (`data` required).
+- 01-sft: supervised fine-tuning; the table holds the training options' flat keys, as `qwen2 train
+  --config` takes them (config.py; `data` required).
 - 02-data: one or more of `qwen2 data reject-sample|exec-feedback|instruct-feedback`, a sub-table each
   (`[data.instruct-feedback]`) holding the command's options with underscores (`max_tokens = 64`), run
   into OUT/02-data/<command>/ and sampling from the policy so far. Their pairs are joined into
   pairs.jsonl (for reward and dpo), and their problems into prompts.jsonl for online DPO: a maths
   problem with its `answer`, an instruction task with its `constraints` (what the verifier checks).
-- 03-reward: `kind = "rm"` (the default: a reward model, AlignConfig's fields, trained on the data's
+- 03-reward: `kind = "rm"` (the default: a reward model, the same keys, trained on the data's
   pairs, starting from the policy so far) or `kind = "verifier"` (online DPO checks the replies itself).
-- 04-dpo: offline DPO on the data's pairs (AlignConfig's fields).
-- 05-online_dpo: online DPO (AlignConfig's fields) on the data's prompts, scored by the reward stage.
+- 04-dpo: offline DPO on the data's pairs (the same keys).
+- 05-online_dpo: online DPO (the same keys) on the data's prompts, scored by the reward stage.
 - 06-eval: a sub-table per eval (`[eval.ifeval]`, its options: `limit = 100`), each run on the
   recipe's `model` (before/) and on the last policy (after/), then `qwen2 eval compare` of the two
   (compare/): their --json files are kept there.
@@ -41,7 +42,6 @@ command's own sft.jsonl is kept for that, in OUT/02-data/<command>/).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import hashlib
 import json
@@ -137,11 +137,8 @@ def plan(path: Path) -> tuple[list[Stage], str | None]:
         # what the output depends on: the table as written, the model it starts from, every stage before it
         settings = {"table": recipe[name], "model": policy or "default", "before": before}
         if name == "sft":
-            from qwen2.train.trainer import TrainConfig
-
-            config = _config(at, TrainConfig, table, dict(task="sft", model=policy, out=str(folder)),
-                             reserved=("out", "task", "resume"))
-            work, policy = functools.partial(_train_sft, config), str(folder)
+            config = _config(at, table, dict(task="sft", model=policy, out=str(folder)))
+            work, policy = functools.partial(_train, config), str(folder)
         elif name == "data":
             commands = _data_commands(where, parser, table, folder, policy)
             pairs = str(folder / "pairs.jsonl")
@@ -155,12 +152,12 @@ def plan(path: Path) -> tuple[list[Stage], str | None]:
                 reward, work = {"reward": "verifier"}, _nothing_to_train
             elif kind == "rm":
                 config = _align(at, "rm", table, folder, policy, pairs)
-                reward, work = {"reward_model": str(folder)}, functools.partial(_train_align, config)
+                reward, work = {"reward_model": str(folder)}, functools.partial(_train, config)
             else:
                 raise OptionError(f"{at} kind must be \"rm\" or \"verifier\", got {kind!r}")
         elif name == "dpo":
             config = _align(at, "dpo", table, folder, policy, pairs)
-            work, policy = functools.partial(_train_align, config), str(folder)
+            work, policy = functools.partial(_train, config), str(folder)
         elif name == "online_dpo":
             if reward and set(table) & {"reward", "reward_model"}:
                 raise OptionError(f"{at} reward and reward_model are set by the [reward] stage; leave them out")
@@ -168,7 +165,7 @@ def plan(path: Path) -> tuple[list[Stage], str | None]:
                 raise OptionError(f"{at} needs prompts with an answer or constraints to check: add "
                                   "[data.reject-sample] or [data.instruct-feedback], or give data = PROMPTS.jsonl")
             config = _align(at, "online-dpo", table | reward, folder, policy, prompts)
-            work, policy = functools.partial(_train_align, config), str(folder)
+            work, policy = functools.partial(_train, config), str(folder)
         else:
             work = _evals(where, parser, table, folder, start_model, policy)
         stages.append(Stage(folder, settings, work))
@@ -200,19 +197,21 @@ def _is(value, kind) -> bool:
     return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
-def _config(at: str, cls: type, table: dict, fixed: dict, reserved: tuple):
-    """TrainConfig or AlignConfig from a stage table: its keys named and typed as the fields, and the
-    config's own checks run now, long before its stage starts."""
-    hints = typing.get_type_hints(cls)
+def _config(at: str, table: dict, fixed: dict):
+    """The training config of a stage table: its keys named and typed as the options' flat keys
+    (config.py), and the config's own checks run now, long before its stage starts."""
+    from qwen2.train.config import TrainConfig, flat_types
+
+    reserved, types = ("out", "task", "resume"), flat_types()
     for key in table:
         if key in reserved:
             raise OptionError(f"{at} {key} is set by the recipe; leave it out")
-        if key not in hints:
-            raise OptionError(f"{at} unknown key {key}; the keys are {cls.__name__}'s fields: "
-                              f"{', '.join(f.name for f in dataclasses.fields(cls) if f.name not in reserved)}")
-        _expect(at, key, table[key], hints[key])
+        if key not in types:
+            raise OptionError(f"{at} unknown key {key}; the keys are the options' names with underscores: "
+                              f"{', '.join(k for k in types if k not in reserved)}")
+        _expect(at, key, table[key], types[key])
     _expect(at, "data", table.get("data", fixed.get("data")), str, required=True)
-    config = cls(**(fixed | table))
+    config = TrainConfig.from_flat(fixed | table, at)
     try:
         config.check()
     except OptionError as e:
@@ -221,12 +220,9 @@ def _config(at: str, cls: type, table: dict, fixed: dict, reserved: tuple):
 
 
 def _align(at: str, task: str, table: dict, folder: Path, policy: str | None, data: str | None):
-    from qwen2.train.align import AlignConfig
-
     if data is None and "data" not in table:
         raise OptionError(f"{at} data is required: add a [data] stage, whose output it trains on, or give data = FILE")
-    fixed = dict(task=task, model=policy, out=str(folder), data=data)
-    return _config(at, AlignConfig, table, fixed, reserved=("out", "task", "resume"))
+    return _config(at, table, dict(task=task, model=policy, out=str(folder), data=data))
 
 
 # -- the data and eval commands, through their own parsers ----------------------------------------
@@ -359,19 +355,11 @@ def _cut_short(out: str) -> bool:
     return bool(checkpoint.folders(Path(out)))
 
 
-def _train_sft(config) -> dict:
+def _train(config) -> dict:
     from qwen2.train.trainer import Trainer
 
-    config.resume = _cut_short(config.out)
+    config.checkpoint.resume = _cut_short(config.out)
     Trainer(config).train()
-    return _headline(Path(config.out))
-
-
-def _train_align(config) -> dict:
-    from qwen2.train import align_cli
-
-    config.resume = _cut_short(config.out)
-    align_cli.trainer_for(config).train()
     return _headline(Path(config.out))
 
 

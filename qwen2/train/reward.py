@@ -19,6 +19,9 @@ Saved as transformers' Qwen2ForSequenceClassification (config architectures and 
 tensors `model.*` and `score.weight`), so `AutoModelForSequenceClassification.from_pretrained`
 gives the same scores. The config says tie_word_embeddings: a classifier has no output head,
 and this way no lm_head is expected by either loader.
+
+`RewardTask` trains it through the trainer (trainer.py): under torchrun each process scores its
+share of a step's pairs (DDP), and the loss is the mean over all of them.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from qwen2.files import write_text_atomically
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import lora
-from qwen2.train.align import AlignTrainer, load_float
-from qwen2.train.preference import Pair
+from qwen2.train.config import TrainConfig
+from qwen2.train.data import DataReport
+from qwen2.train.preference import Pair, load_pairs
+from qwen2.train.trainer import Task, load_float, summed
 
 HEAD = "score.safetensors"  # a LoRA checkpoint's head, beside the adapter
 
@@ -62,9 +67,12 @@ class RewardModel(nn.Module):
         picked = hidden[torch.arange(len(last), device=hidden.device), last]  # (B, H)
         return self.score(t.model.norm(picked)).squeeze(-1).float()
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {k: v for k, v in self.transformer.state_dict().items() if k.startswith("model.")}
-        return state | {"score.weight": self.score.weight}
+    def hf_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The HF classifier's tensors (model.* and score.weight) of `state`, this model's state dict
+        (None: its own)."""
+        state = self.state_dict() if state is None else state
+        return {k.removeprefix("transformer."): v for k, v in state.items()
+                if k.startswith("transformer.model.") or k == "score.weight"}
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, ...]:
@@ -98,12 +106,14 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
     return loss + center * ((chosen + rejected) ** 2).mean() if center else loss
 
 
-def save_hf(model: RewardModel, tokenizer: Tokenizer, folder: str | Path) -> None:
-    """The reward model as an HF Qwen2ForSequenceClassification folder."""
+def save_hf(model: RewardModel, tokenizer: Tokenizer, folder: str | Path,
+            weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The reward model as an HF Qwen2ForSequenceClassification folder (`weights`: its state dict
+    where the caller has it, e.g. gathered from shards)."""
     from qwen2.weights.export import export_hf
 
     pad = tokenizer.pad_token_id
-    export_hf(model.config, model.hf_state_dict(), tokenizer, folder)
+    export_hf(model.config, model.hf_state_dict(weights), tokenizer, folder)
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     config |= {"architectures": ["Qwen2ForSequenceClassification"], "num_labels": 1,
@@ -129,38 +139,45 @@ def load_reward_model(folder: str | Path, device: torch.device | str = "cpu") ->
     return model.eval(), Tokenizer.from_files(folder)
 
 
-class RewardTrainer(AlignTrainer):
-    def build_model(self) -> tuple[nn.Module, Tokenizer]:
-        transformer, tokenizer = load_float(self.config.model, self.device)
+class RewardTask(Task):
+    new_modules = ("score",)  # the head starts at zero: with LoRA it trains beside the adapters
+
+    @classmethod
+    def build_model(cls, config: TrainConfig, device: torch.device) -> tuple[nn.Module, Tokenizer]:
+        transformer, tokenizer = load_float(config.model.name, device)
         if not transformer.config.tie_word_embeddings:  # scores replace the LM head: it is neither trained nor saved
             transformer.lm_head.requires_grad_(False)
-        torch.manual_seed(self.config.seed)
+        torch.manual_seed(config.seed)
         return RewardModel(transformer), tokenizer
 
-    def param_groups(self) -> list[dict]:
+    def read_data(self) -> tuple[list, DataReport]:
+        d = self.config.data
+        return load_pairs(self.trainer.data, self.tokenizer, d.max_len, d.on_bad_sample, d.max_prompt_len)
+
+    def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
         head = [p for p in self.model.score.parameters() if p.requires_grad]
-        body = [p for p in self.params if all(p is not h for h in head)]
-        c = self.config
-        return [{"params": body}, {"params": head, "lr": c.learning_rate * c.head_lr_scale}]
+        body = [p for p in params if all(p is not h for h in head)]
+        return [{"params": body}, {"params": head, "lr": self.config.learning_rate * self.config.rm.head_lr_scale}]
 
     def scores(self, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         sequences = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
         r = score(self.model, sequences, self.pad)
         return r[: len(pairs)], r[len(pairs):]
 
-    def loss(self, pairs: list[Pair]) -> tuple[torch.Tensor, dict]:
+    def loss(self, pairs: list[Pair]) -> tuple[torch.Tensor, dict[str, float]]:
         chosen, rejected = self.scores(pairs)
         margin = torch.tensor([p.margin for p in pairs], device=chosen.device)
-        loss = bradley_terry(chosen, rejected, margin, self.config.center)
-        return loss, {"accuracy": (chosen > rejected).float().mean().item(),
-                      "reward_margin": (chosen - rejected).mean().item(),
-                      "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item()}
+        loss = bradley_terry(chosen, rejected, margin, self.config.rm.center)
+        return summed(loss, {"accuracy": (chosen > rejected).float().mean().item(),
+                             "reward_margin": (chosen - rejected).mean().item(),
+                             "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item()},
+                      len(pairs))
 
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict[str, float]:
         """Held-out accuracy (chosen scored above rejected, ties half), its interval, mean margin and loss."""
         chosen, rejected = [], []
-        for i in range(0, len(self.heldout_pairs), 2 * self.config.batch_size):
-            c, r = self.scores(self.heldout_pairs[i: i + 2 * self.config.batch_size])
+        for i in range(0, len(self.heldout), 2 * self.config.data.batch_size):
+            c, r = self.scores(self.heldout[i: i + 2 * self.config.data.batch_size])
             chosen.append(c)
             rejected.append(r)
         chosen, rejected = torch.cat(chosen), torch.cat(rejected)
@@ -169,20 +186,21 @@ class RewardTrainer(AlignTrainer):
         return {"accuracy": right / len(chosen), "accuracy_low": low, "accuracy_high": high,
                 "margin": (chosen - rejected).mean().item(), "loss": bradley_terry(chosen, rejected).item()}
 
-    def save(self) -> None:
-        lora.merge_lora(self.model)
-        save_hf(self.model, self.tokenizer, self.out)
+    def save(self, out: Path, weights: dict[str, torch.Tensor] | None) -> None:
+        if weights is None:  # LoRA: the adapters merged into the body
+            weights = lora.merge_lora(self.model).state_dict()
+        save_hf(self.model, self.tokenizer, out, weights)
 
-    def write_weights(self, folder: Path) -> None:
+    def write_weights(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
         """A checkpoint: the reward model as save_hf writes it, or with LoRA the adapter and the head."""
-        if not self.config.lora_rank:
-            save_hf(self.model, self.tokenizer, folder)
+        if weights is not None:
+            save_hf(self.model, self.tokenizer, folder, weights)
             return
-        lora.save_adapter(self.model, folder, self.config.model or "")
+        lora.save_adapter(self.model, folder, self.config.model.name or "")
         save_file({"score.weight": self.model.score.weight.detach().contiguous()}, folder / HEAD)
 
     def read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
-        if self.config.lora_rank:
+        if self.config.lora.rank:
             return super().read_weights(folder) | load_file(folder / HEAD)
         from qwen2.weights.hf import load_hf
 

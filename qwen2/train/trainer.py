@@ -1,33 +1,36 @@
-"""Supervised fine-tuning (full or LoRA) and pretraining from scratch: one loop for both.
+"""The one training loop, for every task: sft and pretrain (lm.py), the reward model (reward.py),
+offline DPO (dpo.py) and online DPO (online_dpo.py). A task gives what differs (its model, its
+data, the loss of a micro-batch, its held-out evaluation, special parameter groups, what it saves:
+`Task` below); the loop owns the rest, once:
 
-Each optimizer step gathers `grad_accum` micro-batches of `batch_size` rows, counts the target
-tokens over all of them, and backpropagates sum(weight * nll) / that count per micro-batch, so
-the step's gradient equals one big batch's whatever the split. The logits of the 152k
-vocabulary are never held whole: the loss and its gradients are computed together over chunks
-of the rows that have a target (loss.py). AdamW, linear warm-up then cosine decay to
-zero, gradient clipping, bf16 autocast where the CPU or GPU computes bf16 natively, float32
-master weights, seeds.
+- the device and bf16 autocast (where the CPU or GPU computes it natively), seeds, the model with
+  LoRA adapters and gradient checkpointing, float32 master weights;
+- the optimizer (AdamW, or the Online Merging Optimizers OnDARE / OnTIES of merging_optimizer.py,
+  tau from --base), linear warm-up then cosine decay to zero, gradient clipping;
+- the steps: each takes `grad_accum` micro-batches of `batch_size` items per process, in a seeded
+  order reshuffled each epoch. The step's loss is the mean over its units (target tokens for
+  language modelling, pairs or prompts for preference training): each micro-batch backpropagates
+  its loss sum over the units of the whole step, so the gradient equals one big batch's whatever
+  the split;
+- metrics.jsonl (a line per step; held-out `eval_` metrics before the first step, every
+  `eval_every` steps and after the last, where the task holds data out), the plot of it,
+  train_config.json (the settings under their flat keys);
+- checkpoints/step-N every `save_every` steps (checkpoint.py: weights or adapter, optimizer,
+  scheduler, RNG and the data position, epoch and row), so a run killed at any point resumes from
+  the last complete one with the same losses, step for step; then the model in the output folder.
 
-Output folder: the model as an HF checkpoint (LoRA: `adapter/` in the PEFT layout and, unless
-merge=False, the merged model), metrics.jsonl (a line per step), loss.png, train_config.json,
-and checkpoints/step-N (weights or adapter, plus optimizer, scheduler, RNG and the data position:
-epoch and row), written and read back by checkpoint.py, so a run killed at any point resumes from
-the last complete one with the same losses, step for step.
+Under torchrun (or Ray Train, ray_launcher.py) every process takes its share of each step's items
+(DDP or FSDP2, see qwen2.distributed.data_parallel); the units are counted over all of them, so a
+step's loss is the one a single process computes on the same global batch. Process 0 writes the
+files.
 
-Under torchrun every process takes its share of each step's rows (DDP or FSDP2, see
-qwen2.distributed.data_parallel); the target tokens are counted over all of them, so a step's
-loss is the one a single process computes on the same global batch. Process 0 writes the files.
-
-An MoE model's training loss adds router_aux_loss_coef times the router load-balancing loss of
-each micro-batch, as transformers' Qwen2-MoE adds it (loss.py); held-out perplexity leaves it out.
-
-Not covered: resuming an FSDP2 run (its checkpoints hold the whole model, not the sharded
-optimizer state), LoRA under FSDP2 (use DDP).
+Not covered: online DPO under torchrun (its sampling engine runs on one process's whole model; it
+says so in one line), the preference tasks under FSDP2 (DDP only), resuming an FSDP2 run (its
+checkpoints hold the whole model, not the sharded optimizer state), LoRA under FSDP2 (use DDP).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -35,15 +38,15 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
+from torch import nn
 from tqdm import tqdm
 
 from qwen2 import distributed
-from qwen2.config import Qwen2Config
 from qwen2.device import cpu_has_native_bf16
 from qwen2.errors import DataError, OptionError
 from qwen2.files import write_text_atomically
@@ -51,84 +54,12 @@ from qwen2.memory import peak_rss_mib
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import checkpoint, lora
-from qwen2.train.data import Batch, Row, Sample, collate, load_chat, load_corpus, make_rows
+from qwen2.train.config import SINGLE_PROCESS, TrainConfig
+from qwen2.train.data import DataReport, split
 from qwen2.train.datasets import DEMO, data_path
-from qwen2.train.loss import loss_sum
+from qwen2.train.merging_optimizer import OnlineMergingAdamW, task_vectors
+from qwen2.train.preference import check_tokenizer
 from qwen2.weights.export import export_hf
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    task: str = "sft"  # "sft" or "pretrain"
-    model: str | None = None  # sft: what to fine-tune (None: the default model)
-    preset: str | None = None  # pretrain: the config to start from
-    tokenizer: str | None = None  # pretrain: whose tokenizer (None: the default model's)
-    steps: int | None = None
-    epochs: float | None = None  # neither: one epoch
-    lr: float | None = None  # None: 2e-4 with LoRA, 2e-5 full, 1e-3 pretraining
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_len: int = 1024
-    pack: bool = False
-    seed: int = 0
-    lora_rank: int = 0  # 0: full fine-tuning
-    lora_alpha: float | None = None  # None: 2 * rank
-    lora_dropout: float = 0.0
-    lora_targets: str = ",".join(lora.TARGETS)
-    merge: bool = True
-    warmup: float = 0.05  # fraction of the steps
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    grad_checkpointing: bool = False
-    save_every: int = 50  # steps between checkpoints (0: only the final one)
-    keep: int = 2  # checkpoints kept (at least 1: --resume needs one)
-    resume: bool = False
-    on_bad_sample: str = "error"
-    holdout: float = 0.05  # pretrain: the fraction of blocks kept out of training, scored at the end
-    device: str | None = None
-    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
-    bf16: bool | None = None  # autocast to bf16; None: where the CPU or GPU computes it natively
-    progress: bool = True
-
-    def check(self) -> None:
-        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "max_len": self.max_len}
-        for name, value in positive.items():
-            if value < 1:
-                raise OptionError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.steps is not None and self.steps < 1 or self.epochs is not None and not self.epochs > 0:
-            raise OptionError("--steps must be at least 1 and --epochs positive")
-        if self.task not in ("sft", "pretrain"):
-            raise OptionError(f"unknown task {self.task!r}; choose sft or pretrain")
-        if self.on_bad_sample not in ("error", "skip"):
-            raise OptionError(f"--on-bad-sample takes error or skip, not {self.on_bad_sample!r}")
-        if self.lora_rank and self.task == "pretrain":
-            raise OptionError("LoRA needs a trained base: pretraining trains every weight, drop --lora-rank")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise OptionError(f"unknown --parallel {self.parallel!r}; choose ddp or fsdp")
-        if self.parallel == "fsdp" and (self.lora_rank or self.resume):
-            raise OptionError("--parallel fsdp trains every weight from the start: for LoRA or --resume use ddp")
-        if self.lr is not None and not 0 < self.lr < 1:
-            raise OptionError(f"--lr must be in (0, 1), got {self.lr}")
-        checkpoint.check_options(self.save_every, self.keep)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr or (1e-3 if self.task == "pretrain" else 2e-4 if self.lora_rank else 2e-5)
-
-
-# -- the loss --------------------------------------------------------------------------------
-def initialize(model: Transformer, std: float = 0.02) -> Transformer:
-    """Fresh weights for pretraining, as the Qwen2 configs' initializer_range says: normal(0, std)
-    matrices and embedding, zero biases, unit norms (torch's defaults give the tied 152k-row
-    embedding logits so large that the first losses are in the tens)."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                torch.nn.init.zeros_(module.bias)
-    return model
 
 
 def enable_gradient_checkpointing(model: Transformer) -> None:
@@ -144,7 +75,7 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def apply_gradients(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+def apply_gradients(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, clip: float) -> tuple[float, float]:
     """Clip the gradients (clip <= 0: measure only), step the optimizer and the schedule, clear the
     gradients. Returns the gradient norm before clipping and the learning rate the step used."""
@@ -156,190 +87,293 @@ def apply_gradients(params: list[torch.nn.Parameter], optimizer: torch.optim.Opt
     return float(norm), lr
 
 
-# -- the run ---------------------------------------------------------------------------------
-class LossModule(torch.nn.Module):
-    """The training loss as a module's forward, so DDP's and FSDP2's hooks run around it."""
+def load_float(spec: str | None, device: torch.device) -> tuple[Transformer, Tokenizer]:
+    """A model to train (or to train against) in float32, and its tokenizer."""
+    from qwen2.loading import load_model
 
-    def __init__(self, model: Transformer):
+    return load_model(spec, quant="none", dtype="float32", device=str(device))
+
+
+# -- what a task gives ---------------------------------------------------------------------------
+class Task:
+    """One kind of training. `build_model` makes the model before the trainer adds LoRA; __init__
+    (the model and tokenizer built) reads the data, holding out the configured fraction; then the
+    loop asks for each epoch's items, the units of a micro-batch, its loss and metrics as sums over
+    those units, the held-out metrics, and the weights a checkpoint and the output folder hold."""
+
+    plot = "metrics.png"  # where the metrics are drawn
+    new_modules: tuple[str, ...] = ()  # modules that start untrained: they train beside LoRA adapters
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.config = trainer, trainer.config
+        self.model, self.tokenizer, self.device = trainer.model, trainer.tokenizer, trainer.device
+        self.pad = self.tokenizer.pad_token_id or 0
+        items, report = self.read_data()
+        if report.bad and trainer.lead:
+            print(f"data: {report.summary()}", file=sys.stderr)
+        self.train_data, self.heldout = split(items, self.config.data.heldout, self.config.seed)
+        if not self.train_data:
+            raise DataError(f"{self.config.data.path}: nothing left to train on after holding out "
+                            f"{self.config.data.heldout:g} of {len(items)}; lower --heldout")
+
+    @classmethod
+    def build_model(cls, config: TrainConfig, device: torch.device) -> tuple[nn.Module, Tokenizer]:
+        return load_float(config.model.name, device)
+
+    def read_data(self) -> tuple[list, DataReport]:
+        raise NotImplementedError
+
+    def epoch(self, number: int) -> list:
+        """The training items in the order of epoch `number`."""
+        order = list(self.train_data)
+        random.Random(self.config.seed * 1_000_003 + number).shuffle(order)
+        return order
+
+    def units(self, items: list) -> int:
+        """What the step's loss is a mean over, in these items (here: the items themselves)."""
+        return len(items)
+
+    def loss(self, items: list) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of a micro-batch summed over its units, and its metrics summed the same way."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of the held-out items (called in eval mode, without gradients)."""
+        raise NotImplementedError
+
+    def step_metrics(self, items: list, units: int) -> dict:
+        """What a step logs of its items beyond the loss and the metrics (a `tokens` count also gets
+        its rate, tokens_per_s)."""
+        return {}
+
+    def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
+        """The trained parameters as the optimizer's groups (one group, at the configured rate)."""
+        return [{"params": params}]
+
+    def write_weights(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
+        """A checkpoint's weights (`weights`: the whole model's state dict; None with LoRA)."""
+        c = self.config
+        checkpoint.write_weights(folder, self.model, self.tokenizer, bool(c.lora.rank), c.model.name or "", weights)
+
+    def read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
+        return checkpoint.read_weights(folder, bool(self.config.lora.rank))
+
+    def save(self, out: Path, weights: dict[str, torch.Tensor] | None) -> None:
+        """The output folder: an HF checkpoint (LoRA: adapter/ and, unless merge=False, the merged model)."""
+        c = self.config
+        if c.lora.rank:
+            lora.save_adapter(self.model, out / "adapter", c.model.name or "")
+            if not c.lora.merge:
+                return
+            weights = lora.merge_lora(self.model).state_dict()
+        export_hf(self.model.config, weights, self.tokenizer, out)
+
+
+def summed(loss: torch.Tensor, metrics: dict[str, float], n: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """A loss and metrics that are means over `n` units, as the sums Task.loss gives."""
+    return loss * n, {key: value * n for key, value in metrics.items()}
+
+
+def body(model: nn.Module) -> Transformer:
+    """The Transformer a task trains (a reward model holds one under its scalar head)."""
+    return getattr(model, "transformer", model)
+
+
+def task_class(name: str) -> type[Task]:
+    from qwen2.train import dpo, lm, online_dpo, reward  # here: each of them builds on this module
+
+    return {"sft": lm.SFTTask, "pretrain": lm.PretrainTask, "rm": reward.RewardTask, "dpo": dpo.DPOTask,
+            "online-dpo": online_dpo.OnlineDPOTask}[name]
+
+
+class Harness(nn.Module):
+    """The model, with a forward that runs a task's computation on it, so that DDP's and FSDP2's
+    hooks run around every loss and evaluation. The computation comes with its arguments bound:
+    the task moves its own tensors, and the wrappers have no inputs to copy or cast."""
+
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, positions, segments, targets, weights) -> torch.Tensor:
-        # the MoE balance term regularises training only: held-out perplexity (eval mode) is pure NLL
-        return loss_sum(self.model, Batch(tokens, positions, segments, targets, weights), balance=self.model.training)
+    def forward(self, compute: Callable[[], object]) -> object:
+        return compute()
 
 
+# -- the run ---------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, config: TrainConfig):
         config.check()
-        self.config, self.out = config, Path(config.out)
+        c = config
+        self.config, self.out = config, Path(c.out)
         self.rank, self.world = distributed.world()
         self.lead = self.rank == 0
-        self.device = torch.device(config.device) if config.device else distributed.local_device()
+        if self.world > 1 and c.task in SINGLE_PROCESS:
+            raise OptionError(f"qwen2 train {c.task} trains in one process: run it without torchrun")
+        self.device = torch.device(c.parallel.device) if c.parallel.device else distributed.local_device()
         native = self.device.type == "cuda" or cpu_has_native_bf16()
-        self.autocast = native if config.bf16 is None else config.bf16
-        self.data = data_path(config.data)
+        self.autocast = native if c.parallel.bf16 is None else c.parallel.bf16
+        self.data = data_path(c.data.path)
         if not self.data.exists():  # before the model loads, which may take minutes
-            raise DataError(f"no such data file or folder: {config.data} (or name a demo set: {', '.join(DEMO)})")
-        if config.resume:
+            raise DataError(f"no such data file or folder: {c.data.path} (or name a demo set: {', '.join(DEMO)})")
+        if c.checkpoint.resume:
             checkpoint.require(self.out)
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        self.heldout: list[Sample] = []
-        self.model, self.tokenizer = self._build_model()
-        self.samples = self._read_data()
-        self.rows_per_step = config.batch_size * config.grad_accum * self.world
-        self.loss = LossModule(self.model)
+        torch.manual_seed(c.seed)
+        random.seed(c.seed)
+        kind = task_class(c.task)
+        self.model, self.tokenizer = self._build_model(kind)
+        self.task = kind(self)
+        taus = self._task_vectors()  # before FSDP2 shards the weights
+        self.harness = Harness(self.model)
         if self.world > 1:
             from qwen2.distributed.data_parallel import wrap
 
-            self.loss = wrap(self.loss, self.model.model.layers, config.parallel, self.autocast)
-        # the rows of epoch self.epoch, made when an epoch starts (epoch 0 now, to count them)
-        self._rows: list[Row] | None = make_rows(self.samples, config.max_len, config.pack, config.seed, 0)
-        self.total_steps = config.steps or max(1, math.ceil((config.epochs or 1) * len(self._rows)
-                                                            / self.rows_per_step))
+            self.harness = wrap(self.harness, body(self.model).model.layers, c.parallel.mode, self.autocast)
+        self.per_step = c.data.batch_size * c.data.grad_accum * self.world  # items, over every process
+        self.step, self.epoch, self.row = 0, 0, 0
+        self._order: list | None = self.task.epoch(0)  # the items of epoch self.epoch, made when it starts
+        self.total_steps = c.steps or max(1, math.ceil((c.epochs or 1) * len(self._order) / self.per_step))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        warmup = max(1, round(config.warmup * self.total_steps))
+        self.optimizer = self._optimizer(taus)
+        warmup = max(1, round(c.optim.warmup * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(cosine_schedule, total=self.total_steps, warmup=warmup))
-        self.step, self.epoch, self.row = 0, 0, 0
 
-    def _build_model(self) -> tuple[Transformer, Tokenizer]:
-        from qwen2.loading import load_model
-        from qwen2.weights import load_tokenizer
-
+    def _build_model(self, kind: type[Task]) -> tuple[nn.Module, Tokenizer]:
         c = self.config
-        if c.task == "pretrain":
-            tokenizer = load_tokenizer(c.tokenizer)
-            model = initialize(Transformer(Qwen2Config.from_preset(c.preset or "Qwen2-Tiny"))).to(self.device)
-        else:
-            model, tokenizer = load_model(c.model, quant="none", dtype="float32", device=str(self.device))
-        if c.lora_rank:
-            targets = tuple(t.strip() for t in c.lora_targets.split(",") if t.strip())
-            lora.add_lora(model, c.lora_rank, c.lora_alpha or 2 * c.lora_rank, c.lora_dropout, targets)
-        if c.grad_checkpointing:
-            enable_gradient_checkpointing(model)
+        model, tokenizer = kind.build_model(c, self.device)
+        if c.lora.rank:
+            targets = tuple(t.strip() for t in c.lora.targets.split(",") if t.strip())
+            lora.add_lora(model, c.lora.rank, c.lora.alpha or 2 * c.lora.rank, c.lora.dropout, targets)
+            for name in kind.new_modules:
+                model.get_submodule(name).requires_grad_(True)
+        if c.model.grad_checkpointing:
+            enable_gradient_checkpointing(body(model))
         return model.train(), tokenizer
 
-    def _read_data(self) -> list[Sample]:
-        c = self.config
-        if c.task == "pretrain":
-            blocks = load_corpus(self.data, self.tokenizer, c.max_len)
-            cut = len(blocks) - int(len(blocks) * c.holdout) if len(blocks) > 1 else len(blocks)
-            self.heldout = blocks[cut:]
-            return blocks[:cut]
-        samples, report = load_chat(self.data, self.tokenizer, c.max_len, c.on_bad_sample)
-        if report.bad and self.lead:
-            print(f"data: {report.summary()}", file=sys.stderr)
-        return samples
+    def _task_vectors(self) -> list[torch.Tensor | None] | None:
+        """tau = model - base for the merging optimizers, where --base names the base."""
+        spec = self.config.optim.base
+        if not spec:
+            return None
+        base, base_tokenizer = load_float(spec, torch.device("cpu"))
+        check_tokenizer(self.tokenizer, base_tokenizer, "--base", spec)
+        return task_vectors(self.model, base)
 
-    def _next_rows(self) -> list[Row]:
-        """The next rows in this run's order, crossing into the next epoch where needed."""
-        c, rows = self.config, []
-        while len(rows) < self.rows_per_step:
-            if self._rows is None:
-                self._rows = make_rows(self.samples, c.max_len, c.pack, c.seed, self.epoch)
-            take = self._rows[self.row: self.row + self.rows_per_step - len(rows)]
-            rows += take
+    def _optimizer(self, taus: list[torch.Tensor | None] | None) -> torch.optim.Optimizer:
+        o, lr = self.config.optim, self.config.learning_rate
+        if o.name == "adamw":
+            return torch.optim.AdamW(self.task.param_groups(self.params), lr=lr, weight_decay=o.weight_decay)
+        return OnlineMergingAdamW(self.params, taus, method=o.name, lr=lr, weight_decay=o.weight_decay,
+                                  reserve_rate=o.reserve_rate, alpha=o.merge_alpha, merge_every=o.merge_every,
+                                  seed=self.config.seed)
+
+    def next_items(self) -> list:
+        """The next step's items (every process's) in this run's order, crossing into the next epoch where needed."""
+        items: list = []
+        while len(items) < self.per_step:
+            if self._order is None:
+                self._order = self.task.epoch(self.epoch)
+            take = self._order[self.row: self.row + self.per_step - len(items)]
+            items += take
             self.row += len(take)
-            if self.row >= len(self._rows):
-                self.epoch, self.row, self._rows = self.epoch + 1, 0, None
-        return rows
+            if self.row >= len(self._order):
+                self.epoch, self.row, self._order = self.epoch + 1, 0, None
+        return items
 
-    def backward(self, rows: list[Row]) -> tuple[float, int]:
-        """Accumulate the gradient of the step's mean loss over `rows` (this process's share of
-        them under torchrun), micro-batch by micro-batch; returns (that loss, its target tokens)."""
-        c = self.config
-        pad = self.tokenizer.pad_token_id or 0
-        mine = rows[self.rank:: self.world]
-        batches = [collate(mine[i: i + c.batch_size], pad) for i in range(0, len(mine), c.batch_size)]
-        count = int(distributed.all_sum(sum(b.target_tokens for b in batches)))
-        total = 0.0
+    def backward(self, items: list) -> tuple[float, int, dict[str, float]]:
+        """Accumulate the gradient of the step's loss over `items` (this process's share of them under
+        torchrun), micro-batch by micro-batch; returns that loss, its units and the metrics' means."""
+        size = self.config.data.batch_size
+        mine = items[self.rank:: self.world]
+        batches = [mine[i: i + size] for i in range(0, len(mine), size)]
+        units = int(distributed.all_sum(sum(self.task.units(b) for b in batches)))
+        total, sums = 0.0, {}
         for batch in batches:
-            tensors = (t.to(self.device) for t in dataclasses.astuple(batch))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss = self.loss(*tensors) / max(1, count)
+                loss, metrics = self.harness(functools.partial(self.task.loss, batch))
+                loss = loss / max(1, units)
             (loss * self.world).backward()  # DDP and FSDP2 average the gradients; the step needs their sum
             total += loss.item()
-        return distributed.all_sum(total), count
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        means = {key: distributed.all_sum(value) / max(1, units) for key, value in sums.items()}
+        return distributed.all_sum(total), units, means
 
     def train_step(self) -> dict:
-        rows = self._next_rows()
-        loss, count = self.backward(rows)
-        norm, lr = apply_gradients(self.params, self.optimizer, self.scheduler, self.config.clip)
+        items = self.next_items()
+        loss, units, metrics = self.backward(items)
+        norm, lr = apply_gradients(self.params, self.optimizer, self.scheduler, self.config.optim.clip)
         self.step += 1
-        return {"step": self.step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(norm, 4),
-                "target_tokens": count, "tokens": sum(len(r) for r in rows)}
+        return {"step": self.step, "loss": round(loss, 6), **{k: round(v, 6) for k, v in metrics.items()}, "lr": lr,
+                "grad_norm": round(norm, 4), **self.task.step_metrics(items, units)}
+
+    def evaluate(self) -> dict:
+        """The task's held-out metrics, as `eval_` keys."""
+        self.model.eval()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            result = self.harness(self.task.evaluate)
+        self.model.train()
+        return {f"eval_{k}": round(v, 6) for k, v in result.items()}
 
     def train(self) -> dict:
         """Run to the last step (from the last checkpoint with `resume`); returns the final metrics."""
-        if self.config.resume:
+        c = self.config
+        if c.checkpoint.resume:
             self._resume()
         metrics_file = self.out / "metrics.jsonl"
         if self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_text_atomically(self.out / "train_config.json",
-                                  json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
+            write_text_atomically(self.out / "train_config.json", json.dumps(c.flat(), indent=2) + "\n")
             checkpoint.keep_metrics(metrics_file, self.step)
         start, last = time.perf_counter(), {}
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="training",
-                   disable=not (self.config.progress and self.lead))
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=c.task, disable=not (c.progress and self.lead))
         with open(metrics_file if self.lead else os.devnull, "a") as log:
+            if self.task.heldout and self.step == 0:
+                log.write(json.dumps({"step": 0, **self.evaluate()}) + "\n")
             while self.step < self.total_steps:
                 tick = time.perf_counter()
                 last = self.train_step()
                 seconds = time.perf_counter() - tick
-                last |= {"tokens_per_s": round(last["tokens"] / seconds, 1), "seconds": round(seconds, 3),
-                         "elapsed": round(time.perf_counter() - start, 1), "rss_mib": round(peak_rss_mib())}
+                if "tokens" in last:
+                    last["tokens_per_s"] = round(last["tokens"] / seconds, 1)
+                last |= {"seconds": round(seconds, 3), "elapsed": round(time.perf_counter() - start, 1),
+                         "rss_mib": round(peak_rss_mib())}
+                if self.task.heldout and (self.step == self.total_steps or
+                                          c.eval_every and self.step % c.eval_every == 0):
+                    last |= self.evaluate()
                 log.write(json.dumps(last) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                mem=f"{last['rss_mib']}M")
+                bar.set_postfix(loss=f"{last['loss']:.4f}", mem=f"{last['rss_mib']}M")
                 bar.update(1)
-                if self.config.save_every and self.step % self.config.save_every == 0 and self.step < self.total_steps:
+                if c.checkpoint.save_every and self.step % c.checkpoint.save_every == 0 and \
+                        self.step < self.total_steps:
                     self.save_checkpoint()
         bar.close()
-        if self.heldout:
-            last["heldout_ppl"] = round(self.heldout_perplexity(), 3)
-        self.save_checkpoint()
-        self.save_final()
+        self.save_checkpoint()  # before the final save, which merges LoRA adapters into the weights
+        weights = self._weights()
         if self.lead:
-            plot_losses(metrics_file, self.out / "loss.png")
+            self.task.save(self.out, weights)
+            plot_metrics(metrics_file, self.out / self.task.plot)
         return last
-
-    @torch.no_grad()
-    def heldout_perplexity(self) -> float:
-        """exp(mean next-token loss) over the held-out blocks."""
-        self.model.eval()
-        nll, count = 0.0, 0
-        rows = [Row([s]) for s in self.heldout]
-        for i in range(0, len(rows), self.config.batch_size):
-            batch = collate(rows[i: i + self.config.batch_size], self.tokenizer.pad_token_id or 0)
-            nll += self.loss(*(t.to(self.device) for t in dataclasses.astuple(batch))).item()
-            count += batch.target_tokens
-        self.model.train()
-        return math.exp(nll / max(1, count))
 
     # -- checkpoints (checkpoint.py) ------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         folder = self.out / "checkpoints" / f"step-{self.step}"
         weights = self._weights()  # every process takes part in gathering sharded weights
         if self.lead:
-            sharded = self.config.parallel == "fsdp" and self.world > 1  # its optimizer state is not whole here
+            sharded = self.config.parallel.mode == "fsdp" and self.world > 1  # its optimizer state is not whole here
             state = checkpoint.training_state(self.step, {"epoch": self.epoch, "row": self.row},
                                               None if sharded else self.optimizer, self.scheduler)
-            checkpoint.save(self.out, state, lambda folder: checkpoint.write_weights(
-                folder, self.model, self.tokenizer, bool(self.config.lora_rank), self.config.model or "", weights),
-                self.config.keep)
+            checkpoint.save(self.out, state, lambda folder: self.task.write_weights(folder, weights),
+                            self.config.checkpoint.keep)
         distributed.barrier()
         return folder
 
     def _weights(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict for a full-weight save (gathered from the shards under FSDP2)."""
-        if self.config.lora_rank:
+        if self.config.lora.rank:
             return None
-        if self.world > 1 and self.config.parallel == "fsdp":
+        if self.world > 1 and self.config.parallel.mode == "fsdp":
             from qwen2.distributed.data_parallel import full_state_dict
 
             return full_state_dict(self.model)
@@ -348,27 +382,15 @@ class Trainer:
     def _resume(self) -> None:
         folder = max(checkpoint.folders(self.out), key=checkpoint.step_of)  # __init__ checked there is one
         state = checkpoint.read_state(folder, ("epoch", "row"))  # first: a refused file leaves the model as it was
-        weights = checkpoint.read_weights(folder, bool(self.config.lora_rank))
-        checkpoint.restore(state, self.model, weights, folder, self.optimizer, self.scheduler, self.total_steps,
-                           say=self.lead)
+        checkpoint.restore(state, self.model, self.task.read_weights(folder), folder, self.optimizer, self.scheduler,
+                           self.total_steps, say=self.lead)
         self.step, self.epoch, self.row = state["step"], state["epoch"], state["row"]
-        self._rows = None  # remade for the epoch resumed in
-
-    def save_final(self) -> None:
-        """The output folder: an HF checkpoint (merged for LoRA unless merge=False) and the adapter."""
-        weights = self._weights()
-        if not self.lead:
-            return
-        if self.config.lora_rank:
-            lora.save_adapter(self.model, self.out / "adapter", self.config.model or "")
-            if not self.config.merge:
-                return
-            weights = lora.merge_lora(self.model).state_dict()
-        export_hf(self.model.config, weights, self.tokenizer, self.out)
+        self._order = None  # remade for the epoch resumed in
 
 
-def plot_losses(metrics: Path, png: Path) -> bool:
-    """The loss curve as a PNG; False when matplotlib is not installed."""
+def plot_metrics(metrics: Path, png: Path) -> bool:
+    """The loss and each held-out metric (and online DPO's sample reward) over the steps, a panel
+    each; False when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -376,12 +398,17 @@ def plot_losses(metrics: Path, png: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    found = {k for r in rows for k in r}
+    keys = ["loss", *sorted(k for k in found if k.startswith("eval_") and not k.endswith(("_low", "_high"))),
+            *(["sample_reward"] if "sample_reward" in found else [])]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points), marker="o" if key != "loss" else None)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from qwen2.cli import main
-from qwen2.train import align, trainer
+from qwen2.train import trainer
 
 
 def pause() -> None:
@@ -25,13 +25,12 @@ def pause() -> None:
 
 
 def pause_before_step(step: int) -> None:
-    for loop in (trainer.Trainer, align.AlignTrainer):  # sft and pretrain; rm, dpo and online-dpo
-        def train_step(self, original=loop.train_step):
-            if self.step == step:
-                pause()
-            return original(self)
+    def train_step(self, original=trainer.Trainer.train_step):  # every task's
+        if self.step == step:
+            pause()
+        return original(self)
 
-        loop.train_step = train_step
+    trainer.Trainer.train_step = train_step
 
 
 def pause_in_checkpoint(step: int) -> None:

@@ -1,19 +1,22 @@
-"""The preference loop's checkpoints (qwen2.train.align with checkpoint.py): a dpo or rm run
-stopped, or killed with SIGKILL, and resumed logs the same losses and metrics step for step as
-one that ran through, LoRA or full, AdamW or OnDARE, the reward model's head included; a
-checkpoint that would run code is refused in one line, and --resume with nothing to resume is
-an error before any model loads."""
+"""The preference tasks (rm, dpo) through the one trainer, with checkpoint.py: a run stopped, or
+killed with SIGKILL, and resumed logs the same losses and metrics step for step as one that ran
+through, LoRA or full, AdamW or OnDARE, the reward model's head included; two torchrun processes
+take the steps of one with the same global batch; a checkpoint that would run code is refused in
+one line, and --resume with nothing to resume is an error before any model loads."""
 
 import json
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from qwen2.errors import OptionError, WeightsError
-from qwen2.train.align import AlignConfig
-from qwen2.train.align_cli import trainer_for
+from qwen2.loading import load_model
+from qwen2.train.config import TrainConfig
+from qwen2.train.trainer import Trainer
 from tests.conftest import PickledPayload
 from tests.train.test_trainer import ENV, PACKAGE_ROOT, checkpoint_names, kill_when_paused
 
@@ -34,7 +37,7 @@ def config(tiny_hf, pairs, out, **overrides):
     # must restore that order and the place in it
     fields = dict(data=str(pairs), out=str(out), model=str(tiny_hf), device="cpu", bf16=False, progress=False,
                   heldout=0.25, batch_size=2, max_len=64, steps=6, save_every=4, lr=1e-2, eval_every=2)
-    return AlignConfig(**(fields | overrides))
+    return TrainConfig.from_flat(fields | overrides)
 
 
 def metrics(out):
@@ -66,14 +69,14 @@ def stop_before(trainer, step):
     dict(task="rm", lr=1e-4),
 ], ids=["dpo-lora", "dpo-full-ondare", "rm-lora", "rm-full"])  # fmt: skip
 def test_a_stopped_run_resumes_to_the_same_losses_and_metrics(settings, tiny_hf, pairs, tmp_path):
-    whole = trainer_for(config(tiny_hf, pairs, tmp_path / "whole", **settings))
+    whole = Trainer(config(tiny_hf, pairs, tmp_path / "whole", **settings))
     whole.train()
-    stopped = trainer_for(config(tiny_hf, pairs, tmp_path / "stopped", **settings))
+    stopped = Trainer(config(tiny_hf, pairs, tmp_path / "stopped", **settings))
     stop_before(stopped, 5)  # step 5 is logged but in no checkpoint: it is done again
     with pytest.raises(Stop):
         stopped.train()
     assert [m["step"] for m in metrics(tmp_path / "stopped")] == [0, 1, 2, 3, 4, 5]
-    resumed = trainer_for(config(tiny_hf, pairs, tmp_path / "stopped", **settings, resume=True))
+    resumed = Trainer(config(tiny_hf, pairs, tmp_path / "stopped", **settings, resume=True))
     resumed.train()
     assert metrics(tmp_path / "stopped") == metrics(tmp_path / "whole")
     assert [m["step"] for m in metrics(tmp_path / "whole")] == [0, 1, 2, 3, 4, 5, 6]
@@ -115,10 +118,10 @@ def test_a_dpo_run_killed_with_sigkill_resumes_to_the_same_losses(where, step, l
 def test_a_checkpoint_that_would_run_code_is_refused_with_one_line_and_not_run(tiny_hf, pairs, tmp_path, capsys):
     from qwen2.cli import main
 
-    trainer_for(config(tiny_hf, pairs, tmp_path, task="dpo", lora_rank=4, steps=2)).train()
+    Trainer(config(tiny_hf, pairs, tmp_path, task="dpo", lora_rank=4, steps=2)).train()
     state_file = tmp_path / "checkpoints" / "step-2" / "trainer_state.pt"
     state, marker = torch.load(state_file, weights_only=True), tmp_path / "payload-ran"
-    torch.save(state | {"at": PickledPayload(marker)}, state_file)
+    torch.save(state | {"row": PickledPayload(marker)}, state_file)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main(dpo_args(tiny_hf, pairs, tmp_path, "--resume"))
@@ -126,9 +129,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_with_one_line_and_not_run(t
     assert exit_.value.code == 1 and len(err) == 1, err
     assert "trainer_state.pt was not loaded" in err[0] and "could run code" in err[0] and "delete" in err[0]
     assert not marker.exists()
-    torch.save(state | {"at": "two"}, state_file)  # plain values, but not a data position
+    torch.save(state | {"row": "two"}, state_file)  # plain values, but not a data position
     with pytest.raises(WeightsError, match="lacks the step, data position"):
-        trainer_for(config(tiny_hf, pairs, tmp_path, task="dpo", lora_rank=4, steps=4, resume=True)).train()
+        Trainer(config(tiny_hf, pairs, tmp_path, task="dpo", lora_rank=4, steps=4, resume=True)).train()
 
 
 @pytest.mark.parametrize("task", ["rm", "dpo", "online-dpo"])
@@ -138,11 +141,48 @@ def test_resume_without_a_checkpoint_is_an_error_before_the_model_loads(task, pa
     extra = {"reward": "verifier"} if task == "online-dpo" else {}
     # no such model: were it loaded first, the error would be about the model
     with pytest.raises(OptionError, match="--resume: no checkpoint in .*checkpoints.*drop --resume"):
-        trainer_for(AlignConfig(data=str(pairs), out=str(tmp_path), task=task, model="/no/such/model", resume=True,
-                                **extra))
+        Trainer(TrainConfig.from_flat(dict(data=str(pairs), out=str(tmp_path), task=task, model="/no/such/model",
+                                           resume=True, **extra)))
     with pytest.raises(SystemExit) as exit_:
         main(["train", task, "--data", str(pairs), "--out", str(tmp_path), "--model", "/no/such/model", "--resume",
               *(["--reward", "verifier"] if extra else [])])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and len(err) == 1 and "--resume: no checkpoint" in err[0], err
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+@pytest.mark.parametrize("task, extra", [("dpo", ["--lora-rank", "4"]), ("rm", [])], ids=["dpo-lora", "rm-full"])
+def test_two_torchrun_processes_take_the_steps_of_one_with_the_same_global_batch(task, extra, tiny_hf, pairs,
+                                                                                  tmp_path):
+    # 6 training pairs, 2 a step (one per process): the third step ends the epoch
+    common = ["train", task, "--model", str(tiny_hf), "--data", str(pairs), "--steps", "3", "--max-len", "64",
+              "--lr", "1e-2", "--no-bf16", "--heldout", "0.25", "--save-every", "0", "--device", "cpu", *extra]
+    alone = qwen2_cli(*common, "--out", str(tmp_path / "alone"), "--batch-size", "2")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    run = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "qwen2",
+                          *common, "--out", str(tmp_path / "two"), "--batch-size", "1"],
+                         capture_output=True, text=True, env=ENV, cwd=PACKAGE_ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours, theirs = metrics(tmp_path / "two"), metrics(tmp_path / "alone")
+    assert [m["step"] for m in ours] == [0, 1, 2, 3] and [sorted(m) for m in ours] == [sorted(m) for m in theirs]
+    # the same sums in another order: float32 rounding, which three steps at lr 1e-2 grow to 1e-4;
+    # the gradient norm (before clipping) would show a gradient of the wrong scale that Adam's steps hide
+    for mine, single in zip(ours, theirs):
+        assert mine == pytest.approx(single, rel=1e-3, abs=1e-6), (mine, single)
+    assert len({m["loss"] for m in ours[1:]}) == 3  # the steps do train
+    if task == "dpo":  # the merged policy each run wrote (the reward model's checkpoint is a classifier)
+        model, tokenizer = load_model(tmp_path / "two", quant="none", dtype="float32")
+        reference, _ = load_model(tmp_path / "alone", quant="none", dtype="float32")
+        ids = torch.tensor([tokenizer.encode("Question 3: is 3 a number?")])
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), reference(ids), atol=1e-3, rtol=1e-3)

@@ -1,4 +1,5 @@
-"""Offline DPO (qwen2.train.dpo, logprobs): chunked log-probs, the three losses, the reference."""
+"""Offline DPO (qwen2.train.dpo, logprobs) through the one trainer: chunked log-probs, the three
+losses, the reference."""
 
 import copy
 import json
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from qwen2.train import logprobs
-from qwen2.train.align import AlignConfig
-from qwen2.train.dpo import DPOTrainer, dpo_loss
+from qwen2.train.config import TrainConfig
+from qwen2.train.dpo import DPOTask, dpo_loss
 from qwen2.train.preference import Pair, pair_batch
+from qwen2.train.trainer import Trainer
 from tests.conftest import PickledPayload
 
 DPO_KEYS = {"loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp", "kl"}
@@ -25,9 +27,9 @@ def _pairs_file(tmp_path, n=8):
 
 
 def _config(tiny_hf, tmp_path, **kw):
-    fields = dict(data=str(_pairs_file(tmp_path)), out=str(tmp_path / "out"), model=str(tiny_hf), device="cpu",
-                  bf16=False, progress=False, heldout=0.25, batch_size=2, max_len=64)
-    return AlignConfig(**(fields | kw))
+    fields = dict(task="dpo", data=str(_pairs_file(tmp_path)), out=str(tmp_path / "out"), model=str(tiny_hf),
+                  device="cpu", bf16=False, progress=False, heldout=0.25, batch_size=2, max_len=64)
+    return TrainConfig.from_flat(fields | kw)
 
 
 @pytest.mark.parametrize("head", ["trained", "frozen"])
@@ -78,43 +80,44 @@ def test_losses_equal_a_direct_float64_computation():
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_cached_reference_log_probs_equal_live_ones_before_and_after_training(tiny_hf, tmp_path, lora_rank):
-    trainer = DPOTrainer(_config(tiny_hf, tmp_path, lora_rank=lora_rank, steps=2, lr=1e-2))
+    trainer = Trainer(_config(tiny_hf, tmp_path, lora_rank=lora_rank, steps=2, lr=1e-2))
+    task = trainer.task
     # full fine-tuning: the frozen copy is released once its values are cached; a live trainer keeps one
-    live_trainer = trainer if lora_rank else DPOTrainer(_config(tiny_hf, tmp_path, out=str(tmp_path / "live"),
-                                                                precompute_ref=False))
-    assert (trainer.ref_model is None) and (live_trainer.ref_model is not None) == (not lora_rank)
-    pairs = trainer.train_pairs + trainer.heldout_pairs
-    cached = trainer.reference(pairs)
-    for a, b in zip(cached, live_trainer.reference_live(pairs)):
+    live = task if lora_rank else Trainer(_config(tiny_hf, tmp_path, out=str(tmp_path / "live"),
+                                                  precompute_ref=False)).task
+    assert (task.ref_model is None) and (live.ref_model is not None) == (not lora_rank)
+    pairs = task.train_data + task.heldout
+    cached = task.reference(pairs)
+    for a, b in zip(cached, live.reference_live(pairs)):
         assert torch.allclose(a, b, atol=1e-4) and a.abs().min() > 1
     for _ in range(2):  # the policy moves; its reference must not
         trainer.train_step()
     assert any((p.detach() != 0).any() for p in trainer.params)
-    for a, b in zip(trainer.reference(pairs), live_trainer.reference_live(pairs)):
+    for a, b in zip(task.reference(pairs), live.reference_live(pairs)):
         assert torch.allclose(a, b, atol=1e-4)
-    again = DPOTrainer(_config(tiny_hf, tmp_path, lora_rank=lora_rank))  # read back from out/ref_logps.pt
-    assert again.cache == trainer.cache
+    again = Trainer(_config(tiny_hf, tmp_path, lora_rank=lora_rank)).task  # read back from out/ref_logps.pt
+    assert again.cache == task.cache
 
 
 @pytest.mark.parametrize("bad", ["would run code", "truncated"])
 def test_a_bad_reference_cache_is_not_run_but_computed_again_and_replaced(tiny_hf, tmp_path, capsys, bad):
-    first = DPOTrainer(_config(tiny_hf, tmp_path))
+    first = Trainer(_config(tiny_hf, tmp_path)).task
     path, marker = tmp_path / "out" / "ref_logps.pt", tmp_path / "payload-ran"
     if bad == "truncated":
         path.write_bytes(path.read_bytes()[:200])
     else:
         torch.save(torch.load(path, weights_only=True) | {"index": PickledPayload(marker)}, path)
     capsys.readouterr()
-    again = DPOTrainer(_config(tiny_hf, tmp_path))
+    again = Trainer(_config(tiny_hf, tmp_path)).task
     assert "warning:" in capsys.readouterr().err and not marker.exists()
     assert again.cache == first.cache
-    assert DPOTrainer(_config(tiny_hf, tmp_path)).cache == first.cache
+    assert Trainer(_config(tiny_hf, tmp_path)).task.cache == first.cache
     assert "warning:" not in capsys.readouterr().err  # the rewritten cache read back cleanly
     assert sorted(p.name for p in path.parent.iterdir() if "ref_logps" in p.name) == ["ref_logps.pt"]
 
 
 def test_training_raises_held_out_preference_accuracy_and_logs_every_key(tiny_hf, tmp_path):
-    trainer = DPOTrainer(_config(tiny_hf, tmp_path, steps=12, lr=3e-3, beta=0.5, eval_every=6))
+    trainer = Trainer(_config(tiny_hf, tmp_path, steps=12, lr=3e-3, beta=0.5, eval_every=6))
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(DPO_KEYS <= set(r) for r in rows[1:])
@@ -175,8 +178,9 @@ def test_losses_and_metrics_equal_trl_dpo_trainer_on_the_same_log_probs(kind):
     sums, lengths = per_token.sum(1), mask[:, 1:].sum(1)
     lp = {"chosen": sums[:n], "rejected": sums[n:], "ref_chosen": ref[:n], "ref_rejected": ref[n:],
           "chosen_len": lengths[:n], "rejected_len": lengths[n:]}
-    trainer = SimpleNamespace(config=AlignConfig(data="x", out="y", beta=beta, loss=kind, label_smoothing=e))
-    ours, metrics = DPOTrainer.preference_loss(trainer, lp)
+    task = SimpleNamespace(config=TrainConfig.from_flat(dict(data="x", out="y", task="dpo", beta=beta, loss=kind,
+                                                            label_smoothing=e)))
+    ours, metrics = DPOTask.preference_loss(task, lp)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-9)
     logged = stub._metrics["train"]
     assert metrics["reward_margin"] == pytest.approx(logged["rewards/margins"][0], rel=1e-9)
@@ -185,7 +189,7 @@ def test_losses_and_metrics_equal_trl_dpo_trainer_on_the_same_log_probs(kind):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["dpo", "--data", "/nonexistent.jsonl", "--out", "o"], "no such data file: /nonexistent.jsonl"),
+    (["dpo", "--data", "/nonexistent.jsonl", "--out", "o"], "no such data file or folder: /nonexistent.jsonl"),
     (["dpo", "--data", "d", "--out", "o", "--beta", "0"], "--beta must be positive"),
     (["dpo", "--data", "d", "--out", "o", "--loss", "robust", "--label-smoothing", "0.5"], "--label-smoothing"),
     (["dpo", "--data", "d", "--out", "o", "--lora-rank", "4", "--optimizer", "ondare", "--base", "b"],

@@ -3,7 +3,6 @@ inside an MoE model's training loss, where HF's Qwen2MoeForCausalLM(output_route
 gives the same loss and router gradients on the same weights; held-out (eval) losses and dense
 models leave it out, and gradient checkpointing leaves its gradients unchanged."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ from safetensors.torch import load_file
 from qwen2.config import Qwen2Config
 from qwen2.model import Transformer
 from qwen2.train.data import Row, Sample, collate
+from qwen2.train.lm import next_token_loss
 from qwen2.train.loss import loss_sum, router_balance_loss
-from qwen2.train.trainer import LossModule, enable_gradient_checkpointing
+from qwen2.train.trainer import enable_gradient_checkpointing
 
 transformers = pytest.importorskip("transformers")
 hf_moe = pytest.importorskip("transformers.models.qwen2_moe.modeling_qwen2_moe")
@@ -89,11 +89,10 @@ def test_the_trainer_adds_it_in_training_only_and_never_to_dense_models(tmp_path
     _, config, weights = build_pair(tmp_path)
     model = Transformer.from_state_dict(config, weights)
     batch = padded_batch()
-    tensors = dataclasses.astuple(batch)
     with torch.no_grad():
         plain = loss_sum(model, batch).item()
-        assert LossModule(model.train())(*tensors).item() == loss_sum(model, batch, balance=True).item() != plain
-        assert LossModule(model.eval())(*tensors).item() == plain  # held-out perplexity
+        assert next_token_loss(model.train(), batch).item() == loss_sum(model, batch, balance=True).item() != plain
+        assert next_token_loss(model.eval(), batch).item() == plain  # held-out perplexity
         dense = Transformer(Qwen2Config(**TINY))
         assert loss_sum(dense, batch, balance=True).item() == loss_sum(dense, batch).item()
 

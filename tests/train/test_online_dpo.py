@@ -1,5 +1,6 @@
-"""Online DPO (qwen2.train.online_dpo): samples from the live weights through the engine, best
-vs worst by the reward model or the verifier, a penalty for replies that never end."""
+"""Online DPO (qwen2.train.online_dpo) through the one trainer: samples from the live weights
+through the engine, best vs worst by the reward model or the verifier, a penalty for replies that
+never end, and a one-line refusal under torchrun."""
 
 import copy
 import json
@@ -9,11 +10,12 @@ import torch
 
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
-from qwen2.errors import DataError
+from qwen2.errors import DataError, OptionError
 from qwen2.eval.instructions import render
-from qwen2.train.align import AlignConfig
-from qwen2.train.online_dpo import OnlineDPOTrainer, checks, verified
+from qwen2.train.config import TrainConfig
+from qwen2.train.online_dpo import checks, verified
 from qwen2.train.reward import RewardModel, save_hf, score
+from qwen2.train.trainer import Trainer
 
 END_ID = 151645  # <|im_end|>
 
@@ -25,10 +27,10 @@ def trainer(tiny_hf, tiny_model, default_tokenizer, tmp_path_factory):
     save_hf(RewardModel(copy.deepcopy(tiny_model), std=0.02), default_tokenizer, folder / "rm")  # scores differ
     data = folder / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(4)))
-    config = AlignConfig(data=str(data), out=str(folder / "out"), task="online-dpo", model=str(tiny_hf),
-                         reward_model=str(folder / "rm"), samples=2, max_new_tokens=4, lora_rank=4, steps=1,
-                         lr=1e-2, heldout=0.25, max_len=64, device="cpu", bf16=False, progress=False)
-    return OnlineDPOTrainer(config)
+    config = dict(data=str(data), out=str(folder / "out"), task="online-dpo", model=str(tiny_hf),
+                  reward_model=str(folder / "rm"), samples=2, max_new_tokens=4, lora_rank=4, steps=1,
+                  lr=1e-2, heldout=0.25, max_len=64, device="cpu", bf16=False, progress=False)
+    return Trainer(TrainConfig.from_flat(config))
 
 
 def _fresh_engine_samples(model, tokenizer, prompts, n, seed):
@@ -41,26 +43,26 @@ def _fresh_engine_samples(model, tokenizer, prompts, n, seed):
 
 
 def test_samples_come_from_the_live_weights(trainer):
-    prompts = [p.prompt for p in trainer.train_pairs[:2]]
-    before = trainer.generate(prompts, 2, 1.0, seed=7)
+    prompts = [p.prompt for p in trainer.task.train_data[:2]]
+    before = trainer.task.generate(prompts, 2, 1.0, seed=7)
     assert before == _fresh_engine_samples(trainer.model, trainer.tokenizer, prompts, 2, 7)
     with torch.no_grad():  # an update of the LoRA adapters, as an optimizer step makes
         for p in trainer.params:
             p.add_(torch.randn_like(p) * 0.5)
-    after = trainer.generate(prompts, 2, 1.0, seed=7)
+    after = trainer.task.generate(prompts, 2, 1.0, seed=7)
     assert after != before
     assert after == _fresh_engine_samples(trainer.model, trainer.tokenizer, prompts, 2, 7)
 
 
 def test_pairs_are_the_best_and_worst_reply_and_unfinished_replies_are_penalised(trainer):
-    prompts = trainer.train_pairs[:2]
-    pairs, stats = trainer.sample_pairs(prompts)
-    replies = trainer.generate([p.prompt for p in prompts], 2, 1.0, seed=trainer.config.seed * 1_000_003)
+    prompts = trainer.task.train_data[:2]
+    pairs, stats = trainer.task.sample_pairs(prompts)
+    replies = trainer.task.generate([p.prompt for p in prompts], 2, 1.0, seed=trainer.config.seed * 1_000_003)
     for prompt, outs in zip(prompts, replies):
         with torch.no_grad():
-            raw = score(trainer.reward_model, [prompt.prompt + t for t, _ in outs], trainer.pad)
+            raw = score(trainer.task.reward_model, [prompt.prompt + t for t, _ in outs], trainer.task.pad)
         penalised = raw - torch.tensor([0.0 if done else 1.0 for _, done in outs])
-        assert torch.allclose(trainer.rewards(prompt, outs), penalised)
+        assert torch.allclose(trainer.task.rewards(prompt, outs), penalised)
         pair = next(p for p in pairs if p.prompt == prompt.prompt)
         assert pair.chosen == outs[int(penalised.argmax())][0] and pair.rejected == outs[int(penalised.argmin())][0]
     assert 0 <= stats["unfinished"] <= 1 and stats["pairs"] == len(pairs) == 2
@@ -86,13 +88,13 @@ def test_the_verifier_rewards_a_reply_that_states_the_gold_answer():
 def test_verifier_online_dpo_pairs_a_verified_reply_with_a_failed_one(tiny_hf, tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": i + 1}) + "\n" for i in range(4)))
-    config = AlignConfig(data=str(data), out=str(tmp_path / "out"), task="online-dpo", model=str(tiny_hf),
-                         reward="verifier", samples=2, max_new_tokens=4, lora_rank=4, steps=1, lr=1e-2,
-                         heldout=0.25, max_len=64, device="cpu", bf16=True, progress=False)  # as on real CPUs
-    trainer = OnlineDPOTrainer(config)
-    prompt = trainer.train_pairs[0]
+    config = dict(data=str(data), out=str(tmp_path / "out"), task="online-dpo", model=str(tiny_hf),
+                  reward="verifier", samples=2, max_new_tokens=4, lora_rank=4, steps=1, lr=1e-2,
+                  heldout=0.25, max_len=64, device="cpu", bf16=True, progress=False)  # bf16: as on real CPUs
+    trainer = Trainer(TrainConfig.from_flat(config))
+    prompt = trainer.task.train_data[0]
     right, wrong = (trainer.tokenizer.encode(f"The answer is {n}.") + [END_ID] for n in (prompt.check["answer"], 99))
-    assert trainer.rewards(prompt, [(right, True), (wrong, True), (right, False)]).tolist() == [1.0, 0.0, 0.0]
+    assert trainer.task.rewards(prompt, [(right, True), (wrong, True), (right, False)]).tolist() == [1.0, 0.0, 0.0]
     last = trainer.train()  # the tiny model's samples tie at 0: the step runs without pairs
     rows = [json.loads(line) for line in (trainer.out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["eval_verified"] == 0.0 and rows[0]["eval_verified_low"] == 0.0 < rows[0]["eval_verified_high"]
@@ -102,10 +104,11 @@ def test_verifier_online_dpo_pairs_a_verified_reply_with_a_failed_one(tiny_hf, t
 def test_verifier_online_dpo_refuses_a_prompt_with_nothing_to_check(tiny_hf, tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text(json.dumps({"prompt": "What is 1 + 1?", "answer": 2}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
-    config = AlignConfig(data=str(data), out=str(tmp_path / "out"), task="online-dpo", model=str(tiny_hf),
-                         reward="verifier", max_len=64, device="cpu", bf16=False, progress=False)
+    config = TrainConfig.from_flat(dict(data=str(data), out=str(tmp_path / "out"), task="online-dpo",
+                                        model=str(tiny_hf), reward="verifier", max_len=64, device="cpu", bf16=False,
+                                        progress=False))
     with pytest.raises(DataError, match=r"problems.jsonl:2 has neither"):
-        OnlineDPOTrainer(config)
+        Trainer(config)
 
 
 def test_the_verifier_checks_instruction_constraints_the_prompt_asks_for(tiny_hf, tmp_path):
@@ -117,16 +120,28 @@ def test_the_verifier_checks_instruction_constraints_the_prompt_asks_for(tiny_hf
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "Describe the sea.", "constraints": lower}) + "\n" +
                     json.dumps({"prompt": "Describe the sky.", "constraints": [{"kind": "case:loud"}]}) + "\n")
-    config = AlignConfig(data=str(data), out=str(tmp_path / "out"), task="online-dpo", model=str(tiny_hf),
-                         reward="verifier", max_len=64, device="cpu", bf16=False, progress=False)
+    config = TrainConfig.from_flat(dict(data=str(data), out=str(tmp_path / "out"), task="online-dpo",
+                                        model=str(tiny_hf), reward="verifier", max_len=64, device="cpu", bf16=False,
+                                        progress=False))
     with pytest.raises(DataError, match=r"prompts.jsonl:2.*unknown kind 'case:loud'"):
-        OnlineDPOTrainer(config)
-    config.on_bad_sample = "skip"
-    trainer = OnlineDPOTrainer(config)
-    (prompt,) = trainer.train_pairs
+        Trainer(config)
+    config.data.on_bad_sample = "skip"
+    trainer = Trainer(config)
+    (prompt,) = trainer.task.train_data
     asked = trainer.tokenizer.decode(prompt.prompt)
     assert "Describe the sea." in asked and all(render(c) in asked for c in lower)
     assert prompt.check == {"constraints": lower}
     texts = ("calm and blue", "calm, blue", "Calm, BLUE")
     replies = [(trainer.tokenizer.encode(text) + [END_ID], True) for text in texts]
-    assert trainer.rewards(prompt, replies).tolist() == [1.0, 0.5, 0.0]  # the share of the checks met
+    assert trainer.task.rewards(prompt, replies).tolist() == [1.0, 0.5, 0.0]  # the share of the checks met
+
+
+def test_online_dpo_under_torchrun_is_refused_in_one_line_before_the_model_loads(tiny_chat_file, tmp_path,
+                                                                                   monkeypatch):
+    from qwen2 import distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))  # as rank 1 of two sees it
+    config = TrainConfig.from_flat(dict(data=str(tiny_chat_file), out=str(tmp_path), task="online-dpo",
+                                        model="/no/such/model", reward="verifier"))
+    with pytest.raises(OptionError, match="^qwen2 train online-dpo trains in one process: run it without torchrun$"):
+        Trainer(config)

@@ -6,8 +6,8 @@ import pytest
 
 from qwen2.errors import DataError, OptionError
 from qwen2.tokenizer import Tokenizer
-from qwen2.train.align import check_tokenizer
-from qwen2.train.preference import load_pairs, load_prompts, pair_batch, split
+from qwen2.train.data import split
+from qwen2.train.preference import check_tokenizer, load_pairs, load_prompts, pair_batch
 
 END = "<|im_end|>"
 

@@ -176,13 +176,13 @@ def test_each_stage_starts_from_the_policy_so_far_and_reads_what_the_stages_befo
     planned, final = plan(path)
     sft, data, rm, dpo, online, evals = planned
     configs = {stage.folder.name: stage.work.args[0] for stage in (sft, rm, dpo, online)}  # not run: only planned
-    assert configs["01-sft"].model == "base-model"
-    assert (configs["03-reward"].task, configs["03-reward"].model) == ("rm", str(out / "01-sft"))
-    assert configs["03-reward"].data == configs["04-dpo"].data == str(out / "02-data" / "pairs.jsonl")
-    assert (configs["04-dpo"].task, configs["04-dpo"].model) == ("dpo", str(out / "01-sft"))
-    assert (configs["05-online_dpo"].model, configs["05-online_dpo"].reward_model) == (str(out / "04-dpo"),
-                                                                                       str(out / "03-reward"))
-    assert configs["05-online_dpo"].data == str(out / "02-data" / "prompts.jsonl")
+    assert configs["01-sft"].model.name == "base-model"
+    assert (configs["03-reward"].task, configs["03-reward"].model.name) == ("rm", str(out / "01-sft"))
+    assert configs["03-reward"].data.path == configs["04-dpo"].data.path == str(out / "02-data" / "pairs.jsonl")
+    assert (configs["04-dpo"].task, configs["04-dpo"].model.name) == ("dpo", str(out / "01-sft"))
+    assert (configs["05-online_dpo"].model.name, configs["05-online_dpo"].online.reward_model) == (
+        str(out / "04-dpo"), str(out / "03-reward"))
+    assert configs["05-online_dpo"].data.path == str(out / "02-data" / "prompts.jsonl")
     assert final == str(out / "05-online_dpo") and not out.exists()
 
 
@@ -223,19 +223,19 @@ def test_a_bad_recipe_is_one_line_naming_the_key_before_anything_runs(text, word
 
 def test_a_preference_stage_cut_short_continues_from_its_last_checkpoint(tiny_hf, files, tmp_path, monkeypatch,
                                                                          capsys):
-    from qwen2.train.align import AlignTrainer
+    from qwen2.train.trainer import Trainer
 
     out, path = tmp_path / "out", tmp_path / "recipe.toml"
     online = stages(*files)["online_dpo"].replace("steps = 1", f'steps = 2\nsave_every = 1\ndata = "{files[1]}"')
     write_recipe(path, out, tiny_hf, ['[reward]\nkind = "verifier"\n', online])
-    original = AlignTrainer.train_step
+    original = Trainer.train_step
 
     def killed_in_step_2(self):
         if self.step == 1:
             raise RuntimeError("killed in step 2")
         return original(self)
 
-    monkeypatch.setattr(AlignTrainer, "train_step", killed_in_step_2)
+    monkeypatch.setattr(Trainer, "train_step", killed_in_step_2)
     with pytest.raises(SystemExit):
         main(["train", "recipe", str(path)])
     assert "killed in step 2" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The reward model (qwen2.train.reward): last-token scores under either padding, the
-Bradley-Terry loss, and the transformers Qwen2ForSequenceClassification layout."""
+Bradley-Terry loss, the transformers Qwen2ForSequenceClassification layout, and training
+through the one trainer."""
 
 import copy
 import json
@@ -8,8 +9,9 @@ import math
 import pytest
 import torch
 
-from qwen2.train.align import AlignConfig
-from qwen2.train.reward import RewardModel, RewardTrainer, bradley_terry, load_reward_model, pad_batch, save_hf, score
+from qwen2.train.config import TrainConfig
+from qwen2.train.reward import RewardModel, bradley_terry, load_reward_model, pad_batch, save_hf, score
+from qwen2.train.trainer import Trainer
 
 END_ID = 151645  # <|im_end|>, the tiny config's eos
 PAD_ID = 151643  # <|endoftext|>, the tokenizer's pad
@@ -69,16 +71,16 @@ def test_training_separates_chosen_from_rejected_on_held_out_pairs(tiny_hf, tmp_
     rows = [{"prompt": f"Is {i} even?", "chosen": "Let me check.", "rejected": "Whatever."} for i in range(10)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    trainer = RewardTrainer(AlignConfig(data=str(data), out=str(tmp_path / "rm"), task="rm", model=str(tiny_hf),
-                                        steps=6, lr=1e-2, heldout=0.2, max_len=64, device="cpu", bf16=False,
-                                        progress=False, lora_rank=4, center=0.01))
+    trainer = Trainer(TrainConfig.from_flat(dict(data=str(data), out=str(tmp_path / "rm"), task="rm",
+                                                 model=str(tiny_hf), steps=6, lr=1e-2, heldout=0.2, max_len=64,
+                                                 device="cpu", bf16=False, progress=False, lora_rank=4, center=0.01)))
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["eval_accuracy"] == 1.0 and rows[-1]["eval_margin"] > rows[0]["eval_margin"]
     assert 0 < rows[-1]["eval_accuracy_low"] < 1.0 == rows[-1]["eval_accuracy_high"]  # Wilson, 2 held-out pairs
     assert rows[0]["eval_accuracy"] == 0.5 and rows[0]["eval_loss"] == pytest.approx(math.log(2))  # ties at zero
     model, _ = load_reward_model(tmp_path / "rm")
-    (pair,) = trainer.heldout_pairs[:1]
+    (pair,) = trainer.task.heldout[:1]
     with torch.no_grad():
         chosen, rejected = score(model, [pair.prompt + pair.chosen, pair.prompt + pair.rejected], PAD_ID)
     assert chosen > rejected
@@ -88,9 +90,9 @@ def test_the_head_starts_at_zero_so_the_first_loss_is_ln_2_and_learns_faster_tha
     rows = [{"prompt": f"Is {i} even?", "chosen": "Let me check.", "rejected": "Whatever."} for i in range(6)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    trainer = RewardTrainer(AlignConfig(data=str(data), out=str(tmp_path / "rm"), task="rm", model=str(tiny_hf),
-                                        steps=1, lr=1e-3, head_lr_scale=10, heldout=0.0, max_len=64, device="cpu",
-                                        bf16=False, progress=False, lora_rank=4))
+    trainer = Trainer(TrainConfig.from_flat(dict(data=str(data), out=str(tmp_path / "rm"), task="rm",
+                                                 model=str(tiny_hf), steps=1, lr=1e-3, head_lr_scale=10, heldout=0.0,
+                                                 max_len=64, device="cpu", bf16=False, progress=False, lora_rank=4)))
     assert not trainer.model.score.weight.any()
     first = trainer.train_step()
     assert first["loss"] == pytest.approx(math.log(2), abs=0.01)

@@ -1,10 +1,12 @@
-"""`qwen2 train`: a TOML config sets the options, flags override it, and mistakes are one line."""
+"""`qwen2 train`: a TOML config sets the options (the flat keys of every task, mapped into the one
+nested config), flags override it, each task gets its own defaults, and mistakes are one line."""
 
 import pytest
 
 from qwen2.cli import build_parser
 from qwen2.errors import OptionError
 from qwen2.train.cli import config_from
+from qwen2.train.config import TrainConfig
 
 
 def parse(*argv):
@@ -15,8 +17,8 @@ def test_a_config_file_sets_the_keys_and_flags_override_it(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('data = "chat.jsonl"\nout = "run"\nlora_rank = 8\nlr = 1e-4\nsteps = 100\npack = true\n')
     config = config_from(parse("sft", "--config", str(toml), "--lr", "3e-4", "--steps", "7"))
-    assert (config.data, config.out, config.lora_rank, config.pack) == ("chat.jsonl", "run", 8, True)
-    assert (config.lr, config.steps, config.batch_size) == (3e-4, 7, 4)  # flags win; the rest: defaults
+    assert (config.data.path, config.out, config.lora.rank, config.data.pack) == ("chat.jsonl", "run", 8, True)
+    assert (config.optim.lr, config.steps, config.data.batch_size) == (3e-4, 7, 4)  # flags win; the rest: defaults
 
 
 def test_unknown_config_keys_are_named(tmp_path):
@@ -59,10 +61,42 @@ def test_keep_below_one_is_refused_by_the_parser(command, value, words, capsys):
 
 @pytest.mark.parametrize("command", ["sft", "dpo"])
 def test_keep_below_one_in_a_config_file_is_refused_too(command, tmp_path):
-    from qwen2.train import align_cli
-
     toml = tmp_path / "run.toml"
     toml.write_text('data = "chat.jsonl"\nout = "run"\nkeep = 0\n')
-    read = config_from if command == "sft" else align_cli.config_from
     with pytest.raises(OptionError, match="--keep must be at least 1"):
-        read(parse(command, "--config", str(toml))).check()
+        config_from(parse(command, "--config", str(toml))).check()
+
+
+def test_a_preference_task_reads_its_own_section_and_the_shared_ones_from_the_same_flat_keys(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('data = "pairs.jsonl"\nout = "run"\nbeta = 0.3\nloss = "robust"\noptimizer = "ondare"\n'
+                    'reserve_rate = 0.5\nlora_rank = 4\nsave_every = 3\n')
+    config = config_from(parse("dpo", "--config", str(toml), "--device", "cpu", "--no-bf16"))
+    assert (config.task, config.dpo.beta, config.dpo.loss, config.dpo.smoothing) == ("dpo", 0.3, "robust", 0.1)
+    assert (config.optim.name, config.optim.reserve_rate, config.lora.rank) == ("ondare", 0.5, 4)
+    assert (config.checkpoint.save_every, config.parallel.device, config.parallel.bf16) == (3, "cpu", False)
+    flat = config.flat()  # train_config.json: the keys --config takes, so a run's settings can be read back
+    assert TrainConfig.from_flat(flat) == config and flat["model"] is None and flat["data"] == "pairs.jsonl"
+
+
+@pytest.mark.parametrize("task, batch_size, max_len, warmup, heldout, lr", [
+    ("sft", 4, 1024, 0.05, 0.0, 2e-5),
+    ("pretrain", 4, 1024, 0.05, 0.05, 1e-3),
+    ("rm", 2, 512, 0.1, 0.1, 1e-5),
+    ("dpo", 2, 512, 0.1, 0.1, 1e-6),
+    ("online-dpo", 2, 512, 0.1, 0.1, 1e-6),
+])  # fmt: skip
+def test_each_task_keeps_its_own_defaults(task, batch_size, max_len, warmup, heldout, lr):
+    config = TrainConfig.from_flat(dict(task=task, data="d", out="o"))
+    d = config.data
+    assert (d.batch_size, d.max_len, config.optim.warmup, d.heldout, config.learning_rate) == (
+        batch_size, max_len, warmup, heldout, lr)
+    given = TrainConfig.from_flat(dict(task=task, data="d", out="o", batch_size=3, holdout=0.2))  # pretrain's old name
+    assert (given.data.batch_size, given.data.heldout) == (3, 0.2)
+
+
+def test_the_preference_tasks_stay_off_fsdp2_in_one_line(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('parallel = "fsdp"\n')
+    with pytest.raises(OptionError, match="^qwen2 train rm runs under torchrun as ddp; drop --parallel fsdp$"):
+        config_from(parse("rm", "--data", "d", "--out", "o", "--config", str(toml))).check()

@@ -1,9 +1,11 @@
-"""The training loop: packing and gradient accumulation leave the loss unchanged, a run writes a
-checkpoint that we and transformers load with equal logits, a run killed with SIGKILL resumes to
-the same losses step for step, a checkpoint that would run code is refused, --resume with nothing
-to resume and --keep 0 are errors, and pretraining from scratch lowers the loss on real text."""
+"""The training loop on its language-modelling tasks (sft, pretrain): packing and gradient
+accumulation leave the loss unchanged, a run writes a checkpoint that we and transformers load with
+equal logits, a run killed with SIGKILL resumes to the same losses step for step, a checkpoint that
+would run code is refused, --resume with nothing to resume and --keep 0 are errors, and pretraining
+from scratch lowers the loss and the held-out perplexity on real text."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,9 +19,10 @@ import torch
 import qwen2
 from qwen2.errors import OptionError, WeightsError
 from qwen2.loading import load_model
+from qwen2.train.config import TrainConfig
 from qwen2.train.data import Row, collate
 from qwen2.train.loss import loss_sum
-from qwen2.train.trainer import TrainConfig, Trainer
+from qwen2.train.trainer import Trainer
 from tests.conftest import PickledPayload
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour.", "Say hello in French.", "What is the capital of Italy?",
@@ -39,12 +42,12 @@ def chat_file(tmp_path_factory):
 def config(tiny_hf, chat_file, out, **overrides):
     settings = dict(data=str(chat_file), out=str(out), model=str(tiny_hf), steps=2, batch_size=2, max_len=64,
                     lr=1e-3, bf16=False, progress=False, save_every=0)
-    return TrainConfig(**(settings | overrides))
+    return TrainConfig.from_flat(settings | overrides)
 
 
 def test_packed_loss_equals_unpacked_loss(tiny_hf, chat_file, tmp_path):
     trainer = Trainer(config(tiny_hf, chat_file, tmp_path))
-    model, samples = trainer.model.eval(), trainer.samples
+    model, samples = trainer.model.eval(), trainer.task.train_data
     with torch.no_grad():
         alone = sum(loss_sum(model, collate([Row([s])], 0)).item() for s in samples)
         packed = loss_sum(model, collate([Row(samples[:4]), Row(samples[4:])], 0)).item()
@@ -54,8 +57,8 @@ def test_packed_loss_equals_unpacked_loss(tiny_hf, chat_file, tmp_path):
 def test_accumulated_micro_batches_equal_one_big_batch(tiny_hf, chat_file, tmp_path):
     big = Trainer(config(tiny_hf, chat_file, tmp_path / "big", batch_size=4, grad_accum=1))
     small = Trainer(config(tiny_hf, chat_file, tmp_path / "small", batch_size=1, grad_accum=4))
-    rows = big._next_rows()
-    (a, count_a), (b, count_b) = big.backward(rows), small.backward(rows)
+    rows = big.next_items()
+    (a, count_a, _), (b, count_b, _) = big.backward(rows), small.backward(rows)
     # normalised by the target tokens of the whole step, not per micro-batch
     assert count_a == count_b and a == pytest.approx(b, rel=1e-5)
     for (name, p), q in zip(big.model.named_parameters(), small.model.parameters()):
@@ -113,7 +116,9 @@ def qwen2_cli(*args):
 
 
 def losses(out):
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """Each step's loss (a held-out evaluation before the first step logs none)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m["loss"] for m in lines if "loss" in m]
 
 
 def checkpoint_names(out):
@@ -183,14 +188,18 @@ def test_keep_1_keeps_only_the_latest_checkpoint_and_keep_0_is_refused(tiny_hf, 
 def test_pretraining_from_scratch_lowers_the_loss_on_real_text(tmp_path):
     from qwen2.eval.data import text_path
 
-    trainer = Trainer(TrainConfig(task="pretrain", preset="Qwen2-Tiny", data=str(text_path("tiny")),
-                                  out=str(tmp_path), steps=30, batch_size=4, max_len=32, lr=3e-3, bf16=False,
-                                  progress=False, save_every=0))
+    trainer = Trainer(TrainConfig.from_flat(dict(task="pretrain", preset="Qwen2-Tiny", data=str(text_path("tiny")),
+                                                 out=str(tmp_path), steps=30, batch_size=4, max_len=32, lr=3e-3,
+                                                 bf16=False, progress=False, save_every=0)))
     last = trainer.train()
     curve = losses(tmp_path)
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 2.0, curve
-    # a tenth of the uniform guess's perplexity (the vocabulary size) on blocks it never trained on
-    assert last["heldout_ppl"] < 151936 / 10 and (tmp_path / "config.json").exists()
+    # a tenth of the uniform guess's perplexity (the vocabulary size) on blocks it never trained on,
+    # evaluated before the first step (near that guess) and after the last
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["eval_ppl"] > 151936 / 3
+    assert last["eval_ppl"] < 151936 / 10 and (tmp_path / "config.json").exists()
+    assert last["eval_loss"] == pytest.approx(math.log(last["eval_ppl"]), rel=1e-5)
 
 
 def test_the_fused_loss_and_gradients_equal_autograd_through_full_logits():
