@@ -46,6 +46,15 @@ def all_sum(value: float) -> float:
     return float(t.item())
 
 
+def gather(value: object) -> list:
+    """`value` of every process, in rank order (a list of one alone)."""
+    if not dist.is_initialized():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

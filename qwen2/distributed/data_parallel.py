@@ -5,6 +5,9 @@ sharded by `fully_shard`, one unit per block).
 Both wrap a module whose forward is the loss, so their hooks see every forward; the trainer
 multiplies that loss by the world size, because both average gradients where the step's
 loss, normalised by the target tokens of all processes, needs their sum.
+
+Under FSDP2 a save gathers whole tensors (weights, optimizer state) to process 0, and a resume
+hands them to every process to cut its own shard from, so checkpoints are a single process's files.
 """
 
 from __future__ import annotations
@@ -34,8 +37,28 @@ def wrap(loss_module: nn.Module, blocks: nn.ModuleList, mode: str, bf16: bool) -
     raise OptionError(f"unknown --parallel {mode!r}; choose {' or '.join(MODES)}")
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter whole on the CPU (a collective: every process calls it); plain tensors as is."""
+def full_state_dict(model: nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter whole on the CPU of process 0, an empty dict elsewhere (a collective: every
+    process calls it); `trained_only`: the frozen ones left out (a LoRA checkpoint's adapters)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only)
+    return get_model_state_dict(model, options=options)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state with whole tensors, keyed by parameter name, on process 0's CPU (a
+    collective, as full_state_dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                    optimizer_state: dict) -> None:
+    """What full_state_dict and full_optimizer_state gave, loaded back: every process passes the whole
+    tensors and keeps its own shard of them. Weights the dict lacks stay as they are."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))

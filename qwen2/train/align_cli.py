@@ -8,7 +8,7 @@ reward.py, dpo.py and online_dpo.py, trained by trainer.py; cli.py runs them).
 
 PAIRS: JSONL/JSON `{"prompt" or "messages", "chosen", "rejected"}`, or a demo set by name
 (dpo_en_demo, dpo_zh_demo). A TOML --config sets the same keys; flags override it. rm and dpo
-train under torchrun and --ray as sft does (DDP); online-dpo in one process.
+train under torchrun and --ray as sft does (DDP or FSDP2: --parallel); online-dpo in one process.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from qwen2.train import ray_launcher
-
 
 def add_arguments(sub: argparse._SubParsersAction, run: Callable[[argparse.Namespace], None]) -> None:
     """The three subcommands, each running `run` (cli.run: every task trains the same way)."""
+    from qwen2.train.cli import add_parallel_options  # here: train.cli imports this module
+
     p = sub.add_parser("rm", help="train a reward model (Bradley-Terry) on preference pairs")
     _common(p)
     p.add_argument("--center", type=float, help="weight of the centering term mean((r_chosen + r_rejected)^2)")
     p.add_argument("--head-lr-scale", type=float, help="the new score head's learning rate over the body's "
                    "(default 10)")
-    p.add_argument("--ray", metavar="ADDRESS|local[:N]", help=ray_launcher.HELP)
+    add_parallel_options(p)
     p.set_defaults(func=run, task="rm")
 
     p = sub.add_parser("dpo", help="direct preference optimization on preference pairs")
@@ -35,7 +35,7 @@ def add_arguments(sub: argparse._SubParsersAction, run: Callable[[argparse.Names
     _preference(p)
     p.add_argument("--no-precompute-ref", dest="precompute_ref", action="store_const", const=False,
                    help="compute the reference log-probs every step instead of once before training")
-    p.add_argument("--ray", metavar="ADDRESS|local[:N]", help=ray_launcher.HELP)
+    add_parallel_options(p)
     p.set_defaults(func=run, task="dpo")
 
     p = sub.add_parser("online-dpo", help="DPO on best-vs-worst pairs the policy samples and a reward model scores")

@@ -1,7 +1,7 @@
 """Checkpoints of the training loop (trainer.py, every task): OUT/checkpoints/step-N holds the
 trained weights (an HF checkpoint, or a LoRA adapter; the task decides, and a reward model adds
 its head) and trainer_state.pt (step, the data position, optimizer, scheduler, Python and torch
-CPU RNG).
+CPU RNG, the latter of every process under torchrun: each draws its own dropout masks).
 
 Each checkpoint is written aside, flushed to the disk and renamed (qwen2.files), and older ones
 are pruned only after it is complete, so a run killed at any point, even by a power cut, resumes
@@ -9,8 +9,10 @@ from the last whole one. trainer_state.pt holds only tensors and plain values an
 weights_only=True: a file someone altered to run code when unpickled is refused, not run.
 
 The caller owns which weights and its data position (the trainer's: epoch and row of its
-seeded order). Not covered: the CUDA RNG (dropout on a GPU
-does not repeat exactly after a resume), sharded optimizer state (FSDP2 runs do not resume).
+seeded order). FSDP2's shards go in and out as whole tensors (qwen2.distributed.data_parallel),
+so its checkpoints are the files one process writes. Not covered: the CUDA RNG (dropout on a GPU
+does not repeat exactly after a resume), the OnDARE / OnTIES state of an FSDP2 run (kept per
+shard; the trainer refuses to resume one).
 """
 
 from __future__ import annotations
@@ -75,14 +77,17 @@ def save(out: Path, state: dict, write_weights: Callable[[Path], None], keep: in
     return folder
 
 
-def training_state(step: int, position: dict[str, int], optimizer: torch.optim.Optimizer | None,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+def training_state(step: int, position: dict[str, int], optimizer: dict | None,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, torch_rngs: list[torch.Tensor]) -> dict:
     """What a resume needs besides the weights; tensors and plain values only, so that read_state
-    can load it with weights_only=True. optimizer None: not saved (FSDP2's is sharded)."""
+    can load it with weights_only=True. optimizer: its state dict (None: not saved, for an optimizer
+    whose state does not gather whole); torch_rngs: every process's torch RNG state, by rank."""
     state = {"step": step, **position, "scheduler": scheduler.state_dict(),
-             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+             "torch_rng": torch_rngs[0], "python_rng": random.getstate()}
+    if len(torch_rngs) > 1:
+        state["torch_rngs"] = torch_rngs
     if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
+        state["optimizer"] = optimizer
     return state
 
 
@@ -93,7 +98,8 @@ def read_state(folder: Path, position: Iterable[str]) -> dict:
     state = load_plain(folder / STATE, fix)
     ok = (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ("step", *position))
           and isinstance(state.get("torch_rng"), torch.Tensor) and isinstance(state.get("scheduler"), dict)
-          and isinstance(state.get("optimizer"), dict) and _is_python_rng(state.get("python_rng")))
+          and isinstance(state.get("optimizer"), dict) and _is_python_rng(state.get("python_rng"))
+          and all(isinstance(rng, torch.Tensor) for rng in state.get("torch_rngs", [])))
     if not ok:
         raise WeightsError(f"{folder / STATE} lacks the step, data position, optimizer, scheduler or RNG state a "
                            f"checkpoint holds; {fix}")
@@ -109,31 +115,39 @@ def _is_python_rng(value: object) -> bool:
 
 def restore(state: dict, model: torch.nn.Module, weights: dict[str, torch.Tensor], folder: Path,
             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, total: int,
-            say: bool = True) -> None:
+            say: bool = True, rank: int = 0, sharded: bool = False) -> None:
     """Load a checkpoint's weights, optimizer, scheduler and RNG (the caller sets its step and position),
     and say so on stderr (`say`: this process speaks for the run). Every trained parameter must be among
-    the weights: a checkpoint of another model or of other settings is refused."""
-    missing = set(model.load_state_dict(weights, strict=False).missing_keys)
+    the weights: a checkpoint of another model or of other settings is refused, before anything loads.
+    `rank`: this process's, whose RNG state it takes; `sharded`: the model is FSDP2's (a collective)."""
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    if missing & trained:
+    if missing := trained - set(weights):
         raise OptionError(f"{folder} does not hold this model's trained weights (missing "
-                          f"{sorted(missing & trained)[:3]}); resume with the same --model and settings")
-    optimizer.load_state_dict(state["optimizer"])
+                          f"{sorted(missing)[:3]}); resume with the same --model and settings")
+    if sharded:
+        from qwen2.distributed.data_parallel import load_full_state
+
+        load_full_state(model, optimizer, weights, state["optimizer"])
+    else:
+        model.load_state_dict(weights, strict=False)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+    rngs = state.get("torch_rngs", [])
+    torch.set_rng_state(rngs[rank] if rank < len(rngs) else state["torch_rng"])
     random.setstate(state["python_rng"])
     if say:
         print(f"resume: from {folder} (step {state['step']} of {total})", file=sys.stderr)
 
 
-def write_weights(folder: Path, model: torch.nn.Module, tokenizer: Tokenizer, adapter: bool, base: str = "",
-                  weights: dict[str, torch.Tensor] | None = None) -> None:
-    """The trained weights: the LoRA adapter alone (`base`: the model it adapts, for its config), or
-    the whole model as an HF checkpoint (`weights`: its state dict where the caller gathered it)."""
+def write_weights(folder: Path, model: torch.nn.Module, tokenizer: Tokenizer, weights: dict[str, torch.Tensor],
+                  adapter: bool, base: str = "") -> None:
+    """The trained weights, from `weights` (the model's state dict, or as much of it as was gathered: with
+    LoRA the trained tensors): the LoRA adapter alone (`base`: the model it adapts, for its config), or
+    the whole model as an HF checkpoint."""
     if adapter:
-        lora.save_adapter(model, folder, base)
+        lora.save_adapter(model, folder, base, weights)
     else:
-        export_hf(model.config, model.state_dict() if weights is None else weights, tokenizer, folder)
+        export_hf(model.config, weights, tokenizer, folder)
 
 
 def read_weights(folder: Path, adapter: bool) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@
     qwen2 train pretrain --preset NAME --data PATH --out DIR ...
     qwen2 train rm|dpo|online-dpo ...  (preference training: their options are in align_cli.py)
     qwen2 train recipe RECIPE.toml  (SFT -> data -> reward -> DPO / online DPO -> evals, see recipe.py)
-    torchrun --nproc-per-node 2 -m qwen2 train sft|pretrain|rm|dpo ... [--parallel ddp|fsdp (sft, pretrain)]
+    torchrun --nproc-per-node 2 -m qwen2 train sft|pretrain|rm|dpo ... [--parallel ddp|fsdp]
     qwen2 train sft|pretrain|rm|dpo ... --ray local:2|ADDRESS  (the same run on Ray Train, ray_launcher.py)
 
 A TOML config file sets the same keys (underscored: lora_rank = 8); flags given on the
@@ -67,9 +67,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_checkpoint_options(p)
     p.add_argument("--device", help="cpu or cuda (default: cuda if present; under torchrun or --ray each "
                    "process's own)")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun or --ray: replicas (ddp, the "
-                   "default) or sharded parameters, gradients and optimizer state (fsdp, FSDP2)")
-    p.add_argument("--ray", metavar="ADDRESS|local[:N]", help=ray_launcher.HELP)
+    add_parallel_options(p)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where native)")
     p.add_argument("--config", type=Path, help="a TOML file setting any of these keys")
 
@@ -91,6 +89,13 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=at_least_one, help="checkpoints kept, at least 1 (default 2)")
     p.add_argument("--resume", action="store_const", const=True, help="continue from the last checkpoint in --out "
                    "(an error if there is none)")
+
+
+def add_parallel_options(p: argparse.ArgumentParser) -> None:
+    """The options of a run on several processes, which sft, pretrain, rm and dpo share (qwen2.distributed)."""
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun or --ray: replicas (ddp, the "
+                   "default) or sharded parameters, gradients and optimizer state (fsdp, FSDP2)")
+    p.add_argument("--ray", metavar="ADDRESS|local[:N]", help=ray_launcher.HELP)
 
 
 def add_lora_options(p: argparse.ArgumentParser) -> None:

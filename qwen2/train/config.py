@@ -182,10 +182,6 @@ class TrainConfig:
             return 1e-4 if adapter else 1e-5
         return 5e-5 if adapter else 1e-6
 
-    @property
-    def preference(self) -> bool:
-        return self.task in ("rm", "dpo", "online-dpo")
-
     def check(self) -> None:
         """Every mistake an option can make, as one OptionError naming the option, before anything loads."""
         d, o, m = self.data, self.optim, self.online
@@ -212,10 +208,9 @@ class TrainConfig:
             raise OptionError("LoRA needs a trained base: pretraining trains every weight, drop --lora-rank")
         if self.parallel.mode not in ("ddp", "fsdp"):
             raise OptionError(f"unknown --parallel {self.parallel.mode!r}; choose ddp or fsdp")
-        if self.parallel.mode == "fsdp" and (self.lora.rank or self.checkpoint.resume):
-            raise OptionError("--parallel fsdp trains every weight from the start: for LoRA or --resume use ddp")
-        if self.parallel.mode == "fsdp" and self.preference:
-            raise OptionError(f"qwen2 train {self.task} runs under torchrun as ddp; drop --parallel fsdp")
+        if self.parallel.mode == "fsdp" and self.checkpoint.resume and self.optim.name != "adamw":
+            raise OptionError(f"--parallel fsdp does not resume --optimizer {self.optim.name}: its state is kept "
+                              "per shard and is not in the checkpoints; train it under ddp to resume it")
         self._check_optimizer()
         self._check_preference()
 

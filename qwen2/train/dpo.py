@@ -17,7 +17,7 @@ By default its log-probabilities are computed once for every pair before trainin
 the output folder (ref_logps.pt, reused by a later run on the same data and settings).
 
 `DPOTask` is the trainer's task (trainer.py): under torchrun each process takes its share of a
-step's pairs (DDP), and the loss is the mean over all of them, as one process computes it.
+step's pairs (DDP or FSDP2), and the loss is the mean over all of them, as one process computes it.
 """
 
 from __future__ import annotations

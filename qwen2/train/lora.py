@@ -3,8 +3,9 @@ y = W x + (alpha / r) * B A dropout(x), with A (r, in) random and B (out, r) zer
 starts from the base model exactly.
 
 Applied to a built model from outside (`add_lora` swaps the chosen Linears), merged back into
-plain Linears (`merge_lora`), and saved alone in the PEFT adapter layout that peft and
-transformers load: adapter_config.json and adapter_model.safetensors, tensors named
+plain Linears (`merge_lora`; `merged_state_dict` does it to a state dict, such as one gathered
+from FSDP2's shards), and saved alone in the PEFT adapter layout that peft and transformers
+load: adapter_config.json and adapter_model.safetensors, tensors named
 `base_model.model.<module>.lora_A.weight` / `lora_B.weight`.
 """
 
@@ -40,11 +41,14 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
 
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """scale * B A in float32, from A and B given (this layer's own, or their gathered copies)."""
+        return (b.float() @ a.float()) * self.scale
+
     def merged(self) -> nn.Linear:
         """A plain Linear holding W + scale * B A."""
         with torch.no_grad():
-            delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
-            self.base.weight += delta.to(self.base.weight.dtype)
+            self.base.weight += self.update(self.lora_A.weight, self.lora_B.weight).to(self.base.weight.dtype)
         return self.base.requires_grad_(True)
 
 
@@ -74,20 +78,38 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state`, the state dict of `model` with its LoRA layers (its own, or gathered from shards), as
+    merge_lora's plain model would give it: each base weight plus its update, the adapters gone. The
+    merged weights are new tensors, so `state` and the model stay as they were."""
+    merged = dict(state)
+    for name, layer in lora_layers(model).items():
+        a, b = merged.pop(f"{name}.lora_A.weight"), merged.pop(f"{name}.lora_B.weight")
+        for kind in ("weight", "bias"):
+            if f"{name}.base.{kind}" in merged:
+                merged[f"{name}.{kind}"] = merged.pop(f"{name}.base.{kind}")
+        weight = merged[f"{name}.weight"]
+        merged[f"{name}.weight"] = weight + layer.update(a, b).to(weight.dtype)
+    return merged
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "") -> None:
-    """adapter_config.json + adapter_model.safetensors in the PEFT layout."""
+def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "",
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors in the PEFT layout; the tensors from `state`
+    (the model's state dict, e.g. gathered from FSDP2's shards) where given, else from the model."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to save")
     first = next(iter(layers.values()))
+    state = model.state_dict() if state is None else state
     tensors = {}
-    for name, layer in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous()
+    for name in layers:
+        for ab in ("lora_A", "lora_B"):
+            tensors[f"{PEFT_PREFIX}{name}.{ab}.weight"] = state[f"{name}.{ab}.weight"].detach().contiguous()
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,

@@ -21,7 +21,7 @@ gives the same scores. The config says tie_word_embeddings: a classifier has no 
 and this way no lm_head is expected by either loader.
 
 `RewardTask` trains it through the trainer (trainer.py): under torchrun each process scores its
-share of a step's pairs (DDP), and the loss is the mean over all of them.
+share of a step's pairs (DDP or FSDP2), and the loss is the mean over all of them.
 """
 
 from __future__ import annotations
@@ -186,18 +186,18 @@ class RewardTask(Task):
         return {"accuracy": right / len(chosen), "accuracy_low": low, "accuracy_high": high,
                 "margin": (chosen - rejected).mean().item(), "loss": bradley_terry(chosen, rejected).item()}
 
-    def save(self, out: Path, weights: dict[str, torch.Tensor] | None) -> None:
-        if weights is None:  # LoRA: the adapters merged into the body
-            weights = lora.merge_lora(self.model).state_dict()
+    def save(self, out: Path, weights: dict[str, torch.Tensor]) -> None:
+        if self.config.lora.rank:  # the adapters merged into the body
+            weights = lora.merged_state_dict(self.model, weights)
         save_hf(self.model, self.tokenizer, out, weights)
 
-    def write_weights(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
+    def write_weights(self, folder: Path, weights: dict[str, torch.Tensor]) -> None:
         """A checkpoint: the reward model as save_hf writes it, or with LoRA the adapter and the head."""
-        if weights is not None:
+        if not self.config.lora.rank:
             save_hf(self.model, self.tokenizer, folder, weights)
             return
-        lora.save_adapter(self.model, folder, self.config.model.name or "")
-        save_file({"score.weight": self.model.score.weight.detach().contiguous()}, folder / HEAD)
+        lora.save_adapter(self.model, folder, self.config.model.name or "", weights)
+        save_file({"score.weight": weights["score.weight"].detach().contiguous()}, folder / HEAD)
 
     def read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
         if self.config.lora.rank:

@@ -22,11 +22,13 @@ data, the loss of a micro-batch, its held-out evaluation, special parameter grou
 Under torchrun (or Ray Train, ray_launcher.py) every process takes its share of each step's items
 (DDP or FSDP2, see qwen2.distributed.data_parallel); the units are counted over all of them, so a
 step's loss is the one a single process computes on the same global batch. Process 0 writes the
-files.
+files; under FSDP2 every process first takes part in gathering the whole tensors it writes (the
+trained weights and the optimizer state for a checkpoint, the whole model for the output), so the
+files are those of one process, and a resume hands them back for each process to keep its shard.
 
 Not covered: online DPO under torchrun (its sampling engine runs on one process's whole model; it
-says so in one line), the preference tasks under FSDP2 (DDP only), resuming an FSDP2 run (its
-checkpoints hold the whole model, not the sharded optimizer state), LoRA under FSDP2 (use DDP).
+says so in one line), resuming an FSDP2 run of OnDARE / OnTIES (their state is kept per shard and
+does not gather into whole tensors; config.py refuses it in one line).
 """
 
 from __future__ import annotations
@@ -150,22 +152,23 @@ class Task:
         """The trained parameters as the optimizer's groups (one group, at the configured rate)."""
         return [{"params": params}]
 
-    def write_weights(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
-        """A checkpoint's weights (`weights`: the whole model's state dict; None with LoRA)."""
+    def write_weights(self, folder: Path, weights: dict[str, torch.Tensor]) -> None:
+        """A checkpoint's weights from `weights`, the model's state dict (with LoRA, at least its trained tensors)."""
         c = self.config
-        checkpoint.write_weights(folder, self.model, self.tokenizer, bool(c.lora.rank), c.model.name or "", weights)
+        checkpoint.write_weights(folder, self.model, self.tokenizer, weights, bool(c.lora.rank), c.model.name or "")
 
     def read_weights(self, folder: Path) -> dict[str, torch.Tensor]:
         return checkpoint.read_weights(folder, bool(self.config.lora.rank))
 
-    def save(self, out: Path, weights: dict[str, torch.Tensor] | None) -> None:
-        """The output folder: an HF checkpoint (LoRA: adapter/ and, unless merge=False, the merged model)."""
+    def save(self, out: Path, weights: dict[str, torch.Tensor]) -> None:
+        """The output folder from `weights`, the model's state dict: an HF checkpoint (LoRA: adapter/ and,
+        unless merge=False, the merged model)."""
         c = self.config
         if c.lora.rank:
-            lora.save_adapter(self.model, out / "adapter", c.model.name or "")
+            lora.save_adapter(self.model, out / "adapter", c.model.name or "", weights)
             if not c.lora.merge:
                 return
-            weights = lora.merge_lora(self.model).state_dict()
+            weights = lora.merged_state_dict(self.model, weights)
         export_hf(self.model.config, weights, self.tokenizer, out)
 
 
@@ -207,6 +210,7 @@ class Trainer:
         self.config, self.out = config, Path(c.out)
         self.rank, self.world = distributed.world()
         self.lead = self.rank == 0
+        self.sharded = self.world > 1 and c.parallel.mode == "fsdp"  # FSDP2: no process holds a whole tensor
         if self.world > 1 and c.task in SINGLE_PROCESS:
             raise OptionError(f"qwen2 train {c.task} trains in one process: run it without torchrun")
         self.device = torch.device(c.parallel.device) if c.parallel.device else distributed.local_device()
@@ -349,7 +353,7 @@ class Trainer:
                         self.step < self.total_steps:
                     self.save_checkpoint()
         bar.close()
-        self.save_checkpoint()  # before the final save, which merges LoRA adapters into the weights
+        self.save_checkpoint()
         weights = self._weights()
         if self.lead:
             self.task.save(self.out, weights)
@@ -358,32 +362,43 @@ class Trainer:
 
     # -- checkpoints (checkpoint.py) ------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """checkpoints/step-N; every process takes part, in gathering what FSDP2 shards and the RNG states."""
         folder = self.out / "checkpoints" / f"step-{self.step}"
-        weights = self._weights()  # every process takes part in gathering sharded weights
+        weights = self._weights(trained_only=bool(self.config.lora.rank))
+        optimizer = self._optimizer_state()
+        rngs = distributed.gather(torch.get_rng_state())
         if self.lead:
-            sharded = self.config.parallel.mode == "fsdp" and self.world > 1  # its optimizer state is not whole here
-            state = checkpoint.training_state(self.step, {"epoch": self.epoch, "row": self.row},
-                                              None if sharded else self.optimizer, self.scheduler)
+            state = checkpoint.training_state(self.step, {"epoch": self.epoch, "row": self.row}, optimizer,
+                                              self.scheduler, rngs)
             checkpoint.save(self.out, state, lambda folder: self.task.write_weights(folder, weights),
                             self.config.checkpoint.keep)
         distributed.barrier()
         return folder
 
-    def _weights(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's state dict for a full-weight save (gathered from the shards under FSDP2)."""
-        if self.config.lora.rank:
-            return None
-        if self.world > 1 and self.config.parallel.mode == "fsdp":
+    def _weights(self, trained_only: bool = False) -> dict[str, torch.Tensor]:
+        """The model's state dict to save (under FSDP2 gathered whole on process 0 from every process's
+        shards; `trained_only`: the frozen weights need not be gathered)."""
+        if self.sharded:
             from qwen2.distributed.data_parallel import full_state_dict
 
-            return full_state_dict(self.model)
+            return full_state_dict(self.model, trained_only)
         return self.model.state_dict()
+
+    def _optimizer_state(self) -> dict | None:
+        """The optimizer's state dict (under FSDP2 gathered whole; None for OnDARE / OnTIES, kept per shard)."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        if isinstance(self.optimizer, OnlineMergingAdamW):
+            return None
+        from qwen2.distributed.data_parallel import full_optimizer_state
+
+        return full_optimizer_state(self.model, self.optimizer)
 
     def _resume(self) -> None:
         folder = max(checkpoint.folders(self.out), key=checkpoint.step_of)  # __init__ checked there is one
         state = checkpoint.read_state(folder, ("epoch", "row"))  # first: a refused file leaves the model as it was
         checkpoint.restore(state, self.model, self.task.read_weights(folder), folder, self.optimizer, self.scheduler,
-                           self.total_steps, say=self.lead)
+                           self.total_steps, say=self.lead, rank=self.rank, sharded=self.sharded)
         self.step, self.epoch, self.row = state["step"], state["epoch"], state["row"]
         self._order = None  # remade for the epoch resumed in
 

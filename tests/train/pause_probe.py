@@ -6,9 +6,13 @@ after the run had finished).
 
 WHERE is `before-step` (step STEP + 1 is about to start: STEP losses are logged) or
 `in-checkpoint` (trainer_state.pt of checkpoint STEP is half written). The probe prints
-"paused" on stdout and waits, forever, for the test's SIGKILL.
+"paused" on stdout and waits, forever, for the test's SIGKILL. `killed-before-step` is
+`before-step` where the process sends itself the SIGKILL: under torchrun every process dies at
+that point, before any of them starts the next step.
 """
 
+import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -24,10 +28,14 @@ def pause() -> None:
     threading.Event().wait()
 
 
-def pause_before_step(step: int) -> None:
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def before_step(step: int, stop=pause) -> None:
     def train_step(self, original=trainer.Trainer.train_step):  # every task's
         if self.step == step:
-            pause()
+            stop()
         return original(self)
 
     trainer.Trainer.train_step = train_step
@@ -47,5 +55,6 @@ def pause_in_checkpoint(step: int) -> None:
 
 if __name__ == "__main__":
     where, step, argv = sys.argv[1], int(sys.argv[2]), sys.argv[4:]
-    {"before-step": pause_before_step, "in-checkpoint": pause_in_checkpoint}[where](step)
+    {"before-step": before_step, "in-checkpoint": pause_in_checkpoint,
+     "killed-before-step": lambda step: before_step(step, die)}[where](step)
     main(argv)

@@ -1,7 +1,7 @@
 """The preference tasks (rm, dpo) through the one trainer, with checkpoint.py: a run stopped, or
 killed with SIGKILL, and resumed logs the same losses and metrics step for step as one that ran
 through, LoRA or full, AdamW or OnDARE, the reward model's head included; two torchrun processes
-take the steps of one with the same global batch; a checkpoint that would run code is refused in
+take the steps of one with the same global batch (DDP or FSDP2); a checkpoint that would run code is refused in
 one line, and --resume with nothing to resume is an error before any model loads."""
 
 import json
@@ -16,6 +16,7 @@ import torch
 from qwen2.errors import OptionError, WeightsError
 from qwen2.loading import load_model
 from qwen2.train.config import TrainConfig
+from qwen2.train.reward import load_reward_model, score
 from qwen2.train.trainer import Trainer
 from tests.conftest import PickledPayload
 from tests.train.test_trainer import ENV, PACKAGE_ROOT, checkpoint_names, kill_when_paused
@@ -161,7 +162,11 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
-@pytest.mark.parametrize("task, extra", [("dpo", ["--lora-rank", "4"]), ("rm", [])], ids=["dpo-lora", "rm-full"])
+@pytest.mark.parametrize("task, extra", [
+    ("dpo", ["--lora-rank", "4"]), ("rm", []),
+    ("dpo", ["--parallel", "fsdp", "--lr", "1e-4"]),  # every weight at 1e-2: the loss is 0 after one step
+    ("rm", ["--lora-rank", "4", "--parallel", "fsdp"]),
+], ids=["dpo-lora", "rm-full", "dpo-full-fsdp", "rm-lora-fsdp"])  # fmt: skip
 def test_two_torchrun_processes_take_the_steps_of_one_with_the_same_global_batch(task, extra, tiny_hf, pairs,
                                                                                   tmp_path):
     # 6 training pairs, 2 a step (one per process): the third step ends the epoch
@@ -180,9 +185,14 @@ def test_two_torchrun_processes_take_the_steps_of_one_with_the_same_global_batch
     for mine, single in zip(ours, theirs):
         assert mine == pytest.approx(single, rel=1e-3, abs=1e-6), (mine, single)
     assert len({m["loss"] for m in ours[1:]}) == 3  # the steps do train
-    if task == "dpo":  # the merged policy each run wrote (the reward model's checkpoint is a classifier)
+    if task == "dpo":  # the merged policy each run wrote
         model, tokenizer = load_model(tmp_path / "two", quant="none", dtype="float32")
         reference, _ = load_model(tmp_path / "alone", quant="none", dtype="float32")
         ids = torch.tensor([tokenizer.encode("Question 3: is 3 a number?")])
         with torch.no_grad():
             torch.testing.assert_close(model(ids), reference(ids), atol=1e-3, rtol=1e-3)
+    else:  # the reward model each run wrote (LoRA: merged into its body) scores alike
+        (model, tokenizer), (reference, _) = (load_reward_model(tmp_path / run) for run in ("two", "alone"))
+        ids = [tokenizer.encode("Question 3: is 3 a number? Yes, it is.")]
+        with torch.no_grad():
+            torch.testing.assert_close(score(model, ids, 0), score(reference, ids, 0), atol=1e-3, rtol=1e-3)

@@ -1,5 +1,6 @@
-"""LoRA: a zero B is the base model, merging changes nothing, and the saved adapter is the PEFT
-layout that peft loads onto transformers' model with equal logits."""
+"""LoRA: a zero B is the base model, merging changes nothing (a model, or its state dict to the merged
+model's), and the saved adapter is the PEFT layout that peft loads onto transformers' model with equal
+logits."""
 
 import json
 
@@ -7,7 +8,16 @@ import pytest
 import torch
 
 from qwen2.loading import load_model
-from qwen2.train.lora import TARGETS, LoRALinear, add_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from qwen2.train.lora import (
+    TARGETS,
+    LoRALinear,
+    add_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    merged_state_dict,
+    save_adapter,
+)
 
 IDS = torch.tensor([[9707, 11, 1879, 0, 3555, 374, 264, 1273]])
 
@@ -44,6 +54,19 @@ def test_merged_equals_unmerged(base):
     merge_lora(base)
     assert not lora_layers(base) and type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     torch.testing.assert_close(logits(base), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_a_state_dict_merges_to_the_merged_models_own_and_leaves_the_model_as_it_was(base):
+    # what the trainer writes from a state dict gathered from FSDP2's shards
+    add_lora(base, rank=4, alpha=16, targets=("q_proj", "v_proj", "down_proj"))
+    randomize_b(base)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = merged_state_dict(base, state)
+    assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items()) and lora_layers(base)
+    expected = merge_lora(base).state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(merged[name], tensor), name
 
 
 def test_adapter_round_trips_through_our_loader(base, tiny_hf, tmp_path):

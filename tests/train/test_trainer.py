@@ -1,8 +1,9 @@
 """The training loop on its language-modelling tasks (sft, pretrain): packing and gradient
 accumulation leave the loss unchanged, a run writes a checkpoint that we and transformers load with
-equal logits, a run killed with SIGKILL resumes to the same losses step for step, a checkpoint that
-would run code is refused, --resume with nothing to resume and --keep 0 are errors, and pretraining
-from scratch lowers the loss and the held-out perplexity on real text."""
+equal logits, a run killed with SIGKILL resumes to the same losses step for step (each process with
+its own RNG state), a checkpoint that would run code is refused, --resume with nothing to resume and
+--keep 0 are errors, and pretraining from scratch lowers the loss and the held-out perplexity on
+real text."""
 
 import json
 import math
@@ -19,6 +20,7 @@ import torch
 import qwen2
 from qwen2.errors import OptionError, WeightsError
 from qwen2.loading import load_model
+from qwen2.train import checkpoint
 from qwen2.train.config import TrainConfig
 from qwen2.train.data import Row, collate
 from qwen2.train.loss import loss_sum
@@ -169,6 +171,21 @@ def test_a_checkpoint_that_would_run_code_is_refused_with_one_line_and_not_run(t
     with pytest.raises(WeightsError, match="was not loaded"):  # the same through the Python API
         Trainer(config(tiny_hf, chat_file, tmp_path, lora_rank=4, steps=4, resume=True)).train()
     assert not marker.exists()
+
+
+def test_each_process_resumes_with_its_own_torch_rng_state(tmp_path):
+    # under torchrun each process draws the dropout masks of its own rows: rank 0's state would give
+    # the others masks the run never drew
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    rngs = [torch.Generator().manual_seed(seed).get_state() for seed in (1, 2)]
+    torch.save(checkpoint.training_state(1, {}, optimizer.state_dict(), scheduler, rngs), tmp_path / checkpoint.STATE)
+    with torch.random.fork_rng():
+        for rank, rng in enumerate(rngs):
+            checkpoint.restore(checkpoint.read_state(tmp_path, ()), model, model.state_dict(), tmp_path, optimizer,
+                               scheduler, 1, say=False, rank=rank)
+            assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(tiny_hf, chat_file, tmp_path):
