@@ -143,7 +143,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> torch.Tensor:
     """Next tokens (B,) on the logits' device from float32 rows (B, V) of requests that
     `samples_on_device` accepts: greedy rows in one argmax, the others each with its generator."""
-    tokens = logits.argmax(-1)
+    tokens = logits.max(-1).indices  # the same first maximum as argmax, which torch's CPU build finds ~3x slower
     for i, (p, generator) in enumerate(zip(params, generators)):
         if not p.greedy:
             probs = filter_logits(logits[i], p).softmax(-1)
