@@ -74,7 +74,9 @@ def test_two_processes_take_the_steps_of_one_with_the_same_global_batch(parallel
 
 
 @needs_torchrun
-@pytest.mark.parametrize("lora", [(), ("--lora-rank", "4")], ids=["full", "lora"])
+# every weight: make test-slow (21 s); LoRA, the case FSDP2 gained last, stays in the default suite
+@pytest.mark.parametrize("lora", [pytest.param((), marks=pytest.mark.slow), ("--lora-rank", "4")],
+                         ids=["full", "lora"])
 def test_an_fsdp2_run_killed_after_a_checkpoint_resumes_to_the_steps_of_one_process(lora, tiny_hf, tiny_chat_file,
                                                                                     one_process, tmp_path):
     # killed before step 3, after checkpoint step-2: its weights give step 3's loss, its Adam moments

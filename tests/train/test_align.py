@@ -164,7 +164,8 @@ def free_port() -> int:
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 @pytest.mark.parametrize("task, extra", [
     ("dpo", ["--lora-rank", "4"]), ("rm", []),
-    ("dpo", ["--parallel", "fsdp", "--lr", "1e-4"]),  # every weight at 1e-2: the loss is 0 after one step
+    # every weight at 1e-2: the loss is 0 after one step; make test-slow (15 s): rm-lora-fsdp covers FSDP2 here
+    pytest.param("dpo", ["--parallel", "fsdp", "--lr", "1e-4"], marks=pytest.mark.slow),
     ("rm", ["--lora-rank", "4", "--parallel", "fsdp"]),
 ], ids=["dpo-lora", "rm-full", "dpo-full-fsdp", "rm-lora-fsdp"])  # fmt: skip
 def test_two_torchrun_processes_take_the_steps_of_one_with_the_same_global_batch(task, extra, tiny_hf, pairs,
