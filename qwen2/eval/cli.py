@@ -245,7 +245,6 @@ def _settings(args: argparse.Namespace, **extra) -> dict:
 def _subject(args: argparse.Namespace) -> Iterator:
     """What the eval asks: the --endpoint, engine actors on Ray (--ray; ended when the eval is), or the
     model loaded here."""
-    from qwen2.loading import load
 
     if args.endpoint:
         print(f"# endpoint {args.endpoint.url}, model {args.endpoint.model}, at most {args.max_concurrency} "
@@ -258,12 +257,18 @@ def _subject(args: argparse.Namespace) -> Iterator:
             print(f"# {actors.description}", flush=True)
             yield actors
     else:
-        llm = load(**model_options(args), **engine_options(args))
-        weight = llm.model.model.embed_tokens.weight
-        print(f"# model {args.model or 'default'} ({weight.dtype}, {weight.device}, {llm.quant}), at most "
-              f"{args.max_concurrency} sequences at once, loaded in "
-              f"{llm.load_seconds:.1f}s", flush=True)
-        yield llm
+        yield _load_here(args)
+
+
+def _load_here(args: argparse.Namespace, role: str = "model", spec: str | None = None):
+    """The model `spec` (default --model) loaded in this process with the run's options, said on stdout."""
+    from qwen2.loading import load
+
+    llm = load(**model_options(args) | ({"model": spec} if spec else {}), **engine_options(args))
+    weight = llm.model.model.embed_tokens.weight
+    print(f"# {role} {spec or args.model or 'default'} ({weight.dtype}, {weight.device}, {llm.quant}), at most "
+          f"{args.max_concurrency} sequences at once, loaded in {llm.load_seconds:.1f}s", flush=True)
+    return llm
 
 
 def _finish(args, name: str, settings: dict, summary: dict, seconds: float, records: list[dict], table: str) -> None:
@@ -552,7 +557,8 @@ def cmd_safety(args: argparse.Namespace) -> None:
     results = Results("safety", settings, args.json)
     start = time.perf_counter()
     with _subject(args) as subject:
-        judge = _load_judge(args) if judged_apart else subject
+        # the rubric's verdict is read from the judge's own log-probabilities, which no server's API gives
+        judge = _load_here(args, "judge", args.judge) if judged_apart else subject
         safety.run(subject, judge, prompts, langs, results, args.max_tokens)
         records = results.ordered(f"{p['id']}#{lang}" for p in prompts for lang in langs)
         summary = safety.rates(records)
@@ -567,17 +573,6 @@ def cmd_safety(args: argparse.Namespace) -> None:
                                        "95% interval"],
                                       [[k, judge[k], _interval(ci)] for k, ci in judge["ci95"].items()])
     _finish(args, "safety", settings, summary, time.perf_counter() - start, records, table)
-
-
-def _load_judge(args: argparse.Namespace):
-    """safety's judge when it is not the subject: --judge (or the embedded model) loaded here, since
-    the rubric's verdict is read from the judge's own log-probabilities, which no server's API gives."""
-    from qwen2.loading import load
-
-    options = model_options(args) | ({"model": args.judge} if args.judge else {})
-    judge = load(**options, **engine_options(args))
-    print(f"# judge {args.judge or 'default'} ({judge.quant}), loaded in {judge.load_seconds:.1f}s", flush=True)
-    return judge
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
