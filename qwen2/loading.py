@@ -150,8 +150,9 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
     if dev.type == "cpu" and MODES[mode].kind == "blocks":
         from qwen2.quant.fused_decode import FusedDecode
         from qwen2.quant.fused_moe import fuse_experts
+        from qwen2.quant.fused_prefill import FusedPrefill
 
-        net.decode_step = FusedDecode.for_model(net)
+        net.decode_step, net.prefill_step = FusedDecode.for_model(net), FusedPrefill.for_model(net)
         fuse_experts(net)
     return net, tokenizer, mode
 

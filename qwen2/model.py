@@ -220,13 +220,18 @@ class Attention(nn.Module):
                 and (self.qkv[1] is None or views_of(self.qkv[1], [self.q_proj.bias, self.v_proj.bias])))
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        B, T, _ = x.shape
         # autograd reaches the parameters only through their own modules, not the stack
         if not torch.is_grad_enabled() and self.fused:
             q, k, v = F.linear(x, *self.qkv).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                                      self.n_kv * self.head_dim], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, ctx))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Projected q (B, T, nh*hd), k and v (B, T, n_kv*hd) -> attention's output (B, T, nh*hd), before
+        o_proj: rotary, the cache's write and read, the attention itself."""
+        B, T, _ = q.shape
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -240,21 +245,21 @@ class Attention(nn.Module):
         if ctx.dca is not None:
             y = dca_attention(q, k, v, ctx.positions, ctx.key_positions.expand(B, -1), ctx.inv_freq,
                               ctx.attention_scaling, ctx.dca)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            return y.transpose(1, 2).reshape(B, T, -1)
         gqa = self.n_kv != self.n_heads
         if T == 1 and gqa:
             # one query row: each KV head's query group becomes rows of that head, so keys and values
             # are read once (with a mask, enable_gqa can fall back to a kernel that copies them per head)
             q, gqa = q.reshape(B, self.n_kv, -1, self.head_dim), False
         mask = ctx.masks[self.window]  # None: plain causal, which the kernel skips blocks of rather than reads
-        if x.device.type == "cpu" and T <= DECODE_ROWS and q.dtype != torch.float32:
+        if q.device.type == "cpu" and T <= DECODE_ROWS and q.dtype != torch.float32:
             # torch's reduced-precision CPU attention kernel costs ~14x the float32 one for a few
             # query rows (819 vs 58 us at 520 keys, bench/RESULTS.md); decode reads little, so upcast
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                is_causal=mask is None, enable_gqa=gqa).to(q.dtype)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        return self.o_proj(y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1))
+        return y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
 
 
 class MLP(nn.Module):
@@ -437,6 +442,7 @@ class Transformer(nn.Module):
         self.model = _Body(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.decode_step = None  # the layers of a decode step as fused calls, where the loader finds them apt
+        self.prefill_step = None  # the layers of a many-row forward as fused GEMMs, likewise
         self.set_rope(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -507,17 +513,18 @@ class Transformer(nn.Module):
         if self.dynamic_ntk:  # NTK base grows with the sequence; cached keys keep their rotation
             inv_freq = dynamic_inv_freq(self.config, int(positions.max()) + 1).to(x.device)
         cos, sin = rotary_cos_sin(positions, inv_freq, self.attention_scaling, x.dtype)
-        fused = self.decode_step is not None and self.decode_step.applies(x, cache)
+        fused = next((step for step in (self.decode_step, self.prefill_step)
+                      if step is not None and step.applies(x, cache)), None)
         windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
-        masks = {} if self.dca or fused else {w: attention_mask(positions, key_positions, w, segments)
-                                              for w in windows}
+        masks = {} if self.dca or (fused is not None and fused is self.decode_step) else {
+            w: attention_mask(positions, key_positions, w, segments) for w in windows}
         if None in masks and T > 1 and kv_len == T and segments is None and torch.equal(
                 positions, torch.arange(T, device=positions.device).expand(B, T)):
             masks[None] = None  # every row starts at 0 and sees exactly its past: SDPA's own causal rule
         ctx = Context(positions, key_positions, cos, sin, inv_freq, self.attention_scaling, masks, cache, where,
                       kv_len, self.dca, router_logits)
-        if fused:  # no masks: the fused call reads each row's keys up to its own position
-            return self.decode_step(x, ctx)
+        if fused is not None:  # the decode call needs no masks: it reads each row's keys up to its own position
+            return fused(x, ctx)
         for block in self.model.layers:
             x = block(x, ctx)
         return x

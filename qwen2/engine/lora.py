@@ -175,12 +175,13 @@ class AdapterSet:
                  torch.tensor([i for i, x in enumerate(ids) if x == a], device=device)) for a in used]
         hooks = [module.register_forward_hook(functools.partial(_add_delta, name, rows))
                  for name, module in self.targets.items()]
-        # the fused decode call computes whole layers in C++, past the hooks: this step runs the model's own code
-        fused, self.model.decode_step = self.model.decode_step, None
+        # the fused calls compute whole layers past the hooks: this step runs the model's own code
+        fused = self.model.decode_step, self.model.prefill_step
+        self.model.decode_step = self.model.prefill_step = None
         try:
             yield
         finally:
-            self.model.decode_step = fused
+            self.model.decode_step, self.model.prefill_step = fused
             for hook in hooks:
                 hook.remove()
 

@@ -21,6 +21,7 @@ GGUF writer's encoders. Not covered: CUDA (the loader keeps GGUF's own blocks on
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 
 import numpy as np
@@ -88,7 +89,7 @@ def packed_shape(qtype: int, rows: int, columns: int) -> tuple[int, int]:
 _scratch_buffers = threading.local()
 
 
-def _scratch(numel: int, dtype: torch.dtype) -> Tensor:
+def scratch_buffer(numel: int, dtype: torch.dtype) -> Tensor:
     """This thread's buffer of at least `numel` elements: the whole matrices a prefill dequantizes,
     one after another, reuse it instead of paying a fresh allocation's page faults each time."""
     buffer = getattr(_scratch_buffers, str(dtype), None)
@@ -122,6 +123,7 @@ class BlockLinear(nn.Module):
         else:
             self.register_buffer("blocks", blocks)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.int8_max_rows = INT8_KERNEL_MAX_ROWS  # the output head's is unbounded (attach_blocks)
 
     def weight_tile(self, start: int, stop: int, bf16: bool = False, scratch: bool = False) -> Tensor:
         """Rows [start, stop) of the weight, float32 (exact) or bfloat16; packed: start and stop multiples of 8.
@@ -129,7 +131,7 @@ class BlockLinear(nn.Module):
         if self.activations == "int8":
             groups = self.packed[start // 8 : stop // 8]
             dtype = torch.bfloat16 if bf16 else torch.float32
-            into = _scratch((stop - start) * self.in_features, dtype) if scratch else None
+            into = scratch_buffer((stop - start) * self.in_features, dtype) if scratch else None
             return compiled_ops().dequantize_packed(groups, self.qtype, self.in_features, bf16, into)
         tile = dequantize(self.blocks[start:stop], self.qtype, self.in_features)
         return tile.bfloat16() if bf16 else tile
@@ -138,7 +140,7 @@ class BlockLinear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)
         rows = x.shape[0]
-        if self.activations == "int8" and rows <= INT8_KERNEL_MAX_ROWS:
+        if self.activations == "int8" and rows <= self.int8_max_rows:
             y = compiled_ops().matmul_int8(x.float(), self.packed, self.qtype, self.in_features).to(dtype)
         elif self.activations == "float32" and rows <= BLOCK_KERNEL_MAX_ROWS:
             y = compiled_ops().matmul(x.float(), self.blocks, self.qtype, self.in_features).to(dtype)
@@ -226,6 +228,11 @@ def attach_blocks(model: nn.Module, blocks: dict[str, Blocks], dtype: torch.dtyp
             setattr(parent, child, BlockEmbedding(b.data, b.qtype, b.shape[1], dtype))
         else:
             layer = BlockLinear(b.data, b.qtype, b.shape[1], getattr(old, "bias", None), activations, name in packed)
+            if name == "lm_head.weight":
+                # the logits are the model's output (scored by evals, sampled, returned as logprobs): bf16 tiles
+                # would round them to 0.125 at 18 and tie near-equal tokens; the int8 kernel's stay float32,
+                # at 0.6-0.8x the tiles' time up to ~300 rows, 1.2x at 512 (bench/RESULTS.md)
+                layer.int8_max_rows = sys.maxsize
             setattr(parent, child, layer)
             if mapped and layer.activations == "int8" and name not in packed:
                 drop_mapped_pages(b.data)

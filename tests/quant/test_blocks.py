@@ -117,6 +117,20 @@ def test_a_tied_embedding_looks_its_rows_up_in_the_heads_repacked_table():
     assert embed.weight.shape == (296, 64)
 
 
+def test_the_output_heads_logits_stay_float32_at_any_row_count():
+    from qwen2.model import Transformer
+    from qwen2.quant.blocks import blocks_from_float, compiled_ops
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=512)).eval()
+    blocks_from_float(model, Q8_0, activations="int8")
+    head = model.lm_head
+    x = torch.randn(100, 64)  # past the row count where the other layers take bf16 tiles
+    one_by_one = torch.cat([compiled_ops().matmul_int8(row[None], head.packed, Q8_0, 64) for row in x])
+    torch.testing.assert_close(head(x), one_by_one, rtol=0, atol=1e-5)
+    assert head(x).dtype == torch.float32 and model.model.layers[0].mlp.up_proj.int8_max_rows == 32
+
+
 @pytest.fixture(scope="module")
 def small_q4_k_gguf(tmp_path_factory, byte_tokenizer):
     """A model with 256-wide rows written as Q4_K (96-wide ones as Q5_0): the default file's mix of types."""

@@ -108,6 +108,55 @@ void silu_mul(float* gate, const float* up, int64_t n) {  // gate <- gate * sigm
   for (; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
+inline __m256 load_bf16(const uint16_t* p) {  // 8 bf16 -> float32: the bits move to the top half
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+inline void store_bf16(uint16_t* p, __m256 v) {  // 8 float32 -> bf16, rounded to nearest even as torch does
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
+}
+
+inline uint16_t to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+// A prefill's SiLU(gate) * up (qwen2/quant/fused_prefill.py): gate_up (M, 2F) bf16, as the stacked
+// gate/up GEMM gives it -> (M, F) bf16, computed in float32 and rounded once, as the down GEMM's input.
+// One pass instead of torch's four (casts, silu, mul) over float32 copies.
+at::Tensor silu_mul_bf16(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.size(-1) % 2 == 0,
+              "gate_up must be bfloat16 with an even last dimension");
+  const at::Tensor in = gate_up.contiguous();
+  const int64_t F = in.size(-1) / 2, M = in.numel() / std::max<int64_t>(2 * F, 1);
+  std::vector<int64_t> shape(in.sizes().begin(), in.sizes().end());
+  shape.back() = F;
+  at::Tensor out = at::empty(shape, in.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t *gate = src + r * 2 * F, *up = gate + F;
+      uint16_t* o = dst + r * F;
+      int64_t i = 0;
+      for (; i + 8 <= F; i += 8) {
+        const __m256 g = load_bf16(gate + i);
+        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        store_bf16(o + i, _mm256_mul_ps(s, load_bf16(up + i)));
+      }
+      for (; i < F; ++i) {
+        const float g = c10::BFloat16(gate[i], c10::BFloat16::from_bits()), u = c10::BFloat16(up[i], c10::BFloat16::from_bits());
+        o[i] = to_bf16(g / (1.f + std::exp(-g)) * u);
+      }
+    }
+  });
+  return out;
+}
+
 // weights: q, k, v, o, gate, up, down (repacked); biases: the same order, empty where none
 at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
                         at::TensorList weights, at::IntArrayRef qtypes, at::TensorList biases, const at::Tensor& cos,
@@ -190,4 +239,5 @@ TORCH_LIBRARY_FRAGMENT(QWEN2_NS, m) {
         "Tensor[] biases, Tensor cos, Tensor sin, Tensor k_pool, Tensor v_pool, Tensor write_index, Tensor tables, "
         "Tensor positions, int block_size, int n_heads, int n_kv, int head_dim) -> Tensor",
         &decode_layer);
+  m.def("silu_mul_bf16(Tensor gate_up) -> Tensor", &silu_mul_bf16);
 }
