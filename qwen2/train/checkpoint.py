@@ -21,6 +21,7 @@ import json
 import random
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -132,6 +133,13 @@ def restore(state: dict, model: torch.nn.Module, weights: dict[str, torch.Tensor
         model.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    # the learning rate from this run's schedule, not the one the optimizer saved: they differ when a
+    # finished run is extended with more --steps (its saved rate is the old schedule's end, 0). Stepping
+    # back onto the same step recomputes it; torch would warn that no optimizer step came first.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        scheduler.last_epoch -= 1
+        scheduler.step()
     rngs = state.get("torch_rngs", [])
     torch.set_rng_state(rngs[rank] if rank < len(rngs) else state["torch_rng"])
     random.setstate(state["python_rng"])

@@ -195,6 +195,18 @@ def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(tiny_hf, chat
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_a_finished_run_extended_with_more_steps_follows_the_longer_schedule(tiny_hf, chat_file, tmp_path):
+    from qwen2.train.trainer import cosine_schedule
+
+    Trainer(config(tiny_hf, chat_file, tmp_path, steps=2, warmup=0.25)).train()
+    Trainer(config(tiny_hf, chat_file, tmp_path, steps=4, warmup=0.25, resume=True)).train()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = {m["step"]: m["lr"] for m in lines if "lr" in m}
+    # the old schedule ended at 0; step 3 of 4 is at the new schedule's cos(pi/3) point
+    assert rates[3] == pytest.approx(1e-3 * cosine_schedule(2, 4, 1), rel=1e-6) and rates[3] > 0, rates
+    assert rates[4] == pytest.approx(1e-3 * cosine_schedule(3, 4, 1), rel=1e-6)
+
+
 def test_keep_1_keeps_only_the_latest_checkpoint_and_keep_0_is_refused(tiny_hf, chat_file, tmp_path):
     with pytest.raises(OptionError, match="--keep must be at least 1"):
         Trainer(config(tiny_hf, chat_file, tmp_path, keep=0))
