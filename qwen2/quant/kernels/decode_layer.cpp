@@ -11,6 +11,7 @@
 
 #include "int8_matmul.h"
 
+#include <initializer_list>
 #include <vector>
 
 namespace {
@@ -178,11 +179,20 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
     TORCH_CHECK(8 * weights[i].size(0) == widths[i], "matrix ", i, " has ", 8 * weights[i].size(0), " rows, not ",
                 widths[i]);
   }
-  auto product = [&](const QuantizedRows& a, int i, int64_t K, float* y) {
-    matmul_packed(a, B, K, weights[i], qtypes[i], y);
-    if (biases[i].numel())
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t n = 0; n < widths[i]; ++n) y[b * widths[i] + n] += biases[i].data_ptr<float>()[n];
+  // matrices i (reading the same activations a) into ys, one parallel loop; then their biases
+  auto product = [&](const QuantizedRows& a, std::initializer_list<int> ids, int64_t K,
+                     std::initializer_list<float*> ys) {
+    std::vector<Product> ps;
+    auto y = ys.begin();
+    for (int i : ids) ps.push_back({weights[i], qtypes[i], *y++});
+    matmul_packed_together(a, B, K, ps);
+    y = ys.begin();
+    for (int i : ids) {
+      float* yi = *y++;
+      if (biases[i].numel())
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t n = 0; n < widths[i]; ++n) yi[b * widths[i] + n] += biases[i].data_ptr<float>()[n];
+    }
   };
   at::Tensor out = x.clone(), h = at::empty({B, H}, x.options());
   at::Tensor q = at::empty({B, Q}, x.options()), k = at::empty({B, KV}, x.options()), v = at::empty({B, KV}, x.options());
@@ -191,9 +201,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
   rms_norm(xo, norm1.data_ptr<float>(), eps, B, H, h.data_ptr<float>());
   {
     const QuantizedRows hq = quantize(h.data_ptr<float>(), B, H);
-    product(hq, 0, H, q.data_ptr<float>());
-    product(hq, 1, H, k.data_ptr<float>());
-    product(hq, 2, H, v.data_ptr<float>());
+    product(hq, {0, 1, 2}, H, {q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>()});
   }
   const int64_t* slots = write_index.data_ptr<int64_t>();
   float* kp = k_pool.data_ptr<float>();
@@ -217,18 +225,17 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
     }
   });
   at::Tensor o = at::empty({B, H}, x.options());
-  product(quantize(y.data_ptr<float>(), B, Q), 3, Q, o.data_ptr<float>());
+  product(quantize(y.data_ptr<float>(), B, Q), {3}, Q, {o.data_ptr<float>()});
   out.add_(o);
 
   rms_norm(xo, norm2.data_ptr<float>(), eps, B, H, h.data_ptr<float>());
   at::Tensor gate = at::empty({B, F}, x.options()), up = at::empty({B, F}, x.options());
   {
     const QuantizedRows hq = quantize(h.data_ptr<float>(), B, H);
-    product(hq, 4, H, gate.data_ptr<float>());
-    product(hq, 5, H, up.data_ptr<float>());
+    product(hq, {4, 5}, H, {gate.data_ptr<float>(), up.data_ptr<float>()});
   }
   silu_mul(gate.data_ptr<float>(), up.data_ptr<float>(), B * F);
-  product(quantize(gate.data_ptr<float>(), B, F), 6, F, o.data_ptr<float>());
+  product(quantize(gate.data_ptr<float>(), B, F), {6}, F, {o.data_ptr<float>()});
   return out.add_(o);
 }
 

@@ -457,4 +457,44 @@ inline void matmul_packed(const QuantizedRows& q, int64_t M, int64_t K, const at
   DISPATCH_INT(qtype, matmul_typed, a, M, K, packed.data_ptr<uint8_t>(), packed.size(1), y, N);
 }
 
+// Matrices that read the same activations (q, k and v; gate and up) as one parallel loop over all
+// their groups of 8 rows: one fork and join instead of one each, and the small matrices (k and v,
+// 16 groups) stream beside the large one instead of splitting 16 groups over the threads alone.
+// From AMX_MIN_ROWS rows on an AMX build, each matrix takes matmul_packed's tiles as before.
+struct Product {
+  const at::Tensor& packed;
+  int64_t qtype;
+  float* y;  // [M, rows of the matrix]
+};
+
+inline void matmul_packed_together(const QuantizedRows& q, int64_t M, int64_t K, const std::vector<Product>& ps) {
+#if defined(__AMX_INT8__)
+  if (M >= AMX_MIN_ROWS) {
+    for (const Product& p : ps) matmul_packed(q, M, K, p.packed, p.qtype, p.y);
+    return;
+  }
+#endif
+  const Activations a = q.view();
+  std::vector<Activations> rows(M);
+  for (int64_t m = 0; m < M; ++m) rows[m] = a.row(m, K / 32);
+  const int64_t n = static_cast<int64_t>(ps.size());
+  std::vector<int64_t> first(n + 1, 0);  // each matrix's first group in the joint loop
+  std::vector<std::vector<float*>> out(n, std::vector<float*>(M));
+  int64_t widest = 1;
+  for (int64_t i = 0; i < n; ++i) {
+    first[i + 1] = first[i] + ps[i].packed.size(0);
+    for (int64_t m = 0; m < M; ++m) out[i][m] = ps[i].y + m * 8 * ps[i].packed.size(0);
+    widest = std::max(widest, ps[i].packed.size(1));
+  }
+  at::parallel_for(0, first[n], grain_groups(widest), [&](int64_t g0, int64_t g1) {
+    int64_t i = 0;
+    for (int64_t g = g0; g < g1; ++g) {
+      while (g >= first[i + 1]) ++i;
+      const int64_t local = g - first[i];
+      const uint8_t* group = ps[i].packed.data_ptr<uint8_t>() + local * ps[i].packed.size(1);
+      DISPATCH_INT(ps[i].qtype, dot_rows, group, K, rows.data(), out[i].data(), M, 8 * local);
+    }
+  });
+}
+
 }  // namespace
