@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from qwen2.bench.report import METRICS, pick, roofline
+from qwen2.bench.report import METRICS, pick, ratios, roofline
 from qwen2.cli import main
 
 
@@ -56,6 +56,14 @@ def test_pick_takes_a_peers_faster_decode_and_ours_as_loaded():
     assert ours["variant"] == "auto" and ours["decode_tps"] == 5.0
     failed = pick("transformers", {"fp32": {"missing": "failed (signal 11): boom"}})
     assert "boom" in failed["missing"] and all(failed[k] is None for k in METRICS)
+
+
+def test_each_ratio_is_against_the_peers_fastest_variant_at_that_metric():
+    ours = {"prefill_tps": 800.0, "decode_tps": 40.0, "decode_tps_c4": 120.0, "decode_tps_c16": None}
+    keys = ("prefill_tps", "decode_tps", "decode_tps_c4", "decode_tps_c16")
+    variants = {"t [float32]": dict(zip(keys, (330.0, 10.8, 20.0, 55.0))),
+                "t [bfloat16]": dict(zip(keys, (1250.0, 10.5, 40.0, 140.0)))}
+    assert ratios(ours, variants) == pytest.approx([0.64, 40 / 10.8, 3.0, None])
 
 
 def test_roofline_is_bandwidth_over_bytes_per_token():

@@ -71,15 +71,34 @@ def print_report(machine: dict[str, Any], rows: dict[str, dict[str, dict]], resu
     if busiest > 0.2:
         print(f"WARNING: other processes kept up to {busiest:.2f} cores busy during a run (column 'other'); "
               "engines that ran at different times are not comparable: rerun on a quiet machine")
-    # ours / peer on every throughput metric, against the row each peer is judged by
+    # ours / peer on every throughput metric, each against the peer's fastest variant at it (the issue's
+    # "best peer"): transformers' bf16 prefills fastest while its float32 may decode a hair faster
     ours = results["qwen2"]
-    print(f"\n{'qwen2 / peer (> 1: ours faster)':<34}{'prefill':>16}{'decode':>8}{'c4':>8}{'c16':>8}  peer row")
+    print(f"\n{'qwen2 / peer (> 1: ours faster)':<34}{'prefill':>16}{'decode':>8}{'c4':>8}{'c16':>8}"
+          "  (each column: the peer's fastest variant at it)")
+    everyone = {}
     for peer in PEERS[1:]:
-        theirs = results[peer]
-        if ours.get("missing") or theirs.get("missing"):
+        variants = {k: r for k, r in rows.get(peer, {}).items() if "missing" not in r}
+        if ours.get("missing") or not variants:
             print(f"{'vs ' + peer:<34}{'missing':>16}")
             continue
-        ratios = [ours[k] / theirs[k] if ours.get(k) and theirs.get(k) else None for k in METRICS[1:5]]
-        print(f"{'vs ' + peer:<34}{fmt(ratios[0], 2):>16}" + "".join(f"{fmt(x, 2):>8}" for x in ratios[1:])
-              + f"  {theirs['variant']}")
+        everyone |= variants
+        print(f"{'vs ' + peer:<34}" + row_of(ratios(ours, variants)))
+    if len(everyone) > 1 and not ours.get("missing"):
+        print(f"{'vs the best peer':<34}" + row_of(ratios(ours, everyone)))
 
+
+THROUGHPUTS = METRICS[1:5]
+
+
+def ratios(ours: dict[str, Any], variants: dict[str, dict[str, Any]]) -> list[float | None]:
+    """ours / the fastest of `variants` at each throughput metric (None where either is unmeasured)."""
+    out = []
+    for k in THROUGHPUTS:
+        best = max((r[k] for r in variants.values() if r.get(k)), default=None)
+        out.append(ours[k] / best if ours.get(k) and best else None)
+    return out
+
+
+def row_of(values: list[float | None]) -> str:
+    return f"{fmt(values[0], 2):>16}" + "".join(f"{fmt(x, 2):>8}" for x in values[1:])
