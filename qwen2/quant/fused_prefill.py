@@ -66,10 +66,10 @@ class FusedPrefill:
         norm = block.input_layernorm
         h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps).bfloat16()
         projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-        qkv = bf16_product(h, projections).float()
-        if attn.q_proj.bias is not None:
-            qkv += torch.cat([m.bias for m in projections])
-        q, k, v = qkv.split([m.out_features for m in projections], dim=-1)
+        q, k, v = bf16_product(h, projections).float().split([m.out_features for m in projections], dim=-1)
+        for part, m in zip((q, k, v), projections):
+            if m.bias is not None:
+                part += m.bias
         y = attn.attend(q, k, v, ctx).bfloat16()
         x = x + bf16_product(y, [attn.o_proj])
         norm = block.post_attention_layernorm
