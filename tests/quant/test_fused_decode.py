@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from qwen2.model import PagedKVCache, Transformer
-from qwen2.quant import blocks, fused_decode
 from qwen2.quant.blocks import Q8_0, blocks_from_float, kernels_available
 from qwen2.quant.fused_decode import FusedDecode, fusable
-from qwen2.quant.kernels import available_isas, gguf_ops
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="the GGUF kernels cannot be built on this machine")
@@ -52,15 +50,6 @@ def greedy(model: Transformer, prompts: list[list[int]], steps: int) -> tuple[li
             for r in range(rows):
                 tokens[r].append(int(logits[r].argmax()))
     return steps_logits, tokens
-
-
-@pytest.fixture(params=available_isas())
-def isa(request, monkeypatch):
-    """Every vector ISA this CPU runs: the layers and the fused call use that build's kernels."""
-    ops = gguf_ops(request.param)
-    monkeypatch.setattr(blocks, "compiled_ops", lambda: ops)
-    monkeypatch.setattr(fused_decode, "compiled_ops", lambda: ops)
-    return request.param
 
 
 @pytest.mark.parametrize("prompts", [[[5, 9, 11, 200, 3]], [[5, 9, 11], list(range(40, 77)), [300] * 18]],

@@ -12,22 +12,13 @@ from qwen2.model import KVCache, MoE, Transformer
 from qwen2.quant import blocks, fused_moe
 from qwen2.quant.blocks import INT8_KERNEL_MAX_ROWS, Q4_K, Q8_0, BlockLinear, blocks_from_float, make_blocks
 from qwen2.quant.fused_moe import FusedExperts, fusable, fuse_experts
-from qwen2.quant.kernels import available_isas, gguf_ops
+from qwen2.quant.kernels import gguf_ops
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not blocks.kernels_available(), reason="the GGUF kernels cannot be built here")
 Q5_0 = 6
 MOE = dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
            shared_expert_intermediate_size=64)
-
-
-@pytest.fixture(params=available_isas())
-def isa(request, monkeypatch):
-    """Every vector ISA this CPU runs: the block layers and the call use that build's kernels."""
-    ops = gguf_ops(request.param)
-    monkeypatch.setattr(blocks, "compiled_ops", lambda: ops)
-    monkeypatch.setattr(fused_moe, "compiled_ops", lambda: ops)
-    return request.param
 
 
 def int8_layer(qtypes: tuple[int, int, int], hidden: int = 256, width: int = 256, experts: int = 8,

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from qwen2.model import PagedKVCache, Transformer
-from qwen2.quant import blocks, fused_prefill
 from qwen2.quant.blocks import Q8_0, bf16_gemm_is_fast, blocks_from_float, kernels_available
 from qwen2.quant.fused_prefill import FusedPrefill
-from qwen2.quant.kernels import available_isas, gguf_ops
+from qwen2.quant.kernels import gguf_ops
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="the GGUF kernels cannot be built on this machine")
@@ -56,15 +55,6 @@ def prefill_then_decode(model: Transformer, prompts: list[list[int]], chunk: int
             for r in range(rows):
                 tokens[r].append(int(step[r].argmax()))
     return every, tokens
-
-
-@pytest.fixture(params=available_isas())
-def isa(request, monkeypatch):
-    """Every vector ISA this CPU runs: the layers and the fused prefill use that build's kernels."""
-    ops = gguf_ops(request.param)
-    monkeypatch.setattr(blocks, "compiled_ops", lambda: ops)
-    monkeypatch.setattr(fused_prefill, "compiled_ops", lambda: ops)
-    return request.param
 
 
 @needs_bf16
