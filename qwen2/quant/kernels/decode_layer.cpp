@@ -99,31 +99,18 @@ void attend(const float* q, const float* k_pool, const float* v_pool, const int6
   }
 }
 
+inline __m256 silu8(__m256 g) {  // g * sigmoid(g)
+  return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+
 void silu_mul(float* gate, const float* up, int64_t n) {  // gate <- gate * sigmoid(gate) * up
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 g = _mm256_loadu_ps(gate + i);
-    const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-    _mm256_storeu_ps(gate + i, _mm256_mul_ps(s, _mm256_loadu_ps(up + i)));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(gate + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(gate + i)), _mm256_loadu_ps(up + i)));
   for (; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
 inline __m256 load_bf16(const uint16_t* p) {  // 8 bf16 -> float32: the bits move to the top half
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
-inline void store_bf16(uint16_t* p, __m256 v) {  // 8 float32 -> bf16, rounded to nearest even as torch does
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-  _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1)));
-}
-
-inline uint16_t to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
 }
 
 // A prefill's SiLU(gate) * up (qwen2/quant/fused_prefill.py): gate_up (M, 2F) bf16, as the stacked
@@ -144,14 +131,10 @@ at::Tensor silu_mul_bf16(const at::Tensor& gate_up) {
       const uint16_t *gate = src + r * 2 * F, *up = gate + F;
       uint16_t* o = dst + r * F;
       int64_t i = 0;
-      for (; i + 8 <= F; i += 8) {
-        const __m256 g = load_bf16(gate + i);
-        const __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-        store_bf16(o + i, _mm256_mul_ps(s, load_bf16(up + i)));
-      }
+      for (; i + 8 <= F; i += 8) store8(o + i, _mm256_mul_ps(silu8(load_bf16(gate + i)), load_bf16(up + i)));
       for (; i < F; ++i) {
         const float g = c10::BFloat16(gate[i], c10::BFloat16::from_bits()), u = c10::BFloat16(up[i], c10::BFloat16::from_bits());
-        o[i] = to_bf16(g / (1.f + std::exp(-g)) * u);
+        o[i] = c10::BFloat16(g / (1.f + std::exp(-g)) * u).x;
       }
     }
   });
@@ -184,7 +167,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
                      std::initializer_list<float*> ys) {
     std::vector<Product> ps;
     auto y = ys.begin();
-    for (int i : ids) ps.push_back({weights[i], qtypes[i], *y++});
+    for (int i : ids) ps.push_back(product_of(weights[i], qtypes[i], *y++));
     matmul_packed_together(a, B, K, ps);
     y = ys.begin();
     for (int i : ids) {

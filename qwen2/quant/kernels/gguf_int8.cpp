@@ -113,28 +113,6 @@ void repack_typed(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, uin
   });
 }
 
-// The float weights of a repacked matrix: exact as float32 (tests, tiles for many-row
-// products), or rounded to bfloat16 (to nearest even) for bf16 GEMMs.
-inline void store8(float* o, __m256 v) { _mm256_storeu_ps(o, v); }
-inline void store8(uint16_t* o, __m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit lane: 4 words, twice
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(o),
-                   _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0b1000)));
-}
-
-#if defined(__AVX512F__)
-inline void store16(float* o, __m512 v) { _mm512_storeu_ps(o, v); }
-inline void store16(uint16_t* o, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(rounded));
-}
-#endif
-
 template <int64_t T, class Out>
 void dequantize_typed(const uint8_t* packed, int64_t group_bytes, int64_t N, int64_t K, Out* out) {
   constexpr Layout L = layout(T);

@@ -128,6 +128,28 @@ inline fvec fma_scaled(ivec acc, fvec scale, float dx, fvec into) {
 }
 inline __m256 rows8(fvec a) { return a; }
 #endif
+// Floats stored as they are, or rounded to bfloat16 (to nearest even, as torch does): the decoded
+// weights of a repacked matrix (gguf_int8.cpp), a prefill's SiLU-times-up (decode_layer.cpp).
+inline void store8(float* o, __m256 v) { _mm256_storeu_ps(o, v); }
+inline void store8(uint16_t* o, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i packed = _mm256_packus_epi32(rounded, rounded);  // per 128-bit lane: 4 words, twice
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(o),
+                   _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0b1000)));
+}
+
+#if defined(__AVX512F__)
+inline void store16(float* o, __m512 v) { _mm512_storeu_ps(o, v); }
+inline void store16(uint16_t* o, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(rounded));
+}
+#endif
+
 constexpr int NV = 256 / VB;  // vectors per run of 32 weights x 8 rows
 #ifndef QWEN2_PREFETCH
 #define QWEN2_PREFETCH 2048
@@ -420,18 +442,46 @@ void matmul_amx(const Activations& a, int64_t M, int64_t K, const uint8_t* packe
 }
 #endif
 
+// One matrix's share of a product: its repacked groups (G bytes each, N rows in all) and its output
+// y [M, N].
+struct Product {
+  const uint8_t* packed;
+  int64_t G, N, qtype;
+  float* y;
+};
+
+// Products that read the same activations as one parallel loop over all their groups of 8 rows: one
+// fork and join for the lot, and small matrices (k and v, 16 groups) stream beside a large one (q)
+// instead of splitting their few groups over the threads alone.
+inline void dot_groups(const Activations& a, int64_t M, int64_t K, const std::vector<Product>& ps) {
+  std::vector<Activations> rows(M);
+  for (int64_t m = 0; m < M; ++m) rows[m] = a.row(m, K / 32);
+  const int64_t n = static_cast<int64_t>(ps.size());
+  std::vector<int64_t> first(n + 1, 0);  // each matrix's first group in the joint loop
+  std::vector<std::vector<float*>> out(n, std::vector<float*>(M));
+  int64_t widest = 1;
+  for (int64_t i = 0; i < n; ++i) {
+    first[i + 1] = first[i] + ps[i].N / 8;
+    for (int64_t m = 0; m < M; ++m) out[i][m] = ps[i].y + m * ps[i].N;
+    widest = std::max(widest, ps[i].G);
+  }
+  at::parallel_for(0, first[n], grain_groups(widest), [&](int64_t g0, int64_t g1) {
+    int64_t i = 0;
+    for (int64_t g = g0; g < g1; ++g) {
+      while (g >= first[i + 1]) ++i;
+      const int64_t local = g - first[i];
+      DISPATCH_INT(ps[i].qtype, dot_rows, ps[i].packed + local * ps[i].G, K, rows.data(), out[i].data(), M, 8 * local);
+    }
+  });
+}
+
 template <int64_t T>
 void matmul_typed(const Activations& a, int64_t M, int64_t K, const uint8_t* packed, int64_t G, float* y, int64_t N) {
 #if defined(__AMX_INT8__)
   if constexpr (T != Q6_K)  // its scales change every 16 weights, half a tile's run
     if (M >= AMX_MIN_ROWS && N % 16 == 0 && amx_ready()) return matmul_amx<T>(a, M, K, packed, G, y, N);
 #endif
-  std::vector<Activations> rows(M);
-  std::vector<float*> out(M);
-  for (int64_t m = 0; m < M; ++m) rows[m] = a.row(m, K / 32), out[m] = y + m * N;
-  at::parallel_for(0, N / 8, grain_groups(G), [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) dot_rows<T>(packed + g * G, K, rows.data(), out.data(), M, 8 * g);
-  });
+  dot_groups(a, M, K, {{packed, G, N, T, y}});
 }
 
 // The int8 product of M float32 rows (row stride K) with one repacked matrix, into y [M, N] (row stride N).
@@ -457,44 +507,20 @@ inline void matmul_packed(const QuantizedRows& q, int64_t M, int64_t K, const at
   DISPATCH_INT(qtype, matmul_typed, a, M, K, packed.data_ptr<uint8_t>(), packed.size(1), y, N);
 }
 
-// Matrices that read the same activations (q, k and v; gate and up) as one parallel loop over all
-// their groups of 8 rows: one fork and join instead of one each, and the small matrices (k and v,
-// 16 groups) stream beside the large one instead of splitting 16 groups over the threads alone.
-// From AMX_MIN_ROWS rows on an AMX build, each matrix takes matmul_packed's tiles as before.
-struct Product {
-  const at::Tensor& packed;
-  int64_t qtype;
-  float* y;  // [M, rows of the matrix]
-};
+inline Product product_of(const at::Tensor& packed, int64_t qtype, float* y) {
+  return {packed.data_ptr<uint8_t>(), packed.size(1), 8 * packed.size(0), qtype, y};
+}
 
+// Repacked matrices that read the same activations (q, k and v; gate and up), as dot_groups' one loop;
+// from AMX_MIN_ROWS rows on an AMX build, each matrix takes matmul_packed's tiles instead.
 inline void matmul_packed_together(const QuantizedRows& q, int64_t M, int64_t K, const std::vector<Product>& ps) {
 #if defined(__AMX_INT8__)
   if (M >= AMX_MIN_ROWS) {
-    for (const Product& p : ps) matmul_packed(q, M, K, p.packed, p.qtype, p.y);
+    for (const Product& p : ps) DISPATCH_INT(p.qtype, matmul_typed, q.view(), M, K, p.packed, p.G, p.y, p.N);
     return;
   }
 #endif
-  const Activations a = q.view();
-  std::vector<Activations> rows(M);
-  for (int64_t m = 0; m < M; ++m) rows[m] = a.row(m, K / 32);
-  const int64_t n = static_cast<int64_t>(ps.size());
-  std::vector<int64_t> first(n + 1, 0);  // each matrix's first group in the joint loop
-  std::vector<std::vector<float*>> out(n, std::vector<float*>(M));
-  int64_t widest = 1;
-  for (int64_t i = 0; i < n; ++i) {
-    first[i + 1] = first[i] + ps[i].packed.size(0);
-    for (int64_t m = 0; m < M; ++m) out[i][m] = ps[i].y + m * 8 * ps[i].packed.size(0);
-    widest = std::max(widest, ps[i].packed.size(1));
-  }
-  at::parallel_for(0, first[n], grain_groups(widest), [&](int64_t g0, int64_t g1) {
-    int64_t i = 0;
-    for (int64_t g = g0; g < g1; ++g) {
-      while (g >= first[i + 1]) ++i;
-      const int64_t local = g - first[i];
-      const uint8_t* group = ps[i].packed.data_ptr<uint8_t>() + local * ps[i].packed.size(1);
-      DISPATCH_INT(ps[i].qtype, dot_rows, group, K, rows.data(), out[i].data(), M, 8 * local);
-    }
-  });
+  dot_groups(q.view(), M, K, ps);
 }
 
 }  // namespace
