@@ -9,8 +9,9 @@ multiplies with our compiled kernels (qwen2.quant.kernels) in one of two activat
 - "float32": the file's rows as they are, memory-mapped, decoded to float32 in the kernel: the
   result equals dequantize-then-matmul, so the model computes with exactly the file's weights.
 
-Many rows at once (a prefill) dequantize a tile of weight rows at a time into a GEMM instead,
-which is faster above the kernels' row limits.
+Many rows at once (a prefill): on CPUs with AMX the int8 layers' kernels take 16 rows or more on
+bf16 tiles, decoding the blocks as they multiply; elsewhere above the kernels' row limits a tile of
+weight rows at a time is dequantized into a GEMM.
 
 `attach_blocks(model, blocks)` swaps the named weights' modules of a built model for these
 layers (from outside the model, as quant.py does); `make_blocks(w, qtype)` encodes a float
@@ -35,9 +36,10 @@ from qwen2.weights.gguf import Blocks
 # Rows (batch x tokens) up to which the block kernels beat dequantize + GEMM (bench/quant_kernels.py,
 # Q5_0 4864x896, one thread: float32 activations 16 rows 3.2 ms vs 4.0 ms; 32 rows 6.2 ms vs 5.2 ms).
 BLOCK_KERNEL_MAX_ROWS = 16
-# The int8 kernel against bf16 tiles on AMX, default model, 2 threads (ms): 32 rows lm_head 28.0 vs 53.4,
-# gate 0.85 vs 1.67, down 1.25 vs 1.93; at 64 rows down's tiles win (2.2 vs 3.6 ms).
+# Without AMX, rows up to which the int8 kernel beats dequantize + bf16 GEMM (AVX512-BF16 EPYC, default model).
+# With AMX the kernels take every row count: from 16 rows they decode the blocks straight into bf16 tiles.
 INT8_KERNEL_MAX_ROWS = 32
+TILE_MIN_ROWS = 16  # int8_matmul.h's: from this many rows AMX multiplies on bf16 tiles
 # Many rows: a matrix up to this many weights is dequantized whole for one GEMM (bf16 tiles of ~1M weights,
 # with their results concatenated, took 1.6x as long on the default model's gate/up); larger ones (an
 # output head) go in tiles of ~1M weights, so a prefill never holds a float copy of the vocabulary.
@@ -68,6 +70,12 @@ def bf16_gemm_is_fast() -> bool:
     """Whether torch's bfloat16 GEMMs run on bf16 hardware here (AMX tiles or AVX512-BF16, through
     oneDNN): then many-row products of int8-activation layers take bf16 tiles, at 2-5x the float32 rate."""
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def many_rows_on_tiles() -> bool:
+    """Whether the kernels multiply many rows themselves here, on AMX bf16 tiles that decode the repacked
+    blocks as they go (float32 out): faster than dequantize + GEMM at every row count (bench/RESULTS.md)."""
+    return bool(compiled_ops().tiles())
 
 
 def dequantize(blocks: Tensor, qtype: int, columns: int) -> Tensor:
@@ -140,7 +148,7 @@ class BlockLinear(nn.Module):
         shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features)
         rows = x.shape[0]
-        if self.activations == "int8" and rows <= self.int8_max_rows:
+        if self.activations == "int8" and (rows <= self.int8_max_rows or many_rows_on_tiles()):
             y = compiled_ops().matmul_int8(x.float(), self.packed, self.qtype, self.in_features).to(dtype)
         elif self.activations == "float32" and rows <= BLOCK_KERNEL_MAX_ROWS:
             y = compiled_ops().matmul(x.float(), self.blocks, self.qtype, self.in_features).to(dtype)
@@ -229,9 +237,8 @@ def attach_blocks(model: nn.Module, blocks: dict[str, Blocks], dtype: torch.dtyp
         else:
             layer = BlockLinear(b.data, b.qtype, b.shape[1], getattr(old, "bias", None), activations, name in packed)
             if name == "lm_head.weight":
-                # the logits are the model's output (scored by evals, sampled, returned as logprobs): bf16 tiles
-                # would round them to 0.125 at 18 and tie near-equal tokens; the int8 kernel's stay float32,
-                # at 0.6-0.8x the tiles' time up to ~300 rows, 1.2x at 512 (bench/RESULTS.md)
+                # the logits are the model's output (scored by evals, sampled, returned as logprobs): a bf16
+                # GEMM would round them to 0.125 at 18 and tie near-equal tokens; the kernels' stay float32
                 layer.int8_max_rows = sys.maxsize
             setattr(parent, child, layer)
             if mapped and layer.activations == "int8" and name not in packed:

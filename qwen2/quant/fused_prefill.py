@@ -1,15 +1,16 @@
-"""A prefill's layers as a few large bfloat16 GEMMs, for int8-repacked block models on bf16 hardware.
+"""A prefill's layers as a few large bfloat16 products, for int8-repacked block models on bf16 hardware.
 
-Many rows at once are compute-bound, and on CPUs with AMX or AVX512-BF16 torch's bf16 GEMM runs
-2-5x the float32 rate. The model's own layers already multiply in bf16 there (BlockLinear's tile
-path), but they pay for it around every product: each matrix is decoded and multiplied alone (q, k
-and v three times, gate and up twice), its input cast to bf16 and its output back to float32, and
-SiLU-times-up runs on float32 copies. Here a layer decodes q/k/v into one bf16 matrix and gate/up
-into another (one GEMM each), keeps the GEMMs' bf16 outputs where the next product reads them in
-bf16 anyway, and computes SiLU-times-up in one compiled pass. The residual stream, the norms, rotary,
-the KV cache and attention stay float32: bf16 attention ran 2.5x faster at 512 rows but put one early
-position of a Wikipedia window at KL 7.3 from float32 (bench/RESULTS.md). The exact mode
-(`--quant gguf-f32`) never comes here.
+Many rows at once are compute-bound, and on CPUs with AMX or AVX512-BF16 bf16 products run 2-5x the
+float32 rate. The model's own layers already multiply in bf16 there, but they pay for it around every
+product: each matrix multiplied alone (q, k and v three times, gate and up twice), its input cast to
+bf16 and its output back to float32, and SiLU-times-up on float32 copies. Here a layer multiplies
+q/k/v as one product and gate/up as another, and computes SiLU-times-up in one compiled pass whose
+bf16 output the down product reads. With AMX the products are our kernels' bf16 tiles, which decode
+the repacked blocks as they multiply and give float32; elsewhere each matrix is decoded to bf16 into
+one scratch matrix for torch's GEMM. The residual stream, the norms, rotary, the KV cache and
+attention stay float32: bf16 attention ran 2.5x faster at 512 rows but put one early position of a
+Wikipedia window at KL 7.3 from float32 (bench/RESULTS.md). The exact mode (`--quant gguf-f32`)
+never comes here.
 """
 
 from __future__ import annotations
@@ -19,14 +20,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2.model import Context, Transformer
-from qwen2.quant.blocks import INT8_KERNEL_MAX_ROWS, BlockLinear, bf16_gemm_is_fast, compiled_ops, scratch_buffer
+from qwen2.quant.blocks import (
+    INT8_KERNEL_MAX_ROWS,
+    TILE_MIN_ROWS,
+    BlockLinear,
+    bf16_gemm_is_fast,
+    compiled_ops,
+    many_rows_on_tiles,
+    scratch_buffer,
+)
 from qwen2.quant.fused_decode import fusable
 
 
 def bf16_product(x: torch.Tensor, linears: list[BlockLinear]) -> torch.Tensor:
-    """x (bf16, ..., K) times the matrices of `linears` stacked along their outputs, in one GEMM: each
-    decoded to bf16 into its slice of this thread's scratch buffer. bf16 result, no bias."""
+    """x (bf16, ..., K) times the matrices of `linears` stacked along their outputs, no bias: our tiles'
+    float32 result where the CPU has AMX; else one GEMM (bf16 result) on the matrices decoded to bf16
+    into this thread's scratch buffer."""
     K = linears[0].in_features
+    if many_rows_on_tiles():
+        y = compiled_ops().matmul_stacked(x.reshape(-1, K), [m.packed for m in linears], [m.qtype for m in linears], K)
+        return y.view(*x.shape[:-1], -1)
     rows = sum(m.out_features for m in linears)
     buffer = scratch_buffer(rows * K, torch.bfloat16)
     start = 0
@@ -36,23 +49,38 @@ def bf16_product(x: torch.Tensor, linears: list[BlockLinear]) -> torch.Tensor:
     return F.linear(x, buffer[:rows * K].view(rows, K))
 
 
+def silu_gated(h: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+    """SiLU(h Wgate) * (h Wup) in bf16, the down product's input: with AMX both products stay in our tiles
+    (a 512-row prefill's float32 gate/up would be 20 MB); else one GEMM of both, then one compiled pass."""
+    if many_rows_on_tiles():
+        gate, up, K = mlp.gate_proj, mlp.up_proj, h.shape[-1]
+        out = compiled_ops().gated_product(h.reshape(-1, K), gate.packed, up.packed, gate.qtype, up.qtype, K)
+        return out.view(*h.shape[:-1], -1)
+    return compiled_ops().silu_mul_bf16(bf16_product(h, [mlp.gate_proj, mlp.up_proj]))
+
+
 class FusedPrefill:
-    """Runs the layers of a forward of more rows than the int8 kernel takes (`applies` says when)."""
+    """Runs the layers of a prompt chunk's forward (`applies` says which)."""
 
     def __init__(self, model: Transformer):
         self.model = model
+        # from the rows where the products take bf16 tiles (AMX: 16; a shorter chunk's own layers stay int8) or
+        # elsewhere beat the int8 kernel
+        self.min_rows = TILE_MIN_ROWS if many_rows_on_tiles() else INT8_KERNEL_MAX_ROWS + 1
 
     @classmethod
     def for_model(cls, model: Transformer) -> FusedPrefill | None:
         if not (fusable(model) and bf16_gemm_is_fast()):
             return None
-        unbiased = all(b.self_attn.o_proj.bias is None and b.mlp.down_proj.bias is None for b in model.model.layers)
+        unbiased = all(m.bias is None for b in model.model.layers
+                       for m in (b.self_attn.o_proj, b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj))
         return cls(model) if unbiased else None
 
     def applies(self, x: torch.Tensor, cache: object) -> bool:
-        """Whether a forward of `x` (B, T, H) is a many-row one this path computes."""
+        """Whether a forward of `x` (B, T, H) is a many-row one this path computes (more rows than a
+        decode batch: those take the fused decode or the model's own layers)."""
         B, T, _ = x.shape
-        return (T > 1 and B * T > INT8_KERNEL_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+        return (T > 1 and B * T >= self.min_rows and x.dtype == torch.float32 and x.device.type == "cpu"
                 and self.model.dca is None and not (torch.is_grad_enabled() and x.requires_grad))
 
     def __call__(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -74,5 +102,4 @@ class FusedPrefill:
         x = x + bf16_product(y, [attn.o_proj])
         norm = block.post_attention_layernorm
         h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps).bfloat16()
-        gate_up = bf16_product(h, [mlp.gate_proj, mlp.up_proj])
-        return x + bf16_product(compiled_ops().silu_mul_bf16(gate_up), [mlp.down_proj])
+        return x + bf16_product(silu_gated(h, mlp), [mlp.down_proj])

@@ -117,7 +117,8 @@ def test_a_tied_embedding_looks_its_rows_up_in_the_heads_repacked_table():
     assert embed.weight.shape == (296, 64)
 
 
-def test_the_output_heads_logits_stay_float32_at_any_row_count():
+@pytest.mark.parametrize("rows", [1, 16, 100])
+def test_the_output_heads_logits_stay_float32_at_any_row_count(rows):
     from qwen2.model import Transformer
     from qwen2.quant.blocks import blocks_from_float, compiled_ops
 
@@ -125,10 +126,15 @@ def test_the_output_heads_logits_stay_float32_at_any_row_count():
     model = Transformer(tiny_config(vocab_size=512)).eval()
     blocks_from_float(model, Q8_0, activations="int8")
     head = model.lm_head
-    x = torch.randn(100, 64)  # past the row count where the other layers take bf16 tiles
-    one_by_one = torch.cat([compiled_ops().matmul_int8(row[None], head.packed, Q8_0, 64) for row in x])
-    torch.testing.assert_close(head(x), one_by_one, rtol=0, atol=1e-5)
-    assert head(x).dtype == torch.float32 and model.model.layers[0].mlp.up_proj.int8_max_rows == 32
+    x = torch.randn(rows, 64)  # 16 and more: bf16 tiles on AMX, or past the rows where other layers take a bf16 GEMM
+    logits = head(x)
+    w = compiled_ops().dequantize_packed(head.packed, Q8_0, 64).double()
+    want = x.double() @ w.T
+    # within what rounding the inputs costs (bf16: 2^-9 of each factor; int8: half a step of the row's largest)
+    bound = (x.double().abs() @ w.abs().T) * 2 ** -7 + x.abs().amax(1, keepdim=True).double() / 254 * w.abs().sum(1)
+    assert logits.dtype == torch.float32 and ((logits.double() - want).abs() <= bound + 1e-6).all()
+    assert (logits != logits.bfloat16().float()).float().mean() > 0.9  # not rounded to bf16 on the way out
+    assert model.model.layers[0].mlp.up_proj.int8_max_rows == 32
 
 
 @pytest.fixture(scope="module")

@@ -49,9 +49,9 @@ def routing(moe: MoE, x: torch.Tensor, favourite: int | None = None) -> tuple[to
 
 def loop(moe: MoE, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, isa: str,
          monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    """The per-expert loop's result. The AMX build gives 16 or more rows of one expert to AMX tiles,
-    whose float sums go in another order than the VNNI products the call runs: there the loop runs
-    on the same CPU's VNNI build."""
+    """The per-expert loop's result. The AMX build gives 16 or more rows of one expert to bf16 tiles,
+    another rounding than the int8 products the call runs: there the loop runs on the same CPU's VNNI
+    build."""
     if isa == "amx":
         vnni = gguf_ops("avx512vnni")
         monkeypatch.setattr(blocks, "compiled_ops", lambda: vnni)

@@ -135,6 +135,57 @@ def test_int8_matmul_equals_float64_on_the_rounded_activations(ops, qtype, threa
                 assert ((y - xq @ w.T).abs() <= bound).all(), (qtype.name, cols, rows)
 
 
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+def test_many_rows_on_amx_take_bf16_tiles_of_the_decoded_weights(ops, qtype):
+    """From 16 rows, a matrix of whole 32-row blocks is multiplied on AMX bf16 tiles: the activations and the
+    decoded weights each rounded to bf16 once, the products summed in float32; fewer rows stay int8."""
+    if not ops.tiles():
+        pytest.skip("this build or CPU has no AMX bf16 tiles: many rows take the int8 products")
+    for cols in columns(qtype):
+        raw = make_blocks(qtype, 96, cols, seed=cols + 2)
+        packed = ops.repack(torch.from_numpy(raw), int(qtype), cols)
+        w = ops.dequantize_packed(packed, int(qtype), cols, True).double()
+        for rows in (16, 17, 33, 50, 64):
+            x = torch.randn(rows, cols) * torch.rand(rows, 1) * 10
+            y = ops.matmul_int8(x, packed, int(qtype), cols).double()
+            xb = x.bfloat16().double()
+            bound = (xb.abs() @ w.abs().T) * (cols * 2 ** -24 * 2) + 1e-30
+            assert ((y - xb @ w.T).abs() <= bound).all(), (qtype.name, cols, rows)
+    x = torch.randn(15, cols)  # below the tiles: int8, which is not the bf16 result
+    assert not torch.allclose(ops.matmul_int8(x, packed, int(qtype), cols).double(), x.bfloat16().double() @ w.T,
+                              rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [5, 40])
+def test_stacked_matrices_give_each_ones_product_side_by_side(ops, rows):
+    cols = 96
+    mats = [ops.repack(torch.from_numpy(make_blocks(t, n, cols, seed=n)), int(t), cols)
+            for t, n in ((Q.Q8_0, 64), (Q.Q5_0, 32), (Q.Q4_0, 96))]
+    types = [int(Q.Q8_0), int(Q.Q5_0), int(Q.Q4_0)]
+    x = torch.randn(rows, cols)
+    alone = torch.cat([ops.matmul_int8(x, m, t, cols) for m, t in zip(mats, types)], dim=1)
+    assert torch.equal(ops.matmul_stacked(x, mats, types, cols), alone)
+    if ops.tiles() and rows >= 16:  # the tiles read bf16 rows as they are
+        assert torch.equal(ops.matmul_stacked(x.bfloat16(), mats, types, cols), alone)
+    with pytest.raises(RuntimeError, match="one qtype for each"):
+        ops.matmul_stacked(x, mats, types[:2], cols)
+
+
+@pytest.mark.parametrize("rows", [5, 17, 40])
+def test_the_gated_product_is_silu_of_gate_times_up_rounded_once(ops, rows):
+    """SiLU(x Wgate) * (x Wup) to bf16 in one call (with AMX, both products stay in the tiles) equals the two
+    products side by side, then SiLU-times-up: to the bit, gate and up of different block types."""
+    cols = 512
+    gate = ops.repack(torch.from_numpy(make_blocks(Q.Q4_K, 96, cols, seed=1)), int(Q.Q4_K), cols)
+    up = ops.repack(torch.from_numpy(make_blocks(Q.Q6_K, 96, cols, seed=2)), int(Q.Q6_K), cols)
+    x = torch.randn(rows, cols)
+    got = ops.gated_product(x, gate, up, int(Q.Q4_K), int(Q.Q6_K), cols)
+    want = ops.silu_mul_bf16(ops.matmul_stacked(x, [gate, up], [int(Q.Q4_K), int(Q.Q6_K)], cols))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="as many rows"):
+        ops.gated_product(x, gate, up[:4], int(Q.Q4_K), int(Q.Q6_K), cols)
+
+
 def test_int8_kernels_refuse_what_they_cannot_take(ops):
     raw = torch.from_numpy(make_blocks(Q.Q8_0, 12, 64))
     with pytest.raises(RuntimeError, match="groups of 8"):

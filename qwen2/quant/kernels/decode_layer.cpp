@@ -16,21 +16,6 @@
 
 namespace {
 
-// exp on 8 floats (Cephes' expf polynomial on x - n ln2, scaled by 2^n): relative error ~1e-7
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447505531f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
-}
-
 inline float sum8(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -99,9 +84,6 @@ void attend(const float* q, const float* k_pool, const float* v_pool, const int6
   }
 }
 
-inline __m256 silu8(__m256 g) {  // g * sigmoid(g)
-  return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-}
 
 void silu_mul(float* gate, const float* up, int64_t n) {  // gate <- gate * sigmoid(gate) * up
   int64_t i = 0;
@@ -109,35 +91,76 @@ void silu_mul(float* gate, const float* up, int64_t n) {  // gate <- gate * sigm
   for (; i < n; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-inline __m256 load_bf16(const uint16_t* p) {  // 8 bf16 -> float32: the bits move to the top half
+inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> float32: the bits move to the top half
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
-// A prefill's SiLU(gate) * up (qwen2/quant/fused_prefill.py): gate_up (M, 2F) bf16, as the stacked
-// gate/up GEMM gives it -> (M, F) bf16, computed in float32 and rounded once, as the down GEMM's input.
-// One pass instead of torch's four (casts, silu, mul) over float32 copies.
-at::Tensor silu_mul_bf16(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.size(-1) % 2 == 0,
-              "gate_up must be bfloat16 with an even last dimension");
-  const at::Tensor in = gate_up.contiguous();
-  const int64_t F = in.size(-1) / 2, M = in.numel() / std::max<int64_t>(2 * F, 1);
-  std::vector<int64_t> shape(in.sizes().begin(), in.sizes().end());
-  shape.back() = F;
-  at::Tensor out = at::empty(shape, in.options());
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline float scalar(float v) { return v; }
+inline float scalar(uint16_t v) { return c10::BFloat16(v, c10::BFloat16::from_bits()); }
+
+// A prefill's SiLU(gate) * up (qwen2/quant/fused_prefill.py): gate_up (M, 2F), as the stacked gate/up
+// product gives it (bf16 from a GEMM, float32 from our tiles) -> (M, F) bf16, computed in float32 and
+// rounded once, as the down product's input. One pass instead of torch's four (casts, silu, mul).
+template <class In>
+void silu_mul_rows(const In* src, int64_t M, int64_t F, uint16_t* dst) {
   at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const uint16_t *gate = src + r * 2 * F, *up = gate + F;
+      const In *gate = src + r * 2 * F, *up = gate + F;
       uint16_t* o = dst + r * F;
       int64_t i = 0;
-      for (; i + 8 <= F; i += 8) store8(o + i, _mm256_mul_ps(silu8(load_bf16(gate + i)), load_bf16(up + i)));
+      for (; i + 8 <= F; i += 8) store8(o + i, _mm256_mul_ps(silu8(load8(gate + i)), load8(up + i)));
       for (; i < F; ++i) {
-        const float g = c10::BFloat16(gate[i], c10::BFloat16::from_bits()), u = c10::BFloat16(up[i], c10::BFloat16::from_bits());
+        const float g = scalar(gate[i]), u = scalar(up[i]);
         o[i] = c10::BFloat16(g / (1.f + std::exp(-g)) * u).x;
       }
     }
   });
+}
+
+at::Tensor silu_mul_bf16(const at::Tensor& gate_up) {
+  TORCH_CHECK((gate_up.scalar_type() == at::kBFloat16 || gate_up.scalar_type() == at::kFloat) &&
+                  gate_up.size(-1) % 2 == 0,
+              "gate_up must be bfloat16 or float32 with an even last dimension");
+  const at::Tensor in = gate_up.contiguous();
+  const int64_t F = in.size(-1) / 2, M = in.numel() / std::max<int64_t>(2 * F, 1);
+  std::vector<int64_t> shape(in.sizes().begin(), in.sizes().end());
+  shape.back() = F;
+  at::Tensor out = at::empty(shape, in.options().dtype(at::kBFloat16));
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  if (in.scalar_type() == at::kFloat)
+    silu_mul_rows(in.data_ptr<float>(), M, F, dst);
+  else
+    silu_mul_rows(reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>()), M, F, dst);
+  return out;
+}
+
+// A prefill's SiLU(x Wgate^T) * (x Wup^T), rounded once to bf16 [M, F], as the down product's input: on
+// AMX tiles both products stay in the tiles (matmul_gated); elsewhere the two products, then silu_mul_bf16.
+at::Tensor gated_product(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, int64_t gate_qtype,
+                         int64_t up_qtype, int64_t K) {
+  check_packed(gate, gate_qtype, K);
+  check_packed(up, up_qtype, K);
+  TORCH_CHECK(gate.size(0) == up.size(0), "gate and up must have as many rows");
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.dim() == 2 && x.size(1) == K,
+              "x must be float32 or bfloat16 [M, K]");
+  const int64_t M = x.size(0), F = 8 * gate.size(0);
+  at::Tensor out = at::empty({M, F}, x.options().dtype(at::kBFloat16));
+  if (M == 0 || F == 0) return out;
+  const bool tiles = F % 16 == 0 && tiles_fit(M, {32});
+  const Rows rows = prepare(x.contiguous(), tiles);
+#if defined(__AMX_BF16__)
+  if (tiles) {
+    matmul_gated(reinterpret_cast<const uint16_t*>(rows.bf16.data_ptr<at::BFloat16>()), M, K,
+                 product_of(gate, gate_qtype, nullptr), product_of(up, up_qtype, nullptr),
+                 reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), F);
+    return out;
+  }
+#endif
+  at::Tensor both = at::empty({M, 2 * F}, x.options().dtype(at::kFloat));
+  matmul_packed_together(rows, {product_of(gate, gate_qtype, both.data_ptr<float>(), 2 * F),
+                                product_of(up, up_qtype, both.data_ptr<float>() + F, 2 * F)});
+  silu_mul_rows(both.data_ptr<float>(), M, F, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
   return out;
 }
 
@@ -163,12 +186,12 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
                 widths[i]);
   }
   // matrices i (reading the same activations a) into ys, one parallel loop; then their biases
-  auto product = [&](const QuantizedRows& a, std::initializer_list<int> ids, int64_t K,
-                     std::initializer_list<float*> ys) {
+  const bool tiles = tiles_fit(B, {Q, KV, H, F});
+  auto product = [&](const at::Tensor& a, std::initializer_list<int> ids, std::initializer_list<float*> ys) {
     std::vector<Product> ps;
     auto y = ys.begin();
     for (int i : ids) ps.push_back(product_of(weights[i], qtypes[i], *y++));
-    matmul_packed_together(a, B, K, ps);
+    matmul_packed_together(prepare(a, tiles), ps);
     y = ys.begin();
     for (int i : ids) {
       float* yi = *y++;
@@ -182,10 +205,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
   float* xo = out.data_ptr<float>();
 
   rms_norm(xo, norm1.data_ptr<float>(), eps, B, H, h.data_ptr<float>());
-  {
-    const QuantizedRows hq = quantize(h.data_ptr<float>(), B, H);
-    product(hq, {0, 1, 2}, H, {q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>()});
-  }
+  product(h, {0, 1, 2}, {q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>()});
   const int64_t* slots = write_index.data_ptr<int64_t>();
   float* kp = k_pool.data_ptr<float>();
   float* vp = v_pool.data_ptr<float>();
@@ -208,17 +228,24 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
     }
   });
   at::Tensor o = at::empty({B, H}, x.options());
-  product(quantize(y.data_ptr<float>(), B, Q), {3}, Q, {o.data_ptr<float>()});
+  product(y, {3}, {o.data_ptr<float>()});
   out.add_(o);
 
   rms_norm(xo, norm2.data_ptr<float>(), eps, B, H, h.data_ptr<float>());
-  at::Tensor gate = at::empty({B, F}, x.options()), up = at::empty({B, F}, x.options());
-  {
-    const QuantizedRows hq = quantize(h.data_ptr<float>(), B, H);
-    product(hq, {4, 5}, H, {gate.data_ptr<float>(), up.data_ptr<float>()});
+#if defined(__AMX_BF16__)
+  if (tiles && !biases[4].numel() && !biases[5].numel()) {  // SiLU-times-up straight from the tiles, in bf16
+    at::Tensor gated = at::empty({B, F}, x.options().dtype(at::kBFloat16));
+    matmul_gated(reinterpret_cast<const uint16_t*>(prepare(h, true).bf16.data_ptr<at::BFloat16>()), B, H,
+                 product_of(weights[4], qtypes[4], nullptr), product_of(weights[5], qtypes[5], nullptr),
+                 reinterpret_cast<uint16_t*>(gated.data_ptr<at::BFloat16>()), F);
+    product(gated, {6}, {o.data_ptr<float>()});
+    return out.add_(o);
   }
+#endif
+  at::Tensor gate = at::empty({B, F}, x.options()), up = at::empty({B, F}, x.options());
+  product(h, {4, 5}, {gate.data_ptr<float>(), up.data_ptr<float>()});
   silu_mul(gate.data_ptr<float>(), up.data_ptr<float>(), B * F);
-  product(quantize(gate.data_ptr<float>(), B, F), {6}, F, {o.data_ptr<float>()});
+  product(gate, {6}, {o.data_ptr<float>()});
   return out.add_(o);
 }
 
@@ -230,4 +257,5 @@ TORCH_LIBRARY_FRAGMENT(QWEN2_NS, m) {
         "Tensor positions, int block_size, int n_heads, int n_kv, int head_dim) -> Tensor",
         &decode_layer);
   m.def("silu_mul_bf16(Tensor gate_up) -> Tensor", &silu_mul_bf16);
+  m.def("gated_product(Tensor x, Tensor gate, Tensor up, int gate_qtype, int up_qtype, int k) -> Tensor", &gated_product);
 }

@@ -198,13 +198,38 @@ at::Tensor dequantize_packed(const at::Tensor& p, int64_t qtype, int64_t K, bool
 at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& p, int64_t qtype, int64_t K) {
   check_packed(p, qtype, K);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K, "x must be float32 [M, K]");
-  const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), N = 8 * p.size(0);
-  at::Tensor y = at::empty({M, N}, xc.options());
+  const int64_t M = x.size(0), N = 8 * p.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  matmul_packed(quantize(xc.data_ptr<float>(), M, K), M, K, p, qtype, y.data_ptr<float>());
+  matmul_packed_together(prepare(x, tiles_fit(M, {N})), {product_of(p, qtype, y.data_ptr<float>())});
   return y;
 }
+
+// x (float32, or bf16 for the tiles) times several repacked matrices at once, their outputs side by side in
+// one float32 [M, sum of their rows]: a prefill's q, k and v from one rounding of x.
+at::Tensor matmul_stacked(const at::Tensor& x, at::TensorList packed, at::IntArrayRef qtypes, int64_t K) {
+  TORCH_CHECK(packed.size() == qtypes.size() && !packed.empty(), "one qtype for each matrix");
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.dim() == 2 && x.size(1) == K,
+              "x must be float32 or bfloat16 [M, K]");
+  int64_t width = 0;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    check_packed(packed[i], qtypes[i], K);
+    width += 8 * packed[i].size(0);
+  }
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, width}, x.options().dtype(at::kFloat));
+  if (M == 0 || width == 0) return y;
+  std::vector<Product> ps;
+  bool fit = true;
+  for (size_t i = 0, at = 0; i < packed.size(); at += 8 * packed[i].size(0), ++i) {
+    ps.push_back(product_of(packed[i], qtypes[i], y.data_ptr<float>() + at, width));
+    fit = fit && tiles_fit(M, {8 * packed[i].size(0)});
+  }
+  matmul_packed_together(prepare(x.contiguous(), fit), ps);
+  return y;
+}
+
+bool tiles() { return tiles_fit(32, {32}); }  // whether many rows take the bf16 tiles in this build, here
 
 }  // namespace
 
@@ -212,4 +237,6 @@ TORCH_LIBRARY_FRAGMENT(QWEN2_NS, m) {
   m.def("repack(Tensor w, int qtype, int k) -> Tensor", &repack);
   m.def("dequantize_packed(Tensor packed, int qtype, int k, bool bf16=False, Tensor? into=None) -> Tensor", &dequantize_packed);
   m.def("matmul_int8(Tensor x, Tensor packed, int qtype, int k) -> Tensor", &matmul_int8);
+  m.def("tiles() -> bool", &tiles);
+  m.def("matmul_stacked(Tensor x, Tensor[] packed, int[] qtypes, int k) -> Tensor", &matmul_stacked);
 }

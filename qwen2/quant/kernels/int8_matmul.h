@@ -38,6 +38,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -147,6 +149,46 @@ inline void store16(uint16_t* o, __m512 v) {
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm512_cvtepi32_epi16(rounded));
+}
+#endif
+
+// exp on 8 floats (Cephes' expf polynomial on x - n ln2, scaled by 2^n): relative error ~1e-7
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447505531f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+inline __m256 silu8(__m256 g) {  // g * sigmoid(g)
+  return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+
+#if defined(__AVX512F__)
+// exp8 and silu8 on 16 lanes: the same operations lane for lane, so the same bits, in half the instructions
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447505531f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(c));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  const __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2n));
+}
+
+inline __m512 silu16(__m512 g) {
+  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
 #endif
 
@@ -352,102 +394,13 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* pattern, float*
   });
 }
 
-#if defined(__AMX_INT8__)
-#include <sys/syscall.h>
-#include <unistd.h>
-
-// Many rows on AMX tiles: one `tdpbssd` multiplies 16 activation rows by 16 weight rows over a
-// run of 32 (8,192 products), where VNNI needs 128 instructions. The repacked units are already
-// the B operand's layout (four consecutive weights of one row per 32-bit lane): a B tile row is
-// unit u of two groups side by side. Both operands are signed bytes (the decoded weights are below
-// 128, or Q8_0's own signed values), so, unlike VNNI's unsigned-by-signed `vpdpbusd`, no offset
-// has to be added to the activations and taken off again.
-constexpr int64_t AMX_MIN_ROWS = 16;  // below it VNNI wins (8 rows of Q5_0 4864x896: 0.23 vs 0.18 ms)
-
-inline bool amx_ready() {  // Linux lends a process the tile registers only once it asks
-  static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ready;
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-template <int64_t T>
-void matmul_amx(const Activations& a, int64_t M, int64_t K, const uint8_t* packed, int64_t G, float* y, int64_t N) {
-  constexpr Layout L = layout(T);
-  constexpr int64_t runs = L.super / 32;
-  const int64_t K32 = K / 32, Mpad = (M + 15) / 16 * 16;
-  std::vector<int8_t> xs(Mpad * K, 0);  // row-major activations; padding rows are x = 0
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < K32; ++b)
-      for (int u = 0; u < 8; ++u)
-        std::memcpy(xs.data() + m * K + 32 * b + 4 * u, a.pattern + (m * K32 + b) * 256 + 32 * u, 4);
-  at::parallel_for(0, N / 16, 1, [&](int64_t w0, int64_t w1) {
-    TileConfig config;
-    config.rows[0] = 16, config.colsb[0] = 64;  // C: 16 activation rows x 16 weight rows, int32
-    config.rows[1] = 16, config.colsb[1] = 32;  // A: 16 activation rows x 32 bytes
-    config.rows[2] = 8, config.colsb[2] = 64;   // B: 8 units x (2 groups x 32 bytes)
-    _tile_loadconfig(&config);
-    alignas(64) uint8_t b_tile[512];
-    alignas(64) int32_t c[256];
-    std::vector<float> acc(Mpad * 16);
-    for (int64_t w = w0; w < w1; ++w) {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      const uint8_t* groups[2] = {packed + 2 * w * G, packed + (2 * w + 1) * G};
-      for (int64_t s = 0; s < K / L.super; ++s) {
-        const int64_t offset = s * (L.header + runs * L.run);
-        for (int64_t j = 0; j < runs; ++j) {
-          const int64_t b = s * runs + j;
-          for (const uint8_t* group : groups)  // both groups' streams a few KiB ahead, as dot_group reads its one
-            for (int64_t line = 0; line < L.header / runs + L.run; line += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(group + offset + j * L.run + line + PREFETCH), _MM_HINT_T0);
-          ivec v0[NV], v1[NV];
-          decode_run<T>(groups[0] + offset + L.header + j * L.run, v0);
-          decode_run<T>(groups[1] + offset + L.header + j * L.run, v1);
-          for (int t = 0; t < NV; ++t) {  // units 2t, 2t+1 of each group -> B rows 2t, 2t+1
-            _mm512_store_si512(b_tile + 128 * t, _mm512_shuffle_i64x2(v0[t], v1[t], 0x44));
-            _mm512_store_si512(b_tile + 128 * t + 64, _mm512_shuffle_i64x2(v0[t], v1[t], 0xEE));
-          }
-          _tile_loadd(2, b_tile, 64);
-          __m256 ws[2][2], wm[2][2];
-          run_scales<T>(groups[0] + offset, j, ws[0], wm[0]);
-          run_scales<T>(groups[1] + offset, j, ws[1], wm[1]);
-          const __m512 ws16 = _mm512_insertf32x8(_mm512_castps256_ps512(ws[0][0]), ws[1][0], 1);
-          const __m512 wm16 = _mm512_insertf32x8(_mm512_castps256_ps512(wm[0][0]), wm[1][0], 1);
-          for (int64_t mb = 0; mb < Mpad; mb += 16) {
-            _tile_zero(0);
-            _tile_loadd(1, xs.data() + mb * K + 32 * b, K);
-            _tile_dpbssd(0, 1, 2);
-            _tile_stored(0, c, 64);
-            for (int64_t m = mb; m < std::min(mb + 16, M); ++m) {
-              const __m512 products = _mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * (m - mb)));
-              __m512 r = _mm512_fmadd_ps(products, _mm512_mul_ps(ws16, _mm512_set1_ps(a.scale[m * K32 + b])),
-                                         _mm512_loadu_ps(acc.data() + 16 * m));
-              if constexpr (T != Q8_0) {
-                const float xs = a.sums[m * 2 * K32 + 2 * b] + a.sums[m * 2 * K32 + 2 * b + 1];
-                r = _mm512_fnmadd_ps(wm16, _mm512_set1_ps(xs), r);
-              }
-              _mm512_storeu_ps(acc.data() + 16 * m, r);
-            }
-          }
-        }
-      }
-      for (int64_t m = 0; m < M; ++m) std::memcpy(y + m * N + 16 * w, acc.data() + 16 * m, 16 * sizeof(float));
-    }
-    _tile_release();
-  });
-}
-#endif
-
 // One matrix's share of a product: its repacked groups (G bytes each, N rows in all) and its output
-// y [M, N].
+// columns: y [M, N] within rows of `ld` floats.
 struct Product {
   const uint8_t* packed;
   int64_t G, N, qtype;
   float* y;
+  int64_t ld;
 };
 
 // Products that read the same activations as one parallel loop over all their groups of 8 rows: one
@@ -462,7 +415,7 @@ inline void dot_groups(const Activations& a, int64_t M, int64_t K, const std::ve
   int64_t widest = 1;
   for (int64_t i = 0; i < n; ++i) {
     first[i + 1] = first[i] + ps[i].N / 8;
-    for (int64_t m = 0; m < M; ++m) out[i][m] = ps[i].y + m * ps[i].N;
+    for (int64_t m = 0; m < M; ++m) out[i][m] = ps[i].y + m * ps[i].ld;
     widest = std::max(widest, ps[i].G);
   }
   at::parallel_for(0, first[n], grain_groups(widest), [&](int64_t g0, int64_t g1) {
@@ -475,52 +428,261 @@ inline void dot_groups(const Activations& a, int64_t M, int64_t K, const std::ve
   });
 }
 
-template <int64_t T>
-void matmul_typed(const Activations& a, int64_t M, int64_t K, const uint8_t* packed, int64_t G, float* y, int64_t N) {
-#if defined(__AMX_INT8__)
-  if constexpr (T != Q6_K)  // its scales change every 16 weights, half a tile's run
-    if (M >= AMX_MIN_ROWS && N % 16 == 0 && amx_ready()) return matmul_amx<T>(a, M, K, packed, G, y, N);
-#endif
-  dot_groups(a, M, K, {{packed, G, N, T, y}});
+#if defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// Many rows on AMX bf16 tiles. Per run of 32 weights, 16 weight rows (two groups) decode to one bf16
+// B tile, (d sc) q - m rounded once as dequantize_packed's bf16 output is; the activations are the
+// rows rounded to bf16, and `tdpbf16ps` sums 16 x 16 products of 32 in float32 over the whole of K,
+// with no per-run scale to apply afterwards. Int8 tiles multiply twice as fast, but every run of 32
+// has its own activation and weight scales, so each of their 16 x 16 int32 sums must leave the tile
+// and be scaled apart: that, not the products, was their time (1.5-4.6x this kernel's, 16-512 rows).
+// Decoding costs ~110 cycles a tile whatever the rows: the first 32 rows decode each run just before
+// they use it, into a panel that later rows reuse.
+constexpr int64_t TILE_MIN_ROWS = 16;  // below it VNNI's integer products win
+
+inline bool amx_ready() {  // Linux lends a process the tile registers only once it asks
+  static const bool ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ready;
 }
 
-// The int8 product of M float32 rows (row stride K) with one repacked matrix, into y [M, N] (row stride N).
-struct QuantizedRows {
-  at::Tensor pattern, scale, sums;
-  QuantizedRows(int64_t M, int64_t K)  // room for M rows
-      : pattern(at::empty({M, K / 32, 256}, at::dtype(at::kChar))),
-        scale(at::empty({M, K / 32}, at::dtype(at::kFloat))),
-        sums(at::empty({M, K / 16}, at::dtype(at::kFloat))) {}
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The bf16 B tile of run j of two groups' records (16 weight rows): tile row r holds weights 2r and
+// 2r+1 of each of the 16 rows, the pairs `tdpbf16ps` multiplies.
+template <int64_t T>
+inline void bf16_tile(const uint8_t* rec0, const uint8_t* rec1, int64_t j, uint16_t* tile) {
+  constexpr Layout L = layout(T);
+  constexpr bool halves = T == Q6_K;
+  ivec v0[NV], v1[NV];
+  decode_run<T>(rec0 + L.header + j * L.run, v0);
+  decode_run<T>(rec1 + L.header + j * L.run, v1);
+  __m256 ws[2][2], wm[2][2];
+  run_scales<T>(rec0, j, ws[0], wm[0]);
+  run_scales<T>(rec1, j, ws[1], wm[1]);
+  // a unit of both groups is 16 rows x 4 weights; quarter c of it is rows 4c..4c+3, each's scale 4 times
+  __m512 scale[2][4], offset[2][4];
+  const __m512i lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int h = 0; h < (halves ? 2 : 1); ++h) {
+    const __m512 s16 = _mm512_insertf32x8(_mm512_castps256_ps512(ws[0][h]), ws[1][h], 1);
+    const __m512 m16 = _mm512_insertf32x8(_mm512_castps256_ps512(wm[0][h]), wm[1][h], 1);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i rows = _mm512_add_epi32(lane, _mm512_set1_epi32(4 * c));
+      scale[h][c] = _mm512_permutexvar_ps(rows, s16);
+      offset[h][c] = _mm512_permutexvar_ps(rows, m16);
+    }
+  }
+  const __m512i first = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(1));
+  alignas(64) uint8_t unit[64];
+  for (int t = 0; t < NV; ++t)
+    for (int e = 0; e < 2; ++e) {  // vector t holds units 2t and 2t+1 of a group
+      const int u = 2 * t + e, h = halves && u >= 4;
+      _mm512_store_si512(unit, e ? _mm512_shuffle_i64x2(v0[t], v1[t], 0xEE) : _mm512_shuffle_i64x2(v0[t], v1[t], 0x44));
+      __m512 w[4];
+      for (int c = 0; c < 4; ++c) {
+        const __m128i bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(unit + 16 * c));
+        const __m512i wide = T == Q8_0 ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+        w[c] = _mm512_sub_ps(_mm512_mul_ps(scale[h][c], _mm512_cvtepi32_ps(wide)), offset[h][c]);
+      }
+      // as 32-bit pairs: pair 2i+p of p01 is weights 4u+2p, 4u+2p+1 of row i (rows 0-7), p23 of rows 8-15
+      const __m512i p01 = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0]));
+      const __m512i p23 = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[3], w[2]));
+      _mm512_store_si512(tile + 64 * u, _mm512_permutex2var_epi32(p01, first, p23));
+      _mm512_store_si512(tile + 64 * u + 32, _mm512_permutex2var_epi32(p01, second, p23));
+    }
+}
+
+// 16 weight rows a B tile is decoded from: two groups of a repacked matrix, from `first`
+struct TileRows {
+  const uint8_t* first;
+  int64_t G;
+  Layout L;
+  void (*decode)(const uint8_t*, const uint8_t*, int64_t, uint16_t*);  // bf16_tile<its type>
+  void tile(int64_t b, uint16_t* out) const {  // run b of the rows
+    const int64_t runs = L.super / 32, j = b % runs, at = b / runs * (L.header + runs * L.run);
+    for (const uint8_t* group : {first, first + G})  // both streams a few KiB ahead, as dot_group reads its one
+      for (int64_t line = 0; line < L.header / runs + L.run; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(group + at + j * L.run + line + PREFETCH), _MM_HINT_T0);
+    decode(first + at, first + G + at, j, out);
+  }
+};
+
+inline TileRows tile_rows(const uint8_t* packed, int64_t G, int64_t qtype, int64_t group) {
+  TileRows r{packed + group * G, G, layout(qtype), nullptr};
+  switch (qtype) {
+    case Q4_0: r.decode = bf16_tile<Q4_0>; break;
+    case Q5_0: r.decode = bf16_tile<Q5_0>; break;
+    case Q8_0: r.decode = bf16_tile<Q8_0>; break;
+    case Q4_K: r.decode = bf16_tile<Q4_K>; break;
+    case Q5_K: r.decode = bf16_tile<Q5_K>; break;
+    case Q6_K: r.decode = bf16_tile<Q6_K>; break;
+    default: TORCH_CHECK(false, "GGUF type ", qtype, " has no integer kernel here");
+  }
+  return r;
+}
+
+// Bf16 rows x [>= M rounded up to 16, K] against `blocks` pairs of 16 weight rows (`rows(w, half)`), 16 or 32
+// activation rows at a time into four C tiles (two per half); each 16 x 16 result of a pair goes to
+// `done(w, m0, c0, c1)` (rows m0.., float32, 16 to a row), or, when `direct(w, m0)` gives an output of
+// at least 16 rows, straight there (`direct` returns {pointer, row stride in floats} or a null pointer).
+template <class Rows, class Direct, class Done>
+void tiles_over(const uint16_t* x, int64_t M, int64_t K, int64_t blocks, Rows rows, Direct direct, Done done) {
+  const int64_t steps = K / 32, Mpad = (M + 15) / 16 * 16;
+  at::parallel_for(0, blocks, 1, [&](int64_t w0, int64_t w1) {
+    TileConfig config;  // C 0-3, A 4-5 (16 rows x 32 bf16), B 6-7 (16 pairs x 16 weight rows): all 16 x 64 bytes
+    for (int i = 0; i < 8; ++i) config.rows[i] = 16, config.colsb[i] = 64;
+    _tile_loadconfig(&config);
+    std::vector<uint16_t> panel_bytes(steps * 1024 + 32);  // every run's two B tiles, 64-byte aligned
+    uint16_t* panel = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(panel_bytes.data()) + 63) & ~uintptr_t(63));
+    alignas(64) float part[2][16][16];
+    for (int64_t w = w0; w < w1; ++w) {
+      const TileRows first = rows(w, 0), second = rows(w, 1);
+      for (int64_t m0 = 0; m0 < Mpad; m0 += 32) {
+        const bool two = Mpad - m0 >= 32;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t b = 0; b < steps; ++b) {
+          uint16_t* slot = panel + b * 1024;
+          if (m0 == 0) {  // the first rows decode each run just before they use it
+            first.tile(b, slot);
+            second.tile(b, slot + 512);
+          }
+          _tile_loadd(6, slot, 64);
+          _tile_loadd(7, slot + 512, 64);
+          _tile_loadd(4, x + m0 * K + 32 * b, 2 * K);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
+            _tile_loadd(5, x + (m0 + 16) * K + 32 * b, 2 * K);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        const auto [out, ld] = direct(w, m0);
+        if (out && m0 + 16 <= M) {
+          _tile_stored(0, out, 4 * ld);
+          _tile_stored(1, out + 16, 4 * ld);
+        } else {
+          _tile_stored(0, part[0], 64);
+          _tile_stored(1, part[1], 64);
+          done(w, m0, part[0][0], part[1][0]);
+        }
+        if (!two) continue;
+        const auto [lower, ld2] = direct(w, m0 + 16);
+        if (lower && m0 + 32 <= M) {
+          _tile_stored(2, lower, 4 * ld2);
+          _tile_stored(3, lower + 16, 4 * ld2);
+        } else {
+          _tile_stored(2, part[0], 64);
+          _tile_stored(3, part[1], 64);
+          done(w, m0 + 16, part[0][0], part[1][0]);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// y [M, N] (rows of ld floats) = x W^T for one repacked matrix with N a multiple of 32: pair w is its
+// rows 32w..32w+31, straight into y but for a last part of fewer than 16 rows.
+inline void matmul_tiles(const uint16_t* x, int64_t M, int64_t K, const Product& p) {
+  tiles_over(
+      x, M, K, p.N / 32, [&](int64_t w, int half) { return tile_rows(p.packed, p.G, p.qtype, 4 * w + 2 * half); },
+      [&](int64_t w, int64_t m0) { return std::pair<float*, int64_t>{p.y + m0 * p.ld + 32 * w, p.ld}; },
+      [&](int64_t w, int64_t m0, const float* c0, const float* c1) {
+        for (int64_t m = m0; m < std::min(M, m0 + 16); ++m) {
+          std::memcpy(p.y + m * p.ld + 32 * w, c0 + 16 * (m - m0), 64);
+          std::memcpy(p.y + m * p.ld + 32 * w + 16, c1 + 16 * (m - m0), 64);
+        }
+      });
+}
+
+// SiLU(x Wgate^T) * (x Wup^T) rounded once to bf16, into h [M, F] (rows of ldh): pair w is gate's and up's
+// rows 16w..16w+15, so both products of an output are in the tiles at once and neither leaves them in
+// float32 (a 512-row prefill's gate/up output is 20 MB); F a multiple of 16.
+inline void matmul_gated(const uint16_t* x, int64_t M, int64_t K, const Product& gate, const Product& up, uint16_t* h,
+                         int64_t ldh) {
+  tiles_over(
+      x, M, K, gate.N / 16,
+      [&](int64_t w, int half) {
+        const Product& p = half ? up : gate;
+        return tile_rows(p.packed, p.G, p.qtype, 2 * w);
+      },
+      [](int64_t, int64_t) { return std::pair<float*, int64_t>{nullptr, 0}; },
+      [&](int64_t w, int64_t m0, const float* g, const float* u) {
+        for (int64_t m = m0; m < std::min(M, m0 + 16); ++m)
+          store16(h + m * ldh + 16 * w, _mm512_mul_ps(silu16(_mm512_loadu_ps(g + 16 * (m - m0))),
+                                                      _mm512_loadu_ps(u + 16 * (m - m0))));
+      });
+}
+#endif
+
+// Activation rows as the products read them: rounded per run of 32 to int8 for the integer dot products,
+// or, from TILE_MIN_ROWS rows on an AMX build, rounded to bf16 (padded to whole tiles) for bf16 tiles.
+struct Rows {
+  int64_t M, K;
+  at::Tensor pattern, scale, sums;  // int8: [M][K/32][256], [M][K/32], [M][K/16]
+  at::Tensor bf16;                  // tiles: [M rounded up to 16, K]
+  bool tiles() const { return bf16.defined(); }
   Activations view() const { return {pattern.data_ptr<int8_t>(), scale.data_ptr<float>(), sums.data_ptr<float>()}; }
 };
 
-inline QuantizedRows quantize(const float* x, int64_t M, int64_t K) {
-  QuantizedRows q(M, K);
-  quantize_rows(x, M, K, q.pattern.data_ptr<int8_t>(), q.scale.data_ptr<float>(), q.sums.data_ptr<float>());
-  return q;
+// Whether M rows against matrices of these widths take the tiles
+inline bool tiles_fit(int64_t M, std::initializer_list<int64_t> widths) {
+#if defined(__AMX_BF16__)
+  return M >= TILE_MIN_ROWS && std::all_of(widths.begin(), widths.end(), [](int64_t n) { return n % 32 == 0; }) &&
+         amx_ready();
+#else
+  return false;
+#endif
 }
 
-inline void matmul_packed(const QuantizedRows& q, int64_t M, int64_t K, const at::Tensor& packed, int64_t qtype,
-                          float* y) {
-  const Activations a = q.view();
+// x: float32 [M, K] (or, for tiles, bf16 as well)
+inline Rows prepare(const at::Tensor& x, bool tiles) {
+  const int64_t M = x.size(0), K = x.size(1);
+  Rows r{M, K};
+  if (tiles) {
+    if (M % 16 == 0 && x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
+      r.bf16 = x;
+    } else {
+      r.bf16 = at::zeros({(M + 15) / 16 * 16, K}, at::dtype(at::kBFloat16));
+      r.bf16.narrow(0, 0, M).copy_(x);
+    }
+    return r;
+  }
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  r.pattern = at::empty({M, K / 32, 256}, at::dtype(at::kChar));
+  r.scale = at::empty({M, K / 32}, at::dtype(at::kFloat));
+  r.sums = at::empty({M, K / 16}, at::dtype(at::kFloat));
+  quantize_rows(xf.data_ptr<float>(), M, K, r.pattern.data_ptr<int8_t>(), r.scale.data_ptr<float>(),
+                r.sums.data_ptr<float>());
+  return r;
+}
+
+inline Product product_of(const at::Tensor& packed, int64_t qtype, float* y, int64_t ld = -1) {
   const int64_t N = 8 * packed.size(0);
-  DISPATCH_INT(qtype, matmul_typed, a, M, K, packed.data_ptr<uint8_t>(), packed.size(1), y, N);
+  return {packed.data_ptr<uint8_t>(), packed.size(1), N, qtype, y, ld < 0 ? N : ld};
 }
 
-inline Product product_of(const at::Tensor& packed, int64_t qtype, float* y) {
-  return {packed.data_ptr<uint8_t>(), packed.size(1), 8 * packed.size(0), qtype, y};
-}
-
-// Repacked matrices that read the same activations (q, k and v; gate and up), as dot_groups' one loop;
-// from AMX_MIN_ROWS rows on an AMX build, each matrix takes matmul_packed's tiles instead.
-inline void matmul_packed_together(const QuantizedRows& q, int64_t M, int64_t K, const std::vector<Product>& ps) {
-#if defined(__AMX_INT8__)
-  if (M >= AMX_MIN_ROWS) {
-    for (const Product& p : ps) DISPATCH_INT(p.qtype, matmul_typed, q.view(), M, K, p.packed, p.G, p.y, p.N);
+// Repacked matrices that read the same activations (q, k and v; gate and up): dot_groups' one loop, or
+// each matrix's tiles.
+inline void matmul_packed_together(const Rows& r, const std::vector<Product>& ps) {
+#if defined(__AMX_BF16__)
+  if (r.tiles()) {
+    const uint16_t* x = reinterpret_cast<const uint16_t*>(r.bf16.data_ptr<at::BFloat16>());
+    for (const Product& p : ps) matmul_tiles(x, r.M, r.K, p);
     return;
   }
 #endif
-  dot_groups(q.view(), M, K, ps);
+  dot_groups(r.view(), r.M, r.K, ps);
 }
 
 }  // namespace

@@ -9,7 +9,7 @@
 // parallel region runs every (expert, group of 8 weight rows) of gate and up, one every group of
 // down. Pairs that chose the same expert go through its weights together, 4 at a time. The result
 // is the loop's to the bit, but where the loop's product of 16 or more rows of one expert took AMX
-// tiles, which add up in another order.
+// bf16 tiles, which round the activations to bf16 instead of int8.
 
 #include "int8_matmul.h"
 
@@ -77,7 +77,7 @@ at::Tensor moe_experts_int8(const at::Tensor& x, const at::Tensor& chosen, const
   }
   starts.push_back(P);
 
-  const QuantizedRows xq = quantize(x.data_ptr<float>(), B, H);
+  const Rows xq = prepare(x, false);
   at::Tensor gate = at::empty({P, F}, x.options()), up = at::empty({P, F}, x.options());
   at::Tensor out = at::empty({P, H}, x.options());
   std::vector<Activations> x_rows(P);
@@ -90,7 +90,7 @@ at::Tensor moe_experts_int8(const at::Tensor& x, const at::Tensor& chosen, const
   }
   products(starts, gate_up, 2, H, F / 8, x_rows.data(), to_gate_up);
   // torch's own SiLU and product, so the int8 rounding that follows sees the loop's values to the bit
-  const QuantizedRows hq = quantize(at::silu_(gate).mul_(up).data_ptr<float>(), P, F);
+  const Rows hq = prepare(at::silu_(gate).mul_(up), false);
   std::vector<Activations> h_rows(P);
   for (int64_t i = 0; i < P; ++i) h_rows[i] = hq.view().row(order[i], F / 32);
   products(starts, down, 1, F, H / 8, h_rows.data(), to_out);
