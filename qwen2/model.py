@@ -478,8 +478,10 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | PagedKVCache | None = None, slots: torch.Tensor | None = None,
                 logits_index: torch.Tensor | None = None,
-                router_logits: list[torch.Tensor] | None = None, kv_len: int | None = None) -> torch.Tensor:
-        """tokens, positions (B, T) -> logits (B, T, V), or (B, V) at `logits_index` (B,).
+                router_logits: list[torch.Tensor] | None = None, kv_len: int | None = None,
+                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions (B, T) -> logits (B, T, V), or (B, V) at `logits_index` (B,), or only
+        those of the rows `logits_rows` (N,) of that.
 
         With a cache, keys come from the cache slots (`slots` (B,), default rows 0..B-1; a
         PagedKVCache reads the blocks its block table lists for each slot);
@@ -491,6 +493,8 @@ class Transformer(nn.Module):
         x = self.body(tokens, positions, cache, slots, router_logits, kv_len=kv_len)
         if logits_index is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_index]  # (B, H)
+            if logits_rows is not None:
+                x = x[logits_rows]
         return self.lm_head(self.model.norm(x))
 
     def body(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,

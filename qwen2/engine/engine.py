@@ -57,6 +57,9 @@ from qwen2.model import PagedKVCache, Transformer
 from qwen2.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
+# Prompt chunks of at most this many tokens in all ride in the decode step's forward (`_can_ride`); longer
+# ones take a forward of their own, whose attention is one causal product per chunk.
+RIDING_PROMPT_TOKENS = 64
 
 # tokens per KV block: the smallest the usual 16..64 range allows, for the least memory lost to
 # partly filled blocks; one gather per layer and step reads a sequence's blocks whatever their size
@@ -336,35 +339,52 @@ class Engine:
         decoding = [r for r in decoding if r.id in self.running]  # a later one's reservation may preempt
         size = self.cache.block_size  # whole blocks, so prompts sharing a prefix stay block-aligned
         prefills, chunks = self._prefill_batch(max((self.prefill_chunk - len(decoding)) // size * size, size))
-        if prefills:
+        speculate = len(decoding) == 1 and self.speculator is not None and decoding[0].params.greedy
+        riding = bool(prefills and decoding) and not speculate and self._can_ride(prefills, chunks)
+        if prefills and not riding:
             scoring = [r.params.prompt_logprobs is not None and not r.output for r in prefills]
             every = any(scoring)  # logits at every position: score prompts, sample from each chunk's last
             logits = self._guarded_forward(prefills, chunks, [r.computed for r in prefills], outputs, every)
             for r, chunk, row, scores in zip(prefills, chunks, logits if logits is not None else [], scoring):
                 if scores and not self._score_prompt(r, row[:len(chunk)], outputs):
                     continue
-                if every:
-                    row = row[len(chunk) - 1]
-                r.computed += len(chunk)
-                self.blocks.register(r.seq, r.tokens, r.computed)
-                if r.prefilled and not r.output:
-                    done = r.params.max_tokens == 0
-                    outputs.append(self._finish(r, Output(r.id, None, ""), "length") if done else self._accept(r, row))
-        if len(decoding) == 1 and self.speculator is not None and decoding[0].params.greedy:
+                self._chunk_done(r, chunk, row[len(chunk) - 1] if every else row, outputs)
+        if speculate:
             try:
                 outputs += self._speculate(decoding[0])
             except Exception as e:
                 outputs.append(self._fail(decoding[0], "speculative_decoding", e))
         elif decoding:
-            for r, (row, token) in zip(decoding, self._decode(decoding, outputs)):
+            riders = (prefills, chunks) if riding else ([], [])
+            rows = self._decode(decoding, outputs, *riders)
+            for r, (row, token) in zip(decoding, rows):
                 r.computed += 1
                 if r.computed % self.cache.block_size == 0:  # a block just filled up
                     self.blocks.register(r.seq, r.tokens, r.computed)
                 outputs.append(self._accept(r, row, token))
+            for r, chunk, (row, _) in zip(*riders, rows[len(decoding):]):
+                self._chunk_done(r, chunk, row, outputs)
         if not (prefills or decoding or outputs) and self.running and not any(
                 r.prefilled for r in self.running.values()):
             self._preempt(next(reversed(self.running.values())))  # every prompt stalled for blocks: make room
         return outputs
+
+    def _chunk_done(self, r: Request, chunk: list[int], row: torch.Tensor | None, outputs: list[Output]) -> None:
+        """r's prompt chunk is in the cache: register its blocks; a finished prompt samples its first token
+        from `row`, the logits at the chunk's last position."""
+        r.computed += len(chunk)
+        self.blocks.register(r.seq, r.tokens, r.computed)
+        if r.prefilled and not r.output:
+            done = r.params.max_tokens == 0
+            outputs.append(self._finish(r, Output(r.id, None, ""), "length") if done else self._accept(r, row))
+
+    def _can_ride(self, prefills: list[Request], chunks: list[list[int]]) -> bool:
+        """Whether these prompt chunks go through the decode step's forward, a row per token: short chunks
+        (the weights are then read once for both, and only each chunk's last row needs the output head),
+        on a model whose fused decode layers take such rows, with no adapter and no prompt to score."""
+        return (self.model.decode_step is not None and self.static_decode is None
+                and sum(map(len, chunks)) <= RIDING_PROMPT_TOKENS
+                and not any(r.adapter or (r.params.prompt_logprobs is not None and not r.output) for r in prefills))
 
     def _guarded_forward(self, requests: list[Request], chunks: list[list[int]], starts: list[int],
                          outputs: list[Output], every_position: bool = False) -> torch.Tensor | None:
@@ -375,18 +395,20 @@ class Engine:
             outputs.extend(self._fail(r, "forward", e) for r in requests)
             return None
 
-    def _decode(self, requests: list[Request], outputs: list[Output]) -> list[tuple[torch.Tensor | None, int | None]]:
-        """One decode forward: per request, its logits row on the host, or the token already drawn
-        (with the other such rows, on the forward's device). Nothing after failing the forward (its
-        requests join `outputs`)."""
-        chunks, starts = [[r.output[-1]] for r in requests], [r.computed for r in requests]
+    def _decode(self, requests: list[Request], outputs: list[Output], prefills: list[Request] = (),
+                chunks: list[list[int]] = ()) -> list[tuple[torch.Tensor | None, int | None]]:
+        """One decode forward, which prompt chunks may ride in (`_can_ride`): per request, then per
+        prefill, its logits row on the host, or the token already drawn (with the other such decode
+        rows, on the forward's device). Nothing after failing the forward (its requests join `outputs`)."""
+        tokens = [[r.output[-1]] for r in requests] + list(chunks)
+        starts = [r.computed for r in (*requests, *prefills)]
         try:
             if self.static_decode is None or any(r.adapter for r in requests):  # graphs hold no adapter
-                logits = self._forward(requests, chunks, starts)
+                logits = self._forward_rows([*requests, *prefills], tokens, starts)
             else:
-                logits = self.static_decode([c[0] for c in chunks], starts, [r.slot for r in requests])
+                logits = self.static_decode([c[0] for c in tokens], starts, [r.slot for r in requests])
         except Exception as e:
-            outputs.extend(self._fail(r, "forward", e) for r in requests)
+            outputs.extend(self._fail(r, "forward", e) for r in (*requests, *prefills))
             return []
         # rows that need nothing but their logits are drawn together (greedy ones in one argmax), on
         # the host too: one row at a time copied and scanned 151,936 logits each (6 ms a step at 32 rows)
@@ -395,12 +417,12 @@ class Engine:
         if rows:
             try:
                 chosen = [requests[i] for i in rows]
-                tokens = sample_rows(logits[rows] if len(rows) < len(requests) else logits,
-                                     [r.params for r in chosen], [self._device_generator(r) for r in chosen])
-                drawn = dict(zip(rows, tokens.tolist()))
+                drawn = sample_rows(logits[rows] if len(rows) < len(logits) else logits,
+                                    [r.params for r in chosen], [self._device_generator(r) for r in chosen])
+                drawn = dict(zip(rows, drawn.tolist()))
             except Exception:  # the host path samples these rows again and fails only the request at fault
                 log.warning("sampling on the device failed; sampling on the host", exc_info=True)
-        return [(None, drawn[i]) if i in drawn else (logits[i].cpu(), None) for i in range(len(requests))]
+        return [(None, drawn[i]) if i in drawn else (logits[i].cpu(), None) for i in range(len(logits))]
 
     def _device_generator(self, r: Request) -> torch.Generator | None:
         if r.generator is None or self.cache.k.device.type == "cpu":
@@ -501,6 +523,20 @@ class Engine:
         with self.adapters.applied([r.adapter for r in requests]):
             return self.model(tokens.to(device), positions.to(device), cache=self.cache, slots=slots.to(device),
                               logits_index=None if every_position else last.to(device)).float().cpu()
+
+    def _forward_rows(self, requests: list[Request], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Logits (B, V) at the last token of each request's chunk, every token a batch row of its own. A row
+        attends to its sequence's keys up to its own position, and every row's keys are written first, so
+        a prompt chunk's rows see exactly their past, as in a forward of the chunk as one row."""
+        device = self.cache.k.device
+        tokens = torch.tensor([t for chunk in chunks for t in chunk])
+        positions = torch.tensor([p for chunk, start in zip(chunks, starts) for p in range(start, start + len(chunk))])
+        slots = torch.tensor([r.slot for r, chunk in zip(requests, chunks) for _ in chunk])
+        last = torch.tensor(list(itertools.accumulate(map(len, chunks)))) - 1
+        with self.adapters.applied([r.adapter for r, chunk in zip(requests, chunks) for _ in chunk]):
+            return self.model(tokens[:, None].to(device), positions[:, None].to(device), cache=self.cache,
+                              slots=slots.to(device), logits_index=torch.zeros_like(tokens).to(device),
+                              logits_rows=last.to(device)).float().cpu()
 
     def _accept(self, request: Request, logits: torch.Tensor | None, token: int | None = None) -> Output:
         """The request's next token from its logits row (or the token drawn already), and the text

@@ -2,6 +2,7 @@
 or alone, a request gets the same output. Tiny random model, real tokenizer."""
 
 import pytest
+import torch
 
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
@@ -204,3 +205,52 @@ def test_an_interrupted_batch_leaves_no_request_holding_a_slot(tiny_model, defau
         engine.run_all(["a", "b", "c"], [SamplingParams(max_tokens=1, temperature=0), params, params],
                        on_finish=interrupt)
     assert not engine.has_work
+
+
+def test_short_prompts_ride_in_the_decode_step_and_get_what_they_get_alone(tiny_model, default_tokenizer, monkeypatch):
+    """Prompts arriving while others decode go through the decode step's forward, a row per token (on a model
+    with a fused decode step): one weight read for both, and each gets the tokens and logprobs it gets alone."""
+    import copy
+
+    from qwen2.quant.blocks import Q8_0, blocks_from_float, kernels_available
+    from qwen2.quant.fused_decode import FusedDecode
+
+    if not kernels_available():
+        pytest.skip("no compiled kernels here: no fused decode step for prompts to ride in")
+    model = blocks_from_float(copy.deepcopy(tiny_model), Q8_0, activations="int8")
+    model.decode_step = FusedDecode.for_model(model)
+    assert model.decode_step is not None
+    first, late = PROMPTS[3], PROMPTS[:2]
+    # under 16 rows a forward: the int8 products whatever the batch (from 16, AMX multiplies on bf16 tiles)
+    assert 1 + sum(len(default_tokenizer.encode(p)) for p in late) < 16
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+
+    def scored_alone(prompt):
+        engine = Engine(model, default_tokenizer, max_concurrency=1, max_seq_len=256)
+        request = engine.submit(prompt, params)
+        logprobs = [out.logprob for out in engine.stream(request) if out.token is not None]
+        return request.output, logprobs
+
+    engine = Engine(model, default_tokenizer, max_concurrency=3, max_seq_len=256)
+    own_forwards = []  # prompt chunks that took a forward of their own
+    real = engine._guarded_forward
+    monkeypatch.setattr(engine, "_guarded_forward",
+                        lambda rs, *a, **k: own_forwards.append(len(rs)) or real(rs, *a, **k))
+    requests = [engine.submit(first, params)]
+    logprobs = {}
+
+    def step():
+        for out in engine.step():
+            if out.token is not None:
+                logprobs.setdefault(out.request_id, []).append(out.logprob)
+
+    for _ in range(3):
+        step()
+    requests += [engine.submit(p, params) for p in late]
+    while engine.has_work:
+        step()
+    assert own_forwards == [1]  # the first prompt's, alone; the two late ones rode in a decode step
+    for prompt, r in zip([first, *late], requests):
+        tokens, alone = scored_alone(prompt)
+        assert r.output == tokens, prompt
+        torch.testing.assert_close(logprobs[r.id], alone, atol=1e-4, rtol=0)

@@ -201,18 +201,18 @@ def test_shutdown_ends_every_open_request_with_a_final_output(async_engine):
 
 def test_a_failed_forward_ends_the_requests_in_it_and_the_engine_serves_on(tiny_model, default_tokenizer):
     engine = Engine(tiny_model, default_tokenizer, max_concurrency=2, max_seq_len=128)
-    forward = engine._forward
+    forwards = engine._forward, engine._forward_rows  # a prompt's own forward; a decode step's
 
     def out_of_memory(*args, **kwargs):  # stands in for a real allocation failure, which cannot be provoked here
         raise MemoryError("no room for the batch")
 
     first = engine.submit(PROMPT, SamplingParams(**GREEDY))
     engine.step()  # prefilled, decoding
-    engine._forward = out_of_memory
+    engine._forward = engine._forward_rows = out_of_memory
     outputs = engine.step()
     assert [o.finish_reason for o in outputs] == ["error"] and "forward" in outputs[0].error
     assert first.failed_in == "forward" and not engine.has_work
-    engine._forward = forward
+    engine._forward, engine._forward_rows = forwards
     later = engine.submit(OTHER, SamplingParams(**GREEDY))
     drain(engine)
     assert later.output == alone(tiny_model, default_tokenizer, OTHER)

@@ -91,9 +91,10 @@ def test_a_shared_prefix_is_computed_once_and_gives_the_logits_of_a_cold_run(tin
     params = SamplingParams(**GREEDY, max_tokens=4, logprobs=5)
     engine = Engine(tiny_model, default_tokenizer, max_concurrency=8, max_seq_len=256, block_size=16)
     computed = []
-    forward = engine._forward
-    engine._forward = lambda requests, chunks, starts, **kw: computed.extend(chunks) or forward(
-        requests, chunks, starts, **kw)
+    for name in ("_forward", "_forward_rows"):  # a prompt's own forward; a decode step's
+        forward = getattr(engine, name)
+        setattr(engine, name, lambda requests, chunks, starts, _f=forward, **kw: computed.extend(chunks) or _f(
+            requests, chunks, starts, **kw))
     requests = [engine.submit(p, params) for p in prompts]
     outputs = drain(engine)
     shared = len(system) // 16 * 16  # full blocks of the system prompt
