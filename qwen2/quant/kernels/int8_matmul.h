@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -488,7 +489,8 @@ inline void bf16_tile(const uint8_t* rec0, const uint8_t* rec1, int64_t j, uint1
       for (int c = 0; c < 4; ++c) {
         const __m128i bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(unit + 16 * c));
         const __m512i wide = T == Q8_0 ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
-        w[c] = _mm512_sub_ps(_mm512_mul_ps(scale[h][c], _mm512_cvtepi32_ps(wide)), offset[h][c]);
+        w[c] = _mm512_mul_ps(scale[h][c], _mm512_cvtepi32_ps(wide));
+        if constexpr (T != Q8_0) w[c] = _mm512_sub_ps(w[c], offset[h][c]);  // Q8_0's is 0
       }
       // as 32-bit pairs: pair 2i+p of p01 is weights 4u+2p, 4u+2p+1 of row i (rows 0-7), p23 of rows 8-15
       const __m512i p01 = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0]));
@@ -527,6 +529,18 @@ inline TileRows tile_rows(const uint8_t* packed, int64_t G, int64_t qtype, int64
   return r;
 }
 
+// This thread's buffer of at least n bf16 (64-byte aligned) for every run's two B tiles, kept between calls:
+// a fresh one (311 KB for K = 4864) cost its allocation and page faults at every product of a decode step.
+inline uint16_t* tile_panel(int64_t n) {
+  thread_local std::unique_ptr<uint16_t[]> buffer;
+  thread_local int64_t size = 0;
+  if (size < n) {
+    buffer.reset(new uint16_t[n + 32]);
+    size = n;
+  }
+  return reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(buffer.get()) + 63) & ~uintptr_t(63));
+}
+
 // Bf16 rows x [>= M rounded up to 16, K] against `blocks` pairs of 16 weight rows (`rows(w, half)`), 16 or 32
 // activation rows at a time into four C tiles (two per half); each 16 x 16 result of a pair goes to
 // `done(w, m0, c0, c1)` (rows m0.., float32, 16 to a row), or, when `direct(w, m0)` gives an output of
@@ -538,8 +552,7 @@ void tiles_over(const uint16_t* x, int64_t M, int64_t K, int64_t blocks, Rows ro
     TileConfig config;  // C 0-3, A 4-5 (16 rows x 32 bf16), B 6-7 (16 pairs x 16 weight rows): all 16 x 64 bytes
     for (int i = 0; i < 8; ++i) config.rows[i] = 16, config.colsb[i] = 64;
     _tile_loadconfig(&config);
-    std::vector<uint16_t> panel_bytes(steps * 1024 + 32);  // every run's two B tiles, 64-byte aligned
-    uint16_t* panel = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(panel_bytes.data()) + 63) & ~uintptr_t(63));
+    uint16_t* panel = tile_panel(steps * 1024);
     alignas(64) float part[2][16][16];
     for (int64_t w = w0; w < w1; ++w) {
       const TileRows first = rows(w, 0), second = rows(w, 1);
@@ -653,8 +666,9 @@ inline Rows prepare(const at::Tensor& x, bool tiles) {
     if (M % 16 == 0 && x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
       r.bf16 = x;
     } else {
-      r.bf16 = at::zeros({(M + 15) / 16 * 16, K}, at::dtype(at::kBFloat16));
+      r.bf16 = at::empty({(M + 15) / 16 * 16, K}, at::dtype(at::kBFloat16));
       r.bf16.narrow(0, 0, M).copy_(x);
+      r.bf16.narrow(0, M, r.bf16.size(0) - M).zero_();  // the last tile's padding rows
     }
     return r;
   }
