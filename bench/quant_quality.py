@@ -11,8 +11,9 @@ quantization adds to bf16 activations.
 
 The default path (`--quant auto` on a GGUF: the file's own blocks through our integer kernels,
 activations rounded to int8 per 32) is the "gguf" row for a window computed in one pass (the
-many-row path: GEMMs on dequantized tiles, bf16 on bf16 hardware) and "gguf-decode" for the same
-positions fed one token at a time through a KV cache (the int8 kernel, as a reply's tokens are);
+many-row path: bf16 products on bf16 hardware, our AMX tiles or GEMMs on dequantized weights) and
+"gguf-decode" for the same positions fed one token at a time through a KV cache (the int8 kernel,
+as a reply's tokens are);
 "gguf-f32" is the exact mode (float32 activations), "gguf A8" simulates int8 activations on the
 exact mode, and "llama.cpp" is llama-cpp-python's logits for the same windows of the same file
 (every position's logits from one llama_decode per window), the peer beside us.

@@ -480,14 +480,15 @@ inline void bf16_tile(const uint8_t* rec0, const uint8_t* rec1, int64_t j, uint1
   }
   const __m512i first = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(1));
-  alignas(64) uint8_t unit[64];
   for (int t = 0; t < NV; ++t)
     for (int e = 0; e < 2; ++e) {  // vector t holds units 2t and 2t+1 of a group
       const int u = 2 * t + e, h = halves && u >= 4;
-      _mm512_store_si512(unit, e ? _mm512_shuffle_i64x2(v0[t], v1[t], 0xEE) : _mm512_shuffle_i64x2(v0[t], v1[t], 0x44));
+      // quarter c of the unit: rows 4c..4c+3, lane 2e + c % 2 of the first group's vector or the second's
+      const __m128i quarter[4] = {_mm512_extracti32x4_epi32(v0[t], 2 * e), _mm512_extracti32x4_epi32(v0[t], 2 * e + 1),
+                                  _mm512_extracti32x4_epi32(v1[t], 2 * e), _mm512_extracti32x4_epi32(v1[t], 2 * e + 1)};
       __m512 w[4];
       for (int c = 0; c < 4; ++c) {
-        const __m128i bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(unit + 16 * c));
+        const __m128i bytes = quarter[c];
         const __m512i wide = T == Q8_0 ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
         w[c] = _mm512_mul_ps(scale[h][c], _mm512_cvtepi32_ps(wide));
         if constexpr (T != Q8_0) w[c] = _mm512_sub_ps(w[c], offset[h][c]);  // Q8_0's is 0
