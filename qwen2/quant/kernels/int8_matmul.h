@@ -172,27 +172,6 @@ inline __m256 silu8(__m256 g) {  // g * sigmoid(g)
   return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
 }
 
-#if defined(__AVX512F__)
-// exp8 and silu8 on 16 lanes: the same operations lane for lane, so the same bits, in half the instructions
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447505531f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(c));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-  const __m512i pow2n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(pow2n));
-}
-
-inline __m512 silu16(__m512 g) {
-  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-}
-#endif
-
 constexpr int NV = 256 / VB;  // vectors per run of 32 weights x 8 rows
 #ifndef QWEN2_PREFETCH
 #define QWEN2_PREFETCH 2048
@@ -590,6 +569,7 @@ void tiles_over(const uint16_t* x, int64_t M, int64_t K, int64_t blocks, Rows ro
           done(w, m0, part[0][0], part[1][0]);
         }
         if (!two) continue;
+        // the same for the lower 16 rows: tile numbers are immediates (_tile_stored pastes them into asm)
         const auto [lower, ld2] = direct(w, m0 + 16);
         if (lower && m0 + 32 <= M) {
           _tile_stored(2, lower, 4 * ld2);
@@ -633,8 +613,10 @@ inline void matmul_gated(const uint16_t* x, int64_t M, int64_t K, const Product&
       [](int64_t, int64_t) { return std::pair<float*, int64_t>{nullptr, 0}; },
       [&](int64_t w, int64_t m0, const float* g, const float* u) {
         for (int64_t m = m0; m < std::min(M, m0 + 16); ++m)
-          store16(h + m * ldh + 16 * w, _mm512_mul_ps(silu16(_mm512_loadu_ps(g + 16 * (m - m0))),
-                                                      _mm512_loadu_ps(u + 16 * (m - m0))));
+          for (int i = 0; i < 16; i += 8) {
+            const int64_t at = 16 * (m - m0) + i;
+            store8(h + m * ldh + 16 * w + i, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + at)), _mm256_loadu_ps(u + at)));
+          }
       });
 }
 #endif
