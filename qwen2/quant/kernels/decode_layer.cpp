@@ -142,24 +142,19 @@ at::Tensor gated_product(const at::Tensor& x, const at::Tensor& gate, const at::
   check_packed(gate, gate_qtype, K);
   check_packed(up, up_qtype, K);
   TORCH_CHECK(gate.size(0) == up.size(0), "gate and up must have as many rows");
-  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.dim() == 2 && x.size(1) == K,
-              "x must be float32 or bfloat16 [M, K]");
+  check_rows(x, K);
   const int64_t M = x.size(0), F = 8 * gate.size(0);
   at::Tensor out = at::empty({M, F}, x.options().dtype(at::kBFloat16));
   if (M == 0 || F == 0) return out;
-  const bool tiles = F % 16 == 0 && tiles_fit(M, {32});
-  const Rows rows = prepare(x.contiguous(), tiles);
 #if defined(__AMX_BF16__)
-  if (tiles) {
-    matmul_gated(reinterpret_cast<const uint16_t*>(rows.bf16.data_ptr<at::BFloat16>()), M, K,
-                 product_of(gate, gate_qtype, nullptr), product_of(up, up_qtype, nullptr),
+  if (F % 16 == 0 && tiles_fit(M, {32})) {
+    matmul_gated(reinterpret_cast<const uint16_t*>(prepare(x.contiguous(), true).bf16.data_ptr<at::BFloat16>()), M,
+                 K, product_of(gate, gate_qtype, nullptr), product_of(up, up_qtype, nullptr),
                  reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), F);
     return out;
   }
 #endif
-  at::Tensor both = at::empty({M, 2 * F}, x.options().dtype(at::kFloat));
-  matmul_packed_together(rows, {product_of(gate, gate_qtype, both.data_ptr<float>(), 2 * F),
-                                product_of(up, up_qtype, both.data_ptr<float>() + F, 2 * F)});
+  const at::Tensor both = matmul_stacked(x, {gate, up}, {gate_qtype, up_qtype}, K);
   silu_mul_rows(both.data_ptr<float>(), M, F, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
   return out;
 }

@@ -205,30 +205,6 @@ at::Tensor matmul_int8(const at::Tensor& x, const at::Tensor& p, int64_t qtype, 
   return y;
 }
 
-// x (float32, or bf16 for the tiles) times several repacked matrices at once, their outputs side by side in
-// one float32 [M, sum of their rows]: a prefill's q, k and v from one rounding of x.
-at::Tensor matmul_stacked(const at::Tensor& x, at::TensorList packed, at::IntArrayRef qtypes, int64_t K) {
-  TORCH_CHECK(packed.size() == qtypes.size() && !packed.empty(), "one qtype for each matrix");
-  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.dim() == 2 && x.size(1) == K,
-              "x must be float32 or bfloat16 [M, K]");
-  int64_t width = 0;
-  for (size_t i = 0; i < packed.size(); ++i) {
-    check_packed(packed[i], qtypes[i], K);
-    width += 8 * packed[i].size(0);
-  }
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, width}, x.options().dtype(at::kFloat));
-  if (M == 0 || width == 0) return y;
-  std::vector<Product> ps;
-  bool fit = true;
-  for (size_t i = 0, at = 0; i < packed.size(); at += 8 * packed[i].size(0), ++i) {
-    ps.push_back(product_of(packed[i], qtypes[i], y.data_ptr<float>() + at, width));
-    fit = fit && tiles_fit(M, {8 * packed[i].size(0)});
-  }
-  matmul_packed_together(prepare(x.contiguous(), fit), ps);
-  return y;
-}
-
 bool tiles() { return tiles_fit(32, {32}); }  // whether many rows take the bf16 tiles in this build, here
 
 }  // namespace

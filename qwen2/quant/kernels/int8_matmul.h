@@ -495,17 +495,14 @@ struct TileRows {
   }
 };
 
+template <int64_t T>
+void take_decoder(TileRows* r) {
+  r->decode = bf16_tile<T>;
+}
+
 inline TileRows tile_rows(const uint8_t* packed, int64_t G, int64_t qtype, int64_t group) {
   TileRows r{packed + group * G, G, layout(qtype), nullptr};
-  switch (qtype) {
-    case Q4_0: r.decode = bf16_tile<Q4_0>; break;
-    case Q5_0: r.decode = bf16_tile<Q5_0>; break;
-    case Q8_0: r.decode = bf16_tile<Q8_0>; break;
-    case Q4_K: r.decode = bf16_tile<Q4_K>; break;
-    case Q5_K: r.decode = bf16_tile<Q5_K>; break;
-    case Q6_K: r.decode = bf16_tile<Q6_K>; break;
-    default: TORCH_CHECK(false, "GGUF type ", qtype, " has no integer kernel here");
-  }
+  DISPATCH_INT(qtype, take_decoder, &r);
   return r;
 }
 
@@ -680,6 +677,34 @@ inline void matmul_packed_together(const Rows& r, const std::vector<Product>& ps
   }
 #endif
   dot_groups(r.view(), r.M, r.K, ps);
+}
+
+inline void check_rows(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.dim() == 2 && x.size(1) == K,
+              "x must be float32 or bfloat16 [M, K]");
+}
+
+// x (float32, or bf16 for the tiles) times several repacked matrices at once, their outputs side by side in
+// one float32 [M, sum of their rows]: a prefill's q, k and v from one rounding of x.
+inline at::Tensor matmul_stacked(const at::Tensor& x, at::TensorList packed, at::IntArrayRef qtypes, int64_t K) {
+  TORCH_CHECK(packed.size() == qtypes.size() && !packed.empty(), "one qtype for each matrix");
+  check_rows(x, K);
+  int64_t width = 0;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    check_packed(packed[i], qtypes[i], K);
+    width += 8 * packed[i].size(0);
+  }
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, width}, x.options().dtype(at::kFloat));
+  if (M == 0 || width == 0) return y;
+  std::vector<Product> ps;
+  bool fit = true;
+  for (size_t i = 0, at = 0; i < packed.size(); at += 8 * packed[i].size(0), ++i) {
+    ps.push_back(product_of(packed[i], qtypes[i], y.data_ptr<float>() + at, width));
+    fit = fit && tiles_fit(M, {8 * packed[i].size(0)});
+  }
+  matmul_packed_together(prepare(x.contiguous(), fit), ps);
+  return y;
 }
 
 }  // namespace
