@@ -232,16 +232,7 @@ class Attention(nn.Module):
         """Projected q (B, T, nh*hd), k and v (B, T, n_kv*hd) -> attention's output (B, T, nh*hd), before
         o_proj: rotary, the cache's write and read, the attention itself."""
         B, T, _ = q.shape
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if ctx.dca is not None:
-            # keys are stored rotated at their chunk-local position; queries rotate per chunk distance
-            k = dca_key_rotation(k, ctx.positions, ctx.inv_freq, ctx.attention_scaling, ctx.dca)
-        else:
-            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer, ctx.where, k, v, ctx.kv_len)
+        q, k, v = self.rotate_and_cache(q, k, v, ctx)
         if ctx.dca is not None:
             y = dca_attention(q, k, v, ctx.positions, ctx.key_positions.expand(B, -1), ctx.inv_freq,
                               ctx.attention_scaling, ctx.dca)
@@ -260,6 +251,23 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
+
+    def rotate_and_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected q (B, T, nh*hd), k and v (B, T, n_kv*hd) -> q (B, nh, T, hd) rotated, and the keys and
+        values it attends to (B, n_kv, S, hd): with a cache, this chunk's are written there and all read back."""
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if ctx.dca is not None:
+            # keys are stored rotated at their chunk-local position; queries rotate per chunk distance
+            k = dca_key_rotation(k, ctx.positions, ctx.inv_freq, ctx.attention_scaling, ctx.dca)
+        else:
+            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer, ctx.where, k, v, ctx.kv_len)
+        return q, k, v
 
 
 class MLP(nn.Module):

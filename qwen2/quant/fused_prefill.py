@@ -7,10 +7,11 @@ bf16 and its output back to float32, and SiLU-times-up on float32 copies. Here a
 q/k/v as one product and gate/up as another, and computes SiLU-times-up in one compiled pass whose
 bf16 output the down product reads. With AMX the products are our kernels' bf16 tiles, which decode
 the repacked blocks as they multiply and give float32; elsewhere each matrix is decoded to bf16 into
-one scratch matrix for torch's GEMM. The residual stream, the norms, rotary, the KV cache and
-attention stay float32: bf16 attention ran 2.5x faster at 512 rows but put one early position of a
-Wikipedia window at KL 7.3 from float32 (bench/RESULTS.md). The exact mode (`--quant gguf-f32`)
-never comes here.
+one scratch matrix for torch's GEMM. The residual stream, the norms, rotary and the KV cache stay
+float32, and so does attention's accuracy: torch's bf16 attention ran 2.5x faster at 512 rows but put
+one early position of a Wikipedia window at KL 7.3 from float32 (bench/RESULTS.md), so with AMX it runs
+on our tiles with each operand split into two bf16 (attention_tiles.cpp), elsewhere in float32. The
+exact mode (`--quant gguf-f32`) never comes here.
 """
 
 from __future__ import annotations
@@ -59,6 +60,19 @@ def silu_gated(h: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
     return compiled_ops().silu_mul_bf16(bf16_product(h, [mlp.gate_proj, mlp.up_proj]))
 
 
+def attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The layer's attention output (B, T, nh*hd) in bf16, o_proj's input: with AMX, on our tiles at near
+    float32 accuracy (attention_tiles.cpp), where every key sits at its position (a cache, or a chunk from 0)
+    and no window applies; else the model's own float32 attention."""
+    B, T, _ = q.shape
+    if (many_rows_on_tiles() and attn.window is None and attn.head_dim % 64 == 0 and T >= TILE_MIN_ROWS
+            and (ctx.cache is not None or ctx.masks[None] is None)):
+        q, k, v = attn.rotate_and_cache(q, k, v, ctx)
+        y = compiled_ops().attention_tiles(q, k, v, ctx.positions, attn.head_dim ** -0.5)
+        return y.view(B, T, -1).bfloat16()
+    return attn.attend(q, k, v, ctx).bfloat16()
+
+
 class FusedPrefill:
     """Runs the layers of a prompt chunk's forward (`applies` says which)."""
 
@@ -98,8 +112,7 @@ class FusedPrefill:
         for part, m in zip((q, k, v), projections):
             if m.bias is not None:
                 part += m.bias
-        y = attn.attend(q, k, v, ctx).bfloat16()
-        x = x + bf16_product(y, [attn.o_proj])
+        x = x + bf16_product(attention(attn, q, k, v, ctx), [attn.o_proj])
         norm = block.post_attention_layernorm
         h = F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps).bfloat16()
         return x + bf16_product(silu_gated(h, mlp), [mlp.down_proj])

@@ -1,6 +1,7 @@
 """The fused prefill: a many-row forward of an int8-block model as a few bf16 GEMMs a layer (q/k/v
 as one, gate/up as one, SiLU-times-up compiled) gives the logits and greedy tokens of the model's own
-layers, including a second chunk that attends to the first through the cache; SiLU-times-up on bf16
+layers, including a second chunk that attends to the first through the cache, with AMX attention on our
+tiles; SiLU-times-up on bf16
 equals torch's float32 computation rounded once; models it does not cover keep their own code."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen2.model import PagedKVCache, Transformer
+from qwen2.quant import fused_prefill
 from qwen2.quant.blocks import Q8_0, bf16_gemm_is_fast, blocks_from_float, kernels_available, many_rows_on_tiles
 from qwen2.quant.fused_prefill import FusedPrefill
 from qwen2.quant.kernels import gguf_ops
@@ -69,6 +71,39 @@ def test_the_fused_prefill_equals_the_models_own_layers(prompts, chunk, isa):
     own_logits, own_tokens = prefill_then_decode(model, prompts, chunk, 16)
     # Both multiply in bf16; stacking q/k/v (and gate/up) into one GEMM may change the order oneDNN adds
     # a product's terms in, so a bf16 output can round to its neighbour: ~0.4% of a value.
+    real = torch.cat([torch.arange(max(map(len, prompts)))[None] < len(p) for p in prompts])
+    error = (fused_logits - own_logits)[real].abs().max() / own_logits[real].abs().max()
+    assert error < 2e-2, error
+    assert fused_tokens == own_tokens
+
+
+class CountingOps:
+    """The kernels, counting the calls of the tile attention."""
+
+    def __init__(self, ops):
+        self.ops, self.attention_calls = ops, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.ops, name)
+
+    def attention_tiles(self, *args):
+        self.attention_calls += 1
+        return self.ops.attention_tiles(*args)
+
+
+@needs_bf16
+def test_with_amx_prompts_attend_on_tiles_and_get_the_models_own_tokens(isa, monkeypatch):
+    """head_dim 64, as Qwen2-0.5B's: with AMX the fused prefill's attention runs on our tiles (three prompts of
+    different lengths, the second chunk reading the first from the cache) and gives the tokens of the model's
+    own float32 attention; elsewhere it is that attention."""
+    model = build(hidden_size=256, intermediate_size=256)
+    ops = CountingOps(fused_prefill.compiled_ops())
+    monkeypatch.setattr(fused_prefill, "compiled_ops", lambda: ops)
+    prompts = [list(range(7, 60)), [300] * 41, list(range(200, 270))]
+    fused_logits, fused_tokens = prefill_then_decode(model, prompts, 48, 16)
+    assert (ops.attention_calls > 0) == bool(ops.tiles())
+    model.prefill_step = None
+    own_logits, own_tokens = prefill_then_decode(model, prompts, 48, 16)
     real = torch.cat([torch.arange(max(map(len, prompts)))[None] < len(p) for p in prompts])
     error = (fused_logits - own_logits)[real].abs().max() / own_logits[real].abs().max()
     assert error < 2e-2, error

@@ -12,6 +12,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
@@ -184,6 +185,61 @@ def test_the_gated_product_is_silu_of_gate_times_up_rounded_once(ops, rows):
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     with pytest.raises(RuntimeError, match="as many rows"):
         ops.gated_product(x, gate, up[:4], int(Q.Q4_K), int(Q.Q6_K), cols)
+
+
+def float64_attention(q, k, v, positions):
+    """(B, H, T, hd) queries against (B, G, S, hd) keys, query t seeing keys 0..positions[b, t] -> (B, T, H, hd)"""
+    heads, groups, hd = q.shape[1], k.shape[1], q.shape[-1]
+    k, v = (x.double().repeat_interleave(heads // groups, dim=1) for x in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) / hd**0.5
+    seen = torch.arange(k.shape[2])[None, None] <= positions[:, :, None]
+    return (scores.masked_fill(~seen[:, None], float("-inf")).softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("batch, heads, groups, rows, keys, hd", [
+    (1, 14, 2, 512, 512, 64),  # a Qwen2-0.5B layer's prompt
+    (1, 4, 2, 17, 17, 64),  # rows past a whole tile
+    (1, 14, 2, 33, 300, 64),  # a second chunk after a cached prefix
+    (2, 4, 1, 50, 80, 128),  # two prompts of different lengths in one batch, head_dim 128
+])
+def test_attention_on_tiles_is_as_near_float64_as_float32s(ops, batch, heads, groups, rows, keys, hd):
+    """A prompt's attention on AMX tiles, each operand split into bf16 parts, is as near float64 as torch's
+    float32 attention is, with scores of tens to hundreds (a large key bias shared by every key, as Qwen2's)."""
+    if not ops.tiles():
+        pytest.skip("this build or CPU has no AMX bf16 tiles: prompts take torch's float32 attention")
+    torch.manual_seed(rows)
+    q = torch.randn(batch, heads, rows, hd) * 4
+    k = torch.randn(batch, groups, keys, hd) + torch.randn(1, groups, 1, hd) * 4
+    v = torch.randn(batch, groups, keys, hd)
+    positions = torch.arange(keys - rows, keys).repeat(batch, 1)
+    if batch == 2:
+        positions[1] = torch.arange(rows)  # the second prompt is shorter: it sees its own keys only
+    want = float64_attention(q, k, v, positions)
+    seen = torch.arange(keys)[None, None] <= positions[:, :, None]
+    torch_float32 = F.scaled_dot_product_attention(q, k, v, attn_mask=seen[:, None], enable_gqa=True).transpose(1, 2)
+    got = ops.attention_tiles(q, k, v, positions, hd**-0.5)
+    assert got.shape == (batch, rows, heads, hd) and got.dtype == torch.float32
+    ours, theirs = (got.double() - want).abs().max(), (torch_float32.double() - want).abs().max()
+    # 3e-5: P V takes two parts of each (16 bits); q.k in two parts instead of three was off by 2.6e-4 here
+    assert ours <= 2 * theirs + 3e-5, (ours, theirs)
+
+
+def test_attention_on_tiles_refuses_what_it_cannot_take(ops):
+    q, k, positions = torch.randn(1, 4, 16, 64), torch.randn(1, 2, 16, 64), torch.arange(16)[None]
+    if not ops.tiles():
+        with pytest.raises(RuntimeError, match="no AMX"):
+            ops.attention_tiles(q, k, k, positions, 0.125)
+        return
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        ops.attention_tiles(q[..., :32], k[..., :32], k[..., :32], positions, 0.125)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.attention_tiles(q.bfloat16(), k, k, positions, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of kv_heads"):
+        ops.attention_tiles(torch.randn(1, 3, 16, 64), k, k, positions, 0.125)
+    with pytest.raises(RuntimeError, match="positions"):
+        ops.attention_tiles(q, k, k, positions[:, :8], 0.125)
+    with pytest.raises(RuntimeError, match=">= 0"):
+        ops.attention_tiles(q, k, k, positions - 1, 0.125)
 
 
 def test_int8_kernels_refuse_what_they_cannot_take(ops):
