@@ -1,15 +1,16 @@
-// Causal attention of a prompt chunk on AMX bf16 tiles, at near float32 accuracy.
+// Causal attention of a prompt chunk on AMX bf16 tiles, at float32's accuracy.
 //
-// The scores must stay near-exact: Qwen2's q and k carry large biases, so q.k reaches the hundreds,
-// and bf16 inputs (8 significant bits) err there by whole units before the softmax (bench/RESULTS.md:
-// torch's bf16 attention put one early position at KL 7.3 from float32). So every float32 operand is
-// split in two bf16, x = hi + lo with hi = bf16(x) and lo = bf16(x - hi) (16 significant bits in all),
-// and each product is three tile products, hi.hi + lo.hi + hi.lo, summed in float32 by the tiles (the
-// lo.lo term left out is 2^-16 of the product): scores within ~1e-5 of |q||k| of float32's, and the
-// same for probabilities times values. Three tile products still run several times float32 FMAs.
+// The scores must stay near-exact: Qwen2's q and k carry large biases, so q.k reaches the hundreds
+// and more at early positions, and bf16 inputs (8 significant bits) err there by whole units before
+// the softmax (bench/RESULTS.md: torch's bf16 attention put one early position at KL 7.3 from float32).
+// So each float32 operand is split into bf16 parts, x = hi + mid + lo, each part the rounding of what
+// the parts before it left, and a product is the sum of the parts' tile products, in float32 in the
+// tiles. q.k takes three parts of each (24 bits, float32's) and the six products above 2^-24 of the
+// whole; P.V takes two parts (16 bits) and three products: probabilities in [0, 1] and values of the
+// size of activations lose ~1e-5 of an output there. Six tile products still beat float32 FMAs 2x.
 //
 // Per 16 query rows of one head: the scores against every key one of them may see (16 x keys, float32,
-// 64 keys a step), an exact softmax in float32 (each row its own max, masked past its own position),
+// 32 keys a step), an exact softmax in float32 (each row its own max, masked past its own position),
 // then P V with the 16 x head_dim output in the tiles across all keys. Keys and values are split into
 // tile layout once per call, shared by every query head of their group.
 
@@ -33,7 +34,7 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// 16 floats as hi + lo bf16, each rounded to nearest even (vcvtneps2bf16)
+// 16 floats as bf16 parts, each rounded to nearest even (vcvtneps2bf16): hi + lo (16 bits), or hi + mid + lo
 inline __m512 widen(__m256bh h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(h)), 16));
 }
@@ -43,7 +44,7 @@ inline void split16(__m512 v, uint16_t* hi, uint16_t* lo) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_sub_ps(v, widen(h)))));
 }
 
-inline void split16(__m512 v, uint16_t* hi, uint16_t* mid, uint16_t* lo) {  // three parts: 24 bits, float32's
+inline void split16(__m512 v, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
   const __m256bh h = _mm512_cvtneps_pbh(v);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi), reinterpret_cast<__m256i>(h));
   split16(_mm512_sub_ps(v, widen(h)), mid, lo);
