@@ -410,15 +410,17 @@ class Engine:
         except Exception as e:
             outputs.extend(self._fail(r, "forward", e) for r in (*requests, *prefills))
             return []
-        # rows that need nothing but their logits are drawn together (greedy ones in one argmax), on
+        # rows without logits processors or logprobs are drawn together (greedy ones in one argmax), on
         # the host too: one row at a time copied and scanned 151,936 logits each (6 ms a step at 32 rows)
         rows = [i for i, r in enumerate(requests) if samples_on_device(r.params)]
         drawn = {}
         if rows:
             try:
                 chosen = [requests[i] for i in rows]
-                drawn = sample_rows(logits[rows] if len(rows) < len(logits) else logits,
-                                    [r.params for r in chosen], [self._device_generator(r) for r in chosen])
+                # the decode rows come first: a leading run of them is a view, any other choice a copy
+                drawn = sample_rows(logits[: len(rows)] if rows[-1] == len(rows) - 1 else logits[rows],
+                                    [r.params for r in chosen], [self._device_generator(r) for r in chosen],
+                                    [(r.prompt, r.output) for r in chosen])
                 drawn = dict(zip(rows, drawn.tolist()))
             except Exception:  # the host path samples these rows again and fails only the request at fault
                 log.warning("sampling on the device failed; sampling on the host", exc_info=True)

@@ -6,10 +6,10 @@ draw. Temperature 0 is greedy and ignores the filters. Each request owns a torch
 so a seed reproduces its text whatever else shares the batch.
 
 `sample` works on one row on the host. `sample_rows` draws a batch's tokens where its logits
-are (the GPU), so only token ids cross to the host; it covers requests that need nothing but
-the logits and a logit_bias (no penalties, processors or logprobs) and makes the same draws as
-`sample` given the same generator on the same device. A CUDA generator's stream differs from a CPU
-one's: a seed reproduces its text on one kind of device, not across kinds.
+are (the GPU), so only token ids cross to the host; it covers requests without logits processors
+or logprobs and makes the same draws as `sample` given the same generator on the same device.
+A CUDA generator's stream differs from a CPU one's: a seed reproduces its text on one kind of
+device, not across kinds.
 """
 
 from __future__ import annotations
@@ -134,32 +134,43 @@ def sample(logits: torch.Tensor, params: SamplingParams, prompt: list[int], outp
 
 
 def samples_on_device(params: SamplingParams) -> bool:
-    """Whether `sample_rows` can draw this request's tokens: it needs nothing but the logits."""
-    return not (params.logits_processors or params.logprobs is not None
-                or params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
+    """Whether `sample_rows` can draw this request's tokens: it needs no logits processor or logprobs."""
+    return not (params.logits_processors or params.logprobs is not None)
 
 
-def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
-                generators: list[torch.Generator | None]) -> torch.Tensor:
+def adjusted_ids(params: SamplingParams, prompt: list[int], output: list[int]) -> list[int]:
+    """The token ids whose logits `apply_penalties` changes for this request now."""
+    ids = set(params.logit_bias)
+    if params.repetition_penalty != 1.0:
+        ids |= set(prompt) | set(output)
+    if params.presence_penalty or params.frequency_penalty:
+        ids |= set(output)
+    return sorted(ids)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                histories: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     """Next tokens (B,) on the logits' device from float32 rows (B, V) of requests that
-    `samples_on_device` accepts: greedy rows in one argmax, the others each with its generator.
-    Each row's logit_bias is added in place for the draw and taken out after, so `logits` ends as it
-    began: a copy of the rows would cost more than the draw (19 MB at 32 rows)."""
-    biased = [(i, token, bias) for i, p in enumerate(params) for token, bias in p.logit_bias.items()]
-    if biased:
-        rows, ids, bias = zip(*biased)
-        where = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
-        kept = logits[where]
-        logits.index_put_(where, kept + torch.tensor(bias, dtype=logits.dtype, device=logits.device))
+    `samples_on_device` accepts, with their (prompt, output) ids: greedy rows in one argmax, the others
+    each with its generator. Bias and penalties are applied to the rows in place for the draw, as
+    `sample` applies them to its copy, and the logits they changed are put back after, so `logits`
+    ends as it began: copying the rows would cost more than the draw (19 MB at 32 rows)."""
+    touched = []
     try:
+        for i, (p, (prompt, output)) in enumerate(zip(params, histories)):
+            ids = adjusted_ids(p, prompt, output)
+            if ids:
+                ids = torch.tensor(ids, device=logits.device)
+                touched.append((i, ids, logits[i, ids]))
+                apply_penalties(logits[i], p, prompt, output)
         tokens = logits.max(-1).indices  # the same first maximum as argmax, which torch's CPU build finds ~3x slower
         for i, (p, generator) in enumerate(zip(params, generators)):
             if not p.greedy:
                 probs = filter_logits(logits[i], p).softmax(-1)
                 tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
     finally:
-        if biased:
-            logits.index_put_(where, kept)
+        for i, ids, kept in touched:
+            logits[i, ids] = kept
     return tokens
 
 

@@ -146,37 +146,45 @@ def test_static_step_of_grouped_moe_equals_the_per_expert_dynamic_step():
 
 
 def test_device_sampling_draws_what_the_host_draws():
+    """Bias and penalties included: the batched draw applies them as the host's one-row draw does."""
     torch.manual_seed(1)
-    logits = torch.randn(7, 300) * 3
+    logits = torch.randn(9, 300) * 3
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=1),
               SamplingParams(temperature=1.2, top_k=20, seed=2), SamplingParams(top_p=0.7, seed=3),
               SamplingParams(min_p=0.1, temperature=0.5, seed=4),
-              SamplingParams(temperature=0, logit_bias={int(logits[5].argmax()): -100, 7: 100}),
-              SamplingParams(temperature=0.9, seed=5, logit_bias={3: 5.0, 11: -2.5})]
+              SamplingParams(temperature=0, logit_bias={17: -100, 7: 100}),
+              SamplingParams(temperature=0.9, seed=5, logit_bias={3: 5.0, 11: -2.5}),
+              SamplingParams(temperature=0, repetition_penalty=1.3, logit_bias={4: 1.5}),
+              SamplingParams(temperature=0.7, seed=6, presence_penalty=0.8, frequency_penalty=0.4)]
+    histories = [([1, 2, 3], []), ([5], [6, 6]), ([], []), ([9], [10]), ([], [1]), ([4], [7]),
+                 ([3, 11], []), ([4, 8, 8], [12, 4]), ([2], [13, 13, 14])]
     for step in range(20):
         host_gens = [None if p.seed is None else torch.Generator().manual_seed(p.seed + step) for p in params]
         row_gens = [None if p.seed is None else torch.Generator().manual_seed(p.seed + step) for p in params]
         rows = logits.roll(step, dims=1)
-        host = [sample(row, p, [], [], g) for row, p, g in zip(rows, params, host_gens)]
+        host = [sample(row, p, prompt, output, g)
+                for row, p, (prompt, output), g in zip(rows, params, histories, host_gens)]
         before = rows.clone()
-        assert sample_rows(rows, params, row_gens).tolist() == host
-        assert torch.equal(rows, before)  # the bias was taken out again
+        assert sample_rows(rows, params, row_gens, histories).tolist() == host
+        assert torch.equal(rows, before)  # what the bias and penalties changed was put back
     assert host[5] == 7
 
 
-def test_a_failed_device_draw_leaves_the_logits_unbiased():
-    logits = torch.zeros(2, 50)
-    params = [SamplingParams(temperature=0, logit_bias={4: 9.0}), SamplingParams(temperature=0.5, seed=1)]
+def test_a_failed_device_draw_leaves_the_logits_as_they_were():
+    logits = torch.randn(2, 50)
+    before = logits.clone()
+    params = [SamplingParams(temperature=0, logit_bias={4: 9.0}, repetition_penalty=2.0),
+              SamplingParams(temperature=0.5, seed=1)]
     with pytest.raises(TypeError):
-        sample_rows(logits, params, [None, "not a generator"])
-    assert torch.equal(logits, torch.zeros(2, 50))
+        sample_rows(logits, params, [None, "not a generator"], [([1, 2], [3]), ([], [])])
+    assert torch.equal(logits, before)
 
 
-def test_only_requests_that_need_nothing_but_logits_and_a_bias_sample_on_the_device():
+def test_only_requests_without_processors_or_logprobs_sample_on_the_device():
     assert samples_on_device(SamplingParams(temperature=0.7, top_p=0.9, top_k=5, min_p=0.05, seed=3))
-    assert samples_on_device(SamplingParams(temperature=0, logit_bias={3: -100, 9: 2.5}))
-    for needs_host in [dict(repetition_penalty=1.1), dict(presence_penalty=0.5), dict(frequency_penalty=0.5),
-                       dict(logprobs=2), dict(logits_processors=[lambda ids, x: x])]:
+    assert samples_on_device(SamplingParams(temperature=0, logit_bias={3: -100}, repetition_penalty=1.1,
+                                            presence_penalty=0.5, frequency_penalty=0.5))
+    for needs_host in [dict(logprobs=2), dict(logits_processors=[lambda ids, x: x])]:
         assert not samples_on_device(SamplingParams(**needs_host)), needs_host
 
 
