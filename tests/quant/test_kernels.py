@@ -244,6 +244,32 @@ def test_attention_on_tiles_refuses_what_it_cannot_take(ops):
         ops.attention_tiles(q, k, k, positions - 1, 0.125)
 
 
+@pytest.mark.parametrize("vocabulary", [1003, 4096])
+def test_softmax_cross_entropy_on_bf16_logits_equals_float64(ops, vocabulary):
+    """The training loss's softmax in one call: per row the nll (logsumexp - the target's logit) as float64
+    computes it from the same bf16 logits, and the gradient w (softmax - one_hot) within one bf16 rounding."""
+    torch.manual_seed(vocabulary)
+    logits = (torch.randn(6, vocabulary) * 8).bfloat16()
+    logits[2, 5] = 60  # one token far ahead: its probability near 1, its gradient near 0
+    targets = torch.tensor([0, vocabulary - 1, 5, 17, 17, 3])
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.0, 1.0])
+    exact = logits.double()
+    grad = logits.clone()
+    nll = ops.softmax_cross_entropy_(grad, targets, weights)  # the logits become their gradient
+    lse = exact.logsumexp(-1)
+    assert torch.allclose(nll.double(), lse - exact.gather(1, targets[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+    want = (exact - lse[:, None]).exp()
+    want[torch.arange(6), targets] -= 1
+    want *= weights[:, None].double()
+    assert grad.dtype == torch.bfloat16
+    # a bf16 rounding, and float32's for p - 1 near p = 1 (the far-ahead token's exact -1.4e-14 comes out 0)
+    assert ((grad.double() - want).abs() <= want.abs() * 2**-8 + weights[:, None].double() * 2**-23).all()
+    with pytest.raises(RuntimeError, match=r"in \[0, V\)"):
+        ops.softmax_cross_entropy_(logits, targets + vocabulary, weights)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.softmax_cross_entropy_(logits.float(), targets, weights)
+
+
 def test_int8_kernels_refuse_what_they_cannot_take(ops):
     raw = torch.from_numpy(make_blocks(Q.Q8_0, 12, 64))
     with pytest.raises(RuntimeError, match="groups of 8"):

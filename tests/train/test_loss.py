@@ -1,7 +1,8 @@
 """The MoE router load-balancing loss equals transformers' (load_balancing_loss_func), alone and
 inside an MoE model's training loss, where HF's Qwen2MoeForCausalLM(output_router_logits=True)
 gives the same loss and router gradients on the same weights; held-out (eval) losses and dense
-models leave it out, and gradient checkpointing leaves its gradients unchanged."""
+models leave it out, and gradient checkpointing leaves its gradients unchanged. Under bf16 autocast
+the fused loss on the compiled softmax gives what torch's ops give on the same bf16 logits."""
 
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from qwen2.config import Qwen2Config
 from qwen2.model import Transformer
+from qwen2.train import loss as loss_module
 from qwen2.train.data import Row, Sample, collate
 from qwen2.train.lm import next_token_loss
 from qwen2.train.loss import loss_sum, router_balance_loss
@@ -109,3 +111,26 @@ def test_gradient_checkpointing_keeps_the_router_gradients(tmp_path):
         grads.append(gate_grads(model))
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_under_bf16_autocast_the_compiled_softmax_gives_torchs_loss_and_gradients(monkeypatch):
+    if loss_module.fused_softmax(torch.bfloat16, torch.device("cpu")) is None:
+        pytest.skip("the compiled kernels cannot be built here: the loss keeps torch's ops")
+    torch.manual_seed(0)
+    model = Transformer(Qwen2Config(**TINY)).train()
+    tokens = torch.randint(2, 256, (2, 40))
+    batch = collate([Row([Sample(row.tolist(), [1.0] * 40, f"test:{i}")]) for i, row in enumerate(tokens)], 0)
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_sum(model, batch)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    fused_loss, fused_grads = loss_and_grads()
+    monkeypatch.setattr(loss_module, "fused_softmax", lambda dtype, device: None)
+    torch_loss, torch_grads = loss_and_grads()
+    assert fused_loss == pytest.approx(torch_loss, rel=1e-5)
+    for fused, plain in zip(fused_grads, torch_grads):  # a bf16 rounding of the logits' gradient apart at most
+        assert (fused - plain).abs().max() <= 2**-7 * plain.abs().max() + 1e-8
