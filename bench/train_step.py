@@ -1,9 +1,12 @@
 """One training step, ours beside transformers (+ peft for LoRA), on the same config, data and batch.
 
-    python bench/train_step.py [--steps 5] [--batch 4] [--seq 256] [--json out.json]
+    python bench/train_step.py [--steps 5] [--batch 4] [--seq 256] [--bf16] [--json out.json]
 
 A Qwen2 of the real vocabulary (151,936 tokens) with a small body (hidden 256, 4 layers), float32
-weights and compute in both, AdamW, full fine-tuning and LoRA rank 8 on every projection. Each
+weights and compute in both (with --bf16: float32 weights, both steps under torch's bf16 autocast, as
+`qwen2 train` runs where the CPU multiplies bf16 natively and HF's Trainer does with --bf16), AdamW,
+full fine-tuning and LoRA rank 8 on every projection; AdamW fused in both (`qwen2 train`'s, and HF
+Trainer's default optimizer since torch 2.8). Each
 row runs in its own process so its peak RSS (VmHWM) is its own; two warm-up steps, then the
 median step time of --steps. Prints the configuration, a table with ratios, and one JSON line.
 """
@@ -43,7 +46,7 @@ def time_steps(step, steps: int) -> float:
     return statistics.median(times)
 
 
-def run_ours(lora: bool, batch: int, seq: int, steps: int) -> dict:
+def run_ours(lora: bool, batch: int, seq: int, steps: int, bf16: bool) -> dict:
     import torch
 
     from qwen2.config import Qwen2Config
@@ -58,14 +61,15 @@ def run_ours(lora: bool, batch: int, seq: int, steps: int) -> dict:
     if lora:
         add_lora(model, 8, 16)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     tokens = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
     targets = torch.cat([tokens[:, 1:], torch.full((batch, 1), -100)], 1)
     data = Batch(tokens, torch.arange(seq).expand(batch, seq), torch.zeros_like(tokens), targets,
                  (targets != -100).float())
 
     def step():
-        loss = loss_sum(model, data) / (targets != -100).sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_sum(model, data) / (targets != -100).sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -73,7 +77,7 @@ def run_ours(lora: bool, batch: int, seq: int, steps: int) -> dict:
     return {"step_s": time_steps(step, steps)}
 
 
-def run_transformers(lora: bool, batch: int, seq: int, steps: int) -> dict:
+def run_transformers(lora: bool, batch: int, seq: int, steps: int, bf16: bool) -> dict:
     import torch
     import transformers
 
@@ -84,11 +88,13 @@ def run_transformers(lora: bool, batch: int, seq: int, steps: int) -> dict:
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     tokens = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
 
     def step():
-        model(input_ids=tokens, labels=tokens).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -125,7 +131,7 @@ def run_rows(script: str, peer: str, flags: list[str]) -> dict[str, dict]:
 
 def child(args: argparse.Namespace) -> None:
     runner = run_ours if args.child == "ours" else run_transformers
-    result = runner(args.lora, args.batch, args.seq, args.steps)
+    result = runner(args.lora, args.batch, args.seq, args.steps, args.bf16)
     result |= {"tokens_per_s": args.batch * args.seq / result["step_s"], "peak_rss_mib": peak_rss_mib()}
     print(json.dumps(result))
 
@@ -138,6 +144,7 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--child", choices=["ours", "transformers"])
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="both steps under bf16 autocast")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -145,11 +152,12 @@ def main() -> None:
     import torch
 
     cpu = cpu_name()
+    compute = "bf16 autocast" if args.bf16 else "float32"
     print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; batch {args.batch} x "
-          f"{args.seq} tokens, float32, AdamW; config {CONFIG}")
+          f"{args.seq} tokens, {compute}, AdamW; config {CONFIG}")
     rows = run_rows(__file__, "transformers", ["--steps", str(args.steps), "--batch", str(args.batch),
-                                               "--seq", str(args.seq)])
-    report = {"cpu": cpu, "batch": args.batch, "seq": args.seq, "rows": rows}
+                                               "--seq", str(args.seq)] + (["--bf16"] if args.bf16 else []))
+    report = {"cpu": cpu, "batch": args.batch, "seq": args.seq, "compute": compute, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
