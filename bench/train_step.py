@@ -1,8 +1,9 @@
 """One training step, ours beside transformers (+ peft for LoRA), on the same config, data and batch.
 
-    python bench/train_step.py [--steps 5] [--batch 4] [--seq 256] [--bf16] [--json out.json]
+    python bench/train_step.py [--steps 5] [--batch 4] [--seq 256] [--bf16] [--size 0.5b] [--json out.json]
 
-A Qwen2 of the real vocabulary (151,936 tokens) with a small body (hidden 256, 4 layers), float32
+A Qwen2 of the real vocabulary (151,936 tokens) with a small body (hidden 256, 4 layers; --size 0.5b:
+Qwen2-0.5B's shapes, random weights), float32
 weights and compute in both (with --bf16: float32 weights, both steps under torch's bf16 autocast, as
 `qwen2 train` runs where the CPU multiplies bf16 natively and HF's Trainer does with --bf16), AdamW,
 full fine-tuning and LoRA rank 8 on every projection; AdamW fused in both (`qwen2 train`'s, and HF
@@ -24,6 +25,7 @@ import time
 CONFIG = dict(vocab_size=151936, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
               rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+QWEN2_0_5B = CONFIG | dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -46,7 +48,7 @@ def time_steps(step, steps: int) -> float:
     return statistics.median(times)
 
 
-def run_ours(lora: bool, batch: int, seq: int, steps: int, bf16: bool) -> dict:
+def run_ours(lora: bool, batch: int, seq: int, steps: int, bf16: bool, config: dict) -> dict:
     import torch
 
     from qwen2.config import Qwen2Config
@@ -57,7 +59,7 @@ def run_ours(lora: bool, batch: int, seq: int, steps: int, bf16: bool) -> dict:
     from qwen2.train.loss import loss_sum
 
     torch.manual_seed(0)
-    model = initialize(Transformer(Qwen2Config(**CONFIG))).train()
+    model = initialize(Transformer(Qwen2Config(**config))).train()
     if lora:
         add_lora(model, 8, 16)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -77,12 +79,12 @@ def run_ours(lora: bool, batch: int, seq: int, steps: int, bf16: bool) -> dict:
     return {"step_s": time_steps(step, steps)}
 
 
-def run_transformers(lora: bool, batch: int, seq: int, steps: int, bf16: bool) -> dict:
+def run_transformers(lora: bool, batch: int, seq: int, steps: int, bf16: bool, config: dict) -> dict:
     import torch
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CONFIG)).train()
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).train()
     if lora:
         import peft
 
@@ -131,7 +133,8 @@ def run_rows(script: str, peer: str, flags: list[str]) -> dict[str, dict]:
 
 def child(args: argparse.Namespace) -> None:
     runner = run_ours if args.child == "ours" else run_transformers
-    result = runner(args.lora, args.batch, args.seq, args.steps, args.bf16)
+    config = QWEN2_0_5B if args.size == "0.5b" else CONFIG
+    result = runner(args.lora, args.batch, args.seq, args.steps, args.bf16, config)
     result |= {"tokens_per_s": args.batch * args.seq / result["step_s"], "peak_rss_mib": peak_rss_mib()}
     print(json.dumps(result))
 
@@ -145,6 +148,7 @@ def main() -> None:
     parser.add_argument("--child", choices=["ours", "transformers"])
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="both steps under bf16 autocast")
+    parser.add_argument("--size", choices=["tiny", "0.5b"], default="tiny")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -153,11 +157,13 @@ def main() -> None:
 
     cpu = cpu_name()
     compute = "bf16 autocast" if args.bf16 else "float32"
+    config = QWEN2_0_5B if args.size == "0.5b" else CONFIG
     print(f"# {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; batch {args.batch} x "
-          f"{args.seq} tokens, {compute}, AdamW; config {CONFIG}")
+          f"{args.seq} tokens, {compute}, AdamW; config {config}")
     rows = run_rows(__file__, "transformers", ["--steps", str(args.steps), "--batch", str(args.batch),
-                                               "--seq", str(args.seq)] + (["--bf16"] if args.bf16 else []))
-    report = {"cpu": cpu, "batch": args.batch, "seq": args.seq, "compute": compute, "rows": rows}
+                                               "--seq", str(args.seq), "--size", args.size]
+                    + (["--bf16"] if args.bf16 else []))
+    report = {"cpu": cpu, "batch": args.batch, "seq": args.seq, "compute": compute, "config": config, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
