@@ -10,7 +10,7 @@ the repacked blocks as they multiply and give float32; elsewhere each matrix is 
 one scratch matrix for torch's GEMM. The residual stream, the norms, rotary and the KV cache stay
 float32, and so does attention's accuracy: torch's bf16 attention ran 2.5x faster at 512 rows but put
 one early position of a Wikipedia window at KL 7.3 from float32 (bench/RESULTS.md), so with AMX it runs
-on our tiles with each operand split into two bf16 (attention_tiles.cpp), elsewhere in float32. The
+on our tiles with each operand split into bf16 parts (attention_tiles.cpp), elsewhere in float32. The
 exact mode (`--quant gguf-f32`) never comes here.
 """
 
