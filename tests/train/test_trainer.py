@@ -67,6 +67,19 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny_hf, chat_file, tmp_p
         torch.testing.assert_close(p.grad, q.grad, atol=1e-7, rtol=1e-4, msg=name)
 
 
+def test_the_tied_embeddings_sparse_gradient_takes_the_same_steps_as_a_dense_one(tiny_hf, chat_file, tmp_path,
+                                                                                   monkeypatch):
+    sparse = Trainer(config(tiny_hf, chat_file, tmp_path / "sparse", steps=3))
+    assert sparse.model.model.embed_tokens.sparse
+    monkeypatch.setattr(Trainer, "_sparse_embedding_gradient", lambda self: None)
+    dense = Trainer(config(tiny_hf, chat_file, tmp_path / "dense", steps=3))
+    assert not dense.model.model.embed_tokens.sparse
+    sparse.train(), dense.train()
+    for (name, p), q in zip(sparse.model.named_parameters(), dense.model.parameters()):
+        # a token the batch holds twice sums its two rows in another order: the last bits of those rows
+        torch.testing.assert_close(p, q, atol=1e-9 if name == "model.embed_tokens.weight" else 0, rtol=0, msg=name)
+
+
 def test_lora_run_writes_adapter_merged_model_metrics_and_curve(tiny_hf, chat_file, tmp_path):
     transformers = pytest.importorskip("transformers")
     last = Trainer(config(tiny_hf, chat_file, tmp_path, lora_rank=4, steps=3)).train()
