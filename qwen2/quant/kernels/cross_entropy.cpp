@@ -30,11 +30,6 @@ inline float max8(__m256 a) {
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
-inline float add8(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 
 // logits bf16 (R, V), targets int64 (R,) in [0, V), weights float32 (R,) -> nll float32 (R,), the
 // unweighted logsumexp(l) - l[t]; the logits are overwritten with their gradient w (softmax(l) - one_hot(t))
@@ -65,13 +60,13 @@ at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets,
       float top = max8(top8);
       for (int64_t i = whole; i < V; ++i) top = std::max(top, bf16_float(l[i]));
       const __m256 m = _mm256_set1_ps(top);
-      __m256 sum8 = _mm256_setzero_ps();
+      __m256 total8 = _mm256_setzero_ps();
       for (int64_t i = 0; i < whole; i += 8) {
         const __m256 x = exp8(_mm256_sub_ps(load_bf16(l + i), m));
         _mm256_storeu_ps(e.data() + i, x);
-        sum8 = _mm256_add_ps(sum8, x);
+        total8 = _mm256_add_ps(total8, x);
       }
-      float sum = add8(sum8);
+      float sum = sum8(total8);
       for (int64_t i = whole; i < V; ++i) sum += e[i] = std::exp(bf16_float(l[i]) - top);
       const float weight = wp[r], target = bf16_float(l[tp[r]]);  // read before the row is overwritten
       const __m256 scale = _mm256_set1_ps(weight / sum);

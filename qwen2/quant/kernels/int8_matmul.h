@@ -153,6 +153,13 @@ inline void store16(uint16_t* o, __m512 v) {
 }
 #endif
 
+inline float sum8(__m256 a) {  // the sum of 8 floats
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 // exp on 8 floats (Cephes' expf polynomial on x - n ln2, scaled by 2^n): relative error ~1e-7
 inline __m256 exp8(__m256 x) {
   x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447505531f));
