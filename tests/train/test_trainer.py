@@ -77,7 +77,8 @@ def test_the_tied_embeddings_sparse_gradient_takes_the_same_steps_as_a_dense_one
     sparse.train(), dense.train()
     for (name, p), q in zip(sparse.model.named_parameters(), dense.model.parameters()):
         # a token the batch holds twice sums its two rows in another order: the last bits of those rows
-        torch.testing.assert_close(p, q, atol=1e-9 if name == "model.embed_tokens.weight" else 0, rtol=0, msg=name)
+        embedding = name == "model.embed_tokens.weight"
+        torch.testing.assert_close(p, q, atol=1e-9 if embedding else 0, rtol=1e-6 if embedding else 0, msg=name)
 
 
 def test_lora_run_writes_adapter_merged_model_metrics_and_curve(tiny_hf, chat_file, tmp_path):
