@@ -5,7 +5,7 @@ llamafactory's dpo_en_demo pairs: the numbers of bench/RESULTS.md's alignment se
     python bench/align.py tax [--steps 100] [--asdiv 60]    # DPO with AdamW vs OnDARE vs OnTIES: the alignment tax
     python bench/align.py tau [--steps 60] [--sft-steps 40] # the same, full fine-tuning with a real SFT delta tau
 
-The records of dpo_en_demo (rm: or of --data, e.g. bench/graded_pairs.py's verifier-graded pairs)
+The records of dpo_en_demo (rm: or of --data, e.g. the pairs.jsonl of `qwen2 data instruct-feedback`)
 whose prompt takes at most half of --max-len tokens are used (--max-prompt-len, as the README's
 example; replies are cut to fit); --heldout of them (seeded split) are held out. Each run writes
 its output folder under --out and ends with one JSON line.

@@ -1,7 +1,10 @@
 """Execution feedback for instruction following (`qwen2 data instruct-feedback`), as the Qwen2
 report describes it: sample k replies to prompts that carry machine-checkable constraints
-(qwen2.eval.instructions), keep the replies that meet every constraint (strict checking) and
-reject the others; the files are synth.py's (samples.jsonl, sft.jsonl, pairs.jsonl).
+(qwen2.eval.instructions), keep the replies that meet every constraint (strict checking) as SFT
+data, and pair replies by the share of the constraints they meet (best with worst, while the
+chosen one meets more; synth.sft_and_pairs): the default model meets every constraint in under a
+fifth of its replies, so all-or-nothing pairs would leave most prompts without one. The files are
+synth.py's (samples.jsonl, sft.jsonl, pairs.jsonl).
 
 Prompts come from a file, one JSON object a line: `{"prompt": task, "constraints": [{"kind": id,
 ...parameters}]}` ("instruction" may stand for "prompt"), or from the built-in set: alpaca tasks
@@ -80,10 +83,14 @@ def sample(llm, items: list[dict], results: Results, k: int, temperature: float,
     generate_all(llm, chats, params, done, desc="instruct-feedback")
 
 
-def groups(items: list[dict], records: list[dict]) -> list[tuple[str, list[tuple[str, bool]]]]:
-    """(prompt, [(reply, meets every constraint)]) per prompt, the verdicts checked afresh."""
+def groups(items: list[dict], records: list[dict]) -> list[tuple[str, list[tuple[str, float]]]]:
+    """(prompt, [(reply, share of its constraints met)]) per prompt, the verdicts checked afresh."""
     by_item: dict[str, list] = {}
     for r in records:
         by_item.setdefault(r["item"], []).append(r["reply"])
-    return [(item["prompt"], [(reply, all(verdicts(reply, item["constraints"]))) for reply in by_item[item["id"]]])
+    return [(item["prompt"], [(reply, _share(verdicts(reply, item["constraints"]))) for reply in by_item[item["id"]]])
             for item in items if item["id"] in by_item]
+
+
+def _share(passed: list[bool]) -> float:
+    return sum(passed) / len(passed)

@@ -24,7 +24,8 @@ The output folder holds:
   problem), the chat data `qwen2 train sft` reads.
 - pairs.jsonl: `{"messages": [user], "chosen": reply, "rejected": reply}`, the kept and the
   rejected replies of one problem paired one to one (min(kept, rejected) pairs per problem,
-  no reply used twice), the preference data `qwen2 train dpo` reads.
+  no reply used twice; instruction following pairs by the share of constraints met, see
+  sft_and_pairs), the preference data `qwen2 train dpo` and `qwen2 train rm` read.
 sft.jsonl and pairs.jsonl are rebuilt from samples.jsonl at the end of every run.
 Not covered: the report's other sources (data repurposing, constitutional feedback,
 instruction evolution), and model-written tests for execution feedback (HumanEval's own
@@ -123,16 +124,26 @@ def reject_sample(llm, problems: list[dict], results: Results, k: int, temperatu
     generate_all(llm, prompts, params, done, desc="reject-sample")
 
 
-def sft_and_pairs(groups: Iterable[tuple[str, list[tuple[str, bool | None]]]]) -> tuple[list[dict], list[dict]]:
+def sft_and_pairs(groups: Iterable[tuple[str, list[tuple[str, bool | float | None]]]]
+                  ) -> tuple[list[dict], list[dict]]:
     """From (user prompt, [(reply, verdict)]) per problem: the SFT rows (distinct kept replies)
-    and the preference pairs (kept vs rejected, one to one)."""
+    and the preference pairs. A verdict is True (kept) / False (rejected) / None (neither), or a
+    score in [0, 1], the share of a prompt's checks the reply passed (1: kept). Pairs: the best
+    reply with the worst, the second best with the second worst, while the chosen one scores
+    higher (ties in the order sampled), no reply used twice: for True/False verdicts that is kept
+    vs rejected one to one; for shares, graded pairs, so a prompt none of whose replies passes
+    every check still says which reply followed more of them."""
     sft, pairs = [], []
     for prompt, samples in groups:
-        kept = list(dict.fromkeys(reply for reply, verdict in samples if verdict is True))
-        rejected = list(dict.fromkeys(reply for reply, verdict in samples if verdict is False))
+        scored = list(dict.fromkeys((reply, float(v)) for reply, v in samples if v is not None))
         user = [{"role": "user", "content": prompt}]
-        sft += [{"messages": [*user, {"role": "assistant", "content": reply}]} for reply in kept]
-        pairs += [{"messages": user, "chosen": good, "rejected": bad} for good, bad in zip(kept, rejected)]
+        sft += [{"messages": [*user, {"role": "assistant", "content": reply}]} for reply, s in scored if s == 1]
+        best = sorted(range(len(scored)), key=lambda i: (-scored[i][1], i))
+        worst = sorted(range(len(scored)), key=lambda i: (scored[i][1], i))
+        for hi, lo in zip(best, worst):
+            if scored[hi][1] <= scored[lo][1]:
+                break
+            pairs.append({"messages": user, "chosen": scored[hi][0], "rejected": scored[lo][0]})
     return sft, pairs
 
 

@@ -231,9 +231,9 @@ def run_instruct(args: argparse.Namespace) -> None:
             instruct_feedback.sample(llm, items, results, args.k, args.temperature, args.max_tokens, args.seed)
     groups = instruct_feedback.groups(items, results.ordered(ids))
     sft, pairs = _write_data(args.out, groups)
-    verdicts = [verdict for _, samples in groups for _, verdict in samples]
-    kept = sum(verdicts)
-    print(json.dumps(dict(out=str(args.out), prompts=len(items), samples=len(verdicts), sampled_now=todo, kept=kept,
-                          kept_fraction=round(kept / len(verdicts), 4) if verdicts else 0.0,
-                          rejected=len(verdicts) - kept, sft=sft, pairs=pairs,
+    shares = [share for _, samples in groups for _, share in samples]
+    kept = sum(share == 1 for share in shares)
+    print(json.dumps(dict(out=str(args.out), prompts=len(items), samples=len(shares), sampled_now=todo, kept=kept,
+                          kept_fraction=round(kept / len(shares), 4) if shares else 0.0,
+                          rejected=len(shares) - kept, sft=sft, pairs=pairs,
                           seconds=round(time.perf_counter() - start, 1), source=source["source"])))

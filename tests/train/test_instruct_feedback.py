@@ -1,7 +1,7 @@
 """Execution feedback for instruction following: only replies meeting every constraint become SFT
-data, paired against failing ones; the command samples through the engine, resumes, refuses an
-edited prompt file, draws its built-in prompts away from the eval's, and names the bad line of a
-prompt file in one line."""
+data; replies are paired by the share of constraints they meet; the command samples through the
+engine, resumes, refuses an edited prompt file, draws its built-in prompts away from the eval's,
+and names the bad line of a prompt file in one line."""
 
 import json
 
@@ -20,14 +20,33 @@ def test_only_replies_meeting_every_constraint_are_kept():
     replies = ["a ripe apple", "A ripe apple", "a ripe red apple", "a ripe apple", "pear"]
     records = [{"item": item["id"], "reply": reply} for reply in replies]
     (prompt, samples), = groups([item], records)
-    assert samples == [("a ripe apple", True), ("A ripe apple", False), ("a ripe red apple", False),
-                       ("a ripe apple", True), ("pear", True)]
+    assert samples == [("a ripe apple", 1.0), ("A ripe apple", 0.5), ("a ripe red apple", 0.5),
+                       ("a ripe apple", 1.0), ("pear", 1.0)]
     sft, pairs = sft_and_pairs([(prompt, samples)])
     assert [row["messages"] for row in sft] == [[{"role": "user", "content": prompt},
                                                  {"role": "assistant", "content": reply}]
                                                 for reply in ("a ripe apple", "pear")]
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a ripe apple", "A ripe apple"),
                                                              ("pear", "a ripe red apple")]
+
+
+def test_replies_are_paired_by_the_share_of_constraints_they_meet():
+    three = [*SHORT, {"kind": "keywords:include", "words": ["fruit"]}]
+    item = {"id": "p.jsonl:1", "prompt": prompt_text("Name a fruit.", three), "constraints": three}
+    replies = ["A fruit: the apple", "an apple", "The Big Apple Pie", "fruit: pear", "A RIPE RED APPLE"]
+    (prompt, samples), = groups([item], [{"item": item["id"], "reply": reply} for reply in replies])
+    assert [share for _, share in samples] == [1 / 3, 2 / 3, 0.0, 1.0, 0.0]
+    sft, pairs = sft_and_pairs([(prompt, samples)])
+    assert [row["messages"][1]["content"] for row in sft] == ["fruit: pear"]
+    # best with worst, second best with second worst; the middle reply is left alone
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("fruit: pear", "The Big Apple Pie"),
+                                                             ("an apple", "A RIPE RED APPLE")]
+
+
+def test_a_prompt_whose_replies_all_meet_the_same_share_gives_no_pair():
+    item = {"id": "p.jsonl:1", "prompt": prompt_text("Name a fruit.", SHORT), "constraints": SHORT}
+    records = [{"item": item["id"], "reply": reply} for reply in ("A ripe apple", "a ripe red apple", "Pear")]
+    assert sft_and_pairs(groups([item], records)) == ([], [])
 
 
 def run_cli(capsys, *args):
