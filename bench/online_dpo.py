@@ -1,6 +1,7 @@
 """Online DPO on the default model with the verifier reward: instruction following, before and after.
 
-    python bench/online_dpo.py [--prompts 120] [--steps 60] [--eval 120] [--out /tmp/qwen2-online-dpo]
+    python bench/online_dpo.py [--prompts 120] [--steps 60] [--samples 4] [--no-end-penalty 1] [--eval 120]
+        [--out /tmp/qwen2-online-dpo]
 
 The policy (Qwen2.5-Coder-0.5B-Instruct dequantized to float32, LoRA r8) samples --samples replies to
 each prompt of the ifeval training split (alpaca tasks with drawn constraints, qwen2.eval.ifeval's
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--max-new-tokens", type=int, default=192)
+    parser.add_argument("--no-end-penalty", type=float, default=1.0, help="taken from the reward of a reply cut off")
     parser.add_argument("--eval", type=int, default=120, help="held-out ifeval prompts (eval split)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/qwen2-online-dpo"))
     args = parser.parse_args()
@@ -62,6 +64,7 @@ def main() -> None:
         config = TrainConfig.from_flat(dict(
             data=str(prompts), out=str(run), task="online-dpo", reward="verifier", lora_rank=8, lr=args.lr,
             steps=args.steps, batch_size=args.batch_size, samples=args.samples, max_new_tokens=args.max_new_tokens,
+            no_end_penalty=args.no_end_penalty,
             temperature=0.8, max_len=512, heldout=0.1, eval_every=max(1, args.steps // 3), seed=0, progress=False))
         Trainer(config).train()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,12 +245,19 @@ def make_rows(samples: list[Sample], max_len: int, pack: bool, seed: int, epoch:
     return rows
 
 
-def split(items: list, heldout: float, seed: int) -> tuple[list, list]:
-    """(train, held-out): a seeded shuffle, the last `heldout` fraction (at least one item) held out."""
-    order = list(items)
+def split(items: list, heldout: float, seed: int, group: Callable[[object], Hashable] = id) -> tuple[list, list]:
+    """(train, held-out): a seeded shuffle of the groups (items of one `group` key stay on one side),
+    groups from its end held out until they hold the `heldout` fraction of the items (at least one)."""
+    groups: dict[Hashable, list] = {}
+    for item in items:
+        groups.setdefault(group(item), []).append(item)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    n = max(1, round(len(order) * heldout)) if heldout > 0 and len(order) > 1 else 0
-    return order[: len(order) - n], order[len(order) - n:]
+    n = max(1, round(len(items) * heldout)) if heldout > 0 and len(items) > 1 else 0
+    held: list = []
+    while order and len(held) < n:
+        held = order.pop() + held
+    return [item for g in order for item in g], held
 
 
 @dataclass

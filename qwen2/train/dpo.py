@@ -85,6 +85,10 @@ class DPOTask(Task):
             self.cache = self.precompute(self.train_data + self.heldout)
             self.ref_model = None  # every value it gives is cached now: its copy of the weights is free memory
 
+    def group(self, pair: Pair) -> tuple[int, ...]:
+        """Pairs of one prompt are held out together: a held-out prompt is one training never saw."""
+        return tuple(pair.prompt)
+
     def read_data(self) -> tuple[list, DataReport]:
         d = self.config.data
         return load_pairs(self.trainer.data, self.tokenizer, d.max_len, d.on_bad_sample, d.max_prompt_len)

@@ -150,6 +150,10 @@ class RewardTask(Task):
         torch.manual_seed(config.seed)
         return RewardModel(transformer), tokenizer
 
+    def group(self, pair: Pair) -> tuple[int, ...]:
+        """Pairs of one prompt are held out together: a held-out prompt is one training never saw."""
+        return tuple(pair.prompt)
+
     def read_data(self) -> tuple[list, DataReport]:
         d = self.config.data
         return load_pairs(self.trainer.data, self.tokenizer, d.max_len, d.on_bad_sample, d.max_prompt_len)

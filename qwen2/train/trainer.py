@@ -40,7 +40,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import torch
@@ -113,7 +113,7 @@ class Task:
         items, report = self.read_data()
         if report.bad and trainer.lead:
             print(f"data: {report.summary()}", file=sys.stderr)
-        self.train_data, self.heldout = split(items, self.config.data.heldout, self.config.seed)
+        self.train_data, self.heldout = split(items, self.config.data.heldout, self.config.seed, self.group)
         if not self.train_data:
             raise DataError(f"{self.config.data.path}: nothing left to train on after holding out "
                             f"{self.config.data.heldout:g} of {len(items)}; lower --heldout")
@@ -124,6 +124,10 @@ class Task:
 
     def read_data(self) -> tuple[list, DataReport]:
         raise NotImplementedError
+
+    def group(self, item) -> Hashable:
+        """What keeps items together on one side of the held-out split (here: nothing, each its own)."""
+        return id(item)
 
     def epoch(self, number: int) -> list:
         """The training items in the order of epoch `number`."""

@@ -7,7 +7,7 @@ import pytest
 from qwen2.errors import DataError, OptionError
 from qwen2.tokenizer import Tokenizer
 from qwen2.train.data import split
-from qwen2.train.preference import check_tokenizer, load_pairs, load_prompts, pair_batch
+from qwen2.train.preference import Pair, check_tokenizer, load_pairs, load_prompts, pair_batch
 
 END = "<|im_end|>"
 
@@ -83,6 +83,20 @@ def test_the_llamafactory_dpo_demo_loads_by_name(default_tokenizer):
     assert report.kept + len(report.bad) == 300 and report.kept >= 290
     train, heldout = split(pairs, 0.1, 0)
     assert len(heldout) == round(len(pairs) * 0.1) and not {p.index for p in train} & {p.index for p in heldout}
+
+
+def test_pairs_of_one_prompt_are_held_out_together():
+    # 3 prompts with 3, 2 and 1 pairs: whatever the seed, no prompt is on both sides
+    pairs = [Pair([prompt], [1], [2], f"p.jsonl:{i}", index=i) for i, prompt in enumerate([7, 7, 7, 8, 8, 9])]
+    for seed in range(20):
+        train, heldout = split(pairs, 0.3, seed, group=lambda p: tuple(p.prompt))
+        assert heldout and sorted(p.index for p in train + heldout) == list(range(6))
+        assert not {p.prompt[0] for p in train} & {p.prompt[0] for p in heldout}
+
+
+def test_items_without_a_group_are_split_one_by_one():
+    train, heldout = split(list(range(10)), 0.3, 0)
+    assert len(heldout) == 3 and sorted(train + heldout) == list(range(10))
 
 
 def test_prompts_for_online_dpo_need_no_replies(tmp_path, default_tokenizer):
