@@ -148,13 +148,30 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
     net, tokenizer = built
     net.set_rope(with_long_context(net.config, rope_scaling, dca))
     if dev.type == "cpu" and MODES[mode].kind == "blocks":
-        from qwen2.quant.fused_decode import FusedDecode
-        from qwen2.quant.fused_moe import fuse_experts
-        from qwen2.quant.fused_prefill import FusedPrefill
-
-        net.decode_step, net.prefill_step = FusedDecode.for_model(net), FusedPrefill.for_model(net)
-        fuse_experts(net)
+        fuse_block_steps(net)
     return net, tokenizer, mode
+
+
+def fuse_block_steps(net: Transformer) -> None:
+    """A CPU model on block kernels runs its decode and prefill steps fused, layer by layer."""
+    from qwen2.quant.fused_decode import FusedDecode
+    from qwen2.quant.fused_moe import fuse_experts
+    from qwen2.quant.fused_prefill import FusedPrefill
+
+    net.decode_step, net.prefill_step = FusedDecode.for_model(net), FusedPrefill.for_model(net)
+    fuse_experts(net)
+
+
+def blocks_model(config: Qwen2Config, state: dict[str, torch.Tensor], mode: str = "q8_0") -> Transformer:
+    """A CPU inference copy of float weights (a training model's current ones, say) on our block
+    kernels: built from `state`, each matrix encoded as `mode`'s blocks, its steps fused."""
+    with torch.device("meta"):
+        net = Transformer(config)
+    net.adopt({k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}, dtype=torch.float32)
+    blocks_from_float(net, MODES[mode].block_type, activations=MODES[mode].activations)
+    net.set_rope(config)
+    fuse_block_steps(net)
+    return net.eval()
 
 
 def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.device,

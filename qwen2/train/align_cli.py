@@ -50,6 +50,9 @@ def add_arguments(sub: argparse._SubParsersAction, run: Callable[[argparse.Names
     p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
     p.add_argument("--no-end-penalty", type=float, help="reward lost by a reply cut off before its end token "
                    "(default 1.0)")
+    p.add_argument("--sample-quant", choices=["auto", "none", "q8_0"], help="what samples the replies: a Q8_0 "
+                   "copy of the policy made each step, on our CPU kernels (q8_0), or the training model itself "
+                   "(none); default auto: q8_0 on a CPU")
     p.add_argument("--ray", help=argparse.SUPPRESS)  # only to say it is not for this task
     p.set_defaults(func=run, task="online-dpo")
 

@@ -28,6 +28,7 @@ TASKS = ("sft", "pretrain", "rm", "dpo", "online-dpo")
 SINGLE_PROCESS = ("online-dpo",)  # its sampling engine runs on one process's whole model
 LOSSES = ("sigmoid", "ipo", "robust")
 OPTIMIZERS = ("adamw", *METHODS)
+SAMPLE_QUANTS = ("auto", "none", "q8_0")
 LANGUAGE = dict(batch_size=4, max_len=1024, warmup=0.05)
 PREFERENCE = dict(batch_size=2, max_len=512, warmup=0.1, heldout=0.1)
 TASK_DEFAULTS = {"sft": LANGUAGE | dict(heldout=0.0), "pretrain": LANGUAGE | dict(heldout=0.05),
@@ -119,6 +120,7 @@ class OnlineConfig:
     max_new_tokens: int = 128
     temperature: float = 1.0
     no_end_penalty: float = 1.0  # subtracted from the reward of a response cut by max_new_tokens
+    sample_quant: str = "auto"  # what samples: none (the live model) or q8_0 (a copy each step); auto: q8_0 on CPU
 
     @property
     def source(self) -> str | None:
@@ -241,6 +243,8 @@ class TrainConfig:
                               "--reward verifier (prompts with an 'answer' or 'constraints' to check)")
         if online.source == "model" and not online.reward_model:
             raise OptionError("--reward model needs --reward-model (a folder written by `qwen2 train rm`)")
+        if online.sample_quant not in SAMPLE_QUANTS:
+            raise OptionError(f"unknown --sample-quant {online.sample_quant!r}; choose {', '.join(SAMPLE_QUANTS)}")
         if online.source == "verifier" and online.reward_model:
             raise OptionError("--reward verifier checks replies itself; drop --reward-model")
 
@@ -266,7 +270,7 @@ FLAT = {
     "center": ("rm", "center"), "head_lr_scale": ("rm", "head_lr_scale"),
     "reward_model": ("online", "reward_model"), "reward": ("online", "reward"), "samples": ("online", "samples"),
     "max_new_tokens": ("online", "max_new_tokens"), "temperature": ("online", "temperature"),
-    "no_end_penalty": ("online", "no_end_penalty"),
+    "no_end_penalty": ("online", "no_end_penalty"), "sample_quant": ("online", "sample_quant"),
 }
 ALIASES = ("holdout",)  # pretrain's earlier name for heldout, still read
 

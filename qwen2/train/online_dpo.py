@@ -10,10 +10,15 @@ record: `answer` (the reply must state that final answer: "The answer is N" or \
 qwen2.eval.instructions: the prompt asks for them in words, each judged strictly, as
 `qwen2 data instruct-feedback` judges).
 
-Sampling runs through the engine (qwen2.engine) built once over the training model object
-itself, so every step samples from the live weights (LoRA adapters included) with nothing
-reloaded; its prefix cache is cleared each step, since keys cached under older weights are
-stale. A reply cut by --max-new-tokens without its end token loses --no-end-penalty from its
+Sampling runs through the engine (qwen2.engine). On a CPU with our kernels (--sample-quant auto
+or q8_0) each step samples from a Q8_0 copy of the policy's current weights (LoRA merged), made
+for that step and run on the integer kernels of the default inference path: sampling is most of a
+step, and the float32 training model decodes at a fraction of that speed. The pairs' log-probs, the
+loss and the gradient are the float policy's own, so DPO sees replies of a model within Q8_0's
+rounding of the policy (as RL trainers sample through a separate inference engine). With
+--sample-quant none (the default on CUDA) the engine is built once over the training model object
+itself and samples from the live weights, its prefix cache cleared each step (keys cached under
+older weights are stale). A reply cut by --max-new-tokens without its end token loses --no-end-penalty from its
 reward. A prompt whose replies all score the same gives no pair that step. The reference
 log-probabilities are computed live (the pairs are new each step). Metrics: DPO's, plus
 sample_reward (mean reward of all sampled replies), best_reward, unfinished (fraction cut off);
@@ -33,12 +38,25 @@ from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import DataError, OptionError
 from qwen2.eval.instructions import verdicts
 from qwen2.eval.stats import wilson
+from qwen2.loading import blocks_model
+from qwen2.quant.blocks import kernels_available
+from qwen2.train import lora
 from qwen2.train.data import DataReport
 from qwen2.train.dpo import DPOTask
 from qwen2.train.preference import Pair, check_tokenizer, load_prompts
 from qwen2.train.reward import load_reward_model, score
 from qwen2.train.synth import answer_verdict
 from qwen2.train.trainer import Trainer, summed
+
+
+def sample_quant(choice: str, device: torch.device) -> str:
+    """The weights sampling runs on: none (the live training model) or a block type's copy."""
+    if choice == "auto":
+        return "q8_0" if device.type == "cpu" and kernels_available() else "none"
+    if choice != "none" and (device.type != "cpu" or not kernels_available()):
+        raise OptionError(f"--sample-quant {choice} runs on our CPU kernels, which this "
+                          f"{'device' if device.type != 'cpu' else 'machine'} lacks; use --sample-quant none")
+    return choice
 
 
 def checks(check: dict, reply: str) -> list[bool]:
@@ -70,9 +88,11 @@ class OnlineDPOTask(DPOTask):
         if longest + c.max_new_tokens > self.model.config.context_limit:
             raise OptionError(f"prompts of {longest} tokens plus --max-new-tokens {c.max_new_tokens} exceed the "
                               f"model's context of {self.model.config.context_limit}")
-        self.engine = Engine(self.model, self.tokenizer,
-                             max_concurrency=min(16, self.config.data.batch_size * c.samples),
-                             max_seq_len=longest + c.max_new_tokens + 1)
+        self.max_concurrency = min(16, self.config.data.batch_size * c.samples)
+        self.max_seq_len = longest + c.max_new_tokens + 1
+        self.sample_quant = sample_quant(c.sample_quant, self.device)
+        self.engine = None if self.sample_quant != "none" else Engine(
+            self.model, self.tokenizer, max_concurrency=self.max_concurrency, max_seq_len=self.max_seq_len)
 
     def read_data(self) -> tuple[list, DataReport]:
         d = self.config.data
@@ -84,19 +104,26 @@ class OnlineDPOTask(DPOTask):
         """n replies to each prompt from the live weights: (tokens, ended with the end token)."""
         training = self.model.training
         self.model.eval()
-        self.engine.clear_prefix_cache()
+        engine = self.engine or self.snapshot_engine()
+        engine.clear_prefix_cache()
         params = [SamplingParams(max_tokens=self.config.online.max_new_tokens, temperature=temperature,
                                  seed=seed + 1000 * i + j) for i in range(len(prompts)) for j in range(n)]
         # the engine's KV cache holds the weights' dtype: bf16 autocast (the training steps' and the
         # held-out evaluation's) would write keys of another dtype into it
         with torch.autocast(self.device.type, enabled=False):
-            done = [r for r, _ in self.engine.run_all([p for p in prompts for _ in range(n)], params)]
+            done = [r for r, _ in engine.run_all([p for p in prompts for _ in range(n)], params)]
         self.model.train(training)
         failed = [r.failed_in for r in done if r.finish_reason == "error"]
         if failed:
             raise RuntimeError(f"sampling failed in {failed[0]}")
         return [[(list(r.output), r.finish_reason == "stop") for r in done[i * n: (i + 1) * n]]
                 for i in range(len(prompts))]
+
+    def snapshot_engine(self) -> Engine:
+        """An engine over a block-quantized copy of the policy's weights as they are now."""
+        state = lora.merged_state_dict(self.model, self.model.state_dict())
+        snapshot = blocks_model(self.model.config, state, self.sample_quant)
+        return Engine(snapshot, self.tokenizer, max_concurrency=self.max_concurrency, max_seq_len=self.max_seq_len)
 
     def rewards(self, prompt: Pair, replies: list[tuple[list[int], bool]]) -> torch.Tensor:
         if self.reward_model is None:

@@ -22,6 +22,7 @@ from qwen2.quant.blocks import (
     BlockLinear,
     bf16_gemm_is_fast,
     dequantize,
+    encode_q8_0,
     kernels_available,
     make_blocks,
 )
@@ -29,6 +30,22 @@ from tests.conftest import tiny_config
 from tests.weights.test_gguf_export import MOE, SMALL, random_state
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="the GGUF kernels cannot be built on this machine")
+
+
+def test_q8_0_blocks_are_the_bytes_ggml_writes():
+    import numpy as np
+
+    from qwen2.weights.gguf_export import encode
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 256) * torch.rand(300, 1) * 3
+    w[0, :32] = 0  # a block of zeros: scale 0, every value 0
+    w[1, :32] = torch.arange(32) - 15.5  # max 16.5 -> d = 16.5/127: values that land near .5
+    w[2, :32] = torch.tensor([127.0, 0.5, 1.5, -2.5, -0.5] + [0.0] * 27)  # d = 1: exact halves round away from 0
+    gguf_bytes = np.ascontiguousarray(encode("w", w, Q.Q8_0)).reshape(300, -1)
+    ours = encode_q8_0(w, rows=128)  # row blocks that do not divide the rows
+    assert ours.shape == gguf_bytes.shape and torch.equal(ours, torch.from_numpy(gguf_bytes))
+    assert ours[2, 2:7].view(torch.int8).tolist() == [127, 1, 2, -3, -1]
 
 
 def logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:

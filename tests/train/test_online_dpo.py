@@ -1,6 +1,7 @@
 """Online DPO (qwen2.train.online_dpo) through the one trainer: samples from the live weights
-through the engine, best vs worst by the reward model or the verifier, a penalty for replies that
-never end, and a one-line refusal under torchrun."""
+through the engine (or from a Q8_0 copy of them made for each step), best vs worst by the reward
+model or the verifier, a penalty for replies that never end, and a one-line refusal under
+torchrun."""
 
 import copy
 import json
@@ -12,7 +13,9 @@ from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import DataError, OptionError
 from qwen2.eval.instructions import render
+from qwen2.quant.blocks import kernels_available
 from qwen2.train.config import TrainConfig
+from qwen2.train.dpo import lora_off
 from qwen2.train.online_dpo import checks, verified
 from qwen2.train.reward import RewardModel, save_hf, score
 from qwen2.train.trainer import Trainer
@@ -29,7 +32,7 @@ def trainer(tiny_hf, tiny_model, default_tokenizer, tmp_path_factory):
     data.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(4)))
     config = dict(data=str(data), out=str(folder / "out"), task="online-dpo", model=str(tiny_hf),
                   reward_model=str(folder / "rm"), samples=2, max_new_tokens=4, lora_rank=4, steps=1,
-                  lr=1e-2, heldout=0.25, max_len=64, device="cpu", bf16=False, progress=False)
+                  lr=1e-2, heldout=0.25, max_len=64, device="cpu", bf16=False, progress=False, sample_quant="none")
     return Trainer(TrainConfig.from_flat(config))
 
 
@@ -52,6 +55,40 @@ def test_samples_come_from_the_live_weights(trainer):
     after = trainer.task.generate(prompts, 2, 1.0, seed=7)
     assert after != before
     assert after == _fresh_engine_samples(trainer.model, trainer.tokenizer, prompts, 2, 7)
+
+
+@pytest.mark.skipif(not kernels_available(), reason="the Q8_0 snapshot runs on our CPU kernels, not built here")
+def test_a_q8_0_snapshot_samples_the_current_weights_lora_included(trainer):
+    task, prompts = trainer.task, [p.prompt for p in trainer.task.train_data[:2]]
+    live, engine = task.sample_quant, task.engine
+    task.sample_quant, task.engine = "q8_0", None
+    try:
+        with torch.no_grad():
+            for p in trainer.params:  # adapters far from zero, so the snapshot must carry them
+                p.add_(torch.randn_like(p) * 0.5)
+        tokens = torch.tensor([prompts[0]])
+        snapshot = task.snapshot_engine().model
+        with torch.no_grad():
+            ours, policy = snapshot(tokens)[0, -1], trainer.model.eval()(tokens)[0, -1]
+            with lora_off(trainer.model):
+                base = trainer.model(tokens)[0, -1]
+        # within Q8_0's rounding of the policy (int8 activations too: ~5% on this random model), and
+        # far nearer to it than the weights without LoRA are (~3% of that distance)
+        error = (ours - policy).norm()
+        assert error < 0.1 * policy.norm() and error < 0.1 * (base - policy).norm()
+        first = task.generate(prompts, 2, 1.0, seed=7)
+        assert first == task.generate(prompts, 2, 1.0, seed=7)  # a snapshot per call, the same weights
+        with torch.no_grad():
+            for p in trainer.params:
+                p.add_(torch.randn_like(p) * 0.5)
+        assert task.generate(prompts, 2, 1.0, seed=7) != first  # the next call sees the update
+    finally:
+        task.sample_quant, task.engine = live, engine
+
+
+def test_an_unknown_sample_quant_is_refused():
+    with pytest.raises(OptionError, match="--sample-quant"):
+        TrainConfig.from_flat(dict(task="online-dpo", reward="verifier", sample_quant="q2")).check()
 
 
 def test_pairs_are_the_best_and_worst_reply_and_unfinished_replies_are_penalised(trainer):
