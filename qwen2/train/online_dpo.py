@@ -18,10 +18,11 @@ loss and the gradient are the float policy's own, so DPO sees replies of a model
 rounding of the policy (as RL trainers sample through a separate inference engine). With
 --sample-quant none (the default on CUDA) the engine is built once over the training model object
 itself and samples from the live weights, its prefix cache cleared each step (keys cached under
-older weights are stale). A reply cut by --max-new-tokens without its end token loses --no-end-penalty from its
-reward. A prompt whose replies all score the same gives no pair that step. The reference
-log-probabilities are computed live (the pairs are new each step). Metrics: DPO's, plus
-sample_reward (mean reward of all sampled replies), best_reward, unfinished (fraction cut off);
+older weights are stale). A reply cut by --max-new-tokens without its end token loses
+--no-end-penalty from its reward. A prompt whose replies all score the same gives no pair that
+step. The reference log-probabilities are computed live (the pairs are new each step). Metrics:
+DPO's, plus sample_reward (mean reward of all sampled replies), best_reward, unfinished (fraction
+cut off);
 held-out: eval_reward, the mean reward of one greedy reply per held-out prompt, and with the
 verifier eval_verified, the share of those replies that pass, with its Wilson 95% interval.
 
@@ -101,7 +102,7 @@ class OnlineDPOTask(DPOTask):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, temperature: float, seed: int
                  ) -> list[list[tuple[list[int], bool]]]:
-        """n replies to each prompt from the live weights: (tokens, ended with the end token)."""
+        """n replies to each prompt from the policy's current weights: (tokens, ended with the end token)."""
         training = self.model.training
         self.model.eval()
         engine = self.engine or self.snapshot_engine()
