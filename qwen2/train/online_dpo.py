@@ -22,9 +22,8 @@ older weights are stale). A reply cut by --max-new-tokens without its end token 
 --no-end-penalty from its reward. A prompt whose replies all score the same gives no pair that
 step. The reference log-probabilities are computed live (the pairs are new each step). Metrics:
 DPO's, plus sample_reward (mean reward of all sampled replies), best_reward, unfinished (fraction
-cut off);
-held-out: eval_reward, the mean reward of one greedy reply per held-out prompt, and with the
-verifier eval_verified, the share of those replies that pass, with its Wilson 95% interval.
+cut off); held-out: eval_reward, the mean reward of one greedy reply per held-out prompt, and with
+the verifier eval_verified, the share of those replies that pass, with its Wilson 95% interval.
 
 `OnlineDPOTask` is the trainer's task (trainer.py), in one process only: the engine samples from
 one process's whole model, so under torchrun the trainer refuses it in one line.
