@@ -26,8 +26,8 @@ TARGETS = {"a": ("q_proj", "v_proj", "down_proj"), "b": ("k_proj", "o_proj", "ga
 def tune(model, folder, seed: int, targets: tuple[str, ...]):
     """An adapter as `qwen2 train` saves it, with a random (non-zero) B; returns the merged model."""
     tuned = copy.deepcopy(model)
+    torch.manual_seed(seed)  # A's draw too: the adapter must not depend on which tests ran before
     add_lora(tuned, rank=4, alpha=8, targets=targets)
-    torch.manual_seed(seed)
     for layer in lora_layers(tuned).values():
         torch.nn.init.normal_(layer.lora_B.weight, std=1.0)
     save_adapter(tuned, folder)
