@@ -31,6 +31,8 @@ one process's whole model, so under torchrun the trainer refuses it in one line.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from qwen2.engine.engine import Engine
@@ -112,6 +114,9 @@ class OnlineDPOTask(DPOTask):
         # held-out evaluation's) would write keys of another dtype into it
         with torch.autocast(self.device.type, enabled=False):
             done = [r for r, _ in engine.run_all([p for p in prompts for _ in range(n)], params)]
+        if engine is not self.engine:
+            del engine
+            gc.collect()  # a copy's model and its fused steps refer to each other: only the collector frees them
         self.model.train(training)
         failed = [r.failed_in for r in done if r.finish_reason == "error"]
         if failed:

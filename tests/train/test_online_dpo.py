@@ -5,6 +5,7 @@ torchrun."""
 
 import copy
 import json
+import weakref
 
 import pytest
 import torch
@@ -76,14 +77,24 @@ def test_a_q8_0_snapshot_samples_the_current_weights_lora_included(trainer):
         # far nearer to it than the weights without LoRA are (~3% of that distance)
         error = (ours - policy).norm()
         assert error < 0.1 * policy.norm() and error < 0.1 * (base - policy).norm()
+        made, snapshot_engine = [], task.snapshot_engine
+
+        def recorded():
+            engine = snapshot_engine()
+            made.append(weakref.ref(engine.model))
+            return engine
+
+        task.snapshot_engine = recorded
         first = task.generate(prompts, 2, 1.0, seed=7)
-        assert first == task.generate(prompts, 2, 1.0, seed=7)  # a snapshot per call, the same weights
+        assert len(made) == 1 and made[0]() is None  # each step's copy is freed once it has sampled
+        assert first == task.generate(prompts, 2, 1.0, seed=7)  # a copy per call, of the same weights
         with torch.no_grad():
             for p in trainer.params:
                 p.add_(torch.randn_like(p) * 0.5)
         assert task.generate(prompts, 2, 1.0, seed=7) != first  # the next call sees the update
     finally:
         task.sample_quant, task.engine = live, engine
+        del task.snapshot_engine
 
 
 def test_an_unknown_sample_quant_is_refused():
