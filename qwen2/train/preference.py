@@ -40,6 +40,12 @@ class Pair:
     check: dict | None = None  # a prompt's verifiable fields ("answer", "constraints"): online DPO's verifier reward
 
 
+def same_prompt(pair: Pair) -> tuple[int, ...]:
+    """A held-out split's group for pairs: one prompt's pairs stay on one side, so a held-out
+    prompt is one training never saw."""
+    return tuple(pair.prompt)
+
+
 def _reply(value) -> str:
     if isinstance(value, str):
         return value
