@@ -37,7 +37,7 @@ from qwen2.files import load_plain, write_atomically
 from qwen2.train import lora
 from qwen2.train.data import DataReport
 from qwen2.train.logprobs import sequence_logps
-from qwen2.train.preference import Pair, check_tokenizer, load_pairs, pair_batch, same_prompt
+from qwen2.train.preference import Pair, check_tokenizer, heldout_group, load_pairs, pair_batch
 from qwen2.train.trainer import Task, Trainer, load_float, summed
 
 
@@ -85,7 +85,7 @@ class DPOTask(Task):
             self.cache = self.precompute(self.train_data + self.heldout)
             self.ref_model = None  # every value it gives is cached now: its copy of the weights is free memory
 
-    group = staticmethod(same_prompt)  # pairs of one prompt are held out together
+    group = staticmethod(heldout_group)  # pairs of one prompt (or group) are held out together
 
     def read_data(self) -> tuple[list, DataReport]:
         d = self.config.data

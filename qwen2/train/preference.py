@@ -5,7 +5,9 @@ Records come as JSONL (one per line) or a JSON array, the prompt given one of th
 conversation before the reply) or llamafactory's sharegpt shape `{"conversations": [...],
 "chosen": {"from": "gpt", "value": ...}, ...}` (its dpo_en_demo / dpo_zh_demo sets, by name).
 A reply is a string or a message (`content` or `value`). An optional numeric `margin` feeds the
-reward model's margin loss.
+reward model's margin loss; an optional string `group` names pairs that a held-out split keeps on
+one side (by default, pairs of one prompt): `qwen2 data instruct-feedback` gives its task, so one
+task asked under other constraints is never both trained on and held out.
 
 The prompt is the chat template with the generation prompt, tokenized alone, exactly what the
 engine feeds the model; a reply is the template's assistant turn after that prompt, up to and
@@ -38,12 +40,13 @@ class Pair:
     margin: float = 0.0
     index: int = 0  # position in its file's pairs (keys the cached reference log-probs)
     check: dict | None = None  # a prompt's verifiable fields ("answer", "constraints"): online DPO's verifier reward
+    group: str | None = None  # the record's own held-out group
 
 
-def same_prompt(pair: Pair) -> tuple[int, ...]:
-    """A held-out split's group for pairs: one prompt's pairs stay on one side, so a held-out
-    prompt is one training never saw."""
-    return tuple(pair.prompt)
+def heldout_group(pair: Pair) -> str | tuple[int, ...]:
+    """A held-out split's group for pairs: the record's `group`, else its prompt, so a held-out
+    prompt (or task) is one training never saw."""
+    return pair.group if pair.group is not None else tuple(pair.prompt)
 
 
 def _reply(value) -> str:
@@ -116,10 +119,13 @@ def load_pairs(path: str | Path, tokenizer: Tokenizer, max_len: int, on_bad: str
             messages = prompt_messages(record)
             text, prompt = render_prompt(tokenizer, messages)
             check_prompt(prompt, max_len, max_prompt_len)
+            group = record.get("group")
+            if group is not None and not isinstance(group, str):
+                raise ValueError("'group' must be a string")
             room = max_len - len(prompt)
             pair = Pair(prompt, render_reply(tokenizer, messages, text, chosen)[:room],
                         render_reply(tokenizer, messages, text, rejected)[:room], where,
-                        float(record.get("margin", 0.0)), len(pairs))
+                        float(record.get("margin", 0.0)), len(pairs), group=group)
         except (ValueError, KeyError, TypeError, TokenizerError) as e:
             reason = f"{where}: {e}"
             if on_bad == "error":

@@ -41,7 +41,7 @@ from qwen2.tokenizer import Tokenizer
 from qwen2.train import lora
 from qwen2.train.config import TrainConfig
 from qwen2.train.data import DataReport
-from qwen2.train.preference import Pair, load_pairs, same_prompt
+from qwen2.train.preference import Pair, heldout_group, load_pairs
 from qwen2.train.trainer import Task, load_float, summed
 
 HEAD = "score.safetensors"  # a LoRA checkpoint's head, beside the adapter
@@ -150,7 +150,7 @@ class RewardTask(Task):
         torch.manual_seed(config.seed)
         return RewardModel(transformer), tokenizer
 
-    group = staticmethod(same_prompt)  # pairs of one prompt are held out together
+    group = staticmethod(heldout_group)  # pairs of one prompt (or group) are held out together
 
     def read_data(self) -> tuple[list, DataReport]:
         d = self.config.data

@@ -125,11 +125,15 @@ def _engine(args: argparse.Namespace) -> Iterator:
         yield actors
 
 
-def _write_data(out: Path, groups: list) -> tuple[int, int]:
-    """sft.jsonl and pairs.jsonl rebuilt from every sample's verdict; their row counts."""
+def _write_data(out: Path, groups: list, group_of: dict[str, str] | None = None) -> tuple[int, int]:
+    """sft.jsonl and pairs.jsonl rebuilt from every sample's verdict; their row counts. `group_of`
+    gives each pair the held-out group of its prompt."""
     from qwen2.train import synth
 
     sft, pairs = synth.sft_and_pairs(groups)
+    if group_of:
+        for pair in pairs:
+            pair["group"] = group_of[pair["messages"][-1]["content"]]
     synth.write_jsonl(out / "sft.jsonl", sft)
     synth.write_jsonl(out / "pairs.jsonl", pairs)
     return len(sft), len(pairs)
@@ -230,7 +234,8 @@ def run_instruct(args: argparse.Namespace) -> None:
         with _engine(args) as llm:
             instruct_feedback.sample(llm, items, results, args.k, args.temperature, args.max_tokens, args.seed)
     groups = instruct_feedback.groups(items, results.ordered(ids))
-    sft, pairs = _write_data(args.out, groups)
+    # one task under other constraints (another --prompt-seed, or a file that repeats it) is one group
+    sft, pairs = _write_data(args.out, groups, {item["prompt"]: item["task"] for item in items})
     shares = [share for _, samples in groups for _, share in samples]
     kept = sum(share == 1 for share in shares)
     print(json.dumps(dict(out=str(args.out), prompts=len(items), samples=len(shares), sampled_now=todo, kept=kept,

@@ -43,6 +43,16 @@ def test_replies_are_paired_by_the_share_of_constraints_they_meet():
                                                              ("an apple", "A RIPE RED APPLE")]
 
 
+def test_pairs_name_their_task_as_group_so_a_split_keeps_it_on_one_side(tmp_path):
+    from qwen2.train.synth_cli import _write_data
+
+    caps = prompt_text("Name a fruit.", [{"kind": "case:upper"}])
+    short = prompt_text("Name a fruit.", [{"kind": "length:max_words", "n": 3}])
+    groups = [(caps, [("APPLE", 1.0), ("apple", 0.0)]), (short, [("Pear.", 1.0), ("A ripe pear, I think.", 0.0)])]
+    assert _write_data(tmp_path, groups, {caps: "Name a fruit.", short: "Name a fruit."}) == (2, 2)
+    assert [row["group"] for row in read_jsonl(tmp_path / "pairs.jsonl")] == ["Name a fruit."] * 2
+
+
 def test_a_prompt_whose_replies_all_meet_the_same_share_gives_no_pair():
     item = {"id": "p.jsonl:1", "prompt": prompt_text("Name a fruit.", SHORT), "constraints": SHORT}
     records = [{"item": item["id"], "reply": reply} for reply in ("A ripe apple", "a ripe red apple", "Pear")]

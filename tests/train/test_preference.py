@@ -7,7 +7,7 @@ import pytest
 from qwen2.errors import DataError, OptionError
 from qwen2.tokenizer import Tokenizer
 from qwen2.train.data import split
-from qwen2.train.preference import Pair, check_tokenizer, load_pairs, load_prompts, pair_batch
+from qwen2.train.preference import Pair, check_tokenizer, heldout_group, load_pairs, load_prompts, pair_batch
 
 END = "<|im_end|>"
 
@@ -92,6 +92,25 @@ def test_pairs_of_one_prompt_are_held_out_together():
         train, heldout = split(pairs, 0.3, seed, group=lambda p: tuple(p.prompt))
         assert heldout and sorted(p.index for p in train + heldout) == list(range(6))
         assert not {p.prompt[0] for p in train} & {p.prompt[0] for p in heldout}
+
+
+def test_pairs_naming_one_group_are_held_out_together(tmp_path, default_tokenizer):
+    # one task asked under two constraints is two prompts but one group; a pair without a group is its prompt's
+    rows = [{"prompt": f"{task} {ask}", "chosen": "a", "rejected": "b", "group": task}
+            for task in "pqrs" for ask in ("in capitals", "in ten words")]
+    rows += [{"prompt": "t", "chosen": "a", "rejected": "b"}, {"prompt": "t", "chosen": "c", "rejected": "d"}]
+    pairs, _ = load_pairs(_write(tmp_path, rows), default_tokenizer, 128)
+    assert [p.group for p in pairs] == [*"ppqqrrss", None, None]
+    for seed in range(20):
+        train, heldout = split(pairs, 0.3, seed, group=heldout_group)
+        assert heldout and len(train) + len(heldout) == 10
+        assert not {heldout_group(p) for p in train} & {heldout_group(p) for p in heldout}
+
+
+def test_a_group_that_is_not_a_string_is_a_bad_pair(tmp_path, default_tokenizer):
+    path = _write(tmp_path, [{"prompt": "a", "chosen": "x", "rejected": "y", "group": 3}])
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: 'group' must be a string"):
+        load_pairs(path, default_tokenizer, 128)
 
 
 def test_items_without_a_group_are_split_one_by_one():
