@@ -14,8 +14,9 @@ bench/align_dpo.png. tax also scores ASDiv accuracy (the first
 --asdiv problems, greedy chain of thought, qwen2/eval/asdiv.py, batched) of the model before and
 after each optimizer; a run whose folder already holds a finished model is not trained again, and
 ASDiv answers are kept beside each model (asdiv.jsonl), so a rerun after a kill redoes neither.
-tau first fine-tunes every weight of the default model on alpaca_en_demo (the SFT stage: base =
-the default model, SFT = its output, tau = SFT - base), then runs DPO from the SFT model with each
+tau first fine-tunes every weight of the default model on --sft-data (alpaca_en_demo, or e.g. the
+sft.jsonl of `qwen2 data reject-sample`; the SFT stage: base = the default model, SFT = its output,
+tau = SFT - base), then runs DPO from the SFT model with each
 optimizer, the merging ones given --base so they merge tau back in (alpha per --merge-alpha); the
 capability before is the SFT model's.
 """
@@ -77,15 +78,15 @@ def asdiv_accuracy(model_dir: Path | None, n: int, record: Path) -> tuple[float,
     return asdiv.summarize(records)["accuracy"] / 100, time.perf_counter() - start
 
 
-def sft(out: Path, steps: int, max_len: int) -> float:
-    """Full fine-tuning of the default model on alpaca_en_demo; seconds (0 when already done)."""
+def sft(out: Path, data: str, steps: int, max_len: int) -> float:
+    """Full fine-tuning of the default model on `data`; seconds (0 when already done)."""
     from qwen2.train.config import TrainConfig
     from qwen2.train.trainer import Trainer
 
     if (out / "model.safetensors").exists():
         return 0.0
     start = time.perf_counter()
-    Trainer(TrainConfig.from_flat(dict(data="alpaca_en_demo", out=str(out), steps=steps, batch_size=2, max_len=max_len,
+    Trainer(TrainConfig.from_flat(dict(data=data, out=str(out), steps=steps, batch_size=2, max_len=max_len,
                                        lr=1e-5, on_bad_sample="skip", save_every=0, progress=False))).train()
     return time.perf_counter() - start
 
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="default: rm 60, tax 100, tau 60")
     parser.add_argument("--lr", type=float, help="default: rm 2e-4, tax 5e-4, tau 5e-6 (full fine-tuning)")
     parser.add_argument("--sft-steps", type=int, default=40, help="tau: steps of the SFT stage")
+    parser.add_argument("--sft-data", default="alpaca_en_demo", help="tau: the SFT stage's data")
     parser.add_argument("--merge-alpha", type=float, default=1e-7, help="tau: weight of tau in each merge")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--asdiv", type=int, default=60)
@@ -140,10 +142,11 @@ def main() -> None:
         from qwen2.weights.default import DEFAULT_NAME
 
         sft_dir = args.out / "tau-sft"
-        sft_seconds = sft(sft_dir, args.sft_steps, args.max_len)
+        sft_seconds = sft(sft_dir, args.sft_data, args.sft_steps, args.max_len)
         base_score, _ = asdiv_accuracy(None, args.asdiv, args.out / "asdiv-base.json")
         before, _ = asdiv_accuracy(sft_dir, args.asdiv, sft_dir / "asdiv.json")
-        result |= {"steps": steps, "lr": lr, "sft_steps": args.sft_steps, "sft_seconds": round(sft_seconds),
+        result |= {"steps": steps, "lr": lr, "sft_data": args.sft_data, "sft_steps": args.sft_steps,
+                   "sft_seconds": round(sft_seconds),
                    "merge_alpha": args.merge_alpha, "asdiv_problems": args.asdiv, "asdiv_base": base_score,
                    "asdiv_before": before,
                    "runs": optimizer_runs(args, "tau", steps, before, {**common, "model": str(sft_dir)},
