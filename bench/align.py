@@ -24,6 +24,7 @@ capability before is the SFT model's.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import shutil
@@ -74,6 +75,8 @@ def asdiv_accuracy(model_dir: Path | None, n: int, record: Path) -> tuple[float,
     if any(p["id"] not in results for p in problems):
         llm = load(str(model_dir) if model_dir else None, quant="none", dtype="float32", max_concurrency=16)
         asdiv.run(llm, problems, results, max_tokens=256)
+        del llm
+        gc.collect()  # the engine's model sits in reference cycles: without this, each scored model stays resident
     records = results.ordered(p["id"] for p in problems)
     return asdiv.summarize(records)["accuracy"] / 100, time.perf_counter() - start
 
