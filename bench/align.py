@@ -15,10 +15,9 @@ bench/align_dpo.png. tax also scores ASDiv accuracy (the first
 after each optimizer; a run whose folder already holds a finished model is not trained again, and
 ASDiv answers are kept beside each model (asdiv.jsonl), so a rerun after a kill redoes neither.
 tau first fine-tunes every weight of the default model on --sft-data (alpaca_en_demo, or e.g. the
-sft.jsonl of `qwen2 data reject-sample`; the SFT stage: base = the default model, SFT = its output,
-tau = SFT - base), then runs DPO from the SFT model with each
-optimizer, the merging ones given --base so they merge tau back in (alpha per --merge-alpha); the
-capability before is the SFT model's.
+sft.jsonl of a `qwen2 data` command; the SFT stage: base = the default model, SFT = its output,
+tau = SFT - base), then runs DPO from the SFT model with each optimizer, the merging ones given
+--base so they merge tau back in (alpha per --merge-alpha); the capability before is the SFT model's.
 """
 
 from __future__ import annotations
