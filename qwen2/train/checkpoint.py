@@ -11,8 +11,7 @@ weights_only=True: a file someone altered to run code when unpickled is refused,
 The caller owns which weights and its data position (the trainer's: epoch and row of its
 seeded order). FSDP2's shards go in and out as whole tensors (qwen2.distributed.data_parallel),
 so its checkpoints are the files one process writes. Not covered: the CUDA RNG (dropout on a GPU
-does not repeat exactly after a resume), the OnDARE / OnTIES state of an FSDP2 run (kept per
-shard; the trainer refuses to resume one).
+does not repeat exactly after a resume).
 """
 
 from __future__ import annotations
@@ -78,17 +77,15 @@ def save(out: Path, state: dict, write_weights: Callable[[Path], None], keep: in
     return folder
 
 
-def training_state(step: int, position: dict[str, int], optimizer: dict | None,
+def training_state(step: int, position: dict[str, int], optimizer: dict,
                    scheduler: torch.optim.lr_scheduler.LRScheduler, torch_rngs: list[torch.Tensor]) -> dict:
     """What a resume needs besides the weights; tensors and plain values only, so that read_state
-    can load it with weights_only=True. optimizer: its state dict (None: not saved, for an optimizer
-    whose state does not gather whole); torch_rngs: every process's torch RNG state, by rank."""
-    state = {"step": step, **position, "scheduler": scheduler.state_dict(),
+    can load it with weights_only=True. optimizer: its state dict; torch_rngs: every process's torch
+    RNG state, by rank."""
+    state = {"step": step, **position, "optimizer": optimizer, "scheduler": scheduler.state_dict(),
              "torch_rng": torch_rngs[0], "python_rng": random.getstate()}
     if len(torch_rngs) > 1:
         state["torch_rngs"] = torch_rngs
-    if optimizer is not None:
-        state["optimizer"] = optimizer
     return state
 
 

@@ -210,9 +210,6 @@ class TrainConfig:
             raise OptionError("LoRA needs a trained base: pretraining trains every weight, drop --lora-rank")
         if self.parallel.mode not in ("ddp", "fsdp"):
             raise OptionError(f"unknown --parallel {self.parallel.mode!r}; choose ddp or fsdp")
-        if self.parallel.mode == "fsdp" and self.checkpoint.resume and self.optim.name != "adamw":
-            raise OptionError(f"--parallel fsdp does not resume --optimizer {self.optim.name}: its state is kept "
-                              "per shard and is not in the checkpoints; train it under ddp to resume it")
         self._check_optimizer()
         self._check_preference()
 

@@ -403,12 +403,10 @@ class Trainer:
             return full_state_dict(self.model, trained_only)
         return self.model.state_dict()
 
-    def _optimizer_state(self) -> dict | None:
-        """The optimizer's state dict (under FSDP2 gathered whole; None for OnDARE / OnTIES, kept per shard)."""
+    def _optimizer_state(self) -> dict:
+        """The optimizer's state dict (under FSDP2 gathered whole)."""
         if not self.sharded:
             return self.optimizer.state_dict()
-        if isinstance(self.optimizer, OnlineMergingAdamW):
-            return None
         from qwen2.distributed.data_parallel import full_optimizer_state
 
         return full_optimizer_state(self.model, self.optimizer)

@@ -1,6 +1,8 @@
 """Run alone or under torchrun (FSDP2 over gloo): three steps of OnDARE and of OnTIES on a small
-MLP, with p = 1 and alpha > 0 so the result is deterministic and tau's merge shows; writes the
-final weights (rank 0) to OUT-<method>.pt. Used by test_merging_optimizer.py."""
+MLP, alpha > 0 so tau's merge shows; OnDARE keeps half of each update and of tau (its masks hash each
+entry's index in the whole tensor, so the shards keep what one process keeps), OnTIES keeps all
+(p = 1: its top fraction is taken per shard). Writes the final weights (rank 0) to OUT-<method>.pt.
+Used by test_merging_optimizer.py."""
 
 import sys
 
@@ -22,8 +24,8 @@ def run(method: str, out: str) -> None:
         for layer in (model[0], model[2]):
             fully_shard(layer)
         fully_shard(model)
-    optimizer = OnlineMergingAdamW(model.parameters(), taus, method=method, lr=1e-2, reserve_rate=1.0, alpha=0.3,
-                                   weight_decay=0.1)
+    optimizer = OnlineMergingAdamW(model.parameters(), taus, method=method, lr=1e-2, alpha=0.3, weight_decay=0.1,
+                                   reserve_rate=0.5 if method == "ondare" else 1.0)
     data = torch.Generator().manual_seed(1)
     for _ in range(3):
         x = torch.randn(8, 8, generator=data)

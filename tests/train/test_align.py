@@ -19,7 +19,7 @@ from qwen2.train.config import TrainConfig
 from qwen2.train.reward import load_reward_model, score
 from qwen2.train.trainer import Trainer
 from tests.conftest import PickledPayload
-from tests.train.test_trainer import ENV, PACKAGE_ROOT, checkpoint_names, kill_when_paused
+from tests.train.test_trainer import ENV, PACKAGE_ROOT, PROBE, checkpoint_names, kill_when_paused
 
 TIMING = {"seconds", "elapsed", "rss_mib"}  # the only values two runs may differ in
 
@@ -159,6 +159,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_an_fsdp2_ondare_run_killed_after_a_checkpoint_resumes_to_the_steps_of_one_process(tiny_model,
+                                                                                         default_tokenizer, tiny_hf,
+                                                                                         pairs, tmp_path):
+    # OnDARE's moments and tau are gathered whole into the checkpoint like AdamW's and cut again on resume;
+    # its masks hash each entry's place in the whole tensor, so the two shards keep what one process keeps
+    from qwen2.weights.export import export_hf
+
+    torch.manual_seed(0)
+    base = {k: v + 0.01 * torch.randn_like(v) for k, v in tiny_model.state_dict().items()}
+    export_hf(tiny_model.config, base, default_tokenizer, tmp_path / "base")
+    common = ["train", "dpo", "--model", str(tiny_hf), "--data", str(pairs), "--steps", "4", "--save-every", "2",
+              "--max-len", "64", "--lr", "1e-4", "--no-bf16", "--heldout", "0.25", "--device", "cpu",
+              "--optimizer", "ondare", "--reserve-rate", "0.5", "--merge-alpha", "0.5",
+              "--base", str(tmp_path / "base")]
+    alone = qwen2_cli(*common, "--out", str(tmp_path / "alone"), "--batch-size", "2")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+
+    def two(*extra, probe=()):
+        start = [str(PROBE), *probe, "--"] if probe else ["-m", "qwen2"]
+        return subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), *start,
+                               *common, "--out", str(tmp_path / "two"), "--batch-size", "1", "--parallel", "fsdp",
+                               *extra], capture_output=True, text=True, env=ENV, cwd=PACKAGE_ROOT, timeout=300)
+
+    killed = two(probe=("killed-before-step", "2"))
+    assert killed.returncode != 0 and [m["step"] for m in metrics(tmp_path / "two")] == [0, 1, 2]
+    resumed = two("--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resume: from {tmp_path / 'two' / 'checkpoints' / 'step-2'} (step 2 of 4)" in resumed.stderr
+    ours, theirs = metrics(tmp_path / "two"), metrics(tmp_path / "alone")
+    assert [m["step"] for m in ours] == [0, 1, 2, 3, 4]
+    for mine, single in zip(ours, theirs):  # as the test below: the same sums in another order
+        assert mine == pytest.approx(single, rel=1e-3, abs=1e-6), (mine, single)
+    model, tokenizer = load_model(tmp_path / "two", quant="none", dtype="float32")
+    reference, _ = load_model(tmp_path / "alone", quant="none", dtype="float32")
+    ids = torch.tensor([tokenizer.encode("Question 3: is 3 a number?")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qwen2.errors import OptionError
+from qwen2.train import merging_optimizer as mo
 from qwen2.train.merging_optimizer import OnlineMergingAdamW, sign_merge, task_vectors, top_fraction
 
 
@@ -67,6 +68,46 @@ def test_ondare_adds_alpha_times_a_fresh_mask_of_tau_each_step():
     assert set(torch.unique(after.round(decimals=3)).tolist()) <= {0.0, 0.5, 1.0}
 
 
+def test_ondare_masks_are_hashes_of_each_entrys_index_so_a_shard_keeps_what_the_whole_tensor_would():
+    key = mo.mask_key(seed=3, number=2, step=5, role=0)
+    whole = mo.keep_mask(10_000, 0, key, threshold=1 << 22)  # p = 1/4
+    assert 0.23 < whole.float().mean() < 0.27
+    assert torch.equal(mo.keep_mask(3_000, 7_000, key, 1 << 22), whole[7_000:])
+    assert torch.equal(whole[:50], torch.tensor([mo.hash32(i ^ key) >> 8 < 1 << 22 for i in range(50)]))
+    other = mo.keep_mask(10_000, 0, mo.mask_key(3, 2, 6, 0), 1 << 22)  # the next step: another draw
+    assert 0.04 < (whole & other).float().mean() < 0.085
+    assert mo.keep_mask(100, 0, key, 1 << 24).all() and not mo.keep_mask(100, 0, key, 0).any()
+
+
+@pytest.mark.skipif(mo.compiled_step() is None, reason="our CPU kernels do not build here (no g++ or no AVX2)")
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("with_tau", [True, False])
+def test_the_compiled_ondare_step_takes_the_torch_steps_and_keeps_the_same_entries(weight_decay, with_tau):
+    def run(compiled, n=40_003):  # odd: the vector loop and its scalar tail
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(n))
+        opt = OnlineMergingAdamW([p], [torch.randn(n)] if with_tau else None, method="ondare", lr=1e-2,
+                                 reserve_rate=0.3, alpha=0.2, weight_decay=weight_decay, seed=5)
+        if compiled:
+            assert opt.kernel is not None
+        else:
+            opt.kernel = None
+        moved = []
+        for _ in range(3):
+            before = p.detach().clone()
+            p.grad = torch.randn(n)
+            opt.step()
+            moved.append(p.detach() != before)
+        return p.detach(), opt.state[p], moved
+
+    (x, state, moved), (x_ref, state_ref, moved_ref) = run(True), run(False)
+    # the same arithmetic; torch's lerp and addcmul round their products in their own order (a few ulps)
+    torch.testing.assert_close(x, x_ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(state["exp_avg_sq"], state_ref["exp_avg_sq"], atol=1e-9, rtol=1e-5)
+    if not weight_decay:  # every entry moves under decay; else exactly the masks' entries move
+        assert all(torch.equal(a, b) for a, b in zip(moved, moved_ref))
+
+
 def test_top_fraction_keeps_the_largest_magnitudes():
     x = torch.tensor([0.1, -5.0, 0.3, 2.0, -0.2, 0.0, 1.0, -0.05])
     assert top_fraction(x, 0.25).tolist() == [0, -5.0, 0, 2.0, 0, 0, 0, 0]
@@ -116,7 +157,8 @@ def test_step_k_variant_merges_the_accumulated_update_on_every_parameter():
 
 @pytest.mark.parametrize("method", ["ondare", "onties"])
 def test_a_state_dict_saved_mid_run_and_loaded_into_a_fresh_optimizer_continues_the_same_steps(method, tmp_path):
-    # a checkpoint resumes from it: the moments, the step-K pending sum, tau and OnDARE's mask generator
+    # a checkpoint resumes from it: the moments, the step-K pending sum and tau (OnDARE's masks hash the
+    # seed, the parameter and the step: the resumed optimizer is built with the run's seed, as the trainer does)
     def optimizer(net):
         taus = [torch.full_like(p, 0.5) for p in net.parameters()]
         return OnlineMergingAdamW(net.parameters(), taus, method=method, lr=1e-2, reserve_rate=0.3, alpha=0.2,
@@ -130,7 +172,7 @@ def test_a_state_dict_saved_mid_run_and_loaded_into_a_fresh_optimizer_continues_
     torch.save(opt.state_dict(), tmp_path / "state.pt")
     resumed = copy.deepcopy(first)
     again = OnlineMergingAdamW(resumed.parameters(), method=method, lr=1e-2, reserve_rate=0.3, alpha=0.2,
-                               merge_every=2, seed=99)  # another seed and no tau: both must come from the file
+                               merge_every=2, seed=7)  # no tau: it must come from the file
     again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     torch.manual_seed(1)
     for _ in range(3):  # the data of steps 4 and 5, as _train draws them
