@@ -75,7 +75,7 @@ def main() -> None:
     result |= {"train_seconds": round(time.perf_counter() - start), "before": before, "after": after,
                "compare": json.loads((args.out / "compare.json").read_text()),
                "curve": [{k: r[k] for k in r if k == "step" or k.startswith("eval_") or k in
-                          ("sample_reward", "pairs")} for r in rows if "eval_reward" in r or "sample_reward" in r]}
+                          ("sample_reward", "paired")} for r in rows if "eval_reward" in r or "sample_reward" in r]}
     print(json.dumps(result))
 
 

@@ -162,15 +162,20 @@ def fuse_block_steps(net: Transformer) -> None:
     fuse_experts(net)
 
 
-def blocks_model(config: Qwen2Config, state: dict[str, torch.Tensor], mode: str = "q8_0") -> Transformer:
-    """A CPU inference copy of float weights (a training model's current ones, say) on our block
-    kernels: built from `state`, each matrix encoded as `mode`'s blocks, its steps fused."""
+def inference_copy(config: Qwen2Config, state: dict[str, torch.Tensor], mode: str = "q8_0",
+                   device: torch.device | str = "cpu") -> Transformer:
+    """An inference copy of float weights (a training model's current ones, say): with a blocks mode
+    on the CPU, each matrix encoded as its blocks for our kernels and the steps fused; with "none" the
+    float32 weights as they are, on `device`."""
+    blocks = MODES[mode].kind == "blocks"
     with torch.device("meta"):
         net = Transformer(config)
-    net.adopt({k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}, dtype=torch.float32)
-    blocks_from_float(net, MODES[mode].block_type, activations=MODES[mode].activations)
-    net.set_rope(config)
-    fuse_block_steps(net)
+    net.adopt({k: v.detach().to("cpu" if blocks else device, torch.float32, copy=True) for k, v in state.items()},
+              dtype=torch.float32, device="cpu" if blocks else device)
+    if blocks:
+        blocks_from_float(net, MODES[mode].block_type, activations=MODES[mode].activations)
+        net.set_rope(config)
+        fuse_block_steps(net)
     return net.eval()
 
 

@@ -8,7 +8,7 @@ reward.py, dpo.py and online_dpo.py, trained by trainer.py; cli.py runs them).
 
 PAIRS: JSONL/JSON `{"prompt" or "messages", "chosen", "rejected"}`, or a demo set by name
 (dpo_en_demo, dpo_zh_demo). A TOML --config sets the same keys; flags override it. rm and dpo
-train under torchrun and --ray as sft does (DDP or FSDP2: --parallel); online-dpo in one process.
+train under torchrun and --ray as sft does (DDP or FSDP2: --parallel).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def add_arguments(sub: argparse._SubParsersAction, run: Callable[[argparse.Names
     p.add_argument("--sample-quant", choices=["auto", "none", "q8_0"], help="what samples the replies: a Q8_0 "
                    "copy of the policy made each step, on our CPU kernels (q8_0), or the training model itself "
                    "(none); default auto: q8_0 on a CPU")
-    p.add_argument("--ray", help=argparse.SUPPRESS)  # only to say it is not for this task
+    add_parallel_options(p)
     p.set_defaults(func=run, task="online-dpo")
 
 

@@ -136,12 +136,7 @@ def read_toml(path: Path, what: str = "--config") -> dict:
 
 
 def run(args: argparse.Namespace) -> None:
-    from qwen2.train.config import SINGLE_PROCESS
-
     config = config_from(args)
-    if args.ray is not None and config.task in SINGLE_PROCESS:
-        raise OptionError(f"qwen2 train {config.task} trains in one process (not under torchrun either); --ray is "
-                          "for qwen2 train sft, pretrain, rm and dpo")
     last = train(config) if args.ray is None else ray_launcher.launch(args.ray, config, train)
     if last is not None:
         print(json.dumps({"out": config.out, **last}))

@@ -25,7 +25,6 @@ from qwen2.train.lora import TARGETS
 from qwen2.train.merging_optimizer import METHODS
 
 TASKS = ("sft", "pretrain", "rm", "dpo", "online-dpo")
-SINGLE_PROCESS = ("online-dpo",)  # its sampling engine runs on one process's whole model
 LOSSES = ("sigmoid", "ipo", "robust")
 OPTIMIZERS = ("adamw", *METHODS)
 SAMPLE_QUANTS = ("auto", "none", "q8_0")

@@ -22,25 +22,31 @@ older weights are stale). A reply cut by --max-new-tokens without its end token 
 --no-end-penalty from its reward. A prompt whose replies all score the same gives no pair that
 step. The reference log-probabilities are computed live (the pairs are new each step). Metrics:
 DPO's, plus sample_reward (mean reward of all sampled replies), best_reward, unfinished (fraction
-cut off); held-out: eval_reward, the mean reward of one greedy reply per held-out prompt, and with
-the verifier eval_verified, the share of those replies that pass, with its Wilson 95% interval.
+cut off), paired (the share of prompts whose replies did not all score the same); held-out:
+eval_reward, the mean reward of one greedy reply per held-out prompt, and with the verifier
+eval_verified, the share of those replies that pass, with its Wilson 95% interval.
 
-`OnlineDPOTask` is the trainer's task (trainer.py), in one process only: the engine samples from
-one process's whole model, so under torchrun the trainer refuses it in one line.
+`OnlineDPOTask` is the trainer's task (trainer.py). Under torchrun (or --ray) each process samples its
+own prompts of a step, all at once before the step's micro-batches: from its replica under DDP (the
+live model, or its Q8_0 copy), from a copy gathered whole from the shards each step under FSDP2 (Q8_0,
+or float with --sample-quant none). A prompt's replies draw seeds keyed by its place in the file, so
+two processes sample what one does; the held-out prompts are dealt to the processes in turn.
 """
 
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 
 import torch
 
+from qwen2 import distributed
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.errors import DataError, OptionError
 from qwen2.eval.instructions import verdicts
 from qwen2.eval.stats import wilson
-from qwen2.loading import blocks_model
+from qwen2.loading import inference_copy
 from qwen2.quant.blocks import kernels_available
 from qwen2.train import lora
 from qwen2.train.data import DataReport
@@ -72,7 +78,24 @@ def verified(check: dict, reply: str) -> bool:
     return all(checks(check, reply))
 
 
+@dataclass
+class Sampled:
+    """What one prompt's replies gave this step: the best-vs-worst pair (None when all scored the
+    same), every reply's reward, and how many were cut off before their end token."""
+
+    pair: Pair | None
+    rewards: list[float]
+    unfinished: int
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole: an FSDP2 shard gathered from every process (a collective), a plain tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class OnlineDPOTask(DPOTask):
+    in_harness = False  # it evaluates by sampling through the engine, never through the wrapped forward
+
     def __init__(self, trainer: Trainer):
         super().__init__(trainer)
         c = self.config.online
@@ -90,30 +113,38 @@ class OnlineDPOTask(DPOTask):
         if longest + c.max_new_tokens > self.model.config.context_limit:
             raise OptionError(f"prompts of {longest} tokens plus --max-new-tokens {c.max_new_tokens} exceed the "
                               f"model's context of {self.model.config.context_limit}")
-        self.max_concurrency = min(16, self.config.data.batch_size * c.samples)
+        d = self.config.data
+        self.max_concurrency = min(16, d.batch_size * d.grad_accum * c.samples)  # a step's prompts sample at once
         self.max_seq_len = longest + c.max_new_tokens + 1
         self.sample_quant = sample_quant(c.sample_quant, self.device)
-        self.engine = None if self.sample_quant != "none" else Engine(
-            self.model, self.tokenizer, max_concurrency=self.max_concurrency, max_seq_len=self.max_seq_len)
+        # FSDP2: no process holds the whole live weights, so each step samples from a gathered copy
+        live = self.sample_quant == "none" and not trainer.sharded
+        self.engine = Engine(self.model, self.tokenizer, max_concurrency=self.max_concurrency,
+                             max_seq_len=self.max_seq_len) if live else None
+        self.sampled: dict[int, Sampled] = {}
 
     def read_data(self) -> tuple[list, DataReport]:
         d = self.config.data
         return load_prompts(self.trainer.data, self.tokenizer, d.max_len, d.on_bad_sample, d.max_prompt_len)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, temperature: float, seed: int
-                 ) -> list[list[tuple[list[int], bool]]]:
-        """n replies to each prompt from the policy's current weights: (tokens, ended with the end token)."""
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, seed: int,
+                 keys: list[int] | None = None) -> list[list[tuple[list[int], bool]]]:
+        """n replies to each prompt from the policy's current weights: (tokens, ended with the end token).
+        Reply j of prompt i draws with seed + 1000 keys[i] + j (keys: the prompts' places in their file, so a
+        prompt's replies do not depend on which process samples it, nor beside which others; default 0, 1, ...).
+        Under FSDP2 every process must call it: the copy it samples from is gathered from all of them."""
+        keys = list(range(len(prompts))) if keys is None else keys
         training = self.model.training
         self.model.eval()
         engine = self.engine or self.snapshot_engine()
         engine.clear_prefix_cache()
         params = [SamplingParams(max_tokens=self.config.online.max_new_tokens, temperature=temperature,
-                                 seed=seed + 1000 * i + j) for i in range(len(prompts)) for j in range(n)]
+                                 seed=seed + 1000 * key + j) for key in keys for j in range(n)]
         # the engine's KV cache holds the weights' dtype: bf16 autocast (the training steps' and the
         # held-out evaluation's) would write keys of another dtype into it
         with torch.autocast(self.device.type, enabled=False):
-            done = [r for r, _ in engine.run_all([p for p in prompts for _ in range(n)], params)]
+            done = [r for r, _ in engine.run_all([p for p in prompts for _ in range(n)], params)] if prompts else []
         if engine is not self.engine:
             del engine
             gc.collect()  # a copy's model and its fused steps refer to each other: only the collector frees them
@@ -125,9 +156,11 @@ class OnlineDPOTask(DPOTask):
                 for i in range(len(prompts))]
 
     def snapshot_engine(self) -> Engine:
-        """An engine over a block-quantized copy of the policy's weights as they are now."""
-        state = lora.merged_state_dict(self.model, self.model.state_dict())
-        snapshot = blocks_model(self.model.config, state, self.sample_quant)
+        """An engine over a copy of the policy's weights as they are now (LoRA merged): block-quantized for
+        our kernels, or float ("none", under FSDP2 gathered whole on every process)."""
+        state = {name: whole(t) for name, t in self.model.state_dict().items()}
+        snapshot = inference_copy(self.model.config, lora.merged_state_dict(self.model, state), self.sample_quant,
+                                  self.device)
         return Engine(snapshot, self.tokenizer, max_concurrency=self.max_concurrency, max_seq_len=self.max_seq_len)
 
     def rewards(self, prompt: Pair, replies: list[tuple[list[int], bool]]) -> torch.Tensor:
@@ -141,27 +174,34 @@ class OnlineDPOTask(DPOTask):
         ended = torch.tensor([done for _, done in replies], device=r.device)
         return r - self.config.online.no_end_penalty * (~ended).float()
 
-    def sample_pairs(self, prompts: list[Pair]) -> tuple[list[Pair], dict]:
-        """Best-vs-worst pairs of this step's samples, and what the samples scored."""
+    def sample(self, prompts: list[Pair]) -> list[Sampled]:
+        """Each prompt's replies from the current weights, scored, and its best-vs-worst pair."""
         c = self.config.online
         replies = self.generate([p.prompt for p in prompts], c.samples, c.temperature,
-                                seed=self.config.seed * 1_000_003 + self.trainer.step * 10_007)
-        pairs, all_rewards, best, unfinished = [], [], [], 0
+                                seed=self.config.seed * 1_000_003 + self.trainer.step * 10_007,
+                                keys=[p.index for p in prompts])
+        sampled = []
         for prompt, outs in zip(prompts, replies):
             r = self.rewards(prompt, outs)
-            all_rewards += r.tolist()
-            best.append(r.max().item())
-            unfinished += sum(not done for _, done in outs)
             hi, lo = int(r.argmax()), int(r.argmin())
-            if r[hi] > r[lo]:
-                pairs.append(Pair(prompt.prompt, outs[hi][0], outs[lo][0], prompt.where, index=prompt.index))
-        stats = {"sample_reward": sum(all_rewards) / len(all_rewards), "best_reward": sum(best) / len(best),
-                 "unfinished": unfinished / len(all_rewards), "pairs": len(pairs)}
-        return pairs, stats
+            pair = Pair(prompt.prompt, outs[hi][0], outs[lo][0], prompt.where, index=prompt.index) \
+                if r[hi] > r[lo] else None
+            sampled.append(Sampled(pair, r.tolist(), sum(not done for _, done in outs)))
+        return sampled
+
+    def prepare(self, prompts: list[Pair]) -> None:
+        """Sample for every prompt this process trains on this step at once: the weights do not change
+        between its micro-batches, and one engine run keeps more rows busy."""
+        self.sampled = {p.index: s for p, s in zip(prompts, self.sample(prompts))}
 
     def loss(self, prompts: list[Pair]) -> tuple[torch.Tensor, dict[str, float]]:
         """DPO's loss and metrics over this micro-batch's sampled pairs, weighted as its prompts."""
-        pairs, stats = self.sample_pairs(prompts)
+        sampled = [self.sampled[p.index] for p in prompts]
+        pairs = [s.pair for s in sampled if s.pair is not None]
+        rewards = [r for s in sampled for r in s.rewards]
+        stats = {"sample_reward": sum(rewards) / len(rewards), "best_reward": sum(max(s.rewards) for s in sampled) /
+                 len(sampled), "unfinished": sum(s.unfinished for s in sampled) / len(rewards),
+                 "paired": len(pairs) / len(sampled)}
         if not pairs:  # every prompt's samples tied: nothing to prefer this step
             zero = sum(p.sum() for p in self.trainer.params) * 0.0
             return summed(zero, stats, len(prompts))
@@ -169,12 +209,16 @@ class OnlineDPOTask(DPOTask):
         return summed(loss, metrics | stats, len(prompts))
 
     def evaluate(self) -> dict[str, float]:
-        replies = self.generate([p.prompt for p in self.heldout], 1, 0.0, seed=0)
-        rewards = [self.rewards(p, outs)[0].item() for p, outs in zip(self.heldout, replies)]
-        result = {"reward": sum(rewards) / len(rewards)}
+        """One greedy reply per held-out prompt, the prompts dealt to the processes in turn."""
+        trainer = self.trainer
+        mine = self.heldout[trainer.rank:: trainer.world]
+        replies = self.generate([p.prompt for p in mine], 1, 0.0, seed=0)
+        total = distributed.all_sum(sum(self.rewards(p, outs)[0].item() for p, outs in zip(mine, replies)))
+        result = {"reward": total / len(self.heldout)}
         if self.reward_model is None:
-            passed = sum(verified(p.check, self.tokenizer.decode(outs[0][0], skip_special_tokens=True))
-                         for p, outs in zip(self.heldout, replies))
-            low, high = wilson(passed, len(replies))
-            result |= {"verified": passed / len(replies), "verified_low": low, "verified_high": high}
+            passed = int(distributed.all_sum(sum(
+                verified(p.check, self.tokenizer.decode(outs[0][0], skip_special_tokens=True))
+                for p, outs in zip(mine, replies))))
+            low, high = wilson(passed, len(self.heldout))
+            result |= {"verified": passed / len(self.heldout), "verified_low": low, "verified_high": high}
         return result

@@ -1,4 +1,4 @@
-"""`qwen2 train sft|pretrain|rm|dpo ... --ray ADDRESS|local[:N]`: the run torchrun would make, on N Ray Train workers.
+"""`qwen2 train TASK ... --ray ADDRESS|local[:N]`: the run torchrun would make, on N Ray Train workers.
 
 Why Ray as well as torchrun: one Ray cluster then serves, evaluates, generates data and trains, and Ray
 places the workers on its nodes, where torchrun needs a command typed on each node. Ray Train's

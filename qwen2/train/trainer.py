@@ -26,9 +26,8 @@ files; under FSDP2 every process first takes part in gathering the whole tensors
 trained weights and the optimizer state for a checkpoint, the whole model for the output), so the
 files are those of one process, and a resume hands them back for each process to keep its shard.
 
-Not covered: online DPO under torchrun (its sampling engine runs on one process's whole model; it
-says so in one line), resuming an FSDP2 run of OnDARE / OnTIES (their state is kept per shard and
-does not gather into whole tensors; config.py refuses it in one line).
+Online DPO samples each process's prompts on that process, from its replica (DDP) or from a copy
+gathered whole from the shards each step (FSDP2).
 """
 
 from __future__ import annotations
@@ -50,13 +49,13 @@ from tqdm import tqdm
 
 from qwen2 import distributed
 from qwen2.device import cpu_has_native_bf16
-from qwen2.errors import DataError, OptionError
+from qwen2.errors import DataError
 from qwen2.files import write_text_atomically
 from qwen2.memory import peak_rss_mib
 from qwen2.model import Transformer
 from qwen2.tokenizer import Tokenizer
 from qwen2.train import checkpoint, lora
-from qwen2.train.config import SINGLE_PROCESS, TrainConfig
+from qwen2.train.config import TrainConfig
 from qwen2.train.data import DataReport, split
 from qwen2.train.datasets import DEMO, data_path
 from qwen2.train.merging_optimizer import OnlineMergingAdamW, task_vectors
@@ -105,6 +104,7 @@ class Task:
 
     plot = "metrics.png"  # where the metrics are drawn
     new_modules: tuple[str, ...] = ()  # modules that start untrained: they train beside LoRA adapters
+    in_harness = True  # evaluate() runs the model's forward: inside the DDP / FSDP2 wrapper, as the losses do
 
     def __init__(self, trainer: Trainer):
         self.trainer, self.config = trainer, trainer.config
@@ -134,6 +134,9 @@ class Task:
         order = list(self.train_data)
         random.Random(self.config.seed * 1_000_003 + number).shuffle(order)
         return order
+
+    def prepare(self, items: list) -> None:
+        """Called with this process's items of a step before their micro-batches (here: nothing to do)."""
 
     def units(self, items: list) -> int:
         """What the step's loss is a mean over, in these items (here: the items themselves)."""
@@ -215,8 +218,6 @@ class Trainer:
         self.rank, self.world = distributed.world()
         self.lead = self.rank == 0
         self.sharded = self.world > 1 and c.parallel.mode == "fsdp"  # FSDP2: no process holds a whole tensor
-        if self.world > 1 and c.task in SINGLE_PROCESS:
-            raise OptionError(f"qwen2 train {c.task} trains in one process: run it without torchrun")
         self.device = torch.device(c.parallel.device) if c.parallel.device else distributed.local_device()
         native = self.device.type == "cuda" or cpu_has_native_bf16()
         self.autocast = native if c.parallel.bf16 is None else c.parallel.bf16
@@ -308,6 +309,7 @@ class Trainer:
         torchrun), micro-batch by micro-batch; returns that loss, its units and the metrics' means."""
         size = self.config.data.batch_size
         mine = items[self.rank:: self.world]
+        self.task.prepare(mine)
         batches = [mine[i: i + size] for i in range(0, len(mine), size)]
         units = int(distributed.all_sum(sum(self.task.units(b) for b in batches)))
         total, sums = 0.0, {}
@@ -334,7 +336,7 @@ class Trainer:
         """The task's held-out metrics, as `eval_` keys."""
         self.model.eval()
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            result = self.harness(self.task.evaluate)
+            result = self.harness(self.task.evaluate) if self.task.in_harness else self.task.evaluate()
         self.model.train()
         return {f"eval_{k}": round(v, 6) for k, v in result.items()}
 

@@ -1,10 +1,11 @@
 """Online DPO (qwen2.train.online_dpo) through the one trainer: samples from the live weights
 through the engine (or from a Q8_0 copy of them made for each step), best vs worst by the reward
-model or the verifier, a penalty for replies that never end, and a one-line refusal under
-torchrun."""
+model or the verifier, a penalty for replies that never end, and two torchrun processes (DDP, or
+FSDP2 sampling from a copy gathered from the shards) taking the steps of one."""
 
 import copy
 import json
+import subprocess
 import weakref
 
 import pytest
@@ -20,19 +21,27 @@ from qwen2.train.dpo import lora_off
 from qwen2.train.online_dpo import checks, verified
 from qwen2.train.reward import RewardModel, save_hf, score
 from qwen2.train.trainer import Trainer
+from tests.train.test_align import TORCHRUN, free_port, metrics, qwen2_cli
+from tests.train.test_trainer import ENV, PACKAGE_ROOT
 
 END_ID = 151645  # <|im_end|>
 
 
 @pytest.fixture(scope="module")
-def trainer(tiny_hf, tiny_model, default_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("online")
+def reward_model(tiny_model, default_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rm")
     torch.manual_seed(0)
-    save_hf(RewardModel(copy.deepcopy(tiny_model), std=0.02), default_tokenizer, folder / "rm")  # scores differ
+    save_hf(RewardModel(copy.deepcopy(tiny_model), std=0.02), default_tokenizer, folder)  # scores differ
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_hf, reward_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("online")
     data = folder / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(4)))
     config = dict(data=str(data), out=str(folder / "out"), task="online-dpo", model=str(tiny_hf),
-                  reward_model=str(folder / "rm"), samples=2, max_new_tokens=4, lora_rank=4, steps=1,
+                  reward_model=str(reward_model), samples=2, max_new_tokens=4, lora_rank=4, steps=1,
                   lr=1e-2, heldout=0.25, max_len=64, device="cpu", bf16=False, progress=False, sample_quant="none")
     return Trainer(TrainConfig.from_flat(config))
 
@@ -104,16 +113,19 @@ def test_an_unknown_sample_quant_is_refused():
 
 def test_pairs_are_the_best_and_worst_reply_and_unfinished_replies_are_penalised(trainer):
     prompts = trainer.task.train_data[:2]
-    pairs, stats = trainer.task.sample_pairs(prompts)
-    replies = trainer.task.generate([p.prompt for p in prompts], 2, 1.0, seed=trainer.config.seed * 1_000_003)
-    for prompt, outs in zip(prompts, replies):
+    sampled = trainer.task.sample(prompts)
+    # each prompt's replies draw seeds keyed by its place in the file, whichever prompts sample beside it
+    replies = [trainer.task.generate([p.prompt], 2, 1.0, seed=trainer.config.seed * 1_000_003, keys=[p.index])[0]
+               for p in prompts]
+    for prompt, outs, got in zip(prompts, replies, sampled):
         with torch.no_grad():
             raw = score(trainer.task.reward_model, [prompt.prompt + t for t, _ in outs], trainer.task.pad)
         penalised = raw - torch.tensor([0.0 if done else 1.0 for _, done in outs])
         assert torch.allclose(trainer.task.rewards(prompt, outs), penalised)
-        pair = next(p for p in pairs if p.prompt == prompt.prompt)
-        assert pair.chosen == outs[int(penalised.argmax())][0] and pair.rejected == outs[int(penalised.argmin())][0]
-    assert 0 <= stats["unfinished"] <= 1 and stats["pairs"] == len(pairs) == 2
+        assert got.rewards == pytest.approx(penalised.tolist())
+        assert got.unfinished == sum(not done for _, done in outs)
+        assert got.pair.chosen == outs[int(penalised.argmax())][0]
+        assert got.pair.rejected == outs[int(penalised.argmin())][0]
 
 
 def test_a_run_logs_dpo_metrics_and_the_sample_reward(trainer):
@@ -184,12 +196,26 @@ def test_the_verifier_checks_instruction_constraints_the_prompt_asks_for(tiny_hf
     assert trainer.task.rewards(prompt, replies).tolist() == [1.0, 0.5, 0.0]  # the share of the checks met
 
 
-def test_online_dpo_under_torchrun_is_refused_in_one_line_before_the_model_loads(tiny_chat_file, tmp_path,
-                                                                                   monkeypatch):
-    from qwen2 import distributed
-
-    monkeypatch.setattr(distributed, "world", lambda: (1, 2))  # as rank 1 of two sees it
-    config = TrainConfig.from_flat(dict(data=str(tiny_chat_file), out=str(tmp_path), task="online-dpo",
-                                        model="/no/such/model", reward="verifier"))
-    with pytest.raises(OptionError, match="^qwen2 train online-dpo trains in one process: run it without torchrun$"):
-        Trainer(config)
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_torchrun_processes_sample_and_step_as_one_process_does(parallel, tiny_hf, reward_model, tmp_path):
+    # 4 training prompts, 2 a step (one per process), 2 held out (one per process); under FSDP2 each
+    # process samples from a float copy gathered from the shards, under DDP from its live replica.
+    # Temperature 5: the tiny random model puts nearly all its mass on one token, and equal replies make no pair
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(6)))
+    common = ["train", "online-dpo", "--model", str(tiny_hf), "--data", str(data), "--reward-model",
+              str(reward_model), "--samples", "2", "--max-new-tokens", "4", "--temperature", "5", "--steps", "2",
+              "--lr", "1e-2", "--heldout", "0.34", "--max-len", "64", "--no-bf16", "--device", "cpu",
+              "--sample-quant", "none", "--save-every", "0"]
+    alone = qwen2_cli(*common, "--out", str(tmp_path / "alone"), "--batch-size", "2")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    run = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "qwen2",
+                          *common, "--out", str(tmp_path / "two"), "--batch-size", "1", "--parallel", parallel],
+                         capture_output=True, text=True, env=ENV, cwd=PACKAGE_ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours, theirs = metrics(tmp_path / "two"), metrics(tmp_path / "alone")
+    assert [m["step"] for m in ours] == [0, 1, 2] and [sorted(m) for m in ours] == [sorted(m) for m in theirs]
+    assert all(m["paired"] > 0 for m in ours[1:])  # the steps had pairs to learn from
+    for mine, single in zip(ours, theirs):  # the same replies; the sums in another order
+        assert mine == pytest.approx(single, rel=1e-3, abs=1e-6), (mine, single)

@@ -83,13 +83,6 @@ def test_without_ray_installed_it_says_how_to_get_it(tiny_hf, tiny_chat_file, tm
     assert line.startswith("qwen2: error: --ray and --replicas run on Ray, which is not installed: pip install")
 
 
-def test_a_task_that_trains_in_one_process_says_so(tiny_chat_file, tmp_path, capfd):
-    line = fails_in_one_line(["train", "online-dpo", "--data", str(tiny_chat_file), "--out", str(tmp_path),
-                              "--reward", "verifier", "--ray", "local"], capfd)
-    assert line == "qwen2: error: qwen2 train online-dpo trains in one process (not under torchrun either); --ray " \
-                   "is for qwen2 train sft, pretrain, rm and dpo"
-
-
 def test_each_worker_asks_for_no_more_cpus_than_lets_all_of_them_be_placed():
     assert cpus_each([{"CPU": 2.0}], 2, use_gpu=False) == 1
     assert cpus_each([{"CPU": 8.0}, {"CPU": 8.0}], 3, use_gpu=False) == 4  # at 16/3 each a node holds one, two in all
