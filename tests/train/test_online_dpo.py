@@ -27,12 +27,16 @@ from tests.train.test_trainer import ENV, PACKAGE_ROOT
 END_ID = 151645  # <|im_end|>
 
 
+def random_reward_model(tiny_model, tokenizer, folder):
+    """A reward model of the tiny body with a random head (scores differ), saved in `folder`."""
+    torch.manual_seed(0)
+    save_hf(RewardModel(copy.deepcopy(tiny_model), std=0.02), tokenizer, folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def reward_model(tiny_model, default_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    save_hf(RewardModel(copy.deepcopy(tiny_model), std=0.02), default_tokenizer, folder)  # scores differ
-    return folder
+    return random_reward_model(tiny_model, default_tokenizer, tmp_path_factory.mktemp("rm"))
 
 
 @pytest.fixture(scope="module")
@@ -196,18 +200,24 @@ def test_the_verifier_checks_instruction_constraints_the_prompt_asks_for(tiny_hf
     assert trainer.task.rewards(prompt, replies).tolist() == [1.0, 0.5, 0.0]  # the share of the checks met
 
 
+def online_dpo_args(tiny_hf, data, reward_model) -> list[str]:
+    """`qwen2 train online-dpo` on `data` for 2 steps, scored by `reward_model`, without --out and
+    --batch-size. Temperature 5: the tiny random model puts nearly all its mass on one token, and equal
+    replies make no pair."""
+    return ["train", "online-dpo", "--model", str(tiny_hf), "--data", str(data), "--reward-model",
+            str(reward_model), "--samples", "2", "--max-new-tokens", "4", "--temperature", "5", "--steps", "2",
+            "--lr", "1e-2", "--heldout", "0.34", "--max-len", "64", "--no-bf16", "--device", "cpu",
+            "--sample-quant", "none", "--save-every", "0"]
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_torchrun_processes_sample_and_step_as_one_process_does(parallel, tiny_hf, reward_model, tmp_path):
     # 4 training prompts, 2 a step (one per process), 2 held out (one per process); under FSDP2 each
-    # process samples from a float copy gathered from the shards, under DDP from its live replica.
-    # Temperature 5: the tiny random model puts nearly all its mass on one token, and equal replies make no pair
+    # process samples from a float copy gathered from the shards, under DDP from its live replica
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(6)))
-    common = ["train", "online-dpo", "--model", str(tiny_hf), "--data", str(data), "--reward-model",
-              str(reward_model), "--samples", "2", "--max-new-tokens", "4", "--temperature", "5", "--steps", "2",
-              "--lr", "1e-2", "--heldout", "0.34", "--max-len", "64", "--no-bf16", "--device", "cpu",
-              "--sample-quant", "none", "--save-every", "0"]
+    common = online_dpo_args(tiny_hf, data, reward_model)
     alone = qwen2_cli(*common, "--out", str(tmp_path / "alone"), "--batch-size", "2")
     assert alone.returncode == 0, alone.stderr[-2000:]
     run = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "qwen2",

@@ -1,7 +1,7 @@
 """`qwen2 train sft ... --ray local:2`: two Ray Train workers (real processes, gloo over loopback) take the
 steps of one process with the same global batch, as two torchrun ranks do
-(tests/distributed/test_data_parallel.py); a worker's error, a bad --ray value, a missing Ray and a task
-that trains in one process are one line each. A worker's error is checked on the exception Ray Train
+(tests/distributed/test_data_parallel.py), online DPO's sampling included; a worker's error, a bad --ray
+value and a missing Ray are one line each. A worker's error is checked on the exception Ray Train
 raises, not in a second real run: each run costs some 15 s of Ray Train starting up on two cores."""
 
 import json
@@ -60,6 +60,25 @@ def test_two_ray_workers_take_the_steps_of_one_process_with_the_same_global_batc
     ids = torch.tensor([tokenizer.encode("Name a colour.")])
     with torch.no_grad():
         torch.testing.assert_close(model(ids), reference(ids), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow  # Ray Train's start-up, as above
+def test_two_ray_workers_sample_and_step_online_dpo_as_one_process_does(ray_local, tiny_hf, tiny_model,
+                                                                         default_tokenizer, tmp_path):
+    from tests.train.test_online_dpo import online_dpo_args, random_reward_model
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(6)))
+    reward_model = random_reward_model(tiny_model, default_tokenizer, tmp_path / "rm")
+    common = online_dpo_args(tiny_hf, data, reward_model)
+    main([*common, "--out", str(tmp_path / "alone"), "--batch-size", "2"])
+    main([*common, "--out", str(tmp_path / "ray"), "--batch-size", "1", "--ray", "local:2"])
+    ours, alone = steps(tmp_path / "ray"), steps(tmp_path / "alone")
+    assert [s["step"] for s in ours] == [0, 1, 2] and all(s["paired"] > 0 for s in ours[1:])
+    timing = {"seconds", "elapsed", "rss_mib"}
+    for mine, single in zip(ours, alone):
+        assert {k: v for k, v in mine.items() if k not in timing} == \
+            pytest.approx({k: v for k, v in single.items() if k not in timing}, rel=1e-3, abs=1e-6)
 
 
 def test_a_failed_run_ends_with_the_error_a_worker_raised_or_ray_in_brief():
