@@ -1,6 +1,7 @@
 """One training step, ours beside transformers (+ peft for LoRA), on the same config, data and batch.
 
     python bench/train_step.py [--steps 5] [--batch 4] [--seq 256] [--bf16] [--size 0.5b] [--json out.json]
+        [--peer-keeps-freed-memory]
 
 A Qwen2 of the real vocabulary (151,936 tokens) with a small body (hidden 256, 4 layers; --size 0.5b:
 Qwen2-0.5B's shapes, random weights), float32
@@ -9,7 +10,10 @@ weights and compute in both (with --bf16: float32 weights, both steps under torc
 full fine-tuning and LoRA rank 8 on every projection; AdamW fused in both (`qwen2 train`'s, and HF
 Trainer's default optimizer since torch 2.8). Each
 row runs in its own process so its peak RSS (VmHWM) is its own; two warm-up steps, then the
-median step time of --steps. Prints the configuration, a table with ratios, and one JSON line.
+median step time of --steps. Ours sets the C allocator to reuse freed memory, as `qwen2 train` does
+(qwen2.memory.keep_freed_memory); --peer-keeps-freed-memory sets it for transformers' rows too, to
+show what of the difference is the allocator. Prints the configuration, a table with ratios, and
+one JSON line.
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ def run_ours(lora: bool, batch: int, seq: int, steps: int, bf16: bool, config: d
     import torch
 
     from qwen2.config import Qwen2Config
+    from qwen2.memory import keep_freed_memory
     from qwen2.model import Transformer
     from qwen2.train.data import Batch
     from qwen2.train.lm import initialize
     from qwen2.train.lora import add_lora
     from qwen2.train.loss import loss_sum
 
+    keep_freed_memory()  # as the trainer does on a CPU
     torch.manual_seed(0)
     model = initialize(Transformer(Qwen2Config(**config))).train()
     if lora:
@@ -135,6 +141,10 @@ def run_rows(script: str, peer: str, flags: list[str]) -> dict[str, dict]:
 
 def child(args: argparse.Namespace) -> None:
     runner = run_ours if args.child == "ours" else run_transformers
+    if args.child != "ours" and args.peer_keeps_freed_memory:
+        from qwen2.memory import keep_freed_memory
+
+        keep_freed_memory()
     config = QWEN2_0_5B if args.size == "0.5b" else CONFIG
     result = runner(args.lora, args.batch, args.seq, args.steps, args.bf16, config)
     result |= {"tokens_per_s": args.batch * args.seq / result["step_s"], "peak_rss_mib": peak_rss_mib()}
@@ -151,6 +161,8 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="both steps under bf16 autocast")
     parser.add_argument("--size", choices=["tiny", "0.5b"], default="tiny")
+    parser.add_argument("--peer-keeps-freed-memory", action="store_true",
+                        help="set transformers' process's allocator as ours is set")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -164,8 +176,10 @@ def main() -> None:
           f"{args.seq} tokens, {compute}, AdamW; config {config}")
     rows = run_rows(__file__, "transformers", ["--steps", str(args.steps), "--batch", str(args.batch),
                                                "--seq", str(args.seq), "--size", args.size]
-                    + (["--bf16"] if args.bf16 else []))
-    report = {"cpu": cpu, "batch": args.batch, "seq": args.seq, "compute": compute, "config": config, "rows": rows}
+                    + (["--bf16"] if args.bf16 else [])
+                    + (["--peer-keeps-freed-memory"] if args.peer_keeps_freed_memory else []))
+    report = {"cpu": cpu, "batch": args.batch, "seq": args.seq, "compute": compute, "config": config,
+              "peer_keeps_freed_memory": args.peer_keeps_freed_memory, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
