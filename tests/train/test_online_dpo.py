@@ -1,7 +1,8 @@
 """Online DPO (qwen2.train.online_dpo) through the one trainer: samples from the live weights
 through the engine (or from a Q8_0 copy of them made for each step), best vs worst by the reward
-model or the verifier, a penalty for replies that never end, and two torchrun processes (DDP, or
-FSDP2 sampling from a copy gathered from the shards) taking the steps of one."""
+model or the verifier, a penalty for replies that never end, two torchrun processes (DDP, or
+FSDP2 sampling from a copy gathered from the shards) taking the steps of one, and a run killed with
+SIGKILL resuming to the same samples and losses."""
 
 import copy
 import json
@@ -22,7 +23,7 @@ from qwen2.train.online_dpo import checks, verified
 from qwen2.train.reward import RewardModel, save_hf, score
 from qwen2.train.trainer import Trainer
 from tests.train.test_align import TORCHRUN, free_port, metrics, qwen2_cli
-from tests.train.test_trainer import ENV, PACKAGE_ROOT
+from tests.train.test_trainer import ENV, PACKAGE_ROOT, kill_when_paused
 
 END_ID = 151645  # <|im_end|>
 
@@ -229,3 +230,23 @@ def test_two_torchrun_processes_sample_and_step_as_one_process_does(parallel, ti
     assert all(m["paired"] > 0 for m in ours[1:])  # the steps had pairs to learn from
     for mine, single in zip(ours, theirs):  # the same replies; the sums in another order
         assert mine == pytest.approx(single, rel=1e-3, abs=1e-6), (mine, single)
+
+
+def test_an_online_dpo_run_killed_with_sigkill_resumes_to_the_same_samples_and_losses(tiny_hf, reward_model,
+                                                                                      tmp_path):
+    # killed before step 4, after checkpoint step-2: step 3 is done again from the checkpoint and samples
+    # the same replies (their seeds are keyed by the step and the prompt), so every logged line repeats
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(6)))
+    common = [*online_dpo_args(tiny_hf, data, reward_model), "--batch-size", "2", "--steps", "4",
+              "--save-every", "2", "--eval-every", "2"]
+    whole = qwen2_cli(*common, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = tmp_path / "killed"
+    kill_when_paused("before-step", 3, [*common, "--out", str(killed)], tmp_path / "killed.log")
+    assert [m["step"] for m in metrics(killed)] == [0, 1, 2, 3]
+    done = qwen2_cli(*common, "--out", str(killed), "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resume: from {killed / 'checkpoints' / 'step-2'} (step 2 of 4)" in done.stderr
+    assert metrics(killed) == metrics(tmp_path / "whole")
+    assert all(m["paired"] > 0 for m in metrics(killed)[1:])
