@@ -161,6 +161,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_and_two_processes(common: list[str], out: Path, *extra: str) -> tuple[list[dict], list[dict]]:
+    """`qwen2 COMMON` in one process, two rows a step (out/alone), and under torchrun in two, a row each
+    (out/two, with `extra`); their metrics, the two processes' first."""
+    alone = qwen2_cli(*common, "--out", str(out / "alone"), "--batch-size", "2")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    run = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "qwen2",
+                          *common, "--out", str(out / "two"), "--batch-size", "1", *extra],
+                         capture_output=True, text=True, env=ENV, cwd=PACKAGE_ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return metrics(out / "two"), metrics(out / "alone")
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 def test_an_fsdp2_ondare_run_killed_after_a_checkpoint_resumes_to_the_steps_of_one_process(tiny_model,
                                                                                          default_tokenizer, tiny_hf,
@@ -213,13 +225,7 @@ def test_two_torchrun_processes_take_the_steps_of_one_with_the_same_global_batch
     # 6 training pairs, 2 a step (one per process): the third step ends the epoch
     common = ["train", task, "--model", str(tiny_hf), "--data", str(pairs), "--steps", "3", "--max-len", "64",
               "--lr", "1e-2", "--no-bf16", "--heldout", "0.25", "--save-every", "0", "--device", "cpu", *extra]
-    alone = qwen2_cli(*common, "--out", str(tmp_path / "alone"), "--batch-size", "2")
-    assert alone.returncode == 0, alone.stderr[-2000:]
-    run = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "qwen2",
-                          *common, "--out", str(tmp_path / "two"), "--batch-size", "1"],
-                         capture_output=True, text=True, env=ENV, cwd=PACKAGE_ROOT, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    ours, theirs = metrics(tmp_path / "two"), metrics(tmp_path / "alone")
+    ours, theirs = one_and_two_processes(common, tmp_path)
     assert [m["step"] for m in ours] == [0, 1, 2, 3] and [sorted(m) for m in ours] == [sorted(m) for m in theirs]
     # the same sums in another order: float32 rounding, which three steps at lr 1e-2 grow to 1e-4;
     # the gradient norm (before clipping) would show a gradient of the wrong scale that Adam's steps hide

@@ -6,7 +6,6 @@ SIGKILL resuming to the same samples and losses."""
 
 import copy
 import json
-import subprocess
 import weakref
 
 import pytest
@@ -22,8 +21,8 @@ from qwen2.train.dpo import lora_off
 from qwen2.train.online_dpo import checks, verified
 from qwen2.train.reward import RewardModel, save_hf, score
 from qwen2.train.trainer import Trainer
-from tests.train.test_align import TORCHRUN, free_port, metrics, qwen2_cli
-from tests.train.test_trainer import ENV, PACKAGE_ROOT, kill_when_paused
+from tests.train.test_align import TORCHRUN, metrics, one_and_two_processes, qwen2_cli
+from tests.train.test_trainer import kill_when_paused
 
 END_ID = 151645  # <|im_end|>
 
@@ -219,13 +218,7 @@ def test_two_torchrun_processes_sample_and_step_as_one_process_does(parallel, ti
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(6)))
     common = online_dpo_args(tiny_hf, data, reward_model)
-    alone = qwen2_cli(*common, "--out", str(tmp_path / "alone"), "--batch-size", "2")
-    assert alone.returncode == 0, alone.stderr[-2000:]
-    run = subprocess.run([str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "qwen2",
-                          *common, "--out", str(tmp_path / "two"), "--batch-size", "1", "--parallel", parallel],
-                         capture_output=True, text=True, env=ENV, cwd=PACKAGE_ROOT, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    ours, theirs = metrics(tmp_path / "two"), metrics(tmp_path / "alone")
+    ours, theirs = one_and_two_processes(common, tmp_path, "--parallel", parallel)
     assert [m["step"] for m in ours] == [0, 1, 2] and [sorted(m) for m in ours] == [sorted(m) for m in theirs]
     assert all(m["paired"] > 0 for m in ours[1:])  # the steps had pairs to learn from
     for mine, single in zip(ours, theirs):  # the same replies; the sums in another order
