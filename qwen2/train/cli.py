@@ -5,11 +5,11 @@
     qwen2 train pretrain --preset NAME --data PATH --out DIR ...
     qwen2 train rm|dpo|online-dpo ...  (preference training: their options are in align_cli.py)
     qwen2 train recipe RECIPE.toml  (SFT -> data -> reward -> DPO / online DPO -> evals, see recipe.py)
-    torchrun --nproc-per-node 2 -m qwen2 train sft|pretrain|rm|dpo ... [--parallel ddp|fsdp]
-    qwen2 train sft|pretrain|rm|dpo ... --ray local:2|ADDRESS  (the same run on Ray Train, ray_launcher.py)
+    torchrun --nproc-per-node 2 -m qwen2 train sft|pretrain|rm|dpo|online-dpo ... [--parallel ddp|fsdp]
+    qwen2 train sft|pretrain|rm|dpo|online-dpo ... --ray local:2|ADDRESS  (the same run on Ray Train, ray_launcher.py)
 
 A TOML config file sets the same keys (underscored: lora_rank = 8); flags given on the
-command line override it. Online DPO trains in one process only.
+command line override it.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ void ondare_step_(at::Tensor& x, const at::Tensor& grad, at::Tensor& m, at::Tens
       const __m256 g = _mm256_loadu_ps(gp + i);
       __m256 mi = _mm256_loadu_ps(mp + i);
       mi = _mm256_fmadd_ps(vb1, _mm256_sub_ps(g, mi), mi);  // torch's vectorised lerp
-      const __m256 vi = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(vp + i), vb2), _mm256_mul_ps(_mm256_mul_ps(vc2, g), g));
+      const __m256 vi =
+          _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(vp + i), vb2), _mm256_mul_ps(_mm256_mul_ps(vc2, g), g));
       _mm256_storeu_ps(mp + i, mi);
       _mm256_storeu_ps(vp + i, vi);
       const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vi), vroot), veps);
