@@ -46,6 +46,20 @@ def all_sum(value: float) -> float:
     return float(t.item())
 
 
+def all_sum_by_key(values: dict[str, float]) -> dict[str, float]:
+    """The sums over every process, key by key, for every key any of them has (one it lacks counts 0
+    there): a process whose items gave fewer metrics than another's (online DPO's steps without a
+    pair) must still make the same collective calls."""
+    if not dist.is_initialized():
+        return dict(values)
+    keys = sorted(set().union(*gather(sorted(values))))
+    t = torch.tensor([values.get(key, 0.0) for key in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
 def gather(value: object) -> list:
     """`value` of every process, in rank order (a list of one alone)."""
     if not dist.is_initialized():

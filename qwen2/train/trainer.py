@@ -324,7 +324,7 @@ class Trainer:
             total += loss.item()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-        means = {key: distributed.all_sum(value) / max(1, units) for key, value in sums.items()}
+        means = {key: value / max(1, units) for key, value in distributed.all_sum_by_key(sums).items()}
         return distributed.all_sum(total), units, means
 
     def train_step(self) -> dict:
