@@ -20,9 +20,10 @@ rounding of the policy (as RL trainers sample through a separate inference engin
 itself and samples from the live weights, its prefix cache cleared each step (keys cached under
 older weights are stale). A reply cut by --max-new-tokens without its end token loses
 --no-end-penalty from its reward. A prompt whose replies all score the same gives no pair that
-step. The reference log-probabilities are computed live (the pairs are new each step). Metrics:
-DPO's, plus sample_reward (mean reward of all sampled replies), best_reward, unfinished (fraction
-cut off), paired (the share of prompts whose replies did not all score the same); held-out:
+step; the step's loss is the mean over its pairs. The reference log-probabilities are computed
+live (the pairs are new each step). Metrics: DPO's (means over the pairs), plus sample_reward (mean
+reward of all sampled replies), best_reward, unfinished (fraction cut off), paired (the share of
+prompts whose replies did not all score the same); held-out:
 eval_reward, the mean reward of one greedy reply per held-out prompt, and with the verifier
 eval_verified, the share of those replies that pass, with its Wilson 95% interval.
 
@@ -194,19 +195,27 @@ class OnlineDPOTask(DPOTask):
         between its micro-batches, and one engine run keeps more rows busy."""
         self.sampled = {p.index: s for p, s in zip(prompts, self.sample(prompts))}
 
+    def units(self, prompts: list[Pair]) -> int:
+        """The step's loss is a mean over its pairs (a prompt whose replies all tied gives none)."""
+        return sum(self.sampled[p.index].pair is not None for p in prompts)
+
     def loss(self, prompts: list[Pair]) -> tuple[torch.Tensor, dict[str, float]]:
-        """DPO's loss and metrics over this micro-batch's sampled pairs, weighted as its prompts."""
-        sampled = [self.sampled[p.index] for p in prompts]
-        pairs = [s.pair for s in sampled if s.pair is not None]
-        rewards = [r for s in sampled for r in s.rewards]
-        stats = {"sample_reward": sum(rewards) / len(rewards), "best_reward": sum(max(s.rewards) for s in sampled) /
-                 len(sampled), "unfinished": sum(s.unfinished for s in sampled) / len(rewards),
-                 "paired": len(pairs) / len(sampled)}
-        if not pairs:  # every prompt's samples tied: nothing to prefer this step
-            zero = sum(p.sum() for p in self.trainer.params) * 0.0
-            return summed(zero, stats, len(prompts))
-        loss, metrics = self.preference_loss(self.pair_logps(pairs))
-        return summed(loss, metrics | stats, len(prompts))
+        """DPO's loss and metrics summed over this micro-batch's sampled pairs."""
+        pairs = [s.pair for s in (self.sampled[p.index] for p in prompts) if s.pair is not None]
+        if not pairs:  # every prompt's replies tied: nothing to prefer, yet DDP and FSDP2 await every gradient
+            return sum(p.sum() for p in self.trainer.params) * 0.0, {}
+        return summed(*self.preference_loss(self.pair_logps(pairs)), len(pairs))
+
+    def step_metrics(self, prompts: list[Pair], units: int) -> dict:
+        """What the step's replies scored, over every process's prompts: sample_reward and unfinished
+        per reply, best_reward and paired per prompt."""
+        mine = [self.sampled[p.index] for p in prompts[self.trainer.rank:: self.trainer.world]]
+        sums = distributed.all_sum_by_key({
+            "sample_reward": sum(sum(s.rewards) for s in mine), "best_reward": sum(max(s.rewards) for s in mine),
+            "unfinished": sum(s.unfinished for s in mine), "paired": sum(s.pair is not None for s in mine),
+            "replies": sum(len(s.rewards) for s in mine), "prompts": len(mine)})
+        per = {"sample_reward": "replies", "unfinished": "replies", "best_reward": "prompts", "paired": "prompts"}
+        return {key: round(sums[key] / sums[over], 6) for key, over in per.items()}
 
     def evaluate(self) -> dict[str, float]:
         """One greedy reply per held-out prompt, the prompts dealt to the processes in turn."""
