@@ -35,15 +35,18 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_sum(value: float) -> float:
-    """The sum of `value` over every process (itself when alone)."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+def _summed(values: list[float]) -> list[float]:
+    """Each of `values` summed over every process, in one all-reduce."""
+    t = torch.tensor(values, dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
+
+
+def all_sum(value: float) -> float:
+    """The sum of `value` over every process (itself when alone)."""
+    return _summed([value])[0] if dist.is_initialized() else value
 
 
 def all_sum_by_key(values: dict[str, float]) -> dict[str, float]:
@@ -53,11 +56,7 @@ def all_sum_by_key(values: dict[str, float]) -> dict[str, float]:
     if not dist.is_initialized():
         return dict(values)
     keys = sorted(set().union(*gather(sorted(values))))
-    t = torch.tensor([values.get(key, 0.0) for key in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, _summed([values.get(key, 0.0) for key in keys])))
 
 
 def gather(value: object) -> list:

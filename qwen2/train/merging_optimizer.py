@@ -37,7 +37,8 @@ gathers it and a resume cuts each process's shard from it, as torch's AdamW.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -179,12 +180,12 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 step, m, v = state["step"], _local(state["exp_avg"]), _local(state["exp_avg_sq"])
                 tau = _local(state["tau"]) if "tau" in state else None
-                keys = (mask_key(self.seed, number, step, 0), mask_key(self.seed, number, step, 1))
                 if self.kernel is not None and _fits_kernel(x, grad, m, v, tau):
                     self.kernel(x, grad, m, v, tau if tau is not None else x.new_empty(0),
                                 1 - group["lr"] * group["weight_decay"], beta1, beta2,
                                 -group["lr"] / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5, group["eps"],
-                                self.alpha, _shard_offset(p), self.threshold, *keys)
+                                self.alpha, _shard_offset(p), self.threshold,
+                                mask_key(self.seed, number, step, 0), mask_key(self.seed, number, step, 1))
                     continue
                 if group["weight_decay"]:
                     x.mul_(1 - group["lr"] * group["weight_decay"])
@@ -201,24 +202,26 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                     x.sub_(pending)
                     delta.add_(pending)
                     pending.zero_()
-                x.add_(self._merged(delta, tau, _shard_offset(p), keys))
+                x.add_(self._merged(delta, tau, functools.partial(self._keep, p, number, step)))
         return loss
 
-    def _merged(self, delta: torch.Tensor, tau: torch.Tensor | None, offset: int,
-                keys: tuple[int, int]) -> torch.Tensor:
+    def _merged(self, delta: torch.Tensor, tau: torch.Tensor | None,
+                keep: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
         p, alpha = self.reserve_rate, self.alpha
         if self.method == "ondare":
             if p < 1:
-                delta = delta * self._keep(delta, offset, keys[0])
+                delta = delta * keep(delta, 0)
             update = delta * (1 - alpha)
             if tau is not None and alpha:
-                update = update + (tau * self._keep(tau, offset, keys[1]) if p < 1 else tau) * alpha
+                update = update + (tau * keep(tau, 1) if p < 1 else tau) * alpha
             return update
         update = top_fraction(delta, p) * (1 - alpha)
         return sign_merge(update, tau * alpha) if tau is not None and alpha else update
 
-    def _keep(self, x: torch.Tensor, offset: int, key: int) -> torch.Tensor:
-        return keep_mask(x.numel(), offset, key, self.threshold, x.device).view(x.shape)
+    def _keep(self, param: torch.Tensor, number: int, step: int, x: torch.Tensor, role: int) -> torch.Tensor:
+        """OnDARE's mask of x (param's local update, role 0, or its tau, role 1) at `step`."""
+        key = mask_key(self.seed, number, step, role)
+        return keep_mask(x.numel(), _shard_offset(param), key, self.threshold, x.device).view(x.shape)
 
 
 def compiled_step():  # noqa: ANN202 (a torch op, or None)
