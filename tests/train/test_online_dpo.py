@@ -211,7 +211,8 @@ def online_dpo_args(tiny_hf, data, reward_model) -> list[str]:
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+# DDP's replica samples as one process's model does: make test-slow (13 s); FSDP2's gathered copy stays in the suite
+@pytest.mark.parametrize("parallel", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_two_torchrun_processes_sample_and_step_as_one_process_does(parallel, tiny_hf, reward_model, tmp_path):
     # 4 training prompts, 2 a step (one per process), 2 held out (one per process); under FSDP2 each
     # process samples from a float copy gathered from the shards, under DDP from its live replica
