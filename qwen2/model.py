@@ -308,7 +308,9 @@ class MoE(nn.Module):
     runs every block with no host sync (fixed shapes: N*k rows), which a CUDA graph can capture.
     Otherwise (quantized experts, training, a sharded layer) a loop calls each expert on its block,
     after one host sync for the block sizes. Int8 block experts (qwen2.quant) run a decode step's
-    few rows through one compiled call instead, where the loader sets `fused_experts`.
+    few rows through one compiled call instead, where the loader sets `fused_experts`. Under expert
+    parallelism (qwen2.distributed.expert_parallel) `dispatch` sends the sorted rows to the processes
+    that hold their experts and brings their outputs back.
     """
 
     def __init__(self, config: Qwen2Config):
@@ -323,6 +325,7 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(h, 1, bias=False)
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (E, 2I, H) gate;up and (E, H, I) down
         self.fused_experts = None  # qwen2.quant.fused_moe.FusedExperts, where the experts are its kind
+        self.dispatch = None  # qwen2.distributed.expert_parallel.ExpertDispatch, where processes share the experts
 
     def group_experts(self) -> bool:
         """Move the experts' float matrices into stacked tensors (see the class); True when grouped.
@@ -378,23 +381,25 @@ class MoE(nn.Module):
         # where each expert's block ends (bincount would read the largest id on the host)
         ends = torch.searchsorted(experts, torch.arange(self.num_experts, device=x.device), right=True)
         rows = x[order // self.top_k]
+        if self.dispatch is not None:
+            out = self.dispatch(self, rows, ends)
         # autograd reaches the experts' parameters only through their own modules, not the stacks
-        if not torch.is_grad_enabled() and self.grouped:
+        elif not torch.is_grad_enabled() and self.grouped:
             gate_up, down = self.stacked
             ends = ends.to(torch.int32)
             gate, up = F.grouped_mm(rows, gate_up.transpose(1, 2), offs=ends).chunk(2, dim=-1)
             out = F.grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=ends)
         else:
-            out = self._per_expert(rows, ends)
+            out = self.per_expert(rows, ends)
         # back to (token, slot) order; the k slots summed in a fixed order (index_add_ on CUDA is not)
         out = torch.empty_like(out).index_copy_(0, order, out).view(-1, self.top_k, x.shape[-1])
         return (out * weights.to(x.dtype)[..., None]).sum(1)
 
-    def _per_expert(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    def per_expert(self, rows: torch.Tensor, ends: torch.Tensor | list[int]) -> torch.Tensor:
         """Each expert on its block of `rows` (sorted by expert), one call each."""
         out = torch.zeros_like(rows)
         start = 0
-        for e, end in enumerate(ends.tolist()):  # the one host sync
+        for e, end in enumerate(ends.tolist() if isinstance(ends, torch.Tensor) else ends):  # the one host sync
             if end > start and str(e) in self.experts:  # another shard of a layer adds its experts' part
                 out[start:end] = self.experts[str(e)](rows[start:end])
             start = end

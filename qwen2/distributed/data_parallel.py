@@ -1,6 +1,7 @@
 """Data-parallel training: each process computes the loss of its share of a step's rows, and the
 gradients are averaged (DDP: whole replicas; FSDP2: parameters, gradients and optimizer state
-sharded by `fully_shard`, one unit per block).
+sharded by `fully_shard`, one unit per block; ep: DDP for all but the MoE experts, which
+expert_parallel.py deals out over the processes).
 
 Both wrap a module whose forward is the loss, so their hooks see every forward; the trainer
 multiplies that loss by the world size, because both average gradients where the step's
@@ -17,14 +18,18 @@ from torch import nn
 
 from qwen2.errors import OptionError
 
-MODES = ("ddp", "fsdp")
+MODES = ("ddp", "fsdp", "ep")
 
 
 def wrap(loss_module: nn.Module, blocks: nn.ModuleList, mode: str, bf16: bool) -> nn.Module:
     """The loss module wrapped for `mode`; FSDP2 shards `blocks` one by one, then the rest."""
-    if mode == "ddp":
+    if mode in ("ddp", "ep"):
         from torch.nn.parallel import DistributedDataParallel
 
+        from qwen2.distributed.expert_parallel import expert_names
+
+        # each process's experts are its own (expert_parallel.shard): no average over replicas
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(loss_module, expert_names(loss_module))
         return DistributedDataParallel(loss_module)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -34,7 +39,7 @@ def wrap(loss_module: nn.Module, blocks: nn.ModuleList, mode: str, bf16: bool) -
         for block in blocks:
             fully_shard(block, mp_policy=policy)
         return fully_shard(loss_module, mp_policy=policy)
-    raise OptionError(f"unknown --parallel {mode!r}; choose {' or '.join(MODES)}")
+    raise OptionError(f"unknown --parallel {mode!r}; choose {', '.join(MODES)}")
 
 
 def full_state_dict(model: nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@ from the last whole one. trainer_state.pt holds only tensors and plain values an
 weights_only=True: a file someone altered to run code when unpickled is refused, not run.
 
 The caller owns which weights and its data position (the trainer's: epoch and row of its
-seeded order). FSDP2's shards go in and out as whole tensors (qwen2.distributed.data_parallel),
-so its checkpoints are the files one process writes. Not covered: the CUDA RNG (dropout on a GPU
+seeded order). FSDP2's shards and expert parallelism's experts go in and out as whole tensors
+(qwen2.distributed), so their checkpoints are the files one process writes. Not covered: the CUDA RNG (dropout on a GPU
 does not repeat exactly after a resume).
 """
 
@@ -113,19 +113,19 @@ def _is_python_rng(value: object) -> bool:
 
 def restore(state: dict, model: torch.nn.Module, weights: dict[str, torch.Tensor], folder: Path,
             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, total: int,
-            say: bool = True, rank: int = 0, sharded: bool = False) -> None:
+            say: bool = True, rank: int = 0, load_whole: Callable | None = None) -> None:
     """Load a checkpoint's weights, optimizer, scheduler and RNG (the caller sets its step and position),
     and say so on stderr (`say`: this process speaks for the run). Every trained parameter must be among
     the weights: a checkpoint of another model or of other settings is refused, before anything loads.
-    `rank`: this process's, whose RNG state it takes; `sharded`: the model is FSDP2's (a collective)."""
+    `rank`: this process's, whose RNG state it takes; `load_whole(model, optimizer, weights, optimizer
+    state)`: loads whole tensors into a model whose processes each hold a part (FSDP2, expert parallel:
+    a collective)."""
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     if missing := trained - set(weights):
         raise OptionError(f"{folder} does not hold this model's trained weights (missing "
                           f"{sorted(missing)[:3]}); resume with the same --model and settings")
-    if sharded:
-        from qwen2.distributed.data_parallel import load_full_state
-
-        load_full_state(model, optimizer, weights, state["optimizer"])
+    if load_whole is not None:
+        load_whole(model, optimizer, weights, state["optimizer"])
     else:
         model.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(state["optimizer"])

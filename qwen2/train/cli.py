@@ -5,7 +5,7 @@
     qwen2 train pretrain --preset NAME --data PATH --out DIR ...
     qwen2 train rm|dpo|online-dpo ...  (preference training: their options are in align_cli.py)
     qwen2 train recipe RECIPE.toml  (SFT -> data -> reward -> DPO / online DPO -> evals, see recipe.py)
-    torchrun --nproc-per-node 2 -m qwen2 train sft|pretrain|rm|dpo|online-dpo ... [--parallel ddp|fsdp]
+    torchrun --nproc-per-node 2 -m qwen2 train sft|pretrain|rm|dpo|online-dpo ... [--parallel ddp|fsdp|ep]
     qwen2 train sft|pretrain|rm|dpo|online-dpo ... --ray local:2|ADDRESS  (the same run on Ray Train, ray_launcher.py)
 
 A TOML config file sets the same keys (underscored: lora_rank = 8); flags given on the
@@ -93,8 +93,9 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
 
 def add_parallel_options(p: argparse.ArgumentParser) -> None:
     """The options of a run on several processes, which sft, pretrain, rm and dpo share (qwen2.distributed)."""
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun or --ray: replicas (ddp, the "
-                   "default) or sharded parameters, gradients and optimizer state (fsdp, FSDP2)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp", "ep"], help="under torchrun or --ray: replicas (ddp, the "
+                   "default), sharded parameters, gradients and optimizer state (fsdp, FSDP2), or an MoE "
+                   "model's experts dealt out over the processes, the rest replicated (ep)")
     p.add_argument("--ray", metavar="ADDRESS|local[:N]", help=ray_launcher.HELP)
 
 

@@ -207,8 +207,14 @@ class TrainConfig:
         check_options(self.checkpoint.save_every, self.checkpoint.keep)
         if self.lora.rank and self.task == "pretrain":
             raise OptionError("LoRA needs a trained base: pretraining trains every weight, drop --lora-rank")
-        if self.parallel.mode not in ("ddp", "fsdp"):
-            raise OptionError(f"unknown --parallel {self.parallel.mode!r}; choose ddp or fsdp")
+        if self.parallel.mode not in ("ddp", "fsdp", "ep"):
+            raise OptionError(f"unknown --parallel {self.parallel.mode!r}; choose ddp, fsdp or ep")
+        if self.parallel.mode == "ep" and self.task == "online-dpo":
+            raise OptionError("--parallel ep cannot run online DPO: each process samples replies of its own "
+                              "lengths, and the experts' exchanges must pair up; use --parallel ddp or fsdp")
+        if self.parallel.mode == "ep" and self.optim.name != "adamw":
+            raise OptionError(f"--optimizer {self.optim.name} keys its masks by a parameter's place, which differs "
+                              "between processes under --parallel ep; use --optimizer adamw, or --parallel ddp or fsdp")
         self._check_optimizer()
         self._check_preference()
 

@@ -83,7 +83,10 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     merge_lora's plain model would give it: each base weight plus its update, the adapters gone. The
     merged weights are new tensors, so `state` and the model stay as they were."""
     merged = dict(state)
-    for name, layer in lora_layers(model).items():
+    layers = lora_layers(model)
+    any_layer = next(iter(layers.values()))  # one run's adapters share rank and alpha
+    for name in adapted(state):  # under expert parallelism the state holds other processes' experts too
+        layer = layers.get(name, any_layer)
         a, b = merged.pop(f"{name}.lora_A.weight"), merged.pop(f"{name}.lora_B.weight")
         for kind in ("weight", "bias"):
             if f"{name}.base.{kind}" in merged:
@@ -97,6 +100,11 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def adapted(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the layers whose adapters `state` holds."""
+    return [name.removesuffix(".lora_A.weight") for name in state if name.endswith(".lora_A.weight")]
+
+
 def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "",
                  state: dict[str, torch.Tensor] | None = None) -> None:
     """adapter_config.json + adapter_model.safetensors in the PEFT layout; the tensors from `state`
@@ -107,14 +115,14 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "",
     first = next(iter(layers.values()))
     state = model.state_dict() if state is None else state
     tensors = {}
-    for name in layers:
+    for name in adapted(state):
         for ab in ("lora_A", "lora_B"):
             tensors[f"{PEFT_PREFIX}{name}.{ab}.weight"] = state[f"{name}.{ab}.weight"].detach().contiguous()
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": first.rank, "lora_alpha": first.alpha, "lora_dropout": dropout, "bias": "none",
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}), "fan_in_fan_out": False,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in adapted(state)}), "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
         "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
     }

@@ -28,7 +28,9 @@ trained weights and the optimizer state for a checkpoint, the whole model for th
 files are those of one process, and a resume hands them back for each process to keep its shard.
 
 Online DPO samples each process's prompts on that process, from its replica (DDP) or from a copy
-gathered whole from the shards each step (FSDP2).
+gathered whole from the shards each step (FSDP2). Under --parallel ep an MoE model's experts are
+dealt out over the processes (qwen2.distributed.expert_parallel), the rest replicated as under DDP;
+its checkpoints too are one process's files.
 """
 
 from __future__ import annotations
@@ -78,10 +80,14 @@ def cosine_schedule(step: int, total: int, warmup: int) -> float:
 
 
 def apply_gradients(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, clip: float) -> tuple[float, float]:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, clip: float,
+                    grad_norm: Callable[[list[nn.Parameter]], torch.Tensor] | None = None) -> tuple[float, float]:
     """Clip the gradients (clip <= 0: measure only), step the optimizer and the schedule, clear the
-    gradients. Returns the gradient norm before clipping and the learning rate the step used."""
-    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    gradients. Returns the gradient norm before clipping and the learning rate the step used.
+    `grad_norm`: how to measure it, where the parameters are not all on this process."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = grad_norm(params) if grad_norm else torch.nn.utils.get_total_norm(grads)
+    torch.nn.utils.clip_grads_with_norm_(params, clip if clip > 0 else float("inf"), norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
@@ -219,6 +225,7 @@ class Trainer:
         self.rank, self.world = distributed.world()
         self.lead = self.rank == 0
         self.sharded = self.world > 1 and c.parallel.mode == "fsdp"  # FSDP2: no process holds a whole tensor
+        self.expert_parallel = self.world > 1 and c.parallel.mode == "ep"  # each process holds some experts
         self.device = torch.device(c.parallel.device) if c.parallel.device else distributed.local_device()
         if self.device.type == "cpu":
             keep_freed_memory()  # each step's gigabytes reuse the last one's pages: half a 0.5B step was page faults
@@ -259,6 +266,10 @@ class Trainer:
             lora.add_lora(model, c.lora.rank, c.lora.alpha or 2 * c.lora.rank, c.lora.dropout, targets)
             for name in kind.new_modules:
                 model.get_submodule(name).requires_grad_(True)
+        if self.expert_parallel:  # after LoRA: an expert's adapters go with it
+            from qwen2.distributed.expert_parallel import shard
+
+            shard(body(model), self.rank, self.world)
         if c.model.grad_checkpointing:
             enable_gradient_checkpointing(body(model))
         return model.train(), tokenizer
@@ -330,7 +341,12 @@ class Trainer:
     def train_step(self) -> dict:
         items = self.next_items()
         loss, units, metrics = self.backward(items)
-        norm, lr = apply_gradients(self.params, self.optimizer, self.scheduler, self.config.optim.clip)
+        spread = None
+        if self.expert_parallel:
+            from qwen2.distributed.expert_parallel import grad_norm
+
+            spread = functools.partial(grad_norm, model=self.model)
+        norm, lr = apply_gradients(self.params, self.optimizer, self.scheduler, self.config.optim.clip, spread)
         self.step += 1
         return {"step": self.step, "loss": round(loss, 6), **{k: round(v, 6) for k, v in metrics.items()}, "lr": lr,
                 "grad_norm": round(norm, 4), **self.task.step_metrics(items, units)}
@@ -406,10 +422,18 @@ class Trainer:
             from qwen2.distributed.data_parallel import full_state_dict
 
             return full_state_dict(self.model, trained_only)
+        if self.expert_parallel:
+            from qwen2.distributed import expert_parallel
+
+            return expert_parallel.full_state_dict(self.model)
         return self.model.state_dict()
 
     def _optimizer_state(self) -> dict:
-        """The optimizer's state dict (under FSDP2 gathered whole)."""
+        """The optimizer's state dict (under FSDP2 and ep gathered whole)."""
+        if self.expert_parallel:
+            from qwen2.distributed import expert_parallel
+
+            return expert_parallel.full_optimizer_state(self.model, self.optimizer)
         if not self.sharded:
             return self.optimizer.state_dict()
         from qwen2.distributed.data_parallel import full_optimizer_state
@@ -419,8 +443,13 @@ class Trainer:
     def _resume(self) -> None:
         folder = max(checkpoint.folders(self.out), key=checkpoint.step_of)  # __init__ checked there is one
         state = checkpoint.read_state(folder, ("epoch", "row"))  # first: a refused file leaves the model as it was
+        load_whole = None  # each process keeps its part of the whole files
+        if self.sharded:
+            from qwen2.distributed.data_parallel import load_full_state as load_whole
+        elif self.expert_parallel:
+            from qwen2.distributed.expert_parallel import load_full_state as load_whole
         checkpoint.restore(state, self.model, self.task.read_weights(folder), folder, self.optimizer, self.scheduler,
-                           self.total_steps, say=self.lead, rank=self.rank, sharded=self.sharded)
+                           self.total_steps, say=self.lead, rank=self.rank, load_whole=load_whole)
         self.step, self.epoch, self.row = state["step"], state["epoch"], state["row"]
         self._order = None  # remade for the epoch resumed in
 

@@ -1,0 +1,205 @@
+"""Expert parallelism for training: every MoE layer's experts dealt out over the processes of a
+torchrun (or Ray Train) job, each process training on its own rows as under DDP.
+
+    torchrun --nproc-per-node 2 -m qwen2 train sft --model MOE_FOLDER --parallel ep ...
+
+`shard(model, rank, world)` keeps this process's experts in each MoE layer (dealt as
+torch.tensor_split deals, as tensor parallelism does) and gives the layer an `ExpertDispatch`.
+A layer's (token, expert) pairs, sorted by expert, travel to the processes that hold their
+experts in one all-to-all; each process runs each of its experts once over the rows that every
+process sent it; a second all-to-all brings the outputs back in the order they left. Both
+exchanges are differentiable (the backward pass sends the gradients back the other way), so an
+expert's gradient sums every process's rows. The rest of the model is replicated and DDP averages
+its gradients (data_parallel.wrap leaves the experts out).
+
+The trainer scales each loss by the world size, because DDP averages where the step needs a
+sum (trainer.backward); an expert's gradient already is that sum, so a hook divides it back.
+The gradient norm that clipping uses adds every process's experts' squares, so every process
+clips by the same factor and the replicas stay equal. A checkpoint gathers the experts and
+their optimizer state to process 0, so it holds the whole model; a resume hands every process
+the whole files to keep its own experts from.
+
+Each process reads the whole model before it drops the other processes' experts: the
+memory saved is the training state's (weights, gradients, optimizer moments), not the load's.
+Not covered: online DPO (each process samples replies of its own lengths, so the layers'
+exchanges would not pair up), the merging optimizers (their masks are keyed by a parameter's
+place in the optimizer, which differs between processes holding different experts), FSDP2 of the
+replicated part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qwen2.errors import ConfigError
+from qwen2.model import MoE, Transformer
+
+EXPERTS = ".experts."  # in the name of every tensor of a routed expert (not the shared expert)
+
+
+class _Exchange(torch.autograd.Function):
+    """all_to_all_single, whose backward sends the gradients back the way the rows came."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, send: list[int], receive: list[int]) -> torch.Tensor:
+        ctx.send, ctx.receive = send, receive
+        return _all_to_all(rows, send, receive)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _all_to_all(grad, ctx.receive, ctx.send), None, None
+
+
+def _all_to_all(rows: torch.Tensor, send: list[int], receive: list[int]) -> torch.Tensor:
+    out = rows.new_empty((sum(receive), *rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), receive, send)
+    return out
+
+
+def exchange(rows: torch.Tensor, send: list[int], receive: list[int]) -> torch.Tensor:
+    """Rows send[r] of `rows` (in order) to process r; returns what arrived, receive[r] rows from
+    process r, in rank order."""
+    return _Exchange.apply(rows, send, receive)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertDispatch:
+    """An MoE layer's routed experts, run by the processes that hold them (see the module)."""
+
+    rank: int
+    owned: tuple[range, ...]  # each process's experts
+
+    def __call__(self, moe: MoE, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs for `rows`, this process's pairs sorted by expert (`ends`: where
+        each expert's block ends), in the same order."""
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        table = torch.stack(_all_gather(counts))  # (world, experts): every process's pairs per expert
+        mine = self.owned[self.rank]
+        here = table[:, mine.start: mine.stop]  # (world, own experts): the rows each process sends here
+        send = [int(table[self.rank, r.start: r.stop].sum()) for r in self.owned]
+        receive = here.sum(1).tolist()
+        arrived = exchange(rows, send, receive)  # by process, then by expert
+        order = _by_expert(here)
+        sizes = here.sum(0).cumsum(0).tolist()
+        ends_here = [0] * mine.start + sizes + [sizes[-1]] * (len(counts) - mine.stop)
+        out = moe.per_expert(arrived[order], ends_here)
+        return exchange(out[order.argsort()], receive, send)
+
+
+def _all_gather(x: torch.Tensor) -> list[torch.Tensor]:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return parts
+
+
+def _by_expert(blocks: torch.Tensor) -> torch.Tensor:
+    """The order that groups rows laid out by process, then expert (`blocks[p, e]` rows each),
+    by expert, then process."""
+    starts = (blocks.flatten().cumsum(0) - blocks.flatten()).view(blocks.shape)
+    return torch.cat([torch.arange(int(starts[p, e]), int(starts[p, e] + blocks[p, e]))
+                      for e in range(blocks.shape[1]) for p in range(blocks.shape[0])])
+
+
+def deal(experts: int, world: int) -> tuple[range, ...]:
+    """Each process's experts, dealt in contiguous runs (the first processes get one more)."""
+    return tuple(range(int(part[0]), int(part[-1]) + 1) for part in torch.arange(experts).tensor_split(world))
+
+
+def shard(model: Transformer, rank: int, world: int) -> None:
+    """Keep this process's experts of each MoE layer and route through the others' (see the module)."""
+    layers = [block.mlp for block in model.model.layers if isinstance(block.mlp, MoE)]
+    if not layers:
+        raise ConfigError("--parallel ep deals out the experts of MoE layers, and this model has none; "
+                          "use --parallel ddp or fsdp")
+    n = model.config.num_experts
+    if n < world:
+        raise ConfigError(f"--parallel ep over {world} processes needs at least as many experts; the model has {n}")
+    owned = deal(n, world)
+    for moe in layers:
+        for e in [e for e in moe.experts if int(e) not in owned[rank]]:
+            del moe.experts[e]
+        moe.stacked, moe.dispatch = None, ExpertDispatch(rank, owned)
+    for name, p in model.named_parameters():
+        if EXPERTS in name and p.requires_grad:
+            p.register_hook(lambda grad: grad / world)  # a sum over processes; DDP's loss scaling assumed a mean
+
+
+def expert_names(module: nn.Module) -> list[str]:
+    """The routed experts' tensors, which DDP must leave alone (each lives on one process)."""
+    return [name for name, _ in [*module.named_parameters(), *module.named_buffers()] if EXPERTS in name]
+
+
+def grad_norm(params: list[nn.Parameter], model: nn.Module) -> torch.Tensor:
+    """The norm of the whole model's gradient: the replicated parameters' (equal everywhere after
+    DDP's average) with the squares of every process's experts added (a collective)."""
+    experts = {id(p) for name, p in model.named_parameters() if EXPERTS in name}
+    replicated = [p.grad for p in params if p.grad is not None and id(p) not in experts]
+    own = [p.grad for p in params if p.grad is not None and id(p) in experts]
+    squares = torch.stack([_norm(grads, params[0].device) ** 2 for grads in (replicated, own)])
+    spread = squares[1:].clone()
+    dist.all_reduce(spread)
+    return (squares[0] + spread[0]).sqrt()
+
+
+def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros((), device=device)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's tensors on process 0 (every process's experts), an empty dict elsewhere
+    (a collective: every process calls it)."""
+    state = model.state_dict()
+    parts = _gather_to_first({k: v.cpu() for k, v in state.items() if EXPERTS in k})
+    if dist.get_rank():
+        return {}
+    for part in parts[1:]:
+        state.update(part)
+    return state
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, every process's experts' included, on process 0
+    (a collective, as full_state_dict)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer)
+    experts = {"state": {k: {kk: _cpu(vv) for kk, vv in v.items()} for k, v in state["state"].items() if EXPERTS in k},
+               "groups": [[n for n in group["params"] if EXPERTS in n] for group in state["param_groups"]]}
+    parts = _gather_to_first(experts)
+    if dist.get_rank():
+        return {}
+    for part in parts[1:]:
+        state["state"].update(part["state"])
+        for group, names in zip(state["param_groups"], part["groups"]):
+            group["params"] = [*group["params"], *names]
+    return state
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+                    optimizer_state: dict) -> None:
+    """What full_state_dict and full_optimizer_state gave, loaded back: every process passes the whole
+    files and keeps its own experts' part."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    held = set(model.state_dict())
+    model.load_state_dict({k: v for k, v in weights.items() if k in held}, strict=False)
+    own = {name for name, _ in model.named_parameters()}
+    state = {"state": {k: v for k, v in optimizer_state["state"].items() if k in own},
+             "param_groups": [group | {"params": [n for n in group["params"] if n in own]}
+                              for group in optimizer_state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state)
+
+
+def _cpu(value: object) -> object:
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
+def _gather_to_first(value: object) -> list:
+    """`value` of every process on process 0, in rank order (None elsewhere)."""
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, parts, dst=0)
+    return parts
