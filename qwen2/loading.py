@@ -25,7 +25,7 @@ import torch
 from qwen2.config import Qwen2Config
 from qwen2.dca import parse_dca
 from qwen2.device import resolve_device, resolve_dtype
-from qwen2.distributed import tensor_parallel
+from qwen2.distributed import expert_parallel, tensor_parallel
 from qwen2.engine.engine import Engine
 from qwen2.engine.llm import LLM
 from qwen2.engine.lora import AdapterSet, read_adapter
@@ -94,7 +94,8 @@ def model_from_cache(entry: Path) -> tuple[Transformer, Tokenizer] | None:
 def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dtype,
                device: str | None = DEFAULTS.device, quant: str = DEFAULTS.quant,
                rope_scaling: str | None = DEFAULTS.rope_scaling, dca: str | None = DEFAULTS.dca,
-               chat_template: str | None = DEFAULTS.chat_template) -> tuple[Transformer, Tokenizer]:
+               chat_template: str | None = DEFAULTS.chat_template,
+               experts_of: tuple[int, int] | None = None) -> tuple[Transformer, Tokenizer]:
     """The network, built and placed, and its tokenizer: no engine, no KV cache.
 
     model: see qwen2.weights.locate. quant: a mode of qwen2.quant's table, "auto" resolved by
@@ -102,17 +103,19 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
     Quantized CPU models are cached on disk after their first load (qwen2.weights.quantized),
     so later starts map them. The whole model in every process, torchrun's included (training
     runs data-parallel); load() shards it under torchrun. chat_template: a jinja file to use
-    instead of the model's template.
+    instead of the model's template. experts_of=(rank, world): an MoE model with only process
+    `rank`'s share of each layer's experts, the others never read (expert-parallel training).
     """
     template = read_chat_template(chat_template) if chat_template else None
     net, tokenizer, _ = build_model(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling,
-                                    dca=dca)
+                                    dca=dca, experts_of=experts_of)
     tokenizer.chat_template = template or tokenizer.chat_template
     return net, tokenizer
 
 
 def build_model(model: str | Path | None, *, dtype: str | None, device: str | None, quant: str | None,
-                rope_scaling: str | None, dca: str | None, world: int = 1) -> tuple[Transformer, Tokenizer, str]:
+                rope_scaling: str | None, dca: str | None, world: int = 1,
+                experts_of: tuple[int, int] | None = None) -> tuple[Transformer, Tokenizer, str]:
     """load_model's network and tokenizer, and the quant mode it runs, in one sequence: describe
     -> resolve -> plan -> read (whole, or this rank's part of `world` tensor-parallel ranks) ->
     build -> parallelize -> quantize or attach blocks -> long context; a quantized model made at
@@ -128,6 +131,8 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
         exact = kind == "blocks" or (world > 1 and quant in (None, "auto") and dev.type == "cpu")
         dt = resolve_dtype(dtype, dev, exact=exact)
         plan = tensor_parallel.Plan(config, rank, world) if world > 1 else None
+        if experts_of is not None:
+            plan = expert_parallel.ExpertPlan(config, *experts_of)
     except Qwen2Error:
         if rank:
             sys.exit(1)
@@ -180,7 +185,7 @@ def inference_copy(config: Qwen2Config, state: dict[str, torch.Tensor], mode: st
 
 
 def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.device,
-                    plan: tensor_parallel.Plan | None) -> tuple[Transformer, Tokenizer]:
+                    plan: tensor_parallel.Plan | expert_parallel.ExpertPlan | None) -> tuple[Transformer, Tokenizer]:
     """Read the tensors (this rank's part under a plan), build, parallelize, then quantize: the
     mode's layers swapped in, or a file's own quantized matrices (GGUF blocks, GPTQ/AWQ integers)
     attached where their float matrices would be."""
@@ -194,7 +199,7 @@ def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.d
     with torch.device("meta"):
         net = Transformer(plan.rank_config() if plan else config)
     if plan is not None:
-        tensor_parallel.parallelize(net, plan)
+        plan.parallelize(net)
         state = plan.pad(state)
     net.adopt(state, dtype=dtype, device=device)
     del state  # each float matrix is freed as its quantized replacement takes its place

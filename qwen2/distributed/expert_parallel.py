@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qwen2.config import Qwen2Config
 from qwen2.errors import ConfigError
 from qwen2.model import MoE, Transformer
 
@@ -109,20 +110,51 @@ def deal(experts: int, world: int) -> tuple[range, ...]:
     return tuple(range(int(part[0]), int(part[-1]) + 1) for part in torch.arange(experts).tensor_split(world))
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertPlan:
+    """Which experts process `rank` holds, as a plan of the loader's read -> build -> parallelize
+    sequence (qwen2.loading; the tensor-parallel Plan's protocol): the others are never read."""
+
+    config: Qwen2Config
+    rank: int
+    world: int
+
+    def __post_init__(self) -> None:
+        if not self.config.is_moe:
+            raise ConfigError("--parallel ep deals out the experts of MoE layers, and this model has none; "
+                              "use --parallel ddp or fsdp")
+        if self.config.num_experts < self.world:
+            raise ConfigError(f"--parallel ep over {self.world} processes needs at least as many experts; "
+                              f"the model has {self.config.num_experts}")
+
+    @property
+    def owned(self) -> tuple[range, ...]:
+        return deal(self.config.num_experts, self.world)
+
+    def select(self, name: str, shape: tuple[int, ...]) -> bool:
+        return EXPERTS not in name or int(name.split(EXPERTS)[1].split(".")[0]) in self.owned[self.rank]
+
+    def rank_config(self) -> Qwen2Config:
+        return self.config
+
+    def pad(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
+
+    def parallelize(self, model: Transformer) -> Transformer:
+        """Drop the other processes' experts of each MoE layer (where still there) and route through them."""
+        owned = self.owned
+        for block in model.model.layers:
+            if isinstance(block.mlp, MoE):
+                for e in [e for e in block.mlp.experts if int(e) not in owned[self.rank]]:
+                    del block.mlp.experts[e]
+                block.mlp.stacked, block.mlp.dispatch = None, ExpertDispatch(self.rank, owned)
+        return model
+
+
 def shard(model: Transformer, rank: int, world: int) -> None:
-    """Keep this process's experts of each MoE layer and route through the others' (see the module)."""
-    layers = [block.mlp for block in model.model.layers if isinstance(block.mlp, MoE)]
-    if not layers:
-        raise ConfigError("--parallel ep deals out the experts of MoE layers, and this model has none; "
-                          "use --parallel ddp or fsdp")
-    n = model.config.num_experts
-    if n < world:
-        raise ConfigError(f"--parallel ep over {world} processes needs at least as many experts; the model has {n}")
-    owned = deal(n, world)
-    for moe in layers:
-        for e in [e for e in moe.experts if int(e) not in owned[rank]]:
-            del moe.experts[e]
-        moe.stacked, moe.dispatch = None, ExpertDispatch(rank, owned)
+    """A training model's experts dealt out (see the module): this process's kept, where loading did
+    not already (a model built from a preset holds them all), and their gradients divided by `world`."""
+    ExpertPlan(model.config, rank, world).parallelize(model)
     for name, p in model.named_parameters():
         if EXPERTS in name and p.requires_grad:
             p.register_hook(lambda grad: grad / world)  # a sum over processes; DDP's loss scaling assumed a mean

@@ -168,6 +168,9 @@ class Plan:
         part = self.slice_of(name, shape)
         return True if part is None else part
 
+    def parallelize(self, model: Transformer) -> Transformer:
+        return parallelize(model, self)
+
     def pad(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The vocabulary shards padded to equal rows (all_gather needs equal parts)."""
         out = dict(state)

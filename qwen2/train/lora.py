@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -27,13 +28,14 @@ PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.base, self.rank, self.alpha = base, rank, alpha
         self.scale = alpha / rank
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         base.requires_grad_(False)
@@ -54,7 +56,9 @@ class LoRALinear(nn.Module):
 
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
              targets: tuple[str, ...] = TARGETS) -> list[str]:
-    """Freeze the model and wrap every Linear named in `targets`; returns the wrapped names."""
+    """Freeze the model and wrap every Linear named in `targets`; returns the wrapped names. Each
+    layer's A is drawn from a generator keyed by torch's seed and the layer's name, so a process
+    that holds some of the layers (expert parallelism) draws the same A for them as one holding all."""
     if rank < 1:
         raise OptionError(f"--lora-rank must be at least 1, got {rank}")
     if unknown := set(targets) - set(TARGETS):
@@ -64,7 +68,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     for name, module in list(model.named_modules()):
         for child, linear in list(module.named_children()):
             if child in targets and isinstance(linear, nn.Linear):
-                setattr(module, child, LoRALinear(linear, rank, alpha, dropout))
+                seed = (torch.initial_seed() * 1_000_003 + zlib.crc32(f"{name}.{child}".encode())) % 2**63
+                generator = torch.Generator(linear.weight.device).manual_seed(seed)
+                setattr(module, child, LoRALinear(linear, rank, alpha, dropout, generator))
                 wrapped.append(f"{name}.{child}")
     return wrapped
 

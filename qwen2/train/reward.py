@@ -42,7 +42,7 @@ from qwen2.train import lora
 from qwen2.train.config import TrainConfig
 from qwen2.train.data import DataReport
 from qwen2.train.preference import Pair, heldout_group, load_pairs
-from qwen2.train.trainer import Task, load_float, summed
+from qwen2.train.trainer import Task, expert_share, load_float, summed
 
 HEAD = "score.safetensors"  # a LoRA checkpoint's head, beside the adapter
 
@@ -144,7 +144,7 @@ class RewardTask(Task):
 
     @classmethod
     def build_model(cls, config: TrainConfig, device: torch.device) -> tuple[nn.Module, Tokenizer]:
-        transformer, tokenizer = load_float(config.model.name, device)
+        transformer, tokenizer = load_float(config.model.name, device, expert_share(config))
         if not transformer.config.tie_word_embeddings:  # scores replace the LM head: it is neither trained nor saved
             transformer.lm_head.requires_grad_(False)
         torch.manual_seed(config.seed)

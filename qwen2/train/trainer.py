@@ -95,11 +95,18 @@ def apply_gradients(params: list[nn.Parameter], optimizer: torch.optim.Optimizer
     return float(norm), lr
 
 
-def load_float(spec: str | None, device: torch.device) -> tuple[Transformer, Tokenizer]:
-    """A model to train (or to train against) in float32, and its tokenizer."""
+def load_float(spec: str | None, device: torch.device,
+               experts_of: tuple[int, int] | None = None) -> tuple[Transformer, Tokenizer]:
+    """A model to train (or to train against) in float32, and its tokenizer (`experts_of`: see load_model)."""
     from qwen2.loading import load_model
 
-    return load_model(spec, quant="none", dtype="float32", device=str(device))
+    return load_model(spec, quant="none", dtype="float32", device=str(device), experts_of=experts_of)
+
+
+def expert_share(config: TrainConfig) -> tuple[int, int] | None:
+    """(rank, world) where --parallel ep runs on several processes: the experts this process reads."""
+    rank, world = distributed.world()
+    return (rank, world) if config.parallel.mode == "ep" and world > 1 else None
 
 
 # -- what a task gives ---------------------------------------------------------------------------
@@ -127,7 +134,7 @@ class Task:
 
     @classmethod
     def build_model(cls, config: TrainConfig, device: torch.device) -> tuple[nn.Module, Tokenizer]:
-        return load_float(config.model.name, device)
+        return load_float(config.model.name, device, expert_share(config))
 
     def read_data(self) -> tuple[list, DataReport]:
         raise NotImplementedError

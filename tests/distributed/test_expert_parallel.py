@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from qwen2.distributed.expert_parallel import _by_expert, deal
+from qwen2.errors import ConfigError
+from qwen2.loading import load_model
 from tests.distributed.test_data_parallel import TORCHRUN, assert_same_model, needs_torchrun, steps
 from tests.distributed.test_tensor_parallel import hf_folder, our_frames
 from tests.train.test_align import free_port
@@ -54,6 +56,17 @@ def test_rows_laid_out_by_process_are_regrouped_by_expert():
     assert _by_expert(blocks).tolist() == [0, 1, 2, 3, 4, 5]
     blocks = torch.tensor([[1, 2], [3, 0]])  # rows 0 | 1 2 from process 0, 3 4 5 | - from process 1
     assert _by_expert(blocks).tolist() == [0, 3, 4, 5, 1, 2]
+
+
+def test_a_process_reads_only_its_own_experts(moe3, tiny_hf):
+    model, _ = load_model(moe3, quant="none", dtype="float32", experts_of=(1, 2))
+    for block in model.model.layers:
+        assert list(block.mlp.experts) == ["2"] and block.mlp.dispatch.owned == deal(3, 2)
+    whole, _ = load_model(moe3, quant="none", dtype="float32")
+    assert whole.state_dict().keys() - model.state_dict().keys() == {
+        name for name in whole.state_dict() if ".experts.0." in name or ".experts.1." in name}
+    with pytest.raises(ConfigError, match="this model has none"):
+        load_model(tiny_hf, quant="none", experts_of=(0, 2))
 
 
 @needs_torchrun
