@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qwen2 import distributed
 from qwen2.config import Qwen2Config
 from qwen2.errors import ConfigError
 from qwen2.model import MoE, Transformer
@@ -181,16 +182,14 @@ def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros((), device=device)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, trained_only: bool = False) -> dict[str, torch.Tensor]:
     """The whole model's tensors on process 0 (every process's experts), an empty dict elsewhere
-    (a collective: every process calls it)."""
+    (a collective: every process calls it); `trained_only`: the other processes' frozen experts left out."""
     state = model.state_dict()
-    parts = _gather_to_first({k: v.cpu() for k, v in state.items() if EXPERTS in k})
-    if dist.get_rank():
-        return {}
-    for part in parts[1:]:
-        state.update(part)
-    return state
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    experts = {k: v for k, v in state.items() if EXPERTS in k and (k in trained or not trained_only)}
+    others = _gather_to_first(experts)
+    return state | others if dist.get_rank() == 0 else {}
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -199,14 +198,18 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     state = get_optimizer_state_dict(model, optimizer)
-    experts = {"state": {k: {kk: _cpu(vv) for kk, vv in v.items()} for k, v in state["state"].items() if EXPERTS in k},
-               "groups": [[n for n in group["params"] if EXPERTS in n] for group in state["param_groups"]]}
-    parts = _gather_to_first(experts)
+    # each expert's entries as "name<TAB>key" tensors, sent as the weights are
+    experts = {f"{name}\t{key}": value for name, entry in state["state"].items() if EXPERTS in name
+               for key, value in entry.items()}
+    groups = distributed.gather([[n for n in group["params"] if EXPERTS in n] for group in state["param_groups"]])
+    others = _gather_to_first(experts)
     if dist.get_rank():
         return {}
-    for part in parts[1:]:
-        state["state"].update(part["state"])
-        for group, names in zip(state["param_groups"], part["groups"]):
+    for flat, value in others.items():
+        name, key = flat.split("\t")
+        state["state"].setdefault(name, {})[key] = value
+    for part in groups[1:]:
+        for group, names in zip(state["param_groups"], part):
             group["params"] = [*group["params"], *names]
     return state
 
@@ -226,12 +229,19 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights:
     set_optimizer_state_dict(model, optimizer, state)
 
 
-def _cpu(value: object) -> object:
-    return value.cpu() if isinstance(value, torch.Tensor) else value
-
-
-def _gather_to_first(value: object) -> list:
-    """`value` of every process on process 0, in rank order (None elsewhere)."""
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(value, parts, dst=0)
-    return parts
+def _gather_to_first(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The other processes' `tensors` on process 0's CPU, sent one by one: a pickled gather would hold
+    a second copy of gigabytes of experts on both sides. An empty dict elsewhere."""
+    layouts = distributed.gather({name: (t.shape, t.dtype) for name, t in tensors.items()})
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if dist.get_rank():
+        for t in tensors.values():
+            dist.send(t.detach().to(device).contiguous(), dst=0)
+        return {}
+    received = {}
+    for source, layout in enumerate(layouts[1:], start=1):
+        for name, (shape, dtype) in layout.items():
+            buffer = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(buffer, src=source)
+            received[name] = buffer.cpu()
+    return received

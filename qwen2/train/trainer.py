@@ -432,7 +432,7 @@ class Trainer:
         if self.expert_parallel:
             from qwen2.distributed import expert_parallel
 
-            return expert_parallel.full_state_dict(self.model)
+            return expert_parallel.full_state_dict(self.model, trained_only)
         return self.model.state_dict()
 
     def _optimizer_state(self) -> dict:
