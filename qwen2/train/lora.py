@@ -90,9 +90,8 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     merged weights are new tensors, so `state` and the model stay as they were."""
     merged = dict(state)
     layers = lora_layers(model)
-    any_layer = next(iter(layers.values()))  # one run's adapters share rank and alpha
     for name in adapted(state):  # under expert parallelism the state holds other processes' experts too
-        layer = layers.get(name, any_layer)
+        layer = layers.get(name) or next(iter(layers.values()))  # one run's adapters share rank and alpha
         a, b = merged.pop(f"{name}.lora_A.weight"), merged.pop(f"{name}.lora_B.weight")
         for kind in ("weight", "bias"):
             if f"{name}.base.{kind}" in merged:

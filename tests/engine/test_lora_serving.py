@@ -87,7 +87,8 @@ def test_a_mixed_batch_gives_each_row_the_tokens_of_its_own_model(base, adapters
     for (prompt, name), r in zip(plan, requests):
         model = base if name is None else adapters[name][1]
         assert r.output == run_alone(model, default_tokenizer, prompt), (prompt, name)
-    assert requests[1].output != requests[0].output != requests[2].output  # the adapters do change the text
+    for k in (1, 2):  # each adapter changes the greedy text of some prompt
+        assert any(requests[i + k].output != requests[i].output for i in range(0, len(plan), 3)), k
 
 
 def test_the_prefix_cache_is_shared_within_an_adapter_never_across(base, adapters, default_tokenizer):
