@@ -13,18 +13,19 @@ expert's gradient sums every process's rows. The rest of the model is replicated
 its gradients (data_parallel.wrap leaves the experts out).
 
 The trainer scales each loss by the world size, because DDP averages where the step needs a
-sum (trainer.backward); an expert's gradient already is that sum, so a hook divides it back.
-The gradient norm that clipping uses adds every process's experts' squares, so every process
-clips by the same factor and the replicas stay equal. A checkpoint gathers the experts and
-their optimizer state to process 0, so it holds the whole model; a resume hands every process
-the whole files to keep its own experts from.
+sum (trainer.backward); an expert's gradient is already summed over every process's rows, so it
+comes out the world size times too large, and a hook divides it back. The gradient norm that
+clipping uses adds every process's experts' squares, so every process clips by the same factor
+and the replicas stay equal. A checkpoint gathers the experts and their optimizer state to
+process 0, so it holds the whole model; a resume hands every process the whole files to keep
+its own experts from.
 
-Each process reads the whole model before it drops the other processes' experts: the
-memory saved is the training state's (weights, gradients, optimizer moments), not the load's.
-Not covered: online DPO (each process samples replies of its own lengths, so the layers'
-exchanges would not pair up), the merging optimizers (their masks are keyed by a parameter's
-place in the optimizer, which differs between processes holding different experts), FSDP2 of the
-replicated part.
+Where the model comes from a file each process reads only its own experts (`ExpertPlan`, a
+plan of the loader's parallelize step, as tensor parallelism's); a model built from a preset
+drops the others' once it is made. Not covered: online DPO (each process samples replies of its
+own lengths, so the layers' exchanges would not pair up), the merging optimizers (their masks
+are keyed by a parameter's place in the optimizer, which differs between processes holding
+different experts), FSDP2 of the replicated part.
 """
 
 from __future__ import annotations
