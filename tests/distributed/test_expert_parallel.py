@@ -5,6 +5,7 @@ a per-micro-batch quantity, is the same too): losses, gradient norms after the e
 are summed over processes, and the trained model, whole in the output folder. A run killed after
 a checkpoint resumes to the same steps; settings it cannot run are refused before any work."""
 
+import json
 import subprocess
 import sys
 
@@ -31,11 +32,11 @@ def moe3(tmp_path_factory, default_tokenizer):
                      tie_word_embeddings=False)
 
 
-def sft(model, data, out, *options, processes=1, probe=()):
-    """`qwen2 train sft`: one process taking two micro-batches of one row a step, or two processes
-    under --parallel ep taking one each (`probe`: pause_probe.py's arguments)."""
+def sft(model, data, out, *options, processes=1, probe=(), task="sft"):
+    """`qwen2 train sft` (or `task`): one process taking two micro-batches of one row a step, or two
+    processes under --parallel ep taking one each (`probe`: pause_probe.py's arguments)."""
     start = [str(PROBE), *probe, "--"] if probe else ["-m", "qwen2"]
-    common = ["train", "sft", "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "1",
+    common = ["train", task, "--model", str(model), "--data", str(data), "--out", str(out), "--batch-size", "1",
               *SETTINGS, *options]
     if processes == 1:
         command = [sys.executable, *start, *common, "--grad-accum", "2"]
@@ -111,6 +112,26 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_steps_of_one_process(moe
     assert_same_model(tmp_path / "two", tmp_path / "one")
     adapter = load_file(tmp_path / "two" / "checkpoints" / "step-4" / "adapter_model.safetensors")
     assert any(".experts.0." in name for name in adapter) and any(".experts.2." in name for name in adapter)
+
+
+@needs_torchrun
+@pytest.mark.slow  # 9 s; the trainer's loop is the one sft runs above
+def test_dpo_with_lora_takes_the_steps_of_one_process(moe3, tmp_path):
+    # the reference is the policy with its adapters off: its forwards exchange rows too
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Is {i} a number?", "chosen": "Yes.", "rejected": "No way."})
+                             + "\n" for i in range(6)))
+    options = ("--steps", "3", "--save-every", "0", "--lora-rank", "4", "--heldout", "0.34")
+    alone = sft(moe3, pairs, tmp_path / "one", *options, task="dpo")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    run = sft(moe3, pairs, tmp_path / "two", *options, processes=2, task="dpo")
+    assert run.returncode == 0, run.stderr[-2000:]
+    ours, theirs = steps(tmp_path / "two"), steps(tmp_path / "one")
+    assert [sorted(s) for s in ours] == [sorted(s) for s in theirs] and len(ours) == 4  # held-out line first
+    clock = {"seconds", "elapsed", "rss_mib", "tokens_per_s"}
+    for mine, single in zip(ours, theirs):
+        mine, single = ({k: v for k, v in m.items() if k not in clock} for m in (mine, single))
+        assert mine == pytest.approx(single, rel=1e-5, abs=2e-6), (mine, single)  # 6 decimals logged
 
 
 @needs_torchrun
