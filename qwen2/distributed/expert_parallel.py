@@ -173,10 +173,9 @@ def grad_norm(params: list[nn.Parameter], model: nn.Module) -> torch.Tensor:
     experts = {id(p) for name, p in model.named_parameters() if EXPERTS in name}
     replicated = [p.grad for p in params if p.grad is not None and id(p) not in experts]
     own = [p.grad for p in params if p.grad is not None and id(p) in experts]
-    squares = torch.stack([_norm(grads, params[0].device) ** 2 for grads in (replicated, own)])
-    spread = squares[1:].clone()
+    spread = _norm(own, params[0].device) ** 2
     dist.all_reduce(spread)
-    return (squares[0] + spread[0]).sqrt()
+    return (_norm(replicated, params[0].device) ** 2 + spread).sqrt()
 
 
 def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -10,8 +10,8 @@ weights_only=True: a file someone altered to run code when unpickled is refused,
 
 The caller owns which weights and its data position (the trainer's: epoch and row of its
 seeded order). FSDP2's shards and expert parallelism's experts go in and out as whole tensors
-(qwen2.distributed), so their checkpoints are the files one process writes. Not covered: the CUDA RNG (dropout on a GPU
-does not repeat exactly after a resume).
+(qwen2.distributed), so their checkpoints are the files one process writes. Not covered: the
+CUDA RNG (dropout on a GPU does not repeat exactly after a resume).
 """
 
 from __future__ import annotations

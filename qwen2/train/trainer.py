@@ -85,8 +85,10 @@ def apply_gradients(params: list[nn.Parameter], optimizer: torch.optim.Optimizer
     """Clip the gradients (clip <= 0: measure only), step the optimizer and the schedule, clear the
     gradients. Returns the gradient norm before clipping and the learning rate the step used.
     `grad_norm`: how to measure it, where the parameters are not all on this process."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = grad_norm(params) if grad_norm else torch.nn.utils.get_total_norm(grads)
+    if grad_norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    else:
+        norm = grad_norm(params)
     torch.nn.utils.clip_grads_with_norm_(params, clip if clip > 0 else float("inf"), norm)
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
