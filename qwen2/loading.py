@@ -130,9 +130,10 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
         # CPU computes what one process's default does
         exact = kind == "blocks" or (world > 1 and quant in (None, "auto") and dev.type == "cpu")
         dt = resolve_dtype(dtype, dev, exact=exact)
-        plan = tensor_parallel.Plan(config, rank, world) if world > 1 else None
         if experts_of is not None:
             plan = expert_parallel.ExpertPlan(config, *experts_of)
+        else:
+            plan = tensor_parallel.Plan(config, rank, world) if world > 1 else None
     except Qwen2Error:
         if rank:
             sys.exit(1)

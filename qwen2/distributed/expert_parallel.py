@@ -31,6 +31,8 @@ different experts), FSDP2 of the replicated part.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -129,7 +131,7 @@ class ExpertPlan:
             raise ConfigError(f"--parallel ep over {self.world} processes needs at least as many experts; "
                               f"the model has {self.config.num_experts}")
 
-    @property
+    @functools.cached_property
     def owned(self) -> tuple[range, ...]:
         return deal(self.config.num_experts, self.world)
 
@@ -167,15 +169,19 @@ def expert_names(module: nn.Module) -> list[str]:
     return [name for name, _ in [*module.named_parameters(), *module.named_buffers()] if EXPERTS in name]
 
 
-def grad_norm(params: list[nn.Parameter], model: nn.Module) -> torch.Tensor:
-    """The norm of the whole model's gradient: the replicated parameters' (equal everywhere after
-    DDP's average) with the squares of every process's experts added (a collective)."""
+def grad_norm(model: nn.Module) -> Callable[[list[nn.Parameter]], torch.Tensor]:
+    """How to measure the norm of the whole model's gradient: the replicated parameters' (equal
+    everywhere after DDP's average) with the squares of every process's experts added (a collective)."""
     experts = {id(p) for name, p in model.named_parameters() if EXPERTS in name}
-    replicated = [p.grad for p in params if p.grad is not None and id(p) not in experts]
-    own = [p.grad for p in params if p.grad is not None and id(p) in experts]
-    spread = _norm(own, params[0].device) ** 2
-    dist.all_reduce(spread)
-    return (_norm(replicated, params[0].device) ** 2 + spread).sqrt()
+
+    def norm(params: list[nn.Parameter]) -> torch.Tensor:
+        replicated = [p.grad for p in params if p.grad is not None and id(p) not in experts]
+        own = [p.grad for p in params if p.grad is not None and id(p) in experts]
+        spread = _norm(own, params[0].device) ** 2
+        dist.all_reduce(spread)
+        return (_norm(replicated, params[0].device) ** 2 + spread).sqrt()
+
+    return norm
 
 
 def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

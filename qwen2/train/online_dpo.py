@@ -209,7 +209,7 @@ class OnlineDPOTask(DPOTask):
     def step_metrics(self, prompts: list[Pair], units: int) -> dict:
         """What the step's replies scored, over every process's prompts: sample_reward and unfinished
         per reply, best_reward and paired per prompt."""
-        mine = [self.sampled[p.index] for p in prompts[self.trainer.rank:: self.trainer.world]]
+        mine = [self.sampled[p.index] for p in self.trainer.share(prompts)]
         sums = distributed.all_sum_by_key({
             "sample_reward": sum(sum(s.rewards) for s in mine), "best_reward": sum(max(s.rewards) for s in mine),
             "unfinished": sum(s.unfinished for s in mine), "paired": sum(s.pair is not None for s in mine),
@@ -219,8 +219,7 @@ class OnlineDPOTask(DPOTask):
 
     def evaluate(self) -> dict[str, float]:
         """One greedy reply per held-out prompt, the prompts dealt to the processes in turn."""
-        trainer = self.trainer
-        mine = self.heldout[trainer.rank:: trainer.world]
+        mine = self.trainer.share(self.heldout)
         replies = self.generate([p.prompt for p in mine], 1, 0.0, seed=0)
         total = distributed.all_sum(sum(self.rewards(p, outs)[0].item() for p, outs in zip(mine, replies)))
         result = {"reward": total / len(self.heldout)}

@@ -235,6 +235,12 @@ class Trainer:
         self.lead = self.rank == 0
         self.sharded = self.world > 1 and c.parallel.mode == "fsdp"  # FSDP2: no process holds a whole tensor
         self.expert_parallel = self.world > 1 and c.parallel.mode == "ep"  # each process holds some experts
+        # where no process holds the whole model: the module that gathers whole tensors and hands them back
+        self.parts = None
+        if self.sharded or self.expert_parallel:
+            from qwen2.distributed import data_parallel, expert_parallel
+
+            self.parts = data_parallel if self.sharded else expert_parallel
         self.device = torch.device(c.parallel.device) if c.parallel.device else distributed.local_device()
         if self.device.type == "cpu":
             keep_freed_memory()  # each step's gigabytes reuse the last one's pages: half a 0.5B step was page faults
@@ -261,6 +267,8 @@ class Trainer:
         self._order: list | None = self.task.epoch(0)  # the items of epoch self.epoch, made when it starts
         self.total_steps = c.steps or max(1, math.ceil((c.epochs or 1) * len(self._order) / self.per_step))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # expert parallelism: the gradient norm adds every process's experts
+        self.grad_norm = self.parts.grad_norm(self.model) if self.expert_parallel else None
         self._sparse_embedding_gradient()
         self.optimizer = self._optimizer(taus)
         warmup = max(1, round(c.optim.warmup * self.total_steps))
@@ -327,11 +335,15 @@ class Trainer:
                 self.epoch, self.row, self._order = self.epoch + 1, 0, None
         return items
 
+    def share(self, items: list) -> list:
+        """This process's items of `items`: every world-th, from its rank on."""
+        return items[self.rank:: self.world]
+
     def backward(self, items: list) -> tuple[float, int, dict[str, float]]:
         """Accumulate the gradient of the step's loss over `items` (this process's share of them under
         torchrun), micro-batch by micro-batch; returns that loss, its units and the metrics' means."""
         size = self.config.data.batch_size
-        mine = items[self.rank:: self.world]
+        mine = self.share(items)
         self.task.prepare(mine)
         batches = [mine[i: i + size] for i in range(0, len(mine), size)]
         units = int(distributed.all_sum(sum(self.task.units(b) for b in batches)))
@@ -350,12 +362,8 @@ class Trainer:
     def train_step(self) -> dict:
         items = self.next_items()
         loss, units, metrics = self.backward(items)
-        spread = None
-        if self.expert_parallel:
-            from qwen2.distributed.expert_parallel import grad_norm
-
-            spread = functools.partial(grad_norm, model=self.model)
-        norm, lr = apply_gradients(self.params, self.optimizer, self.scheduler, self.config.optim.clip, spread)
+        norm, lr = apply_gradients(self.params, self.optimizer, self.scheduler, self.config.optim.clip,
+                                   self.grad_norm)
         self.step += 1
         return {"step": self.step, "loss": round(loss, 6), **{k: round(v, 6) for k, v in metrics.items()}, "lr": lr,
                 "grad_norm": round(norm, 4), **self.task.step_metrics(items, units)}
@@ -427,38 +435,19 @@ class Trainer:
     def _weights(self, trained_only: bool = False) -> dict[str, torch.Tensor]:
         """The model's state dict to save (under FSDP2 gathered whole on process 0 from every process's
         shards; `trained_only`: the frozen weights need not be gathered)."""
-        if self.sharded:
-            from qwen2.distributed.data_parallel import full_state_dict
-
-            return full_state_dict(self.model, trained_only)
-        if self.expert_parallel:
-            from qwen2.distributed import expert_parallel
-
-            return expert_parallel.full_state_dict(self.model, trained_only)
-        return self.model.state_dict()
+        return self.parts.full_state_dict(self.model, trained_only) if self.parts else self.model.state_dict()
 
     def _optimizer_state(self) -> dict:
         """The optimizer's state dict (under FSDP2 and ep gathered whole)."""
-        if self.expert_parallel:
-            from qwen2.distributed import expert_parallel
-
-            return expert_parallel.full_optimizer_state(self.model, self.optimizer)
-        if not self.sharded:
-            return self.optimizer.state_dict()
-        from qwen2.distributed.data_parallel import full_optimizer_state
-
-        return full_optimizer_state(self.model, self.optimizer)
+        return self.parts.full_optimizer_state(self.model, self.optimizer) if self.parts else \
+            self.optimizer.state_dict()
 
     def _resume(self) -> None:
         folder = max(checkpoint.folders(self.out), key=checkpoint.step_of)  # __init__ checked there is one
         state = checkpoint.read_state(folder, ("epoch", "row"))  # first: a refused file leaves the model as it was
-        load_whole = None  # each process keeps its part of the whole files
-        if self.sharded:
-            from qwen2.distributed.data_parallel import load_full_state as load_whole
-        elif self.expert_parallel:
-            from qwen2.distributed.expert_parallel import load_full_state as load_whole
         checkpoint.restore(state, self.model, self.task.read_weights(folder), folder, self.optimizer, self.scheduler,
-                           self.total_steps, say=self.lead, rank=self.rank, load_whole=load_whole)
+                           self.total_steps, say=self.lead, rank=self.rank,
+                           load_whole=self.parts.load_full_state if self.parts else None)
         self.step, self.epoch, self.row = state["step"], state["epoch"], state["row"]
         self._order = None  # remade for the epoch resumed in
 
