@@ -60,7 +60,8 @@ def assert_same_model(out, reference):
 
 
 @needs_torchrun
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+# DDP: make test-slow (12 s); DPO's torchrun test and expert parallelism's (DDP beside the experts) run it
+@pytest.mark.parametrize("parallel", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_two_processes_take_the_steps_of_one_with_the_same_global_batch(parallel, tiny_hf, tiny_chat_file,
                                                                         one_process, tmp_path):
     options = ("--steps", "3", "--save-every", "0")

@@ -160,6 +160,7 @@ def test_an_empty_context_is_scored_after_endoftext(llm, tiny_model):
                                     abs=2e-3)
 
 
+@pytest.mark.slow  # 9 s: the next test runs the command line, the one before a local task
 def test_the_command_line_runs_a_local_task_with_the_qwen2_model(tiny_gguf, tmp_path):
     write_tasks(tmp_path, "\n")
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")

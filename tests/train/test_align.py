@@ -100,7 +100,8 @@ def qwen2_cli(*args):
     # between steps 5 and 6: step 5 is logged (with the eval line of step 0) but in no checkpoint
     ("before-step", 5, 6, ["step-2", "step-4"], 4),
     # while checkpoint 4's trainer_state.pt is half written: step-2 is the latest whole one
-    ("in-checkpoint", 4, 5, ["step-2"], 2),
+    # make test-slow (11 s): test_trainer's SIGKILL test kills mid-checkpoint on every task's loop
+    pytest.param("in-checkpoint", 4, 5, ["step-2"], 2, marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_a_dpo_run_killed_with_sigkill_resumes_to_the_same_losses(where, step, logged, left, resumed_from,
                                                                    tiny_hf, pairs, tmp_path):
@@ -174,6 +175,9 @@ def one_and_two_processes(common: list[str], out: Path, *extra: str) -> tuple[li
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+# make test-slow (25 s): OnDARE's state is whole-tensor shaped as AdamW's, whose FSDP2 resume
+# test_data_parallel runs in the suite
+@pytest.mark.slow
 def test_an_fsdp2_ondare_run_killed_after_a_checkpoint_resumes_to_the_steps_of_one_process(tiny_model,
                                                                                          default_tokenizer, tiny_hf,
                                                                                          pairs, tmp_path):
@@ -215,7 +219,8 @@ def test_an_fsdp2_ondare_run_killed_after_a_checkpoint_resumes_to_the_steps_of_o
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
 @pytest.mark.parametrize("task, extra", [
-    ("dpo", ["--lora-rank", "4"]), ("rm", []),
+    # rm every weight: make test-slow (12 s); rm-lora-fsdp runs the reward model in two processes
+    ("dpo", ["--lora-rank", "4"]), pytest.param("rm", [], marks=pytest.mark.slow),
     # every weight at 1e-2: the loss is 0 after one step; make test-slow (15 s): rm-lora-fsdp covers FSDP2 here
     pytest.param("dpo", ["--parallel", "fsdp", "--lr", "1e-4"], marks=pytest.mark.slow),
     ("rm", ["--lora-rank", "4", "--parallel", "fsdp"]),

@@ -230,6 +230,7 @@ def test_two_torchrun_processes_sample_and_step_as_one_process_does(parallel, ti
         assert mine == pytest.approx(single, rel=1e-3, abs=1e-6), (mine, single)
 
 
+@pytest.mark.slow  # 18 s: the trainer's SIGKILL tests cover the resume; the torchrun test, the keyed seeds
 def test_an_online_dpo_run_killed_with_sigkill_resumes_to_the_same_samples_and_losses(tiny_hf, reward_model,
                                                                                       tmp_path):
     # killed before step 4, after checkpoint step-2: step 3 is done again from the checkpoint and samples

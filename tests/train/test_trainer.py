@@ -228,6 +228,7 @@ def test_keep_1_keeps_only_the_latest_checkpoint_and_keep_0_is_refused(tiny_hf, 
     assert checkpoint_names(tmp_path) == ["step-3"]
 
 
+@pytest.mark.slow  # 11 s: a quality check; the loop itself is every other test's here
 def test_pretraining_from_scratch_lowers_the_loss_on_real_text(tmp_path):
     from qwen2.eval.data import text_path
 
