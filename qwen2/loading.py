@@ -31,6 +31,7 @@ from qwen2.engine.llm import LLM
 from qwen2.engine.lora import AdapterSet, read_adapter
 from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import OptionError, Qwen2Error
+from qwen2.memory import onto_huge_pages
 from qwen2.model import Transformer
 from qwen2.options import DEFAULT_CTX, DEFAULTS
 from qwen2.quant import MODES, file_blocks, resolve_quant
@@ -159,11 +160,13 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
 
 
 def fuse_block_steps(net: Transformer) -> None:
-    """A CPU model on block kernels runs its decode and prefill steps fused, layer by layer."""
+    """A CPU model on block kernels runs its decode and prefill steps fused, layer by layer, over
+    repacked weights moved onto huge pages first (the fused steps keep references to them)."""
     from qwen2.quant.fused_decode import FusedDecode
     from qwen2.quant.fused_moe import fuse_experts
     from qwen2.quant.fused_prefill import FusedPrefill
 
+    onto_huge_pages(net)
     net.decode_step, net.prefill_step = FusedDecode.for_model(net), FusedPrefill.for_model(net)
     fuse_experts(net)
 
