@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 MADV_DONTNEED = 4
 HUGE_PAGE = 2 << 20  # x86-64's and arm64's transparent huge page
+MOVE_CHUNK = 16 << 20
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
@@ -62,9 +63,10 @@ def peak_rss_mib() -> float:
 
 def drop_mapped_pages(t: torch.Tensor) -> None:
     """Unmap the whole pages under `t` from this process (madvise MADV_DONTNEED); a later read of
-    them faults them back in from the file. Only for a file mapped copy-on-write and never written
+    them faults them back in from the file. For a file mapped copy-on-write and never written
     (GGUF blocks, qwen2.weights.gguf): there they cost resident memory while their repacked copy is
-    what the model reads. Elsewhere (anonymous memory) it would zero the data, so callers must know."""
+    what the model reads. In anonymous memory it zeroes the data: only for memory nothing reads again
+    (`onto_huge_pages`' copied matrices)."""
     if sys.platform != "linux" or t.numel() == 0:
         return
     page = mmap.PAGESIZE
@@ -108,11 +110,18 @@ def onto_huge_pages(model: nn.Module, buffer: str = "packed") -> int:
     at = 0
     for key, modules in owners.items():  # one matrix at a time, each old one given back before the next moves
         old = getattr(modules[0], buffer)
-        new = arena[at:at + sizes[key]][:old.numel() * old.element_size()].view(old.dtype).view(old.shape)
-        new.copy_(old)
+        flat_old, flat_new = old.view(-1).view(torch.uint8), arena[at:at + key[1] * key[2].itemsize]
+        # a whole storage of its own (a 145 MB output head, say) is given back as it is copied: the
+        # peak would otherwise hold both copies of it
+        alone = old.untyped_storage().nbytes() == flat_old.numel()
+        for i in range(0, flat_old.numel(), MOVE_CHUNK):
+            flat_new[i:i + MOVE_CHUNK].copy_(flat_old[i:i + MOVE_CHUNK])
+            if alone:
+                drop_mapped_pages(flat_old[i:i + MOVE_CHUNK])
+        new = flat_new.view(old.dtype).view(old.shape)
         for m in modules:
             m._buffers[buffer] = new
-        del old, new
+        del old, flat_old, new
         trim(0)  # glibc keeps a freed heap block's pages; the peak would hold both copies
         at += sizes[key]
     return total

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from qwen2.memory import HUGE_PAGE, drop_mapped_pages, onto_huge_pages, peak_rss_mib
+from qwen2.memory import HUGE_PAGE, drop_mapped_pages, onto_huge_pages, peak_rss_mib, reset_peak_rss
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status, a Linux file")
 
@@ -97,15 +97,15 @@ class Holder(nn.Module):
 
 def test_moved_weights_keep_their_values_their_sharing_and_sit_in_one_advised_mapping():
     torch.manual_seed(0)
-    shared = torch.randint(0, 256, (3000, 1000), dtype=torch.uint8)  # a tied table: the head's and the embedding's
-    model = nn.ModuleList([Holder(shared), Holder(shared), Holder(torch.randn(513, 7)), Holder(torch.randn(5))])
+    tied = Holder(torch.randint(0, 256, (3000, 1000), dtype=torch.uint8))  # the head's and the embedding's table
+    model = nn.ModuleList([tied, Holder(tied.packed), Holder(torch.randn(513, 7)), Holder(torch.randn(5))])
     model.append(nn.Linear(3, 3))  # no buffer by that name: left alone
     before = [h.packed.clone() for h in model[:4]]
+    old_table = tied.packed.data_ptr()
     moved = onto_huge_pages(model)
-    assert moved >= sum(t.numel() * t.element_size() for t in before) - shared.numel()
+    assert moved >= sum(t.numel() * t.element_size() for t in before[1:])
     assert all(torch.equal(h.packed, b) for h, b in zip(model[:4], before))
-    assert model[0].packed is model[1].packed  # still one table
-    assert model[0].packed.data_ptr() != shared.data_ptr()
+    assert model[0].packed is model[1].packed and model[0].packed.data_ptr() != old_table  # still one table
     addresses = sorted(h.packed.data_ptr() for h in model[:4])
     assert addresses[0] % HUGE_PAGE == 0 and all(a % 64 == 0 for a in addresses)
     start, end, fields = mapping_of(addresses[0])
@@ -114,6 +114,15 @@ def test_moved_weights_keep_their_values_their_sharing_and_sit_in_one_advised_ma
         assert "hg" in fields["VmFlags"].split() and fields.get("THPeligible") == "1", fields
     model[2].packed.add_(1)  # a private mapping: writable, and written only here
     assert torch.allclose(model[2].packed, before[2] + 1)
+
+
+def test_a_large_matrix_moves_without_a_second_copy_at_the_peak():
+    model = Holder(torch.ones(128 << 20, dtype=torch.uint8))  # as the 0.5B's output head, 145 MB
+    reset_peak_rss()
+    base = peak_rss_mib()
+    onto_huge_pages(model)
+    assert peak_rss_mib() - base < 64  # its old pages go back as the copy proceeds, 16 MiB at a time
+    assert int(model.packed.sum()) == 128 << 20
 
 
 def test_a_loaded_block_model_streams_its_repacked_weights_from_one_mapping(default_gguf):
