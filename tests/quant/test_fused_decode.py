@@ -15,7 +15,7 @@ from qwen2.quant.fused_decode import FusedDecode, fusable
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="the GGUF kernels cannot be built on this machine")
-BLOCK, MAX_LEN = 16, 112
+BLOCK, MAX_LEN = 16, 384
 
 
 def build(activations: str = "int8", **overrides) -> Transformer:
@@ -52,8 +52,9 @@ def greedy(model: Transformer, prompts: list[list[int]], steps: int) -> tuple[li
     return steps_logits, tokens
 
 
-@pytest.mark.parametrize("prompts", [[[5, 9, 11, 200, 3]], [[5, 9, 11], list(range(40, 77)), [300] * 18]],
-                         ids=["one row", "three rows of different lengths"])
+@pytest.mark.parametrize("prompts", [[[5, 9, 11, 200, 3]], [[5, 9, 11], list(range(40, 77)), [300] * 18],
+                                     [[5, 9], [t * 7 % 500 for t in range(300)]]],
+                         ids=["one row", "three rows of different lengths", "a row past 256 keys (a chunk of them)"])
 def test_the_fused_step_equals_the_models_own_layers(prompts, isa):
     model = build()
     assert model.decode_step is not None
