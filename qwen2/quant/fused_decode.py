@@ -19,6 +19,7 @@ from qwen2.quant.blocks import BlockLinear, compiled_ops
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 _NONE = torch.empty(0)  # a layer's missing bias
+HEAD_SIZES = (16, 32, 64, 128, 256)  # the attention's register-held heads (decode_layer.cpp: attend_for)
 
 
 def _linears(block: nn.Module) -> list[nn.Module]:
@@ -29,7 +30,7 @@ def _linears(block: nn.Module) -> list[nn.Module]:
 def fusable(model: Transformer) -> bool:
     """Whether every layer is one the fused call computes exactly as Block.forward does."""
     config = model.config
-    if model.dca is not None or model.model.norm.weight.dtype != torch.float32 or config.head_dim % 8:
+    if model.dca is not None or model.model.norm.weight.dtype != torch.float32 or config.head_dim not in HEAD_SIZES:
         return False
     for i, block in enumerate(model.model.layers):
         if config.layer_window(i) is not None or not all(hasattr(block.mlp, name) for name in MLP):

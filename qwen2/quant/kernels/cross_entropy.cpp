@@ -25,11 +25,6 @@ inline uint16_t float_bf16(float f) {  // to nearest even, as store8 and torch r
   std::memcpy(&bits, &f, 4);
   return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
-inline float max8(__m256 a) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
 
 // logits bf16 (R, V), targets int64 (R,) in [0, V), weights float32 (R,) -> nll float32 (R,), the
 // unweighted logsumexp(l) - l[t]; the logits are overwritten with their gradient w (softmax(l) - one_hot(t))

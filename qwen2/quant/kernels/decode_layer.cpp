@@ -46,48 +46,76 @@ void rotate(float* x, int64_t heads, int64_t hd, const float* cos, const float* 
 // Attention of row b's query heads of KV head g over its keys 0..length-1, read through its block table.
 // The group's heads share their keys and values: a chunk of them is read from memory once and kept in
 // cache while every head of the group uses it (head by head over all keys read them `group` times
-// over, 7 at Qwen2-0.5B: most of a long context's step). Per head the sums run in key order as before.
+// over, 7 at Qwen2-0.5B: most of a long context's step). A head's query and its output stay in
+// registers over a chunk (HD, the head size, fixed at compile time); its sums run in key order.
+template <int HD>
 void attend(const float* q, const float* k_pool, const float* v_pool, const int64_t* table, int64_t length,
-            int64_t block_size, int64_t n_kv, int64_t g, int64_t group, int64_t hd, float* out) {
+            int64_t block_size, int64_t n_kv, int64_t g, int64_t group, float* out) {
   constexpr int64_t chunk = 256;  // keys (64-128 KiB of them at head_dim 64-128): well inside L2
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  std::vector<float> scores(group * length), top(group, -INFINITY);
+  constexpr int V = HD / 8;
+  const float scale = 1.f / std::sqrt(static_cast<float>(HD));
+  std::vector<float> scores(group * length);
   std::vector<const float*> keys(length), values(length);
   for (int64_t t = 0; t < length; ++t) {
     const int64_t slot = table[t / block_size] * block_size + t % block_size;
-    keys[t] = k_pool + (slot * n_kv + g) * hd;
-    values[t] = v_pool + (slot * n_kv + g) * hd;
+    keys[t] = k_pool + (slot * n_kv + g) * HD;
+    values[t] = v_pool + (slot * n_kv + g) * HD;
   }
+  __m256 acc[V];
   for (int64_t c = 0; c < length; c += chunk)
     for (int64_t j = 0; j < group; ++j) {
+      for (int i = 0; i < V; ++i) acc[i] = _mm256_loadu_ps(q + j * HD + 8 * i);
       float* p = scores.data() + j * length;
-      for (int64_t t = c; t < std::min(length, c + chunk); ++t) top[j] = std::max(top[j], p[t] = dot(q + j * hd, keys[t], hd) * scale);
+      for (int64_t t = c; t < std::min(length, c + chunk); ++t) {
+        __m256 s = _mm256_mul_ps(acc[0], _mm256_loadu_ps(keys[t]));
+        for (int i = 1; i < V; ++i) s = _mm256_fmadd_ps(acc[i], _mm256_loadu_ps(keys[t] + 8 * i), s);
+        p[t] = sum8(s) * scale;
+      }
     }
-  std::vector<float> weight(group);
   for (int64_t j = 0; j < group; ++j) {
     float* p = scores.data() + j * length;
-    __m256 total = _mm256_setzero_ps();
+    __m256 top8 = _mm256_set1_ps(-INFINITY);  // the max apart from the products: no chain through memory
     int64_t t = 0;
-    for (; t + 8 <= length; t += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(top[j])));
+    for (; t + 8 <= length; t += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(p + t));
+    float top = max8(top8);
+    for (; t < length; ++t) top = std::max(top, p[t]);
+    __m256 sum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= length; t += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(top)));
       _mm256_storeu_ps(p + t, e);
-      total = _mm256_add_ps(total, e);
+      sum = _mm256_add_ps(sum, e);
     }
-    float sum = sum8(total);
-    for (; t < length; ++t) sum += p[t] = std::exp(p[t] - top[j]);
-    weight[j] = sum;
-    std::fill(out + j * hd, out + (j + 1) * hd, 0.f);
+    float total = sum8(sum);
+    for (; t < length; ++t) total += p[t] = std::exp(p[t] - top);
+    for (t = 0; t + 8 <= length; t += 8) _mm256_storeu_ps(p + t, _mm256_div_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(total)));
+    for (; t < length; ++t) p[t] /= total;
+    std::fill(out + j * HD, out + (j + 1) * HD, 0.f);
   }
   for (int64_t c = 0; c < length; c += chunk)
     for (int64_t j = 0; j < group; ++j) {
       const float* p = scores.data() + j * length;
-      float* o = out + j * hd;
+      float* o = out + j * HD;
+      for (int i = 0; i < V; ++i) acc[i] = _mm256_loadu_ps(o + 8 * i);
       for (int64_t t = c; t < std::min(length, c + chunk); ++t) {
-        const __m256 w = _mm256_set1_ps(p[t] / weight[j]);
-        for (int64_t i = 0; i < hd; i += 8)
-          _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(values[t] + i), _mm256_loadu_ps(o + i)));
+        const __m256 w = _mm256_set1_ps(p[t]);
+        for (int i = 0; i < V; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(values[t] + 8 * i), acc[i]);
       }
+      for (int i = 0; i < V; ++i) _mm256_storeu_ps(o + 8 * i, acc[i]);
     }
+}
+
+using Attend = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, int64_t, int64_t, int64_t,
+                        int64_t, float*);
+
+Attend attend_for(int64_t hd) {  // the head sizes fused_decode.py lets through
+  switch (hd) {
+    case 16: return attend<16>;
+    case 32: return attend<32>;
+    case 64: return attend<64>;
+    case 128: return attend<128>;
+    case 256: return attend<256>;
+    default: return nullptr;
+  }
 }
 
 
@@ -220,12 +248,13 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
   }
   at::Tensor y = at::empty({B, Q}, x.options());
   const int64_t group = n_heads / n_kv, blocks = tables.size(1);
+  const Attend attend = attend_for(hd);
+  TORCH_CHECK(attend, "decode_layer takes head sizes 16, 32, 64, 128 and 256, not ", hd);
   at::parallel_for(0, B * n_kv, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / n_kv, g = i % n_kv;
       attend(q.data_ptr<float>() + b * Q + g * group * hd, kp, vp, tables.data_ptr<int64_t>() + b * blocks,
-             positions.data_ptr<int64_t>()[b] + 1, block_size, n_kv, g, group, hd,
-             y.data_ptr<float>() + b * Q + g * group * hd);
+             positions.data_ptr<int64_t>()[b] + 1, block_size, n_kv, g, group, y.data_ptr<float>() + b * Q + g * group * hd);
     }
   });
   at::Tensor o = at::empty({B, H}, x.options());
