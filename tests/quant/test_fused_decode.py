@@ -86,7 +86,8 @@ def test_the_fused_call_runs_for_decode_steps_only(monkeypatch):
     dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
          shared_expert_intermediate_size=64),
     dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
-], ids=["moe", "sliding window"])
+    dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=2),  # heads of 24: no register-held build
+], ids=["moe", "sliding window", "head size 24"])
 def test_models_it_does_not_cover_keep_their_own_layers(overrides):
     model = build(**overrides)
     assert not fusable(model) and model.decode_step is None
