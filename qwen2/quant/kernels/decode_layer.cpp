@@ -43,16 +43,38 @@ void rotate(float* x, int64_t heads, int64_t hd, const float* cos, const float* 
   }
 }
 
+// The attention's vectors: 16 floats where the build has AVX-512 (half the instructions a key), else 8.
+#if defined(__AVX512F__)
+using Lane = __m512;
+constexpr int LANE = 16;
+inline Lane lane_load(const float* p) { return _mm512_loadu_ps(p); }
+inline void lane_store(float* p, Lane a) { _mm512_storeu_ps(p, a); }
+inline Lane lane_mul(Lane a, Lane b) { return _mm512_mul_ps(a, b); }
+inline Lane lane_fmadd(Lane a, Lane b, Lane c) { return _mm512_fmadd_ps(a, b, c); }
+inline Lane lane_set1(float x) { return _mm512_set1_ps(x); }
+inline float lane_sum(Lane a) { return sum8(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))); }
+#else
+using Lane = __m256;
+constexpr int LANE = 8;
+inline Lane lane_load(const float* p) { return _mm256_loadu_ps(p); }
+inline void lane_store(float* p, Lane a) { _mm256_storeu_ps(p, a); }
+inline Lane lane_mul(Lane a, Lane b) { return _mm256_mul_ps(a, b); }
+inline Lane lane_fmadd(Lane a, Lane b, Lane c) { return _mm256_fmadd_ps(a, b, c); }
+inline Lane lane_set1(float x) { return _mm256_set1_ps(x); }
+inline float lane_sum(Lane a) { return sum8(a); }
+#endif
+
 // Attention of row b's query heads of KV head g over its keys 0..length-1, read through its block table.
 // The group's heads share their keys and values: a chunk of them is read from memory once and kept in
 // cache while every head of the group uses it (head by head over all keys read them `group` times
 // over, 7 at Qwen2-0.5B: most of a long context's step). A head's query and its output stay in
-// registers over a chunk (HD, the head size, fixed at compile time); its sums run in key order.
+// registers over a chunk (HD, the head size, fixed at compile time; a multiple of LANE); its sums run
+// in key order.
 template <int HD>
 void attend(const float* q, const float* k_pool, const float* v_pool, const int64_t* table, int64_t length,
             int64_t block_size, int64_t n_kv, int64_t g, int64_t group, float* out) {
   constexpr int64_t chunk = 256;  // keys (64-128 KiB of them at head_dim 64-128): well inside L2
-  constexpr int V = HD / 8;
+  constexpr int V = HD / LANE;
   const float scale = 1.f / std::sqrt(static_cast<float>(HD));
   std::vector<float> scores(group * length);
   std::vector<const float*> keys(length), values(length);
@@ -61,15 +83,15 @@ void attend(const float* q, const float* k_pool, const float* v_pool, const int6
     keys[t] = k_pool + (slot * n_kv + g) * HD;
     values[t] = v_pool + (slot * n_kv + g) * HD;
   }
-  __m256 acc[V];
+  Lane acc[V];
   for (int64_t c = 0; c < length; c += chunk)
     for (int64_t j = 0; j < group; ++j) {
-      for (int i = 0; i < V; ++i) acc[i] = _mm256_loadu_ps(q + j * HD + 8 * i);
+      for (int i = 0; i < V; ++i) acc[i] = lane_load(q + j * HD + LANE * i);
       float* p = scores.data() + j * length;
       for (int64_t t = c; t < std::min(length, c + chunk); ++t) {
-        __m256 s = _mm256_mul_ps(acc[0], _mm256_loadu_ps(keys[t]));
-        for (int i = 1; i < V; ++i) s = _mm256_fmadd_ps(acc[i], _mm256_loadu_ps(keys[t] + 8 * i), s);
-        p[t] = sum8(s) * scale;
+        Lane s = lane_mul(acc[0], lane_load(keys[t]));
+        for (int i = 1; i < V; ++i) s = lane_fmadd(acc[i], lane_load(keys[t] + LANE * i), s);
+        p[t] = lane_sum(s) * scale;
       }
     }
   for (int64_t j = 0; j < group; ++j) {
@@ -95,12 +117,12 @@ void attend(const float* q, const float* k_pool, const float* v_pool, const int6
     for (int64_t j = 0; j < group; ++j) {
       const float* p = scores.data() + j * length;
       float* o = out + j * HD;
-      for (int i = 0; i < V; ++i) acc[i] = _mm256_loadu_ps(o + 8 * i);
+      for (int i = 0; i < V; ++i) acc[i] = lane_load(o + LANE * i);
       for (int64_t t = c; t < std::min(length, c + chunk); ++t) {
-        const __m256 w = _mm256_set1_ps(p[t]);
-        for (int i = 0; i < V; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(values[t] + 8 * i), acc[i]);
+        const Lane w = lane_set1(p[t]);
+        for (int i = 0; i < V; ++i) acc[i] = lane_fmadd(w, lane_load(values[t] + LANE * i), acc[i]);
       }
-      for (int i = 0; i < V; ++i) _mm256_storeu_ps(o + 8 * i, acc[i]);
+      for (int i = 0; i < V; ++i) lane_store(o + LANE * i, acc[i]);
     }
 }
 
