@@ -11,6 +11,7 @@ of the process and cannot be reset: a later, smaller measurement then shows the 
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import platform
 import resource
@@ -37,10 +38,9 @@ def keep_freed_memory() -> bool:
     fresh pages, each faulted in and zeroed by the kernel: at Qwen2-0.5B's size 855K page faults, half
     of a 4.9 s step (bench/RESULTS.md). With no mmap'd blocks and no trimming the heap is reused and a
     step faults no page; the peak is ~0.9 GB higher there (a freed block does not always fit the next)."""
-    if platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return False
-    libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(_libc().mallopt(M_MMAP_MAX, 0)) and bool(_libc().mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def reset_peak_rss() -> None:
@@ -74,7 +74,7 @@ def drop_mapped_pages(t: torch.Tensor) -> None:
     end = start + t.numel() * t.element_size()
     first, last = -(-start // page) * page, end // page * page
     if last > first:
-        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
 def onto_huge_pages(model: nn.Module, buffer: str = "packed") -> int:
@@ -106,7 +106,6 @@ def onto_huge_pages(model: nn.Module, buffer: str = "packed") -> int:
     except OSError:  # a kernel built without transparent huge pages: the move gains nothing and costs nothing
         pass
     arena = torch.frombuffer(area, dtype=torch.uint8)[start:start + total]  # holds `area` while any view lives
-    trim = ctypes.CDLL("libc.so.6").malloc_trim if platform.libc_ver()[0] == "glibc" else lambda pad: None
     at = 0
     for key, modules in owners.items():  # one matrix at a time, each old one given back before the next moves
         old = getattr(modules[0], buffer)
@@ -122,9 +121,21 @@ def onto_huge_pages(model: nn.Module, buffer: str = "packed") -> int:
         for m in modules:
             m._buffers[buffer] = new
         del old, flat_old, new
-        trim(0)  # glibc keeps a freed heap block's pages; the peak would hold both copies
+        if _glibc():  # glibc keeps a freed heap block's pages; the peak would hold both copies
+            _libc().malloc_trim(0)
         at += sizes[key]
     return total
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library this process runs on: madvise, and glibc's mallopt and malloc_trim."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@functools.cache
+def _glibc() -> bool:
+    return platform.libc_ver()[0] == "glibc"
 
 
 def _key(t: torch.Tensor) -> tuple:
