@@ -16,6 +16,10 @@
 
 namespace {
 
+// Per-row work (norms, rotary, biases, the KV write) forks over rows from this many on: a few rows
+// stay on the calling thread, where a fork would cost more than the work.
+constexpr int64_t ROWS_GRAIN = 8;
+
 inline float dot(const float* a, const float* b, int64_t n) {  // n a multiple of 8
   __m256 s = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
@@ -23,11 +27,17 @@ inline float dot(const float* a, const float* b, int64_t n) {  // n a multiple o
 }
 
 void rms_norm(const float* x, const float* w, float eps, int64_t B, int64_t H, float* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * H;
-    const float scale = 1.f / std::sqrt(dot(xb, xb, H) / H + eps);
-    for (int64_t i = 0; i < H; ++i) out[b * H + i] = xb[i] * scale * w[i];
-  }
+  at::parallel_for(0, B, ROWS_GRAIN, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* xb = x + b * H;
+      const float scale = 1.f / std::sqrt(dot(xb, xb, H) / H + eps);
+      for (int64_t i = 0; i < H; ++i) out[b * H + i] = xb[i] * scale * w[i];
+    }
+  });
+}
+
+void add_bias(float* y, const float* bias, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += bias[i];
 }
 
 // x * cos + rotate_half(x) * sin for each head of one row, where rotate_half(x) = (-x2, x1)
@@ -236,51 +246,64 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
     TORCH_CHECK(8 * weights[i].size(0) == widths[i], "matrix ", i, " has ", 8 * weights[i].size(0), " rows, not ",
                 widths[i]);
   }
-  // matrices i (reading the same activations a) into ys, one parallel loop; then their biases
+  // matrices i (reading the same activations a) into ys, one parallel loop
   const bool tiles = tiles_fit(B, {Q, KV, H, F});
   auto product = [&](const at::Tensor& a, std::initializer_list<int> ids, std::initializer_list<float*> ys) {
     std::vector<Product> ps;
     auto y = ys.begin();
     for (int i : ids) ps.push_back(product_of(weights[i], qtypes[i], *y++));
     matmul_packed_together(prepare(a, tiles), ps);
-    y = ys.begin();
-    for (int i : ids) {
-      float* yi = *y++;
-      if (biases[i].numel())
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t n = 0; n < widths[i]; ++n) yi[b * widths[i] + n] += biases[i].data_ptr<float>()[n];
-    }
   };
+  // matrix i's bias on its output y's rows (Qwen2's q, k and v have one; the folded q/k/v add it in their row loop)
+  auto bias_on = [&](int i, float* y) {
+    if (!biases[i].numel()) return;
+    const float* bias = biases[i].data_ptr<float>();
+    at::parallel_for(0, B, ROWS_GRAIN, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) add_bias(y + b * widths[i], bias, widths[i]);
+    });
+  };
+  const float* no_bias = nullptr;
+  const float* bq = biases[0].numel() ? biases[0].data_ptr<float>() : no_bias;
+  const float* bk = biases[1].numel() ? biases[1].data_ptr<float>() : no_bias;
+  const float* bv = biases[2].numel() ? biases[2].data_ptr<float>() : no_bias;
   at::Tensor out = x.clone(), h = at::empty({B, H}, x.options());
   at::Tensor q = at::empty({B, Q}, x.options()), k = at::empty({B, KV}, x.options()), v = at::empty({B, KV}, x.options());
-  float* xo = out.data_ptr<float>();
+  float *xo = out.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
 
   rms_norm(xo, norm1.data_ptr<float>(), eps, B, H, h.data_ptr<float>());
-  product(h, {0, 1, 2}, {q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>()});
+  product(h, {0, 1, 2}, {qp, kp, vp});
   const int64_t* slots = write_index.data_ptr<int64_t>();
-  float* kp = k_pool.data_ptr<float>();
-  float* vp = v_pool.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    const float* c = cos.data_ptr<float>() + b * hd;
-    const float* s = sin.data_ptr<float>() + b * hd;
-    rotate(q.data_ptr<float>() + b * Q, n_heads, hd, c, s);
-    rotate(k.data_ptr<float>() + b * KV, n_kv, hd, c, s);
-    std::memcpy(kp + slots[b] * KV, k.data_ptr<float>() + b * KV, KV * sizeof(float));
-    std::memcpy(vp + slots[b] * KV, v.data_ptr<float>() + b * KV, KV * sizeof(float));
-  }
-  at::Tensor y = at::empty({B, Q}, x.options());
-  const int64_t group = n_heads / n_kv, blocks = tables.size(1);
-  const Attend attend = attend_for(hd);
-  TORCH_CHECK(attend, "decode_layer takes head sizes 16, 32, 64, 128 and 256, not ", hd);
-  at::parallel_for(0, B * n_kv, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / n_kv, g = i % n_kv;
-      attend(q.data_ptr<float>() + b * Q + g * group * hd, kp, vp, tables.data_ptr<int64_t>() + b * blocks,
-             positions.data_ptr<int64_t>()[b] + 1, block_size, n_kv, g, group, y.data_ptr<float>() + b * Q + g * group * hd);
+  const float *cos_rows = cos.data_ptr<float>(), *sin_rows = sin.data_ptr<float>();
+  float* k_all = k_pool.data_ptr<float>();
+  float* v_all = v_pool.data_ptr<float>();
+  at::parallel_for(0, B, ROWS_GRAIN, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float *qb = qp + b * Q, *kb = kp + b * KV, *vb = vp + b * KV;
+      if (bq) add_bias(qb, bq, Q);
+      if (bk) add_bias(kb, bk, KV);
+      if (bv) add_bias(vb, bv, KV);
+      rotate(qb, n_heads, hd, cos_rows + b * hd, sin_rows + b * hd);
+      rotate(kb, n_kv, hd, cos_rows + b * hd, sin_rows + b * hd);
+      std::memcpy(k_all + slots[b] * KV, kb, KV * sizeof(float));
+      std::memcpy(v_all + slots[b] * KV, vb, KV * sizeof(float));
     }
   });
+  at::Tensor y = at::empty({B, Q}, x.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t group = n_heads / n_kv, blocks = tables.size(1);
+  const int64_t *table = tables.data_ptr<int64_t>(), *position = positions.data_ptr<int64_t>();
+  const Attend attend = attend_for(hd);
+  TORCH_CHECK(attend, "decode_layer takes head sizes 16, 32, 64, 128 and 256, not ", hd);
+  // rows of a long context and a riding prompt's short ones share a step: the threads take each other's
+  // leftover (row, KV head) pairs rather than wait for the slower half
+  parallel_shares(B * n_kv, [](int64_t) {}, [&](int64_t i, int64_t) {
+    const int64_t b = i / n_kv, g = i % n_kv;
+    attend(qp + b * Q + g * group * hd, k_all, v_all, table + b * blocks, position[b] + 1, block_size, n_kv, g, group,
+           yp + b * Q + g * group * hd);
+  }, [](int64_t) {});
   at::Tensor o = at::empty({B, H}, x.options());
   product(y, {3}, {o.data_ptr<float>()});
+  bias_on(3, o.data_ptr<float>());
   out.add_(o);
 
   rms_norm(xo, norm2.data_ptr<float>(), eps, B, H, h.data_ptr<float>());
@@ -291,13 +314,17 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
                  product_of(weights[4], qtypes[4], nullptr), product_of(weights[5], qtypes[5], nullptr),
                  reinterpret_cast<uint16_t*>(gated.data_ptr<at::BFloat16>()), F);
     product(gated, {6}, {o.data_ptr<float>()});
+    bias_on(6, o.data_ptr<float>());
     return out.add_(o);
   }
 #endif
   at::Tensor gate = at::empty({B, F}, x.options()), up = at::empty({B, F}, x.options());
   product(h, {4, 5}, {gate.data_ptr<float>(), up.data_ptr<float>()});
+  bias_on(4, gate.data_ptr<float>());
+  bias_on(5, up.data_ptr<float>());
   silu_mul(gate.data_ptr<float>(), up.data_ptr<float>(), B * F);
   product(gate, {6}, {o.data_ptr<float>()});
+  bias_on(6, o.data_ptr<float>());
   return out.add_(o);
 }
 
