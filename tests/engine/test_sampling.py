@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from qwen2.engine import sampling
 from qwen2.engine.sampling import SamplingParams, apply_penalties, filter_logits, sample, top_logprobs
 from qwen2.errors import RequestError
 
@@ -41,6 +42,34 @@ def test_penalties_and_bias():
     assert out[0] == pytest.approx(2.0 / 2 - 0.5 - 0.5)  # repetition, presence, 2x frequency
     assert out[1] == pytest.approx(0.5)  # prompt token: repetition only
     assert out[3] == pytest.approx(0.0 * 2 - 0.75)
+
+
+def test_penalties_on_a_batch_are_each_rows_own():
+    params = [SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25,
+                             logit_bias={4: 10.0}),
+              SamplingParams(), SamplingParams(repetition_penalty=1.3, logit_bias={0: -1.0, 2: 3.0}),
+              SamplingParams(frequency_penalty=1.0)]
+    histories = [([1], [0, 0, 3]), ([1, 2], [3]), ([4, 0], [2, 2]), ([], [1, 1, 1, 4])]
+    rows = torch.randn(4, 5)
+    batch = rows.clone()
+    sampling.penalize_rows(batch, params, histories)
+    for row, p, (prompt, output), got in zip(rows, params, histories, batch):
+        assert torch.equal(got, apply_penalties(row.clone(), p, prompt, output))
+    assert torch.equal(batch[1], rows[1])  # no bias, no penalty
+    assert batch[3, 1] == rows[3, 1] - 3.0 and batch[3, 4] == rows[3, 4] - 1.0
+
+
+def test_greedy_tokens_are_each_rows_first_maximum_as_torch_finds_it():
+    torch.manual_seed(0)
+    rows = torch.randn(37, 1003)  # a vocabulary that is not a whole number of vectors
+    rows[1, 5] = rows[1, 900] = rows[1].max() + 1  # a tie: the first
+    rows[2, 1001] = 100.0  # in the tail
+    rows[3] = float("-inf")
+    rows[4, 17] = rows[4, 3] = float("nan")  # a NaN counts as the largest
+    rows[5, 2] = float("inf")
+    assert sampling.greedy_tokens(rows).tolist() == rows.max(-1).indices.tolist()
+    assert sampling.greedy_tokens(rows[:, :5]).tolist() == rows[:, :5].max(-1).indices.tolist()  # shorter than a vector
+    assert sampling.greedy_tokens(rows[::2, 1:]).tolist() == rows[::2, 1:].max(-1).indices.tolist()  # strided rows
 
 
 def test_seeded_sampling_reproduces():

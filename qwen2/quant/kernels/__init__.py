@@ -30,10 +30,11 @@ import torch
 # blocks repacked into groups of 8 rows (VNNI where the build has it); decode_layer.cpp: a decode
 # step's whole layer on those; moe_experts.cpp: an MoE layer's routed experts on those, for a few
 # rows (int8_matmul.h: what the last three share); attention_tiles.cpp: a prompt chunk's attention on AMX tiles;
-# cross_entropy.cpp: the training loss's softmax on bf16 logits; merging_step.cpp: one OnDARE step of a parameter
+# cross_entropy.cpp: the training loss's softmax on bf16 logits; merging_step.cpp: one OnDARE step of a parameter;
+# greedy.cpp: a decode step's greedy tokens
 SOURCES = tuple(Path(__file__).with_name(name)
                 for name in ("gguf.cpp", "gguf_int8.cpp", "decode_layer.cpp", "moe_experts.cpp", "attention_tiles.cpp",
-                                         "cross_entropy.cpp", "merging_step.cpp"))
+                                         "cross_entropy.cpp", "merging_step.cpp", "greedy.cpp"))
 HEADERS = (Path(__file__).with_name("int8_matmul.h"),)
 STALE_LOCK_SECONDS = 600  # a build takes 20 s to 2 min
 # GGUF type id -> (weights per block, bytes per block)
