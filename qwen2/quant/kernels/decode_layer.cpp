@@ -63,6 +63,24 @@ inline Lane lane_mul(Lane a, Lane b) { return _mm512_mul_ps(a, b); }
 inline Lane lane_fmadd(Lane a, Lane b, Lane c) { return _mm512_fmadd_ps(a, b, c); }
 inline Lane lane_set1(float x) { return _mm512_set1_ps(x); }
 inline float lane_sum(Lane a) { return sum8(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))); }
+// LANE keys' sums at once: lane i of lane_sums(a) is the sum of a[KEY_OF[i]]'s lanes (one add tree for all,
+// not a horizontal sum per key); fed a[KEY_OF[i]] = key i's products, it gives the keys in order
+constexpr int KEY_OF[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+inline Lane pairs_sum(Lane a, Lane b, Lane c, Lane d) {  // each 128-bit lane of a..d holds a 4-lane part of one sum
+  const Lane ab = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+  const Lane cd = _mm512_add_ps(_mm512_shuffle_ps(c, d, 0x44), _mm512_shuffle_ps(c, d, 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x88), _mm512_shuffle_ps(ab, cd, 0xDD));
+}
+inline Lane lane_sums(const Lane* a) {
+  Lane halves[8], quarters[4];
+  for (int i = 0; i < 8; ++i)
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                              _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
+                                _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xDD));
+  return pairs_sum(quarters[0], quarters[1], quarters[2], quarters[3]);
+}
 #else
 using Lane = __m256;
 constexpr int LANE = 8;
@@ -72,14 +90,28 @@ inline Lane lane_mul(Lane a, Lane b) { return _mm256_mul_ps(a, b); }
 inline Lane lane_fmadd(Lane a, Lane b, Lane c) { return _mm256_fmadd_ps(a, b, c); }
 inline Lane lane_set1(float x) { return _mm256_set1_ps(x); }
 inline float lane_sum(Lane a) { return sum8(a); }
+constexpr int KEY_OF[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+inline Lane pairs_sum(Lane a, Lane b, Lane c, Lane d) {
+  const Lane ab = _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x44), _mm256_shuffle_ps(a, b, 0xEE));
+  const Lane cd = _mm256_add_ps(_mm256_shuffle_ps(c, d, 0x44), _mm256_shuffle_ps(c, d, 0xEE));
+  return _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x88), _mm256_shuffle_ps(ab, cd, 0xDD));
+}
+inline Lane lane_sums(const Lane* a) {
+  Lane halves[4];
+  for (int i = 0; i < 4; ++i)
+    halves[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20),
+                              _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
+  return pairs_sum(halves[0], halves[1], halves[2], halves[3]);
+}
 #endif
 
 // Attention of row b's query heads of KV head g over its keys 0..length-1, read through its block table.
 // The group's heads share their keys and values: a chunk of them is read from memory once and kept in
 // cache while every head of the group uses it (head by head over all keys read them `group` times
 // over, 7 at Qwen2-0.5B: most of a long context's step). A head's query and its output stay in
-// registers over a chunk (HD, the head size, fixed at compile time; a multiple of LANE); its sums run
-// in key order.
+// registers over a chunk (HD, the head size, fixed at compile time; a multiple of LANE); LANE keys'
+// scores are summed by one add tree (a horizontal sum per key was most of a long context's attention).
+// The weighted values are summed in key order.
 template <int HD>
 void attend(const float* q, const float* k_pool, const float* v_pool, const int64_t* table, int64_t length,
             int64_t block_size, int64_t n_kv, int64_t g, int64_t group, float* out) {
@@ -98,7 +130,18 @@ void attend(const float* q, const float* k_pool, const float* v_pool, const int6
     for (int64_t j = 0; j < group; ++j) {
       for (int i = 0; i < V; ++i) acc[i] = lane_load(q + j * HD + LANE * i);
       float* p = scores.data() + j * length;
-      for (int64_t t = c; t < std::min(length, c + chunk); ++t) {
+      const int64_t end = std::min(length, c + chunk);
+      int64_t t = c;
+      for (; t + LANE <= end; t += LANE) {
+        Lane s[LANE];
+        for (int j = 0; j < LANE; ++j) {
+          const float* key = keys[t + KEY_OF[j]];
+          s[j] = lane_mul(acc[0], lane_load(key));
+          for (int i = 1; i < V; ++i) s[j] = lane_fmadd(acc[i], lane_load(key + LANE * i), s[j]);
+        }
+        lane_store(p + t, lane_mul(lane_sums(s), lane_set1(scale)));
+      }
+      for (; t < end; ++t) {
         Lane s = lane_mul(acc[0], lane_load(keys[t]));
         for (int i = 1; i < V; ++i) s = lane_fmadd(acc[i], lane_load(keys[t] + LANE * i), s);
         p[t] = lane_sum(s) * scale;
