@@ -134,10 +134,10 @@ void attend(const float* q, const float* k_pool, const float* v_pool, const int6
       int64_t t = c;
       for (; t + LANE <= end; t += LANE) {
         Lane s[LANE];
-        for (int j = 0; j < LANE; ++j) {
-          const float* key = keys[t + KEY_OF[j]];
-          s[j] = lane_mul(acc[0], lane_load(key));
-          for (int i = 1; i < V; ++i) s[j] = lane_fmadd(acc[i], lane_load(key + LANE * i), s[j]);
+        for (int n = 0; n < LANE; ++n) {
+          const float* key = keys[t + KEY_OF[n]];
+          s[n] = lane_mul(acc[0], lane_load(key));
+          for (int i = 1; i < V; ++i) s[n] = lane_fmadd(acc[i], lane_load(key + LANE * i), s[n]);
         }
         lane_store(p + t, lane_mul(lane_sums(s), lane_set1(scale)));
       }
@@ -297,18 +297,15 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
     for (int i : ids) ps.push_back(product_of(weights[i], qtypes[i], *y++));
     matmul_packed_together(prepare(a, tiles), ps);
   };
-  // matrix i's bias on its output y's rows (Qwen2's q, k and v have one; the folded q/k/v add it in their row loop)
+  auto bias_of = [&](int i) -> const float* { return biases[i].numel() ? biases[i].data_ptr<float>() : nullptr; };
+  // matrix i's bias on its output y's rows (Qwen2's q, k and v have one: the row loop after q/k/v adds theirs)
   auto bias_on = [&](int i, float* y) {
-    if (!biases[i].numel()) return;
-    const float* bias = biases[i].data_ptr<float>();
-    at::parallel_for(0, B, ROWS_GRAIN, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) add_bias(y + b * widths[i], bias, widths[i]);
-    });
+    if (const float* bias = bias_of(i))
+      at::parallel_for(0, B, ROWS_GRAIN, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) add_bias(y + b * widths[i], bias, widths[i]);
+      });
   };
-  const float* no_bias = nullptr;
-  const float* bq = biases[0].numel() ? biases[0].data_ptr<float>() : no_bias;
-  const float* bk = biases[1].numel() ? biases[1].data_ptr<float>() : no_bias;
-  const float* bv = biases[2].numel() ? biases[2].data_ptr<float>() : no_bias;
+  const float *bq = bias_of(0), *bk = bias_of(1), *bv = bias_of(2);
   at::Tensor out = x.clone(), h = at::empty({B, H}, x.options());
   at::Tensor q = at::empty({B, Q}, x.options()), k = at::empty({B, KV}, x.options()), v = at::empty({B, KV}, x.options());
   float *xo = out.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
@@ -339,11 +336,11 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::
   TORCH_CHECK(attend, "decode_layer takes head sizes 16, 32, 64, 128 and 256, not ", hd);
   // rows of a long context and a riding prompt's short ones share a step: the threads take each other's
   // leftover (row, KV head) pairs rather than wait for the slower half
-  parallel_shares(B * n_kv, [](int64_t) {}, [&](int64_t i, int64_t) {
+  parallel_shares(B * n_kv, [&](int64_t i, int64_t) {
     const int64_t b = i / n_kv, g = i % n_kv;
     attend(qp + b * Q + g * group * hd, k_all, v_all, table + b * blocks, position[b] + 1, block_size, n_kv, g, group,
            yp + b * Q + g * group * hd);
-  }, [](int64_t) {});
+  });
   at::Tensor o = at::empty({B, H}, x.options());
   product(y, {3}, {o.data_ptr<float>()});
   bias_on(3, o.data_ptr<float>());

@@ -365,6 +365,11 @@ void parallel_shares(int64_t n, Start start, Body body, Finish finish) {
   });
 }
 
+template <class Body>
+void parallel_shares(int64_t n, Body body) {
+  parallel_shares(n, [](int64_t) {}, body, [](int64_t) {});
+}
+
 int64_t grain_groups(int64_t G) { return std::max<int64_t>(1, (32 << 10) / G); }  // ~32 KiB of weights per task
 
 int64_t group_bytes(int64_t t, int64_t K) {
