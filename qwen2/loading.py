@@ -35,7 +35,7 @@ from qwen2.memory import onto_huge_pages
 from qwen2.model import Transformer
 from qwen2.options import DEFAULT_CTX, DEFAULTS
 from qwen2.quant import MODES, file_blocks, resolve_quant
-from qwen2.quant.blocks import attach_blocks, blocks_from_float
+from qwen2.quant.blocks import attach_blocks, blocks_from_float, compiled_ops
 from qwen2.quant.int_linear import int4_layout, quantize_model
 from qwen2.quant.kernels import BLOCKS
 from qwen2.quant.prequantized import attach_int4
@@ -168,6 +168,7 @@ def fuse_block_steps(net: Transformer) -> None:
 
     onto_huge_pages(net)
     net.decode_step, net.prefill_step = FusedDecode.for_model(net), FusedPrefill.for_model(net)
+    net.argmax_rows = compiled_ops().argmax_rows
     fuse_experts(net)
 
 

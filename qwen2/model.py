@@ -456,6 +456,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.decode_step = None  # the layers of a decode step as fused calls, where the loader finds them apt
         self.prefill_step = None  # the layers of a many-row forward as fused GEMMs, likewise
+        self.argmax_rows = None  # float32 logits (B, V) -> each row's first largest (B,), a compiled scan, likewise
         self.set_rope(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -420,7 +420,7 @@ class Engine:
                 # the decode rows come first: a leading run of them is a view, any other choice a copy
                 drawn = sample_rows(logits[: len(rows)] if rows[-1] == len(rows) - 1 else logits[rows],
                                     [r.params for r in chosen], [self._device_generator(r) for r in chosen],
-                                    [(r.prompt, r.output) for r in chosen])
+                                    [(r.prompt, r.output) for r in chosen], self.model.argmax_rows)
                 drawn = dict(zip(rows, drawn.tolist()))
             except Exception:  # the host path samples these rows again and fails only the request at fault
                 log.warning("sampling on the device failed; sampling on the host", exc_info=True)

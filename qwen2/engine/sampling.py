@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen2.errors import RequestError
-from qwen2.quant.kernels import gguf_ops
 
 MIN_TEMPERATURE = 1e-3  # logits / temperature stays finite in float32 above it
 MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 1000
@@ -184,15 +183,16 @@ def samples_on_device(params: SamplingParams) -> bool:
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                histories: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+                histories: list[tuple[list[int], list[int]]],
+                argmax_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Next tokens (B,) on the logits' device from float32 rows (B, V) of requests that
-    `samples_on_device` accepts, with their (prompt, output) ids: greedy rows in one argmax, the others
-    each with its generator. Bias and penalties are applied to the rows in place for the draw, as
-    `sample` applies them to its copy, and the logits they changed are put back after, so `logits`
-    ends as it began: copying the rows would cost more than the draw (19 MB at 32 rows)."""
+    `samples_on_device` accepts, with their (prompt, output) ids: greedy rows in one argmax (`argmax_rows`:
+    see greedy_tokens), the others each with its generator. Bias and penalties are applied to the rows in
+    place for the draw, as `sample` applies them to its copy, and the logits they changed are put back
+    after, so `logits` ends as it began: copying the rows would cost more than the draw (19 MB at 32 rows)."""
     changed = penalize_rows(logits, params, histories)
     try:
-        tokens = greedy_tokens(logits)
+        tokens = greedy_tokens(logits, argmax_rows)
         for i, (p, generator) in enumerate(zip(params, generators)):
             if not p.greedy:
                 probs = filter_logits(logits[i], p).softmax(-1)
@@ -203,12 +203,15 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
     return tokens
 
 
-def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's first largest logit, (B, V) -> (B,): on the CPU our compiled scan over the rows in
-    parallel (torch's max took 1.5-2.5 ms at 32 rows), elsewhere torch's max, whose indices are the same
-    first maximum as argmax, which torch's CPU build finds ~3x slower."""
-    ops = gguf_ops() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
-    return ops.argmax_rows(logits) if ops is not None else logits.max(-1).indices
+def greedy_tokens(logits: torch.Tensor, argmax_rows: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  ) -> torch.Tensor:
+    """Each row's first largest logit, (B, V) -> (B,): by `argmax_rows` (a compiled scan of CPU float32
+    rows in parallel, the model's where its loader gave one: torch's max took 1.5-2.5 ms at 32 rows), else
+    by torch's max, whose indices are the same first maximum as argmax, which torch's CPU build finds ~3x
+    slower."""
+    if argmax_rows is not None and logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return argmax_rows(logits)
+    return logits.max(-1).indices
 
 
 def top_logprobs(logits: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:

@@ -6,6 +6,7 @@ import torch
 from qwen2.engine import sampling
 from qwen2.engine.sampling import SamplingParams, apply_penalties, filter_logits, sample, top_logprobs
 from qwen2.errors import RequestError
+from qwen2.quant.blocks import compiled_ops, kernels_available
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
 
@@ -59,7 +60,9 @@ def test_penalties_on_a_batch_are_each_rows_own():
     assert batch[3, 1] == rows[3, 1] - 3.0 and batch[3, 4] == rows[3, 4] - 1.0
 
 
-def test_greedy_tokens_are_each_rows_first_maximum_as_torch_finds_it():
+@pytest.mark.skipif(not kernels_available(), reason="the compiled kernels cannot be built on this machine")
+def test_the_compiled_greedy_scan_finds_each_rows_first_maximum_as_torch_does():
+    scan = compiled_ops().argmax_rows
     torch.manual_seed(0)
     rows = torch.randn(37, 1003)  # a vocabulary that is not a whole number of vectors
     rows[1, 5] = rows[1, 900] = rows[1].max() + 1  # a tie: the first
@@ -67,9 +70,9 @@ def test_greedy_tokens_are_each_rows_first_maximum_as_torch_finds_it():
     rows[3] = float("-inf")
     rows[4, 17] = rows[4, 3] = float("nan")  # a NaN counts as the largest
     rows[5, 2] = float("inf")
-    assert sampling.greedy_tokens(rows).tolist() == rows.max(-1).indices.tolist()
-    assert sampling.greedy_tokens(rows[:, :5]).tolist() == rows[:, :5].max(-1).indices.tolist()  # shorter than a vector
-    assert sampling.greedy_tokens(rows[::2, 1:]).tolist() == rows[::2, 1:].max(-1).indices.tolist()  # strided rows
+    for logits in (rows, rows[:, :5], rows[::2, 1:]):  # shorter than a vector; strided rows
+        assert sampling.greedy_tokens(logits, scan).tolist() == logits.max(-1).indices.tolist()
+    assert sampling.greedy_tokens(rows.double(), scan).tolist() == rows.max(-1).indices.tolist()  # torch's, there
 
 
 def test_seeded_sampling_reproduces():
