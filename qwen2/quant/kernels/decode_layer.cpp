@@ -63,23 +63,18 @@ inline Lane lane_mul(Lane a, Lane b) { return _mm512_mul_ps(a, b); }
 inline Lane lane_fmadd(Lane a, Lane b, Lane c) { return _mm512_fmadd_ps(a, b, c); }
 inline Lane lane_set1(float x) { return _mm512_set1_ps(x); }
 inline float lane_sum(Lane a) { return sum8(_mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1))); }
-// LANE keys' sums at once: lane i of lane_sums(a) is the sum of a[KEY_OF[i]]'s lanes (one add tree for all,
-// not a horizontal sum per key); fed a[KEY_OF[i]] = key i's products, it gives the keys in order
+inline Lane lane_add(Lane a, Lane b) { return _mm512_add_ps(a, b); }
+template <int M>
+inline Lane lane_shuffle(Lane a, Lane b) { return _mm512_shuffle_ps(a, b, M); }
 constexpr int KEY_OF[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-inline Lane pairs_sum(Lane a, Lane b, Lane c, Lane d) {  // each 128-bit lane of a..d holds a 4-lane part of one sum
-  const Lane ab = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
-  const Lane cd = _mm512_add_ps(_mm512_shuffle_ps(c, d, 0x44), _mm512_shuffle_ps(c, d, 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x88), _mm512_shuffle_ps(ab, cd, 0xDD));
-}
-inline Lane lane_sums(const Lane* a) {
-  Lane halves[8], quarters[4];
+inline void to_quarters(const Lane* a, Lane* quarters) {  // 16 vectors -> 4 whose 128-bit lanes hold 4-lane parts
+  Lane halves[8];
   for (int i = 0; i < 8; ++i)
-    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
-                              _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    halves[i] = lane_add(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
   for (int i = 0; i < 4; ++i)
-    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
-                                _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xDD));
-  return pairs_sum(quarters[0], quarters[1], quarters[2], quarters[3]);
+    quarters[i] = lane_add(_mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0x88),
+                           _mm512_shuffle_f32x4(halves[2 * i], halves[2 * i + 1], 0xDD));
 }
 #else
 using Lane = __m256;
@@ -90,20 +85,26 @@ inline Lane lane_mul(Lane a, Lane b) { return _mm256_mul_ps(a, b); }
 inline Lane lane_fmadd(Lane a, Lane b, Lane c) { return _mm256_fmadd_ps(a, b, c); }
 inline Lane lane_set1(float x) { return _mm256_set1_ps(x); }
 inline float lane_sum(Lane a) { return sum8(a); }
+inline Lane lane_add(Lane a, Lane b) { return _mm256_add_ps(a, b); }
+template <int M>
+inline Lane lane_shuffle(Lane a, Lane b) { return _mm256_shuffle_ps(a, b, M); }
 constexpr int KEY_OF[8] = {0, 4, 1, 5, 2, 6, 3, 7};
-inline Lane pairs_sum(Lane a, Lane b, Lane c, Lane d) {
-  const Lane ab = _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x44), _mm256_shuffle_ps(a, b, 0xEE));
-  const Lane cd = _mm256_add_ps(_mm256_shuffle_ps(c, d, 0x44), _mm256_shuffle_ps(c, d, 0xEE));
-  return _mm256_add_ps(_mm256_shuffle_ps(ab, cd, 0x88), _mm256_shuffle_ps(ab, cd, 0xDD));
-}
-inline Lane lane_sums(const Lane* a) {
-  Lane halves[4];
+inline void to_quarters(const Lane* a, Lane* quarters) {  // 8 vectors -> 4 whose 128-bit lanes hold 4-lane parts
   for (int i = 0; i < 4; ++i)
-    halves[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20),
-                              _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
-  return pairs_sum(halves[0], halves[1], halves[2], halves[3]);
+    quarters[i] = lane_add(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20),
+                           _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
 }
 #endif
+
+// LANE keys' sums at once: lane i of lane_sums(a) is the sum of a[KEY_OF[i]]'s lanes (one add tree for all,
+// not a horizontal sum per key); fed a[KEY_OF[i]] = key i's products, it gives the keys in order
+inline Lane lane_sums(const Lane* a) {
+  Lane q[4];
+  to_quarters(a, q);
+  const Lane ab = lane_add(lane_shuffle<0x44>(q[0], q[1]), lane_shuffle<0xEE>(q[0], q[1]));
+  const Lane cd = lane_add(lane_shuffle<0x44>(q[2], q[3]), lane_shuffle<0xEE>(q[2], q[3]));
+  return lane_add(lane_shuffle<0x88>(ab, cd), lane_shuffle<0xDD>(ab, cd));
+}
 
 // Attention of row b's query heads of KV head g over its keys 0..length-1, read through its block table.
 // The group's heads share their keys and values: a chunk of them is read from memory once and kept in
