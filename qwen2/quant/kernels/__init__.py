@@ -42,10 +42,10 @@ BLOCKS = {1: (1, 2), 30: (1, 2), 2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256
 TYPE_NAMES = {1: "F16", 30: "BF16", 2: "Q4_0", 6: "Q5_0", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 # vector ISA -> (cpuinfo flags it needs, compiler flags)
 ISAS = {
-    "amx": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "fma",
-             "f16c"),
-            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16", "-mamx-tile",
-             "-mamx-bf16", "-mavx2", "-mfma", "-mf16c")),
+    "amx": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16", "avx512vbmi", "amx_tile",
+             "amx_bf16", "fma", "f16c"),
+            ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi",
+             "-mamx-tile", "-mamx-bf16", "-mavx2", "-mfma", "-mf16c")),
     "avx512vnni": (("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c"),
                    ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2", "-mfma",
                     "-mf16c")),

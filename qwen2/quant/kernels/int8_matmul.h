@@ -469,8 +469,8 @@ inline void dot_groups(const Activations& a, int64_t M, int64_t K, const std::ve
 // with no per-run scale to apply afterwards. Int8 tiles multiply twice as fast, but every run of 32
 // has its own activation and weight scales, so each of their 16 x 16 int32 sums must leave the tile
 // and be scaled apart: that, not the products, was their time (1.5-4.6x this kernel's, 16-512 rows).
-// Decoding costs ~110 cycles a tile whatever the rows: the first 32 rows decode each run just before
-// they use it, into a panel that later rows reuse.
+// Decoding costs ~85 cycles a tile whatever the rows (32 rows' products ~70 more: the two do not overlap
+// on a core): the first 32 rows decode each run a step ahead, into a panel that later rows reuse.
 constexpr int64_t TILE_MIN_ROWS = 16;  // below it VNNI's integer products win
 
 inline bool amx_ready() {  // Linux lends a process the tile registers only once it asks
@@ -484,51 +484,55 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// The bf16 B tile of run j of two groups' records (16 weight rows): tile row r holds weights 2r and
-// 2r+1 of each of the 16 rows, the pairs `tdpbf16ps` multiplies.
+// The bf16 B tile of run j of two groups' records (16 weight rows): tile row p holds weights 2p and
+// 2p+1 of each of the 16 rows, the pairs `tdpbf16ps` multiplies. One byte permute per 8 rows of a pair
+// both gathers those rows' two bytes of it and widens them to 32 bits (`vpermb`, the other bytes zeroed),
+// so one conversion to bf16 of the two groups' floats is the tile row as it stands.
 template <int64_t T>
 inline void bf16_tile(const uint8_t* rec0, const uint8_t* rec1, int64_t j, uint16_t* tile) {
   constexpr Layout L = layout(T);
   constexpr bool halves = T == Q6_K;
-  ivec v0[NV], v1[NV];
-  decode_run<T>(rec0 + L.header + j * L.run, v0);
-  decode_run<T>(rec1 + L.header + j * L.run, v1);
+  ivec v[2][NV];
+  decode_run<T>(rec0 + L.header + j * L.run, v[0]);
+  decode_run<T>(rec1 + L.header + j * L.run, v[1]);
   __m256 ws[2][2], wm[2][2];
   run_scales<T>(rec0, j, ws[0], wm[0]);
   run_scales<T>(rec1, j, ws[1], wm[1]);
-  // a unit of both groups is 16 rows x 4 weights; quarter c of it is rows 4c..4c+3, each's scale 4 times
-  __m512 scale[2][4], offset[2][4];
-  const __m512i lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  for (int h = 0; h < (halves ? 2 : 1); ++h) {
-    const __m512 s16 = _mm512_insertf32x8(_mm512_castps256_ps512(ws[0][h]), ws[1][h], 1);
-    const __m512 m16 = _mm512_insertf32x8(_mm512_castps256_ps512(wm[0][h]), wm[1][h], 1);
-    for (int c = 0; c < 4; ++c) {
-      const __m512i rows = _mm512_add_epi32(lane, _mm512_set1_epi32(4 * c));
-      scale[h][c] = _mm512_permutexvar_ps(rows, s16);
-      offset[h][c] = _mm512_permutexvar_ps(rows, m16);
+  // lane 2r + i of a pair's vector is row r's weight: its scale and offset are row r's, each twice
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  __m512 scale[2][2], offset[2][2];
+  for (int g = 0; g < 2; ++g)
+    for (int h = 0; h < (halves ? 2 : 1); ++h) {
+      scale[g][h] = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(ws[g][h]));
+      // Q8_0's signed bytes are read as unsigned ones with their top bit flipped: q + 128, less 128 scales
+      offset[g][h] = T == Q8_0 ? _mm512_mul_ps(scale[g][h], _mm512_set1_ps(128.f))
+                               : _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(wm[g][h]));
     }
-  }
-  const __m512i first = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(1));
-  for (int t = 0; t < NV; ++t)
-    for (int e = 0; e < 2; ++e) {  // vector t holds units 2t and 2t+1 of a group
-      const int u = 2 * t + e, h = halves && u >= 4;
-      // quarter c of the unit: rows 4c..4c+3, lane 2e + c % 2 of the first group's vector or the second's
-      const __m128i quarter[4] = {_mm512_extracti32x4_epi32(v0[t], 2 * e), _mm512_extracti32x4_epi32(v0[t], 2 * e + 1),
-                                  _mm512_extracti32x4_epi32(v1[t], 2 * e), _mm512_extracti32x4_epi32(v1[t], 2 * e + 1)};
-      __m512 w[4];
-      for (int c = 0; c < 4; ++c) {
-        const __m128i bytes = quarter[c];
-        const __m512i wide = T == Q8_0 ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
-        w[c] = _mm512_mul_ps(scale[h][c], _mm512_cvtepi32_ps(wide));
-        if constexpr (T != Q8_0) w[c] = _mm512_sub_ps(w[c], offset[h][c]);  // Q8_0's is 0
+  // byte 32e + 4r + k of a vector is weight 4(2t + e) + k of row r: pair 4t + 2e + f reads k = 2f, 2f + 1
+  __m512i gather[2][2];
+  for (int e = 0; e < 2; ++e)
+    for (int f = 0; f < 2; ++f) {
+      alignas(64) int8_t index[64] = {};
+      for (int lane = 0; lane < 16; ++lane)
+        index[4 * lane] = static_cast<int8_t>(32 * e + 4 * (lane / 2) + 2 * f + lane % 2);
+      gather[e][f] = _mm512_load_si512(index);
+    }
+  constexpr __mmask64 low_bytes = 0x1111111111111111ULL;
+  for (int t = 0; t < NV; ++t) {
+    __m512i bytes[2] = {v[0][t], v[1][t]};
+    if constexpr (T == Q8_0)
+      for (auto& b : bytes) b = _mm512_xor_si512(b, _mm512_set1_epi8(-128));
+    for (int e = 0; e < 2; ++e)
+      for (int f = 0; f < 2; ++f) {
+        const int h = halves && t >= NV / 2;  // units 4-7: the run's last 16 weights
+        __m512 w[2];
+        for (int g = 0; g < 2; ++g) {
+          const __m512i q = _mm512_maskz_permutexvar_epi8(low_bytes, gather[e][f], bytes[g]);
+          w[g] = _mm512_fmsub_ps(scale[g][h], _mm512_cvtepi32_ps(q), offset[g][h]);
+        }
+        _mm512_store_si512(tile + 32 * (4 * t + 2 * e + f), reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0])));
       }
-      // as 32-bit pairs: pair 2i+p of p01 is weights 4u+2p, 4u+2p+1 of row i (rows 0-7), p23 of rows 8-15
-      const __m512i p01 = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[1], w[0]));
-      const __m512i p23 = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w[3], w[2]));
-      _mm512_store_si512(tile + 64 * u, _mm512_permutex2var_epi32(p01, first, p23));
-      _mm512_store_si512(tile + 64 * u + 32, _mm512_permutex2var_epi32(p01, second, p23));
-    }
+  }
 }
 
 // 16 weight rows a B tile is decoded from: two groups of a repacked matrix, from `first`
@@ -585,6 +589,10 @@ void tiles_over(const uint16_t* x, int64_t M, int64_t K, int64_t blocks, Rows ro
     uint16_t* panel = tile_panel(steps * 1024);
     alignas(64) float part[2][16][16];
     const TileRows first = rows(w, 0), second = rows(w, 1);
+    auto decode = [&](int64_t b) {  // run b's two B tiles into the panel, which later rows reuse
+      first.tile(b, panel + b * 1024);
+      second.tile(b, panel + b * 1024 + 512);
+    };
     for (int64_t m0 = 0; m0 < Mpad; m0 += 32) {
       const bool two = Mpad - m0 >= 32;
       _tile_zero(0);
@@ -593,10 +601,8 @@ void tiles_over(const uint16_t* x, int64_t M, int64_t K, int64_t blocks, Rows ro
       _tile_zero(3);
       for (int64_t b = 0; b < steps; ++b) {
         uint16_t* slot = panel + b * 1024;
-        if (m0 == 0) {  // the first rows decode each run just before they use it
-          first.tile(b, slot);
-          second.tile(b, slot + 512);
-        }
+        if (m0 == 0)  // the first rows decode each run a step ahead of its products (5% faster than just before)
+          for (int64_t ahead = b == 0 ? 0 : b + 1; ahead <= b + 1 && ahead < steps; ++ahead) decode(ahead);
         _tile_loadd(6, slot, 64);
         _tile_loadd(7, slot + 512, 64);
         _tile_loadd(4, x + m0 * K + 32 * b, 2 * K);
