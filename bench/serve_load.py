@@ -12,7 +12,8 @@ server. Prompts differ at their start, so no prefix cache skips them, unless `--
 system prompt of about N tokens before them all: then the table also shows the prompt tokens the server reports
 as cached (usage.prompt_tokens_details). A request is lost when it fails or returns fewer tokens than asked.
 Streams are read as server-sent events (`--client openai`: through the official client, whose CPU the server
-shares on a small machine). Servers run one after the other, never together, and only on loopback. Prints a table per server, then one JSON line.
+shares on a small machine). Servers run one after the other, never together, and only on loopback. Prints a table
+per server, then one JSON line.
 """
 
 from __future__ import annotations
@@ -85,9 +86,9 @@ async def sse_chunks(http: httpx.AsyncClient, body: dict) -> AsyncIterator[Chunk
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
         async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                 continue
-            chunk = json.loads(line[6:])
+            chunk = json.loads(line[5:])
             choice = chunk["choices"][0] if chunk.get("choices") else None
             usage = chunk.get("usage")
             details = (usage or {}).get("prompt_tokens_details") or {}
