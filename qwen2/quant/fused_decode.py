@@ -4,7 +4,7 @@ A batch-1 decode step of the 0.5B model runs ~2,200 small torch ops around its 1
 products, and at 2-5 us each they cost as much as the products (bench/RESULTS.md). Where a model
 allows it, `Transformer.body` hands a decode step's layers to `FusedDecode` instead: per layer, one
 call does RMSNorm, q/k/v, rotary, the paged KV write, attention, o, the residual, RMSNorm, gate/up,
-SiLU and down. It takes what that kernel covers and nothing else: dense layers, full attention (no
+SiLU and down, and one call runs every layer. It takes what that kernel covers and nothing else: dense layers, full attention (no
 sliding window, no DCA), every matrix int8-repacked (qwen2.quant.blocks), float32, a paged cache.
 """
 
@@ -43,17 +43,20 @@ def fusable(model: Transformer) -> bool:
 class FusedDecode:
     """Runs the layers of a one-token-per-row forward over a paged float32 cache (`applies` says when).
 
-    Each layer's weights are listed once, here (rebuilding the lists at every step cost ~4% of a batch-1
-    token): the loader builds this last, and nothing replaces a layer's modules after it."""
+    The layers' weights are handed to the compiled stack once, here (rebuilding the lists at every step
+    cost ~4% of a batch-1 token, and handing them over at every call ~4% more): the loader builds this
+    last, and nothing replaces a layer's modules after it."""
 
     def __init__(self, model: Transformer):
         self.model = model
-        self.weights = []
+        config = model.config
+        stack_class = getattr(torch.classes, compiled_ops().name).DecodeStack
+        self.stack = stack_class(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         for block in model.model.layers:
             linears = _linears(block)
-            self.weights.append((block.input_layernorm.weight, block.post_attention_layernorm.weight,
+            self.stack.add_layer(block.input_layernorm.weight, block.post_attention_layernorm.weight,
                                  block.input_layernorm.eps, [m.packed for m in linears], [m.qtype for m in linears],
-                                 [m.bias if m.bias is not None else _NONE for m in linears]))
+                                 [m.bias if m.bias is not None else _NONE for m in linears])
 
     @classmethod
     def for_model(cls, model: Transformer) -> FusedDecode | None:
@@ -67,14 +70,9 @@ class FusedDecode:
 
     def __call__(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, _, H = x.shape
-        config, cache = self.model.config, ctx.cache
+        cache = ctx.cache
         flat, tables = ctx.where
         cos, sin = ctx.cos[:, 0].contiguous(), ctx.sin[:, 0].contiguous()
-        positions = ctx.positions[:, 0].contiguous()
-        flat, tables = flat.contiguous(), tables.contiguous()
-        h = x.reshape(B, H).contiguous()
-        decode_layer = compiled_ops().decode_layer
-        for i, weights in enumerate(self.weights):
-            h = decode_layer(h, *weights, cos, sin, cache.k[i], cache.v[i], flat, tables, positions, cache.block_size,
-                             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        h = self.stack.forward(x.reshape(B, H), cos, sin, cache.k, cache.v, flat.contiguous(), tables.contiguous(),
+                               ctx.positions[:, 0].contiguous(), cache.block_size)
         return h.view(B, 1, H)

@@ -1,5 +1,5 @@
-// One decoder layer of one decode step in a single call: the whole of Block.forward for B rows of
-// one new token each, on int8-repacked weights and the engine's paged KV cache.
+// A decode step's decoder layers in a single call: the whole of Block.forward, layer after layer, for B
+// rows of one new token each, on int8-repacked weights and the engine's paged KV cache. Per layer:
 //
 //   h = RMSNorm(x); q, k, v = h Wq + bq, h Wk + bk, h Wv + bv (one int8 rounding of h for all three)
 //   q, k rotated; k, v written at each row's slot of the pool; attention over the row's keys
@@ -10,6 +10,8 @@
 // layers without a sliding window, float32 activations; anything else runs the model's own code.
 
 #include "int8_matmul.h"
+
+#include <torch/custom_class.h>
 
 #include <initializer_list>
 #include <vector>
@@ -269,113 +271,183 @@ at::Tensor gated_product(const at::Tensor& x, const at::Tensor& gate, const at::
   return out;
 }
 
-// weights: q, k, v, o, gate, up, down (repacked); biases: the same order, empty where none
-at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& norm1, const at::Tensor& norm2, double eps,
-                        at::TensorList weights, at::IntArrayRef qtypes, at::TensorList biases, const at::Tensor& cos,
-                        const at::Tensor& sin, const at::Tensor& k_pool, const at::Tensor& v_pool,
-                        const at::Tensor& write_index, const at::Tensor& tables, const at::Tensor& positions,
-                        int64_t block_size, int64_t n_heads, int64_t n_kv, int64_t hd) {
-  TORCH_CHECK(weights.size() == 7 && qtypes.size() == 7 && biases.size() == 7, "seven matrices: q k v o gate up down");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [B, H]");
-  TORCH_CHECK(k_pool.scalar_type() == at::kFloat && k_pool.is_contiguous() && v_pool.is_contiguous(),
-              "the KV pools must be contiguous float32");
-  TORCH_CHECK(hd % 8 == 0 && tables.scalar_type() == at::kLong && write_index.scalar_type() == at::kLong &&
-                  positions.scalar_type() == at::kLong, "head_dim a multiple of 8; int64 tables, slots and positions");
-  const int64_t B = x.size(0), H = x.size(1), Q = n_heads * hd, KV = n_kv * hd;
-  const int64_t F = 8 * weights[4].size(0);
-  const int64_t widths[7] = {Q, KV, KV, H, F, F, H};
-  const int64_t inputs[7] = {H, H, H, Q, H, H, F};
-  for (int i = 0; i < 7; ++i) {
-    check_packed(weights[i], qtypes[i], inputs[i]);
-    TORCH_CHECK(8 * weights[i].size(0) == widths[i], "matrix ", i, " has ", 8 * weights[i].size(0), " rows, not ",
-                widths[i]);
-  }
-  // matrices i (reading the same activations a) into ys, one parallel loop
-  const bool tiles = tiles_fit(B, {Q, KV, H, F});
-  auto product = [&](const at::Tensor& a, std::initializer_list<int> ids, std::initializer_list<float*> ys) {
-    std::vector<Product> ps;
-    auto y = ys.begin();
-    for (int i : ids) ps.push_back(product_of(weights[i], qtypes[i], *y++));
-    matmul_packed_together(prepare(a, tiles), ps);
-  };
-  auto bias_of = [&](int i) -> const float* { return biases[i].numel() ? biases[i].data_ptr<float>() : nullptr; };
-  // matrix i's bias on its output y's rows (Qwen2's q, k and v have one: the row loop after q/k/v adds theirs)
-  auto bias_on = [&](int i, float* y) {
-    if (const float* bias = bias_of(i))
-      at::parallel_for(0, B, ROWS_GRAIN, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) add_bias(y + b * widths[i], bias, widths[i]);
-      });
-  };
-  const float *bq = bias_of(0), *bk = bias_of(1), *bv = bias_of(2);
-  at::Tensor out = x.clone(), h = at::empty({B, H}, x.options());
-  at::Tensor q = at::empty({B, Q}, x.options()), k = at::empty({B, KV}, x.options()), v = at::empty({B, KV}, x.options());
-  float *xo = out.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+// One layer's weights, checked once when the stack is built: q, k, v, o, gate, up, down (repacked), their
+// biases in the same order (empty where none)
+struct LayerWeights {
+  at::Tensor norm1, norm2;
+  double eps;
+  std::vector<at::Tensor> weights, biases;
+  std::vector<int64_t> qtypes;
+};
 
-  rms_norm(xo, norm1.data_ptr<float>(), eps, B, H, h.data_ptr<float>());
-  product(h, {0, 1, 2}, {qp, kp, vp});
-  const int64_t* slots = write_index.data_ptr<int64_t>();
-  const float *cos_rows = cos.data_ptr<float>(), *sin_rows = sin.data_ptr<float>();
-  float* k_all = k_pool.data_ptr<float>();
-  float* v_all = v_pool.data_ptr<float>();
-  at::parallel_for(0, B, ROWS_GRAIN, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      float *qb = qp + b * Q, *kb = kp + b * KV, *vb = vp + b * KV;
-      if (bq) add_bias(qb, bq, Q);
-      if (bk) add_bias(kb, bk, KV);
-      if (bv) add_bias(vb, bv, KV);
-      rotate(qb, n_heads, hd, cos_rows + b * hd, sin_rows + b * hd);
-      rotate(kb, n_kv, hd, cos_rows + b * hd, sin_rows + b * hd);
-      std::memcpy(k_all + slots[b] * KV, kb, KV * sizeof(float));
-      std::memcpy(v_all + slots[b] * KV, vb, KV * sizeof(float));
+// A step's activations, allocated once for all its layers
+struct StepBuffers {
+  at::Tensor h, q, k, v, y, o, gate, up;
+  StepBuffers(int64_t B, int64_t H, int64_t Q, int64_t KV, int64_t F, const at::TensorOptions& options)
+      : h(at::empty({B, H}, options)), q(at::empty({B, Q}, options)), k(at::empty({B, KV}, options)),
+        v(at::empty({B, KV}, options)), y(at::empty({B, Q}, options)), o(at::empty({B, H}, options)),
+        gate(at::empty({B, F}, options)), up(at::empty({B, F}, options)) {}
+};
+
+// Where a step's rows read and write the paged cache (the engine's slots, tables and positions)
+struct StepRows {
+  const float *cos, *sin;
+  const int64_t *slots, *table, *position;
+  int64_t blocks, block_size;
+};
+
+// The model's decode layers, their weights listed once: a step is one call, not one call a layer (each
+// call's dozen tensors and lists crossed from Python at ~75 us: 2 ms of a 1.5B batch-1 token).
+class DecodeStack : public torch::CustomClassHolder {
+ public:
+  DecodeStack(int64_t n_heads, int64_t n_kv, int64_t head_dim) : n_heads_(n_heads), n_kv_(n_kv), hd_(head_dim) {
+    TORCH_CHECK(attend_for(head_dim), "the fused decode step takes head sizes 16, 32, 64, 128 and 256, not ", head_dim);
+    TORCH_CHECK(n_kv > 0 && n_heads % n_kv == 0, n_heads, " query heads do not share ", n_kv, " KV heads evenly");
+  }
+
+  void add_layer(at::Tensor norm1, at::Tensor norm2, double eps, std::vector<at::Tensor> weights,
+                 std::vector<int64_t> qtypes, std::vector<at::Tensor> biases) {
+    TORCH_CHECK(weights.size() == 7 && qtypes.size() == 7 && biases.size() == 7, "seven matrices: q k v o gate up down");
+    const int64_t H = norm1.numel(), Q = n_heads_ * hd_, KV = n_kv_ * hd_, F = 8 * weights[4].size(0);
+    const int64_t widths[7] = {Q, KV, KV, H, F, F, H};
+    const int64_t inputs[7] = {H, H, H, Q, H, H, F};
+    for (int i = 0; i < 7; ++i) {
+      check_packed(weights[i], qtypes[i], inputs[i]);
+      TORCH_CHECK(8 * weights[i].size(0) == widths[i], "matrix ", i, " has ", 8 * weights[i].size(0), " rows, not ",
+                  widths[i]);
+      TORCH_CHECK(!biases[i].numel() || (biases[i].scalar_type() == at::kFloat && biases[i].is_contiguous() &&
+                                         biases[i].numel() == widths[i]),
+                  "matrix ", i, "'s bias must be a contiguous float32 vector of ", widths[i]);
     }
-  });
-  at::Tensor y = at::empty({B, Q}, x.options());
-  float* yp = y.data_ptr<float>();
-  const int64_t group = n_heads / n_kv, blocks = tables.size(1);
-  const int64_t *table = tables.data_ptr<int64_t>(), *position = positions.data_ptr<int64_t>();
-  const Attend attend = attend_for(hd);
-  TORCH_CHECK(attend, "decode_layer takes head sizes 16, 32, 64, 128 and 256, not ", hd);
-  // rows of a long context and a riding prompt's short ones share a step: the threads take each other's
-  // leftover (row, KV head) pairs rather than wait for the slower half
-  parallel_shares(B * n_kv, [&](int64_t i, int64_t) {
-    const int64_t b = i / n_kv, g = i % n_kv;
-    attend(qp + b * Q + g * group * hd, k_all, v_all, table + b * blocks, position[b] + 1, block_size, n_kv, g, group,
-           yp + b * Q + g * group * hd);
-  });
-  at::Tensor o = at::empty({B, H}, x.options());
-  product(y, {3}, {o.data_ptr<float>()});
-  bias_on(3, o.data_ptr<float>());
-  out.add_(o);
-
-  rms_norm(xo, norm2.data_ptr<float>(), eps, B, H, h.data_ptr<float>());
-#if defined(__AMX_BF16__)
-  if (tiles && !biases[4].numel() && !biases[5].numel()) {  // SiLU-times-up straight from the tiles, in bf16
-    at::Tensor gated = at::empty({B, F}, x.options().dtype(at::kBFloat16));
-    matmul_gated(reinterpret_cast<const uint16_t*>(prepare(h, true).bf16.data_ptr<at::BFloat16>()), B, H,
-                 product_of(weights[4], qtypes[4], nullptr), product_of(weights[5], qtypes[5], nullptr),
-                 reinterpret_cast<uint16_t*>(gated.data_ptr<at::BFloat16>()), F);
-    product(gated, {6}, {o.data_ptr<float>()});
-    bias_on(6, o.data_ptr<float>());
-    return out.add_(o);
+    for (const at::Tensor& norm : {norm1, norm2})
+      TORCH_CHECK(norm.scalar_type() == at::kFloat && norm.is_contiguous() && norm.numel() == H,
+                  "the norms' weights must be contiguous float32 vectors of the same size");
+    TORCH_CHECK(layers_.empty() || layers_[0].norm1.numel() == H, "every layer must have the same hidden size");
+    layers_.push_back({norm1, norm2, eps, std::move(weights), std::move(biases), std::move(qtypes)});
   }
+
+  // x [B, H] float32 -> the last layer's output; k_pools/v_pools: float32 [layers, blocks, block_size, n_kv, hd]
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pools,
+                     const at::Tensor& v_pools, const at::Tensor& write_index, const at::Tensor& tables,
+                     const at::Tensor& positions, int64_t block_size) {
+    TORCH_CHECK(!layers_.empty(), "the stack has no layers");
+    const int64_t H = layers_[0].norm1.numel();
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == H, "x must be float32 [B, ", H, "]");
+    const int64_t B = x.size(0), Q = n_heads_ * hd_, KV = n_kv_ * hd_;
+    const int64_t L = static_cast<int64_t>(layers_.size());
+    for (const at::Tensor& pool : {k_pools, v_pools})
+      TORCH_CHECK(pool.scalar_type() == at::kFloat && pool.is_contiguous() && pool.dim() == 5 && pool.size(0) == L &&
+                      pool.size(2) == block_size && pool.size(3) == n_kv_ && pool.size(4) == hd_,
+                  "the KV pools must be contiguous float32 [", L, ", blocks, ", block_size, ", ", n_kv_, ", ", hd_, "]");
+    TORCH_CHECK(tables.scalar_type() == at::kLong && write_index.scalar_type() == at::kLong &&
+                    positions.scalar_type() == at::kLong && tables.is_contiguous() && tables.size(0) == B &&
+                    write_index.numel() == B && positions.numel() == B,
+                "int64 tables [B, blocks], slots [B] and positions [B]");
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
+                    cos.numel() == B * hd_ && sin.numel() == B * hd_,
+                "cos and sin must be contiguous float32 [B, ", hd_, "]");
+    at::Tensor out = x.contiguous().clone();
+    if (B == 0) return out;
+    StepBuffers buf(B, H, Q, KV, 8 * layers_[0].weights[4].size(0), x.options());
+    const at::Tensor slots = write_index.contiguous(), position = positions.contiguous();
+    const StepRows rows{cos.data_ptr<float>(), sin.data_ptr<float>(), slots.data_ptr<int64_t>(),
+                        tables.data_ptr<int64_t>(), position.data_ptr<int64_t>(), tables.size(1), block_size};
+    const int64_t pool_stride = k_pools.stride(0);
+    for (int64_t i = 0; i < L; ++i)
+      layer_forward(layers_[i], out, buf, rows, k_pools.data_ptr<float>() + i * pool_stride,
+                    v_pools.data_ptr<float>() + i * pool_stride);
+    return out;
+  }
+
+ private:
+  // x <- the layer's output, in place
+  void layer_forward(const LayerWeights& w, at::Tensor& x, StepBuffers& buf, const StepRows& rows, float* k_all,
+                     float* v_all) const {
+    const int64_t B = x.size(0), H = x.size(1), Q = n_heads_ * hd_, KV = n_kv_ * hd_, F = buf.gate.size(1);
+    const int64_t n_heads = n_heads_, n_kv = n_kv_, hd = hd_;
+    const int64_t widths[7] = {Q, KV, KV, H, F, F, H};
+    // matrices i (reading the same activations a) into ys, one parallel loop
+    const bool tiles = tiles_fit(B, {Q, KV, H, F});
+    auto product = [&](const at::Tensor& a, std::initializer_list<int> ids, std::initializer_list<float*> ys) {
+      std::vector<Product> ps;
+      auto y = ys.begin();
+      for (int i : ids) ps.push_back(product_of(w.weights[i], w.qtypes[i], *y++));
+      matmul_packed_together(prepare(a, tiles), ps);
+    };
+    auto bias_of = [&](int i) -> const float* { return w.biases[i].numel() ? w.biases[i].data_ptr<float>() : nullptr; };
+    // matrix i's bias on its output y's rows (Qwen2's q, k and v have one: the row loop after q/k/v adds theirs)
+    auto bias_on = [&](int i, float* y) {
+      if (const float* bias = bias_of(i))
+        at::parallel_for(0, B, ROWS_GRAIN, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) add_bias(y + b * widths[i], bias, widths[i]);
+        });
+    };
+    const float *bq = bias_of(0), *bk = bias_of(1), *bv = bias_of(2);
+    float *xo = x.data_ptr<float>(), *hp = buf.h.data_ptr<float>(), *op = buf.o.data_ptr<float>();
+    float *qp = buf.q.data_ptr<float>(), *kp = buf.k.data_ptr<float>(), *vp = buf.v.data_ptr<float>();
+
+    rms_norm(xo, w.norm1.data_ptr<float>(), w.eps, B, H, hp);
+    product(buf.h, {0, 1, 2}, {qp, kp, vp});
+    at::parallel_for(0, B, ROWS_GRAIN, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float *qb = qp + b * Q, *kb = kp + b * KV, *vb = vp + b * KV;
+        if (bq) add_bias(qb, bq, Q);
+        if (bk) add_bias(kb, bk, KV);
+        if (bv) add_bias(vb, bv, KV);
+        rotate(qb, n_heads, hd, rows.cos + b * hd, rows.sin + b * hd);
+        rotate(kb, n_kv, hd, rows.cos + b * hd, rows.sin + b * hd);
+        std::memcpy(k_all + rows.slots[b] * KV, kb, KV * sizeof(float));
+        std::memcpy(v_all + rows.slots[b] * KV, vb, KV * sizeof(float));
+      }
+    });
+    float* yp = buf.y.data_ptr<float>();
+    const int64_t group = n_heads / n_kv;
+    const Attend attend = attend_for(hd);
+    // rows of a long context and a riding prompt's short ones share a step: the threads take each other's
+    // leftover (row, KV head) pairs rather than wait for the slower half
+    parallel_shares(B * n_kv, [&](int64_t i, int64_t) {
+      const int64_t b = i / n_kv, g = i % n_kv;
+      attend(qp + b * Q + g * group * hd, k_all, v_all, rows.table + b * rows.blocks, rows.position[b] + 1,
+             rows.block_size, n_kv, g, group, yp + b * Q + g * group * hd);
+    });
+    product(buf.y, {3}, {op});
+    bias_on(3, op);
+    x.add_(buf.o);
+
+    rms_norm(xo, w.norm2.data_ptr<float>(), w.eps, B, H, hp);
+#if defined(__AMX_BF16__)
+    if (tiles && !w.biases[4].numel() && !w.biases[5].numel()) {  // SiLU-times-up straight from the tiles, in bf16
+      at::Tensor gated = at::empty({B, F}, x.options().dtype(at::kBFloat16));
+      matmul_gated(reinterpret_cast<const uint16_t*>(prepare(buf.h, true).bf16.data_ptr<at::BFloat16>()), B, H,
+                   product_of(w.weights[4], w.qtypes[4], nullptr), product_of(w.weights[5], w.qtypes[5], nullptr),
+                   reinterpret_cast<uint16_t*>(gated.data_ptr<at::BFloat16>()), F);
+      product(gated, {6}, {op});
+      bias_on(6, op);
+      x.add_(buf.o);
+      return;
+    }
 #endif
-  at::Tensor gate = at::empty({B, F}, x.options()), up = at::empty({B, F}, x.options());
-  product(h, {4, 5}, {gate.data_ptr<float>(), up.data_ptr<float>()});
-  bias_on(4, gate.data_ptr<float>());
-  bias_on(5, up.data_ptr<float>());
-  silu_mul(gate.data_ptr<float>(), up.data_ptr<float>(), B * F);
-  product(gate, {6}, {o.data_ptr<float>()});
-  bias_on(6, o.data_ptr<float>());
-  return out.add_(o);
-}
+    float *gp = buf.gate.data_ptr<float>(), *up = buf.up.data_ptr<float>();
+    product(buf.h, {4, 5}, {gp, up});
+    bias_on(4, gp);
+    bias_on(5, up);
+    silu_mul(gp, up, B * F);
+    product(buf.gate, {6}, {op});
+    bias_on(6, op);
+    x.add_(buf.o);
+  }
+
+  int64_t n_heads_, n_kv_, hd_;
+  std::vector<LayerWeights> layers_;
+};
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(QWEN2_NS, m) {
-  m.def("decode_layer(Tensor x, Tensor norm1, Tensor norm2, float eps, Tensor[] weights, int[] qtypes, "
-        "Tensor[] biases, Tensor cos, Tensor sin, Tensor k_pool, Tensor v_pool, Tensor write_index, Tensor tables, "
-        "Tensor positions, int block_size, int n_heads, int n_kv, int head_dim) -> Tensor",
-        &decode_layer);
+  m.class_<DecodeStack>("DecodeStack")
+      .def(torch::init<int64_t, int64_t, int64_t>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("forward", &DecodeStack::forward);
   m.def("silu_mul_bf16(Tensor gate_up) -> Tensor", &silu_mul_bf16);
   m.def("gated_product(Tensor x, Tensor gate, Tensor up, int gate_qtype, int up_qtype, int k) -> Tensor", &gated_product);
 }
