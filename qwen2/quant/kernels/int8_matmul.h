@@ -160,6 +160,12 @@ inline float sum8(__m256 a) {  // the sum of 8 floats
   return _mm_cvtss_f32(s);
 }
 
+inline int32_t sum8_epi32(__m256i a) {  // the sum of 8 int32
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 1)));
+}
+
 inline float max8(__m256 a) {  // the largest of 8 floats
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -397,30 +403,35 @@ void check_packed(const at::Tensor& p, int64_t qtype, int64_t K) {
 }
 
 // Round each run of 32 activations to int8 (scale max|x| / 127), lay out each unit's four bytes
-// repeated 8 times, and keep dx * (sum of the int8) per 16 for the offsets and mins.
+// repeated 8 times, and keep dx * (sum of the int8) per 16 for the offsets and mins. In vectors: a
+// batch-1 layer's four roundings took ~40 us one element at a time, 3% of a 1.5B token.
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* pattern, float* scale, float* sums) {
   const int64_t K32 = K / 32;
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i unit_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   at::parallel_for(0, M * K32, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const float* xb = x + (i / K32) * K + (i % K32) * 32;
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
-      const float dx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t q[32];
-      int s0 = 0, s1 = 0;
-      for (int k = 0; k < 32; ++k) {
-        q[k] = static_cast<int8_t>(std::nearbyint(xb[k] * inv));
-        (k < 16 ? s0 : s1) += q[k];
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        v[j] = _mm256_loadu_ps(xb + 8 * j);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v[j], magnitude));
       }
+      const float top = max8(amax);
+      const float dx = top / 127.f, inv = top > 0.f ? 127.f / top : 0.f;
+      __m256i q[4];  // rounded to nearest even, as std::nearbyint rounds by default
+      for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));
+      const __m256i half0 = _mm256_add_epi32(q[0], q[1]), half1 = _mm256_add_epi32(q[2], q[3]);
       scale[i] = dx;
-      sums[2 * i] = dx * s0;
-      sums[2 * i + 1] = dx * s1;
+      sums[2 * i] = dx * static_cast<float>(sum8_epi32(half0));
+      sums[2 * i + 1] = dx * static_cast<float>(sum8_epi32(half1));
+      // the packs interleave 128-bit lanes: dword 4l + j holds q[j]'s lane l, units 2j + l
+      const __m256i bytes = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), unit_order);
       int8_t* out = pattern + i * 256;
-      for (int u = 0; u < 8; ++u) {
-        int32_t four;
-        std::memcpy(&four, q + 4 * u, 4);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * u), _mm256_set1_epi32(four));
-      }
+      for (int u = 0; u < 8; ++u)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * u),
+                            _mm256_permutevar8x32_epi32(bytes, _mm256_set1_epi32(u)));
     }
   });
 }
