@@ -1,11 +1,12 @@
-"""A decode step's layers as one compiled call each (qwen2/quant/kernels/decode_layer.cpp).
+"""A decode step's layers as one compiled call (qwen2/quant/kernels/decode_layer.cpp).
 
 A batch-1 decode step of the 0.5B model runs ~2,200 small torch ops around its 169 matrix
 products, and at 2-5 us each they cost as much as the products (bench/RESULTS.md). Where a model
-allows it, `Transformer.body` hands a decode step's layers to `FusedDecode` instead: per layer, one
-call does RMSNorm, q/k/v, rotary, the paged KV write, attention, o, the residual, RMSNorm, gate/up,
-SiLU and down, and one call runs every layer. It takes what that kernel covers and nothing else: dense layers, full attention (no
-sliding window, no DCA), every matrix int8-repacked (qwen2.quant.blocks), float32, a paged cache.
+allows it, `Transformer.body` hands a decode step's layers to `FusedDecode` instead: one call runs
+them all, each layer's RMSNorm, q/k/v, rotary, the paged KV write, attention, o, the residual,
+RMSNorm, gate/up, SiLU and down. It takes what that kernel covers and nothing else: dense layers,
+full attention (no sliding window, no DCA), every matrix int8-repacked (qwen2.quant.blocks),
+float32, a paged cache.
 """
 
 from __future__ import annotations
