@@ -1,4 +1,4 @@
-"""The fused decode layer: a decode step's layers as one compiled call each give the logits and the
+"""The fused decode step: a decode step's layers as one compiled call give the logits and the
 greedy tokens of the model's own layers, for one row and for a batch of rows of different lengths;
 models it does not cover (MoE, sliding windows, DCA, float32 activations) keep their own code."""
 
@@ -11,7 +11,7 @@ import torch
 
 from qwen2.model import PagedKVCache, Transformer
 from qwen2.quant.blocks import Q8_0, blocks_from_float, kernels_available
-from qwen2.quant.fused_decode import FusedDecode, fusable
+from qwen2.quant.fused_decode import FusedDecode, _linears, fusable
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="the GGUF kernels cannot be built on this machine")
@@ -69,6 +69,17 @@ def test_the_fused_step_equals_the_models_own_layers(prompts, isa):
                            for got, want in zip(fused_logits, own_logits)])
     assert errors.max() < 1e-2 and errors.median() < 1e-5, errors
     assert fused_tokens == own_tokens
+
+
+def test_the_stack_refuses_a_layer_of_another_size():
+    """One step's buffers serve every layer, so a layer that does not fit them is refused when it is added."""
+    stack = build().decode_step.stack
+    block = build(intermediate_size=256).model.layers[0]
+    linears = _linears(block)
+    with pytest.raises(RuntimeError, match="same hidden and intermediate sizes"):
+        stack.add_layer(block.input_layernorm.weight, block.post_attention_layernorm.weight,
+                        block.input_layernorm.eps, [m.packed for m in linears], [m.qtype for m in linears],
+                        [m.bias if m.bias is not None else torch.empty(0) for m in linears])
 
 
 def test_the_fused_call_runs_for_decode_steps_only(monkeypatch):

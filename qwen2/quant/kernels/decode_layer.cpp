@@ -322,7 +322,8 @@ class DecodeStack : public torch::CustomClassHolder {
     for (const at::Tensor& norm : {norm1, norm2})
       TORCH_CHECK(norm.scalar_type() == at::kFloat && norm.is_contiguous() && norm.numel() == H,
                   "the norms' weights must be contiguous float32 vectors of the same size");
-    TORCH_CHECK(layers_.empty() || layers_[0].norm1.numel() == H, "every layer must have the same hidden size");
+    TORCH_CHECK(layers_.empty() || (layers_[0].norm1.numel() == H && layers_[0].weights[4].size(0) == F / 8),
+                "every layer must have the same hidden and intermediate sizes (a step's buffers serve them all)");
     layers_.push_back({norm1, norm2, eps, std::move(weights), std::move(biases), std::move(qtypes)});
   }
 
