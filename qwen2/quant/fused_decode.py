@@ -71,9 +71,7 @@ class FusedDecode:
 
     def __call__(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, _, H = x.shape
-        cache = ctx.cache
-        flat, tables = ctx.where
-        cos, sin = ctx.cos[:, 0].contiguous(), ctx.sin[:, 0].contiguous()
-        h = self.stack.forward(x.reshape(B, H), cos, sin, cache.k, cache.v, flat.contiguous(), tables.contiguous(),
-                               ctx.positions[:, 0].contiguous(), cache.block_size)
+        cache, (flat, tables) = ctx.cache, ctx.where
+        h = self.stack.forward(x.reshape(B, H), ctx.cos[:, 0], ctx.sin[:, 0], cache.k, cache.v, flat, tables,
+                               ctx.positions[:, 0], cache.block_size)
         return h.view(B, 1, H)

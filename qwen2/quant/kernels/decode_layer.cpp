@@ -341,18 +341,19 @@ class DecodeStack : public torch::CustomClassHolder {
                       pool.size(2) == block_size && pool.size(3) == n_kv_ && pool.size(4) == hd_,
                   "the KV pools must be contiguous float32 [", L, ", blocks, ", block_size, ", ", n_kv_, ", ", hd_, "]");
     TORCH_CHECK(tables.scalar_type() == at::kLong && write_index.scalar_type() == at::kLong &&
-                    positions.scalar_type() == at::kLong && tables.is_contiguous() && tables.size(0) == B &&
+                    positions.scalar_type() == at::kLong && tables.dim() == 2 && tables.size(0) == B &&
                     write_index.numel() == B && positions.numel() == B,
                 "int64 tables [B, blocks], slots [B] and positions [B]");
-    TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous() &&
-                    cos.numel() == B * hd_ && sin.numel() == B * hd_,
-                "cos and sin must be contiguous float32 [B, ", hd_, "]");
+    TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.numel() == B * hd_ &&
+                    sin.numel() == B * hd_,
+                "cos and sin must be float32 [B, ", hd_, "]");
     at::Tensor out = x.contiguous().clone();
     if (B == 0) return out;
     StepBuffers buf(B, H, Q, KV, 8 * layers_[0].weights[4].size(0), x.options());
-    const at::Tensor slots = write_index.contiguous(), position = positions.contiguous();
-    const StepRows rows{cos.data_ptr<float>(), sin.data_ptr<float>(), slots.data_ptr<int64_t>(),
-                        tables.data_ptr<int64_t>(), position.data_ptr<int64_t>(), tables.size(1), block_size};
+    const at::Tensor cos_rows = cos.contiguous(), sin_rows = sin.contiguous(), slots = write_index.contiguous(),
+                     table = tables.contiguous(), position = positions.contiguous();
+    const StepRows rows{cos_rows.data_ptr<float>(), sin_rows.data_ptr<float>(), slots.data_ptr<int64_t>(),
+                        table.data_ptr<int64_t>(), position.data_ptr<int64_t>(), table.size(1), block_size};
     const int64_t pool_stride = k_pools.stride(0);
     for (int64_t i = 0; i < L; ++i)
       layer_forward(layers_[i], out, buf, rows, k_pools.data_ptr<float>() + i * pool_stride,
