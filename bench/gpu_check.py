@@ -24,15 +24,17 @@ weights once and every row's keys and values, over the device's peak bandwidth).
 parts "moe"): the grouped experts against the per-expert loop and the CPU on a tiny config, the
 engine's greedy tokens eager and through captured graphs (MoE layers inside), then decode of the
 Qwen2-57B-A14B config cut to a few layers in bf16, eager and graphed, beside transformers'
-Qwen2-MoE. Int4 (part "int4"): the CUDA int4 layer against its own integers' float weights (from
-our quantizer and from GPTQ-style integers with an act-order permutation), then the Qwen2-7B config
-with int4 weights decoding through the engine, as for bf16. Random weights and no tokenizer (none
+Qwen2-MoE. Int4 (part "int4"): each CUDA int4 kernel's layer (torch's tinygemm and our Triton
+kernels, qwen2.quant.triton_int4) against its own integers' float weights (from our quantizer and
+from GPTQ-style integers with an act-order permutation), then the Qwen2-7B config with int4 weights
+on each kernel decoding through the engine, as for bf16. Random weights and no tokenizer (none
 travels to the GPU machine): detokenizing is left out of the timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import traceback
@@ -45,6 +47,7 @@ from qwen2.engine.cuda_graphs import StaticDecode
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.model import KVCache, Transformer
+from qwen2.quant import cuda_int4
 from qwen2.quant.int_linear import quantize_int4, quantize_model
 from qwen2.quant.prequantized import to_int4_linear
 from qwen2.train.data import Batch
@@ -177,32 +180,51 @@ def moe_correctness(device: str) -> dict:
     return out
 
 
+@torch.no_grad()
 def int4_correctness(device: str) -> dict:
-    """The CUDA int4 layer against the float weights of its own integers: quantized by us, and from
-    GPTQ-style integers whose groups gather the inputs out of order (act-order)."""
+    """Each CUDA int4 kernel's layer (torch's tinygemm, our Triton kernels) against the float weights
+    of its own integers: quantized by us, and from GPTQ-style integers whose groups gather the inputs
+    out of order (act-order); at 1 row (the Triton GEMV) and 37 (tiles on the tensor cores)."""
     if device != "cuda":
-        return {"skipped": "the CUDA int4 kernel needs CUDA", "ok": True}
-    torch.manual_seed(0)
-    out = {}
-    linear = torch.nn.Linear(1024, 512, device=device)
-    layer = quantize_model(torch.nn.Sequential(linear), "int4", 128)[0]
-    q, scale, zero = quantize_int4(linear.weight.detach(), 128)
-    w = ((q.float() - 8).view(512, -1, 128) * scale.float()[..., None] + zero.float()[..., None]).view(512, 1024)
-    x = torch.randn(37, 1024, device=device)
-    want = x.bfloat16().float() @ w.T + linear.bias
-    out["int4_quantized_rel_err"] = float((layer(x).float() - want).norm() / want.norm())
-    out["int4_layer"] = type(layer).__name__
-    n, k, groups = 512, 1024, 8
-    g_idx = torch.randperm(k) % groups  # act-order: each group's inputs scattered over the row
-    unpacked = UnpackedLinear(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.randint(0, 16, (groups, n),
-                              dtype=torch.int32), torch.rand(groups, n) / 50, g_idx)
-    w = (unpacked.q.float() - unpacked.zeros[g_idx].T.float()) * unpacked.scales[g_idx].T
-    gptq = to_int4_linear(unpacked, k // groups, None, device)
-    want = x.bfloat16().float().cpu() @ w.T
-    out["int4_gptq_act_order_rel_err"] = float((gptq(x).float().cpu() - want).norm() / want.norm())
-    out["ok"] = (out["int4_layer"] == "CudaInt4Linear" and out["int4_quantized_rel_err"] < 0.01
-                 and out["int4_gptq_act_order_rel_err"] < 0.01)
+        return {"skipped": "the CUDA int4 kernels need CUDA", "ok": True}
+    out, ok = {}, True
+    for kernel, layer_type in (("tinygemm", "CudaInt4Linear"), ("triton", "TritonInt4Linear")):
+        with int4_kernel(kernel):
+            torch.manual_seed(0)
+            linear = torch.nn.Linear(1024, 512, device=device)
+            layer = quantize_model(torch.nn.Sequential(linear), "int4", 128)[0]
+            q, scale, zero = quantize_int4(linear.weight.detach(), 128)
+            w = (q.float() - 8).view(512, -1, 128) * scale.float()[..., None] + zero.float()[..., None]
+            w = w.view(512, 1024)
+            n, k, groups = 512, 1024, 8
+            g_idx = torch.randperm(k) % groups  # act-order: each group's inputs scattered over the row
+            unpacked = UnpackedLinear(torch.randint(0, 16, (n, k), dtype=torch.uint8),
+                                      torch.randint(0, 16, (groups, n), dtype=torch.int32), torch.rand(groups, n) / 50,
+                                      g_idx)
+            w_gptq = (unpacked.q.float() - unpacked.zeros[g_idx].T.float()) * unpacked.scales[g_idx].T
+            gptq = to_int4_linear(unpacked, k // groups, None, device)
+            for rows in (1, 37):
+                x = torch.randn(rows, 1024, device=device)
+                want = x.bfloat16().float() @ w.T + linear.bias
+                out[f"{kernel}/{rows}_rows_quantized_rel_err"] = float((layer(x).float() - want).norm() / want.norm())
+                want = x.bfloat16().float().cpu() @ w_gptq.T
+                out[f"{kernel}/{rows}_rows_gptq_act_order_rel_err"] = float(
+                    (gptq(x).float().cpu() - want).norm() / want.norm())
+            out[f"{kernel}/layer"] = type(layer).__name__
+            ok = ok and type(layer).__name__ == layer_type == type(gptq).__name__ and all(
+                v < 0.01 for key, v in out.items() if key.startswith(kernel) and key.endswith("rel_err"))
+    out["ok"] = ok
     return out
+
+
+@contextlib.contextmanager
+def int4_kernel(kernel: str):
+    """New CUDA int4 layers on `kernel` ("tinygemm" or "triton") within the block."""
+    before, cuda_int4.KERNEL = cuda_int4.KERNEL, kernel
+    try:
+        yield
+    finally:
+        cuda_int4.KERNEL = before
 
 
 def greedy_tokens(model: Transformer, static_decode: bool, capture: bool = True) -> tuple[list[list[int]], Engine]:
@@ -437,11 +459,13 @@ def engine_decode(model: Transformer, rows: int, prompt: int, steps: int, kv_mem
 def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tuple[int, ...], device: str,
                  peaks: dict, quant: str = "none") -> dict:
     """Prefill and decode through the engine at one config in bf16 on random weights (with `quant`
-    "int4": every Linear's weights quantized in place first)."""
+    "int4" or "int4/triton": every Linear's weights quantized in place first, on that CUDA kernel)."""
     dtype = torch.bfloat16
     model = random_model(config, device, dtype)
     if quant != "none":
-        quantize_model(model, quant, 128)
+        mode, _, kernel = quant.partition("/")
+        with int4_kernel(kernel or "tinygemm"):
+            quantize_model(model, mode, 128)
         free_memory(device)
     weights = weight_bytes_per_step(model)
     per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 2
@@ -597,6 +621,8 @@ def main() -> None:
         runs.append(("tiny" if small else "Qwen2-7B", decode_config, "none"))
     if "int4" in parts:
         runs.append(("tiny" if small else "Qwen2-7B", decode_config, "int4"))
+        if not dry:  # our Triton kernels (on the CPU only in Triton's interpreter, which tests/quant runs)
+            runs.append(("tiny" if small else "Qwen2-7B", decode_config, "int4/triton"))
     if "moe" in parts:
         runs.append(("tiny-moe" if small else f"Qwen2-57B-A14B ({MOE_LAYERS} of 28 layers)", moe_config, "none"))
     if runs:

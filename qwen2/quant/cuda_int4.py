@@ -1,4 +1,5 @@
-"""Int4 weights kept compact on CUDA: torch's tinygemm kernel (`torch._weight_int4pack_mm`).
+"""Int4 weights kept compact on CUDA: torch's tinygemm kernel (`torch._weight_int4pack_mm`), or our
+Triton kernels (qwen2.quant.triton_int4) where `KERNEL` says so.
 
 The same group-wise convention as the CPU's Int4Linear, w = (q - 8) * scale + zero with q in 0..15,
 in the GPU kernel's own tiled layout (`torch._convert_weight_to_int4pack`): half a byte a weight
@@ -15,12 +16,36 @@ from torch import Tensor, nn
 from qwen2.quant.int_linear import INT4_GROUP_SIZES, KERNEL_DTYPE, quantize_int4
 
 INNER_K_TILES = 8  # the widest tiling the kernel offers: fewest loads per column of weights
+# The kernel new CUDA int4 layers take: "tinygemm" (torch's) or "triton" (ours, dequantizing tile by
+# tile inside the product). bench/gpu_check.py measures both; the faster on a lent GPU is the default.
+KERNEL = "tinygemm"
 
 
 def cuda_int4_ok(out_features: int, in_features: int, group_size: int) -> bool:
     """Whether the CUDA int4 kernel takes this shape."""
     return (group_size in INT4_GROUP_SIZES and out_features % 8 == 0 and in_features % group_size == 0
             and in_features % (16 * INNER_K_TILES) == 0)
+
+
+def cuda_int4_linear(q: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Tensor | None = None,
+                     input_perm: Tensor | None = None) -> nn.Module:
+    """An int4 layer on `KERNEL`'s kernel from q (N, K) in 0..15 and scale, zero (N, K / group_size)
+    on the target CUDA device (see CudaInt4Linear)."""
+    if KERNEL == "triton":
+        from qwen2.quant.triton_int4 import TritonInt4Linear  # Triton comes with CUDA builds of torch
+
+        return TritonInt4Linear(q, scale, zero, group_size, bias, input_perm)
+    if KERNEL != "tinygemm":
+        raise ValueError(f"unknown CUDA int4 kernel {KERNEL!r}; expected 'tinygemm' or 'triton'")
+    return CudaInt4Linear(q, scale, zero, group_size, bias, input_perm)
+
+
+@torch.no_grad()
+def quantize_cuda_int4(linear: nn.Linear, group_size: int = 128) -> nn.Module:
+    """A float Linear on CUDA, quantized where it lies (one matrix's float32 temporaries at a time)
+    onto `KERNEL`'s int4 layer."""
+    q, scale, zero = quantize_int4(linear.weight, group_size)
+    return cuda_int4_linear(q, scale, zero, group_size, linear.bias)  # the layer keeps a float copy of the bias
 
 
 class CudaInt4Linear(nn.Module):
@@ -43,13 +68,6 @@ class CudaInt4Linear(nn.Module):
                              .contiguous())  # (K / group_size, N, 2)
         self.register_buffer("input_perm", input_perm)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-
-    @classmethod
-    @torch.no_grad()
-    def quantize(cls, linear: nn.Linear, group_size: int = 128) -> CudaInt4Linear:
-        """A float Linear on CUDA, quantized where it lies (one matrix's float32 temporaries at a time)."""
-        q, scale, zero = quantize_int4(linear.weight, group_size)
-        return cls(q, scale, zero, group_size, linear.bias)  # the constructor keeps a float copy
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_perm is not None:

@@ -267,10 +267,10 @@ def quantize_linear(linear: nn.Linear, mode: str, group_size: int = 128, empty: 
     """One Linear -> its quantized replacement (int4 falls back to int8 where the kernel can't run);
     on CUDA, int4 layers are quantized in place on the GPU kernel's layout (qwen2.quant.cuda_int4)."""
     if mode == "int4" and linear.weight.is_cuda and not empty:
-        from qwen2.quant.cuda_int4 import CudaInt4Linear, cuda_int4_ok  # it builds on this module
+        from qwen2.quant.cuda_int4 import cuda_int4_ok, quantize_cuda_int4  # it builds on this module
 
         if cuda_int4_ok(linear.out_features, linear.in_features, group_size):
-            return CudaInt4Linear.quantize(linear, group_size)
+            return quantize_cuda_int4(linear, group_size)
     if mode == "int4":
         if int4_kernel_ok(linear.out_features, linear.in_features, group_size):
             return Int4Linear(linear, group_size, empty)

@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from qwen2.quant.cuda_int4 import CudaInt4Linear, cuda_int4_ok
+from qwen2.quant.cuda_int4 import cuda_int4_linear, cuda_int4_ok
 from qwen2.quant.int_linear import INT4_GROUP_SIZES, Int4Linear
 from qwen2.weights.gptq_awq import UnpackedLinear, dequantize
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def to_int4_linear(layer: UnpackedLinear, group_size: int, bias: Tensor | None,
-                   device: torch.device | str = "cpu") -> Int4Linear | CudaInt4Linear | None:
+                   device: torch.device | str = "cpu") -> nn.Module | None:
     """The layer on `device`'s int4 kernel, or None where the kernel can't take it (shape or uneven groups)."""
     n, k = layer.q.shape
     size = k if group_size == -1 else group_size
@@ -52,7 +52,7 @@ def to_int4_linear(layer: UnpackedLinear, group_size: int, bias: Tensor | None,
     if torch.device(device).type == "cuda":
         if not cuda_int4_ok(n, k, kernel_group):
             return None
-        return CudaInt4Linear(q.to(device), scale.to(device), zero.to(device), kernel_group, bias,
+        return cuda_int4_linear(q.to(device), scale.to(device), zero.to(device), kernel_group, bias,
                               None if perm is None else perm.to(device))
     return Int4Linear.from_int4(q, scale, zero, kernel_group, bias, perm)
 

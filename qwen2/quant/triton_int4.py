@@ -1,0 +1,220 @@
+"""Int4 weights on CUDA through our own Triton kernels: the weights stay 4-bit in memory and each
+tile is dequantized inside the matrix product, so no float copy of a matrix ever exists.
+
+Layout (GPTQ's own): `qweight` int32 (K / 8, N), one word holding eight consecutive inputs of one
+output (input 8i + j in bits 4j..4j+3), neighbouring outputs' words side by side, so a warp's loads
+of one word row are one contiguous run; `scales` and `zeros` bf16 (K / group, N), w = (q - 8) *
+scale + zero: the convention of Int4Linear and CudaInt4Linear, so the same integers (ours, GPTQ's,
+AWQ's) load into either.
+
+Two kernels, tuned per shape at first use on the GPU (triton.autotune):
+- one activation row (batch-1 decode, bound by the bytes of weights read): each program streams a
+  few outputs' words along K. Within a word the sum is x . (q - 8); the scale and zero are applied
+  once a word, s * x . (q - 8) + z * sum x, so a weight costs a mask-and-or, a subtraction and an
+  FMA, and no int-to-float conversion (a lower-throughput instruction than the FMA on NVIDIA GPUs);
+  a thread's inputs serve the four neighbouring outputs whose words it loads as one vector.
+- more rows (batched decode, prefill): a (K, N) tile unpacked to bf16 and multiplied on the tensor
+  cores (tl.dot) with float32 accumulation.
+
+Without CUDA the kernels run in Triton's interpreter when TRITON_INTERPRET=1 is set before Triton is
+first imported (tests/conftest.py does), at a configuration the caller fixes. The interpreter's bf16
+casts truncate where the GPU rounds, so it multiplies the tiles in float32 (`DOT`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+WORD = 8  # int4 values in an int32
+
+
+@triton.jit
+def _int4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # EVEN: the blocks tile N and K exactly, so no load is masked; a mask along N would keep the
+    # compiler from loading a thread's neighbouring outputs' words as one vector
+    col_ok = cols < N
+    # a thread holds a word of several neighbouring outputs: the input it multiplies is loaded once
+    # for all of them; each thread sums along K, and the one sum across threads comes at the end
+    acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        word = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        word_ok = word < K // 8
+        at = (word * 8 // GROUP)[:, None] * N + cols[None, :]
+        if EVEN:
+            packed = tl.load(w_ptr + word[:, None] * N + cols[None, :])
+            s = tl.load(s_ptr + at).to(tl.float32)
+            z = tl.load(z_ptr + at).to(tl.float32)
+        else:
+            ok = word_ok[:, None] & col_ok[None, :]
+            packed = tl.load(w_ptr + word[:, None] * N + cols[None, :], mask=ok, other=0)
+            s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        xq = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+        for half in tl.static_range(2):
+            bits = packed >> (16 * half)
+            for j in tl.static_range(4):
+                if EVEN:
+                    x = tl.load(x_ptr + word * 8 + 4 * half + j).to(tl.float32)
+                else:
+                    x = tl.load(x_ptr + word * 8 + 4 * half + j, mask=word_ok, other=0.0).to(tl.float32)
+                xs += x
+                # q - 8 with no int-to-float conversion: the nibble, left at bit 4j, becomes the
+                # low mantissa bits of 2^(23 - 4j), whose last bit is then worth 1, so the float is
+                # 2^(23 - 4j) + q exactly
+                magic = (150 - 4 * j) << 23
+                q = ((bits & (0xF << (4 * j))) | magic).to(tl.float32, bitcast=True)
+                xq += (q - ((1 << (23 - 4 * j)) + 8.0)) * x[:, None]
+        acc += s * xq + z * xs[:, None]
+    tl.store(y_ptr + cols, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _int4_matmul(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET, GROUP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+                 DOT: tl.constexpr = tl.bfloat16):
+    # M_BUCKET is not read: it keys the autotuner's choice by the rows' order of magnitude.
+    # DOT: the tiles' dtype in the product, bf16 for the tensor cores; float32 in the interpreter,
+    # whose bf16 products and casts are not the GPU's (it truncates)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        ok = k_ok[:, None] & (rn < N)[None, :]
+        # each word is read for its 8 inputs from the cache; the shift picks one input's nibble
+        words = w_ptr + (kk // 8)[:, None] * N + rn[None, :]
+        packed = tl.load(words) if EVEN else tl.load(words, mask=ok, other=0)
+        nibble = ((packed >> ((kk % 8) * 4)[:, None]) & 0xF) | 0x4B000000  # 2^23 + q as a float
+        if BLOCK_K <= GROUP:  # both powers of two: the tile lies in one group, one scale per output
+            at = (k0 // GROUP) * N + rn
+            col_ok = rn < N
+        else:
+            at = (kk // GROUP)[:, None] * N + rn[None, :]
+            col_ok = ok
+        if EVEN:
+            s = tl.load(s_ptr + at).to(tl.float32)
+            z = tl.load(z_ptr + at).to(tl.float32)
+        else:
+            s = tl.load(s_ptr + at, mask=col_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + at, mask=col_ok, other=0.0).to(tl.float32)
+        w = ((nibble.to(tl.float32, bitcast=True) - 8388616.0) * s + z).to(DOT)  # (BK, BN)
+        acc += tl.dot(a.to(DOT), w)
+    out = y_ptr + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+# (BLOCK_N, BLOCK_K, warps, stages): each thread takes 4 neighbouring outputs (one 16-byte load), the
+# rest of the warp spreads along K; few outputs a program keep enough programs in flight on ~130 SMs.
+# Each runs at ~5.6 instructions a weight in its loop (sm_90 SASS, no register spills)
+GEMV_CONFIGS = [(n, k, w, s) for n, k, w in [(8, 256, 1), (16, 128, 1), (16, 256, 2), (16, 512, 4), (32, 128, 1),
+                                             (32, 256, 2), (32, 512, 4), (64, 256, 4)] for s in (2, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): narrow tiles for a batch's few rows (programs spread
+# over N alone), wide ones for a prompt's many
+MATMUL_CONFIGS = [(m, n, k, w, s) for m, n, k, w in [(16, 32, 128, 4), (32, 32, 128, 4), (16, 64, 128, 4),
+                                                     (32, 64, 64, 4), (64, 64, 64, 4), (64, 128, 64, 4),
+                                                     (128, 128, 32, 8), (128, 64, 64, 4)] for s in (2, 3)]
+INTERPRETED_GEMV = dict(BLOCK_N=4, BLOCK_K=64)
+INTERPRETED_MATMUL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+
+_tuned: dict[str, triton.runtime.Autotuner] = {}
+
+
+def _even(meta: dict) -> bool:
+    return meta["N"] % meta["BLOCK_N"] == 0 and meta["K"] % meta["BLOCK_K"] == 0
+
+
+def _autotuned(name: str) -> triton.runtime.Autotuner:
+    if name not in _tuned:
+        if name == "gemv":
+            configs = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+                       for n, k, w, s in GEMV_CONFIGS]
+            _tuned[name] = triton.autotune(configs, key=["N", "K"])(triton.heuristics({"EVEN": _even})(_int4_gemv))
+        else:
+            configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+                       for m, n, k, w, s in MATMUL_CONFIGS]
+            _tuned[name] = triton.autotune(configs, key=["N", "K", "M_BUCKET"])(
+                triton.heuristics({"EVEN": _even})(_int4_matmul))
+    return _tuned[name]
+
+
+def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                config: dict[str, int] | None = None) -> Tensor:
+    """x (M, K) @ W.T -> (M, N) in x's dtype, W the int4 matrix of `qweight` (K / 8, N) with its
+    `scales` and `zeros` (K / group_size, N). `config` fixes the block sizes (tests); on CUDA they
+    are otherwise tuned per shape."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    tune = config is None and x.is_cuda
+    if m == 1:
+        kernel = _autotuned("gemv") if tune else _int4_gemv
+        meta = {} if tune else dict(config or INTERPRETED_GEMV)
+        if not tune:
+            meta["EVEN"] = _even(dict(meta, N=n, K=k))
+        kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](x, qweight, scales, zeros, y, n, k, GROUP=group_size,
+                                                           **meta)
+    else:
+        kernel = _autotuned("matmul") if tune else _int4_matmul
+        meta = {} if tune else dict(config or INTERPRETED_MATMUL)
+        if not tune:
+            meta["EVEN"] = _even(dict(meta, N=n, K=k))
+        if not x.is_cuda:
+            meta["DOT"] = tl.float32
+        bucket = min(triton.next_power_of_2(m), 256)
+        kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))](
+            x, qweight, scales, zeros, y, m, n, k, bucket, GROUP=group_size, **meta)
+    return y
+
+
+def pack_words(q: Tensor) -> Tensor:
+    """q (N, K) in 0..15 -> int32 (K / 8, N), input 8i + j of an output in bits 4j..4j+3 of its word i."""
+    n, k = q.shape
+    if k % WORD:
+        raise ValueError(f"int4 words hold 8 inputs: in_features must be a multiple of 8, got {k}")
+    shifts = torch.arange(0, 4 * WORD, 4, device=q.device, dtype=torch.int64)
+    words = (q.to(torch.int64).view(n, k // WORD, WORD) << shifts).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, signed
+    return words.T.contiguous()
+
+
+class TritonInt4Linear(nn.Module):
+    """y = x @ W.T + bias, W in int4 groups of `group_size` inputs, multiplied by our Triton kernels."""
+
+    def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Tensor | None = None,
+                 input_perm: Tensor | None = None):
+        """q (N, K) in 0..15 and scale, zero (N, K / group_size), on the target device.
+        input_perm (K,): the layer computes x[..., input_perm] @ W.T (GPTQ desc_act, see Int4Linear)."""
+        super().__init__()
+        n, k = q.shape
+        if k % group_size or group_size % WORD:
+            raise ValueError(f"in_features ({k}) must be a multiple of group_size ({group_size}), itself a "
+                             f"multiple of {WORD}")
+        self.in_features, self.out_features, self.group_size = k, n, group_size
+        self.register_buffer("qweight", pack_words(q))
+        self.register_buffer("scales", scale.to(torch.bfloat16).T.contiguous())
+        self.register_buffer("zeros", zero.to(torch.bfloat16).T.contiguous())
+        self.register_buffer("input_perm", input_perm)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
+        shape, dtype = x.shape, x.dtype
+        y = int4_matmul(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.scales,
+                        self.zeros, self.group_size)
+        y = y.to(dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, kernel=triton")
