@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import time
 import traceback
@@ -225,6 +226,38 @@ def int4_kernel(kernel: str):
         yield
     finally:
         cuda_int4.KERNEL = before
+
+
+@torch.no_grad()
+def int4_layer_speed(config: dict, device: str, peaks: dict) -> dict:
+    """Each int4 kernel on the config's matrix shapes at 1, 32 and 512 rows: microseconds, the bytes
+    of packed weights read per second, and (Triton) the block sizes its tuner chose. A dry run
+    times the CPU's int4 layer at tiny sizes, for shape only."""
+    c = Qwen2Config(**config)
+    kv = c.num_key_value_heads * c.head_dim
+    shapes = {"q/o": (c.hidden_size, c.hidden_size), "k/v": (kv, c.hidden_size),
+              "gate/up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}
+    out = {}
+    for kernel in ("tinygemm", "triton") if device == "cuda" else ("cpu",):
+        for name, (n, k) in shapes.items():
+            linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+            with int4_kernel("tinygemm" if kernel == "cpu" else kernel):
+                layer = quantize_model(torch.nn.Sequential(linear), "int4", 128)[0]
+            packed = sum(t.numel() * t.element_size() for t in layer.buffers() if t is not None)
+            for rows in (1, 32, 512):
+                x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+                seconds = timed(functools.partial(layer, x), 50 if device == "cuda" else 2, device)
+                row = {"us": 1e6 * seconds, "gb_per_s": packed / seconds / 1e9}
+                if peaks.get("hbm_bytes_per_s"):
+                    row["hbm_pct"] = 100 * packed / seconds / peaks["hbm_bytes_per_s"]
+                out[f"{kernel}/{name} {n}x{k}/{rows} rows"] = row
+            del layer, linear
+    if device == "cuda":
+        from qwen2.quant import triton_int4
+
+        out["triton_configs"] = {f"{name} {key}": str(tuner.cache[key]) for name, tuner in triton_int4._tuned.items()
+                                 for key in tuner.cache}
+    return out
 
 
 def greedy_tokens(model: Transformer, static_decode: bool, capture: bool = True) -> tuple[list[list[int]], Engine]:
@@ -639,6 +672,9 @@ def main() -> None:
                 free_memory(device)
             report["engine"].append(row)
             print(json.dumps(row), flush=True)
+    if "int4" in parts:
+        report["int4_layers"] = int4_layer_speed(decode_config, device, device_peaks(device))
+        print(json.dumps(report["int4_layers"]), flush=True)
     if "compile" in parts:
         report["compiled"] = compiled_decode(decode_config, 512 if not small else 16, 64 if not small else 4, device,
                                              device_peaks(device))
