@@ -34,7 +34,6 @@ travels to the GPU machine): detokenizing is left out of the timings.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import time
@@ -48,7 +47,6 @@ from qwen2.engine.cuda_graphs import StaticDecode
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
 from qwen2.model import KVCache, Transformer
-from qwen2.quant import cuda_int4
 from qwen2.quant.int_linear import quantize_int4, quantize_model
 from qwen2.quant.prequantized import to_int4_linear
 from qwen2.train.data import Batch
@@ -190,42 +188,31 @@ def int4_correctness(device: str) -> dict:
         return {"skipped": "the CUDA int4 kernels need CUDA", "ok": True}
     out, ok = {}, True
     for kernel, layer_type in (("tinygemm", "CudaInt4Linear"), ("triton", "TritonInt4Linear")):
-        with int4_kernel(kernel):
-            torch.manual_seed(0)
-            linear = torch.nn.Linear(1024, 512, device=device)
-            layer = quantize_model(torch.nn.Sequential(linear), "int4", 128)[0]
-            q, scale, zero = quantize_int4(linear.weight.detach(), 128)
-            w = (q.float() - 8).view(512, -1, 128) * scale.float()[..., None] + zero.float()[..., None]
-            w = w.view(512, 1024)
-            n, k, groups = 512, 1024, 8
-            g_idx = torch.randperm(k) % groups  # act-order: each group's inputs scattered over the row
-            unpacked = UnpackedLinear(torch.randint(0, 16, (n, k), dtype=torch.uint8),
-                                      torch.randint(0, 16, (groups, n), dtype=torch.int32), torch.rand(groups, n) / 50,
-                                      g_idx)
-            w_gptq = (unpacked.q.float() - unpacked.zeros[g_idx].T.float()) * unpacked.scales[g_idx].T
-            gptq = to_int4_linear(unpacked, k // groups, None, device)
-            for rows in (1, 37):
-                x = torch.randn(rows, 1024, device=device)
-                want = x.bfloat16().float() @ w.T + linear.bias
-                out[f"{kernel}/{rows}_rows_quantized_rel_err"] = float((layer(x).float() - want).norm() / want.norm())
-                want = x.bfloat16().float().cpu() @ w_gptq.T
-                out[f"{kernel}/{rows}_rows_gptq_act_order_rel_err"] = float(
-                    (gptq(x).float().cpu() - want).norm() / want.norm())
-            out[f"{kernel}/layer"] = type(layer).__name__
-            ok = ok and type(layer).__name__ == layer_type == type(gptq).__name__ and all(
-                v < 0.01 for key, v in out.items() if key.startswith(kernel) and key.endswith("rel_err"))
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(1024, 512, device=device)
+        layer = quantize_model(torch.nn.Sequential(linear), "int4", 128, cuda_kernel=kernel)[0]
+        q, scale, zero = quantize_int4(linear.weight.detach(), 128)
+        w = (q.float() - 8).view(512, -1, 128) * scale.float()[..., None] + zero.float()[..., None]
+        w = w.view(512, 1024)
+        n, k, groups = 512, 1024, 8
+        g_idx = torch.randperm(k) % groups  # act-order: each group's inputs scattered over the row
+        unpacked = UnpackedLinear(torch.randint(0, 16, (n, k), dtype=torch.uint8),
+                                  torch.randint(0, 16, (groups, n), dtype=torch.int32), torch.rand(groups, n) / 50,
+                                  g_idx)
+        w_gptq = (unpacked.q.float() - unpacked.zeros[g_idx].T.float()) * unpacked.scales[g_idx].T
+        gptq = to_int4_linear(unpacked, k // groups, None, device, kernel)
+        for rows in (1, 37):
+            x = torch.randn(rows, 1024, device=device)
+            want = x.bfloat16().float() @ w.T + linear.bias
+            out[f"{kernel}/{rows}_rows_quantized_rel_err"] = float((layer(x).float() - want).norm() / want.norm())
+            want = x.bfloat16().float().cpu() @ w_gptq.T
+            out[f"{kernel}/{rows}_rows_gptq_act_order_rel_err"] = float(
+                (gptq(x).float().cpu() - want).norm() / want.norm())
+        out[f"{kernel}/layer"] = type(layer).__name__
+        ok = ok and type(layer).__name__ == layer_type == type(gptq).__name__ and all(
+            v < 0.01 for key, v in out.items() if key.startswith(kernel) and key.endswith("rel_err"))
     out["ok"] = ok
     return out
-
-
-@contextlib.contextmanager
-def int4_kernel(kernel: str):
-    """New CUDA int4 layers on `kernel` ("tinygemm" or "triton") within the block."""
-    before, cuda_int4.KERNEL = cuda_int4.KERNEL, kernel
-    try:
-        yield
-    finally:
-        cuda_int4.KERNEL = before
 
 
 @torch.no_grad()
@@ -241,8 +228,8 @@ def int4_layer_speed(config: dict, device: str, peaks: dict) -> dict:
     for kernel in ("tinygemm", "triton") if device == "cuda" else ("cpu",):
         for name, (n, k) in shapes.items():
             linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-            with int4_kernel("tinygemm" if kernel == "cpu" else kernel):
-                layer = quantize_model(torch.nn.Sequential(linear), "int4", 128)[0]
+            layer = quantize_model(torch.nn.Sequential(linear), "int4", 128,
+                                   cuda_kernel="tinygemm" if kernel == "cpu" else kernel)[0]
             packed = sum(t.numel() * t.element_size() for t in layer.buffers() if t is not None)
             for rows in (1, 32, 512):
                 x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
@@ -497,8 +484,7 @@ def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tupl
     model = random_model(config, device, dtype)
     if quant != "none":
         mode, _, kernel = quant.partition("/")
-        with int4_kernel(kernel or "tinygemm"):
-            quantize_model(model, mode, 128)
+        quantize_model(model, mode, 128, cuda_kernel=kernel or "tinygemm")
         free_memory(device)
     weights = weight_bytes_per_step(model)
     per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 2

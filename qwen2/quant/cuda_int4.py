@@ -1,5 +1,5 @@
 """Int4 weights kept compact on CUDA: torch's tinygemm kernel (`torch._weight_int4pack_mm`), or our
-Triton kernels (qwen2.quant.triton_int4) where `KERNEL` says so.
+Triton kernels (qwen2.quant.triton_int4) where the caller names them (`kernel="triton"`).
 
 The same group-wise convention as the CPU's Int4Linear, w = (q - 8) * scale + zero with q in 0..15,
 in the GPU kernel's own tiled layout (`torch._convert_weight_to_int4pack`): half a byte a weight
@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from qwen2.quant.int_linear import INT4_GROUP_SIZES, KERNEL_DTYPE, quantize_int4
 
 INNER_K_TILES = 8  # the widest tiling the kernel offers: fewest loads per column of weights
-# The kernel new CUDA int4 layers take: "tinygemm" (torch's) or "triton" (ours, dequantizing tile by
-# tile inside the product). bench/gpu_check.py measures both; the faster on a lent GPU is the default.
-KERNEL = "tinygemm"
+# The CUDA int4 kernels: torch's tinygemm, and ours in Triton (dequantizing tile by tile inside the
+# product). bench/gpu_check.py measures both; the faster on a lent GPU should be the default.
+KERNELS = ("tinygemm", "triton")
 
 
 def cuda_int4_ok(out_features: int, in_features: int, group_size: int) -> bool:
@@ -28,24 +28,24 @@ def cuda_int4_ok(out_features: int, in_features: int, group_size: int) -> bool:
 
 
 def cuda_int4_linear(q: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Tensor | None = None,
-                     input_perm: Tensor | None = None) -> nn.Module:
-    """An int4 layer on `KERNEL`'s kernel from q (N, K) in 0..15 and scale, zero (N, K / group_size)
-    on the target CUDA device (see CudaInt4Linear)."""
-    if KERNEL == "triton":
+                     input_perm: Tensor | None = None, kernel: str = "tinygemm") -> nn.Module:
+    """An int4 layer on `kernel` (one of KERNELS) from q (N, K) in 0..15 and scale, zero
+    (N, K / group_size) on the target CUDA device (see CudaInt4Linear)."""
+    if kernel == "triton":
         from qwen2.quant.triton_int4 import TritonInt4Linear  # Triton comes with CUDA builds of torch
 
         return TritonInt4Linear(q, scale, zero, group_size, bias, input_perm)
-    if KERNEL != "tinygemm":
-        raise ValueError(f"unknown CUDA int4 kernel {KERNEL!r}; expected 'tinygemm' or 'triton'")
+    if kernel != "tinygemm":
+        raise ValueError(f"unknown CUDA int4 kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
     return CudaInt4Linear(q, scale, zero, group_size, bias, input_perm)
 
 
 @torch.no_grad()
-def quantize_cuda_int4(linear: nn.Linear, group_size: int = 128) -> nn.Module:
+def quantize_cuda_int4(linear: nn.Linear, group_size: int = 128, kernel: str = "tinygemm") -> nn.Module:
     """A float Linear on CUDA, quantized where it lies (one matrix's float32 temporaries at a time)
-    onto `KERNEL`'s int4 layer."""
+    onto `kernel`'s int4 layer."""
     q, scale, zero = quantize_int4(linear.weight, group_size)
-    return cuda_int4_linear(q, scale, zero, group_size, linear.bias)  # the layer keeps a float copy of the bias
+    return cuda_int4_linear(q, scale, zero, group_size, linear.bias, kernel=kernel)  # the bias stays float
 
 
 class CudaInt4Linear(nn.Module):

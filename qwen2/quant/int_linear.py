@@ -263,14 +263,15 @@ class Int4Linear(nn.Module):
                 f"group_size={self.group_size}")
 
 
-def quantize_linear(linear: nn.Linear, mode: str, group_size: int = 128, empty: bool = False) -> nn.Module:
+def quantize_linear(linear: nn.Linear, mode: str, group_size: int = 128, empty: bool = False,
+                    cuda_kernel: str = "tinygemm") -> nn.Module:
     """One Linear -> its quantized replacement (int4 falls back to int8 where the kernel can't run);
-    on CUDA, int4 layers are quantized in place on the GPU kernel's layout (qwen2.quant.cuda_int4)."""
+    on CUDA, int4 layers are quantized in place on `cuda_kernel`'s layout (qwen2.quant.cuda_int4)."""
     if mode == "int4" and linear.weight.is_cuda and not empty:
         from qwen2.quant.cuda_int4 import cuda_int4_ok, quantize_cuda_int4  # it builds on this module
 
         if cuda_int4_ok(linear.out_features, linear.in_features, group_size):
-            return quantize_cuda_int4(linear, group_size)
+            return quantize_cuda_int4(linear, group_size, cuda_kernel)
     if mode == "int4":
         if int4_kernel_ok(linear.out_features, linear.in_features, group_size):
             return Int4Linear(linear, group_size, empty)
@@ -282,11 +283,12 @@ def quantize_linear(linear: nn.Linear, mode: str, group_size: int = 128, empty: 
 @torch.no_grad()
 def quantize_model(
     model: nn.Module, mode: str, group_size: int = 128, skip: Callable[[str], bool] | None = None,
-    empty: bool = False,
+    empty: bool = False, cuda_kernel: str = "tinygemm",
 ) -> nn.Module:
     """Swap every nn.Linear (by qualified name, unless `skip(name)`) for its int8/int4 version, in place.
 
     empty=True allocates the quantized modules without quantizing, to load a saved state dict into.
+    cuda_kernel: the kernel int4 layers on CUDA run (qwen2.quant.cuda_int4.KERNELS).
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; expected one of {MODES}")
@@ -297,5 +299,5 @@ def quantize_model(
             full = f"{parent_name}.{name}" if parent_name else name
             if isinstance(child, nn.Linear) and not (skip is not None and skip(full)):
                 # A new module, not an in-place edit: a Parameter tied to an embedding stays float there.
-                setattr(parent, name, quantize_linear(child, mode, group_size, empty))
+                setattr(parent, name, quantize_linear(child, mode, group_size, empty, cuda_kernel))
     return model

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 
 def to_int4_linear(layer: UnpackedLinear, group_size: int, bias: Tensor | None,
-                   device: torch.device | str = "cpu") -> nn.Module | None:
-    """The layer on `device`'s int4 kernel, or None where the kernel can't take it (shape or uneven groups)."""
+                   device: torch.device | str = "cpu", cuda_kernel: str = "tinygemm") -> nn.Module | None:
+    """The layer on `device`'s int4 kernel (on CUDA `cuda_kernel`, see qwen2.quant.cuda_int4), or None
+    where the kernel can't take it (shape or uneven groups)."""
     n, k = layer.q.shape
     size = k if group_size == -1 else group_size
     groups = layer.scales.shape[0]
@@ -53,7 +54,7 @@ def to_int4_linear(layer: UnpackedLinear, group_size: int, bias: Tensor | None,
         if not cuda_int4_ok(n, k, kernel_group):
             return None
         return cuda_int4_linear(q.to(device), scale.to(device), zero.to(device), kernel_group, bias,
-                              None if perm is None else perm.to(device))
+                                None if perm is None else perm.to(device), cuda_kernel)
     return Int4Linear.from_int4(q, scale, zero, kernel_group, bias, perm)
 
 

@@ -117,13 +117,11 @@ def test_the_layer_equals_the_cpu_int4_layer_on_the_same_act_order_integers(rows
     assert not any(t.is_floating_point() and t.shape == (48, 256) for t in ours.buffers())  # no float matrix
 
 
-def test_the_cuda_int4_kernel_is_chosen_by_name(monkeypatch):
+def test_the_cuda_int4_kernel_is_chosen_by_name():
     q, scale, zero, _ = int4_weights(16, 128, 32)
-    monkeypatch.setattr(cuda_int4, "KERNEL", "triton")
-    assert isinstance(cuda_int4.cuda_int4_linear(q, scale, zero, 32), kernels.TritonInt4Linear)
-    monkeypatch.setattr(cuda_int4, "KERNEL", "marlin")
+    assert isinstance(cuda_int4.cuda_int4_linear(q, scale, zero, 32, kernel="triton"), kernels.TritonInt4Linear)
     with pytest.raises(ValueError, match="unknown CUDA int4 kernel 'marlin'"):
-        cuda_int4.cuda_int4_linear(q, scale, zero, 32)
+        cuda_int4.cuda_int4_linear(q, scale, zero, 32, kernel="marlin")
 
 
 def test_a_layer_whose_inputs_do_not_split_into_groups_is_refused():
