@@ -20,7 +20,9 @@ beside transformers' generate, with the bandwidth that implies; the engine at th
 in bf16: prefill of 512-token prompts, and greedy decode at batch 1 and 32 after
 them, eager (full logits to the host), fixed-shape eager and CUDA graphs (tokens drawn on the
 device), each as tokens/s and as a share of the HBM roofline (bytes a step must read: the
-weights once and every row's keys and values, over the device's peak bandwidth). MoE (issue
+weights once and every row's keys and values, over the device's peak bandwidth), once with the
+model's own attention and once with the decode steps' attention in our Triton kernels
+(qwen2.engine.triton_attention; its greedy tokens checked against the CPU's first). MoE (issue
 parts "moe"): the grouped experts against the per-expert loop and the CPU on a tiny config, the
 engine's greedy tokens eager and through captured graphs (MoE layers inside), then decode of the
 Qwen2-57B-A14B config cut to a few layers in bf16, eager and graphed, beside transformers'
@@ -46,6 +48,7 @@ from qwen2.config import Qwen2Config
 from qwen2.engine.cuda_graphs import StaticDecode
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
+from qwen2.engine.triton_attention import DecodeAttention
 from qwen2.model import KVCache, Transformer
 from qwen2.quant.int_linear import quantize_int4, quantize_model
 from qwen2.quant.prequantized import to_int4_linear
@@ -148,7 +151,9 @@ def correctness(device: str) -> dict:
     out["ok"] = (out["logits_max_abs_diff"] < 1e-3 and out["cached_decode_max_abs_diff"] < 1e-3
                  and out["fused_loss_rel_diff"] < 1e-4 and out["train_loss_rel_diff"] < 1e-4
                  and out["engine_eager_tokens_equal_cpu"] and out["engine_graph_tokens_equal_cpu"]
-                 and (device != "cuda" or out["engine_graphs_captured"] > 0))
+                 and (device != "cuda" or out["engine_graphs_captured"] > 0)
+                 and out.get("triton_attention_eager_tokens_equal_cpu", True)
+                 and out.get("triton_attention_graph_tokens_equal_cpu", True))
     return out
 
 
@@ -269,8 +274,17 @@ def engine_tokens(cpu: Transformer, gpu: Transformer, device: str) -> dict:
         reference, _ = greedy_tokens(cpu, static_decode=False)
         eager, _ = greedy_tokens(gpu, static_decode=False)
         graphed, engine = greedy_tokens(gpu, static_decode=True, capture=device == "cuda")
-    return {"engine_eager_tokens_equal_cpu": eager == reference, "engine_graph_tokens_equal_cpu": graphed == reference,
-            "engine_graphs_captured": len(engine.static_decode.graphs)}
+    out = {"engine_eager_tokens_equal_cpu": eager == reference, "engine_graph_tokens_equal_cpu": graphed == reference,
+           "engine_graphs_captured": len(engine.static_decode.graphs)}
+    if device == "cuda":  # the decode attention's Triton kernels, eager and captured (the CPU runs them in tests)
+        gpu.decode_attention = DecodeAttention(gpu)
+        with torch.inference_mode():
+            eager, _ = greedy_tokens(gpu, static_decode=False)
+            graphed, _ = greedy_tokens(gpu, static_decode=True)
+        gpu.decode_attention = None
+        out["triton_attention_eager_tokens_equal_cpu"] = eager == reference
+        out["triton_attention_graph_tokens_equal_cpu"] = graphed == reference
+    return out
 
 
 def timed(step, steps: int, device: str) -> float:
@@ -477,11 +491,14 @@ def engine_decode(model: Transformer, rows: int, prompt: int, steps: int, kv_mem
 
 
 def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tuple[int, ...], device: str,
-                 peaks: dict, quant: str = "none") -> dict:
+                 peaks: dict, quant: str = "none", attention: str = "torch") -> dict:
     """Prefill and decode through the engine at one config in bf16 on random weights (with `quant`
-    "int4" or "int4/triton": every Linear's weights quantized in place first, on that CUDA kernel)."""
+    "int4" or "int4/triton": every Linear's weights quantized in place first, on that CUDA kernel;
+    with `attention` "triton": the decode steps' attention in qwen2.engine.triton_attention's kernels)."""
     dtype = torch.bfloat16
     model = random_model(config, device, dtype)
+    if attention == "triton":
+        model.decode_attention = DecodeAttention(model)
     if quant != "none":
         mode, _, kernel = quant.partition("/")
         quantize_model(model, mode, 128, cuda_kernel=kernel or "tinygemm")
@@ -489,7 +506,8 @@ def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tupl
     weights = weight_bytes_per_step(model)
     per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 2
     bandwidth, flops = peaks["hbm_bytes_per_s"], peaks["bf16_flops"]
-    out = {"config": name, "quant": quant, "weight_gb_per_step": weights / 1e9, "kv_kib_per_token": per_token / 1024}
+    out = {"config": name, "quant": quant, "attention": attention, "weight_gb_per_step": weights / 1e9,
+           "kv_kib_per_token": per_token / 1024}
     kv_memory = (max(batches) + 1) * 2 * prompt * per_token
     c = model.config  # a token's matrix products: its active parameters, less an untied embedding's lookup
     matmul_params = c.num_params()["active"] - c.vocab_size * c.hidden_size * (not c.tie_word_embeddings)
@@ -635,26 +653,30 @@ def main() -> None:
     if "moe" in parts:
         report["moe_decode"] = decode_speed(moe_config, prompt, new, device)
         print(json.dumps(report["moe_decode"]), flush=True)
-    runs = []  # (name, config, quant) through the engine
+    runs = []  # (name, config, quant, attention) through the engine
+    dense = "tiny" if small else "Qwen2-7B"
     if "engine" in parts:
-        runs.append(("tiny" if small else "Qwen2-7B", decode_config, "none"))
+        runs.append((dense, decode_config, "none", "torch"))
+        if not dry:  # our Triton kernels (on the CPU only in Triton's interpreter, which the tests run)
+            runs.append((dense, decode_config, "none", "triton"))
     if "int4" in parts:
-        runs.append(("tiny" if small else "Qwen2-7B", decode_config, "int4"))
-        if not dry:  # our Triton kernels (on the CPU only in Triton's interpreter, which tests/quant runs)
-            runs.append(("tiny" if small else "Qwen2-7B", decode_config, "int4/triton"))
+        runs.append((dense, decode_config, "int4", "torch"))
+        if not dry:
+            runs += [(dense, decode_config, "int4/triton", "torch"), (dense, decode_config, "int4/triton", "triton")]
     if "moe" in parts:
-        runs.append(("tiny-moe" if small else f"Qwen2-57B-A14B ({MOE_LAYERS} of 28 layers)", moe_config, "none"))
+        runs.append(("tiny-moe" if small else f"Qwen2-57B-A14B ({MOE_LAYERS} of 28 layers)", moe_config, "none",
+                     "torch"))
     if runs:
         report["peaks"] = device_peaks(device)
         engine_prompt, engine_steps = (16, 4) if dry else (64, 16) if small else (512, 64)
         report["engine"] = []
-        for name, config, quant in runs:
+        for name, config, quant, attention in runs:
             try:
                 row = engine_speed(name, config, engine_prompt, engine_steps, (1, 4) if dry else (1, 32), device,
-                                   report["peaks"], quant)
+                                   report["peaks"], quant, attention)
             except Exception as e:  # keep what the other configs measure
                 traceback.print_exc()
-                row = {"config": name, "quant": quant, "error": f"{type(e).__name__}: {e}"}
+                row = {"config": name, "quant": quant, "attention": attention, "error": f"{type(e).__name__}: {e}"}
                 free_memory(device)
             report["engine"].append(row)
             print(json.dumps(row), flush=True)

@@ -1,0 +1,163 @@
+"""The decode step's attention in Triton kernels (qwen2.engine.triton_attention) against the model's
+own path (rotary, the paged cache's write and gather, SDPA with a mask) on the same cache.
+
+On a CUDA machine the kernels run compiled; elsewhere in Triton's interpreter on CPU tensors
+(TRITON_INTERPRET=1, set by tests/conftest.py before Triton loads), whose products are float32 as
+the model's are here. The GPU's speed is bench/gpu_check.py's business, never a test's.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is a dev dependency (pip install -e '.[dev]'); no wheel here")
+
+from qwen2.config import Qwen2Config  # noqa: E402
+from qwen2.engine.triton_attention import DecodeAttention  # noqa: E402
+from qwen2.model import PagedKVCache, Transformer  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = 16
+GQA7 = dict(vocab_size=256, hidden_size=224, intermediate_size=64, num_hidden_layers=2, num_attention_heads=14,
+            num_key_value_heads=2, tie_word_embeddings=False)  # Qwen2-7B's 7 query heads a KV head, head_dim 16
+WIDE = dict(GQA7, hidden_size=256, num_attention_heads=4, num_key_value_heads=4)  # no GQA, head_dim 64
+WINDOWED = dict(GQA7, use_sliding_window=True, sliding_window=24, max_window_layers=1)  # layer 1 slides
+
+
+def prefilled(config: Qwen2Config, lengths: list[int]) -> tuple[Transformer, PagedKVCache, torch.Tensor]:
+    """A float32 model and a paged cache holding one prompt per slot (blocks handed out shuffled, as
+    a running engine leaves them), written by the model's own prompt path; and the prompts' tokens."""
+    torch.manual_seed(0)
+    model = Transformer(config).to(DEVICE).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+    cache = PagedKVCache(config, 64, BLOCK, len(lengths), 256, device=DEVICE)
+    free = (torch.randperm(63) + 1).tolist()  # block 0 is the padding rows'
+    tokens = torch.randint(0, 256, (len(lengths), max(lengths) + 1))
+    for slot, length in enumerate(lengths):
+        for i in range(-(-(length + 1) // BLOCK)):
+            cache.tables[slot, i] = free.pop()
+        cache.zero_blocks(cache.tables[slot, : -(-(length + 1) // BLOCK)].tolist())
+        with torch.no_grad():
+            model(tokens[slot : slot + 1, :length].to(DEVICE), cache=cache, slots=torch.tensor([slot], device=DEVICE))
+    return model, cache, tokens
+
+
+def decode_step(model: Transformer, cache: PagedKVCache, tokens: torch.Tensor, lengths: list[int], slots: list[int],
+                kv_len: int) -> torch.Tensor:
+    """One token per row at position `lengths[slot]` (a fixed-shape step: every row reads `kv_len` keys)."""
+    rows = torch.tensor(slots)
+    step = tokens[rows.clamp(min=0), torch.tensor(lengths)[rows.clamp(min=0)]][:, None]
+    positions = torch.tensor([lengths[s] if s >= 0 else 0 for s in slots])[:, None]
+    with torch.no_grad():
+        return model(step.to(DEVICE), positions.to(DEVICE), cache=cache, slots=rows.to(DEVICE), kv_len=kv_len)
+
+
+def both_ways(config: dict, lengths: list[int], slots: list[int], kv_len: int):
+    model, cache, tokens = prefilled(Qwen2Config(**config), lengths)
+    theirs = PagedKVCache(model.config, 64, BLOCK, len(lengths), 256, device=DEVICE)
+    theirs.k.copy_(cache.k), theirs.v.copy_(cache.v), theirs.tables.copy_(cache.tables)
+    want = decode_step(model, theirs, tokens, lengths, slots, kv_len)
+    model.decode_attention = DecodeAttention(model)
+    got = decode_step(model, cache, tokens, lengths, slots, kv_len)
+    return got, want, cache, theirs
+
+
+@pytest.mark.parametrize("config", [GQA7, WIDE, WINDOWED], ids=["gqa7", "wide-heads", "sliding-window"])
+def test_a_decode_step_has_the_logits_and_writes_the_cache_of_the_models_own_path(config):
+    lengths = [5, 40, 77]  # within a block, across blocks, past the first span of 64 keys
+    got, want, cache, theirs = both_ways(config, lengths, [0, 1, 2], kv_len=96)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # each row's new key (rotated) and value in place; the second layer's differ by the first's rounding
+    torch.testing.assert_close(cache.k, theirs.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.v, theirs.v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cache.v[0], theirs.v[0])  # the first layer's values: copied, not computed
+
+
+def test_padding_rows_and_spans_past_every_row_change_no_real_rows_answer():
+    lengths = [3, 33]
+    got, want, _, _ = both_ways(GQA7, lengths, [1, -1, 0, -1], kv_len=256)  # 4 spans, most rows need 1
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(got).all()
+
+
+def test_it_steps_in_only_for_one_token_per_row_over_a_paged_cache():
+    model, cache, _ = prefilled(Qwen2Config(**GQA7), [4])
+    attention = DecodeAttention(model)
+    one, many = torch.zeros(2, 1, 224), torch.zeros(2, 5, 224)
+    assert attention.applies(one, cache) and not attention.applies(many, cache)
+    assert not attention.applies(one, None)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        DecodeAttention(Transformer(Qwen2Config(**dict(GQA7, hidden_size=168, num_attention_heads=14))))
+
+
+def test_the_engine_decodes_the_same_greedy_tokens_with_it():
+    from qwen2.engine.engine import Engine
+    from qwen2.engine.sampling import SamplingParams
+
+    class NoText:  # random weights: token ids in, no text out
+        eos_token_ids: list[int] = []
+
+        def stream_decoder(self):
+            return self
+
+        def push(self, token: int) -> str:
+            return ""
+
+        def flush(self) -> str:
+            return ""
+
+    def greedy(model: Transformer) -> list[list[int]]:
+        engine = Engine(model, NoText(), max_concurrency=3, max_seq_len=160, prefill_chunk=64, static_decode=False)
+        generator = torch.Generator().manual_seed(1)
+        requests = [engine.submit(torch.randint(0, 256, (n,), generator=generator).tolist(),
+                                  SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)) for n in (7, 70, 30)]
+        while engine.has_work:
+            engine.step()
+        return [r.output for r in requests]
+
+    model, _, _ = prefilled(Qwen2Config(**GQA7), [1])
+    with torch.inference_mode():
+        want = greedy(model)
+        model.decode_attention = DecodeAttention(model)
+        got = greedy(model)
+    assert got == want and len({t for row in want for t in row}) > 3  # tokens that vary, not one repeated
+
+
+COMPILE = """
+import json, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qwen2.engine import triton_attention as a
+
+meta = dict(N_HEADS=28, N_KV=4, HEAD_DIM=128)
+cases = {
+    "rotate": (a._rotate_and_write, ["*bf16", "i32", "*bf16", "i32", "*bf16", "i32", "*bf16", "*bf16", "*bf16",
+                                      "*bf16", "*bf16", "*i64"], meta, 4),
+    "attend": (a._attend_split, ["*bf16", "*bf16", "*bf16", "*i64", "*i64", "*fp32", "*fp32", "*fp32", "fp32", "i32",
+                                  "i32", "i32"], dict(meta, GROUP=16, BLOCK=16, SPAN=64, DOT=tl.bfloat16), 4),
+    "merge": (a._merge_splits, ["*fp32", "*fp32", "*fp32", "*bf16", "i32"], dict(meta, GROUP=16), 4),
+}
+sizes = {}
+for name, (kernel, types, constants, warps) in cases.items():
+    names = [n for n in kernel.arg_names if n not in constants]
+    signature = {**dict(zip(names, types)), **{n: "constexpr" for n in constants}}
+    for arch in (80, 90):
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+        sizes[f"{name} sm_{arch}"] = len(compiled.asm["cubin"])
+print(json.dumps(sizes))
+"""
+
+
+def test_the_kernels_compile_to_machine_code_for_the_gpus_we_measure_on():
+    # Triton's compiler and ptxas (from its wheel) down to cubins for the Qwen2-7B shapes in bf16, in a
+    # process of its own: in this one Triton loaded in interpreter mode
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sizes = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(sizes) == 6 and all(size > 1000 for size in sizes.values()), sizes
