@@ -33,36 +33,34 @@ WORD = 8  # int4 values in an int32
 
 @triton.jit
 def _int4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+               BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    # EVEN: the blocks tile N and K exactly, so no load is masked; a mask along N would keep the
-    # compiler from loading a thread's neighbouring outputs' words as one vector
-    col_ok = cols < N
+    # EVEN_N, EVEN_K: the blocks tile N (K) exactly. A mask that varies along N would keep the compiler
+    # from loading a thread's neighbouring outputs' words as one vector; one along K does not
+    if EVEN_N:
+        col_ok = tl.full([BLOCK_N], 1, tl.int1)
+    else:
+        col_ok = cols < N
     # a thread holds a word of several neighbouring outputs: the input it multiplies is loaded once
     # for all of them; each thread sums along K, and the one sum across threads comes at the end
     acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         word = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        word_ok = word < K // 8
-        at = (word * 8 // GROUP)[:, None] * N + cols[None, :]
-        if EVEN:
-            packed = tl.load(w_ptr + word[:, None] * N + cols[None, :])
-            s = tl.load(s_ptr + at).to(tl.float32)
-            z = tl.load(z_ptr + at).to(tl.float32)
+        if EVEN_K:
+            word_ok = tl.full([BLOCK_K // 8], 1, tl.int1)
         else:
-            ok = word_ok[:, None] & col_ok[None, :]
-            packed = tl.load(w_ptr + word[:, None] * N + cols[None, :], mask=ok, other=0)
-            s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            word_ok = word < K // 8
+        ok = word_ok[:, None] & col_ok[None, :]
+        packed = tl.load(w_ptr + word[:, None] * N + cols[None, :], mask=ok, other=0)
+        at = (word * 8 // GROUP)[:, None] * N + cols[None, :]
+        s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
         xq = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
         xs = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
         for half in tl.static_range(2):
             bits = packed >> (16 * half)
             for j in tl.static_range(4):
-                if EVEN:
-                    x = tl.load(x_ptr + word * 8 + 4 * half + j).to(tl.float32)
-                else:
-                    x = tl.load(x_ptr + word * 8 + 4 * half + j, mask=word_ok, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + word * 8 + 4 * half + j, mask=word_ok, other=0.0).to(tl.float32)
                 xs += x
                 # q - 8 with no int-to-float conversion: the nibble, left at bit 4j, becomes the
                 # low mantissa bits of 2^(23 - 4j), whose last bit is then worth 1, so the float is
@@ -112,15 +110,17 @@ def _int4_matmul(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET, GROUP: tl
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-# (BLOCK_N, BLOCK_K, warps, stages): each thread takes 4 neighbouring outputs (one 16-byte load), the
-# rest of the warp spreads along K; few outputs a program keep enough programs in flight on ~130 SMs.
-# Each runs at ~5.6 instructions a weight in its loop (sm_90 SASS, no register spills)
-GEMV_CONFIGS = [(n, k, w, s) for n, k, w in [(8, 256, 1), (16, 128, 1), (16, 256, 2), (16, 512, 4), (32, 128, 1),
-                                             (32, 256, 2), (32, 512, 4), (64, 256, 4)] for s in (2, 3)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): narrow tiles for a batch's few rows (programs spread
-# over N alone), wide ones for a prompt's many
-MATMUL_CONFIGS = [(m, n, k, w, s) for m, n, k, w in [(16, 32, 128, 4), (32, 32, 128, 4), (16, 64, 128, 4),
-                                                     (32, 64, 64, 4), (64, 64, 64, 4), (64, 128, 64, 4),
+# (BLOCK_N, BLOCK_K, warps, stages): each thread takes 4 neighbouring outputs (one 16-byte load) and
+# the rest of the warp spreads along K. A thread's loads are not pipelined across iterations, so
+# what keeps HBM busy is the bytes all threads load in one: long K blocks (several 16-byte loads a
+# thread) over programs of few outputs. Each runs at 5.6-6.8 instructions a weight in its loop
+# (sm_90 SASS, no register spills)
+GEMV_CONFIGS = [(n, k, w, 2) for n, k, w in [(8, 512, 2), (8, 1024, 2), (8, 1024, 4), (8, 2048, 4), (16, 512, 2),
+                                             (16, 1024, 4), (16, 2048, 8), (32, 1024, 8)]]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): narrow tiles with long K blocks for a batch's few rows
+# (programs spread over N alone, each wanting many bytes in flight), wide ones for a prompt's many
+MATMUL_CONFIGS = [(m, n, k, w, s) for m, n, k, w in [(16, 16, 256, 4), (32, 32, 256, 4), (16, 32, 128, 4),
+                                                     (32, 64, 128, 4), (64, 64, 64, 4), (64, 128, 64, 4),
                                                      (128, 128, 32, 8), (128, 64, 64, 4)] for s in (2, 3)]
 INTERPRETED_GEMV = dict(BLOCK_N=4, BLOCK_K=64)
 INTERPRETED_MATMUL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
@@ -132,12 +132,16 @@ def _even(meta: dict) -> bool:
     return meta["N"] % meta["BLOCK_N"] == 0 and meta["K"] % meta["BLOCK_K"] == 0
 
 
+GEMV_EVEN = {"EVEN_N": lambda meta: meta["N"] % meta["BLOCK_N"] == 0,
+             "EVEN_K": lambda meta: meta["K"] % meta["BLOCK_K"] == 0}
+
+
 def _autotuned(name: str) -> triton.runtime.Autotuner:
     if name not in _tuned:
         if name == "gemv":
             configs = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
                        for n, k, w, s in GEMV_CONFIGS]
-            _tuned[name] = triton.autotune(configs, key=["N", "K"])(triton.heuristics({"EVEN": _even})(_int4_gemv))
+            _tuned[name] = triton.autotune(configs, key=["N", "K"])(triton.heuristics(GEMV_EVEN)(_int4_gemv))
         else:
             configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
                        for m, n, k, w, s in MATMUL_CONFIGS]
@@ -160,7 +164,7 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
         kernel = _autotuned("gemv") if tune else _int4_gemv
         meta = {} if tune else dict(config or INTERPRETED_GEMV)
         if not tune:
-            meta["EVEN"] = _even(dict(meta, N=n, K=k))
+            meta |= {flag: even(dict(meta, N=n, K=k)) for flag, even in GEMV_EVEN.items()}
         kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](x, qweight, scales, zeros, y, n, k, GROUP=group_size,
                                                            **meta)
     else:

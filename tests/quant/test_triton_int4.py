@@ -81,9 +81,9 @@ def test_many_rows_multiply_dequantized_tiles_with_float32_sums(rows, n, k, grou
     assert y.shape == (rows, n) and rel_err(y, x.double().cpu() @ w.T) < TILE_TOLERANCE
 
 
-# one shape every block tiles (no load masked), one that none does
-@pytest.mark.parametrize("n, k", [(64, 512), (36, 640)])
-@pytest.mark.parametrize("config", kernels.GEMV_CONFIGS[::2], ids=str)  # the stage counts aside
+# shapes the blocks tile along both, along N only, along K only, along neither: masks on either side
+@pytest.mark.parametrize("n, k", [(64, 2048), (64, 640), (36, 2048), (36, 640)])
+@pytest.mark.parametrize("config", kernels.GEMV_CONFIGS, ids=str)
 def test_every_one_row_configuration_the_tuner_may_pick(config, n, k):
     block_n, block_k, _, _ = config
     weights, w = packed(n, k, 128, seed=1)
@@ -166,14 +166,14 @@ from triton.compiler import ASTSource
 from qwen2.quant import triton_int4 as kernels
 
 pointers = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16"}
-cases = {"gemv": (kernels._int4_gemv, {"N": "i32", "K": "i32"}, dict(GROUP=128, BLOCK_N=32, BLOCK_K=128), 1),
+cases = {"gemv": (kernels._int4_gemv, {"N": "i32", "K": "i32"}, dict(GROUP=128, BLOCK_N=8, BLOCK_K=1024), 4),
          "matmul": (kernels._int4_matmul, {"M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"},
                     dict(GROUP=128, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, DOT=triton.language.bfloat16), 4)}
 sizes = {}
 for name, (kernel, ints, constants, warps) in cases.items():
     for even in (True, False):
         for arch in (80, 90):  # A100, H100/H200
-            constants = dict(constants, EVEN=even)
+            constants = dict(constants, **({"EVEN_N": even, "EVEN_K": even} if name == "gemv" else {"EVEN": even}))
             signature = {**pointers, **ints, **{key: "constexpr" for key in constants}}
             source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
