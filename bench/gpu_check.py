@@ -3,12 +3,14 @@ random weights (no checkpoint can travel to a lent GPU machine).
 
     python bench/gpu_check.py [--out results.json] [--small]     # --small: tiny sizes
     python bench/gpu_check.py --dry                                # no GPU: every step on the CPU, tiny sizes
-    python bench/gpu_check.py --parts correctness,engine          # some parts only
+    python bench/gpu_check.py --parts correctness,int4,engine     # some parts only (the Triton kernels')
 
---dry (automatic without CUDA) runs the whole script on the CPU at tiny sizes, so CI checks it
-end to end: the checks that need no second device (cached decode vs a full forward, the fused
-loss and its gradients) must pass, and the speed steps run for shape only (their numbers mean
-nothing). The exit status is 1 when a correctness check fails.
+--dry (automatic without CUDA) runs the whole script on the CPU at tiny sizes, so the slow tests
+check it end to end: the checks that need no second device (cached decode vs a full forward, the
+fused loss and its gradients) must pass, and the speed steps run for shape only (their numbers mean
+nothing). The exit status is 1 when a correctness check fails. Each part's result is printed as a
+JSON line and --out is rewritten after each, so a run stopped by its time limit keeps what it
+measured; a part that raises is recorded with its error and the rest still run.
 
 Correctness: logits CPU vs CUDA (float32), cached decode vs a full forward, the fused training
 loss and its gradients vs autograd through full logits, one training step's loss CPU vs CUDA; the
@@ -632,6 +634,15 @@ def main() -> None:
     moe_config = TINY_MOE if small else preset("Qwen2-57B-A14B", num_hidden_layers=MOE_LAYERS)
     report = {"device": "cpu (dry run)" if dry else torch.cuda.get_device_name(), "torch": torch.__version__}
     started = time.perf_counter()
+
+    def record(key: str, value) -> None:
+        """Keep a part's result, print it, and rewrite --out: a run cut short keeps what it measured."""
+        report[key] = value
+        print(value if isinstance(value, str) else json.dumps({key: value}), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+
     checks = []
     if "correctness" in parts:
         checks.append(("correctness", correctness))
@@ -640,19 +651,25 @@ def main() -> None:
     if "int4" in parts:
         checks.append(("int4_correctness", int4_correctness))
     for key, check in checks:
-        report[key] = check(device)
-        print(json.dumps({key: report[key]}), flush=True)
+        try:
+            record(key, check(device))
+        except Exception as e:  # a kernel that fails here must not cost the measurements after it
+            traceback.print_exc()
+            record(key, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+    if "int4" in parts:
+        try:
+            record("int4_layers", int4_layer_speed(decode_config, device, device_peaks(device)))
+        except Exception as e:
+            traceback.print_exc()
+            record("int4_layers", {"error": f"{type(e).__name__}: {e}"})
     sizes = (2, 32, 1, 8, 4) if dry else (4, 128, 3, 32, 16) if small else (4, 512, 10, 512, 128)
     batch, seq, steps, prompt, new = sizes
     if "train" in parts:
-        report["train_step"] = train_speed(train_config, batch, seq, steps, device)
-        print(json.dumps(report["train_step"]), flush=True)
+        record("train_step", train_speed(train_config, batch, seq, steps, device))
     if "decode" in parts:
-        report["decode"] = decode_speed(decode_config, prompt, new, device)
-        print(json.dumps(report["decode"]), flush=True)
+        record("decode", decode_speed(decode_config, prompt, new, device))
     if "moe" in parts:
-        report["moe_decode"] = decode_speed(moe_config, prompt, new, device)
-        print(json.dumps(report["moe_decode"]), flush=True)
+        record("moe_decode", decode_speed(moe_config, prompt, new, device))
     runs = []  # (name, config, quant, attention) through the engine
     dense = "tiny" if small else "Qwen2-7B"
     if "engine" in parts:
@@ -669,7 +686,7 @@ def main() -> None:
     if runs:
         report["peaks"] = device_peaks(device)
         engine_prompt, engine_steps = (16, 4) if dry else (64, 16) if small else (512, 64)
-        report["engine"] = []
+        record("engine", [])
         for name, config, quant, attention in runs:
             try:
                 row = engine_speed(name, config, engine_prompt, engine_steps, (1, 4) if dry else (1, 32), device,
@@ -678,25 +695,14 @@ def main() -> None:
                 traceback.print_exc()
                 row = {"config": name, "quant": quant, "attention": attention, "error": f"{type(e).__name__}: {e}"}
                 free_memory(device)
-            report["engine"].append(row)
-            print(json.dumps(row), flush=True)
-    if "int4" in parts:
-        report["int4_layers"] = int4_layer_speed(decode_config, device, device_peaks(device))
-        print(json.dumps(report["int4_layers"]), flush=True)
+            record("engine", [*report["engine"], row])
     if "compile" in parts:
-        report["compiled"] = compiled_decode(decode_config, 512 if not small else 16, 64 if not small else 4, device,
-                                             device_peaks(device))
-        print(json.dumps(report["compiled"]), flush=True)
+        record("compiled", compiled_decode(decode_config, 512 if not small else 16, 64 if not small else 4, device,
+                                           device_peaks(device)))
     if "profile" in parts:
-        report["attention_decode_us"] = attention_decode_times(device)
-        print(json.dumps(report["attention_decode_us"]), flush=True)
-        report["profile"] = profile_decode(decode_config, prompt, 8, device)
-        print(report["profile"], flush=True)
-    report["wall_s"] = time.perf_counter() - started
-    print(json.dumps(report, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        record("attention_decode_us", attention_decode_times(device))
+        record("profile", profile_decode(decode_config, prompt, 8, device))
+    record("wall_s", time.perf_counter() - started)
     failed = [key for key, _ in checks if not report[key]["ok"]]
     if failed:
         raise SystemExit(f"correctness checks failed: {', '.join(failed)}")

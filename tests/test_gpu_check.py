@@ -28,3 +28,4 @@ def test_gpu_check_runs_dry_on_the_cpu_and_its_checks_pass(tmp_path):
         ("tiny", "none"), ("tiny", "int4"), ("tiny-moe", "none")]
     assert all(row["decode/batch4/static"]["tokens_per_s"] > 0 for row in report["engine"])
     assert "aten::" in report["profile"]
+    assert all(row["us"] > 0 for row in report["int4_layers"].values()) and report["wall_s"] > 0
