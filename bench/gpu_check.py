@@ -23,8 +23,8 @@ in bf16: prefill of 512-token prompts, and greedy decode at batch 1 and 32 after
 them, eager (full logits to the host), fixed-shape eager and CUDA graphs (tokens drawn on the
 device), each as tokens/s and as a share of the HBM roofline (bytes a step must read: the
 weights once and every row's keys and values, over the device's peak bandwidth), once with the
-model's own attention and once with the decode steps' attention in our Triton kernels
-(qwen2.engine.triton_attention; its greedy tokens checked against the CPU's first). MoE (issue
+model's own attention and once with the decode steps' attention, norms and SiLU in our Triton kernels
+(qwen2.engine.triton_decode; its greedy tokens checked against the CPU's first). MoE (issue
 parts "moe"): the grouped experts against the per-expert loop and the CPU on a tiny config, the
 engine's greedy tokens eager and through captured graphs (MoE layers inside), then decode of the
 Qwen2-57B-A14B config cut to a few layers in bf16, eager and graphed, beside transformers'
@@ -50,7 +50,7 @@ from qwen2.config import Qwen2Config
 from qwen2.engine.cuda_graphs import StaticDecode
 from qwen2.engine.engine import Engine
 from qwen2.engine.sampling import SamplingParams
-from qwen2.engine.triton_attention import DecodeAttention
+from qwen2.engine.triton_decode import TritonDecode
 from qwen2.model import KVCache, Transformer
 from qwen2.quant.int_linear import quantize_int4, quantize_model
 from qwen2.quant.prequantized import to_int4_linear
@@ -154,8 +154,8 @@ def correctness(device: str) -> dict:
                  and out["fused_loss_rel_diff"] < 1e-4 and out["train_loss_rel_diff"] < 1e-4
                  and out["engine_eager_tokens_equal_cpu"] and out["engine_graph_tokens_equal_cpu"]
                  and (device != "cuda" or out["engine_graphs_captured"] > 0)
-                 and out.get("triton_attention_eager_tokens_equal_cpu", True)
-                 and out.get("triton_attention_graph_tokens_equal_cpu", True))
+                 and out.get("triton_decode_eager_tokens_equal_cpu", True)
+                 and out.get("triton_decode_graph_tokens_equal_cpu", True))
     return out
 
 
@@ -278,14 +278,14 @@ def engine_tokens(cpu: Transformer, gpu: Transformer, device: str) -> dict:
         graphed, engine = greedy_tokens(gpu, static_decode=True, capture=device == "cuda")
     out = {"engine_eager_tokens_equal_cpu": eager == reference, "engine_graph_tokens_equal_cpu": graphed == reference,
            "engine_graphs_captured": len(engine.static_decode.graphs)}
-    if device == "cuda":  # the decode attention's Triton kernels, eager and captured (the CPU runs them in tests)
-        gpu.decode_attention = DecodeAttention(gpu)
+    if device == "cuda":  # the decode step's Triton kernels, eager and captured (the CPU runs them in tests)
+        gpu.decode_step = TritonDecode(gpu)
         with torch.inference_mode():
             eager, _ = greedy_tokens(gpu, static_decode=False)
             graphed, _ = greedy_tokens(gpu, static_decode=True)
-        gpu.decode_attention = None
-        out["triton_attention_eager_tokens_equal_cpu"] = eager == reference
-        out["triton_attention_graph_tokens_equal_cpu"] = graphed == reference
+        gpu.decode_step = None
+        out["triton_decode_eager_tokens_equal_cpu"] = eager == reference
+        out["triton_decode_graph_tokens_equal_cpu"] = graphed == reference
     return out
 
 
@@ -496,11 +496,11 @@ def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tupl
                  peaks: dict, quant: str = "none", attention: str = "torch") -> dict:
     """Prefill and decode through the engine at one config in bf16 on random weights (with `quant`
     "int4" or "int4/triton": every Linear's weights quantized in place first, on that CUDA kernel;
-    with `attention` "triton": the decode steps' attention in qwen2.engine.triton_attention's kernels)."""
+    with `attention` "triton": decode steps through qwen2.engine.triton_decode's kernels)."""
     dtype = torch.bfloat16
     model = random_model(config, device, dtype)
     if attention == "triton":
-        model.decode_attention = DecodeAttention(model)
+        model.decode_step = TritonDecode(model)
     if quant != "none":
         mode, _, kernel = quant.partition("/")
         quantize_model(model, mode, 128, cuda_kernel=kernel or "tinygemm")

@@ -188,7 +188,9 @@ class Context:
     kv_len: int
     dca: DCAConfig | None
     router_logits: list[torch.Tensor] | None
-    decode_attention: Callable | None = None  # a decode step's attention in fused kernels (see Transformer)
+    # a decode step's attention (rotary, the paged cache's write and read) in fused kernels, set by a
+    # decode step that has them (qwen2.engine.triton_decode)
+    decode_attention: Callable | None = None
 
 
 class Attention(nn.Module):
@@ -461,9 +463,6 @@ class Transformer(nn.Module):
         self.decode_step = None  # the layers of a decode step as fused calls, where the loader finds them apt
         self.prefill_step = None  # the layers of a many-row forward as fused GEMMs, likewise
         self.argmax_rows = None  # float32 logits (B, V) -> each row's first largest (B,), a compiled scan, likewise
-        # a decode step's attention (rotary, the paged cache's write and read) in fused kernels, where
-        # the caller attaches one (qwen2.engine.triton_attention on CUDA)
-        self.decode_attention = None
         self.set_rope(config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -540,17 +539,14 @@ class Transformer(nn.Module):
         cos, sin = rotary_cos_sin(positions, inv_freq, self.attention_scaling, x.dtype)
         fused = next((step for step in (self.decode_step, self.prefill_step)
                       if step is not None and step.applies(x, cache)), None)
-        decode_attention = self.decode_attention if (
-            self.decode_attention is not None and fused is None and self.decode_attention.applies(x, cache)) else None
         windows = {self.config.layer_window(i) for i in range(self.config.num_hidden_layers)}
-        # a decode call reads each row's keys up to its own position: it needs no masks
-        masks = {} if self.dca or decode_attention or (fused is not None and fused is self.decode_step) else {
+        masks = {} if self.dca or (fused is not None and fused is self.decode_step) else {
             w: attention_mask(positions, key_positions, w, segments) for w in windows}
         if None in masks and T > 1 and kv_len == T and segments is None and torch.equal(
                 positions, torch.arange(T, device=positions.device).expand(B, T)):
             masks[None] = None  # every row starts at 0 and sees exactly its past: SDPA's own causal rule
         ctx = Context(positions, key_positions, cos, sin, inv_freq, self.attention_scaling, masks, cache, where,
-                      kv_len, self.dca, router_logits, decode_attention)
+                      kv_len, self.dca, router_logits)
         if fused is not None:  # the decode call needs no masks: it reads each row's keys up to its own position
             return fused(x, ctx)
         for block in self.model.layers:

@@ -1,33 +1,40 @@
-"""A decode step's attention on CUDA in three Triton kernels instead of ~20 small torch ops a layer.
+"""A decode step's layers on CUDA with Triton kernels where torch runs strings of small ones.
 
-Run eagerly, a decode step's attention is rotary (neg, cat, two muls and an add for q and again for
-k), the paged cache's write (a copy and an index_copy_ each for k and v), its read (an
-index_select of every block a row holds, per layer), a mask and SDPA. In a CUDA graph each of those
-is still a kernel of 1.5-2.5 us; on the Qwen2-7B config they were ~1.6 ms of a 6.05 ms step
-(bench/RESULTS.md, CUDA). Here:
+In a CUDA graph every kernel still costs 1.5-2.5 us of launch and ramp; on the Qwen2-7B config the
+small ones were ~1.6 ms of a 6.05 ms batch-1 step and attention 0.67 ms (bench/RESULTS.md, CUDA).
+`TritonDecode`, attached as `model.decode_step`, runs a one-token-per-row forward over the paged
+cache with the model's own matrix products and, around them, per layer:
 
-1. `_rotate_and_write`: one program a (row, head) rotates q into a buffer, and rotates k and copies v
-   straight into their slot of the paged pools.
-2. `_attend_split`: one program a (row, KV head, span of keys) reads that span's blocks through the
-   block table where they lie (nothing gathered), and keeps a running maximum, sum and weighted sum
-   of values for the KV head's group of query heads (flash-decoding: a row's keys split over many
-   programs, so one row of a few KV heads still fills the GPU).
-3. `_merge_splits`: one program a (row, KV head) rescales and adds the spans' partial results.
+1. `_rotate_and_write` (for rotary on q and k: neg, cat, two muls and an add each; the cache's
+   write: a copy and an index_copy_ each for k and v): one program a (row, head) rotates q into a
+   buffer and k, v straight into their slot of the paged pools.
+2. `_attend_split` (for the cache's read, an index_select of every block a row holds, the mask and
+   SDPA): one program a (row, KV head, span of keys) reads the span's blocks where they lie through
+   the block table and keeps a running maximum, sum and weighted sum of values for the KV head's
+   query heads (flash-decoding: one row of a few KV heads still fills the GPU);
+   `_merge_splits`: one program a (row, KV head) rescales and adds the spans' results.
+3. `_add_rms_norm` (for the residual add and RMSNorm's cast, norm, cast back and weight): twice.
+4. `_silu_mul` (for SiLU and the product with up).
 
-All shapes follow the step's fixed (batch, keys) bucket, so the three capture in a CUDA graph. It
-covers what the model's own path does for a paged cache: causal masking by each row's position, a
-sliding window, GQA, padding rows (slot -1: block 0, whose output nobody reads); not dual chunk
-attention (the loader does not attach it then). Without CUDA it runs in Triton's interpreter when
-TRITON_INTERPRET=1 is set before Triton loads (tests/conftest.py does), in float32 products.
+About 30 launches a layer become about 10 (the matrix products among them). The arithmetic is the
+model's: the same roundings to the model's dtype at the same places, float32 inside. All shapes
+follow the step's fixed (batch, keys) bucket, so the kernels capture in a CUDA graph. Covered:
+causal masking by each row's position, sliding windows, GQA, MoE layers (their own forward),
+padding rows (slot -1: block 0, whose output nobody reads); not dual chunk attention. Without CUDA
+the kernels run in Triton's interpreter when TRITON_INTERPRET=1 is set before Triton loads
+(tests/conftest.py does), in float32 products.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qwen2.model import Context, PagedKVCache, Transformer
+from qwen2.model import Context, MoE, PagedKVCache, RMSNorm, Transformer
 
 SPAN = 64  # keys a program attends to: 576 keys of one row are 9 programs per KV head
 
@@ -123,10 +130,57 @@ def _merge_splits(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, N_HEADS: tl.constexpr,
     tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
 
+@triton.jit
+def _add_rms_norm(x_ptr, r_ptr, w_ptr, x_out, h_out, H, eps, BLOCK: tl.constexpr):
+    # x + r rounded to the model's dtype (the residual stream), then RMSNorm as RMSNorm.forward does
+    # it: normalised in float32, cast back, then times the weight
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < H
+    x = tl.load(x_ptr + row * H + cols, mask=ok, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * H + cols, mask=ok, other=0.0).to(tl.float32)
+    total = (x + r).to(x_out.dtype.element_ty)
+    tl.store(x_out + row * H + cols, total, mask=ok)
+    t = total.to(tl.float32)
+    normed = (t * tl.rsqrt(tl.sum(t * t, axis=0) / H + eps)).to(h_out.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+    tl.store(h_out + row * H + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(h_out.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _silu_mul(gate_up, out, WIDTH, BLOCK: tl.constexpr):
+    # silu(gate) rounded to the model's dtype, times up: F.silu(gate) * up, as MLP.forward does it
+    row, part = tl.program_id(0), tl.program_id(1)
+    cols = part * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < WIDTH
+    gate = tl.load(gate_up + row * 2 * WIDTH + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up + row * 2 * WIDTH + WIDTH + cols, mask=ok, other=0.0).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(out.dtype.element_ty).to(tl.float32)
+    tl.store(out + row * WIDTH + cols, (silu * up).to(out.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, r: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + r, norm(x + r)) in one kernel, x and r (..., H) in the model's dtype."""
+    H = x.shape[-1]
+    x_out, h_out = torch.empty_like(x), torch.empty_like(x)
+    rows = x.numel() // H
+    _add_rms_norm[(rows,)](x.contiguous(), r.contiguous(), norm.weight, x_out, h_out, H, norm.eps,
+                           BLOCK=triton.next_power_of_2(H))
+    return x_out, h_out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for gate_up (..., 2 * I) holding gate then up, in one kernel."""
+    width = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], width)
+    rows = gate_up.numel() // (2 * width)
+    _silu_mul[(rows, triton.cdiv(width, 1024))](gate_up.contiguous(), out, width, BLOCK=1024)
+    return out
+
+
 class DecodeAttention:
-    """The attention of a one-token-per-row forward over a paged cache, for `Transformer.decode_attention`
-    (`applies` says when): rotary, the cache write and attention, from the projected q/k/v to the
-    input of o_proj."""
+    """The attention of a one-token-per-row forward over a paged cache (Context.decode_attention):
+    rotary, the cache write and attention, from the projected q/k/v to the input of o_proj."""
 
     def __init__(self, model: Transformer):
         config = model.config
@@ -139,11 +193,6 @@ class DecodeAttention:
                                                   config.head_dim)
         self.group = max(16, triton.next_power_of_2(self.n_heads // self.n_kv))
         self.windows = [config.layer_window(i) or 0 for i in range(config.num_hidden_layers)]
-
-    def applies(self, x: torch.Tensor, cache: object) -> bool:
-        """Whether a forward of `x` (B, T, H) over `cache` is a decode step this computes."""
-        return (x.shape[1] == 1 and isinstance(cache, PagedKVCache) and cache.block_size >= 16
-                and SPAN % cache.block_size == 0 and not (torch.is_grad_enabled() and x.requires_grad))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
         """q (B, 1, nh * hd), k and v (B, 1, n_kv * hd), projected -> attention's output (B, 1, nh * hd)."""
@@ -171,3 +220,37 @@ class DecodeAttention:
         _merge_splits[(B, n_kv)](partial[0], partial[1], acc, out, splits, N_HEADS=nh, N_KV=n_kv, HEAD_DIM=hd,
                                  GROUP=self.group)
         return out
+
+
+class TritonDecode:
+    """Runs the layers of a one-token-per-row forward over a paged cache (`applies` says when), for
+    `Transformer.decode_step`: the model's modules for the matrix products and MoE layers, these
+    kernels between them."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.attention = DecodeAttention(model)
+
+    def applies(self, x: torch.Tensor, cache: object) -> bool:
+        """Whether a forward of `x` (B, T, H) over `cache` is a decode step this computes."""
+        return (x.shape[1] == 1 and isinstance(cache, PagedKVCache) and cache.block_size >= 16
+                and SPAN % cache.block_size == 0 and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def __call__(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        ctx = replace(ctx, decode_attention=self.attention)
+        layers = self.model.model.layers
+        h = layers[0].input_layernorm(x)
+        for i, block in enumerate(layers):
+            x, h = add_rms_norm(x, block.self_attn(h, ctx), block.post_attention_layernorm)
+            mlp = block.mlp
+            if isinstance(mlp, MoE):
+                out = mlp(h, ctx)
+            elif mlp.fused:  # the stacked gate/up product (Transformer.fuse_weights)
+                out = mlp.down_proj(silu_mul(F.linear(h, mlp.gate_up)))
+            else:
+                out = mlp(h)
+            if i + 1 < len(layers):  # the residual add meets the next layer's first norm
+                x, h = add_rms_norm(x, out, layers[i + 1].input_layernorm)
+            else:
+                x = x + out
+        return x

@@ -1,5 +1,6 @@
-"""The decode step's attention in Triton kernels (qwen2.engine.triton_attention) against the model's
-own path (rotary, the paged cache's write and gather, SDPA with a mask) on the same cache.
+"""The decode step in Triton kernels (qwen2.engine.triton_decode) against the model's own path
+(rotary, the paged cache's write and gather, SDPA with a mask, the residual adds, RMSNorm, SiLU) on
+the same weights and cache.
 
 On a CUDA machine the kernels run compiled; elsewhere in Triton's interpreter on CPU tensors
 (TRITON_INTERPRET=1, set by tests/conftest.py before Triton loads), whose products are float32 as
@@ -16,8 +17,8 @@ import torch
 pytest.importorskip("triton", reason="Triton is a dev dependency (pip install -e '.[dev]'); no wheel here")
 
 from qwen2.config import Qwen2Config  # noqa: E402
-from qwen2.engine.triton_attention import DecodeAttention  # noqa: E402
-from qwen2.model import PagedKVCache, Transformer  # noqa: E402
+from qwen2.engine.triton_decode import TritonDecode, add_rms_norm, silu_mul  # noqa: E402
+from qwen2.model import PagedKVCache, RMSNorm, Transformer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
@@ -25,6 +26,8 @@ GQA7 = dict(vocab_size=256, hidden_size=224, intermediate_size=64, num_hidden_la
             num_key_value_heads=2, tie_word_embeddings=False)  # Qwen2-7B's 7 query heads a KV head, head_dim 16
 WIDE = dict(GQA7, hidden_size=256, num_attention_heads=4, num_key_value_heads=4)  # no GQA, head_dim 64
 WINDOWED = dict(GQA7, use_sliding_window=True, sliding_window=24, max_window_layers=1)  # layer 1 slides
+MOE = dict(GQA7, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+           shared_expert_intermediate_size=64)
 
 
 def prefilled(config: Qwen2Config, lengths: list[int]) -> tuple[Transformer, PagedKVCache, torch.Tensor]:
@@ -56,20 +59,24 @@ def decode_step(model: Transformer, cache: PagedKVCache, tokens: torch.Tensor, l
         return model(step.to(DEVICE), positions.to(DEVICE), cache=cache, slots=rows.to(DEVICE), kv_len=kv_len)
 
 
-def both_ways(config: dict, lengths: list[int], slots: list[int], kv_len: int):
+def both_ways(config: dict, lengths: list[int], slots: list[int], kv_len: int, stacked: bool = False):
     model, cache, tokens = prefilled(Qwen2Config(**config), lengths)
+    if stacked:  # q/k/v and gate/up as one product each: the step's SiLU kernel takes gate/up's
+        model.fuse_weights()
     theirs = PagedKVCache(model.config, 64, BLOCK, len(lengths), 256, device=DEVICE)
     theirs.k.copy_(cache.k), theirs.v.copy_(cache.v), theirs.tables.copy_(cache.tables)
     want = decode_step(model, theirs, tokens, lengths, slots, kv_len)
-    model.decode_attention = DecodeAttention(model)
+    model.decode_step = TritonDecode(model)
     got = decode_step(model, cache, tokens, lengths, slots, kv_len)
     return got, want, cache, theirs
 
 
-@pytest.mark.parametrize("config", [GQA7, WIDE, WINDOWED], ids=["gqa7", "wide-heads", "sliding-window"])
-def test_a_decode_step_has_the_logits_and_writes_the_cache_of_the_models_own_path(config):
+@pytest.mark.parametrize("config, stacked", [(GQA7, False), (GQA7, True), (WIDE, True), (WINDOWED, True),
+                                             (MOE, True)],
+                         ids=["gqa7", "gqa7-stacked", "wide-heads", "sliding-window", "moe"])
+def test_a_decode_step_has_the_logits_and_writes_the_cache_of_the_models_own_path(config, stacked):
     lengths = [5, 40, 77]  # within a block, across blocks, past the first span of 64 keys
-    got, want, cache, theirs = both_ways(config, lengths, [0, 1, 2], kv_len=96)
+    got, want, cache, theirs = both_ways(config, lengths, [0, 1, 2], kv_len=96, stacked=stacked)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # each row's new key (rotated) and value in place; the second layer's differ by the first's rounding
     torch.testing.assert_close(cache.k, theirs.k, rtol=1e-5, atol=1e-5)
@@ -86,12 +93,34 @@ def test_padding_rows_and_spans_past_every_row_change_no_real_rows_answer():
 
 def test_it_steps_in_only_for_one_token_per_row_over_a_paged_cache():
     model, cache, _ = prefilled(Qwen2Config(**GQA7), [4])
-    attention = DecodeAttention(model)
+    step = TritonDecode(model)
     one, many = torch.zeros(2, 1, 224), torch.zeros(2, 5, 224)
-    assert attention.applies(one, cache) and not attention.applies(many, cache)
-    assert not attention.applies(one, None)
+    assert step.applies(one, cache) and not step.applies(many, cache)
+    assert not step.applies(one, None)
     with pytest.raises(ValueError, match="power-of-two head_dim"):
-        DecodeAttention(Transformer(Qwen2Config(**dict(GQA7, hidden_size=168, num_attention_heads=14))))
+        TritonDecode(Transformer(Qwen2Config(**dict(GQA7, hidden_size=168, num_attention_heads=14))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_norm_and_silu_compute_what_the_model_does(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(200, 1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1)
+    x, r = (torch.randn(3, 1, 200, device=DEVICE, dtype=dtype) for _ in range(2))
+    total, normed = add_rms_norm(x, r, norm)
+    gate_up = torch.randn(3, 1, 2 * 1500, device=DEVICE, dtype=dtype)  # two blocks of 1024, the second partial
+    gate, up = gate_up.chunk(2, dim=-1)
+    with torch.no_grad():
+        want = [x + r, norm(x + r), torch.nn.functional.silu(gate) * up]
+    got = [total, normed, silu_mul(gate_up)]
+    # float32: the same sums in another order. bf16: a rounding apart on the GPU; the interpreter's
+    # casts truncate where torch rounds, and the norm's output passes three of them
+    step = 2 ** -7 if DEVICE == "cuda" else 2 ** -5
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=step, atol=step)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        torch.testing.assert_close(g.float(), w.float(), **tolerance)
 
 
 def test_the_engine_decodes_the_same_greedy_tokens_with_it():
@@ -122,7 +151,7 @@ def test_the_engine_decodes_the_same_greedy_tokens_with_it():
     model, _, _ = prefilled(Qwen2Config(**GQA7), [1])
     with torch.inference_mode():
         want = greedy(model)
-        model.decode_attention = DecodeAttention(model)
+        model.decode_step = TritonDecode(model)
         got = greedy(model)
     assert got == want and len({t for row in want for t in row}) > 3  # tokens that vary, not one repeated
 
@@ -131,7 +160,7 @@ COMPILE = """
 import json, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qwen2.engine import triton_attention as a
+from qwen2.engine import triton_decode as a
 
 meta = dict(N_HEADS=28, N_KV=4, HEAD_DIM=128)
 cases = {
@@ -140,6 +169,8 @@ cases = {
     "attend": (a._attend_split, ["*bf16", "*bf16", "*bf16", "*i64", "*i64", "*fp32", "*fp32", "*fp32", "fp32", "i32",
                                   "i32", "i32"], dict(meta, GROUP=16, BLOCK=16, SPAN=64, DOT=tl.bfloat16), 4),
     "merge": (a._merge_splits, ["*fp32", "*fp32", "*fp32", "*bf16", "i32"], dict(meta, GROUP=16), 4),
+    "norm": (a._add_rms_norm, ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "i32", "fp32"], dict(BLOCK=4096), 4),
+    "silu": (a._silu_mul, ["*bf16", "*bf16", "i32"], dict(BLOCK=1024), 4),
 }
 sizes = {}
 for name, (kernel, types, constants, warps) in cases.items():
@@ -160,4 +191,4 @@ def test_the_kernels_compile_to_machine_code_for_the_gpus_we_measure_on():
     run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     sizes = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 6 and all(size > 1000 for size in sizes.values()), sizes
+    assert len(sizes) == 10 and all(size > 1000 for size in sizes.values()), sizes
