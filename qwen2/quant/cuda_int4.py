@@ -48,36 +48,50 @@ def quantize_cuda_int4(linear: nn.Linear, group_size: int = 128, kernel: str = "
     return cuda_int4_linear(q, scale, zero, group_size, linear.bias, kernel=kernel)  # the bias stays float
 
 
-class CudaInt4Linear(nn.Module):
-    """y = x @ W.T + bias, W in int4 groups of `group_size` inputs, on a CUDA device."""
+class Int4Layer(nn.Module):
+    """y = x @ W.T + bias for W in int4 groups: what the CUDA int4 layers share around their kernel's
+    product (the GPTQ act-order gather of x, bf16 activations cast back, the float bias)."""
 
-    def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Tensor | None = None,
-                 input_perm: Tensor | None = None):
-        """q [N, K] in 0..15 and scale, zero [N, K / group_size], on the target CUDA device.
-        input_perm [K]: the layer computes x[..., input_perm] @ W.T (GPTQ desc_act, see Int4Linear)."""
+    def __init__(self, n: int, k: int, group_size: int, bias: Tensor | None, input_perm: Tensor | None):
         super().__init__()
-        n, k = q.shape
-        if not cuda_int4_ok(n, k, group_size):
-            raise ValueError(f"the CUDA int4 kernel needs out % 8 == 0 and in % {16 * INNER_K_TILES} == 0 and "
-                             f"in % group_size == 0, got {n}x{k}, group_size {group_size}")
         self.in_features, self.out_features, self.group_size = k, n, group_size
-        q = q.to(torch.uint8)
-        pairs = (q[:, ::2] << 4) | q[:, 1::2]  # the kernel's byte: the even input in the high nibble
-        self.register_buffer("weight", torch._convert_weight_to_int4pack(pairs.contiguous(), INNER_K_TILES))
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).to(KERNEL_DTYPE)
-                             .contiguous())  # (K / group_size, N, 2)
         self.register_buffer("input_perm", input_perm)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def product(self, x: Tensor) -> Tensor:
+        """x (M, K) in bf16 @ W.T -> (M, N) in bf16."""
+        raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_perm is not None:
             x = x.index_select(-1, self.input_perm)
         shape, dtype = x.shape, x.dtype
-        y = torch._weight_int4pack_mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE), self.weight,
-                                      self.group_size, self.scales_and_zeros)
+        y = self.product(x.reshape(-1, self.in_features).to(KERNEL_DTYPE))
         y = y.to(dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
                 f"group_size={self.group_size}")
+
+
+class CudaInt4Linear(Int4Layer):
+    """An int4 layer on torch's tinygemm kernel, on a CUDA device."""
+
+    def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Tensor | None = None,
+                 input_perm: Tensor | None = None):
+        """q [N, K] in 0..15 and scale, zero [N, K / group_size], on the target CUDA device.
+        input_perm [K]: the layer computes x[..., input_perm] @ W.T (GPTQ desc_act, see Int4Linear)."""
+        n, k = q.shape
+        if not cuda_int4_ok(n, k, group_size):
+            raise ValueError(f"the CUDA int4 kernel needs out % 8 == 0 and in % {16 * INNER_K_TILES} == 0 and "
+                             f"in % group_size == 0, got {n}x{k}, group_size {group_size}")
+        super().__init__(n, k, group_size, bias, input_perm)
+        q = q.to(torch.uint8)
+        pairs = (q[:, ::2] << 4) | q[:, 1::2]  # the kernel's byte: the even input in the high nibble
+        self.register_buffer("weight", torch._convert_weight_to_int4pack(pairs.contiguous(), INNER_K_TILES))
+        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], -1).transpose(0, 1).to(KERNEL_DTYPE)
+                             .contiguous())  # (K / group_size, N, 2)
+
+    def product(self, x: Tensor) -> Tensor:
+        return torch._weight_int4pack_mm(x, self.weight, self.group_size, self.scales_and_zeros)

@@ -26,7 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor, nn
+from torch import Tensor
+
+from qwen2.quant.cuda_int4 import Int4Layer
 
 WORD = 8  # int4 values in an int32
 
@@ -191,34 +193,24 @@ def pack_words(q: Tensor) -> Tensor:
     return words.T.contiguous()
 
 
-class TritonInt4Linear(nn.Module):
-    """y = x @ W.T + bias, W in int4 groups of `group_size` inputs, multiplied by our Triton kernels."""
+class TritonInt4Linear(Int4Layer):
+    """An int4 layer multiplied by our Triton kernels."""
 
     def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, group_size: int, bias: Tensor | None = None,
                  input_perm: Tensor | None = None):
         """q (N, K) in 0..15 and scale, zero (N, K / group_size), on the target device.
         input_perm (K,): the layer computes x[..., input_perm] @ W.T (GPTQ desc_act, see Int4Linear)."""
-        super().__init__()
         n, k = q.shape
         if k % group_size or group_size % WORD:
             raise ValueError(f"in_features ({k}) must be a multiple of group_size ({group_size}), itself a "
                              f"multiple of {WORD}")
-        self.in_features, self.out_features, self.group_size = k, n, group_size
+        super().__init__(n, k, group_size, bias, input_perm)
         self.register_buffer("qweight", pack_words(q))
         self.register_buffer("scales", scale.to(torch.bfloat16).T.contiguous())
         self.register_buffer("zeros", zero.to(torch.bfloat16).T.contiguous())
-        self.register_buffer("input_perm", input_perm)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.input_perm is not None:
-            x = x.index_select(-1, self.input_perm)
-        shape, dtype = x.shape, x.dtype
-        y = int4_matmul(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.scales,
-                        self.zeros, self.group_size)
-        y = y.to(dtype).view(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(dtype)
+    def product(self, x: Tensor) -> Tensor:
+        return int4_matmul(x, self.qweight, self.scales, self.zeros, self.group_size)
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
-                f"group_size={self.group_size}, kernel=triton")
+        return super().extra_repr() + ", kernel=triton"

@@ -6,11 +6,6 @@ On a CUDA machine the kernels run compiled; elsewhere in Triton's interpreter on
 (TRITON_INTERPRET=1, set by tests/conftest.py before Triton loads), whose products are float32 as
 the model's are here. The GPU's speed is bench/gpu_check.py's business, never a test's.
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -19,6 +14,7 @@ pytest.importorskip("triton", reason="Triton is a dev dependency (pip install -e
 from qwen2.config import Qwen2Config  # noqa: E402
 from qwen2.engine.triton_decode import TritonDecode, add_rms_norm, silu_mul  # noqa: E402
 from qwen2.model import PagedKVCache, RMSNorm, Transformer  # noqa: E402
+from tests.gpu_compile import cubin_sizes  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
@@ -157,38 +153,24 @@ def test_the_engine_decodes_the_same_greedy_tokens_with_it():
 
 
 COMPILE = """
-import json, triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from qwen2.engine import triton_decode as a
 
-meta = dict(N_HEADS=28, N_KV=4, HEAD_DIM=128)
+meta = dict(N_HEADS=28, N_KV=4, HEAD_DIM=128)  # Qwen2-7B's, in bf16
 cases = {
     "rotate": (a._rotate_and_write, ["*bf16", "i32", "*bf16", "i32", "*bf16", "i32", "*bf16", "*bf16", "*bf16",
-                                      "*bf16", "*bf16", "*i64"], meta, 4),
+                                      "*bf16", "*bf16", "*i64"], meta),
     "attend": (a._attend_split, ["*bf16", "*bf16", "*bf16", "*i64", "*i64", "*fp32", "*fp32", "*fp32", "fp32", "i32",
-                                  "i32", "i32"], dict(meta, GROUP=16, BLOCK=16, SPAN=64, DOT=tl.bfloat16), 4),
-    "merge": (a._merge_splits, ["*fp32", "*fp32", "*fp32", "*bf16", "i32"], dict(meta, GROUP=16), 4),
-    "norm": (a._add_rms_norm, ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "i32", "fp32"], dict(BLOCK=4096), 4),
-    "silu": (a._silu_mul, ["*bf16", "*bf16", "i32"], dict(BLOCK=1024), 4),
+                                  "i32", "i32"], dict(meta, GROUP=16, BLOCK=16, SPAN=64, DOT=tl.bfloat16)),
+    "merge": (a._merge_splits, ["*fp32", "*fp32", "*fp32", "*bf16", "i32"], dict(meta, GROUP=16)),
+    "norm": (a._add_rms_norm, ["*bf16", "*bf16", "*bf16", "*bf16", "*bf16", "i32", "fp32"], dict(BLOCK=4096)),
+    "silu": (a._silu_mul, ["*bf16", "*bf16", "i32"], dict(BLOCK=1024)),
 }
-sizes = {}
-for name, (kernel, types, constants, warps) in cases.items():
-    names = [n for n in kernel.arg_names if n not in constants]
-    signature = {**dict(zip(names, types)), **{n: "constexpr" for n in constants}}
-    for arch in (80, 90):
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-        sizes[f"{name} sm_{arch}"] = len(compiled.asm["cubin"])
-print(json.dumps(sizes))
+for name, (kernel, types, constants) in cases.items():
+    for arch in (80, 90):  # A100, H100/H200
+        sizes[f"{name} sm_{arch}"] = cubin_bytes(kernel, types, constants, 4, arch)
 """
 
 
 def test_the_kernels_compile_to_machine_code_for_the_gpus_we_measure_on():
-    # Triton's compiler and ptxas (from its wheel) down to cubins for the Qwen2-7B shapes in bf16, in a
-    # process of its own: in this one Triton loaded in interpreter mode
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    sizes = json.loads(run.stdout.strip().splitlines()[-1])
+    sizes = cubin_sizes(COMPILE)
     assert len(sizes) == 10 and all(size > 1000 for size in sizes.values()), sizes

@@ -7,10 +7,7 @@ computes something else cannot be chosen there. Speed is measured on a GPU by
 bench/gpu_check.py (part "int4"), never here.
 """
 import copy
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +19,7 @@ from qwen2.model import KVCache, Transformer  # noqa: E402
 from qwen2.quant import cuda_int4  # noqa: E402
 from qwen2.quant import triton_int4 as kernels  # noqa: E402
 from qwen2.quant.int_linear import Int4Linear, quantize_int4  # noqa: E402
+from tests.gpu_compile import cubin_sizes  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
@@ -160,34 +158,22 @@ def test_a_qwen2_model_on_these_layers_has_the_logits_of_the_cpu_int4_layers():
 
 
 COMPILE = """
-import json, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from qwen2.quant import triton_int4 as kernels
 
-pointers = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16"}
-cases = {"gemv": (kernels._int4_gemv, {"N": "i32", "K": "i32"}, dict(GROUP=128, BLOCK_N=8, BLOCK_K=1024), 4),
-         "matmul": (kernels._int4_matmul, {"M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"},
-                    dict(GROUP=128, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, DOT=triton.language.bfloat16), 4)}
-sizes = {}
-for name, (kernel, ints, constants, warps) in cases.items():
-    for even in (True, False):
-        for arch in (80, 90):  # A100, H100/H200
-            constants = dict(constants, **({"EVEN_N": even, "EVEN_K": even} if name == "gemv" else {"EVEN": even}))
-            signature = {**pointers, **ints, **{key: "constexpr" for key in constants}}
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-            sizes[f"{name} even={even} sm_{arch}"] = len(compiled.asm["cubin"])
-print(json.dumps(sizes))
+pointers = ["*bf16", "*i32", "*bf16", "*bf16", "*bf16"]
+gemv = (kernels._int4_gemv, pointers + ["i32", "i32"], dict(GROUP=128, BLOCK_N=8, BLOCK_K=1024), 4)
+matmul = (kernels._int4_matmul, pointers + ["i32", "i32", "i32", "i32"],
+          dict(GROUP=128, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, DOT=tl.bfloat16), 4)
+for even in (True, False):  # every load unmasked, and masked
+    for arch in (80, 90):  # A100, H100/H200
+        kernel, types, constants, warps = gemv
+        sizes[f"gemv even={even} sm_{arch}"] = cubin_bytes(kernel, types, dict(constants, EVEN_N=even, EVEN_K=even),
+                                                           warps, arch)
+        kernel, types, constants, warps = matmul
+        sizes[f"matmul even={even} sm_{arch}"] = cubin_bytes(kernel, types, dict(constants, EVEN=even), warps, arch)
 """
 
 
 def test_both_kernels_compile_to_machine_code_for_the_gpus_we_measure_on():
-    # the interpreter runs the kernels' Python; this runs Triton's compiler and ptxas (shipped in its
-    # wheel) down to a cubin, as a GPU's first call would, so a kernel that can't compile fails here.
-    # In a process of its own: in this one Triton loaded in interpreter mode
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    sizes = json.loads(run.stdout.strip().splitlines()[-1])
+    sizes = cubin_sizes(COMPILE)
     assert len(sizes) == 8 and all(size > 1000 for size in sizes.values()), sizes
