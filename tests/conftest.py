@@ -6,8 +6,9 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # our Triton kernels (qwen2.quant.triton_int4) then run in Triton's interpreter on CPU tensors;
-    # Triton reads the flag as it first loads, so it is set before any test module imports Triton
+    # our Triton kernels (qwen2/quant/triton_int4.py, qwen2/engine/triton_decode.py) then run in
+    # Triton's interpreter on CPU tensors; Triton reads the flag as it first loads, so it is set
+    # before any test module imports Triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
