@@ -681,8 +681,8 @@ def main() -> None:
         if not dry:
             runs += [(dense, decode_config, "int4/triton", "torch"), (dense, decode_config, "int4/triton", "triton")]
     if "moe" in parts:
-        runs.append(("tiny-moe" if small else f"Qwen2-57B-A14B ({MOE_LAYERS} of 28 layers)", moe_config, "none",
-                     "torch"))
+        moe = "tiny-moe" if small else f"Qwen2-57B-A14B ({MOE_LAYERS} of 28 layers)"
+        runs += [(moe, moe_config, "none", "torch")] + ([] if dry else [(moe, moe_config, "none", "triton")])
     if runs:
         report["peaks"] = device_peaks(device)
         engine_prompt, engine_steps = (16, 4) if dry else (64, 16) if small else (512, 64)
