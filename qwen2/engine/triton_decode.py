@@ -16,7 +16,9 @@ cache with the model's own matrix products and, around them, per layer:
 3. `_add_rms_norm` (for the residual add and RMSNorm's cast, norm, cast back and weight): twice.
 4. `_silu_mul` (for SiLU and the product with up).
 
-About 30 launches a layer become about 10 (the matrix products among them). The arithmetic is the
+About 30 launches a layer become about 10 (the matrix products among them); int4 layers on our
+Triton kernels (qwen2.quant.triton_int4) are stacked into one q/k/v and one gate/up product each,
+as Transformer.fuse_weights stacks float ones. The arithmetic is the
 model's: the same roundings to the model's dtype at the same places, float32 inside. All shapes
 follow the step's fixed (batch, keys) bucket, so the kernels capture in a CUDA graph. Covered:
 causal masking by each row's position, sliding windows, GQA, MoE layers (their own forward),
@@ -33,8 +35,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import nn
 
 from qwen2.model import Context, MoE, PagedKVCache, RMSNorm, Transformer
+from qwen2.quant.triton_int4 import TritonInt4Linear
 
 SPAN = 64  # keys a program attends to: 576 keys of one row are 9 programs per KV head
 
@@ -222,6 +226,12 @@ class DecodeAttention:
         return out
 
 
+def _int4_stack(linears: list[nn.Module]) -> TritonInt4Linear | None:
+    if not all(isinstance(m, TritonInt4Linear) for m in linears):
+        return None
+    return TritonInt4Linear.stack(linears)
+
+
 class TritonDecode:
     """Runs the layers of a one-token-per-row forward over a paged cache (`applies` says when), for
     `Transformer.decode_step`: the model's modules for the matrix products and MoE layers, these
@@ -230,6 +240,13 @@ class TritonDecode:
     def __init__(self, model: Transformer):
         self.model = model
         self.attention = DecodeAttention(model)
+        # int4 layers on our Triton kernels stacked as the float ones are (Transformer.fuse_weights):
+        # q/k/v and gate/up one product each; None where a layer's are float or do not stack
+        self.qkv, self.gate_up = [], []
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            self.qkv.append(_int4_stack([attn.q_proj, attn.k_proj, attn.v_proj]))
+            self.gate_up.append(None if isinstance(mlp, MoE) else _int4_stack([mlp.gate_proj, mlp.up_proj]))
 
     def applies(self, x: torch.Tensor, cache: object) -> bool:
         """Whether a forward of `x` (B, T, H) over `cache` is a decode step this computes."""
@@ -241,11 +258,19 @@ class TritonDecode:
         layers = self.model.model.layers
         h = layers[0].input_layernorm(x)
         for i, block in enumerate(layers):
-            x, h = add_rms_norm(x, block.self_attn(h, ctx), block.post_attention_layernorm)
-            mlp = block.mlp
+            attn, mlp = block.self_attn, block.mlp
+            if self.qkv[i] is not None:
+                q, k, v = self.qkv[i](h).split([attn.q_proj.out_features, attn.k_proj.out_features,
+                                                attn.v_proj.out_features], dim=-1)
+                attended = attn.o_proj(attn.attend(q, k, v, ctx))
+            else:
+                attended = attn(h, ctx)
+            x, h = add_rms_norm(x, attended, block.post_attention_layernorm)
             if isinstance(mlp, MoE):
                 out = mlp(h, ctx)
-            elif mlp.fused:  # the stacked gate/up product (Transformer.fuse_weights)
+            elif self.gate_up[i] is not None:
+                out = mlp.down_proj(silu_mul(self.gate_up[i](h)))
+            elif mlp.fused:  # the stacked float gate/up product (Transformer.fuse_weights)
                 out = mlp.down_proj(silu_mul(F.linear(h, mlp.gate_up)))
             else:
                 out = mlp(h)

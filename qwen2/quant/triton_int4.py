@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
+from torch import Tensor, nn
 
 from qwen2.quant.cuda_int4 import Int4Layer
 
@@ -34,7 +34,7 @@ WORD = 8  # int4 values in an int32
 
 
 @triton.jit
-def _int4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+def _int4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, STRIDE, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # EVEN_N, EVEN_K: the blocks tile N (K) exactly. A mask that varies along N would keep the compiler
@@ -53,8 +53,8 @@ def _int4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLO
         else:
             word_ok = word < K // 8
         ok = word_ok[:, None] & col_ok[None, :]
-        packed = tl.load(w_ptr + word[:, None] * N + cols[None, :], mask=ok, other=0)
-        at = (word * 8 // GROUP)[:, None] * N + cols[None, :]
+        packed = tl.load(w_ptr + word[:, None] * STRIDE + cols[None, :], mask=ok, other=0)
+        at = (word * 8 // GROUP)[:, None] * STRIDE + cols[None, :]
         s = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + at, mask=ok, other=0.0).to(tl.float32)
         xq = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
@@ -75,7 +75,7 @@ def _int4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLO
 
 
 @triton.jit
-def _int4_matmul(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET, GROUP: tl.constexpr,
+def _int4_matmul(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, STRIDE, M_BUCKET, GROUP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
                  DOT: tl.constexpr = tl.bfloat16):
     # M_BUCKET is not read: it keys the autotuner's choice by the rows' order of magnitude.
@@ -91,14 +91,14 @@ def _int4_matmul(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, M_BUCKET, GROUP: tl
         a = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
         ok = k_ok[:, None] & (rn < N)[None, :]
         # each word is read for its 8 inputs from the cache; the shift picks one input's nibble
-        words = w_ptr + (kk // 8)[:, None] * N + rn[None, :]
+        words = w_ptr + (kk // 8)[:, None] * STRIDE + rn[None, :]
         packed = tl.load(words) if EVEN else tl.load(words, mask=ok, other=0)
         nibble = ((packed >> ((kk % 8) * 4)[:, None]) & 0xF) | 0x4B000000  # 2^23 + q as a float
         if BLOCK_K <= GROUP:  # both powers of two: the tile lies in one group, one scale per output
-            at = (k0 // GROUP) * N + rn
+            at = (k0 // GROUP) * STRIDE + rn
             col_ok = rn < N
         else:
-            at = (kk // GROUP)[:, None] * N + rn[None, :]
+            at = (kk // GROUP)[:, None] * STRIDE + rn[None, :]
             col_ok = ok
         if EVEN:
             s = tl.load(s_ptr + at).to(tl.float32)
@@ -155,10 +155,14 @@ def _autotuned(name: str) -> triton.runtime.Autotuner:
 def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                 config: dict[str, int] | None = None) -> Tensor:
     """x (M, K) @ W.T -> (M, N) in x's dtype, W the int4 matrix of `qweight` (K / 8, N) with its
-    `scales` and `zeros` (K / group_size, N). `config` fixes the block sizes (tests); on CUDA they
-    are otherwise tuned per shape."""
+    `scales` and `zeros` (K / group_size, N), all three with one row stride (columns of a wider
+    stack, see TritonInt4Linear.stack). `config` fixes the block sizes (tests); on CUDA they are
+    otherwise tuned per shape."""
     m, k = x.shape
-    n = qweight.shape[1]
+    n, stride = qweight.shape[1], qweight.stride(0)
+    if not (qweight.stride(1) == scales.stride(1) == zeros.stride(1) == 1 and scales.stride(0) == zeros.stride(0)
+            == stride):
+        raise ValueError("qweight, scales and zeros must share one row stride, their columns contiguous")
     x = x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tune = config is None and x.is_cuda
@@ -167,8 +171,8 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
         meta = {} if tune else dict(config or INTERPRETED_GEMV)
         if not tune:
             meta |= {flag: even(dict(meta, N=n, K=k)) for flag, even in GEMV_EVEN.items()}
-        kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](x, qweight, scales, zeros, y, n, k, GROUP=group_size,
-                                                           **meta)
+        kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](x, qweight, scales, zeros, y, n, k, stride,
+                                                           GROUP=group_size, **meta)
     else:
         kernel = _autotuned("matmul") if tune else _int4_matmul
         meta = {} if tune else dict(config or INTERPRETED_MATMUL)
@@ -178,7 +182,7 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
             meta["DOT"] = tl.float32
         bucket = min(triton.next_power_of_2(m), 256)
         kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))](
-            x, qweight, scales, zeros, y, m, n, k, bucket, GROUP=group_size, **meta)
+            x, qweight, scales, zeros, y, m, n, k, stride, bucket, GROUP=group_size, **meta)
     return y
 
 
@@ -211,6 +215,33 @@ class TritonInt4Linear(Int4Layer):
 
     def product(self, x: Tensor) -> Tensor:
         return int4_matmul(x, self.qweight, self.scales, self.zeros, self.group_size)
+
+    @classmethod
+    def stack(cls, layers: list[TritonInt4Linear]) -> TritonInt4Linear | None:
+        """One layer whose outputs are `layers`' one after another (q/k/v, gate/up: one product
+        instead of several), or None where they differ in inputs, groups or input order. The layers
+        keep working on their own: their buffers become column views of the stack's, so no weight
+        is held twice."""
+        first = layers[0]
+        if any(m.in_features != first.in_features or m.group_size != first.group_size or m.input_perm is not None
+               for m in layers):
+            return None
+        stacked = cls.__new__(cls)
+        Int4Layer.__init__(stacked, sum(m.out_features for m in layers), first.in_features, first.group_size,
+                           None, None)
+        for name in ("qweight", "scales", "zeros"):
+            whole = torch.cat([getattr(m, name) for m in layers], dim=1)
+            stacked.register_buffer(name, whole)
+            start = 0
+            for m in layers:
+                setattr(m, name, whole[:, start:start + m.out_features])
+                start += m.out_features
+        biases = [m.bias for m in layers]
+        if any(b is not None for b in biases):
+            like = next(b for b in biases if b is not None)
+            stacked.bias = nn.Parameter(torch.cat([like.new_zeros(m.out_features) if b is None else b.detach()
+                                                   for b, m in zip(biases, layers)]), requires_grad=False)
+        return stacked
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", kernel=triton"

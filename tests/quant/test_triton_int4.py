@@ -115,6 +115,36 @@ def test_the_layer_equals_the_cpu_int4_layer_on_the_same_act_order_integers(rows
     assert not any(t.is_floating_point() and t.shape == (48, 256) for t in ours.buffers())  # no float matrix
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_stack_computes_its_layers_outputs_side_by_side_and_they_still_run_alone(rows):
+    sizes = (64, 16, 16)  # q, k and v of 4 query heads and 1 KV head of 16
+    layers = []
+    for i, n in enumerate(sizes):
+        q, scale, zero, _ = int4_weights(n, 128, 32, seed=i)
+        bias = None if i == 2 else torch.randn(n)  # v without a bias, as a stacked zero
+        layers.append(kernels.TritonInt4Linear(*(t.to(DEVICE) for t in (q, scale, zero)), 32,
+                                               None if bias is None else bias.to(DEVICE)))
+    x = torch.randn(rows, 128, device=DEVICE)
+    alone = [layer(x) for layer in layers]
+    stack = kernels.TritonInt4Linear.stack(layers)
+    assert stack.out_features == 96 and all(layer.qweight.data_ptr() != 0 for layer in layers)
+    assert layers[1].qweight.data_ptr() == stack.qweight[:, 64:].data_ptr()  # a view: no weight held twice
+    if DEVICE == "cpu":  # the interpreter's one configuration: each output column sums as it did alone
+        assert torch.equal(stack(x), torch.cat(alone, dim=-1))
+    else:  # the tuner may pick other blocks for the wider matrix: another order of the same sums
+        torch.testing.assert_close(stack(x), torch.cat(alone, dim=-1), rtol=2 ** -7, atol=1e-3)
+    assert all(torch.equal(layer(x), y) for layer, y in zip(layers, alone))
+
+
+def test_layers_that_differ_in_their_inputs_do_not_stack():
+    q, scale, zero, _ = int4_weights(16, 128, 32)
+    plain = kernels.TritonInt4Linear(q, scale, zero, 32)
+    assert kernels.TritonInt4Linear.stack([plain, kernels.TritonInt4Linear(q, scale, zero, 32,
+                                                                           input_perm=torch.randperm(128))]) is None
+    q2, scale2, zero2, _ = int4_weights(16, 256, 32)
+    assert kernels.TritonInt4Linear.stack([plain, kernels.TritonInt4Linear(q2, scale2, zero2, 32)]) is None
+
+
 def test_the_cuda_int4_kernel_is_chosen_by_name():
     q, scale, zero, _ = int4_weights(16, 128, 32)
     assert isinstance(cuda_int4.cuda_int4_linear(q, scale, zero, 32, kernel="triton"), kernels.TritonInt4Linear)
@@ -161,8 +191,8 @@ COMPILE = """
 from qwen2.quant import triton_int4 as kernels
 
 pointers = ["*bf16", "*i32", "*bf16", "*bf16", "*bf16"]
-gemv = (kernels._int4_gemv, pointers + ["i32", "i32"], dict(GROUP=128, BLOCK_N=8, BLOCK_K=1024), 4)
-matmul = (kernels._int4_matmul, pointers + ["i32", "i32", "i32", "i32"],
+gemv = (kernels._int4_gemv, pointers + ["i32"] * 3, dict(GROUP=128, BLOCK_N=8, BLOCK_K=1024), 4)
+matmul = (kernels._int4_matmul, pointers + ["i32"] * 5,
           dict(GROUP=128, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, DOT=tl.bfloat16), 4)
 for even in (True, False):  # every load unmasked, and masked
     for arch in (80, 90):  # A100, H100/H200
