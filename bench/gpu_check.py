@@ -538,12 +538,15 @@ def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tupl
     return out
 
 
-def profile_decode(config: dict, prompt: int, steps: int, device: str) -> str:
+def profile_decode(config: dict, prompt: int, steps: int, device: str, triton_step: bool = False) -> str:
     """torch.profiler's table of `steps` batch-1 fixed-shape decode steps run eagerly (a graph's
-    replay hides its kernels), the kernels by device time: where a step's time goes."""
+    replay hides its kernels), the kernels by device time: where a step's time goes (with
+    `triton_step`, through qwen2.engine.triton_decode's kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     model = random_model(config, device, torch.bfloat16)
+    if triton_step:
+        model.decode_step = TritonDecode(model)
     engine = Engine(model, NoText(), max_concurrency=1, max_seq_len=2 * prompt, prefill_chunk=prompt,
                     static_decode=False)
     engine.static_decode = StaticDecode(model, engine.cache, capture=False)
@@ -702,6 +705,8 @@ def main() -> None:
     if "profile" in parts:
         record("attention_decode_us", attention_decode_times(device))
         record("profile", profile_decode(decode_config, prompt, 8, device))
+        if not dry:  # the Triton kernels run only in the interpreter on the CPU
+            record("profile_triton_decode", profile_decode(decode_config, prompt, 8, device, triton_step=True))
     record("wall_s", time.perf_counter() - started)
     failed = [key for key, _ in checks if not report[key]["ok"]]
     if failed:
