@@ -166,6 +166,8 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
     x = x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tune = config is None and x.is_cuda
+    if m == 0:
+        return y
     if m == 1:
         kernel = _autotuned("gemv") if tune else _int4_gemv
         meta = {} if tune else dict(config or INTERPRETED_GEMV)

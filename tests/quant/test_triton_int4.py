@@ -136,6 +136,11 @@ def test_a_stack_computes_its_layers_outputs_side_by_side_and_they_still_run_alo
     assert all(torch.equal(layer(x), y) for layer, y in zip(layers, alone))
 
 
+def test_no_rows_give_no_rows():
+    weights, _ = packed(16, 128, 32)
+    assert kernels.int4_matmul(torch.empty(0, 128, device=DEVICE), *weights, 32).shape == (0, 16)
+
+
 def test_layers_that_differ_in_their_inputs_do_not_stack():
     q, scale, zero, _ = int4_weights(16, 128, 32)
     plain = kernels.TritonInt4Linear(q, scale, zero, 32)
