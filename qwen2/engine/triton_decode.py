@@ -38,7 +38,6 @@ import triton.language as tl
 from torch import nn
 
 from qwen2.model import Context, MoE, PagedKVCache, RMSNorm, Transformer
-from qwen2.quant.triton_int4 import TritonInt4Linear
 
 SPAN = 64  # keys a program attends to: 576 keys of one row are 9 programs per KV head
 
@@ -226,10 +225,13 @@ class DecodeAttention:
         return out
 
 
-def _int4_stack(linears: list[nn.Module]) -> TritonInt4Linear | None:
-    if not all(isinstance(m, TritonInt4Linear) for m in linears):
+def _stack(linears: list[nn.Module]) -> nn.Module | None:
+    """One layer computing `linears`' outputs side by side, where their class can stack them
+    (qwen2.quant.triton_int4.TritonInt4Linear.stack), else None."""
+    kind = type(linears[0])
+    if not hasattr(kind, "stack") or any(type(m) is not kind for m in linears):
         return None
-    return TritonInt4Linear.stack(linears)
+    return kind.stack(linears)
 
 
 class TritonDecode:
@@ -245,8 +247,8 @@ class TritonDecode:
         self.qkv, self.gate_up = [], []
         for block in model.model.layers:
             attn, mlp = block.self_attn, block.mlp
-            self.qkv.append(_int4_stack([attn.q_proj, attn.k_proj, attn.v_proj]))
-            self.gate_up.append(None if isinstance(mlp, MoE) else _int4_stack([mlp.gate_proj, mlp.up_proj]))
+            self.qkv.append(_stack([attn.q_proj, attn.k_proj, attn.v_proj]))
+            self.gate_up.append(None if isinstance(mlp, MoE) else _stack([mlp.gate_proj, mlp.up_proj]))
 
     def applies(self, x: torch.Tensor, cache: object) -> bool:
         """Whether a forward of `x` (B, T, H) over `cache` is a decode step this computes."""

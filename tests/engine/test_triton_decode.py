@@ -34,12 +34,12 @@ def prefilled(config: Qwen2Config, lengths: list[int]) -> tuple[Transformer, Pag
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_(0, 1.0)
     cache = PagedKVCache(config, 64, BLOCK, len(lengths), 256, device=DEVICE)
+    cache.k.zero_(), cache.v.zero_()  # the pools are compared whole: no uninitialised (maybe NaN) block
     free = (torch.randperm(63) + 1).tolist()  # block 0 is the padding rows'
     tokens = torch.randint(0, 256, (len(lengths), max(lengths) + 1))
     for slot, length in enumerate(lengths):
         for i in range(-(-(length + 1) // BLOCK)):
             cache.tables[slot, i] = free.pop()
-        cache.zero_blocks(cache.tables[slot, : -(-(length + 1) // BLOCK)].tolist())
         with torch.no_grad():
             model(tokens[slot : slot + 1, :length].to(DEVICE), cache=cache, slots=torch.tensor([slot], device=DEVICE))
     return model, cache, tokens
