@@ -191,7 +191,6 @@ class DecodeAttention:
             raise ValueError("the Triton decode attention does not cover dual chunk attention")
         if config.head_dim & (config.head_dim - 1) or config.head_dim < 16:
             raise ValueError(f"the Triton decode attention needs a power-of-two head_dim >= 16, not {config.head_dim}")
-        self.model = model
         self.n_heads, self.n_kv, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
                                                   config.head_dim)
         self.group = max(16, triton.next_power_of_2(self.n_heads // self.n_kv))

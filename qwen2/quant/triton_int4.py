@@ -130,12 +130,13 @@ INTERPRETED_MATMUL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 _tuned: dict[str, triton.runtime.Autotuner] = {}
 
 
-def _even(meta: dict) -> bool:
-    return meta["N"] % meta["BLOCK_N"] == 0 and meta["K"] % meta["BLOCK_K"] == 0
-
-
 GEMV_EVEN = {"EVEN_N": lambda meta: meta["N"] % meta["BLOCK_N"] == 0,
              "EVEN_K": lambda meta: meta["K"] % meta["BLOCK_K"] == 0}
+
+
+def _even(meta: dict) -> bool:
+    """The many-row kernel's one flag: the blocks tile N and K both."""
+    return all(even(meta) for even in GEMV_EVEN.values())
 
 
 def _autotuned(name: str) -> triton.runtime.Autotuner:

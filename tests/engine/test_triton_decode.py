@@ -145,24 +145,13 @@ def test_the_fused_norm_and_silu_compute_what_the_model_does(dtype):
         torch.testing.assert_close(g.float(), w.float(), **tolerance)
 
 
-def test_the_engine_decodes_the_same_greedy_tokens_with_it():
+def test_the_engine_decodes_the_same_greedy_tokens_with_it(default_tokenizer):
     from qwen2.engine.engine import Engine
     from qwen2.engine.sampling import SamplingParams
 
-    class NoText:  # random weights: token ids in, no text out
-        eos_token_ids: list[int] = []
-
-        def stream_decoder(self):
-            return self
-
-        def push(self, token: int) -> str:
-            return ""
-
-        def flush(self) -> str:
-            return ""
-
     def greedy(model: Transformer) -> list[list[int]]:
-        engine = Engine(model, NoText(), max_concurrency=3, max_seq_len=160, prefill_chunk=64, static_decode=False)
+        engine = Engine(model, default_tokenizer, max_concurrency=3, max_seq_len=160, prefill_chunk=64,
+                        static_decode=False)
         generator = torch.Generator().manual_seed(1)
         requests = [engine.submit(torch.randint(0, 256, (n,), generator=generator).tolist(),
                                   SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)) for n in (7, 20, 30)]
