@@ -129,10 +129,10 @@ def test_a_stack_computes_its_layers_outputs_side_by_side_and_they_still_run_alo
     stack = kernels.TritonInt4Linear.stack(layers)
     assert stack.out_features == 96 and all(layer.qweight.data_ptr() != 0 for layer in layers)
     assert layers[1].qweight.data_ptr() == stack.qweight[:, 64:].data_ptr()  # a view: no weight held twice
-    if DEVICE == "cpu":  # the interpreter's one configuration: each output column sums as it did alone
-        assert torch.equal(stack(x), torch.cat(alone, dim=-1))
-    else:  # the tuner may pick other blocks for the wider matrix: another order of the same sums
-        torch.testing.assert_close(stack(x), torch.cat(alone, dim=-1), rtol=2 ** -7, atol=1e-3)
+    # the same sums, each column's maybe in another order: the GPU's tuner may pick other blocks for
+    # the wider matrix, and the interpreter's tile products (BLAS) may treat a column by its place in
+    # the tile, which differs in the stack; the bf16 output then rounds a step apart at most
+    torch.testing.assert_close(stack(x), torch.cat(alone, dim=-1), rtol=2 ** -7, atol=1e-3)
     assert all(torch.equal(layer(x), y) for layer, y in zip(layers, alone))
 
 
