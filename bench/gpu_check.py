@@ -31,7 +31,10 @@ Qwen2-57B-A14B config cut to a few layers in bf16, eager and graphed, beside tra
 Qwen2-MoE. Int4 (part "int4"): each CUDA int4 kernel's layer (torch's tinygemm and our Triton
 kernels, qwen2.quant.triton_int4) against its own integers' float weights (from our quantizer and
 from GPTQ-style integers with an act-order permutation), then the Qwen2-7B config with int4 weights
-on each kernel decoding through the engine, as for bf16. Random weights and no tokenizer (none
+on each kernel decoding through the engine, as for bf16. GGUF blocks (part "gguf"): our Triton
+kernels (qwen2.quant.triton_blocks) decoding each block type bit for bit as gguf-py does and
+multiplying within bf16 rounding, each type's layer at the config's shapes beside bf16's, then the
+Qwen2-7B config on a Q4_K_M-like mix of random blocks through the engine. Random weights and no tokenizer (none
 travels to the GPU machine): detokenizing is left out of the timings.
 """
 
@@ -53,6 +56,7 @@ from qwen2.engine.sampling import SamplingParams
 from qwen2.engine.triton_decode import TritonDecode
 from qwen2.model import KVCache, Transformer
 from qwen2.quant.int_linear import quantize_int4, quantize_model
+from qwen2.quant.kernels import BLOCKS
 from qwen2.quant.prequantized import to_int4_linear
 from qwen2.train.data import Batch
 from qwen2.train.lora import add_lora
@@ -251,6 +255,101 @@ def int4_layer_speed(config: dict, device: str, peaks: dict) -> dict:
 
         out["triton_configs"] = {f"{name} {key}": str(tuner.cache[key]) for name, tuner in triton_int4._tuned.items()
                                  for key in tuner.cache}
+    return out
+
+
+def random_blocks(qtype: int, rows: int, columns: int, device: str) -> torch.Tensor:
+    """Rows of random bytes in `qtype`'s GGUF blocks, their float16 scales small finite halves (a
+    weight then lies within about +-1, as a real file's do)."""
+    per_block, block_bytes = BLOCKS[qtype]
+    raw = torch.randint(0, 256, (rows, columns // per_block, block_bytes), dtype=torch.uint8, device=device)
+    for at in {14: (208,), 12: (0, 2), 13: (0, 2)}.get(qtype, (0,)):
+        halves = (torch.rand(rows, columns // per_block, device=device) * 2e-3 - 1e-3).half()
+        raw[:, :, at:at + 2] = halves.view(torch.uint8).view(rows, -1, 2)
+    return raw.view(rows, -1)
+
+
+def random_gguf_blocks(model: Transformer) -> None:
+    """Every Linear of `model` replaced by random GGUF blocks on our Triton kernels, in the types of
+    llama.cpp's Q4_K_M mix (Q4_K; Q6_K for v, down and the output head, which Q4_K_M gives some or all;
+    Q5_0 and Q8_0 in their place where rows do not split into K-quants' 256, as in the default model)."""
+    from qwen2.quant.triton_blocks import TritonBlockLinear
+
+    for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]:
+        wide = name.endswith(("v_proj", "down_proj", "lm_head"))
+        qtype = (14 if wide else 12) if linear.in_features % 256 == 0 else (8 if wide else 6)
+        blocks = random_blocks(qtype, linear.out_features, linear.in_features, linear.weight.device.type)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                TritonBlockLinear(blocks, qtype, linear.in_features, linear.bias))
+
+
+@torch.no_grad()
+def gguf_correctness(device: str) -> dict:
+    """Our Triton kernels on each GGUF block type: decoding random bytes bit for bit as gguf-py
+    does, and the products at 1 row (GEMV) and 37 (tiles on the tensor cores) in bf16 against the
+    float weights."""
+    if device != "cuda":
+        return {"skipped": "the Triton block kernels run on CUDA (on the CPU, the tests run them interpreted)",
+                "ok": True}
+    from gguf import GGMLQuantizationType, dequantize
+
+    from qwen2.quant import CUDA_BLOCK_TYPES
+    from qwen2.quant.triton_blocks import blocks_matmul, dequantize_rows
+
+    out, ok = {}, True
+    for qtype in CUDA_BLOCK_TYPES:
+        name = GGMLQuantizationType(qtype).name
+        blocks = random_blocks(qtype, 512, 1024, device)
+        w = torch.from_numpy(dequantize(blocks.cpu().numpy(), GGMLQuantizationType(qtype)).reshape(512, 1024))
+        decoded = dequantize_rows(blocks, qtype, 1024).cpu()
+        out[f"{name}/decoded_equal"] = bool(torch.equal(decoded, w.float()))
+        for rows in (1, 37):
+            x = torch.randn(rows, 1024, device=device, dtype=torch.bfloat16)
+            want = x.double().cpu() @ w.double().T
+            got = blocks_matmul(x, blocks, qtype, 1024).double().cpu()
+            out[f"{name}/{rows}_rows_rel_err"] = float((got - want).norm() / want.norm())
+        ok = ok and out[f"{name}/decoded_equal"] and all(out[f"{name}/{r}_rows_rel_err"] < 0.01 for r in (1, 37))
+    out["ok"] = ok
+    return out
+
+
+@torch.no_grad()
+def gguf_layer_speed(config: dict, device: str, peaks: dict) -> dict:
+    """Our Triton block kernels on the config's matrix shapes, per type, at 1, 32 and 512 rows, beside
+    the bf16 matrix's F.linear: microseconds, the bytes of blocks read per second, and the block
+    sizes the tuner chose."""
+    if device != "cuda":
+        return {"skipped": "the Triton block kernels run on CUDA"}
+    from gguf import GGMLQuantizationType
+
+    from qwen2.quant import triton_blocks
+
+    c = Qwen2Config(**config)
+    shapes = {"q/o": (c.hidden_size, c.hidden_size), "gate/up": (c.intermediate_size, c.hidden_size),
+              "down": (c.hidden_size, c.intermediate_size)}
+    out = {}
+    for name, (n, k) in shapes.items():
+        weight = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        layers = {"bf16": functools.partial(F.linear, weight=weight)}
+        sizes = {"bf16": weight.numel() * 2}
+        for qtype in (12, 14, 8, 6):  # Q4_K, Q6_K, Q8_0, Q5_0: the default model's mix
+            blocks = random_blocks(qtype, n, k, device)
+            layers[GGMLQuantizationType(qtype).name] = functools.partial(
+                triton_blocks.blocks_matmul, blocks=blocks, qtype=qtype, in_features=k)
+            sizes[GGMLQuantizationType(qtype).name] = blocks.numel()
+        for rows in (1, 32, 512):
+            x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+            for kind, layer in layers.items():
+                seconds = timed(functools.partial(layer, x), 50, device)
+                row = {"us": 1e6 * seconds, "gb_per_s": sizes[kind] / seconds / 1e9}
+                if peaks.get("hbm_bytes_per_s"):
+                    row["hbm_pct"] = 100 * sizes[kind] / seconds / peaks["hbm_bytes_per_s"]
+                out[f"{kind}/{name} {n}x{k}/{rows} rows"] = row
+        del weight, layers
+        free_memory(device)
+    out["triton_configs"] = {f"{name} {key}": str(tuner.cache[key]) for name, tuner in triton_blocks._tuned.items()
+                             for key in tuner.cache}
     return out
 
 
@@ -496,15 +595,18 @@ def engine_speed(name: str, config: dict, prompt: int, steps: int, batches: tupl
                  peaks: dict, quant: str = "none", attention: str = "torch") -> dict:
     """Prefill and decode through the engine at one config in bf16 on random weights (with `quant`
     "int4" or "int4/triton": every Linear's weights quantized in place first, on that CUDA kernel;
-    with `attention` "triton": decode steps through qwen2.engine.triton_decode's kernels)."""
+    "gguf/triton": every Linear a Q4_K_M-like mix of random GGUF blocks on our Triton kernels; with
+    `attention` "triton": decode steps through qwen2.engine.triton_decode's kernels)."""
     dtype = torch.bfloat16
     model = random_model(config, device, dtype)
-    if attention == "triton":
-        model.decode_step = TritonDecode(model)
-    if quant != "none":
-        mode, _, kernel = quant.partition("/")
+    mode, _, kernel = quant.partition("/")
+    if mode == "gguf":
+        random_gguf_blocks(model)
+    elif quant != "none":
         quantize_model(model, mode, 128, cuda_kernel=kernel or "tinygemm")
-        free_memory(device)
+    free_memory(device)
+    if attention == "triton":  # after quantizing: the step stacks q/k/v and gate/up of our kernels' layers
+        model.decode_step = TritonDecode(model)
     weights = weight_bytes_per_step(model)
     per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 2
     bandwidth, flops = peaks["hbm_bytes_per_s"], peaks["bf16_flops"]
@@ -626,7 +728,7 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--small", action="store_true", help="tiny sizes, to check the script itself")
     parser.add_argument("--dry", action="store_true", help="on the CPU at tiny sizes (the default without CUDA)")
-    parser.add_argument("--parts", default="correctness,train,decode,engine,moe,int4,compile,profile",
+    parser.add_argument("--parts", default="correctness,train,decode,engine,moe,int4,gguf,compile,profile",
                         help="comma-separated parts to run (default: all)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -653,6 +755,8 @@ def main() -> None:
         checks.append(("moe_correctness", moe_correctness))
     if "int4" in parts:
         checks.append(("int4_correctness", int4_correctness))
+    if "gguf" in parts:
+        checks.append(("gguf_correctness", gguf_correctness))
     for key, check in checks:
         try:
             record(key, check(device))
@@ -665,6 +769,12 @@ def main() -> None:
         except Exception as e:
             traceback.print_exc()
             record("int4_layers", {"error": f"{type(e).__name__}: {e}"})
+    if "gguf" in parts:
+        try:
+            record("gguf_layers", gguf_layer_speed(decode_config, device, device_peaks(device)))
+        except Exception as e:
+            traceback.print_exc()
+            record("gguf_layers", {"error": f"{type(e).__name__}: {e}"})
     sizes = (2, 32, 1, 8, 4) if dry else (4, 128, 3, 32, 16) if small else (4, 512, 10, 512, 128)
     batch, seq, steps, prompt, new = sizes
     if "train" in parts:
@@ -683,6 +793,8 @@ def main() -> None:
         runs.append((dense, decode_config, "int4", "torch"))
         if not dry:
             runs += [(dense, decode_config, "int4/triton", "torch"), (dense, decode_config, "int4/triton", "triton")]
+    if "gguf" in parts and not dry:
+        runs += [(dense, decode_config, "gguf/triton", "torch"), (dense, decode_config, "gguf/triton", "triton")]
     if "moe" in parts:
         moe = "tiny-moe" if small else f"Qwen2-57B-A14B ({MOE_LAYERS} of 28 layers)"
         runs += [(moe, moe_config, "none", "torch")] + ([] if dry else [(moe, moe_config, "none", "triton")])

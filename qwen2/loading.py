@@ -34,7 +34,7 @@ from qwen2.errors import OptionError, Qwen2Error
 from qwen2.memory import onto_huge_pages
 from qwen2.model import Transformer
 from qwen2.options import DEFAULT_CTX, DEFAULTS
-from qwen2.quant import MODES, file_blocks, resolve_quant
+from qwen2.quant import CUDA_BLOCK_TYPES, MODES, file_blocks, resolve_quant
 from qwen2.quant.blocks import attach_blocks, blocks_from_float, compiled_ops
 from qwen2.quant.int_linear import int4_layout, quantize_model
 from qwen2.quant.kernels import BLOCKS
@@ -127,9 +127,9 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
         dev = resolve_device(device) if world == 1 else tensor_parallel.rank_device(resolve_device(device))
         mode = resolve_quant(quant, dev.type, source, world)
         kind = MODES[mode].kind
-        # exactly the weights: the block kernels compute in float32, and tensor parallelism on the
-        # CPU computes what one process's default does
-        exact = kind == "blocks" or (world > 1 and quant in (None, "auto") and dev.type == "cpu")
+        # exactly the weights: the CPU's block kernels compute in float32, and tensor parallelism on
+        # the CPU computes what one process's default does
+        exact = (kind == "blocks" or world > 1 and quant in (None, "auto")) and dev.type == "cpu"
         dt = resolve_dtype(dtype, dev, exact=exact)
         if experts_of is not None:
             plan = expert_parallel.ExpertPlan(config, *experts_of)
@@ -144,7 +144,7 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
     entry = quantized.entry_for(source, settings) if made_at_load else None
     built = model_from_cache(entry) if entry is not None else None
     if built is None:
-        built = _read_and_build(source, mode, dt, dev, plan)
+        built = _read_and_build(source, mode, dt, dev, plan, "cpu" if dev.type == "cpu" else "triton")
         if entry is not None:
             net, tokenizer = built
             state = net.state_dict()
@@ -190,17 +190,23 @@ def inference_copy(config: Qwen2Config, state: dict[str, torch.Tensor], mode: st
 
 
 def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.device,
-                    plan: tensor_parallel.Plan | expert_parallel.ExpertPlan | None) -> tuple[Transformer, Tokenizer]:
+                    plan: tensor_parallel.Plan | expert_parallel.ExpertPlan | None,
+                    block_kernels: str = "cpu") -> tuple[Transformer, Tokenizer]:
     """Read the tensors (this rank's part under a plan), build, parallelize, then quantize: the
     mode's layers swapped in, or a file's own quantized matrices (GGUF blocks, GPTQ/AWQ integers)
-    attached where their float matrices would be."""
+    attached where their float matrices would be. A GGUF's blocks run on `block_kernels`: "cpu"
+    (our compiled kernels) or "triton" (the CUDA ones, which Triton's interpreter also runs)."""
     kind = MODES[mode].kind
-    keep = frozenset(BLOCKS) if file_blocks(mode) else frozenset()
+    on_triton = block_kernels == "triton"
+    # Triton takes a file's quantized types as blocks (its F16 and BF16 matrices load as float)
+    keep = (frozenset(CUDA_BLOCK_TYPES) if on_triton else frozenset(BLOCKS)) if file_blocks(mode) else frozenset()
     config, state, tokenizer = load_checkpoint(source, dtype=dtype, keep_blocks=keep, keep_packed=kind == "checkpoint",
                                                select=plan.select if plan else None)
     kept = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}  # Blocks or UnpackedLinear
-    # until they are attached, kept matrices stand in as zero-stride views of their shape (no memory)
-    state = {k: torch.zeros((), dtype=dtype).expand(_shape(v)) if k in kept else v for k, v in state.items()}
+    # until they are attached, kept matrices stand in as zero-stride views of their shape, already of the
+    # device and dtype, so that adopting them allocates nothing
+    state = {k: torch.zeros((), dtype=dtype, device=device).expand(_shape(v)) if k in kept else v
+             for k, v in state.items()}
     with torch.device("meta"):
         net = Transformer(plan.rank_config() if plan else config)
     if plan is not None:
@@ -208,7 +214,11 @@ def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.d
         state = plan.pad(state)
     net.adopt(state, dtype=dtype, device=device)
     del state  # each float matrix is freed as its quantized replacement takes its place
-    if file_blocks(mode):  # the file's own blocks, where its types have a kernel (float ones stay float)
+    if file_blocks(mode) and on_triton:
+        from qwen2.quant.triton_blocks import attach_triton_blocks  # Triton comes with CUDA builds of torch
+
+        attach_triton_blocks(net, kept, dtype, device)
+    elif file_blocks(mode):  # the file's own blocks, where its types have a kernel (float ones stay float)
         attach_blocks(net, kept, dtype, MODES[mode].activations, mapped=True)
     elif kind == "checkpoint":
         attach_int4(net, kept, read_config(source)[1].group_size, dtype)

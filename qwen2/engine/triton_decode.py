@@ -16,9 +16,9 @@ cache with the model's own matrix products and, around them, per layer:
 3. `_add_rms_norm` (for the residual add and RMSNorm's cast, norm, cast back and weight): twice.
 4. `_silu_mul` (for SiLU and the product with up).
 
-About 30 launches a layer become about 10 (the matrix products among them); int4 layers on our
-Triton kernels (qwen2.quant.triton_int4) are stacked into one q/k/v and one gate/up product each,
-as Transformer.fuse_weights stacks float ones. The arithmetic is the
+About 30 launches a layer become about 10 (the matrix products among them); int4 and GGUF block
+layers on our Triton kernels (qwen2.quant.triton_int4, triton_blocks) are stacked into one q/k/v
+and one gate/up product each, as Transformer.fuse_weights stacks float ones. The arithmetic is the
 model's: the same roundings to the model's dtype at the same places, float32 inside. All shapes
 follow the step's fixed (batch, keys) bucket, so the kernels capture in a CUDA graph. Covered:
 causal masking by each row's position, sliding windows, GQA, MoE layers (their own forward),
@@ -226,7 +226,7 @@ class DecodeAttention:
 
 def _stack(linears: list[nn.Module]) -> nn.Module | None:
     """One layer computing `linears`' outputs side by side, where their class can stack them
-    (qwen2.quant.triton_int4.TritonInt4Linear.stack), else None."""
+    (TritonInt4Linear.stack, TritonBlockLinear.stack in qwen2.quant), else None."""
     kind = type(linears[0])
     if not hasattr(kind, "stack") or any(type(m) is not kind for m in linears):
         return None
@@ -241,7 +241,7 @@ class TritonDecode:
     def __init__(self, model: Transformer):
         self.model = model
         self.attention = DecodeAttention(model)
-        # int4 layers on our Triton kernels stacked as the float ones are (Transformer.fuse_weights):
+        # int4 and block layers on our Triton kernels stacked as the float ones are (Transformer.fuse_weights):
         # q/k/v and gate/up one product each; None where a layer's are float or do not stack
         self.qkv, self.gate_up = [], []
         for block in model.model.layers:

@@ -30,8 +30,9 @@ MODES: dict[str, QuantMode] = {m.name: m for m in (
     QuantMode("int8", "int", ("cpu", "cuda"), True, None, "per-channel int8, torch's kernel (bf16 activations)"),
     QuantMode("int4", "int", ("cpu", "cuda"), True, None, "group-wise int4, torch's kernel (bf16 activations); "
               "a GPTQ/AWQ folder's own int4"),
-    QuantMode("gguf", "blocks", ("cpu",), False, None, "a GGUF file's own blocks through our integer kernels "
-              "(activations rounded to int8 per 32, as llama.cpp does)", "int8"),
+    QuantMode("gguf", "blocks", ("cpu", "cuda"), False, None, "a GGUF file's own blocks through our integer kernels "
+              "(activations rounded to int8 per 32, as llama.cpp does); on CUDA through our Triton kernels, "
+              "activations at --dtype", "int8"),
     QuantMode("gguf-f32", "blocks", ("cpu",), False, None, "a GGUF file's own blocks with float32 activations: "
               "exactly the file's weights (slower)", "float32"),
     QuantMode("q8_0", "blocks", ("cpu",), False, 8, "Q8_0 blocks made at load, our integer kernels", "int8"),
@@ -43,6 +44,8 @@ MODES: dict[str, QuantMode] = {m.name: m for m in (
 CHOICES = ("auto", *MODES)
 # GGUF block types a file may hold that the planner sizes beside the modes (they run as "gguf")
 FILE_BLOCK_TYPES = ("q8_0", "q6_k", "q5_k", "q5_0", "q4_k", "q4_0")
+# their GGML type ids, which our Triton kernels decode on CUDA (quant/triton_blocks.py)
+CUDA_BLOCK_TYPES = (8, 14, 13, 6, 12, 2)
 
 
 def file_blocks(mode: str) -> bool:
@@ -58,7 +61,8 @@ def describe() -> str:
 def resolve_quant(quant: str | None, device: str, source: Path | None = None, world_size: int = 1) -> str:
     """The mode a request runs. auto: a GPTQ/AWQ folder its own int4; on CPU a GGUF its own
     blocks and an HF checkpoint Q8_0 blocks made at load (int8 where the kernels cannot be built);
-    on CUDA and under tensor parallelism, float. An explicit mode is checked against the device,
+    on CUDA a GGUF its own blocks (Triton kernels) and an HF checkpoint float; under tensor
+    parallelism, float. An explicit mode is checked against the device,
     the checkpoint and the process count, and refused with what to use instead."""
     from qwen2.errors import OptionError
     from qwen2.weights.gptq_awq import is_int4_checkpoint
@@ -71,6 +75,8 @@ def resolve_quant(quant: str | None, device: str, source: Path | None = None, wo
     if quant == "auto":
         if int4_folder and world_size == 1:
             return "gptq"
+        if device == "cuda" and is_gguf and world_size == 1 and _triton():
+            return "gguf"
         if device != "cpu" or world_size > 1:
             return "none"
         return ("gguf" if is_gguf else "q8_0") if _kernels() else "int8"
@@ -78,7 +84,8 @@ def resolve_quant(quant: str | None, device: str, source: Path | None = None, wo
         return "gptq"
     mode = MODES[quant]
     if device not in mode.devices:
-        raise OptionError(f"--quant {quant} runs on {' or '.join(mode.devices)}, not {device}; use none or int8")
+        instead = "gguf (our Triton kernels) or none" if file_blocks(quant) and device == "cuda" else "none or int8"
+        raise OptionError(f"--quant {quant} runs on {' or '.join(mode.devices)}, not {device}; use {instead}")
     if world_size > 1 and not mode.shardable:
         shardable = ", ".join(m.name for m in MODES.values() if m.shardable)
         raise OptionError(f"--quant {quant} is not available under tensor parallelism (torchrun): choose one of "
@@ -89,7 +96,10 @@ def resolve_quant(quant: str | None, device: str, source: Path | None = None, wo
     if mode.kind == "checkpoint" and not int4_folder:
         raise OptionError(f"--quant {quant} runs a {quant.upper()} folder's own int4 weights, and this model is not "
                           "one; use int4 to quantize it at load")
-    if mode.kind == "blocks" and not _kernels():
+    if mode.kind == "blocks" and device == "cuda" and not _triton():
+        raise OptionError(f"--quant {quant} on CUDA needs Triton (it comes with torch's CUDA builds), which is not "
+                          "installed here; install it, or use none")
+    if mode.kind == "blocks" and device == "cpu" and not _kernels():
         raise OptionError(f"--quant {quant} needs our compiled kernels, which could not be built here (see the "
                           "warning above); use int8 or none")
     return quant
@@ -99,3 +109,9 @@ def _kernels() -> bool:
     from qwen2.quant.blocks import kernels_available
 
     return kernels_available()
+
+
+def _triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

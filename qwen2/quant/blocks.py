@@ -16,7 +16,7 @@ weight rows at a time is dequantized into a GEMM.
 `attach_blocks(model, blocks)` swaps the named weights' modules of a built model for these
 layers (from outside the model, as quant.py does); `make_blocks(w, qtype)` encodes a float
 matrix (an HF checkpoint asked to run quantized) as Q8_0 or Q4_K blocks with gguf-py's and our
-GGUF writer's encoders. Not covered: CUDA (the loader keeps GGUF's own blocks on CPU only).
+GGUF writer's encoders. On CUDA a GGUF's blocks run through our Triton kernels instead (triton_blocks.py).
 """
 
 from __future__ import annotations

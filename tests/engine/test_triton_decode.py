@@ -106,6 +106,30 @@ def test_int4_layers_on_our_kernels_run_stacked_with_the_logits_of_the_models_ow
     assert float((got - want).norm() / want.norm()) < 1e-2
 
 
+def test_gguf_block_layers_on_our_kernels_run_stacked_with_the_logits_of_the_models_own_path():
+    from qwen2.quant.blocks import encode_q8_0
+    from qwen2.quant.triton_blocks import TritonBlockLinear
+
+    lengths = [5, 40]
+    model, cache, tokens = prefilled(Qwen2Config(**GQA7), lengths)
+    for block in model.model.layers:  # every projection on Q8_0 blocks of its own weights, as a GGUF holds them
+        for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (block.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                linear = getattr(parent, name)
+                blocks = encode_q8_0(linear.weight.detach().cpu()).to(DEVICE)
+                setattr(parent, name, TritonBlockLinear(blocks, 8, linear.in_features, linear.bias))
+    theirs = PagedKVCache(model.config, 64, BLOCK, len(lengths), 256, device=DEVICE)
+    theirs.k.copy_(cache.k), theirs.v.copy_(cache.v), theirs.tables.copy_(cache.tables)
+    want = decode_step(model, theirs, tokens, lengths, [0, 1], 64)
+    step = TritonDecode(model)
+    assert all(qkv is not None and qkv.out_features == 224 + 2 * 32 for qkv in step.qkv)  # one product each
+    assert all(gate_up is not None and gate_up.out_features == 2 * 64 for gate_up in step.gate_up)
+    model.decode_step = step
+    got = decode_step(model, cache, tokens, lengths, [0, 1], 64)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32 activations both ways
+
+
 def test_padding_rows_and_spans_past_every_row_change_no_real_rows_answer():
     lengths = [3, 33]
     got, want, _, _ = both_ways(GQA7, lengths, [1, -1, 0, -1], kv_len=256)  # 4 spans, most rows need 1

@@ -1,6 +1,7 @@
 """One table of quantization modes: what auto becomes for each device, checkpoint and process
 count, what an explicit mode is refused for, and every command listing the same modes."""
 
+import importlib.util
 import json
 
 import pytest
@@ -24,7 +25,9 @@ def test_auto_runs_each_checkpoint_on_its_fastest_exact_path(tiny_gguf, tiny_hf,
     assert resolve_quant("auto", "cpu", gptq_folder) == "gptq"  # its own int4, on any device
     assert resolve_quant("auto", "cuda", gptq_folder) == "gptq"
     assert resolve_quant("int4", "cpu", gptq_folder) == "gptq"
-    assert resolve_quant("auto", "cuda", tiny_gguf) == "none"
+    # on CUDA a GGUF runs its own blocks through our Triton kernels (where Triton is installed), an HF checkpoint float
+    assert resolve_quant("auto", "cuda", tiny_gguf) == ("gguf" if importlib.util.find_spec("triton") else "none")
+    assert resolve_quant("auto", "cuda", tiny_hf) == "none"
 
 
 def test_under_tensor_parallelism_auto_is_float_and_only_shardable_modes_run(tiny_gguf, tiny_hf):
@@ -36,6 +39,7 @@ def test_under_tensor_parallelism_auto_is_float_and_only_shardable_modes_run(tin
 
 @pytest.mark.parametrize("mode, device, words", [
     ("gguf", "cpu", "not a GGUF"), ("q4_k", "cuda", "runs on cpu, not cuda"), ("gptq", "cpu", "is not one"),
+    ("gguf-f32", "cuda", r"runs on cpu, not cuda; use gguf \(our Triton kernels\) or none"),
     ("fp8", "cpu", "unknown quant 'fp8'; choose one of auto, none"),
 ])  # fmt: skip
 def test_an_explicit_mode_is_refused_with_what_to_use(tiny_hf, mode, device, words):
