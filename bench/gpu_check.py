@@ -24,8 +24,8 @@ them, eager (full logits to the host), fixed-shape eager and CUDA graphs (tokens
 device), each as tokens/s and as a share of the HBM roofline (bytes a step must read: the
 weights once and every row's keys and values, over the device's peak bandwidth), once with the
 model's own attention and once with the decode steps' attention, norms and SiLU in our Triton kernels
-(qwen2.engine.triton_decode; its greedy tokens checked against the CPU's first). MoE (issue
-parts "moe"): the grouped experts against the per-expert loop and the CPU on a tiny config, the
+(qwen2.engine.triton_decode; its greedy tokens checked against the CPU's first). MoE (part
+"moe"): the grouped experts against the per-expert loop and the CPU on a tiny config, the
 engine's greedy tokens eager and through captured graphs (MoE layers inside), then decode of the
 Qwen2-57B-A14B config cut to a few layers in bf16, eager and graphed, beside transformers'
 Qwen2-MoE. Int4 (part "int4"): each CUDA int4 kernel's layer (torch's tinygemm and our Triton
@@ -33,8 +33,9 @@ kernels, qwen2.quant.triton_int4) against its own integers' float weights (from 
 from GPTQ-style integers with an act-order permutation), then the Qwen2-7B config with int4 weights
 on each kernel decoding through the engine, as for bf16. GGUF blocks (part "gguf"): our Triton
 kernels (qwen2.quant.triton_blocks) decoding each block type bit for bit as gguf-py does and
-multiplying within bf16 rounding, each type's layer at the config's shapes beside bf16's, then the
-Qwen2-7B config on a Q4_K_M-like mix of random blocks through the engine. Random weights and no tokenizer (none
+multiplying within bf16 rounding, each type's layer at the config's shapes beside bf16's and
+Int8Linear's (our Triton int8 kernels, qwen2.quant.triton_int8), then the Qwen2-7B config through
+the engine on a Q4_K_M-like mix of random blocks, and on int8. Random weights and no tokenizer (none
 travels to the GPU machine): detokenizing is left out of the timings.
 """
 
@@ -315,10 +316,29 @@ def gguf_correctness(device: str) -> dict:
 
 
 @torch.no_grad()
+def int8_correctness(device: str) -> dict:
+    """Int8Linear on CUDA (our Triton kernels) against the float weights of its own integers, at 1 row
+    (the GEMV) and 37 (tiles on the tensor cores), in bf16."""
+    if device != "cuda":
+        return {"skipped": "Int8Linear runs our Triton kernels on CUDA only", "ok": True}
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1024, 512, device=device, dtype=torch.bfloat16)
+    layer = quantize_model(torch.nn.Sequential(linear), "int8")[0]
+    w = layer.weight.double() * layer.scales.double()[:, None]
+    out = {}
+    for rows in (1, 37):
+        x = torch.randn(rows, 1024, device=device, dtype=torch.bfloat16)
+        want = x.double() @ w.T + linear.bias.double()
+        out[f"{rows}_rows_rel_err"] = float((layer(x).double() - want).norm() / want.norm())
+    out["ok"] = all(v < 0.01 for v in out.values())
+    return out
+
+
+@torch.no_grad()
 def gguf_layer_speed(config: dict, device: str, peaks: dict) -> dict:
     """Our Triton block kernels on the config's matrix shapes, per type, at 1, 32 and 512 rows, beside
-    the bf16 matrix's F.linear: microseconds, the bytes of blocks read per second, and the block
-    sizes the tuner chose."""
+    the bf16 matrix's F.linear and Int8Linear (our Triton int8 kernels): microseconds, the bytes of
+    weights read per second, and the block sizes the tuner chose."""
     if device != "cuda":
         return {"skipped": "the Triton block kernels run on CUDA"}
     from gguf import GGMLQuantizationType
@@ -338,6 +358,9 @@ def gguf_layer_speed(config: dict, device: str, peaks: dict) -> dict:
             layers[GGMLQuantizationType(qtype).name] = functools.partial(
                 triton_blocks.blocks_matmul, blocks=blocks, qtype=qtype, in_features=k)
             sizes[GGMLQuantizationType(qtype).name] = blocks.numel()
+        int8 = quantize_model(torch.nn.Sequential(torch.nn.Linear(k, n, bias=False, device=device,
+                                                                  dtype=torch.bfloat16)), "int8")[0]
+        layers["int8"], sizes["int8"] = int8, n * k + 2 * n  # Int8Linear on our Triton kernels (triton_int8.py)
         for rows in (1, 32, 512):
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
             for kind, layer in layers.items():
@@ -348,7 +371,10 @@ def gguf_layer_speed(config: dict, device: str, peaks: dict) -> dict:
                 out[f"{kind}/{name} {n}x{k}/{rows} rows"] = row
         del weight, layers
         free_memory(device)
-    out["triton_configs"] = {f"{name} {key}": str(tuner.cache[key]) for name, tuner in triton_blocks._tuned.items()
+    from qwen2.quant import triton_int8
+
+    out["triton_configs"] = {f"{module.__name__.rsplit('.', 1)[1]} {name} {key}": str(tuner.cache[key])
+                             for module in (triton_blocks, triton_int8) for name, tuner in module._tuned.items()
                              for key in tuner.cache}
     return out
 
@@ -756,7 +782,7 @@ def main() -> None:
     if "int4" in parts:
         checks.append(("int4_correctness", int4_correctness))
     if "gguf" in parts:
-        checks.append(("gguf_correctness", gguf_correctness))
+        checks += [("gguf_correctness", gguf_correctness), ("int8_correctness", int8_correctness)]
     for key, check in checks:
         try:
             record(key, check(device))
@@ -794,7 +820,8 @@ def main() -> None:
         if not dry:
             runs += [(dense, decode_config, "int4/triton", "torch"), (dense, decode_config, "int4/triton", "triton")]
     if "gguf" in parts and not dry:
-        runs += [(dense, decode_config, "gguf/triton", "torch"), (dense, decode_config, "gguf/triton", "triton")]
+        runs += [(dense, decode_config, "gguf/triton", "torch"), (dense, decode_config, "gguf/triton", "triton"),
+                 (dense, decode_config, "int8", "torch")]
     if "moe" in parts:
         moe = "tiny-moe" if small else f"Qwen2-57B-A14B ({MOE_LAYERS} of 28 layers)"
         runs += [(moe, moe_config, "none", "torch")] + ([] if dry else [(moe, moe_config, "none", "triton")])

@@ -17,8 +17,8 @@ GEMM at prefill, so above INT8/INT4_KERNEL_MAX_ROWS rows (batch * tokens) the la
 weight, a block of rows at a time, and call F.linear in the model's dtype (crossovers measured with
 bench/quant_kernels.py on a 2-core AVX512-BF16 EPYC: ~12 rows for int8, ~90 for int4).
 
-On CUDA, int4 layers run torch's GPU int4 kernel (qwen2.quant.cuda_int4); int8 layers dequantize
-every forward there, a block of rows at a time (correct, not fast). Not covered: MPS kernels; activation
+On CUDA, int4 layers run torch's GPU int4 kernel (qwen2.quant.cuda_int4) and int8 layers our Triton
+kernels (qwen2.quant.triton_int8), both on their integers in place. Not covered: MPS kernels; activation
 quantization; GPTQ/AWQ checkpoints. A quantized model's state dict is cached on disk by
 qwen2.loading (qwen2.weights.quantized), keyed by the int4 layout, which depends on the CPU's
 vector width. Quantizing packs on CPU; the buffers may then move.
@@ -172,6 +172,10 @@ class Int8Linear(nn.Module):
             if not torch.compiler.is_compiling() and x.data_ptr() % 32:
                 x = x.clone()
             y = torch._weight_int8pack_mm(x, self.weight, _as(self.scales, KERNEL_DTYPE))
+        elif self.weight.is_cuda:
+            from qwen2.quant.triton_int8 import int8_matmul  # Triton comes with CUDA builds of torch
+
+            y = int8_matmul(x, self.weight, self.scales)
         else:
             y = _chunked_linear(self.out_features, self.in_features, lambda a, b: (
                 F.linear(x, self.weight[a:b].to(dtype)) * self.scales[a:b].to(dtype)))

@@ -212,7 +212,9 @@ def blocks_matmul(x: Tensor, blocks: Tensor, qtype: int, in_features: int,
                                                            **shared, **meta)
     else:
         kernel, meta = (_autotuned("matmul"), {}) if tune else (_blocks_matmul, dict(config or INTERPRETED_MATMUL))
-        dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, tl.float32)
+        # the interpreter's bf16 and fp16 conversions and products are not the GPU's: float32 there
+        dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, tl.float32) if x.is_cuda \
+            else tl.float32
         bucket = min(triton.next_power_of_2(m), 256)
         kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))](
             x, blocks, y, m, n, in_features, blocks.stride(0), bucket, **shared, DOT=dot, **meta)

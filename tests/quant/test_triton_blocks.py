@@ -86,6 +86,14 @@ def test_many_rows_multiply_decoded_tiles_with_float32_sums(qtype, rows):
     assert y.shape == (rows, 72) and rel_err(y, x.double() @ reference(blocks, qtype, 512).T) < TILE_TOLERANCE
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bf16_activations_come_back_in_bf16_within_its_rounding(rows):
+    blocks = random_blocks(12, 48, 512, seed=4)
+    x = torch.randn(rows, 512).bfloat16()
+    y = kernels.blocks_matmul(x.to(DEVICE), blocks.to(DEVICE), 12, 512)
+    assert y.dtype == torch.bfloat16 and rel_err(y, x.double() @ reference(blocks, 12, 512).T) < 1e-2
+
+
 @pytest.mark.parametrize("config", kernels.GEMV_CONFIGS, ids=str)
 def test_every_one_row_configuration_the_tuner_may_pick(config):
     block_n, groups, _ = config
