@@ -96,12 +96,12 @@ def test_bf16_activations_come_back_in_bf16_within_its_rounding(rows):
 
 @pytest.mark.parametrize("config", kernels.GEMV_CONFIGS, ids=str)
 def test_every_one_row_configuration_the_tuner_may_pick(config):
-    block_n, groups, _ = config
+    block_n, span, _ = config
     for qtype in (6, 14):  # groups of 32 and of 16
         blocks = random_blocks(qtype, 36, 1280, seed=2)
         x = torch.randn(1, 1280)
         y = kernels.blocks_matmul(x.to(DEVICE), blocks.to(DEVICE), qtype, 1280,
-                                  config=dict(BLOCK_N=block_n, GROUPS=groups))
+                                  config=dict(BLOCK_N=block_n, SPAN=span))
         assert rel_err(y, x.double() @ reference(blocks, qtype, 1280).T) < 1e-5
 
 
@@ -210,7 +210,7 @@ for qtype in CUDA_BLOCK_TYPES:
     shared = dict(QTYPE=qtype, GROUP=kernels.group_size(qtype))
     for arch in (80, 90) if qtype == 12 else (90,):  # A100 for one type, H100/H200 for all
         sizes[f"gemv {qtype} sm_{arch}"] = cubin_bytes(kernels._blocks_gemv, ["*bf16", "*u8", "*bf16"] + ["i32"] * 3,
-                                                       dict(shared, BLOCK_N=8, GROUPS=8), 4, arch)
+                                                       dict(shared, BLOCK_N=8, SPAN=256), 4, arch)
         sizes[f"matmul {qtype} sm_{arch}"] = cubin_bytes(
             kernels._blocks_matmul, ["*bf16", "*u8", "*bf16"] + ["i32"] * 5,
             dict(shared, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT=tl.bfloat16), 4, arch)
