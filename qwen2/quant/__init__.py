@@ -27,7 +27,8 @@ class QuantMode:
 
 MODES: dict[str, QuantMode] = {m.name: m for m in (
     QuantMode("none", "float", ("cpu", "cuda"), True, None, "float weights at --dtype"),
-    QuantMode("int8", "int", ("cpu", "cuda"), True, None, "per-channel int8, torch's kernel (bf16 activations)"),
+    QuantMode("int8", "int", ("cpu", "cuda"), True, None, "per-channel int8, torch's kernel (bf16 activations); "
+              "on CUDA ours in Triton"),
     QuantMode("int4", "int", ("cpu", "cuda"), True, None, "group-wise int4, torch's kernel (bf16 activations); "
               "a GPTQ/AWQ folder's own int4"),
     QuantMode("gguf", "blocks", ("cpu", "cuda"), False, None, "a GGUF file's own blocks through our integer kernels "

@@ -302,7 +302,9 @@ def attach_triton_blocks(model: nn.Module, blocks: dict[str, Blocks], dtype: tor
         parent_name, _, child = owner_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        data = on_device.setdefault(id(b.data), b.data.to(device))
+        if id(b.data) not in on_device:
+            on_device[id(b.data)] = b.data.to(device)
+        data = on_device[id(b.data)]
         if isinstance(old, nn.Embedding):
             setattr(parent, child, TritonBlockEmbedding(data, b.qtype, b.shape[1], dtype))
         else:

@@ -10,7 +10,11 @@
 // (-mavx2 -mfma, or the AVX512 set) and names each build's op namespace after it (QWEN2_NS).
 // Block decoding is plain loops the compiler vectorizes; the dot products use intrinsics.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -6,7 +6,11 @@
 // written once, and its masks are a hash of its index (hash32 below, the same the torch path
 // computes), so every thread count and every split of the work keep the same entries.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
