@@ -33,7 +33,7 @@ from qwen2.engine.speculative import DraftModel, PromptLookup
 from qwen2.errors import OptionError, Qwen2Error
 from qwen2.memory import onto_huge_pages
 from qwen2.model import Transformer
-from qwen2.options import DEFAULT_CTX, DEFAULTS
+from qwen2.options import DEFAULT_CTX, DEFAULTS, KERNELS
 from qwen2.quant import CUDA_BLOCK_TYPES, MODES, file_blocks, resolve_quant
 from qwen2.quant.blocks import attach_blocks, blocks_from_float, compiled_ops
 from qwen2.quant.int_linear import int4_layout, quantize_model
@@ -95,7 +95,7 @@ def model_from_cache(entry: Path) -> tuple[Transformer, Tokenizer] | None:
 def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dtype,
                device: str | None = DEFAULTS.device, quant: str = DEFAULTS.quant,
                rope_scaling: str | None = DEFAULTS.rope_scaling, dca: str | None = DEFAULTS.dca,
-               chat_template: str | None = DEFAULTS.chat_template,
+               chat_template: str | None = DEFAULTS.chat_template, kernels: str = DEFAULTS.kernels,
                experts_of: tuple[int, int] | None = None) -> tuple[Transformer, Tokenizer]:
     """The network, built and placed, and its tokenizer: no engine, no KV cache.
 
@@ -109,13 +109,13 @@ def load_model(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAUL
     """
     template = read_chat_template(chat_template) if chat_template else None
     net, tokenizer, _ = build_model(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling,
-                                    dca=dca, experts_of=experts_of)
+                                    dca=dca, kernels=kernels, experts_of=experts_of)
     tokenizer.chat_template = template or tokenizer.chat_template
     return net, tokenizer
 
 
 def build_model(model: str | Path | None, *, dtype: str | None, device: str | None, quant: str | None,
-                rope_scaling: str | None, dca: str | None, world: int = 1,
+                rope_scaling: str | None, dca: str | None, kernels: str = DEFAULTS.kernels, world: int = 1,
                 experts_of: tuple[int, int] | None = None) -> tuple[Transformer, Tokenizer, str]:
     """load_model's network and tokenizer, and the quant mode it runs, in one sequence: describe
     -> resolve -> plan -> read (whole, or this rank's part of `world` tensor-parallel ranks) ->
@@ -126,6 +126,7 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
         config, _, source = describe(model)
         dev = resolve_device(device) if world == 1 else tensor_parallel.rank_device(resolve_device(device))
         mode = resolve_quant(quant, dev.type, source, world)
+        check_kernels(kernels, dev.type, world)
         kind = MODES[mode].kind
         # exactly the weights: the CPU's block kernels compute in float32, and tensor parallelism on
         # the CPU computes what one process's default does
@@ -144,7 +145,8 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
     entry = quantized.entry_for(source, settings) if made_at_load else None
     built = model_from_cache(entry) if entry is not None else None
     if built is None:
-        built = _read_and_build(source, mode, dt, dev, plan, "cpu" if dev.type == "cpu" else "triton")
+        built = _read_and_build(source, mode, dt, dev, plan, "cpu" if dev.type == "cpu" else "triton",
+                                "triton" if kernels == "triton" else "tinygemm")
         if entry is not None:
             net, tokenizer = built
             state = net.state_dict()
@@ -156,7 +158,22 @@ def build_model(model: str | Path | None, *, dtype: str | None, device: str | No
     net.set_rope(with_long_context(net.config, rope_scaling, dca))
     if dev.type == "cpu" and MODES[mode].kind == "blocks":
         fuse_block_steps(net)
+    if kernels == "triton":
+        from qwen2.engine.triton_decode import TritonDecode  # Triton comes with CUDA builds of torch
+
+        net.decode_step = TritonDecode(net)
     return net, tokenizer, mode
+
+
+def check_kernels(kernels: str, device: str, world: int) -> None:
+    """Refuse a --kernels choice this run cannot take, saying what to use."""
+    if kernels not in KERNELS:
+        raise OptionError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
+    if kernels == "triton" and device != "cuda":
+        raise OptionError(f"--kernels triton runs on CUDA, not {device}: our compiled kernels already run there "
+                          "(use auto)")
+    if kernels == "triton" and world > 1:
+        raise OptionError("--kernels triton does not run under tensor parallelism (torchrun); use auto")
 
 
 def fuse_block_steps(net: Transformer) -> None:
@@ -191,11 +208,12 @@ def inference_copy(config: Qwen2Config, state: dict[str, torch.Tensor], mode: st
 
 def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.device,
                     plan: tensor_parallel.Plan | expert_parallel.ExpertPlan | None,
-                    block_kernels: str = "cpu") -> tuple[Transformer, Tokenizer]:
+                    block_kernels: str = "cpu", int4_kernel: str = "tinygemm") -> tuple[Transformer, Tokenizer]:
     """Read the tensors (this rank's part under a plan), build, parallelize, then quantize: the
     mode's layers swapped in, or a file's own quantized matrices (GGUF blocks, GPTQ/AWQ integers)
     attached where their float matrices would be. A GGUF's blocks run on `block_kernels`: "cpu"
-    (our compiled kernels) or "triton" (the CUDA ones, which Triton's interpreter also runs)."""
+    (our compiled kernels) or "triton" (the CUDA ones, which Triton's interpreter also runs); int4
+    layers on CUDA on `int4_kernel` (qwen2.quant.cuda_int4.KERNELS)."""
     kind = MODES[mode].kind
     on_triton = block_kernels == "triton"
     # Triton takes a file's quantized types as blocks (its F16 and BF16 matrices load as float)
@@ -221,11 +239,11 @@ def _read_and_build(source: Path, mode: str, dtype: torch.dtype, device: torch.d
     elif file_blocks(mode):  # the file's own blocks, where its types have a kernel (float ones stay float)
         attach_blocks(net, kept, dtype, MODES[mode].activations, mapped=True)
     elif kind == "checkpoint":
-        attach_int4(net, kept, read_config(source)[1].group_size, dtype)
+        attach_int4(net, kept, read_config(source)[1].group_size, dtype, int4_kernel)
     elif kind == "blocks":
         blocks_from_float(net, MODES[mode].block_type, activations=MODES[mode].activations)
     elif kind == "int":
-        quantize_model(net, mode, INT4_GROUP)
+        quantize_model(net, mode, INT4_GROUP, cuda_kernel=int4_kernel)
     return net, tokenizer
 
 
@@ -237,15 +255,16 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
          device: str | None = DEFAULTS.device, quant: str = DEFAULTS.quant, ctx: int | None = DEFAULTS.ctx,
          rope_scaling: str | None = DEFAULTS.rope_scaling, dca: str | None = DEFAULTS.dca,
          speculative: str | None = DEFAULTS.speculative, chat_template: str | None = DEFAULTS.chat_template,
-         max_concurrency: int = 64, kv_memory: int | None = None, prefill_chunk: int = 512,
-         kv_share: float | None = None, lora: dict[str, str | Path] | None = None) -> LLM:
+         kernels: str = DEFAULTS.kernels, max_concurrency: int = 64, kv_memory: int | None = None,
+         prefill_chunk: int = 512, kv_share: float | None = None, lora: dict[str, str | Path] | None = None) -> LLM:
     """Load a model and an engine over it; the keyword arguments mean what the CLI options do.
 
     ctx: KV cache tokens per sequence (prompt and reply), default 32768 or the model's context
     limit if smaller. rope_scaling: e.g. "yarn:4" (static YaRN changes outputs on short prompts
     too, so it is opt-in). dca: "CHUNK" or "CHUNK:LOCAL" turns on Dual Chunk Attention.
     speculative: "ngram" (prompt lookup) or a draft model spec (same tokenizer) for greedy
-    decoding. chat_template: a jinja file to use instead of the model's template.
+    decoding. chat_template: a jinja file to use instead of the model's template. kernels: "triton"
+    runs int4 layers and the decode step on our Triton kernels (CUDA only; qwen2.options.KERNELS).
     max_concurrency: sequences decoded together at most. kv_memory: bytes of the
     paged KV cache all sequences share (default: a quarter of the available RAM, half the free
     GPU memory; see qwen2.engine.engine). kv_share: when
@@ -264,7 +283,7 @@ def load(model: str | Path | None = DEFAULTS.model, *, dtype: str = DEFAULTS.dty
     if adapters and world > 1:
         raise OptionError("--lora does not run under tensor parallelism (torchrun): the adapters are not sharded")
     net, tokenizer, mode = build_model(model, dtype=dtype, device=device, quant=quant, rope_scaling=rope_scaling,
-                                       dca=dca, world=world)
+                                       dca=dca, kernels=kernels, world=world)
     tokenizer.chat_template = template or tokenizer.chat_template
     if world > 1:  # rank 0 leads the other ranks, which never return from here
         net = tensor_parallel.lead(net, net.model.norm.weight.device)

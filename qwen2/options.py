@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass
 from qwen2 import quant
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# which kernels run beside torch's: "auto" (ours where torch has none), or "triton" (on CUDA, our
+# Triton kernels for int4 layers and for the decode step around the matrix products too)
+KERNELS = ("auto", "triton")
 # A limit, not a reservation: the paged KV cache takes blocks as a sequence grows, so the default
 # is Qwen2's native 32K window (or the model's limit if smaller) and costs nothing until used.
 DEFAULT_CTX = 32768
@@ -30,6 +33,7 @@ class ModelOptions:
     dca: str | None = None
     speculative: str | None = None
     chat_template: str | None = None  # a jinja file replacing the model's chat template
+    kernels: str = "auto"  # one of KERNELS
 
 
 DEFAULTS = ModelOptions()
@@ -63,8 +67,8 @@ def parse_bytes(text: str) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser, ctx: bool = True, speculative: bool = True) -> None:
-    """--model, --dtype, --device, --quant, --rope-scaling, --dca, --chat-template and, where the command takes
-    them, --ctx and --speculative. Defaults are load()'s: an option left out is None here and
+    """--model, --dtype, --device, --quant, --rope-scaling, --dca, --kernels, --chat-template and, where
+    the command takes them, --ctx and --speculative. Defaults are load()'s: an option left out is None here and
     is not passed on."""
     keep = dict(default=None)
     p.add_argument("--model", "-m", **keep, help="a .gguf file, an HF checkpoint folder, a packaged model "
@@ -76,7 +80,8 @@ def add_model_options(p: argparse.ArgumentParser, ctx: bool = True, speculative:
     p.add_argument("--device", **keep, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--quant", choices=quant.CHOICES, **keep, help=f"how weights are held (default "
                    f"{DEFAULTS.quant}: a GPTQ/AWQ folder its own int4; on CPU a GGUF's own blocks (gguf) and "
-                   f"Q8_0 blocks for an HF checkpoint, through our kernels; none (float) on CUDA). "
+                   f"Q8_0 blocks for an HF checkpoint, through our kernels; on CUDA a GGUF's own blocks through "
+                   f"our Triton kernels, none (float) for an HF checkpoint). "
                    f"{quant.describe()}")
     if ctx:
         p.add_argument("--ctx", type=parse_tokens, **keep, help=f"KV cache tokens per sequence, prompt and "
@@ -85,6 +90,9 @@ def add_model_options(p: argparse.ArgumentParser, ctx: bool = True, speculative:
     p.add_argument("--rope-scaling", **keep, help="e.g. yarn:4 (static YaRN: extends the context but changes "
                    "outputs on short prompts too, so it is off unless asked for)")
     p.add_argument("--dca", **keep, help="dual chunk attention CHUNK[:LOCAL], e.g. 32768:4096")
+    p.add_argument("--kernels", choices=KERNELS, **keep, help=f"on CUDA, 'triton' runs int4 layers (--quant int4, "
+                   "GPTQ/AWQ folders) and the decode step's attention, norms and SiLU on our Triton kernels instead "
+                   f"of torch's (default {DEFAULTS.kernels}: torch's; not yet measured against them on a GPU)")
     p.add_argument("--chat-template", **keep, metavar="FILE", help="a jinja chat template to use instead of the "
                    "model's (HF's variables: messages, tools, add_generation_prompt; a template without a tools "
                    "branch still serves tools, written in Qwen2.5's format)")

@@ -13,7 +13,7 @@ import torch
 import qwen2
 from qwen2.device import resolve_device
 from qwen2.errors import OptionError, WeightsError
-from qwen2.loading import load, load_model
+from qwen2.loading import check_kernels, load, load_model
 from qwen2.options import DEFAULT_CTX, DEFAULTS
 from qwen2.weights import locate
 
@@ -136,6 +136,32 @@ def test_unusable_devices_are_option_errors(name, words):
 def test_cuda_without_cuda_says_why():
     with pytest.raises(OptionError, match="device 'cuda': (this build of torch .* has no CUDA|no such CUDA device)"):
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize("kernels, device, world, words", [
+    ("triton", "cpu", 1, "--kernels triton runs on CUDA, not cpu: our compiled kernels already run there"),
+    ("triton", "cuda", 2, "does not run under tensor parallelism"),
+    ("cuda", "cuda", 1, "unknown kernels 'cuda'; choose one of auto"),
+])  # fmt: skip
+def test_a_kernels_choice_the_run_cannot_take_is_refused_with_what_to_use(kernels, device, world, words):
+    with pytest.raises(OptionError, match=words):
+        check_kernels(kernels, device, world)
+    check_kernels("auto", device, world)  # torch's and our compiled kernels run everywhere
+
+
+def test_load_refuses_triton_kernels_on_the_cpu_before_reading_weights(tiny_hf):
+    with pytest.raises(OptionError, match="--kernels triton runs on CUDA"):
+        load(tiny_hf, device="cpu", kernels="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="our Triton kernels are chosen on CUDA only")
+def test_triton_kernels_run_the_int4_layers_and_the_decode_step_on_cuda(tiny_hf):
+    from qwen2.engine.triton_decode import TritonDecode
+    from qwen2.quant.triton_int4 import TritonInt4Linear
+
+    llm = load(tiny_hf, device="cuda", quant="int4", kernels="triton")
+    assert isinstance(llm.model.decode_step, TritonDecode)
+    assert isinstance(llm.model.model.layers[0].mlp.down_proj, TritonInt4Linear)
 
 
 @pytest.mark.parametrize("ctx", [0, -5, 2.5])

@@ -59,16 +59,18 @@ def to_int4_linear(layer: UnpackedLinear, group_size: int, bias: Tensor | None,
 
 
 @torch.no_grad()
-def attach_int4(model: nn.Module, packed: dict[str, UnpackedLinear], group_size: int, dtype: torch.dtype) -> None:
+def attach_int4(model: nn.Module, packed: dict[str, UnpackedLinear], group_size: int, dtype: torch.dtype,
+                cuda_kernel: str = "tinygemm") -> None:
     """Swap each packed Linear of a built model (named by its weight, as load_checkpoint(...,
-    keep_packed=True) returns them) for the int4 kernel's layer on its own integers, keeping the
-    Linear's bias; float where the kernel can't run it (see the module docstring)."""
+    keep_packed=True) returns them) for the int4 kernel's layer on its own integers (on CUDA
+    `cuda_kernel`'s), keeping the Linear's bias; float where the kernel can't run it (see the
+    module docstring)."""
     fallbacks, device = [], torch.device("cpu")
     for name, unpacked in packed.items():
         prefix = name.removesuffix(".weight")
         linear = model.get_submodule(prefix)
         device = linear.weight.device
-        layer = to_int4_linear(unpacked, group_size, linear.bias, device)
+        layer = to_int4_linear(unpacked, group_size, linear.bias, device, cuda_kernel)
         if layer is None:
             fallbacks.append(prefix)
             layer = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
