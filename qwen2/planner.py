@@ -6,7 +6,8 @@ over N devices (qwen2.distributed.tensor_parallel's shards), before anything is 
 Weights: each tensor of the largest shard (rank 0's), at the bytes our own layers store them in:
 the float dtype, or quant.py's int8/int4 layouts (asked of quant.py itself, on the meta device,
 one Linear shape at a time; embeddings stay float, a tied head gets a quantized copy), or a
-GGUF block type (a runtime that keeps GGUF blocks; norms and biases in f32). KV cache:
+GGUF block type (as our kernels keep a GGUF's blocks, on the CPU and on CUDA; norms and biases
+in f32). KV cache:
 2 x layers x KV heads per device x head_dim x dtype bytes per token, the engine's cache.
 Activations are an estimate of one prefill chunk's transients: hidden states, q/k/v, the MLP's
 three widths, one layer's attention scores in float32 (the CPU path; flash attention on CUDA

@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType, dequantize  # noqa: E402
 from qwen2.config import Qwen2Config  # noqa: E402
 from qwen2.loading import _read_and_build  # noqa: E402
 from qwen2.model import Transformer  # noqa: E402
+from qwen2.planner import linear_bytes  # noqa: E402
 from qwen2.quant import CUDA_BLOCK_TYPES  # noqa: E402
 from qwen2.quant import triton_blocks as kernels  # noqa: E402
 from qwen2.quant.blocks import BlockEmbedding, BlockLinear  # noqa: E402
@@ -194,6 +195,8 @@ def test_a_gguf_loads_onto_these_layers_with_the_logits_of_its_exact_cpu_path(ty
     layers = [m for m in ours.modules() if isinstance(m, kernels.TritonBlockLinear)]
     assert len(layers) == 15 and isinstance(ours.model.embed_tokens, kernels.TritonBlockEmbedding)
     assert ours.lm_head.blocks.data_ptr() == ours.model.embed_tokens.blocks.data_ptr()  # one table, shared
+    # what the memory planner sizes each matrix as is what the device holds
+    assert all(m.blocks.numel() == linear_bytes(m.out_features, m.in_features, False, type, "float32") for m in layers)
     floats = [t for t in (*ours.parameters(), *ours.buffers()) if t.is_floating_point() and t.dim() == 2]
     assert not floats  # no float matrix: the norms and biases are vectors, the rotary tables are buffers of 1 dim
     tokens = torch.tensor([[1, 200, 319, 7, 42, 3]])
