@@ -789,18 +789,13 @@ def main() -> None:
         except Exception as e:  # a kernel that fails here must not cost the measurements after it
             traceback.print_exc()
             record(key, {"ok": False, "error": f"{type(e).__name__}: {e}"})
-    if "int4" in parts:
-        try:
-            record("int4_layers", int4_layer_speed(decode_config, device, device_peaks(device)))
-        except Exception as e:
-            traceback.print_exc()
-            record("int4_layers", {"error": f"{type(e).__name__}: {e}"})
-    if "gguf" in parts:
-        try:
-            record("gguf_layers", gguf_layer_speed(decode_config, device, device_peaks(device)))
-        except Exception as e:
-            traceback.print_exc()
-            record("gguf_layers", {"error": f"{type(e).__name__}: {e}"})
+    for part, layer_speed in (("int4", int4_layer_speed), ("gguf", gguf_layer_speed)):
+        if part in parts:
+            try:
+                record(f"{part}_layers", layer_speed(decode_config, device, device_peaks(device)))
+            except Exception as e:
+                traceback.print_exc()
+                record(f"{part}_layers", {"error": f"{type(e).__name__}: {e}"})
     sizes = (2, 32, 1, 8, 4) if dry else (4, 128, 3, 32, 16) if small else (4, 512, 10, 512, 128)
     batch, seq, steps, prompt, new = sizes
     if "train" in parts:

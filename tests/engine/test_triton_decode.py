@@ -80,45 +80,32 @@ def test_a_decode_step_has_the_logits_and_writes_the_cache_of_the_models_own_pat
     assert torch.equal(cache.v[0], theirs.v[0])  # the first layer's values: copied, not computed
 
 
-def test_int4_layers_on_our_kernels_run_stacked_with_the_logits_of_the_models_own_path():
+def int4_layer(linear: torch.nn.Linear) -> torch.nn.Module:
     from qwen2.quant.int_linear import quantize_int4
     from qwen2.quant.triton_int4 import TritonInt4Linear
 
-    lengths = [5, 40]
-    model, cache, tokens = prefilled(Qwen2Config(**GQA7), lengths)
-    for block in model.model.layers:  # every projection on int4 integers of its own weights
-        for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                              (block.mlp, ("gate_proj", "up_proj", "down_proj"))):
-            for name in names:
-                linear = getattr(parent, name)
-                q, scale, zero = quantize_int4(linear.weight.detach(), 32)
-                setattr(parent, name, TritonInt4Linear(q, scale, zero, 32, linear.bias))
-    theirs = PagedKVCache(model.config, 64, BLOCK, len(lengths), 256, device=DEVICE)
-    theirs.k.copy_(cache.k), theirs.v.copy_(cache.v), theirs.tables.copy_(cache.tables)
-    want = decode_step(model, theirs, tokens, lengths, [0, 1], 64)
-    step = TritonDecode(model)
-    assert all(qkv is not None and qkv.out_features == 224 + 2 * 32 for qkv in step.qkv)  # one product each
-    assert all(gate_up is not None and gate_up.out_features == 2 * 64 for gate_up in step.gate_up)
-    model.decode_step = step
-    got = decode_step(model, cache, tokens, lengths, [0, 1], 64)
-    # both run the same int4 products on bf16 activations; the attention's float32 sums differ in
-    # order, which can move an activation across a bf16 rounding
-    assert float((got - want).norm() / want.norm()) < 1e-2
+    q, scale, zero = quantize_int4(linear.weight.detach(), 32)
+    return TritonInt4Linear(q, scale, zero, 32, linear.bias)
 
 
-def test_gguf_block_layers_on_our_kernels_run_stacked_with_the_logits_of_the_models_own_path():
+def q8_0_layer(linear: torch.nn.Linear) -> torch.nn.Module:  # as a GGUF holds them
     from qwen2.quant.blocks import encode_q8_0
     from qwen2.quant.triton_blocks import TritonBlockLinear
 
+    return TritonBlockLinear(encode_q8_0(linear.weight.detach().cpu()).to(DEVICE), 8, linear.in_features, linear.bias)
+
+
+# int4 layers run their products on bf16 activations, so the attention's float32 sums, which differ in
+# order, can move an activation across a bf16 rounding; block layers keep float32 activations
+@pytest.mark.parametrize("make, tolerance", [(int4_layer, 1e-2), (q8_0_layer, 1e-5)], ids=["int4", "q8_0-blocks"])
+def test_quantized_layers_on_our_kernels_run_stacked_with_the_logits_of_the_models_own_path(make, tolerance):
     lengths = [5, 40]
     model, cache, tokens = prefilled(Qwen2Config(**GQA7), lengths)
-    for block in model.model.layers:  # every projection on Q8_0 blocks of its own weights, as a GGUF holds them
+    for block in model.model.layers:  # every projection quantized from its own weights
         for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                               (block.mlp, ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
-                linear = getattr(parent, name)
-                blocks = encode_q8_0(linear.weight.detach().cpu()).to(DEVICE)
-                setattr(parent, name, TritonBlockLinear(blocks, 8, linear.in_features, linear.bias))
+                setattr(parent, name, make(getattr(parent, name)))
     theirs = PagedKVCache(model.config, 64, BLOCK, len(lengths), 256, device=DEVICE)
     theirs.k.copy_(cache.k), theirs.v.copy_(cache.v), theirs.tables.copy_(cache.tables)
     want = decode_step(model, theirs, tokens, lengths, [0, 1], 64)
@@ -127,7 +114,7 @@ def test_gguf_block_layers_on_our_kernels_run_stacked_with_the_logits_of_the_mod
     assert all(gate_up is not None and gate_up.out_features == 2 * 64 for gate_up in step.gate_up)
     model.decode_step = step
     got = decode_step(model, cache, tokens, lengths, [0, 1], 64)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # float32 activations both ways
+    assert float((got - want).norm() / want.norm()) < tolerance
 
 
 def test_padding_rows_and_spans_past_every_row_change_no_real_rows_answer():
