@@ -254,8 +254,7 @@ def int4_layer_speed(config: dict, device: str, peaks: dict) -> dict:
     if device == "cuda":
         from qwen2.quant import triton_int4
 
-        out["triton_configs"] = {f"{name} {key}": str(tuner.cache[key]) for name, tuner in triton_int4._tuned.items()
-                                 for key in tuner.cache}
+        out["triton_configs"] = {"gemv": triton_int4.GEMV.chosen(), "tiles": triton_int4.TILES.chosen()}
     return out
 
 
@@ -373,9 +372,9 @@ def gguf_layer_speed(config: dict, device: str, peaks: dict) -> dict:
         free_memory(device)
     from qwen2.quant import triton_int8
 
-    out["triton_configs"] = {f"{module.__name__.rsplit('.', 1)[1]} {name} {key}": str(tuner.cache[key])
-                             for module in (triton_blocks, triton_int8) for name, tuner in module._tuned.items()
-                             for key in tuner.cache}
+    out["triton_configs"] = {f"{module.__name__.rsplit('.', 1)[1]} {kind}": kernel.chosen()
+                             for module in (triton_blocks, triton_int8)
+                             for kind, kernel in (("gemv", module.GEMV), ("tiles", module.TILES))}
     return out
 
 

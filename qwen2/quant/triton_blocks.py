@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from qwen2.quant import CUDA_BLOCK_TYPES
 from qwen2.quant.blocks import BlockEmbedding
 from qwen2.quant.kernels import BLOCKS, TYPE_NAMES
+from qwen2.quant.triton_products import Kernel, product
 from qwen2.weights.gguf import Blocks
 
 Q6_K = 14
@@ -165,23 +166,12 @@ GEMV_CONFIGS = [(8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 256, 4), (16, 512,
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 MATMUL_CONFIGS = [(16, 32, 128, 4, 2), (16, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 64, 64, 4, 3),
                   (64, 128, 64, 4, 3), (128, 128, 32, 8, 3)]
-INTERPRETED_GEMV = dict(BLOCK_N=16, SPAN=128)
-INTERPRETED_MATMUL = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
+GEMV = Kernel(_blocks_gemv, [triton.Config(dict(BLOCK_N=n, SPAN=k), num_warps=w) for n, k, w in GEMV_CONFIGS],
+              ["N", "K", "QTYPE"], dict(BLOCK_N=16, SPAN=128))
+TILES = Kernel(_blocks_matmul, [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+                                for m, n, k, w, s in MATMUL_CONFIGS], ["N", "K", "M_BUCKET", "QTYPE"],
+               dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64))
 ROWS_GROUPS = 8  # groups a program of the row decoder writes
-
-_tuned: dict[str, triton.runtime.Autotuner] = {}
-
-
-def _autotuned(name: str) -> triton.runtime.Autotuner:
-    if name not in _tuned:
-        if name == "gemv":
-            configs = [triton.Config(dict(BLOCK_N=n, SPAN=k), num_warps=w) for n, k, w in GEMV_CONFIGS]
-            _tuned[name] = triton.autotune(configs, key=["N", "K", "QTYPE"])(_blocks_gemv)
-        else:
-            configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
-                       for m, n, k, w, s in MATMUL_CONFIGS]
-            _tuned[name] = triton.autotune(configs, key=["N", "K", "M_BUCKET", "QTYPE"])(_blocks_matmul)
-    return _tuned[name]
 
 
 def _check(blocks: Tensor, qtype: int, columns: int) -> None:
@@ -202,26 +192,8 @@ def blocks_matmul(x: Tensor, blocks: Tensor, qtype: int, in_features: int,
     a row), rows one stride apart). `config` fixes the block sizes (tests); on CUDA they are
     otherwise tuned per shape."""
     _check(blocks, qtype, in_features)
-    m, n = x.shape[0], blocks.shape[0]
-    x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tune = config is None and x.is_cuda
-    shared = dict(QTYPE=qtype, GROUP=group_size(qtype))
-    if m == 0:
-        return y
-    if m == 1:
-        kernel, meta = (_autotuned("gemv"), {}) if tune else (_blocks_gemv, dict(config or INTERPRETED_GEMV))
-        kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](x, blocks, y, n, in_features, blocks.stride(0),
-                                                           **shared, **meta)
-    else:
-        kernel, meta = (_autotuned("matmul"), {}) if tune else (_blocks_matmul, dict(config or INTERPRETED_MATMUL))
-        # the interpreter's bf16 and fp16 conversions and products are not the GPU's: float32 there
-        dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, tl.float32) if x.is_cuda \
-            else tl.float32
-        bucket = min(triton.next_power_of_2(m), 256)
-        kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))](
-            x, blocks, y, m, n, in_features, blocks.stride(0), bucket, **shared, DOT=dot, **meta)
-    return y
+    return product(x, (blocks,), blocks.shape[0], (blocks.stride(0),), GEMV, TILES, config, QTYPE=qtype,
+                   GROUP=group_size(qtype))
 
 
 def dequantize_rows(blocks: Tensor, qtype: int, columns: int, dtype: torch.dtype = torch.float32) -> Tensor:

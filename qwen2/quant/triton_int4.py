@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from qwen2.quant.cuda_int4 import Int4Layer
+from qwen2.quant.triton_products import Kernel, product
 
 WORD = 8  # int4 values in an int32
 
@@ -124,12 +125,6 @@ GEMV_CONFIGS = [(n, k, w, 2) for n, k, w in [(8, 512, 2), (8, 1024, 2), (8, 1024
 MATMUL_CONFIGS = [(m, n, k, w, s) for m, n, k, w in [(16, 16, 256, 4), (32, 32, 256, 4), (16, 32, 128, 4),
                                                      (32, 64, 128, 4), (64, 64, 64, 4), (64, 128, 64, 4),
                                                      (128, 128, 32, 8), (128, 64, 64, 4)] for s in (2, 3)]
-INTERPRETED_GEMV = dict(BLOCK_N=4, BLOCK_K=64)
-INTERPRETED_MATMUL = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
-
-_tuned: dict[str, triton.runtime.Autotuner] = {}
-
-
 GEMV_EVEN = {"EVEN_N": lambda meta: meta["N"] % meta["BLOCK_N"] == 0,
              "EVEN_K": lambda meta: meta["K"] % meta["BLOCK_K"] == 0}
 
@@ -139,18 +134,11 @@ def _even(meta: dict) -> bool:
     return all(even(meta) for even in GEMV_EVEN.values())
 
 
-def _autotuned(name: str) -> triton.runtime.Autotuner:
-    if name not in _tuned:
-        if name == "gemv":
-            configs = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
-                       for n, k, w, s in GEMV_CONFIGS]
-            _tuned[name] = triton.autotune(configs, key=["N", "K"])(triton.heuristics(GEMV_EVEN)(_int4_gemv))
-        else:
-            configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
-                       for m, n, k, w, s in MATMUL_CONFIGS]
-            _tuned[name] = triton.autotune(configs, key=["N", "K", "M_BUCKET"])(
-                triton.heuristics({"EVEN": _even})(_int4_matmul))
-    return _tuned[name]
+GEMV = Kernel(_int4_gemv, [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+                           for n, k, w, s in GEMV_CONFIGS], ["N", "K"], dict(BLOCK_N=4, BLOCK_K=64), GEMV_EVEN)
+TILES = Kernel(_int4_matmul, [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+                              for m, n, k, w, s in MATMUL_CONFIGS], ["N", "K", "M_BUCKET"],
+               dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32), {"EVEN": _even})
 
 
 def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
@@ -159,34 +147,11 @@ def int4_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group
     `scales` and `zeros` (K / group_size, N), all three with one row stride (columns of a wider
     stack, see TritonInt4Linear.stack). `config` fixes the block sizes (tests); on CUDA they are
     otherwise tuned per shape."""
-    m, k = x.shape
-    n, stride = qweight.shape[1], qweight.stride(0)
+    stride = qweight.stride(0)
     if not (qweight.stride(1) == scales.stride(1) == zeros.stride(1) == 1 and scales.stride(0) == zeros.stride(0)
             == stride):
         raise ValueError("qweight, scales and zeros must share one row stride, their columns contiguous")
-    x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tune = config is None and x.is_cuda
-    if m == 0:
-        return y
-    if m == 1:
-        kernel = _autotuned("gemv") if tune else _int4_gemv
-        meta = {} if tune else dict(config or INTERPRETED_GEMV)
-        if not tune:
-            meta |= {flag: even(dict(meta, N=n, K=k)) for flag, even in GEMV_EVEN.items()}
-        kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](x, qweight, scales, zeros, y, n, k, stride,
-                                                           GROUP=group_size, **meta)
-    else:
-        kernel = _autotuned("matmul") if tune else _int4_matmul
-        meta = {} if tune else dict(config or INTERPRETED_MATMUL)
-        if not tune:
-            meta["EVEN"] = _even(dict(meta, N=n, K=k))
-        if not x.is_cuda:
-            meta["DOT"] = tl.float32
-        bucket = min(triton.next_power_of_2(m), 256)
-        kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))](
-            x, qweight, scales, zeros, y, m, n, k, stride, bucket, GROUP=group_size, **meta)
-    return y
+    return product(x, (qweight, scales, zeros), qweight.shape[1], (stride,), GEMV, TILES, config, GROUP=group_size)
 
 
 def pack_words(q: Tensor) -> Tensor:

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qwen2.quant.triton_products import Kernel, product
+
 
 @triton.jit
 def _int8_gemv(x_ptr, q_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -55,22 +57,11 @@ GEMV_CONFIGS = [(4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 MATMUL_CONFIGS = [(16, 32, 128, 4, 3), (16, 64, 128, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
                   (64, 128, 64, 4, 3), (128, 128, 64, 8, 3)]
-INTERPRETED_GEMV = dict(BLOCK_N=16, BLOCK_K=128)
-INTERPRETED_MATMUL = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
-
-_tuned: dict[str, triton.runtime.Autotuner] = {}
-
-
-def _autotuned(name: str) -> triton.runtime.Autotuner:
-    if name not in _tuned:
-        if name == "gemv":
-            configs = [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w) for n, k, w in GEMV_CONFIGS]
-            _tuned[name] = triton.autotune(configs, key=["N", "K"])(_int8_gemv)
-        else:
-            configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
-                       for m, n, k, w, s in MATMUL_CONFIGS]
-            _tuned[name] = triton.autotune(configs, key=["N", "K", "M_BUCKET"])(_int8_matmul)
-    return _tuned[name]
+GEMV = Kernel(_int8_gemv, [triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=w) for n, k, w in GEMV_CONFIGS],
+              ["N", "K"], dict(BLOCK_N=16, BLOCK_K=128))
+TILES = Kernel(_int8_matmul, [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+                              for m, n, k, w, s in MATMUL_CONFIGS], ["N", "K", "M_BUCKET"],
+               dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64))
 
 
 def int8_matmul(x: Tensor, q: Tensor, scales: Tensor, config: dict[str, int] | None = None) -> Tensor:
@@ -80,21 +71,4 @@ def int8_matmul(x: Tensor, q: Tensor, scales: Tensor, config: dict[str, int] | N
     if q.dtype != torch.int8 or not q.is_contiguous() or scales.shape != (q.shape[0],):
         raise ValueError(f"expected int8 (N, K) contiguous and N scales, got {q.dtype} {tuple(q.shape)} and "
                          f"{tuple(scales.shape)}")
-    (m, k), n = x.shape, q.shape[0]
-    x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    tune = config is None and x.is_cuda
-    if m == 0:
-        return y
-    if m == 1:
-        kernel, meta = (_autotuned("gemv"), {}) if tune else (_int8_gemv, dict(config or INTERPRETED_GEMV))
-        kernel[lambda c: (triton.cdiv(n, c["BLOCK_N"]),)](x, q, scales, y, n, k, **meta)
-    else:
-        kernel, meta = (_autotuned("matmul"), {}) if tune else (_int8_matmul, dict(config or INTERPRETED_MATMUL))
-        # the interpreter's bf16 and fp16 conversions and products are not the GPU's: float32 there
-        dot = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, tl.float32) if x.is_cuda \
-            else tl.float32
-        bucket = min(triton.next_power_of_2(m), 256)
-        kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))](
-            x, q, scales, y, m, n, k, bucket, DOT=dot, **meta)
-    return y
+    return product(x, (q, scales), q.shape[0], (), GEMV, TILES, config)
