@@ -167,10 +167,10 @@ GEMV_CONFIGS = [(8, 256, 4), (16, 128, 4), (16, 256, 4), (32, 256, 4), (16, 512,
 MATMUL_CONFIGS = [(16, 32, 128, 4, 2), (16, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 64, 64, 4, 3),
                   (64, 128, 64, 4, 3), (128, 128, 32, 8, 3)]
 GEMV = Kernel(_blocks_gemv, [triton.Config(dict(BLOCK_N=n, SPAN=k), num_warps=w) for n, k, w in GEMV_CONFIGS],
-              ["N", "K", "QTYPE"], dict(BLOCK_N=16, SPAN=128))
+              ["N", "K", "QTYPE"], dict(BLOCK_N=64, SPAN=256))
 TILES = Kernel(_blocks_matmul, [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
                                 for m, n, k, w, s in MATMUL_CONFIGS], ["N", "K", "M_BUCKET", "QTYPE"],
-               dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64))
+               dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128))
 ROWS_GROUPS = 8  # groups a program of the row decoder writes
 
 
