@@ -227,29 +227,37 @@ def int4_correctness(device: str) -> dict:
     return out
 
 
+def matrix_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """The config's matrices (out, in) by the projections that have them."""
+    c = Qwen2Config(**config)
+    return {"q/o": (c.hidden_size, c.hidden_size), "k/v": (c.num_key_value_heads * c.head_dim, c.hidden_size),
+            "gate/up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}
+
+
+def layer_time(layer, x: torch.Tensor, weight_bytes: int, device: str, peaks: dict) -> dict:
+    """Microseconds of layer(x), and the bytes of weights it reads a second (and their share of HBM)."""
+    seconds = timed(functools.partial(layer, x), 50 if device == "cuda" else 2, device)
+    row = {"us": 1e6 * seconds, "gb_per_s": weight_bytes / seconds / 1e9}
+    if peaks.get("hbm_bytes_per_s"):
+        row["hbm_pct"] = 100 * weight_bytes / seconds / peaks["hbm_bytes_per_s"]
+    return row
+
+
 @torch.no_grad()
 def int4_layer_speed(config: dict, device: str, peaks: dict) -> dict:
     """Each int4 kernel on the config's matrix shapes at 1, 32 and 512 rows: microseconds, the bytes
     of packed weights read per second, and (Triton) the block sizes its tuner chose. A dry run
     times the CPU's int4 layer at tiny sizes, for shape only."""
-    c = Qwen2Config(**config)
-    kv = c.num_key_value_heads * c.head_dim
-    shapes = {"q/o": (c.hidden_size, c.hidden_size), "k/v": (kv, c.hidden_size),
-              "gate/up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}
     out = {}
     for kernel in ("tinygemm", "triton") if device == "cuda" else ("cpu",):
-        for name, (n, k) in shapes.items():
+        for name, (n, k) in matrix_shapes(config).items():
             linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
             layer = quantize_model(torch.nn.Sequential(linear), "int4", 128,
                                    cuda_kernel="tinygemm" if kernel == "cpu" else kernel)[0]
             packed = sum(t.numel() * t.element_size() for t in layer.buffers() if t is not None)
             for rows in (1, 32, 512):
                 x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-                seconds = timed(functools.partial(layer, x), 50 if device == "cuda" else 2, device)
-                row = {"us": 1e6 * seconds, "gb_per_s": packed / seconds / 1e9}
-                if peaks.get("hbm_bytes_per_s"):
-                    row["hbm_pct"] = 100 * packed / seconds / peaks["hbm_bytes_per_s"]
-                out[f"{kernel}/{name} {n}x{k}/{rows} rows"] = row
+                out[f"{kernel}/{name} {n}x{k}/{rows} rows"] = layer_time(layer, x, packed, device, peaks)
             del layer, linear
     if device == "cuda":
         from qwen2.quant import triton_int4
@@ -344,11 +352,8 @@ def gguf_layer_speed(config: dict, device: str, peaks: dict) -> dict:
 
     from qwen2.quant import triton_blocks
 
-    c = Qwen2Config(**config)
-    shapes = {"q/o": (c.hidden_size, c.hidden_size), "gate/up": (c.intermediate_size, c.hidden_size),
-              "down": (c.hidden_size, c.intermediate_size)}
     out = {}
-    for name, (n, k) in shapes.items():
+    for name, (n, k) in matrix_shapes(config).items():
         weight = torch.randn(n, k, device=device, dtype=torch.bfloat16)
         layers = {"bf16": functools.partial(F.linear, weight=weight)}
         sizes = {"bf16": weight.numel() * 2}
@@ -363,11 +368,7 @@ def gguf_layer_speed(config: dict, device: str, peaks: dict) -> dict:
         for rows in (1, 32, 512):
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
             for kind, layer in layers.items():
-                seconds = timed(functools.partial(layer, x), 50, device)
-                row = {"us": 1e6 * seconds, "gb_per_s": sizes[kind] / seconds / 1e9}
-                if peaks.get("hbm_bytes_per_s"):
-                    row["hbm_pct"] = 100 * sizes[kind] / seconds / peaks["hbm_bytes_per_s"]
-                out[f"{kind}/{name} {n}x{k}/{rows} rows"] = row
+                out[f"{kind}/{name} {n}x{k}/{rows} rows"] = layer_time(layer, x, sizes[kind], device, peaks)
         del weight, layers
         free_memory(device)
     from qwen2.quant import triton_int8

@@ -192,6 +192,10 @@ def blocks_matmul(x: Tensor, blocks: Tensor, qtype: int, in_features: int,
     a row), rows one stride apart). `config` fixes the block sizes (tests); on CUDA they are
     otherwise tuned per shape."""
     _check(blocks, qtype, in_features)
+    return _product(x, blocks, qtype, config)
+
+
+def _product(x: Tensor, blocks: Tensor, qtype: int, config: dict[str, int] | None = None) -> Tensor:
     return product(x, (blocks,), blocks.shape[0], (blocks.stride(0),), GEMV, TILES, config, QTYPE=qtype,
                    GROUP=group_size(qtype))
 
@@ -219,7 +223,8 @@ class TritonBlockLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        y = blocks_matmul(x.reshape(-1, self.in_features), self.blocks, self.qtype, self.in_features)
+        # the blocks were checked once, at construction, not at every step
+        y = _product(x.reshape(-1, self.in_features), self.blocks, self.qtype)
         y = y.view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
