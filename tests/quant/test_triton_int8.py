@@ -31,7 +31,8 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double().cpu() - ref).norm() / ref.norm())
 
 
-# shapes the blocks tile and shapes they do not (masks along N and K); float32 in, float32 sums
+# shapes the blocks tile and shapes they do not (masks along N and K); float32 in, float32 sums (measured
+# ~1e-7; the bound leaves room for another CPU's summation order in the interpreter)
 @pytest.mark.parametrize("n, k", [(64, 512), (37, 200)])
 @pytest.mark.parametrize("rows", [1, 3, 20])
 def test_the_product_is_the_float_weights_product_to_float32_rounding(n, k, rows):
@@ -39,7 +40,7 @@ def test_the_product_is_the_float_weights_product_to_float32_rounding(n, k, rows
     x = torch.randn(rows, k)
     y = kernels.int8_matmul(x.to(DEVICE), q, scale)
     assert y.shape == (rows, n) and y.dtype == torch.float32
-    assert rel_err(y, x.double() @ w.T) < 1e-6
+    assert rel_err(y, x.double() @ w.T) < 1e-5
 
 
 @pytest.mark.parametrize("config", kernels.GEMV_CONFIGS, ids=str)
@@ -48,7 +49,7 @@ def test_every_one_row_configuration_the_tuner_may_pick(config):
     q, scale, w = int8_weights(40, 1100, seed=1)
     x = torch.randn(1, 1100)
     y = kernels.int8_matmul(x.to(DEVICE), q, scale, config=dict(BLOCK_N=block_n, BLOCK_K=block_k))
-    assert rel_err(y, x.double() @ w.T) < 1e-6
+    assert rel_err(y, x.double() @ w.T) < 1e-5
 
 
 @pytest.mark.parametrize("config", kernels.MATMUL_CONFIGS, ids=str)
@@ -57,7 +58,7 @@ def test_every_many_rows_configuration_the_tuner_may_pick(config):
     q, scale, w = int8_weights(72, 320, seed=2)
     x = torch.randn(20, 320)
     y = kernels.int8_matmul(x.to(DEVICE), q, scale, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k))
-    assert rel_err(y, x.double() @ w.T) < 1e-6
+    assert rel_err(y, x.double() @ w.T) < 1e-5
 
 
 def test_bf16_activations_come_back_in_bf16_within_its_rounding():
